@@ -1,0 +1,44 @@
+"""The model zoo, buildable by name from a config.
+
+Every model takes float inputs of shape ``(n, C, H, W)`` (or int64 token ids of shape ``(n, T)`` for
+``char_lstm``) and returns class logits ``(n, num_classes)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from .cnn import LeNet, VGG9
+from .lstm import CharLSTM
+from .mlp import MLP
+from .resnet import ResNet20
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "lenet": LeNet,
+    "vgg9": VGG9,
+    "resnet20": ResNet20,
+    "char_lstm": CharLSTM,
+}
+
+
+def model_options(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments model ``name`` accepts (used to validate configs)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return dict(inspect.signature(MODELS[name]).parameters)
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build zoo model ``name``; defaults fit Fashion-MNIST (1x28x28 inputs, 10 classes)."""
+    options = model_options(name)
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ValueError(f"model {name!r} does not take {unknown}; it takes {sorted(options)}")
+    return MODELS[name](**kwargs)
+
+
+__all__ = ["MODELS", "build_model", "model_options", "MLP", "LeNet", "VGG9", "ResNet20", "CharLSTM"]

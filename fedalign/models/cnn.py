@@ -1,0 +1,84 @@
+"""Plain convolutional nets: NIID-Bench's LeNet-style CNN and FedMA's VGG-9."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def _conv_output_side(image_size: int, pools: int) -> int:
+    side = image_size
+    for _ in range(pools):
+        side //= 2
+    return side
+
+
+class LeNet(nn.Module):
+    """conv5x6 - pool - conv5x16 - pool - fc120 - fc84 - fc(num_classes) (NIID-Bench's SimpleCNN).
+
+    44,426 parameters on 1x28x28 inputs with 10 classes.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.pool = nn.MaxPool2d(2)
+        side = ((image_size - 4) // 2 - 4) // 2
+        if side <= 0:
+            raise ValueError(f"LeNet needs images of at least 12x12, got {image_size}")
+        self.fc1 = nn.Linear(16 * side * side, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class VGG9(nn.Module):
+    """FedMA's VGG-9: six 3x3 convs (32, 64, 128, 128, 256, 256; pool after every second) and
+    three linear layers (512, 512, num_classes).
+
+    Sized for 1x28x28 (Fashion-MNIST) and 3x32x32 (CIFAR-10) inputs through ``in_channels`` and
+    ``image_size``.
+    """
+
+    WIDTHS = (32, 64, 128, 128, 256, 256)
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        widths: tuple[int, ...] = WIDTHS,
+        hidden: int = 512,
+    ) -> None:
+        super().__init__()
+        if len(widths) != 6:
+            raise ValueError(f"VGG9 has 6 conv layers, got widths {widths}")
+        channels = [in_channels, *widths]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, padding=1) for a, b in zip(channels[:-1], channels[1:])
+        )
+        self.pool = nn.MaxPool2d(2)
+        side = _conv_output_side(image_size, 3)
+        if side <= 0:
+            raise ValueError(f"VGG9 needs images of at least 8x8, got {image_size}")
+        self.fc1 = nn.Linear(widths[-1] * side * side, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = torch.relu(conv(x))
+            if i % 2 == 1:
+                x = self.pool(x)
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
