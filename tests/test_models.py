@@ -1,0 +1,61 @@
+"""Every zoo model builds by name and runs a forward pass of the right shape."""
+
+import pytest
+import torch
+
+from fedalign.models import MODELS, build_model
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, batch",
+    [
+        ("mlp", {}, torch.rand(3, 1, 28, 28)),
+        ("mlp", {"in_features": 64, "hidden": [32, 16]}, torch.rand(3, 64)),
+        ("lenet", {}, torch.rand(3, 1, 28, 28)),
+        ("lenet", {"in_channels": 3, "image_size": 32}, torch.rand(3, 3, 32, 32)),
+        ("vgg9", {}, torch.rand(2, 1, 28, 28)),
+        ("vgg9", {"in_channels": 3, "image_size": 32}, torch.rand(2, 3, 32, 32)),
+        ("resnet20", {}, torch.rand(2, 1, 28, 28)),
+        ("resnet20", {"width": 2, "norm": "layer", "in_channels": 3}, torch.rand(2, 3, 32, 32)),
+        ("char_lstm", {}, torch.randint(0, 98, (3, 40))),
+    ],
+)
+def test_forward_shapes(name, kwargs, batch):
+    model = build_model(name, **kwargs)
+    out = model(batch)
+    expected = kwargs.get("vocab_size", 98) if name == "char_lstm" else 10
+    assert out.shape == (len(batch), expected)
+    assert torch.isfinite(out).all()
+
+
+def test_mlp_flattens_images_and_vectors_alike():
+    model = build_model("mlp", in_features=784, hidden=[100], num_classes=10)
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(model(x), model(x.reshape(5, 784)))
+
+
+def test_lenet_matches_niid_bench_parameter_count():
+    assert sum(p.numel() for p in build_model("lenet").parameters()) == 44_426
+
+
+def test_vgg9_has_six_convs_and_three_linears():
+    model = build_model("vgg9")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 128, 256, 256]
+    assert [l.out_features for l in linears] == [512, 512, 10]
+
+
+def test_resnet20_has_nineteen_convs_plus_shortcuts_and_batchnorm():
+    model = build_model("resnet20")
+    convs3 = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs3) == 19
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_unknown_model_and_option_are_named():
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        build_model("nope")
+    with pytest.raises(ValueError, match="does not take \\['depth'\\]"):
+        build_model("mlp", depth=3)
+    assert set(MODELS) == {"mlp", "lenet", "vgg9", "resnet20", "char_lstm"}
