@@ -1,0 +1,28 @@
+"""scikit-learn's 8x8 digits: small and always available offline, the tests' default dataset."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+@functools.lru_cache(maxsize=1)
+def _splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    digits = load_digits()
+    X = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = digits.target.astype(np.int64)
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y
+    )
+    return {"train": (X_tr, y_tr), "test": (X_te, y_te)}
+
+
+def load(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """``X`` float32 (n, 1, 8, 8) in [0, 1], ``y`` int64; a fixed stratified 80/20 split."""
+    return _splits()[split]
