@@ -1,0 +1,99 @@
+"""``fedalign run | report | partition``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedalign.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from fedalign.runner import run
+
+    outcome = run(cfg, output_dir=args.output, verbose=args.verbose, progress=not args.no_progress)
+    s = outcome.summary
+    if "final_accuracy" in s:
+        print(f"final test accuracy: {100 * s['final_accuracy']:.2f}% "
+              f"(best {100 * s['best_accuracy']:.2f}% at round {s['best_round']}), "
+              f"{s['bytes_total'] / 2**20:.1f} MiB communicated, {s['wall_seconds']:.1f} s")
+    print(f"run folder: {outcome.run_dir}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedalign.results import markdown_table, plot_runs, read_rows
+
+    runs = {}
+    for run_dir in args.runs:
+        path = Path(run_dir)
+        runs[path.name] = read_rows(path)
+    table = markdown_table(runs)
+    print(table, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(table)
+        plot_runs(runs, out / "comparison.png")
+        print(f"wrote {out / 'report.md'} and {out / 'comparison.png'}")
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fedalign.data import format_histogram
+
+    path = Path(args.run) / "partition.json"
+    if not path.is_file():
+        raise ConfigError(f"{args.run}: no partition.json (is it a run folder?)")
+    summary = json.loads(path.read_text())
+    print(f"{summary.get('dataset')} / {summary.get('scheme')} {summary.get('options', {})}, "
+          f"seed {summary.get('seed')}")
+    print(format_histogram(np.asarray(summary["label_histogram"])))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated simulation from a YAML config")
+    run.add_argument("config", help="path of the YAML config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config entry, e.g. --set strategy.rounds=5 (repeatable)")
+    run.add_argument("--output", help="parent folder of the run folder (default: output.dir)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser("report", help="compare run folders: markdown table and plots")
+    report.add_argument("runs", nargs="+", help="run folders")
+    report.add_argument("--out", help="folder for report.md and comparison.png")
+    report.set_defaults(func=_cmd_report)
+
+    part = sub.add_parser("partition", help="print a run's per-client label histogram")
+    part.add_argument("run", help="run folder")
+    part.set_defaults(func=_cmd_partition)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"fedalign: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"fedalign: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Build a run's pieces (federated data, model) from its config.
+
+The ClientApp, the ServerApp and the simulation scripts all go through these, so every part of a
+run sees the same partition and the same architecture.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fedalign.config import DataConfig, RunConfig
+from fedalign.data import Federation, federation
+from fedalign.models import build_model, model_options
+
+
+def partition_options(data: DataConfig) -> dict[str, object]:
+    """The options of ``data.partition`` that the chosen scheme uses."""
+    if data.partition == "dirichlet":
+        return {"alpha": data.alpha, "min_partition_size": data.min_partition_size}
+    if data.partition in ("shards", "pathological"):
+        return {"classes_per_client": data.classes_per_client}
+    return {}
+
+
+def run_federation(cfg: RunConfig) -> Federation:
+    """The run's federated dataset (cached per process by ``fedalign.data.federation``)."""
+    d = cfg.data
+    return federation(
+        d.dataset,
+        d.num_clients,
+        d.partition,
+        seed=cfg.resolved_seeds.partition,
+        val_fraction=d.val_fraction,
+        data_dir=d.data_dir,
+        **partition_options(d),
+    )
+
+
+def shape_options(model_name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, int]:
+    """Model options implied by the data: input size, channels, image side, classes.
+
+    Only options the model takes are returned, so ``mlp`` on 8x8 digits gets ``in_features=64`` and
+    ``lenet`` on Fashion-MNIST gets ``in_channels=1, image_size=28``.
+    """
+    implied = {"num_classes": num_classes, "vocab_size": num_classes}
+    if len(input_shape) == 3:
+        implied.update(in_channels=input_shape[0], image_size=input_shape[-1])
+    if len(input_shape) >= 1 and model_name != "char_lstm":
+        implied["in_features"] = int(np.prod(input_shape))
+    accepted = model_options(model_name)
+    return {k: v for k, v in implied.items() if k in accepted}
+
+
+def run_model(cfg: RunConfig, fed: Federation, init: bool = False) -> nn.Module:
+    """The run's architecture sized for its data; ``init=True`` seeds the weights with the init seed.
+
+    Options written in the config win over those implied by the data.
+    """
+    options = {**shape_options(cfg.model.name, fed.input_shape, fed.num_classes), **cfg.model.options}
+    if init:
+        torch.manual_seed(cfg.resolved_seeds.init)
+    return build_model(cfg.model.name, **options)

@@ -1,0 +1,325 @@
+"""The validated run configuration.
+
+A run is described by one YAML file (plus ``--set key=value`` overrides). It is loaded into frozen
+dataclasses, so a typo or an impossible value stops the run before Ray starts, with one message that
+names the key (``ConfigError``), instead of a traceback twenty seconds into a simulation.
+
+One ``seed`` derives the separate seeds of partitioning, model init, client sampling and data
+shuffling; the resolved config written to the run folder records them all, so any run can be
+repeated from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type or has an impossible value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    num_clients: int = 10
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    min_partition_size: int = 10
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+    rounds: int = 10
+    fraction_train: float = 1.0
+    min_train_clients: int = 2
+    fraction_evaluate: float = 0.0
+    eval_every: int = 1
+    timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    ray_address: str | None = None
+    server_device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs"
+    save_model: bool = True
+    plot: bool = True
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Seeds derived from the run seed; each may be pinned in the config."""
+
+    partition: int
+    init: int
+    sampling: int
+    shuffle: int
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seeds: Seeds | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def resolved_seeds(self) -> Seeds:
+        assert self.seeds is not None, "load configs through load_config/from_dict"
+        return self.seeds
+
+
+STRATEGIES = ("fedavg", "fedprox")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def derive_seeds(seed: int) -> Seeds:
+    """Four independent 31-bit seeds from one, so that changing e.g. the sampling seed does not
+    change the partition."""
+    words = np.random.SeedSequence(seed).generate_state(4, dtype=np.uint32)
+    return Seeds(*(int(w) & 0x7FFFFFFF for w in words))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses, with type checks that name the key
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` converted to ``annotation`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # programming error
+
+
+def _build(cls: type, values: Any, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {
+        name: _check_type(f"{prefix}.{name}" if prefix else name, value, hints[name])
+        for name, value in values.items()
+    }
+    return cls(**kwargs)
+
+
+def _model_section(raw: Any) -> dict[str, Any]:
+    """Accept ``model: {name: mlp, hidden: [200]}``: every key but ``name`` is a model option."""
+    if isinstance(raw, str):
+        return {"name": raw, "options": {}}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model: expected a mapping, got {raw!r}")
+    raw = dict(raw)
+    name = raw.pop("name", ModelConfig.name)
+    options = raw.pop("options", {})
+    return {"name": name, "options": {**options, **raw}}
+
+
+def _validate(cfg: RunConfig) -> None:
+    """Checks of values (types were checked while building)."""
+    from fedalign.data import dataset_names, partition_schemes
+    from fedalign.models import model_options
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    d, t, s, sim = cfg.data, cfg.train, cfg.strategy, cfg.simulation
+    need(d.dataset in dataset_names(), "data.dataset",
+         f"unknown dataset {d.dataset!r}; choose one of {', '.join(dataset_names())}")
+    need(d.partition in partition_schemes(), "data.partition",
+         f"unknown scheme {d.partition!r}; choose one of {', '.join(partition_schemes())}")
+    need(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
+    need(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
+    need(d.classes_per_client >= 1, "data.classes_per_client",
+         f"must be >= 1, got {d.classes_per_client}")
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    need(d.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
+    if d.data_dir is not None:
+        need(Path(d.data_dir).expanduser().is_dir(), "data.data_dir",
+             f"directory {d.data_dir!r} does not exist")
+
+    try:
+        options = model_options(cfg.model.name)
+    except ValueError as exc:
+        raise ConfigError(f"model.name: {exc}") from None
+    unknown = sorted(set(cfg.model.options) - set(options))
+    need(not unknown, f"model.{unknown[0] if unknown else ''}",
+         f"model {cfg.model.name!r} takes no option {unknown[0] if unknown else ''!r}; "
+         f"it takes {', '.join(sorted(options))}")
+
+    need(t.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {t.local_epochs}")
+    need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    need(t.optimizer in OPTIMIZERS, "train.optimizer",
+         f"unknown optimizer {t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(0.0 <= t.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {t.momentum}")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.proximal_mu >= 0, "train.proximal_mu", f"must be >= 0, got {t.proximal_mu}")
+
+    need(s.name in STRATEGIES, "strategy.name",
+         f"unknown strategy {s.name!r}; choose one of {', '.join(STRATEGIES)}")
+    need(s.rounds >= 1, "strategy.rounds", f"must be >= 1, got {s.rounds}")
+    need(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train",
+         f"must be in (0, 1], got {s.fraction_train}")
+    need(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction_evaluate",
+         f"must be in [0, 1], got {s.fraction_evaluate}")
+    need(1 <= s.min_train_clients, "strategy.min_train_clients", "must be >= 1")
+    need(s.min_train_clients <= d.num_clients, "strategy.min_train_clients",
+         f"{s.min_train_clients} is more than data.num_clients ({d.num_clients})")
+    need(s.eval_every >= 1, "strategy.eval_every", f"must be >= 1, got {s.eval_every}")
+    need(s.timeout > 0, "strategy.timeout", "must be > 0")
+    if s.name == "fedprox":
+        need(t.proximal_mu > 0, "train.proximal_mu", "strategy fedprox needs proximal_mu > 0")
+
+    need(sim.client_cpus > 0, "simulation.client_cpus", f"must be > 0, got {sim.client_cpus}")
+    need(sim.client_gpus >= 0, "simulation.client_gpus", f"must be >= 0, got {sim.client_gpus}")
+    need(sim.server_device in ("cpu", "cuda", "auto"), "simulation.server_device",
+         "must be cpu, cuda or auto")
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig; derives the seeds the config does not pin."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {values!r}")
+    values = dict(values)
+    if "model" in values:
+        values["model"] = _model_section(values["model"])
+    seeds_given = values.pop("seeds", None) or {}
+    cfg = _build(RunConfig, values)
+    seeds = dataclasses.asdict(derive_seeds(cfg.seed))
+    if not isinstance(seeds_given, dict):
+        raise ConfigError(f"seeds: expected a mapping, got {seeds_given!r}")
+    cfg = dataclasses.replace(cfg, seeds=_build(Seeds, {**seeds, **seeds_given}, "seeds"))
+    _validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.1"`` -> (["train", "lr"], 0.1); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=0.1")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``values`` with each ``key.path=value`` set."""
+    result = json.loads(json.dumps(values))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``key=value`` overrides and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return from_dict(apply_overrides(values, overrides or []))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,347 @@
+"""fedalign's Flower strategies on the Message API.
+
+``FedAvg`` is a ``flwr.serverapp.strategy.Strategy``: the usual ``configure_train`` /
+``aggregate_train`` / ``configure_evaluate`` / ``aggregate_evaluate`` hooks over a template loop
+(``start``). It differs from Flower's own FedAvg where a research framework must:
+
+- client sampling is seeded (the run's sampling seed and the round), and addresses partitions, not
+  the random node ids Flower assigns, so runs repeat exactly;
+- every reply is validated (``fedalign.validation``) before fusion and failures are counted with
+  their reasons instead of aborting the round;
+- replies are fused in partition order in float64, and integer buffers are not averaged;
+- each round's metrics (accuracy, losses, clients ok/failed, bytes down/up, seconds per phase) go
+  to a callback, so a run folder is written as the run goes.
+
+Subclasses change one hook: ``FedProx`` adds the proximal term to the clients' config; the
+matching strategies override ``fuse`` (and, for several phases a round, ``run_round``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from fedalign.config import RunConfig
+from fedalign.fl.records import config_record, message_bytes, to_arrays, to_state_dict
+from fedalign.fusion.mean import weighted_average
+from fedalign.validation import update_problem
+
+log = logging.getLogger("fedalign")
+
+EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class ClientUpdate:
+    """One client's accepted training reply."""
+
+    partition_id: int
+    node_id: int
+    state_dict: OrderedDict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundLog:
+    """What one round measured; becomes one line of metrics.jsonl."""
+
+    round: int
+    clients_sampled: int = 0
+    clients_ok: int = 0
+    clients_failed: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    train_loss: float | None = None
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, partition_id: int | None, node_id: int, reason: str) -> None:
+        self.clients_failed += 1
+        self.failures.append({"partition": partition_id, "node": node_id, "reason": reason})
+        log.warning("round %d: client %s rejected: %s", self.round, partition_id, reason)
+
+
+class FedAvg(Strategy):
+    """Federated averaging (McMahan et al. 2017) with seeded sampling and validated replies."""
+
+    name = "fedavg"
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        evaluate_fn: EvaluateFn | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_config_json = cfg.to_json()
+        self.evaluate_fn = evaluate_fn
+        self.on_round = on_round
+        self.node_of_partition: dict[int, int] = {}
+        self.partition_of_node: dict[int, int] = {}
+        self.train_sizes: dict[int, int] = {}
+        self._round_log: RoundLog | None = None
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Ask every node which partition it holds (one small query before round 1)."""
+        node_ids = sorted(grid.get_node_ids())
+        messages = [
+            Message(
+                RecordDict({"config": config_record(self.run_config_json)}),
+                dst_node_id=node_id,
+                message_type=f"{MessageType.QUERY}.info",
+            )
+            for node_id in node_ids
+        ]
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error():
+                log.warning("node %d did not answer the info query: %s",
+                            reply.metadata.src_node_id, reply.error.reason)
+                continue
+            metrics = reply.content["metrics"]
+            pid = int(metrics["partition-id"])
+            self.node_of_partition[pid] = reply.metadata.src_node_id
+            self.partition_of_node[reply.metadata.src_node_id] = pid
+            self.train_sizes[pid] = int(metrics["num-train"])
+        if not self.node_of_partition:
+            raise RuntimeError("no client answered the info query; check the client logs (-v)")
+
+    def sample(self, server_round: int, fraction: float, minimum: int) -> list[int]:
+        """Partition ids for this round, drawn from the sampling seed and the round number."""
+        available = sorted(self.node_of_partition)
+        size = min(len(available), max(int(round(fraction * len(available))), minimum))
+        rng = np.random.default_rng([self.cfg.resolved_seeds.sampling, server_round])
+        return sorted(rng.choice(available, size=size, replace=False).tolist())
+
+    # ---- Flower Strategy hooks ---------------------------------------------------------------
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        """Entries of the train ConfigRecord besides the run config."""
+        return {"server-round": server_round}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        s = self.cfg.strategy
+        partitions = self.sample(server_round, s.fraction_train, s.min_train_clients)
+        record = RecordDict(
+            {"arrays": arrays,
+             "config": config_record(self.run_config_json, **config, **self.train_config(server_round))}
+        )
+        return [
+            Message(record, dst_node_id=self.node_of_partition[p], message_type=MessageType.TRAIN)
+            for p in partitions
+        ]
+
+    def accept_replies(
+        self, replies: Iterable[Message], reference: OrderedDict[str, torch.Tensor], rlog: RoundLog
+    ) -> list[ClientUpdate]:
+        """Validated training replies, in partition order; the rest are logged as failures."""
+        updates = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            pid = self.partition_of_node.get(node)
+            if reply.has_error():
+                rlog.fail(pid, node, f"client error: {reply.error.reason}")
+                continue
+            try:
+                content = reply.content
+                state = to_state_dict(content["arrays"])
+                metrics = dict(content["metrics"])
+                num_examples = int(metrics["num-examples"])
+            except (KeyError, TypeError, ValueError) as exc:
+                rlog.fail(pid, node, f"malformed reply: {exc!r}")
+                continue
+            problem = update_problem(reference, state)
+            if problem is None and num_examples <= 0:
+                problem = f"num-examples is {num_examples}"
+            if problem is not None:
+                rlog.fail(pid, node, problem)
+                continue
+            updates.append(ClientUpdate(pid, node, state, num_examples, metrics))
+        return sorted(updates, key=lambda u: u.partition_id)
+
+    def fuse(
+        self, server_round: int, reference: OrderedDict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> OrderedDict[str, torch.Tensor]:
+        """The aggregation rule: a weighted mean by number of examples."""
+        return weighted_average([u.state_dict for u in updates], [u.num_examples for u in updates])
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rlog = self._round_log or RoundLog(server_round)
+        reference = self._reference
+        updates = self.accept_replies(replies, reference, rlog)
+        rlog.clients_ok = len(updates)
+        if len(updates) < self.cfg.strategy.min_train_clients:
+            log.warning("round %d: %d valid replies, fewer than min_train_clients=%d; "
+                        "the global model is kept", server_round, len(updates),
+                        self.cfg.strategy.min_train_clients)
+            return None, None
+        fused = self.fuse(server_round, reference, updates)
+        weights = np.array([u.num_examples for u in updates], dtype=float)
+        losses = np.array([u.metrics.get("train-loss", np.nan) for u in updates], dtype=float)
+        rlog.train_loss = float(np.sum(weights * losses) / weights.sum())
+        metrics = MetricRecord({"train-loss": rlog.train_loss, "num-examples": int(weights.sum())})
+        return to_arrays(fused), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        s = self.cfg.strategy
+        if s.fraction_evaluate <= 0:
+            return []
+        partitions = self.sample(-server_round, s.fraction_evaluate, 1)
+        record = RecordDict(
+            {"arrays": arrays, "config": config_record(self.run_config_json, **config,
+                                                       **{"server-round": server_round})}
+        )
+        return [
+            Message(record, dst_node_id=self.node_of_partition[p], message_type=MessageType.EVALUATE)
+            for p in partitions
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        total, loss, correct = 0, 0.0, 0.0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            m = reply.content["metrics"]
+            n = int(m["num-examples"])
+            total += n
+            loss += n * float(m["val-loss"])
+            correct += n * float(m["val-accuracy"])
+        if total == 0:
+            return None
+        return MetricRecord({"val-loss": loss / total, "val-accuracy": correct / total})
+
+    def summary(self) -> None:
+        s = self.cfg.strategy
+        log.info("%s: %d rounds, fraction_train=%.2f, min_train_clients=%d", self.name, s.rounds,
+                 s.fraction_train, s.min_train_clients)
+
+    # ---- the template loop -------------------------------------------------------------------
+
+    def exchange(self, grid: Grid, messages: list[Message], rlog: RoundLog, phase: str) -> list[Message]:
+        """Send, wait for the replies, and account bytes and seconds to ``phase``."""
+        t0 = time.perf_counter()
+        rlog.bytes_down += message_bytes(messages)
+        replies = list(grid.send_and_receive(messages, timeout=self.cfg.strategy.timeout))
+        rlog.bytes_up += message_bytes([r for r in replies if not r.has_error()])
+        rlog.seconds[phase] = rlog.seconds.get(phase, 0.0) + time.perf_counter() - t0
+        return replies
+
+    def run_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, rlog: RoundLog) -> ArrayRecord:
+        """One round: train on the sampled clients, validate, fuse. Returns the new global model."""
+        messages = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
+        rlog.clients_sampled = len(messages)
+        replies = self.exchange(grid, messages, rlog, "train")
+        t0 = time.perf_counter()
+        self._reference = to_state_dict(arrays)
+        fused, _ = self.aggregate_train(server_round, replies)
+        rlog.seconds["aggregate"] = time.perf_counter() - t0
+        return fused if fused is not None else arrays
+
+    def should_evaluate(self, server_round: int) -> bool:
+        s = self.cfg.strategy
+        return server_round % s.eval_every == 0 or server_round == s.rounds
+
+    def evaluate_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, rlog: RoundLog) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self.evaluate_fn is not None:
+            metrics.update(self.evaluate_fn(server_round, arrays) or {})
+        if server_round > 0:
+            messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+            if messages:
+                replies = self.exchange(grid, messages, rlog, "federated_evaluate")
+                federated = self.aggregate_evaluate(server_round, replies)
+                metrics.update(dict(federated or {}))
+        rlog.seconds["evaluate"] = time.perf_counter() - t0
+        return metrics
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Discover the clients, then ``num_rounds`` of run_round + evaluation, reporting each."""
+        result = Result()
+        self.discover(grid, timeout)
+        arrays = initial_arrays
+        initial = RoundLog(0)
+        metrics0 = self.evaluate_round(0, grid, arrays, initial)
+        self._emit(initial, metrics0)
+        if metrics0:
+            result.evaluate_metrics_serverapp[0] = MetricRecord(metrics0)
+        for server_round in range(1, num_rounds + 1):
+            rlog = RoundLog(server_round)
+            self._round_log = rlog
+            t_round = time.perf_counter()
+            arrays = self.run_round(server_round, grid, arrays, rlog)
+            metrics = self.evaluate_round(server_round, grid, arrays, rlog) if self.should_evaluate(server_round) else {}
+            rlog.seconds["total"] = time.perf_counter() - t_round
+            self._round_log = None
+            self._emit(rlog, metrics)
+            if rlog.train_loss is not None:
+                result.train_metrics_clientapp[server_round] = MetricRecord({"train-loss": rlog.train_loss})
+            if metrics:
+                result.evaluate_metrics_serverapp[server_round] = MetricRecord(metrics)
+        result.arrays = arrays
+        return result
+
+    def _emit(self, rlog: RoundLog, metrics: dict[str, float]) -> None:
+        if self.on_round is None:
+            return
+        row: dict[str, Any] = {
+            "round": rlog.round,
+            "test_accuracy": metrics.get("test-accuracy"),
+            "test_loss": metrics.get("test-loss"),
+            "val_accuracy": metrics.get("val-accuracy"),
+            "train_loss": rlog.train_loss,
+            "clients_sampled": rlog.clients_sampled,
+            "clients_ok": rlog.clients_ok,
+            "clients_failed": rlog.clients_failed,
+            "bytes_down": rlog.bytes_down,
+            "bytes_up": rlog.bytes_up,
+            **{f"seconds_{k}": round(v, 4) for k, v in rlog.seconds.items()},
+            "failures": rlog.failures,
+            **rlog.extra,
+        }
+        self.on_round(row)
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg whose clients add ``mu/2 ||w - w_global||^2``."""
+
+    name = "fedprox"
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        return {**super().train_config(server_round), "proximal-mu": self.cfg.train.proximal_mu}
+
+
+STRATEGY_CLASSES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx}
+
+
+def make_strategy(cfg: RunConfig, **kwargs: Any) -> FedAvg:
+    return STRATEGY_CLASSES[cfg.strategy.name](cfg, **kwargs)

@@ -1,0 +1,45 @@
+"""Weighted parameter averaging (FedAvg's fusion rule) over state dicts."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def normalised_weights(weights: Sequence[float] | None, count: int) -> torch.Tensor:
+    """Weights summing to one (uniform when ``weights`` is None)."""
+    if count == 0:
+        raise ValueError("need at least one state dict to fuse")
+    if weights is None:
+        return torch.full((count,), 1.0 / count, dtype=torch.float64)
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if w.shape != (count,):
+        raise ValueError(f"got {w.numel()} weights for {count} state dicts")
+    if (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
+    return w / w.sum()
+
+
+def weighted_average(
+    state_dicts: Sequence[StateDict], weights: Sequence[float] | None = None
+) -> OrderedDict[str, torch.Tensor]:
+    """Elementwise weighted mean of floating-point entries, accumulated in float64.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are counters, not parameters: the fused
+    model takes their maximum.
+    """
+    w = normalised_weights(weights, len(state_dicts))
+    fused: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, first in state_dicts[0].items():
+        stacked = torch.stack([sd[key] for sd in state_dicts])
+        if first.is_floating_point():
+            shape = (-1,) + (1,) * first.dim()
+            mean = (stacked.double() * w.to(stacked.device).view(shape)).sum(0)
+            fused[key] = mean.to(first.dtype)
+        else:
+            fused[key] = stacked.max(0).values
+    return fused

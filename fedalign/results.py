@@ -1,0 +1,171 @@
+"""Run folders: what a run writes as it goes, and comparison reports over several runs.
+
+A run folder holds::
+
+    config.yaml        the resolved config, derived seeds included (rerun it with `fedalign run`)
+    partition.json     the partition summary: sizes and label histogram per client
+    metrics.jsonl      one JSON object per round, appended as each round ends
+    metrics.csv        the same rows as a table
+    model.safetensors  the final global model
+    summary.json       final/best accuracy, rounds, bytes, wall time
+    accuracy.png       test accuracy by round and by bytes communicated
+
+Rows are flushed after every round, so an interrupted run keeps every finished round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+CSV_COLUMNS = [
+    "round", "test_accuracy", "test_loss", "val_accuracy", "train_loss", "clients_sampled",
+    "clients_ok", "clients_failed", "bytes_down", "bytes_up", "seconds_train",
+    "seconds_aggregate", "seconds_evaluate", "seconds_total",
+]
+
+
+class RunRecorder:
+    """Writes a run folder incrementally."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+
+    def write_json(self, name: str, payload: Any) -> None:
+        (self.dir / name).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.dir / name).write_text(text)
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        row = dict(row)
+        self.rows.append(row)
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        new = not (self.dir / "metrics.csv").exists()
+        columns = CSV_COLUMNS + sorted(k for k in row if k not in CSV_COLUMNS and k != "failures")
+        with open(self.dir / "metrics.csv", "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns if new else self._csv_header(), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in writer.fieldnames})
+
+    def _csv_header(self) -> list[str]:
+        with open(self.dir / "metrics.csv", newline="") as f:
+            return next(csv.reader(f))
+
+    def save_model(self, state_dict: Mapping[str, torch.Tensor], name: str = "model.safetensors") -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(self.dir / name))
+
+    def finish(self, wall_seconds: float, plot: bool = True) -> dict[str, Any]:
+        summary = summarise(self.rows)
+        summary["wall_seconds"] = round(wall_seconds, 2)
+        self.write_json("summary.json", summary)
+        if plot and self.rows:
+            plot_runs({self.dir.name: self.rows}, self.dir / "accuracy.png")
+        return summary
+
+
+def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {path.name} is missing")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{number}: not a JSON line (truncated write?)") from None
+    return rows
+
+
+def _evaluated(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r.get("test_accuracy") is not None]
+
+
+def cumulative_bytes(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    total, out = 0, []
+    for r in rows:
+        total += int(r.get("bytes_down", 0)) + int(r.get("bytes_up", 0))
+        out.append(total)
+    return out
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    evaluated = _evaluated(rows)
+    trained = [r for r in rows if r.get("round", 0) > 0]
+    total_bytes = cumulative_bytes(rows)[-1] if rows else 0
+    summary: dict[str, Any] = {
+        "rounds": max((r["round"] for r in rows), default=0),
+        "bytes_total": total_bytes,
+        "clients_failed": sum(int(r.get("clients_failed", 0)) for r in trained),
+    }
+    if evaluated:
+        best = max(evaluated, key=lambda r: r["test_accuracy"])
+        summary.update(
+            final_accuracy=evaluated[-1]["test_accuracy"],
+            final_loss=evaluated[-1].get("test_loss"),
+            best_accuracy=best["test_accuracy"],
+            best_round=best["round"],
+        )
+    return summary
+
+
+def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> None:
+    """Test accuracy against rounds and against bytes communicated, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_round, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in runs.items():
+        mb = dict(zip((r["round"] for r in rows), (b / 2**20 for b in cumulative_bytes(rows))))
+        points = _evaluated(rows)
+        rounds = [r["round"] for r in points]
+        acc = [100 * r["test_accuracy"] for r in points]
+        ax_round.plot(rounds, acc, marker="o", markersize=3, label=label)
+        ax_bytes.plot([mb[r] for r in rounds], acc, marker="o", markersize=3, label=label)
+    ax_round.set_xlabel("round")
+    ax_bytes.set_xlabel("MiB communicated (down + up)")
+    for ax in (ax_round, ax_bytes):
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    ax_round.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(value: Any, digits: int = 2, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value * scale:.{digits}f}"
+
+
+def markdown_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """One row per run: final and best accuracy, rounds, MiB communicated, seconds."""
+    lines = [
+        "| run | final acc (%) | best acc (%) | best round | rounds | MiB total | train s | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, rows in runs.items():
+        s = summarise(rows)
+        train_s = sum(float(r.get("seconds_total", 0.0)) for r in rows)
+        lines.append(
+            f"| {label} | {_fmt(s.get('final_accuracy'), scale=100)} | "
+            f"{_fmt(s.get('best_accuracy'), scale=100)} | {s.get('best_round', '-')} | {s['rounds']} | "
+            f"{s['bytes_total'] / 2**20:.1f} | {train_s:.1f} | {s['clients_failed']} |"
+        )
+    return "\n".join(lines) + "\n"

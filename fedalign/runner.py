@@ -1,0 +1,129 @@
+"""Run a configured federation on Flower's simulation engine (Ray), into a run folder.
+
+Flower's ``run_simulation`` is deprecated as a public entry point (``flwr run`` is the supported
+one), so it is wrapped here, behind one function: if Flower moves, only this module changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedalign.config import RunConfig, to_yaml
+from fedalign.results import RunRecorder
+
+log = logging.getLogger("fedalign")
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_DISABLE_IMPORT_WARNING": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def create_run_dir(output_dir: str | Path, name: str) -> Path:
+    """A new folder ``<output_dir>/<name>-<timestamp>`` (suffixed if it exists)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / f"{name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
+    """Flower's Ray backend settings: client resources and how Ray starts or attaches."""
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "ignore_reinit_error": True,
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+    }
+    address = sim.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        init_args["address"] = address
+    return {
+        "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
+        "init_args": init_args,
+    }
+
+
+def configure_logging(verbose: bool) -> None:
+    """Flower's and Ray's logs stay quiet unless asked for; fedalign's warnings always show."""
+    for name in ("flwr", "ray", "filelock", "datasets"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    logging.getLogger("fedalign").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    output_dir: str | Path | None = None,
+    verbose: bool = False,
+    progress: bool = True,
+) -> RunOutcome:
+    """Simulate the run described by ``cfg``; returns its folder and summary."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+    from flwr.simulation import run_simulation
+
+    from fedalign.components import run_federation
+    from fedalign.fl.client_app import app as client_app
+    from fedalign.fl.server_app import make_server_app
+
+    configure_logging(verbose)  # after Flower's import, which sets its own logger's level
+
+    # Partition (and load) once here: a bad dataset or partition fails before Ray starts.
+    run_federation(cfg)
+    recorder = RunRecorder(create_run_dir(output_dir or cfg.output.dir, cfg.name))
+    recorder.write_text("config.yaml", to_yaml(cfg))
+    bar = _progress_bar(cfg) if progress else None
+    outcome: dict[str, Any] = {}
+
+    def on_round(row: dict[str, Any]) -> None:
+        if bar is not None and row["round"] > 0:
+            bar.update(1)
+            if row.get("test_accuracy") is not None:
+                bar.set_postfix(acc=f"{100 * row['test_accuracy']:.2f}%", refresh=False)
+
+    t0 = time.perf_counter()
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, recorder, on_round, outcome),
+            client_app=client_app,
+            num_supernodes=cfg.data.num_clients,
+            backend_config=backend_config(cfg, verbose),
+            verbose_logging=verbose,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    outcome.setdefault("wall_seconds", round(time.perf_counter() - t0, 2))
+    return RunOutcome(recorder.dir, outcome)
+
+
+def _progress_bar(cfg: RunConfig):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.strategy.rounds, desc=f"{cfg.name} [{cfg.strategy.name}]", unit="round")

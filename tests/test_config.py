@@ -1,0 +1,85 @@
+"""Config loading: defaults, overrides, derived seeds, and errors that name the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedalign.config import ConfigError, derive_seeds, from_dict, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.seeds is not None and cfg.name
+
+
+def test_overrides_and_model_options():
+    cfg = load_config(ROOT / "configs/quickstart.yaml",
+                      ["strategy.rounds=3", "data.alpha=0.1", "model.hidden=[50, 20]"])
+    assert cfg.strategy.rounds == 3 and cfg.data.alpha == 0.1
+    assert cfg.model.options == {"hidden": [50, 20]}
+
+
+def test_seeds_are_derived_distinct_and_pinnable():
+    seeds = derive_seeds(0)
+    assert len({seeds.partition, seeds.init, seeds.sampling, seeds.shuffle}) == 4
+    assert derive_seeds(0) == seeds and derive_seeds(1) != seeds
+    cfg = from_dict({"seed": 0, "seeds": {"sampling": 7}})
+    assert cfg.seeds.sampling == 7 and cfg.seeds.partition == seeds.partition
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = load_config(ROOT / "configs/quickstart.yaml")
+    assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"train": {"lr": "fast"}}, "train.lr: expected a number"),
+        ({"strategy": {"rounds": 2.5}}, "strategy.rounds: expected an integer"),
+        ({"data": {"alpha": 0}}, "data.alpha: must be > 0"),
+        ({"data": {"alpha": -1.0}}, "data.alpha: must be > 0"),
+        ({"data": {"dataset": "cifar-1000"}}, "data.dataset: unknown dataset 'cifar-1000'"),
+        ({"data": {"partition": "random"}}, "data.partition: unknown scheme"),
+        ({"model": {"name": "mlp", "depth": 3}}, "model.depth"),
+        ({"model": {"name": "transformer"}}, "model.name"),
+        ({"strategy": {"name": "fedsgd"}}, "strategy.name: unknown strategy 'fedsgd'"),
+        ({"strategy": {"name": "fedprox"}}, "train.proximal_mu"),
+        ({"strategy": {"min_train_clients": 50}}, "strategy.min_train_clients"),
+        ({"data": {"data_dir": "/no/such/dir"}}, "data.data_dir"),
+    ],
+)
+def test_bad_values_name_the_key(values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        from_dict(values)
+
+
+def test_cli_bad_config_exits_2_with_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  lr: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedalign.cli", "run", str(bad)], capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.lr: must be > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_override_key_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedalign.cli", "run", str(ROOT / "configs/quickstart.yaml"),
+         "--set", "strategy.roundz=3"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'strategy.roundz'" in proc.stderr
