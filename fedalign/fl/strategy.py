@@ -120,11 +120,12 @@ class FedAvg(Strategy):
         if not self.node_of_partition:
             raise RuntimeError("no client answered the info query; check the client logs (-v)")
 
-    def sample(self, server_round: int, fraction: float, minimum: int) -> list[int]:
-        """Partition ids for this round, drawn from the sampling seed and the round number."""
+    def sample(self, server_round: int, fraction: float, minimum: int, purpose: str = "train") -> list[int]:
+        """Partition ids for this round, drawn from the sampling seed, the purpose and the round."""
         available = sorted(self.node_of_partition)
         size = min(len(available), max(int(round(fraction * len(available))), minimum))
-        rng = np.random.default_rng([self.cfg.resolved_seeds.sampling, server_round])
+        stream = ("train", "evaluate").index(purpose)
+        rng = np.random.default_rng([self.cfg.resolved_seeds.sampling, stream, server_round])
         return sorted(rng.choice(available, size=size, replace=False).tolist())
 
     # ---- Flower Strategy hooks ---------------------------------------------------------------
@@ -206,7 +207,7 @@ class FedAvg(Strategy):
         s = self.cfg.strategy
         if s.fraction_evaluate <= 0:
             return []
-        partitions = self.sample(-server_round, s.fraction_evaluate, 1)
+        partitions = self.sample(server_round, s.fraction_evaluate, 1, purpose="evaluate")
         record = RecordDict(
             {"arrays": arrays, "config": config_record(self.run_config_json, **config,
                                                        **{"server-round": server_round})}
