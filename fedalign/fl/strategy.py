@@ -98,7 +98,7 @@ class FedAvg(Strategy):
 
     def discover(self, grid: Grid, timeout: float) -> None:
         """Ask every node which partition it holds (one small query before round 1)."""
-        node_ids = sorted(grid.get_node_ids())
+        node_ids = self.wait_for_nodes(grid, timeout)
         messages = [
             Message(
                 RecordDict({"config": config_record(self.run_config_json)}),
@@ -107,10 +107,11 @@ class FedAvg(Strategy):
             )
             for node_id in node_ids
         ]
+        errors = []
         for reply in grid.send_and_receive(messages, timeout=timeout):
             if reply.has_error():
-                log.warning("node %d did not answer the info query: %s",
-                            reply.metadata.src_node_id, reply.error.reason)
+                errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                log.warning("info query failed on %s", errors[-1])
                 continue
             metrics = reply.content["metrics"]
             pid = int(metrics["partition-id"])
@@ -118,7 +119,23 @@ class FedAvg(Strategy):
             self.partition_of_node[reply.metadata.src_node_id] = pid
             self.train_sizes[pid] = int(metrics["num-train"])
         if not self.node_of_partition:
-            raise RuntimeError("no client answered the info query; check the client logs (-v)")
+            raise RuntimeError("no client answered the info query: " + "; ".join(errors[:3]))
+
+    def wait_for_nodes(self, grid: Grid, timeout: float, patience: float = 60.0) -> list[int]:
+        """Node ids once all ``num_clients`` nodes are connected (nodes register asynchronously);
+        after ``patience`` seconds, those connected if they are enough to train."""
+        expected = self.cfg.data.num_clients
+        t0 = time.monotonic()
+        while len(nodes := sorted(grid.get_node_ids())) < expected:
+            waited = time.monotonic() - t0
+            if waited > min(patience, timeout) and len(nodes) >= self.cfg.strategy.min_train_clients:
+                log.warning("%d of %d nodes connected after %.0f s; starting with those",
+                            len(nodes), expected, waited)
+                break
+            if waited > timeout:
+                raise RuntimeError(f"only {len(nodes)} of {expected} nodes connected in {timeout:.0f} s")
+            time.sleep(0.05)
+        return nodes
 
     def sample(self, server_round: int, fraction: float, minimum: int, purpose: str = "train") -> list[int]:
         """Partition ids for this round, drawn from the sampling seed, the purpose and the round."""
