@@ -32,7 +32,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     runs = {}
     for run_dir in args.runs:
         path = Path(run_dir)
-        runs[path.name] = read_rows(path)
+        label = path.name if path.name not in runs else str(path)  # same name, other folder
+        runs[label] = read_rows(path)
     table = markdown_table(runs)
     print(table, end="")
     if args.out:

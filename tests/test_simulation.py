@@ -76,3 +76,21 @@ def test_fedprox_with_client_sampling(tmp_path):
     assert [r["clients_sampled"] for r in rows[1:]] == [2, 2]
     assert rows[-1]["test_accuracy"] > 0.3
     assert rows[-1]["val_accuracy"] is not None
+
+
+def test_report_and_partition_commands(cli_run, tmp_path):
+    _, run_dir = cli_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedalign.cli", "report", str(run_dir), str(run_dir),
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("| run | final acc (%)")
+    assert proc.stdout.count(run_dir.name) == 2 and proc.stdout.count("\n| ") == 2
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "comparison.png").stat().st_size > 1000
+    proc = subprocess.run([sys.executable, "-m", "fedalign.cli", "partition", str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "total" in proc.stdout and "digits / iid" in proc.stdout
+    missing = subprocess.run([sys.executable, "-m", "fedalign.cli", "report", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "metrics.jsonl is missing" in missing.stderr
