@@ -7,16 +7,28 @@ import json
 import sys
 from pathlib import Path
 
+from fedalign.checkpoint import CheckpointError
 from fedalign.config import ConfigError, load_config
+from fedalign.data import DataError
+from fedalign.fl.strategy import RoundFailedError
 
 EXIT_USAGE = 2
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    if args.resume:
+        if args.config or args.set:
+            raise ConfigError("--resume RUN_DIR continues a run with its own config.yaml; "
+                              "give no CONFIG or --set")
+        cfg = load_config(Path(args.resume) / "config.yaml")
+    elif not args.config:
+        raise ConfigError("give a CONFIG file (or --resume RUN_DIR)")
+    else:
+        cfg = load_config(args.config, args.set)
     from fedalign.runner import run
 
-    outcome = run(cfg, output_dir=args.output, verbose=args.verbose, progress=not args.no_progress)
+    outcome = run(cfg, output_dir=args.output, verbose=args.verbose, progress=not args.no_progress,
+                  resume_dir=args.resume)
     s = outcome.summary
     if "final_accuracy" in s:
         print(f"final test accuracy: {100 * s['final_accuracy']:.2f}% "
@@ -65,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated simulation from a YAML config")
-    run.add_argument("config", help="path of the YAML config")
+    run.add_argument("config", nargs="?", help="path of the YAML config")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last intact checkpoint")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config entry, e.g. --set strategy.rounds=5 (repeatable)")
     run.add_argument("--output", help="parent folder of the run folder (default: output.dir)")
@@ -91,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedalign: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, DataError, CheckpointError) as exc:
         print(f"fedalign: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RoundFailedError as exc:
+        print(f"fedalign: run stopped: {exc}\nFinished rounds are in the run folder; "
+              "continue with `fedalign run --resume RUN_DIR`.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

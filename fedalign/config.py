@@ -65,6 +65,8 @@ class StrategyConfig:
     fraction_evaluate: float = 0.0
     eval_every: int = 1
     timeout: float = 3600.0
+    round_retries: int = 1
+    max_update_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,23 @@ class OutputConfig:
     dir: str = "runs"
     save_model: bool = True
     plot: bool = True
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+
+
+FAULT_KINDS = ("raise", "nan", "wrong-shape", "missing-key", "scale", "crash")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """An injected client fault, for testing a federation's robustness: in ``round``, client
+    ``client`` raises, returns NaN weights, a wrong shape, a missing key, its update scaled by
+    ``factor``, or kills its worker process (``crash``)."""
+
+    round: int
+    client: int
+    kind: str
+    factor: float = 1e6
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    faults: tuple[FaultConfig, ...] = ()
     seeds: Seeds | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +169,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         raise errors[0]
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1]
+        return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -256,9 +281,21 @@ def _validate(cfg: RunConfig) -> None:
          f"{s.min_train_clients} is more than data.num_clients ({d.num_clients})")
     need(s.eval_every >= 1, "strategy.eval_every", f"must be >= 1, got {s.eval_every}")
     need(s.timeout > 0, "strategy.timeout", "must be > 0")
+    need(s.round_retries >= 0, "strategy.round_retries", "must be >= 0")
+    need(s.max_update_norm is None or s.max_update_norm > 0, "strategy.max_update_norm",
+         "must be > 0 (or null for no bound)")
+    o = cfg.output
+    need(o.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: no checkpoints)")
+    need(o.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
     if s.name == "fedprox":
         need(t.proximal_mu > 0, "train.proximal_mu", "strategy fedprox needs proximal_mu > 0")
 
+    for i, fault in enumerate(cfg.faults):
+        need(fault.kind in FAULT_KINDS, f"faults[{i}].kind",
+             f"unknown fault {fault.kind!r}; choose one of {', '.join(FAULT_KINDS)}")
+        need(0 <= fault.client < d.num_clients, f"faults[{i}].client",
+             f"no client {fault.client} among {d.num_clients}")
+        need(fault.round >= 1, f"faults[{i}].round", "must be >= 1")
     need(sim.client_cpus > 0, "simulation.client_cpus", f"must be > 0, got {sim.client_cpus}")
     need(sim.client_gpus >= 0, "simulation.client_gpus", f"must be >= 0, got {sim.client_gpus}")
     need(sim.server_device in ("cpu", "cuda", "auto"), "simulation.server_device",

@@ -59,6 +59,15 @@ class RunRecorder:
                 writer.writeheader()
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in writer.fieldnames})
 
+    def truncate_after(self, last_round: int) -> None:
+        """Drop rows of rounds after ``last_round`` (a resumed run redoes them)."""
+        self.rows = [r for r in read_rows(self.dir) if r["round"] <= last_round]
+        for name in ("metrics.jsonl", "metrics.csv"):
+            (self.dir / name).unlink(missing_ok=True)
+        kept, self.rows = self.rows, []
+        for row in kept:
+            self.record(row)
+
     def _csv_header(self) -> list[str]:
         with open(self.dir / "metrics.csv", newline="") as f:
             return next(csv.reader(f))

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fedalign.checkpoint import CheckpointError, load_latest
 from fedalign.config import RunConfig, to_yaml
 from fedalign.results import RunRecorder
 
@@ -68,8 +69,10 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
 
 def configure_logging(verbose: bool) -> None:
     """Flower's and Ray's logs stay quiet unless asked for; fedalign's warnings always show."""
+    # Client failures are reported by fedalign in one line each; Flower's ERROR logs repeat them
+    # with full Ray tracebacks, so they show only with -v.
     for name in ("flwr", "ray", "filelock", "datasets"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     logging.getLogger("fedalign").setLevel(logging.INFO if verbose else logging.WARNING)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
@@ -81,8 +84,13 @@ def run(
     output_dir: str | Path | None = None,
     verbose: bool = False,
     progress: bool = True,
+    resume_dir: str | Path | None = None,
 ) -> RunOutcome:
-    """Simulate the run described by ``cfg``; returns its folder and summary."""
+    """Simulate the run described by ``cfg``; returns its folder and summary.
+
+    With ``resume_dir`` (a run folder), continue that run after its last intact checkpoint,
+    in the same folder.
+    """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
 
@@ -96,9 +104,18 @@ def run(
 
     # Partition (and load) once here: a bad dataset or partition fails before Ray starts.
     run_federation(cfg)
-    recorder = RunRecorder(create_run_dir(output_dir or cfg.output.dir, cfg.name))
-    recorder.write_text("config.yaml", to_yaml(cfg))
-    bar = _progress_bar(cfg) if progress else None
+    resume = None
+    if resume_dir is not None:
+        recorder = RunRecorder(resume_dir)
+        resume = load_latest(recorder.dir / "checkpoints")
+        if resume is None:
+            raise CheckpointError(f"{resume_dir}: no intact checkpoint to resume from")
+        recorder.truncate_after(resume.round)
+        log.warning("resuming %s after round %d", recorder.dir, resume.round)
+    else:
+        recorder = RunRecorder(create_run_dir(output_dir or cfg.output.dir, cfg.name))
+        recorder.write_text("config.yaml", to_yaml(cfg))
+    bar = _progress_bar(cfg, 0 if resume is None else resume.round) if progress else None
     outcome: dict[str, Any] = {}
 
     def on_round(row: dict[str, Any]) -> None:
@@ -110,7 +127,7 @@ def run(
     t0 = time.perf_counter()
     try:
         run_simulation(
-            server_app=make_server_app(cfg, recorder, on_round, outcome),
+            server_app=make_server_app(cfg, recorder, on_round, outcome, resume),
             client_app=client_app,
             num_supernodes=cfg.data.num_clients,
             backend_config=backend_config(cfg, verbose),
@@ -123,7 +140,8 @@ def run(
     return RunOutcome(recorder.dir, outcome)
 
 
-def _progress_bar(cfg: RunConfig):
+def _progress_bar(cfg: RunConfig, done: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.strategy.rounds, desc=f"{cfg.name} [{cfg.strategy.name}]", unit="round")
+    return tqdm(total=cfg.strategy.rounds, initial=done, desc=f"{cfg.name} [{cfg.strategy.name}]",
+                unit="round")

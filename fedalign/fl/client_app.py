@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig, from_dict
+from fedalign.fl.faults import apply_fault, fault_for
 from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
 from fedalign.training import evaluate, train_local
 
@@ -81,7 +82,11 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": partition_id,
         }
     )
-    return Message(RecordDict({"arrays": to_arrays(model.state_dict()), "metrics": metrics}), reply_to=msg)
+    state = model.state_dict()
+    fault = fault_for(cfg, server_round, partition_id)
+    if fault is not None:
+        state = apply_fault(fault, state)
+    return Message(RecordDict({"arrays": to_arrays(state), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedalign.checkpoint import Checkpoint, save_checkpoint
 from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig, load_config, to_yaml
 from fedalign.fl.records import to_arrays, to_state_dict
@@ -37,13 +38,20 @@ def server_device(cfg: RunConfig) -> torch.device:
 
 
 def run_server(
-    grid: Grid, cfg: RunConfig, recorder: RunRecorder, on_round: RoundCallback | None = None
+    grid: Grid,
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    on_round: RoundCallback | None = None,
+    resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
-    """Run the configured strategy to the end; write metrics, the final model and the summary."""
+    """Run the configured strategy to the end; write metrics, checkpoints, the final model and
+    the summary. With ``resume``, continue after that checkpoint's round."""
     t0 = time.perf_counter()
     fed = run_federation(cfg)
     recorder.write_json("partition.json", fed.summary())
     model = run_model(cfg, fed, init=True)
+    if resume is not None:
+        model.load_state_dict(resume.model)
     X_test, y_test = fed.test
     device = server_device(cfg)
     log.info("server device: %s", device)
@@ -58,10 +66,20 @@ def run_server(
         if on_round is not None:
             on_round(row)
 
-    strategy = make_strategy(cfg, evaluate_fn=evaluate_fn, on_round=record)
+    every = cfg.output.checkpoint_every
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        if every and (server_round % every == 0 or server_round == cfg.strategy.rounds):
+            save_checkpoint(recorder.dir / "checkpoints",
+                            Checkpoint(server_round, to_state_dict(arrays), strategy.state()),
+                            keep=cfg.output.keep_checkpoints)
+
+    strategy = make_strategy(cfg, evaluate_fn=evaluate_fn, on_round=record, on_round_end=checkpoint)
+    if resume is not None:
+        strategy.load_state(resume.state)
     result = strategy.start(
         grid, to_arrays(model.state_dict()), num_rounds=cfg.strategy.rounds,
-        timeout=cfg.strategy.timeout,
+        timeout=cfg.strategy.timeout, first_round=1 if resume is None else resume.round + 1,
     )
     if cfg.output.save_model:
         recorder.save_model(to_state_dict(result.arrays))
@@ -69,13 +87,14 @@ def run_server(
 
 
 def make_server_app(cfg: RunConfig, recorder: RunRecorder, on_round: RoundCallback | None = None,
-                    outcome: dict[str, Any] | None = None) -> ServerApp:
+                    outcome: dict[str, Any] | None = None,
+                    resume: Checkpoint | None = None) -> ServerApp:
     """A ServerApp bound to one run; its summary is put into ``outcome`` when given."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_server(grid, cfg, recorder, on_round)
+        summary = run_server(grid, cfg, recorder, on_round, resume)
         if outcome is not None:
             outcome.update(summary)
 

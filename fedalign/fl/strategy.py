@@ -40,6 +40,11 @@ log = logging.getLogger("fedalign")
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
 RoundCallback = Callable[[dict[str, Any]], None]
+RoundEndCallback = Callable[[int, ArrayRecord], None]
+
+
+class RoundFailedError(RuntimeError):
+    """A round could not gather enough valid replies, even after its retries."""
 
 
 @dataclass
@@ -74,6 +79,17 @@ class RoundLog:
         log.warning("round %d: client %s rejected: %s", self.round, partition_id, reason)
 
 
+def error_summary(reason: str) -> str:
+    """The client's own exception message out of the Ray traceback Flower wraps it in."""
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1].strip().rstrip("'>").strip()
+    else:
+        lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else "unknown error"
+    first_sentence = reason.split(". ", 1)[0]
+    return first_sentence if len(first_sentence) >= 20 else reason[:200]
+
+
 class FedAvg(Strategy):
     """Federated averaging (McMahan et al. 2017) with seeded sampling and validated replies."""
 
@@ -84,11 +100,14 @@ class FedAvg(Strategy):
         cfg: RunConfig,
         evaluate_fn: EvaluateFn | None = None,
         on_round: RoundCallback | None = None,
+        on_round_end: RoundEndCallback | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_config_json = cfg.to_json()
         self.evaluate_fn = evaluate_fn
         self.on_round = on_round
+        self.on_round_end = on_round_end
+        self._reference: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.node_of_partition: dict[int, int] = {}
         self.partition_of_node: dict[int, int] = {}
         self.train_sizes: dict[int, int] = {}
@@ -137,12 +156,14 @@ class FedAvg(Strategy):
             time.sleep(0.05)
         return nodes
 
-    def sample(self, server_round: int, fraction: float, minimum: int, purpose: str = "train") -> list[int]:
-        """Partition ids for this round, drawn from the sampling seed, the purpose and the round."""
+    def sample(self, server_round: int, fraction: float, minimum: int, purpose: str = "train",
+               attempt: int = 0) -> list[int]:
+        """Partition ids for this round, drawn from the sampling seed, the purpose, the round and
+        the attempt (a retried round draws afresh)."""
         available = sorted(self.node_of_partition)
         size = min(len(available), max(int(round(fraction * len(available))), minimum))
         stream = ("train", "evaluate").index(purpose)
-        rng = np.random.default_rng([self.cfg.resolved_seeds.sampling, stream, server_round])
+        rng = np.random.default_rng([self.cfg.resolved_seeds.sampling, stream, server_round, attempt])
         return sorted(rng.choice(available, size=size, replace=False).tolist())
 
     # ---- Flower Strategy hooks ---------------------------------------------------------------
@@ -155,7 +176,8 @@ class FedAvg(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         s = self.cfg.strategy
-        partitions = self.sample(server_round, s.fraction_train, s.min_train_clients)
+        attempt = int(config.get("attempt", 0))
+        partitions = self.sample(server_round, s.fraction_train, s.min_train_clients, attempt=attempt)
         record = RecordDict(
             {"arrays": arrays,
              "config": config_record(self.run_config_json, **config, **self.train_config(server_round))}
@@ -174,7 +196,7 @@ class FedAvg(Strategy):
             node = reply.metadata.src_node_id
             pid = self.partition_of_node.get(node)
             if reply.has_error():
-                rlog.fail(pid, node, f"client error: {reply.error.reason}")
+                rlog.fail(pid, node, f"client error: {error_summary(reply.error.reason)}")
                 continue
             try:
                 content = reply.content
@@ -184,7 +206,7 @@ class FedAvg(Strategy):
             except (KeyError, TypeError, ValueError) as exc:
                 rlog.fail(pid, node, f"malformed reply: {exc!r}")
                 continue
-            problem = update_problem(reference, state)
+            problem = update_problem(reference, state, self.cfg.strategy.max_update_norm)
             if problem is None and num_examples <= 0:
                 problem = f"num-examples is {num_examples}"
             if problem is not None:
@@ -205,11 +227,10 @@ class FedAvg(Strategy):
         rlog = self._round_log or RoundLog(server_round)
         reference = self._reference
         updates = self.accept_replies(replies, reference, rlog)
-        rlog.clients_ok = len(updates)
+        rlog.clients_ok += len(updates)
         if len(updates) < self.cfg.strategy.min_train_clients:
-            log.warning("round %d: %d valid replies, fewer than min_train_clients=%d; "
-                        "the global model is kept", server_round, len(updates),
-                        self.cfg.strategy.min_train_clients)
+            log.warning("round %d: %d valid replies, fewer than min_train_clients=%d",
+                        server_round, len(updates), self.cfg.strategy.min_train_clients)
             return None, None
         fused = self.fuse(server_round, reference, updates)
         weights = np.array([u.num_examples for u in updates], dtype=float)
@@ -248,6 +269,13 @@ class FedAvg(Strategy):
             return None
         return MetricRecord({"val-loss": loss / total, "val-accuracy": correct / total})
 
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable strategy state for checkpoints (FedAvg has none)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``state`` returned."""
+
     def summary(self) -> None:
         s = self.cfg.strategy
         log.info("%s: %d rounds, fraction_train=%.2f, min_train_clients=%d", self.name, s.rounds,
@@ -265,15 +293,35 @@ class FedAvg(Strategy):
         return replies
 
     def run_round(self, server_round: int, grid: Grid, arrays: ArrayRecord, rlog: RoundLog) -> ArrayRecord:
-        """One round: train on the sampled clients, validate, fuse. Returns the new global model."""
-        messages = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
-        rlog.clients_sampled = len(messages)
-        replies = self.exchange(grid, messages, rlog, "train")
-        t0 = time.perf_counter()
+        """One round: train on the sampled clients, validate, fuse. Returns the new global model.
+
+        When fewer than ``min_train_clients`` valid replies arrive, the round is retried with a
+        fresh sample up to ``round_retries`` times, then the run stops (``RoundFailedError``);
+        finished rounds stay in the run folder and its checkpoints.
+        """
         self._reference = to_state_dict(arrays)
-        fused, _ = self.aggregate_train(server_round, replies)
-        rlog.seconds["aggregate"] = time.perf_counter() - t0
-        return fused if fused is not None else arrays
+        retries = self.cfg.strategy.round_retries
+        for attempt in range(retries + 1):
+            messages = list(self.configure_train(server_round, arrays, ConfigRecord({"attempt": attempt}), grid))
+            rlog.clients_sampled += len(messages)
+            replies = self.exchange(grid, messages, rlog, "train")
+            answered = {r.metadata.src_node_id for r in replies}
+            for m in messages:
+                if m.metadata.dst_node_id not in answered:
+                    node = m.metadata.dst_node_id
+                    rlog.fail(self.partition_of_node.get(node), node,
+                              f"no reply within strategy.timeout={self.cfg.strategy.timeout:g} s")
+            t0 = time.perf_counter()
+            fused, _ = self.aggregate_train(server_round, replies)
+            rlog.seconds["aggregate"] = rlog.seconds.get("aggregate", 0.0) + time.perf_counter() - t0
+            if fused is not None:
+                rlog.extra["attempts"] = attempt + 1
+                return fused
+        raise RoundFailedError(
+            f"round {server_round}: fewer than min_train_clients={self.cfg.strategy.min_train_clients} "
+            f"valid replies in {retries + 1} attempt(s); last failures: "
+            + "; ".join(f"client {f['partition']}: {f['reason']}" for f in rlog.failures[-3:])
+        )
 
     def should_evaluate(self, server_round: int) -> bool:
         s = self.cfg.strategy
@@ -302,17 +350,21 @@ class FedAvg(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
     ) -> Result:
-        """Discover the clients, then ``num_rounds`` of run_round + evaluation, reporting each."""
+        """Discover the clients, then rounds ``first_round..num_rounds`` of run_round and
+        evaluation, reporting each (``first_round > 1`` resumes from a checkpoint)."""
         result = Result()
         self.discover(grid, timeout)
         arrays = initial_arrays
-        initial = RoundLog(0)
-        metrics0 = self.evaluate_round(0, grid, arrays, initial)
-        self._emit(initial, metrics0)
-        if metrics0:
-            result.evaluate_metrics_serverapp[0] = MetricRecord(metrics0)
-        for server_round in range(1, num_rounds + 1):
+        if first_round == 1:
+            initial = RoundLog(0)
+            metrics0 = self.evaluate_round(0, grid, arrays, initial)
+            self._emit(initial, metrics0)
+            if metrics0:
+                result.evaluate_metrics_serverapp[0] = MetricRecord(metrics0)
+        for server_round in range(first_round, num_rounds + 1):
             rlog = RoundLog(server_round)
             self._round_log = rlog
             t_round = time.perf_counter()
@@ -321,6 +373,8 @@ class FedAvg(Strategy):
             rlog.seconds["total"] = time.perf_counter() - t_round
             self._round_log = None
             self._emit(rlog, metrics)
+            if self.on_round_end is not None:
+                self.on_round_end(server_round, arrays)
             if rlog.train_loss is not None:
                 result.train_metrics_clientapp[server_round] = MetricRecord({"train-loss": rlog.train_loss})
             if metrics:
