@@ -21,6 +21,7 @@ class LeNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
         super().__init__()
+        self.image_size = image_size
         self.conv1 = nn.Conv2d(in_channels, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.pool = nn.MaxPool2d(2)
@@ -59,6 +60,7 @@ class VGG9(nn.Module):
         hidden: int = 512,
     ) -> None:
         super().__init__()
+        self.image_size = image_size
         if len(widths) != 6:
             raise ValueError(f"VGG9 has 6 conv layers, got widths {widths}")
         channels = [in_channels, *widths]
