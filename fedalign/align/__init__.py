@@ -14,9 +14,19 @@ from .spec import (
     invert_permutation,
     random_permutation,
 )
+from .solvers import SOLVERS, solve_assignment, solver_names
 from .trace import UnsupportedModuleError, permutation_spec
+from .weight_matching import (
+    MatchResult,
+    match_to_reference,
+    merge_many,
+    weight_matching,
+    weight_matching_result,
+)
 
 __all__ = [
-    "AxisRef", "PermutationSpec", "Perms", "UnsupportedModuleError", "apply_permutation", "compose",
-    "identity_permutation", "invert_permutation", "permutation_spec", "random_permutation",
+    "SOLVERS", "AxisRef", "MatchResult", "PermutationSpec", "Perms", "UnsupportedModuleError",
+    "apply_permutation", "compose", "identity_permutation", "invert_permutation",
+    "match_to_reference", "merge_many", "permutation_spec", "random_permutation",
+    "solve_assignment", "solver_names", "weight_matching", "weight_matching_result",
 ]
