@@ -14,6 +14,12 @@ from .spec import (
     invert_permutation,
     random_permutation,
 )
+from .activation_matching import (
+    activation_statistics,
+    add_statistics,
+    permutations_from_statistics,
+)
+from .sinkhorn_rebasin import sinkhorn_rebasin
 from .solvers import SOLVERS, solve_assignment, solver_names
 from .trace import UnsupportedModuleError, permutation_spec
 from .weight_matching import (
@@ -25,6 +31,7 @@ from .weight_matching import (
 )
 
 __all__ = [
+    "activation_statistics", "add_statistics", "permutations_from_statistics", "sinkhorn_rebasin",
     "SOLVERS", "AxisRef", "MatchResult", "PermutationSpec", "Perms", "UnsupportedModuleError",
     "apply_permutation", "compose", "identity_permutation", "invert_permutation",
     "match_to_reference", "merge_many", "permutation_spec", "random_permutation",

@@ -1,0 +1,124 @@
+"""Activation matching from sufficient statistics.
+
+Two networks' units correspond when their activations on the same inputs agree. A client runs the
+broadcast reference model and its own model on its data and returns, per group, sums of the
+activations, of their squares and of the cross products (``d x d``) plus the count: these add up
+across clients, so the server pools them and solves one assignment per group without ever seeing
+data. Conv activations count every spatial position as a sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .solvers import solve_assignment
+from .spec import PermutationSpec, Perms
+
+Stats = dict[str, dict[str, torch.Tensor]]
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.wanted:
+            self.captured[n.name] = result
+        return result
+
+
+def capture_activations(model: nn.Module, X: torch.Tensor, nodes: set[str]) -> dict[str, torch.Tensor]:
+    """Outputs of the traced nodes ``nodes`` on batch ``X`` (no gradients, model mode unchanged)."""
+    capture = _Capture(fx.symbolic_trace(model), nodes)
+    with torch.no_grad():
+        capture.run(X)
+    return capture.captured
+
+
+def unit_samples(activation: torch.Tensor, units: int) -> torch.Tensor:
+    """(samples, units): NCHW -> every position a sample; (N, C*H*W) -> likewise; (N, T, H) ->
+    every time step a sample."""
+    a = activation.detach().double()
+    if a.dim() == 4:
+        return a.permute(0, 2, 3, 1).reshape(-1, units)
+    if a.dim() == 2 and a.shape[1] != units:
+        return a.reshape(a.shape[0], units, -1).permute(0, 2, 1).reshape(-1, units)
+    return a.reshape(-1, units)
+
+
+def _batches(data: torch.Tensor | Iterable) -> Iterable[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        yield data
+        return
+    for batch in data:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def activation_statistics(
+    spec: PermutationSpec, reference: nn.Module, model: nn.Module, data: torch.Tensor | Iterable
+) -> Stats:
+    """Per group: ``count``, ``sum_ref``, ``sum``, ``sq_ref``, ``sq``, ``cross`` (ref x model)
+    over the batches of ``data`` (a tensor, or an iterable of tensors or (X, y) pairs)."""
+    nodes = {spec.activations[g] for g in spec.sizes if g in spec.activations}
+    missing = [g for g in spec.sizes if g not in spec.activations]
+    if missing:
+        raise ValueError(f"the spec has no activation site for groups {missing}")
+    stats: Stats = {}
+    for X in _batches(data):
+        acts_ref = capture_activations(reference, X, nodes)
+        acts = capture_activations(model, X, nodes)
+        for g, n in spec.sizes.items():
+            a = unit_samples(acts_ref[spec.activations[g]], n)
+            b = unit_samples(acts[spec.activations[g]], n)
+            update = {"count": torch.tensor(float(len(a)), dtype=torch.float64),
+                      "sum_ref": a.sum(0), "sum": b.sum(0),
+                      "sq_ref": (a * a).sum(0), "sq": (b * b).sum(0), "cross": a.T @ b}
+            if g in stats:
+                stats[g] = {k: stats[g][k] + v for k, v in update.items()}
+            else:
+                stats[g] = update
+    return stats
+
+
+def add_statistics(*parts: Mapping[str, Mapping[str, torch.Tensor]]) -> Stats:
+    """Pool statistics of several clients (they are plain sums)."""
+    total: Stats = {g: dict(s) for g, s in parts[0].items()}
+    for part in parts[1:]:
+        for g, s in part.items():
+            total[g] = {k: total[g][k] + v for k, v in s.items()}
+    return total
+
+
+def correlation(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Pearson correlation (ref units x model units); dead units (zero variance) give 0."""
+    n = stats["count"]
+    mean_a, mean_b = stats["sum_ref"] / n, stats["sum"] / n
+    cov = stats["cross"] / n - torch.outer(mean_a, mean_b)
+    std_a = (stats["sq_ref"] / n - mean_a**2).clamp_min(0).sqrt()
+    std_b = (stats["sq"] / n - mean_b**2).clamp_min(0).sqrt()
+    corr = cov / torch.outer(std_a, std_b)
+    return torch.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def permutations_from_statistics(
+    stats: Mapping[str, Mapping[str, torch.Tensor]],
+    criterion: str = "correlation",
+    solver: str = "hungarian",
+) -> Perms:
+    """One assignment per group from pooled statistics: ``criterion`` is ``"correlation"`` or
+    ``"cross_moment"`` (E[a b^T])."""
+    if criterion not in ("correlation", "cross_moment"):
+        raise ValueError(f"criterion must be 'correlation' or 'cross_moment', got {criterion!r}")
+    perms = {}
+    for g, s in stats.items():
+        scores = correlation(s) if criterion == "correlation" else s["cross"] / s["count"]
+        perms[g] = solve_assignment(scores, solver)
+    return perms
