@@ -1,0 +1,143 @@
+"""PFNM: one-shot fusion of J MLPs by Bayesian nonparametric neuron matching.
+
+Layers are matched from the top hidden layer down (Yurochkin et al. 2019). A neuron of hidden
+layer c is the vector [its incoming weights (first layer only: the input axis is shared), its bias,
+its outgoing weights]; the outgoing weights are scattered into the global order of layer c+1,
+already matched. Outgoing weights into the classifier are weighted by each client's share of each
+class (a client that never saw class k says little about its weights). The result is a runnable
+fedalign MLP whose hidden widths follow the matching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import product
+
+import torch
+
+from fedalign.models import MLP
+
+from .bbp_map import bbp_map
+
+MU0_BIAS = 0.1  # the reference's prior mean of biases
+
+
+@dataclass(frozen=True)
+class PFNMAssignments:
+    """``layers[c][j]``: global index of each of client j's neurons in hidden layer c."""
+
+    layers: list[list[torch.Tensor]]
+
+    @property
+    def widths(self) -> list[int]:
+        return [int(max(a.max() for a in layer)) + 1 for layer in self.layers]
+
+
+def _linears(model: MLP) -> list[torch.nn.Linear]:
+    if not isinstance(model, MLP):
+        raise TypeError(f"pfnm fuses fedalign MLPs, got {type(model).__name__}")
+    return list(model.layers)
+
+
+def _scatter_columns(W: torch.Tensor, assignment: torch.Tensor, width: int) -> torch.Tensor:
+    """(L_next_j, L) -> (width, L): rows moved to their global indices, zeros elsewhere."""
+    out = torch.zeros(width, W.shape[1], dtype=W.dtype)
+    out[assignment] = W
+    return out
+
+
+def pfnm(
+    models: Sequence[MLP],
+    class_counts: Sequence[Sequence[float]],
+    sigma: float = 1.0,
+    sigma0: float = 1.0,
+    gamma: float = 1.0,
+    iterations: int = 5,
+    seed: int = 0,
+    solver: str = "hungarian",
+    max_width: int | None = None,
+    popularity: str = "consistent",
+) -> tuple[MLP, PFNMAssignments]:
+    """Fuse ``models`` (same input and output sizes, any hidden widths) into one MLP.
+
+    ``class_counts[j][k]``: client j's number of training examples of class k.
+    """
+    J = len(models)
+    layers = [[(lin.weight.detach().double(), lin.bias.detach().double()) for lin in _linears(m)] for m in models]
+    depth = len(layers[0])
+    if any(len(l) != depth for l in layers) or depth < 2:
+        raise ValueError("pfnm needs MLPs with the same number (>= 1) of hidden layers")
+    D, K = layers[0][0][0].shape[1], layers[0][-1][0].shape[0]
+    counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float64)
+    if counts.shape != (J, K):
+        raise ValueError(f"class_counts must be {J} x {K}, got {tuple(counts.shape)}")
+    shares = counts / counts.sum(0).clamp_min(1e-12)               # p_jk, sums to 1 over clients
+    s, s0 = 1.0 / sigma, 1.0 / sigma0
+
+    assignments: list[list[torch.Tensor]] = [[] for _ in range(depth - 1)]
+    biases: list[torch.Tensor] = [torch.empty(0)] * (depth - 1)
+    outgoing: list[torch.Tensor] = [torch.empty(0)] * (depth - 1)   # W_{c+1}, global order
+    incoming = torch.empty(0)
+    next_assign: list[torch.Tensor] | None = None
+    next_width = K
+    for c in range(depth - 2, -1, -1):                              # hidden layers, top down
+        rows, precisions = [], []
+        for j in range(J):
+            W, b = layers[j][c]
+            W_out = layers[j][c + 1][0]                             # (L_next_j, L_j)
+            out = W_out if next_assign is None else _scatter_columns(W_out, next_assign[j], next_width)
+            rows.append(torch.cat(([W] if c == 0 else []) + [b[:, None], out.T], dim=1))
+            out_precision = shares[j] * s if next_assign is None else torch.full((next_width,), s, dtype=torch.float64)
+            head = torch.full(((D if c == 0 else 0) + 1,), s, dtype=torch.float64)
+            precisions.append(torch.cat([head, out_precision]))
+        dim = rows[0].shape[1]
+        start = D if c == 0 else 0
+        prior_mean = torch.zeros(dim, dtype=torch.float64)
+        prior_mean[start] = MU0_BIAS
+        result = bbp_map(rows, precisions, prior_mean, torch.full((dim,), s0, dtype=torch.float64),
+                         gamma, iterations, seed, solver, max_width, popularity)
+        mean = result.mean.double()
+        if c == 0:
+            incoming = mean[:, :D]
+        biases[c], outgoing[c] = mean[:, start], mean[:, start + 1:].T
+        assignments[c] = result.assignments
+        next_assign, next_width = result.assignments, len(mean)
+
+    # Classifier bias: precision-weighted by class shares, with the reference's prior.
+    out_bias = torch.stack([layers[j][-1][1] for j in range(J)])     # (J, K)
+    out_precision = shares * s
+    classifier_bias = ((out_bias * out_precision).sum(0) + MU0_BIAS * s0) / (out_precision.sum(0) + s0)
+
+    widths = [len(b) for b in biases]
+    fused = MLP(D, widths, K)
+    weights = [incoming, *outgoing]
+    all_biases = [*biases, classifier_bias]
+    with torch.no_grad():
+        for lin, W, b in zip(fused.layers, weights, all_biases):
+            lin.weight.copy_(W.float())
+            lin.bias.copy_(b.float())
+    return fused, PFNMAssignments(assignments)
+
+
+def pfnm_grid_search(
+    models: Sequence[MLP],
+    class_counts: Sequence[Sequence[float]],
+    score: Callable[[MLP], float],
+    sigmas: Sequence[float] = (1.0, 0.1, 0.5),
+    sigma0s: Sequence[float] = (1.0, 10.0),
+    gammas: Sequence[float] = (1.0, 1e-3, 50.0),
+    **options,
+) -> tuple[MLP, PFNMAssignments, dict[str, float]]:
+    """PFNM with (sigma, sigma0, gamma) chosen from a grid by ``score`` (higher is better).
+
+    ``score`` is where the data lives: in a federation it asks the clients for the fused model's
+    accuracy on their own training data and sums it, so the server never sees data.
+    """
+    best = None
+    for sigma, sigma0, gamma in product(sigmas, sigma0s, gammas):
+        fused, assignment = pfnm(models, class_counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)
+        value = score(fused)
+        if best is None or value > best[2]["score"]:
+            best = (fused, assignment, {"sigma": sigma, "sigma0": sigma0, "gamma": gamma, "score": value})
+    return best
