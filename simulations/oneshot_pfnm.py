@@ -25,6 +25,8 @@ from fedalign.fusion import pfnm, pfnm_grid_search, weighted_average
 from fedalign.models import build_model
 from fedalign.training import evaluate, predict_logits, train_local
 
+GRID = "PFNM (grid by clients' train accuracy)"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +90,7 @@ def main() -> None:
                                            "seconds": time.perf_counter() - t}
     t = time.perf_counter()
     fused, assignment, chosen = pfnm_grid_search(models, counts, clients_train_accuracy)
-    rows["PFNM (grid by clients' train accuracy)"] = {
+    rows[GRID] = {
         "accuracy": accuracy(fused), "width": assignment.widths[0], "seconds": time.perf_counter() - t,
         "chosen": chosen}
 
@@ -98,7 +100,7 @@ def main() -> None:
     for name, r in rows.items():
         seconds = f"{r['seconds']:.2f}" if "seconds" in r else "-"
         print(f"| {name} | {100 * r['accuracy']:.2f} | {r['width']} | {seconds} |")
-    print(f"\ngrid choice: {rows['PFNM (grid by clients' train accuracy)']['chosen']}")
+    print(f"\ngrid choice: {rows[GRID]['chosen']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2) + "\n")
