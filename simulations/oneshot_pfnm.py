@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scan", action="store_true",
+                        help="also print width and accuracy over a (sigma, sigma0, gamma) grid")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -101,6 +104,11 @@ def main() -> None:
         seconds = f"{r['seconds']:.2f}" if "seconds" in r else "-"
         print(f"| {name} | {100 * r['accuracy']:.2f} | {r['width']} | {seconds} |")
     print(f"\ngrid choice: {rows[GRID]['chosen']}")
+    if args.scan:
+        print("\n| sigma | sigma0 | gamma | global width | test accuracy (%) |\n|---|---|---|---|---|")
+        for sigma, sigma0, gamma in product((0.1, 0.3), (1.0, 10.0), (1e-3, 1.0, 5.0, 20.0)):
+            fused, assignment = pfnm(models, counts, sigma=sigma, sigma0=sigma0, gamma=gamma)
+            print(f"| {sigma} | {sigma0} | {gamma} | {assignment.widths[0]} | {100 * accuracy(fused):.2f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2) + "\n")
