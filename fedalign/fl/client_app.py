@@ -40,6 +40,13 @@ def _setup(msg: Message, context: Context):
     return cfg, config, partition_id, fed
 
 
+def _received_model(msg: Message, cfg: RunConfig, fed) -> torch.nn.Module:
+    """The run's architecture holding the weights the server sent."""
+    model = run_model(cfg, fed)
+    model.load_state_dict(to_state_dict(msg.content["arrays"]))
+    return model
+
+
 def client_device(cfg: RunConfig) -> torch.device:
     """The GPU when the run asks for one and this worker sees one, else the CPU."""
     if cfg.simulation.client_gpus > 0 and torch.cuda.is_available():
@@ -57,8 +64,7 @@ def shuffle_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
 def train(msg: Message, context: Context) -> Message:
     cfg, config, partition_id, fed = _setup(msg, context)
     data = fed.client(partition_id)
-    model = run_model(cfg, fed)
-    model.load_state_dict(to_state_dict(msg.content["arrays"]))
+    model = _received_model(msg, cfg, fed)
     server_round = int(config.get("server-round", 0))
     t = cfg.train
     stats = train_local(
@@ -94,8 +100,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this client's local validation split."""
     cfg, _, partition_id, fed = _setup(msg, context)
     data = fed.client(partition_id)
-    model = run_model(cfg, fed)
-    model.load_state_dict(to_state_dict(msg.content["arrays"]))
+    model = _received_model(msg, cfg, fed)
     loss, accuracy = evaluate(model, data.X_val, data.y_val, device=client_device(cfg))
     metrics = MetricRecord(
         {

@@ -107,6 +107,8 @@ class FedAvg(Strategy):
         self.evaluate_fn = evaluate_fn
         self.on_round = on_round
         self.on_round_end = on_round_end
+        # Flower's aggregate_train hook gets only the replies: the global model the round started
+        # from and the round's log are kept here for it by run_round/start.
         self._reference: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.node_of_partition: dict[int, int] = {}
         self.partition_of_node: dict[int, int] = {}
