@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import Any
 
@@ -26,10 +25,6 @@ def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
 
 def config_record(run_config_json: str, **entries: Any) -> ConfigRecord:
     return ConfigRecord({RUN_CONFIG_KEY: run_config_json, **entries})
-
-
-def read_run_config(record: ConfigRecord) -> dict[str, Any]:
-    return json.loads(str(record[RUN_CONFIG_KEY]))
 
 
 def content_bytes(content: RecordDict) -> int:
