@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from fedalign.config import DataConfig, RunConfig
 from fedalign.data import Federation, federation
-from fedalign.models import build_model, model_options
+from fedalign.models import build_model, model_options, state_widths
 
 
 def partition_options(data: DataConfig) -> dict[str, object]:
@@ -53,12 +53,20 @@ def shape_options(model_name: str, input_shape: tuple[int, ...], num_classes: in
     return {k: v for k, v in implied.items() if k in accepted}
 
 
-def run_model(cfg: RunConfig, fed: Federation, init: bool = False) -> nn.Module:
-    """The run's architecture sized for its data; ``init=True`` seeds the weights with the init seed.
+def run_model(
+    cfg: RunConfig, fed: Federation, init_seed: int | None = None, state: dict | None = None
+) -> nn.Module:
+    """The run's architecture sized for its data, with weights drawn from ``init_seed``.
 
-    Options written in the config win over those implied by the data.
+    Options written in the config win over those implied by the data; with ``state``, widths that
+    matching changed (``fedalign.models.state_widths``) win over both, and the weights are loaded.
     """
     options = {**shape_options(cfg.model.name, fed.input_shape, fed.num_classes), **cfg.model.options}
-    if init:
-        torch.manual_seed(cfg.resolved_seeds.init)
-    return build_model(cfg.model.name, **options)
+    if state is not None:
+        options.update(state_widths(cfg.model.name, state))
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    model = build_model(cfg.model.name, **options)
+    if state is not None:
+        model.load_state_dict(state)
+    return model

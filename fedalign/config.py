@@ -57,6 +57,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PFNMConfig:
+    """PFNM's hyperparameters (Yurochkin et al. 2019); ``grid: true`` lets the clients pick
+    sigma, sigma0 and gamma from the reference's grid by their training accuracy."""
+
+    sigma: float = 1.0
+    sigma0: float = 1.0
+    gamma: float = 1.0
+    iterations: int = 5
+    solver: str = "hungarian"
+    max_width: int | None = None
+    popularity: str = "consistent"
+    grid: bool = False
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     name: str = "fedavg"
     rounds: int = 10
@@ -67,6 +82,7 @@ class StrategyConfig:
     timeout: float = 3600.0
     round_retries: int = 1
     max_update_norm: float | None = None
+    pfnm: PFNMConfig = field(default_factory=PFNMConfig)
 
 
 @dataclass(frozen=True)
@@ -136,7 +152,7 @@ class RunConfig:
         return self.seeds
 
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "pfnm")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -287,6 +303,16 @@ def _validate(cfg: RunConfig) -> None:
     o = cfg.output
     need(o.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: no checkpoints)")
     need(o.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
+    if s.name == "pfnm":
+        p = s.pfnm
+        need(cfg.model.name == "mlp", "strategy.name", f"pfnm fuses MLPs, not {cfg.model.name!r}")
+        need(p.sigma > 0 and p.sigma0 > 0 and p.gamma > 0, "strategy.pfnm",
+             "sigma, sigma0 and gamma must be > 0")
+        need(p.iterations >= 0, "strategy.pfnm.iterations", "must be >= 0")
+        need(p.solver in ("hungarian", "sinkhorn"), "strategy.pfnm.solver", "hungarian or sinkhorn")
+        need(p.popularity in ("consistent", "reference"), "strategy.pfnm.popularity",
+             "consistent or reference")
+        need(p.max_width is None or p.max_width >= 1, "strategy.pfnm.max_width", "must be >= 1")
     if s.name == "fedprox":
         need(t.proximal_mu > 0, "train.proximal_mu", "strategy fedprox needs proximal_mu > 0")
 

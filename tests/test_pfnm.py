@@ -99,3 +99,14 @@ def test_bad_inputs_are_named():
         bbp_map([torch.zeros(2, 3)], [1.0], popularity="both")
     with pytest.raises(ValueError, match="class_counts must be 2 x 4"):
         pfnm(_copies([8], J=2)[1], [[1, 2, 3, 4]])
+
+
+def test_models_rebuild_from_state_at_their_widths():
+    from fedalign.fusion import mlp_from_state
+    from fedalign.models import state_widths
+
+    state = build_model("mlp", in_features=20, hidden=[7, 5], num_classes=4).state_dict()
+    assert state_widths("mlp", state) == {"hidden": [7, 5]}
+    rebuilt = mlp_from_state(state)
+    assert all(rebuilt.state_dict()[k].equal(v) for k, v in state.items())
+    assert state_widths("lenet", build_model("lenet").state_dict()) == {}

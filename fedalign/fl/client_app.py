@@ -41,10 +41,13 @@ def _setup(msg: Message, context: Context):
 
 
 def _received_model(msg: Message, cfg: RunConfig, fed) -> torch.nn.Module:
-    """The run's architecture holding the weights the server sent."""
-    model = run_model(cfg, fed)
-    model.load_state_dict(to_state_dict(msg.content["arrays"]))
-    return model
+    """The run's architecture holding the weights the server sent (at their widths)."""
+    return run_model(cfg, fed, state=to_state_dict(msg.content["arrays"]))
+
+
+def local_init_seed(cfg: RunConfig, partition_id: int) -> int:
+    """Each client's own initialisation (PFNM and FedMA clients start from different inits)."""
+    return int(np.random.SeedSequence([cfg.resolved_seeds.init, partition_id]).generate_state(1)[0])
 
 
 def client_device(cfg: RunConfig) -> torch.device:
@@ -64,7 +67,10 @@ def shuffle_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
 def train(msg: Message, context: Context) -> Message:
     cfg, config, partition_id, fed = _setup(msg, context)
     data = fed.client(partition_id)
-    model = _received_model(msg, cfg, fed)
+    if str(config.get("client-init", "global")) == "local":
+        model = run_model(cfg, fed, init_seed=local_init_seed(cfg, partition_id))
+    else:
+        model = _received_model(msg, cfg, fed)
     server_round = int(config.get("server-round", 0))
     t = cfg.train
     stats = train_local(
@@ -86,6 +92,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": stats.num_examples,
             "train-loss": stats.loss,
             "partition-id": partition_id,
+            "class-counts": np.bincount(data.y_train, minlength=fed.num_classes).tolist(),
         }
     )
     state = model.state_dict()
@@ -97,14 +104,16 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on this client's local validation split."""
-    cfg, _, partition_id, fed = _setup(msg, context)
+    """Evaluate the received model on this client's validation split (or, when the server asks
+    with ``split=train``, on its training split: PFNM picks hyperparameters that way)."""
+    cfg, config, partition_id, fed = _setup(msg, context)
     data = fed.client(partition_id)
     model = _received_model(msg, cfg, fed)
-    loss, accuracy = evaluate(model, data.X_val, data.y_val, device=client_device(cfg))
+    X, y = (data.X_train, data.y_train) if config.get("split") == "train" else (data.X_val, data.y_val)
+    loss, accuracy = evaluate(model, X, y, device=client_device(cfg))
     metrics = MetricRecord(
         {
-            "num-examples": len(data.y_val),
+            "num-examples": len(y),
             "val-loss": 0.0 if np.isnan(loss) else loss,
             "val-accuracy": 0.0 if np.isnan(accuracy) else accuracy,
             "partition-id": partition_id,

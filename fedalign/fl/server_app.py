@@ -49,16 +49,15 @@ def run_server(
     t0 = time.perf_counter()
     fed = run_federation(cfg)
     recorder.write_json("partition.json", fed.summary())
-    model = run_model(cfg, fed, init=True)
-    if resume is not None:
-        model.load_state_dict(resume.model)
+    model = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init,
+                      state=None if resume is None else resume.model)
     X_test, y_test = fed.test
     device = server_device(cfg)
     log.info("server device: %s", device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        model.load_state_dict(to_state_dict(arrays))
-        loss, accuracy = evaluate(model, X_test, y_test, device=device)
+        global_model = run_model(cfg, fed, state=to_state_dict(arrays))  # widths may have grown
+        loss, accuracy = evaluate(global_model, X_test, y_test, device=device)
         return {"test-loss": loss, "test-accuracy": accuracy}
 
     def record(row: dict[str, Any]) -> None:

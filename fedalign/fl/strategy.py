@@ -414,8 +414,9 @@ class FedProx(FedAvg):
         return {**super().train_config(server_round), "proximal-mu": self.cfg.train.proximal_mu}
 
 
-STRATEGY_CLASSES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx}
-
-
 def make_strategy(cfg: RunConfig, **kwargs: Any) -> FedAvg:
-    return STRATEGY_CLASSES[cfg.strategy.name](cfg, **kwargs)
+    """The strategy the config names (matching strategies live in their own modules)."""
+    from fedalign.fl.pfnm_strategy import PFNM
+
+    classes: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "pfnm": PFNM}
+    return classes[cfg.strategy.name](cfg, **kwargs)

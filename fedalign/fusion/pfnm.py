@@ -34,6 +34,15 @@ class PFNMAssignments:
         return [int(max(a.max() for a in layer)) + 1 for layer in self.layers]
 
 
+def mlp_from_state(state: dict[str, torch.Tensor]) -> MLP:
+    """The fedalign MLP whose shapes fit ``state`` (widths read off the weights)."""
+    count = sum(1 for k in state if k.startswith("layers.") and k.endswith(".weight"))
+    shapes = [tuple(state[f"layers.{i}.weight"].shape) for i in range(count)]
+    model = MLP(shapes[0][1], [out for out, _ in shapes[:-1]], shapes[-1][0])
+    model.load_state_dict(state)
+    return model
+
+
 def _linears(model: MLP) -> list[torch.nn.Linear]:
     if not isinstance(model, MLP):
         raise TypeError(f"pfnm fuses fedalign MLPs, got {type(model).__name__}")

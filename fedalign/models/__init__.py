@@ -32,6 +32,15 @@ def model_options(name: str) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(MODELS[name]).parameters)
 
 
+def state_widths(name: str, state: dict) -> dict:
+    """Model options that make ``name`` fit ``state`` when matching changed its widths
+    (PFNM and FedMA grow hidden layers); empty for architectures whose widths are fixed."""
+    if name == "mlp":
+        count = sum(1 for k in state if k.startswith("layers.") and k.endswith(".weight"))
+        return {"hidden": [int(state[f"layers.{i}.weight"].shape[0]) for i in range(count - 1)]}
+    return {}
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build zoo model ``name``; defaults fit Fashion-MNIST (1x28x28 inputs, 10 classes)."""
     options = model_options(name)
@@ -41,4 +50,4 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
-__all__ = ["MODELS", "build_model", "model_options", "MLP", "LeNet", "VGG9", "ResNet20", "CharLSTM"]
+__all__ = ["MODELS", "build_model", "state_widths", "model_options", "MLP", "LeNet", "VGG9", "ResNet20", "CharLSTM"]

@@ -1,0 +1,93 @@
+"""PFNM as a Flower strategy: one round of local training from each client's own init, then
+Bayesian nonparametric matching on the server (``fedalign.fusion.pfnm``).
+
+Round 1 asks the clients to train from their own initialisations (``client-init=local``) and to
+report their class counts with their weights; the server fuses the MLPs into one whose hidden
+widths follow the matching. With ``strategy.pfnm.grid``, every candidate of the reference's
+(sigma, sigma0, gamma) grid is sent back to the clients, which score it on their own training data
+(a "score" phase, counted in bytes and seconds); the server keeps the best. Later rounds, if any,
+fine-tune the fused model with FedAvg (clients then build the grown architecture from the weights
+they receive).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from itertools import product
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedalign.fl.records import config_record, to_arrays
+from fedalign.fl.strategy import ClientUpdate, FedAvg, RoundLog
+from fedalign.fusion.pfnm import mlp_from_state, pfnm
+
+GRID = {"sigma": (1.0, 0.1, 0.5), "sigma0": (1.0, 10.0), "gamma": (1.0, 1e-3, 50.0)}
+
+
+class PFNM(FedAvg):
+    name = "pfnm"
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        extra = {"client-init": "local"} if server_round == 1 else {}
+        return {**super().train_config(server_round), **extra}
+
+    def run_round(self, server_round: int, grid: Grid, arrays, rlog: RoundLog):
+        self._grid = grid
+        return super().run_round(server_round, grid, arrays, rlog)
+
+    def class_counts(self, update: ClientUpdate) -> list[float] | None:
+        counts = update.metrics.get("class-counts")
+        k = self._classes
+        if not isinstance(counts, list) or len(counts) != k or any(c < 0 for c in counts):
+            return None
+        return [float(c) for c in counts]
+
+    def fuse(self, server_round: int, reference: OrderedDict[str, torch.Tensor],
+             updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
+        if server_round > 1:
+            return super().fuse(server_round, reference, updates)
+        self._classes = reference[max(k for k in reference if k.endswith(".weight"))].shape[0]
+        rlog = self._round_log
+        usable = []
+        for u in updates:
+            counts = self.class_counts(u)
+            if counts is None:
+                rlog.fail(u.partition_id, u.node_id, "malformed class-counts")
+                rlog.clients_ok -= 1
+            else:
+                usable.append((u, counts))
+        models = [mlp_from_state(u.state_dict) for u, _ in usable]
+        counts = [c for _, c in usable]
+        p = self.cfg.strategy.pfnm
+        options = {"iterations": p.iterations, "seed": self.cfg.resolved_seeds.sampling,
+                   "solver": p.solver, "max_width": p.max_width, "popularity": p.popularity}
+        candidates = (list(product(GRID["sigma"], GRID["sigma0"], GRID["gamma"])) if p.grid
+                      else [(p.sigma, p.sigma0, p.gamma)])
+        best, best_score, chosen = None, -np.inf, None
+        for sigma, sigma0, gamma in candidates:
+            fused, assignment = pfnm(models, counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)
+            score = self.client_score(fused, [u for u, _ in usable], rlog) if len(candidates) > 1 else 0.0
+            if best is None or score > best_score:
+                best, best_score = fused, score
+                chosen = {"sigma": sigma, "sigma0": sigma0, "gamma": gamma, "widths": assignment.widths}
+        rlog.extra["pfnm"] = {**chosen, **({"client_train_accuracy": best_score} if len(candidates) > 1 else {})}
+        return OrderedDict(best.state_dict())
+
+    def client_score(self, model, updates: list[ClientUpdate], rlog: RoundLog) -> float:
+        """The clients' accuracy of ``model`` on their own training data (pooled)."""
+        record = RecordDict({"arrays": to_arrays(model.state_dict()),
+                             "config": config_record(self.run_config_json, split="train")})
+        messages = [Message(record, dst_node_id=u.node_id, message_type=MessageType.EVALUATE)
+                    for u in updates]
+        correct, total = 0.0, 0
+        for reply in self.exchange(self._grid, messages, rlog, "score"):
+            if reply.has_error():
+                continue
+            m = reply.content["metrics"]
+            correct += float(m["val-accuracy"]) * int(m["num-examples"])
+            total += int(m["num-examples"])
+        return correct / total if total else 0.0
