@@ -6,7 +6,7 @@ Clients, the server's centralised evaluation and the simulation scripts all call
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,12 +43,13 @@ def batches(
 
 
 def make_optimizer(
-    model: nn.Module, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+    params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
+    params = list(params)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
 
 
@@ -66,16 +67,22 @@ def train_local(
     proximal_mu: float = 0.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    frozen: Collection[str] = (),
 ) -> TrainStats:
     """Train ``model`` in place with cross-entropy; FedProx's proximal term when ``proximal_mu > 0``.
 
     The proximal term ``mu/2 * ||w - w_global||^2`` anchors the client to the weights it received
-    (``model``'s weights on entry).
+    (``model``'s weights on entry). Parameters named in ``frozen`` are not trained (FedMA freezes
+    the layers already matched).
     """
     if len(y) == 0:
         raise ValueError("cannot train on an empty dataset")
+    unknown = set(frozen) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"cannot freeze unknown parameters {sorted(unknown)}")
     model.to(device).train()
-    opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
+    trainable = [p for name, p in model.named_parameters() if name not in frozen]
+    opt = make_optimizer(trainable, optimizer, lr, momentum, weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(int(seed))
     steps, last_epoch_loss = 0, 0.0

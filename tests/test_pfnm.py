@@ -109,4 +109,7 @@ def test_models_rebuild_from_state_at_their_widths():
     assert state_widths("mlp", state) == {"hidden": [7, 5]}
     rebuilt = mlp_from_state(state)
     assert all(rebuilt.state_dict()[k].equal(v) for k, v in state.items())
-    assert state_widths("lenet", build_model("lenet").state_dict()) == {}
+    assert state_widths("lenet", build_model("lenet").state_dict()) == {"widths": (6, 16, 120, 84)}
+    wide = build_model("vgg9", widths=(8, 8, 16, 16, 32, 32), hidden=40)
+    assert build_model("vgg9", **state_widths("vgg9", wide.state_dict())).load_state_dict(wide.state_dict())
+    assert state_widths("resnet20", build_model("resnet20").state_dict()) == {}

@@ -38,6 +38,11 @@ def state_widths(name: str, state: dict) -> dict:
     if name == "mlp":
         count = sum(1 for k in state if k.startswith("layers.") and k.endswith(".weight"))
         return {"hidden": [int(state[f"layers.{i}.weight"].shape[0]) for i in range(count - 1)]}
+    if name == "lenet":
+        return {"widths": tuple(int(state[f"{k}.weight"].shape[0]) for k in ("conv1", "conv2", "fc1", "fc2"))}
+    if name == "vgg9":
+        return {"widths": tuple(int(state[f"convs.{i}.weight"].shape[0]) for i in range(6)),
+                "hidden": int(state["fc1.weight"].shape[0])}
     return {}
 
 

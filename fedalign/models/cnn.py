@@ -16,21 +16,33 @@ def _conv_output_side(image_size: int, pools: int) -> int:
 class LeNet(nn.Module):
     """conv5x6 - pool - conv5x16 - pool - fc120 - fc84 - fc(num_classes) (NIID-Bench's SimpleCNN).
 
-    44,426 parameters on 1x28x28 inputs with 10 classes.
+    44,426 parameters on 1x28x28 inputs with 10 classes. ``widths`` changes the four hidden widths
+    (matched averaging grows them).
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
+    WIDTHS = (6, 16, 120, 84)
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        widths: tuple[int, ...] = WIDTHS,
+    ) -> None:
         super().__init__()
+        if len(widths) != 4:
+            raise ValueError(f"LeNet has 2 conv and 2 hidden linear layers, got widths {widths}")
+        c1, c2, h1, h2 = widths
         self.image_size = image_size
-        self.conv1 = nn.Conv2d(in_channels, 6, 5)
-        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.conv1 = nn.Conv2d(in_channels, c1, 5)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
         self.pool = nn.MaxPool2d(2)
         side = ((image_size - 4) // 2 - 4) // 2
         if side <= 0:
             raise ValueError(f"LeNet needs images of at least 12x12, got {image_size}")
-        self.fc1 = nn.Linear(16 * side * side, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
+        self.fc1 = nn.Linear(c2 * side * side, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.fc3 = nn.Linear(h2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(torch.relu(self.conv1(x)))
