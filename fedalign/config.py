@@ -57,13 +57,14 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class PFNMConfig:
-    """PFNM's hyperparameters (Yurochkin et al. 2019); ``grid: true`` lets the clients pick
-    sigma, sigma0 and gamma from the reference's grid by their training accuracy."""
+class MatchingConfig:
+    """BBP-MAP's hyperparameters for PFNM and FedMA. ``gamma`` defaults to each method's reference
+    value (PFNM 1, FedMA 7); ``grid: true`` (PFNM) lets the clients pick sigma, sigma0 and gamma
+    from the reference's grid by their training accuracy."""
 
     sigma: float = 1.0
     sigma0: float = 1.0
-    gamma: float = 1.0
+    gamma: float | None = None
     iterations: int = 5
     solver: str = "hungarian"
     max_width: int | None = None
@@ -82,7 +83,7 @@ class StrategyConfig:
     timeout: float = 3600.0
     round_retries: int = 1
     max_update_norm: float | None = None
-    pfnm: PFNMConfig = field(default_factory=PFNMConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class RunConfig:
         return self.seeds
 
 
-STRATEGIES = ("fedavg", "fedprox", "pfnm")
+STRATEGIES = ("fedavg", "fedprox", "pfnm", "fedma")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -304,15 +305,18 @@ def _validate(cfg: RunConfig) -> None:
     need(o.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: no checkpoints)")
     need(o.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
     if s.name == "pfnm":
-        p = s.pfnm
         need(cfg.model.name == "mlp", "strategy.name", f"pfnm fuses MLPs, not {cfg.model.name!r}")
-        need(p.sigma > 0 and p.sigma0 > 0 and p.gamma > 0, "strategy.pfnm",
-             "sigma, sigma0 and gamma must be > 0")
-        need(p.iterations >= 0, "strategy.pfnm.iterations", "must be >= 0")
-        need(p.solver in ("hungarian", "sinkhorn"), "strategy.pfnm.solver", "hungarian or sinkhorn")
-        need(p.popularity in ("consistent", "reference"), "strategy.pfnm.popularity",
-             "consistent or reference")
-        need(p.max_width is None or p.max_width >= 1, "strategy.pfnm.max_width", "must be >= 1")
+    if s.name == "fedma":
+        need(cfg.model.name in ("mlp", "lenet", "vgg9"), "strategy.name",
+             f"fedma covers mlp, lenet and vgg9 here, not {cfg.model.name!r}")
+    m = s.matching
+    need(m.sigma > 0 and m.sigma0 > 0 and (m.gamma is None or m.gamma > 0), "strategy.matching",
+         "sigma, sigma0 and gamma must be > 0")
+    need(m.iterations >= 0, "strategy.matching.iterations", "must be >= 0")
+    need(m.solver in ("hungarian", "sinkhorn"), "strategy.matching.solver", "hungarian or sinkhorn")
+    need(m.popularity in ("consistent", "reference"), "strategy.matching.popularity",
+         "consistent or reference")
+    need(m.max_width is None or m.max_width >= 1, "strategy.matching.max_width", "must be >= 1")
     if s.name == "fedprox":
         need(t.proximal_mu > 0, "train.proximal_mu", "strategy fedprox needs proximal_mu > 0")
 

@@ -52,7 +52,7 @@ class RunRecorder:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         new = not (self.dir / "metrics.csv").exists()
-        columns = CSV_COLUMNS + sorted(k for k in row if k not in CSV_COLUMNS and k != "failures")
+        columns = CSV_COLUMNS + sorted(k for k in row if k not in CSV_COLUMNS and not isinstance(row[k], (dict, list)))
         with open(self.dir / "metrics.csv", "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns if new else self._csv_header(), extrasaction="ignore")
             if new:

@@ -21,7 +21,7 @@ PFNM = [
 
 def test_one_shot_pfnm_grows_the_global_model(tmp_path):
     cfg = load_config(ROOT / "configs/digits_mlp.yaml",
-                      PFNM + ["strategy.rounds=1", "strategy.pfnm.sigma=0.3", "strategy.pfnm.gamma=5.0"])
+                      PFNM + ["strategy.rounds=1", "strategy.matching.sigma=0.3", "strategy.matching.gamma=5.0"])
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
     fused = rows[1]["pfnm"]
@@ -34,7 +34,7 @@ def test_one_shot_pfnm_grows_the_global_model(tmp_path):
 
 def test_pfnm_grid_scored_by_clients_then_fedavg_rounds(tmp_path):
     cfg = load_config(ROOT / "configs/digits_mlp.yaml",
-                      PFNM + ["strategy.rounds=2", "strategy.pfnm.grid=true", "train.local_epochs=2"])
+                      PFNM + ["strategy.rounds=2", "strategy.matching.grid=true", "train.local_epochs=2"])
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
     first, second = rows[1], rows[2]

@@ -86,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         seed=shuffle_seed(cfg, server_round, partition_id),
         device=client_device(cfg),
+        frozen=[k for k in str(config.get("frozen", "")).split(",") if k],
     )
     metrics = MetricRecord(
         {

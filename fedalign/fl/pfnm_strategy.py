@@ -3,7 +3,7 @@ Bayesian nonparametric matching on the server (``fedalign.fusion.pfnm``).
 
 Round 1 asks the clients to train from their own initialisations (``client-init=local``) and to
 report their class counts with their weights; the server fuses the MLPs into one whose hidden
-widths follow the matching. With ``strategy.pfnm.grid``, every candidate of the reference's
+widths follow the matching. With ``strategy.matching.grid``, every candidate of the reference's
 (sigma, sigma0, gamma) grid is sent back to the clients, which score it on their own training data
 (a "score" phase, counted in bytes and seconds); the server keeps the best. Later rounds, if any,
 fine-tune the fused model with FedAvg (clients then build the grown architecture from the weights
@@ -62,11 +62,11 @@ class PFNM(FedAvg):
                 usable.append((u, counts))
         models = [mlp_from_state(u.state_dict) for u, _ in usable]
         counts = [c for _, c in usable]
-        p = self.cfg.strategy.pfnm
+        p = self.cfg.strategy.matching
         options = {"iterations": p.iterations, "seed": self.cfg.resolved_seeds.sampling,
                    "solver": p.solver, "max_width": p.max_width, "popularity": p.popularity}
         candidates = (list(product(GRID["sigma"], GRID["sigma0"], GRID["gamma"])) if p.grid
-                      else [(p.sigma, p.sigma0, p.gamma)])
+                      else [(p.sigma, p.sigma0, 1.0 if p.gamma is None else p.gamma)])
         best, best_score, chosen = None, -np.inf, None
         for sigma, sigma0, gamma in candidates:
             fused, assignment = pfnm(models, counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)

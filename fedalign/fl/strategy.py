@@ -71,6 +71,7 @@ class RoundLog:
     bytes_down: int = 0
     bytes_up: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    phase_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def fail(self, partition_id: int | None, node_id: int, reason: str) -> None:
@@ -288,9 +289,14 @@ class FedAvg(Strategy):
     def exchange(self, grid: Grid, messages: list[Message], rlog: RoundLog, phase: str) -> list[Message]:
         """Send, wait for the replies, and account bytes and seconds to ``phase``."""
         t0 = time.perf_counter()
-        rlog.bytes_down += message_bytes(messages)
+        down = message_bytes(messages)
         replies = list(grid.send_and_receive(messages, timeout=self.cfg.strategy.timeout))
-        rlog.bytes_up += message_bytes([r for r in replies if not r.has_error()])
+        up = message_bytes([r for r in replies if not r.has_error()])
+        rlog.bytes_down += down
+        rlog.bytes_up += up
+        totals = rlog.phase_bytes.setdefault(phase, {"down": 0, "up": 0})
+        totals["down"] += down
+        totals["up"] += up
         rlog.seconds[phase] = rlog.seconds.get(phase, 0.0) + time.perf_counter() - t0
         return replies
 
@@ -399,6 +405,7 @@ class FedAvg(Strategy):
             "bytes_down": rlog.bytes_down,
             "bytes_up": rlog.bytes_up,
             **{f"seconds_{k}": round(v, 4) for k, v in rlog.seconds.items()},
+            "bytes_by_phase": rlog.phase_bytes,
             "failures": rlog.failures,
             **rlog.extra,
         }
@@ -416,7 +423,8 @@ class FedProx(FedAvg):
 
 def make_strategy(cfg: RunConfig, **kwargs: Any) -> FedAvg:
     """The strategy the config names (matching strategies live in their own modules)."""
+    from fedalign.fl.fedma_strategy import FedMA
     from fedalign.fl.pfnm_strategy import PFNM
 
-    classes: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "pfnm": PFNM}
+    classes: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "pfnm": PFNM, "fedma": FedMA}
     return classes[cfg.strategy.name](cfg, **kwargs)
