@@ -46,6 +46,23 @@ def test_permuted_copies_come_back_as_the_model(name, kwargs, x):
     torch.testing.assert_close(model(x), base(x), atol=1e-4, rtol=0)
 
 
+def test_every_intermediate_state_builds_a_model():
+    """Clients rebuild their architecture from each hybrid state they receive."""
+    torch.manual_seed(0)
+    kwargs = {"widths": (8, 8, 16, 16, 16, 16), "hidden": 24}
+    base = build_model("vgg9", **kwargs)
+    spec = permutation_spec(base)
+    other = build_model("vgg9", **kwargs).state_dict()
+    states = [base.state_dict(), other]
+    for layer in matched_layers(spec):
+        result = match_layer(states, layer, gamma=50.0)        # unrelated models: widths grow
+        states = [hybrid_state(sd, layer, result, j) for j, sd in enumerate(states)]
+        for sd in states:
+            model = build_model("vgg9", **state_widths("vgg9", sd))
+            model.load_state_dict(sd)
+            assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_slicing_the_global_model_returns_each_client_model():
     base, spec, fused, assignments, _ = _fedma_without_retraining("lenet", {})
     g = torch.Generator().manual_seed(1)

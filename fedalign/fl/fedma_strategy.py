@@ -18,18 +18,19 @@ state and go into checkpoints.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedalign.align import permutation_spec
 from fedalign.components import run_federation, run_model
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
-from fedalign.fl.strategy import FedAvg, RoundFailedError, RoundLog
+from fedalign.fl.strategy import FedAvg, RoundFailedError, RoundLog, error_summary
 from fedalign.fusion.fedma import (
     class_weighted_classifier,
     classifier_keys,
@@ -82,7 +83,7 @@ class FedMA(FedAvg):
             node = reply.metadata.src_node_id
             pid = self.partition_of_node.get(node)
             if reply.has_error():
-                rlog.fail(pid, node, f"{phase}: client error")
+                rlog.fail(pid, node, f"{phase}: client error: {error_summary(reply.error.reason)}")
                 continue
             state = to_state_dict(reply.content["arrays"])
             problem = update_problem(sent[pid], state, self.cfg.strategy.max_update_norm) \
@@ -100,8 +101,6 @@ class FedMA(FedAvg):
         return dict(sorted(states.items())), metrics
 
     def run_round(self, server_round: int, grid: Grid, arrays, rlog: RoundLog):
-        import time
-
         s, m = self.cfg.strategy, self.cfg.strategy.matching
         self._reference = to_state_dict(arrays)
         partitions = self.sample(server_round, s.fraction_train, s.min_train_clients)

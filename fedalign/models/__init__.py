@@ -42,7 +42,7 @@ def state_widths(name: str, state: dict) -> dict:
         return {"widths": tuple(int(state[f"{k}.weight"].shape[0]) for k in ("conv1", "conv2", "fc1", "fc2"))}
     if name == "vgg9":
         return {"widths": tuple(int(state[f"convs.{i}.weight"].shape[0]) for i in range(6)),
-                "hidden": int(state["fc1.weight"].shape[0])}
+                "hidden": (int(state["fc1.weight"].shape[0]), int(state["fc2.weight"].shape[0]))}
     return {}
 
 

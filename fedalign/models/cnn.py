@@ -55,7 +55,7 @@ class LeNet(nn.Module):
 
 class VGG9(nn.Module):
     """FedMA's VGG-9: six 3x3 convs (32, 64, 128, 128, 256, 256; pool after every second) and
-    three linear layers (512, 512, num_classes).
+    three linear layers (512, 512, num_classes; ``hidden`` may give the two hidden widths apart).
 
     Sized for 1x28x28 (Fashion-MNIST) and 3x32x32 (CIFAR-10) inputs through ``in_channels`` and
     ``image_size``.
@@ -69,7 +69,7 @@ class VGG9(nn.Module):
         image_size: int = 28,
         num_classes: int = 10,
         widths: tuple[int, ...] = WIDTHS,
-        hidden: int = 512,
+        hidden: int | tuple[int, int] = 512,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -83,9 +83,10 @@ class VGG9(nn.Module):
         side = _conv_output_side(image_size, 3)
         if side <= 0:
             raise ValueError(f"VGG9 needs images of at least 8x8, got {image_size}")
-        self.fc1 = nn.Linear(widths[-1] * side * side, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.fc3 = nn.Linear(hidden, num_classes)
+        h1, h2 = (hidden, hidden) if isinstance(hidden, int) else hidden
+        self.fc1 = nn.Linear(widths[-1] * side * side, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.fc3 = nn.Linear(h2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
