@@ -50,7 +50,7 @@ class PFNM(FedAvg):
              updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         if server_round > 1:
             return super().fuse(server_round, reference, updates)
-        self._classes = reference[max(k for k in reference if k.endswith(".weight"))].shape[0]
+        self._classes = reference[[k for k in reference if k.endswith(".weight")][-1]].shape[0]
         rlog = self._round_log
         usable = []
         for u in updates:
