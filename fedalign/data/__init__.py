@@ -1,22 +1,30 @@
 """Datasets (Fashion-MNIST, digits, fortunes), partitioning and per-client views.
 
-Loaders find local files and download only where a network exists; errors name the file or option
-at fault (``DataError``).
+Loaders find local files and download only where a network exists; every failure is a
+``DataError`` (a ``ValueError``) naming the file, dataset or option at fault. Loads and
+federations are cached per process because Ray workers build them once per client message.
+
+Modules: ``idx`` (IDX parser), ``fashion_mnist``, ``digits``, ``text`` (fortunes), ``registry``
+(``dataset_arrays``/``load_dataset``), ``partition`` (flwr-datasets partitioners, histograms),
+``federation`` (per-client views). Nothing here imports Flower itself, only ``flwr_datasets``.
 """
 
 from .errors import DataError, DatasetNotFoundError
 from .federation import ClientData, Federation, federation
 from .partition import (
+    SCHEMES,
     format_histogram,
     label_histogram,
     partition,
     partition_schemes,
     split_train_val,
 )
-from .registry import DATASETS, Arrays, dataset_arrays, dataset_names, load_dataset
+from .registry import DATASETS, Arrays, dataset_arrays, dataset_names, dataset_options, load_dataset
+from .text import VOCAB_SIZE
 
 __all__ = [
-    "DATASETS", "Arrays", "ClientData", "DataError", "DatasetNotFoundError", "Federation",
-    "dataset_arrays", "dataset_names", "federation", "format_histogram", "label_histogram",
-    "load_dataset", "partition", "partition_schemes", "split_train_val",
+    "DATASETS", "SCHEMES", "VOCAB_SIZE", "Arrays", "ClientData", "DataError", "DatasetNotFoundError",
+    "Federation", "dataset_arrays", "dataset_names", "dataset_options", "federation",
+    "format_histogram", "label_histogram", "load_dataset", "partition", "partition_schemes",
+    "split_train_val",
 ]

@@ -8,14 +8,17 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from .errors import DataError
+
+NUM_CLASSES = 10
 TEST_FRACTION = 0.2
-SPLIT_SEED = 0
+SPLIT_SEED = 0  # fixed: the train/test split is part of the dataset, not of an experiment
 
 
 @functools.lru_cache(maxsize=1)
 def _splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     digits = load_digits()
-    X = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
+    X = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]  # pixel values are 0..16
     y = digits.target.astype(np.int64)
     X_tr, X_te, y_tr, y_te = train_test_split(
         X, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y
@@ -24,5 +27,8 @@ def _splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def load(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """``X`` float32 (n, 1, 8, 8) in [0, 1], ``y`` int64; a fixed stratified 80/20 split."""
+    """``X`` float32 (n, 1, 8, 8) in [0, 1], ``y`` int64; a fixed stratified 80/20 split
+    (1437 train / 360 test)."""
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
     return _splits()[split]

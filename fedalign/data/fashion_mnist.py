@@ -1,10 +1,19 @@
-"""Fashion-MNIST from its gzipped IDX files, found locally or downloaded where a network exists.
+"""Fashion-MNIST from its IDX files, found locally or downloaded (and verified) where a network exists.
 
 Looked up, in order: the ``data_dir`` argument, ``$FEDALIGN_DATA_DIR``, Debian's
 ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``), and the user cache
-(``$XDG_CACHE_HOME/fedalign/fashion-mnist``). Downloads go to the cache and are verified against the
-SHA-256 of the decompressed files (Debian recompresses the archives, so the ``.gz`` bytes differ
-while the data is identical).
+(``$XDG_CACHE_HOME/fedalign/fashion-mnist``, by default ``~/.cache/fedalign/fashion-mnist``). A
+directory counts when it holds all four files, each gzipped (``*.gz``, the published form) or
+already decompressed (same name without ``.gz``).
+
+Checksums. Debian recompressed the archives (their gzip headers carry 2020-06-05), so the ``.gz``
+bytes differ from Zalando's and their MD5s do not match the published ones; the decompressed IDX
+payloads are byte-identical, though: their MD5s equal the ones Zalando-derived tools publish for
+the raw files (``RAW_MD5``). A file is therefore accepted as genuine when either its ``.gz`` MD5 is
+the published one (``OFFICIAL_GZ_MD5``: what a download from Zalando gives) or the SHA-256 of its
+decompressed payload matches ``RAW_SHA256`` (measured on the Debian copies, whose raw MD5s match
+``RAW_MD5``). Downloads are verified before they are renamed into place, so an interrupted or
+tampered download never shadows a good copy.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ import hashlib
 import os
 import socket
 import urllib.request
+import zlib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -28,85 +39,175 @@ FILES = {
     ("test", "images"): "t10k-images-idx3-ubyte.gz",
     ("test", "labels"): "t10k-labels-idx1-ubyte.gz",
 }
-# SHA-256 of the decompressed IDX payloads (measured on Debian's dataset-fashion-mnist).
-SHA256 = {
+SIZES = {"train": 60_000, "test": 10_000}
+NUM_CLASSES = 10
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+#: MD5 of the ``.gz`` files as Zalando publishes them (README of zalandoresearch/fashion-mnist).
+OFFICIAL_GZ_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+#: MD5 of the decompressed IDX payloads (published for the raw files; equal on Debian's copies).
+RAW_MD5 = {
+    "train-images-idx3-ubyte.gz": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte.gz": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte.gz": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+#: SHA-256 of the decompressed IDX payloads (measured on Debian's dataset-fashion-mnist 2020-06).
+RAW_SHA256 = {
     "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
     "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
     "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+SHA256 = RAW_SHA256  # the name earlier versions exported
+#: Zalando's official locations, tried in order (both serve the same files).
+MIRRORS = (
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+)
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+CONNECT_TIMEOUT_S = 2.0
+DOWNLOAD_TIMEOUT_S = 60.0
 
 
 def cache_dir() -> Path:
+    """Where downloads go: ``$XDG_CACHE_HOME/fedalign/fashion-mnist`` (``~/.cache`` by default)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fedalign" / "fashion-mnist"
+    return Path(base).expanduser() / "fedalign" / "fashion-mnist"
 
 
 def search_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """The directories looked in, in order (empty settings skipped)."""
     dirs = [data_dir, os.environ.get("FEDALIGN_DATA_DIR"), DEBIAN_DIR, cache_dir()]
     return [Path(d).expanduser() for d in dirs if d]
 
 
-def network_available(host: str = "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
-                      timeout: float = 3.0) -> bool:
+def _file_in(directory: Path, name: str) -> Path | None:
+    """``name`` (gzipped) or its decompressed twin in ``directory``, if present."""
+    for candidate in (directory / name, directory / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def network_available(timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether a mirror accepts a TCP connection within ``timeout`` seconds (no data is sent)."""
+    for url in MIRRORS:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parts.hostname, port), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _digests(data: bytes) -> tuple[str, str]:
+    """(MD5 of the bytes as given, SHA-256 of the IDX payload)."""
+    raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    return hashlib.md5(data, usedforsecurity=False).hexdigest(), hashlib.sha256(raw).hexdigest()
+
+
+def is_genuine(name: str, data: bytes) -> bool:
+    """Whether ``data`` is the official ``name`` (published ``.gz`` MD5, or payload SHA-256)."""
     try:
-        with socket.create_connection((host, 80), timeout=timeout):
-            return True
-    except OSError:
+        md5, sha = _digests(data)
+    except (OSError, EOFError, zlib.error):  # not decompressible: certainly not the file
         return False
+    return md5 == OFFICIAL_GZ_MD5[name] or sha == RAW_SHA256[name]
 
 
-def _verify(path: Path) -> None:
-    digest = hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
-    if digest != SHA256[path.name]:
-        path.unlink()
-        raise DataError(f"{path.name}: checksum mismatch after download (got {digest[:12]}...)")
+def verify_dir(directory: str | Path) -> dict[str, bool]:
+    """File name -> whether the copy in ``directory`` is genuine (missing files give False)."""
+    directory = Path(directory)
+    result = {}
+    for name in FILES.values():
+        path = _file_in(directory, name)
+        result[name] = path is not None and is_genuine(name, path.read_bytes())
+    return result
 
 
-def download(target: Path) -> None:
+def _fetch(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed mirrors)
+        return response.read()
+
+
+def download(target: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Fetch the missing files into ``target``; each is verified before it is moved into place."""
     target.mkdir(parents=True, exist_ok=True)
     for name in FILES.values():
-        path = target / name
-        if path.exists():
+        if _file_in(target, name) is not None:
             continue
-        partial = path.with_suffix(".part")
-        urllib.request.urlretrieve(URL + name, partial)  # noqa: S310 (fixed https/http host)
-        partial.rename(path)
-        _verify(path)
+        failures = []
+        for base in MIRRORS:
+            try:
+                data = _fetch(base + name, timeout)
+            except OSError as exc:
+                failures.append(f"{base + name}: {exc}")
+                continue
+            if not is_genuine(name, data):
+                failures.append(f"{base + name}: checksum mismatch ({len(data)} bytes, md5 "
+                                f"{hashlib.md5(data, usedforsecurity=False).hexdigest()})")
+                continue
+            partial = target / (name + ".part")
+            partial.write_bytes(data)
+            partial.replace(target / name)
+            break
+        else:
+            raise DataError(f"could not download {name}:\n  " + "\n  ".join(failures))
+    return target
 
 
 def locate(data_dir: str | Path | None = None) -> Path:
     """The first directory holding all four files; downloads into the cache if none does."""
     dirs = search_dirs(data_dir)
     for d in dirs:
-        if all((d / name).is_file() for name in FILES.values()):
+        if all(_file_in(d, name) is not None for name in FILES.values()):
             return d
     if network_available():
-        download(cache_dir())
-        return cache_dir()
+        return download(cache_dir())
     looked = "\n  ".join(str(d) for d in dirs)
     raise DatasetNotFoundError(
         "Fashion-MNIST not found; looked in:\n  " + looked + "\nand no network to download it. "
-        "Install it with `apt install dataset-fashion-mnist`, or put the four "
-        f"{', '.join(FILES.values())} files in a directory and pass data.data_dir "
-        "(or set FEDALIGN_DATA_DIR)."
+        "Install it with `apt install dataset-fashion-mnist`, or put the four files "
+        f"{', '.join(FILES.values())} (gzipped or not; from {MIRRORS[0]}) in a directory and "
+        "pass it as data_dir (config: data.data_dir) or set FEDALIGN_DATA_DIR."
     )
 
 
 @functools.lru_cache(maxsize=4)
 def _read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(directory / FILES[(split, "images")])
-    labels = read_idx(directory / FILES[(split, "labels")])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{directory}: {split} images {images.shape} and labels {labels.shape} "
-                        "do not belong together")
-    X = (images.astype(np.float32) / 255.0)[:, None, :, :]
-    y = labels.astype(np.int64)
-    return X, y
+    """Decode and check one split; cached by resolved directory so Ray workers decode once."""
+    image_path = _file_in(directory, FILES[(split, "images")])
+    label_path = _file_in(directory, FILES[(split, "labels")])
+    if image_path is None or label_path is None:
+        raise DatasetNotFoundError(f"{directory}: the Fashion-MNIST {split} files are missing")
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise DataError(f"{image_path}: expected uint8 images of shape (n, 28, 28), got "
+                        f"{images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{label_path}: expected {len(images)} labels for {image_path.name}, got "
+                        f"shape {labels.shape}")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise DataError(f"{label_path}: label {int(labels.max())} is out of range 0..{NUM_CLASSES - 1}")
+    X = images[:, None, :, :].astype(np.float32)
+    X /= 255.0
+    return X, labels.astype(np.int64)
 
 
 def load(split: str = "train", data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``X`` float32 (n, 1, 28, 28) in [0, 1] and ``y`` int64 (n,); cached per process."""
+    """``X`` float32 (n, 1, 28, 28) in [0, 1] and ``y`` int64 (n,), cached per process.
+
+    The arrays are shared by every caller in the process: index them (which copies), do not
+    modify them in place.
+    """
+    if split not in SIZES:
+        raise DataError(f"split must be one of {', '.join(SIZES)}, got {split!r}")
     return _read_split(locate(data_dir).resolve(), split)

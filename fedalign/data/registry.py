@@ -1,20 +1,32 @@
-"""The datasets fedalign knows, behind one loader."""
+"""The datasets fedalign knows, behind one loader that also says what models need to know.
+
+``dataset_arrays`` is the framework's entry point (it carries groups, class count and input
+shape); ``load_dataset`` is the plain ``(X, y)`` view of it.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import digits, fashion_mnist, text
 from .errors import DataError
 
+SPLITS = ("train", "test")
+
 
 @dataclass(frozen=True)
 class Arrays:
-    """One split of a dataset, with what models and partitioners need to know about it."""
+    """One split of a dataset, with what models and partitioners need to know about it.
+
+    ``groups`` (int64 per sample, indexing ``group_names``) is set for datasets with natural
+    clients (fortunes: the category) and is what the ``natural`` partition uses.
+    """
 
     X: np.ndarray
     y: np.ndarray
@@ -24,25 +36,33 @@ class Arrays:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: (C, H, W) for images, (seq_len,) for text."""
         return tuple(self.X.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.y)
 
 
 def _fashion_mnist(split: str, data_dir: str | Path | None) -> Arrays:
     X, y = fashion_mnist.load(split, data_dir)
-    return Arrays(X, y, num_classes=10)
+    return Arrays(X, y, num_classes=fashion_mnist.NUM_CLASSES)
 
 
 def _digits(split: str, data_dir: str | Path | None) -> Arrays:
+    """``data_dir`` is ignored: scikit-learn ships the digits."""
     X, y = digits.load(split)
-    return Arrays(X, y, num_classes=10)
+    return Arrays(X, y, num_classes=digits.NUM_CLASSES)
 
 
-def _fortunes(split: str, data_dir: str | Path | None, seq_len: int = 80, stride: int = 16) -> Arrays:
-    # The configurable data_dir points at images; the corpus has its own location.
-    X, y, groups, names = text.load(split, None, seq_len, stride)
+def _fortunes(split: str, data_dir: str | Path | None, seq_len: int = text.SEQ_LEN,
+              stride: int = text.STRIDE) -> Arrays:
+    """``data_dir``, when given, is a directory of fortune files (one per category)."""
+    X, y, groups, names = text.load(split, None if data_dir is None else str(data_dir),
+                                    int(seq_len), int(stride))
     return Arrays(X, y, num_classes=text.VOCAB_SIZE, groups=groups, group_names=names)
 
 
+#: Dataset name -> loader ``(split, data_dir, **options) -> Arrays``.
 DATASETS: dict[str, Callable[..., Arrays]] = {
     "fashion-mnist": _fashion_mnist,
     "digits": _digits,
@@ -51,19 +71,38 @@ DATASETS: dict[str, Callable[..., Arrays]] = {
 
 
 def dataset_names() -> tuple[str, ...]:
+    """Names accepted by ``load_dataset`` / ``dataset_arrays`` (and the config's data.dataset)."""
     return tuple(DATASETS)
 
 
-def dataset_arrays(name: str, split: str = "train", data_dir: str | Path | None = None, **options) -> Arrays:
-    """Load one split of dataset ``name`` (``split`` is ``"train"`` or ``"test"``)."""
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The loader options dataset ``name`` takes (e.g. fortunes: seq_len, stride)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if split not in ("train", "test"):
+    params = list(inspect.signature(DATASETS[name]).parameters)
+    return tuple(params[2:])
+
+
+def dataset_arrays(name: str, split: str = "train", data_dir: str | Path | None = None,
+                   **options: Any) -> Arrays:
+    """Load one split of dataset ``name`` (``split`` is ``"train"`` or ``"test"``).
+
+    Loads are cached per process, so repeated calls (one per client in a Ray worker) are cheap.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    unknown = sorted(set(options) - set(dataset_options(name)))
+    if unknown:
+        takes = ", ".join(dataset_options(name)) or "no options"
+        raise DataError(f"dataset {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
     return DATASETS[name](split, data_dir, **options)
 
 
-def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(X, y)`` of one split: float32 images (n, C, H, W) in [0, 1] or int64 token ids, int64 labels."""
+def load_dataset(name: str, split: str = "train",
+                 data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` of one split: float32 images (n, C, H, W) in [0, 1] or int64 character ids
+    (n, seq_len), and int64 labels (n,)."""
     arrays = dataset_arrays(name, split, data_dir)
     return arrays.X, arrays.y

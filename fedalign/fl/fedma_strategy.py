@@ -79,9 +79,16 @@ class FedMA(FedAvg):
             messages.append(Message(record, dst_node_id=self.node_of_partition[pid],
                                     message_type=MessageType.TRAIN))
         states, metrics = {}, {}
-        for reply in self.exchange(grid, messages, rlog, phase):
+        replies = self.exchange(grid, messages, rlog, phase)
+        answered = {self.partition_of_node.get(r.metadata.src_node_id) for r in replies}
+        for pid in sent.keys() - answered:
+            rlog.fail(pid, self.node_of_partition[pid], f"{phase}: no reply within strategy.timeout")
+        for reply in replies:
             node = reply.metadata.src_node_id
             pid = self.partition_of_node.get(node)
+            if pid not in sent:
+                rlog.fail(pid, node, f"{phase}: reply from a client that was not asked")
+                continue
             if reply.has_error():
                 rlog.fail(pid, node, f"{phase}: client error: {error_summary(reply.error.reason)}")
                 continue
@@ -114,7 +121,8 @@ class FedMA(FedAvg):
         options = {"sigma": m.sigma, "sigma0": m.sigma0, "gamma": 7.0 if m.gamma is None else m.gamma,
                    "iterations": m.iterations, "seed": self.cfg.resolved_seeds.sampling + server_round,
                    "solver": m.solver, "max_width": m.max_width}
-        widths = {}
+        widths: dict[str, int] = {}
+        matched: dict[str, torch.Tensor] = {}   # the server's own global layers, not a client's copy
         for layer in self.layers:
             t0 = time.perf_counter()
             order = list(states)
@@ -123,12 +131,13 @@ class FedMA(FedAvg):
             for i, p in enumerate(order):
                 assignments[p][layer.group] = result.assignments[i]
             widths[layer.group] = len(result.mean)
+            matched.update({r.key: hybrids[order[0]][r.key] for r in layer.producers})
             rlog.seconds["match"] = rlog.seconds.get("match", 0.0) + time.perf_counter() - t0
             frozen += [r.key for r in layer.producers]
             states, metrics = self.local_phase(grid, rlog, server_round, hybrids, f"layer:{layer.group}", frozen)
         keys = classifier_keys(self.spec, next(iter(states.values())))
         survivors = list(states)
-        fused = dict(states[survivors[0]])
+        fused = {**states[survivors[0]], **matched}
         fused.update(class_weighted_classifier([states[p] for p in survivors], keys,
                                                [metrics[p]["class-counts"] for p in survivors]))
         self.assignments.update({p: assignments[p] for p in survivors})
