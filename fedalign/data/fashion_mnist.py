@@ -134,7 +134,7 @@ def verify_dir(directory: str | Path) -> dict[str, bool]:
 
 
 def _fetch(url: str, timeout: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed mirrors)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
 
 

@@ -110,7 +110,7 @@ class Federation:
             "client_names": self.client_names(),
             "train_sizes": [len(tr) for tr, _ in self.splits],
             "val_sizes": [len(va) for _, va in self.splits],
-            "test_size": int(len(self._test.y)),
+            "test_size": len(self._test.y),
             "label_histogram": self.histogram().tolist(),
         }
 
