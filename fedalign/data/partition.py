@@ -78,7 +78,7 @@ class _LabelTable(Dataset):
 
     def select(self, indices, *args, **kwargs):
         if not args and kwargs.get("new_fingerprint") is None:
-            digest = hashlib.blake2b(self._fingerprint.encode(), digest_size=16)
+            digest = hashlib.blake2b(str(getattr(self, "_fingerprint", "")).encode(), digest_size=16)
             digest.update(np.asarray(indices, dtype=np.int64).tobytes())
             kwargs["new_fingerprint"] = digest.hexdigest()
         return super().select(indices, *args, **kwargs)
