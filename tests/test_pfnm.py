@@ -1,13 +1,11 @@
-"""BBP-MAP matching and PFNM fusion."""
-
-import math
+"""PFNM fusion of MLPs (top-down layer matching, class-share weighted classifier) and its grid search."""
 
 import pytest
 import torch
 
 from fedalign.align import apply_permutation, permutation_spec, random_permutation
-from fedalign.fusion import assignment_cost, bbp_map, pfnm
-from fedalign.models import build_model
+from fedalign.fusion import REFERENCE_GRID, mlp_from_state, pfnm, pfnm_grid_search, select_candidate
+from fedalign.models import build_model, state_widths
 
 
 def _copies(hidden, J=4, noise=0.0, seed=0):
@@ -24,53 +22,56 @@ def _copies(hidden, J=4, noise=0.0, seed=0):
     return base, models
 
 
+def _hidden_widths(model) -> list[int]:
+    return [layer.out_features for layer in model.layers[:-1]]
+
+
 COUNTS = [[10, 3, 10, 10], [1, 10, 10, 10], [10, 10, 0, 10], [5, 5, 5, 5]]
 
 
 @pytest.mark.parametrize("hidden", [[16], [16, 12], [10, 8, 6]])
 def test_permuted_copies_fuse_back_to_the_model(hidden):
+    """sigma0 large: a flat prior, so the posterior mean of identical rows is that row."""
     base, models = _copies(hidden)
     fused, assignment = pfnm(models, COUNTS, sigma=0.1, sigma0=1e8)
-    assert assignment.widths == hidden
+    assert assignment.widths == hidden == _hidden_widths(fused)
     X = torch.randn(64, 20)
     torch.testing.assert_close(fused(X), base(X), atol=1e-5, rtol=0)
 
 
-def test_a_client_far_from_the_others_opens_new_neurons():
-    rows = [torch.randn(6, 5) for _ in range(3)]
-    same = [rows[0] + 0.01 * torch.randn(6, 5) for _ in range(3)]
-    far = 50 + torch.randn(4, 5)
-    result = bbp_map(same + [far], [10.0] * 4, gamma=1.0)
-    assert len(result.mean) == 6 + 4
-    assert result.assignments[3].min() >= 6                      # all its neurons are new
-    assert sorted(result.popularity.tolist()) == [1] * 4 + [3] * 6
+def test_unrelated_models_of_different_widths_grow_the_global_model():
+    models = []
+    for j, hidden in enumerate(([12, 6], [9, 6], [7, 5])):
+        torch.manual_seed(j)
+        models.append(build_model("mlp", in_features=20, hidden=hidden, num_classes=4))
+        with torch.no_grad():
+            for p in models[-1].parameters():
+                p.mul_(20)                                  # far apart compared with sigma
+    fused, assignment = pfnm(models, COUNTS[:3], sigma=0.1, gamma=5.0)
+    assert _hidden_widths(fused) == assignment.widths
+    assert assignment.widths[0] > 12 and assignment.widths[1] > 6
+    for c, width in enumerate(assignment.widths):
+        used = torch.cat(assignment.layers[c]).unique()
+        assert used.tolist() == list(range(width))          # every global neuron belongs to some client
+    assert fused(torch.randn(5, 20)).shape == (5, 4)
+    capped, capped_assignment = pfnm(models, COUNTS[:3], sigma=0.1, gamma=5.0, max_width=13)
+    assert capped_assignment.widths[0] == 13 and max(_hidden_widths(capped)) <= 13
 
 
-def test_vectorised_cost_equals_a_direct_per_row_computation():
-    g = torch.Generator().manual_seed(0)
-    L, W, D, J, new = 5, 7, 9, 4, 5
-    w = torch.randn(L, D, generator=g, dtype=torch.float64)
-    s = torch.rand(D, generator=g, dtype=torch.float64) + 0.5
-    sums = torch.randn(W, D, generator=g, dtype=torch.float64)
-    precisions = torch.rand(W, D, generator=g, dtype=torch.float64) + 1.0
-    pop = torch.tensor([1, 2, 3, 1, 2, 3, 1], dtype=torch.float64)
-    prior_sum = torch.randn(D, generator=g, dtype=torch.float64)
-    s0 = torch.rand(D, generator=g, dtype=torch.float64) + 0.5
-    gamma = 3.0
-    cost = assignment_cost(w, s, sums, precisions, pop, prior_sum, s0, gamma, J, new)
-    for l in range(L):
-        for i in range(W):
-            direct = sum(float((w[l, d] + sums[i, d]) ** 2 / (s[d] + precisions[i, d])
-                               - sums[i, d] ** 2 / precisions[i, d]) for d in range(D))
-            direct += 2 * math.log(pop[i] / (J - pop[i]))
-            assert cost[l, i].item() == pytest.approx(direct, rel=1e-10)
-        for t in range(1, new + 1):
-            direct = sum(float((w[l, d] + prior_sum[d]) ** 2 / (s[d] + s0[d]) - prior_sum[d] ** 2 / s0[d])
-                         for d in range(D))
-            direct += -2 * math.log(t) + 2 * math.log(gamma / J)
-            assert cost[l, W + t - 1].item() == pytest.approx(direct, rel=1e-10)
-    reference = assignment_cost(w, s, sums, precisions, pop, prior_sum, s0, gamma, J, new, popularity_weight=1.0)
-    assert not torch.allclose(reference, cost)
+def test_a_client_that_never_saw_a_class_does_not_shape_its_classifier_row():
+    """Class shares weight the outgoing rows: client 1 has no class-2 data, so its (garbage) class-2
+    weights must not matter, and the fused class-2 logit is client 0's."""
+    torch.manual_seed(0)
+    good = build_model("mlp", in_features=20, hidden=[8], num_classes=4)
+    other = build_model("mlp", in_features=20, hidden=[8], num_classes=4)
+    other.load_state_dict(good.state_dict())
+    with torch.no_grad():
+        other.layers[1].weight[2] = 100.0
+        other.layers[1].bias[2] = -100.0
+    fused, assignment = pfnm([good, other], [[5, 5, 5, 5], [5, 5, 0, 5]], sigma=0.1, sigma0=1e8)
+    assert assignment.widths == [8]
+    X = torch.randn(32, 20)
+    torch.testing.assert_close(fused(X), good(X), atol=1e-5, rtol=0)
 
 
 def test_fusion_does_not_depend_on_client_order():
@@ -81,30 +82,51 @@ def test_fusion_does_not_depend_on_client_order():
     torch.testing.assert_close(reordered(X), fused(X), atol=1e-4, rtol=0)
 
 
-def test_width_cap_and_sinkhorn_solver():
-    rows = [torch.randn(6, 5) * 10 for _ in range(4)]          # unrelated neurons: width grows
-    free = bbp_map(rows, [1.0] * 4, gamma=5.0)
-    capped = bbp_map(rows, [1.0] * 4, gamma=5.0, max_width=8)
-    assert len(free.mean) > 8 and len(capped.mean) == 8
-    assert all(a.max() < 8 for a in capped.assignments)
-    base, models = _copies([12])
-    fused, assignment = pfnm(models, COUNTS, sigma=0.1, sigma0=1e8, solver="sinkhorn")
+def test_sinkhorn_solver_fuses_permuted_copies():
+    base, models = _copies([6], J=3)
+    fused, assignment = pfnm(models, COUNTS[:3], sigma=0.1, sigma0=1e8, iterations=1, solver="sinkhorn")
     X = torch.randn(32, 20)
-    assert assignment.widths == [12]
+    assert assignment.widths == [6]
     torch.testing.assert_close(fused(X), base(X), atol=1e-4, rtol=0)
 
 
+def test_select_candidate_prefers_the_smallest_model_within_the_tolerance():
+    scores, sizes = [0.80, 0.83, 0.825, 0.70], [300, 1000, 400, 100]
+    assert select_candidate(scores, sizes) == 1                        # the reference's rule
+    assert select_candidate(scores, sizes, tolerance=0.01) == 2
+    assert select_candidate(scores, sizes, tolerance=0.05) == 0
+    assert select_candidate([0.5, 0.5], [20, 10]) == 1                 # ties: the smaller model
+    with pytest.raises(ValueError, match="one size per score"):
+        select_candidate([0.5], [1, 2])
+
+
+def test_grid_search_sees_only_models_and_scores():
+    _, models = _copies([10], J=3, noise=0.3)
+    seen = []
+
+    def score(model) -> float:                  # the federation's stand-in: a number per model
+        seen.append(model)
+        return float(-abs(_hidden_widths(model)[0] - 14))
+
+    fused, assignment, chosen = pfnm_grid_search(models, COUNTS[:3], score, sigmas=(0.05, 1.0), sigma0s=(1.0,),
+                                                 gammas=(1e-3, 1.0, 50.0))
+    assert len(seen) == len(chosen["candidates"]) == 6
+    assert chosen["score"] == max(c["score"] for c in chosen["candidates"])
+    assert _hidden_widths(fused) == assignment.widths == chosen["widths"]
+    smallest, _, loose = pfnm_grid_search(models, COUNTS[:3], score, sigmas=(0.05, 1.0), sigma0s=(1.0,),
+                                          gammas=(1e-3, 1.0, 50.0), tolerance=float("inf"))
+    assert loose["widths"][0] == min(c["widths"][0] for c in loose["candidates"]) == _hidden_widths(smallest)[0]
+    assert len(REFERENCE_GRID["sigma"]) * len(REFERENCE_GRID["sigma0"]) * len(REFERENCE_GRID["gamma"]) == 18
+
+
 def test_bad_inputs_are_named():
-    with pytest.raises(ValueError, match="popularity"):
-        bbp_map([torch.zeros(2, 3)], [1.0], popularity="both")
     with pytest.raises(ValueError, match="class_counts must be 2 x 4"):
         pfnm(_copies([8], J=2)[1], [[1, 2, 3, 4]])
+    with pytest.raises(TypeError, match="fedalign MLPs"):
+        pfnm([build_model("lenet")], [[1] * 10])
 
 
 def test_models_rebuild_from_state_at_their_widths():
-    from fedalign.fusion import mlp_from_state
-    from fedalign.models import state_widths
-
     state = build_model("mlp", in_features=20, hidden=[7, 5], num_classes=4).state_dict()
     assert state_widths("mlp", state) == {"hidden": [7, 5]}
     rebuilt = mlp_from_state(state)

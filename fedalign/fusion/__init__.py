@@ -2,7 +2,24 @@
 
 from .bbp_map import BBPResult, assignment_cost, bbp_map
 from .mean import weighted_average
-from .pfnm import PFNMAssignments, mlp_from_state, pfnm, pfnm_grid_search
+from .pfnm import (
+           REFERENCE_GRID,
+           PFNMAssignments,
+           mlp_from_state,
+           pfnm,
+           pfnm_grid_search,
+           select_candidate,
+)
 
-__all__ = ["BBPResult", "PFNMAssignments", "assignment_cost", "mlp_from_state", "bbp_map", "pfnm", "pfnm_grid_search",
-           "weighted_average"]
+__all__ = [
+           "REFERENCE_GRID",
+           "BBPResult",
+           "PFNMAssignments",
+           "assignment_cost",
+           "bbp_map",
+           "mlp_from_state",
+           "pfnm",
+           "pfnm_grid_search",
+           "select_candidate",
+           "weighted_average",
+]

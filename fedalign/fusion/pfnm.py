@@ -10,9 +10,11 @@ fedalign MLP whose hidden widths follow the matching.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import torch
 
@@ -21,6 +23,9 @@ from fedalign.models import MLP
 from .bbp_map import bbp_map
 
 MU0_BIAS = 0.1  # the reference's prior mean of biases
+# The reference's hyperparameter grid (18 fusions), searched by the clients' training accuracy.
+REFERENCE_GRID: dict[str, tuple[float, ...]] = {"sigma": (1.0, 0.1, 0.5), "sigma0": (1.0, 10.0),
+                                               "gamma": (1.0, 1e-3, 50.0)}
 
 
 @dataclass(frozen=True)
@@ -129,24 +134,48 @@ def pfnm(
     return fused, PFNMAssignments(assignments)
 
 
+def select_candidate(scores: Sequence[float], sizes: Sequence[int], tolerance: float = 0.0) -> int:
+    """Index of the smallest model among those scoring at least ``max(scores) - tolerance``.
+
+    Why a tolerance: the clients' training accuracy keeps rising as fewer neurons are matched (a
+    global layer that matches nothing is close to a logit ensemble), so the top score picks the
+    widest model. ``tolerance=0`` is the reference's rule (the best score; ties go to the smaller
+    model, then to the earlier candidate).
+    """
+    if not scores or len(scores) != len(sizes):
+        raise ValueError(f"need one size per score, got {len(scores)} scores and {len(sizes)} sizes")
+    floor = max(scores) - tolerance
+    eligible = [i for i, value in enumerate(scores) if value >= floor]
+    return min(eligible, key=lambda i: (sizes[i], -scores[i], i))
+
+
 def pfnm_grid_search(
     models: Sequence[MLP],
     class_counts: Sequence[Sequence[float]],
     score: Callable[[MLP], float],
-    sigmas: Sequence[float] = (1.0, 0.1, 0.5),
-    sigma0s: Sequence[float] = (1.0, 10.0),
-    gammas: Sequence[float] = (1.0, 1e-3, 50.0),
-    **options,
-) -> tuple[MLP, PFNMAssignments, dict[str, float]]:
+    sigmas: Sequence[float] = REFERENCE_GRID["sigma"],
+    sigma0s: Sequence[float] = REFERENCE_GRID["sigma0"],
+    gammas: Sequence[float] = REFERENCE_GRID["gamma"],
+    tolerance: float = 0.0,
+    **options: Any,
+) -> tuple[MLP, PFNMAssignments, dict[str, Any]]:
     """PFNM with (sigma, sigma0, gamma) chosen from a grid by ``score`` (higher is better).
 
     ``score`` is where the data lives: in a federation it asks the clients for the fused model's
-    accuracy on their own training data and sums it, so the server never sees data.
+    accuracy on their own training data and pools it, so the server never sees data. The choice
+    follows :func:`select_candidate` (``tolerance=0``: the reference's best score). Returns the
+    chosen model, its assignments and a JSON-ready record of the choice, with every candidate's
+    score, hidden widths and fusion seconds under ``"candidates"``.
     """
-    best = None
+    fused_models: list[tuple[MLP, PFNMAssignments]] = []
+    candidates: list[dict[str, Any]] = []
     for sigma, sigma0, gamma in product(sigmas, sigma0s, gammas):
+        start = time.perf_counter()
         fused, assignment = pfnm(models, class_counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)
-        value = score(fused)
-        if best is None or value > best[2]["score"]:
-            best = (fused, assignment, {"sigma": sigma, "sigma0": sigma0, "gamma": gamma, "score": value})
-    return best
+        seconds = time.perf_counter() - start
+        fused_models.append((fused, assignment))
+        candidates.append({"sigma": sigma, "sigma0": sigma0, "gamma": gamma, "score": float(score(fused)),
+                           "widths": assignment.widths, "seconds": seconds})
+    best = select_candidate([c["score"] for c in candidates], [sum(c["widths"]) for c in candidates], tolerance)
+    fused, assignment = fused_models[best]
+    return fused, assignment, {**candidates[best], "tolerance": tolerance, "candidates": candidates}

@@ -1,0 +1,137 @@
+"""BBP-MAP matching of one layer: the cost, the bookkeeping, growth, caps, solvers, client order."""
+
+import math
+
+import pytest
+import torch
+
+from fedalign.fusion import assignment_cost, bbp_map
+
+
+def _clustered_clients(J: int, subset: int, seed: int = 0, noise: float = 0.05):
+    """J clients, each holding a random subset of 8 well separated neurons, noisy and shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 5 * torch.randn(8, 6, generator=g)
+    clients, used = [], set()
+    for _ in range(J):
+        pick = torch.randperm(8, generator=g)[:subset]
+        used.update(pick.tolist())
+        clients.append(centres[pick] + noise * torch.randn(subset, 6, generator=g))
+    return centres, clients, used
+
+
+def test_a_client_far_from_the_others_opens_new_neurons():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 5, generator=g)
+    same = [rows + 0.01 * torch.randn(6, 5, generator=g) for _ in range(3)]
+    far = 50 + torch.randn(4, 5, generator=g)
+    result = bbp_map(same + [far], [10.0] * 4, gamma=1.0)
+    assert len(result.mean) == 6 + 4
+    assert result.assignments[3].min() >= 6                      # all its neurons are new
+    assert sorted(result.popularity.tolist()) == [1] * 4 + [3] * 6
+
+
+def test_vectorised_cost_equals_a_direct_per_row_computation():
+    g = torch.Generator().manual_seed(0)
+    L, W, D, J, new = 5, 7, 9, 4, 5
+    w = torch.randn(L, D, generator=g, dtype=torch.float64)
+    s = torch.rand(D, generator=g, dtype=torch.float64) + 0.5
+    sums = torch.randn(W, D, generator=g, dtype=torch.float64)
+    precisions = torch.rand(W, D, generator=g, dtype=torch.float64) + 1.0
+    pop = torch.tensor([1, 2, 3, 1, 2, 3, 1], dtype=torch.float64)
+    prior_sum = torch.randn(D, generator=g, dtype=torch.float64)
+    s0 = torch.rand(D, generator=g, dtype=torch.float64) + 0.5
+    gamma = 3.0
+
+    def direct(l: int, i: int, weight: float, cap: float) -> float:
+        value = sum(float((w[l, d] + sums[i, d]) ** 2 / (s[d] + precisions[i, d])
+                          - sums[i, d] ** 2 / precisions[i, d]) for d in range(D))
+        m = min(float(pop[i]), cap)
+        return value + weight * math.log(m / (J - m))
+
+    for weight, cap in ((2.0, math.inf), (1.0, math.inf), (2.0, 2.0)):
+        cost = assignment_cost(w, s, sums, precisions, pop, prior_sum, s0, gamma, J, new, popularity_weight=weight,
+                               popularity_cap=None if cap == math.inf else cap)
+        assert cost.shape == (L, W + new)
+        for l in range(L):
+            for i in range(W):
+                assert cost[l, i].item() == pytest.approx(direct(l, i, weight, cap), rel=1e-10)
+            for t in range(1, new + 1):
+                expected = sum(float((w[l, d] + prior_sum[d]) ** 2 / (s[d] + s0[d]) - prior_sum[d] ** 2 / s0[d])
+                               for d in range(D))
+                expected += -2 * math.log(t) + 2 * math.log(gamma / J)
+                assert cost[l, W + t - 1].item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_global_layer_is_the_posterior_mean_of_what_was_assigned():
+    """After sweeps that remove and re-add clients, the kept sums must match a fresh computation."""
+    g = torch.Generator().manual_seed(3)
+    J, D = 5, 4
+    clients = [torch.randn(int(n), D, generator=g) for n in torch.randint(3, 8, (J,), generator=g)]
+    precisions = [torch.rand(D, generator=g) + 0.5 for _ in range(J)]        # per-dimension
+    mu0, s0 = torch.randn(D, generator=g), 2.0
+    result = bbp_map(clients, precisions, prior_mean=mu0, prior_precision=s0, gamma=2.0, iterations=5, seed=1)
+    W = len(result.mean)
+    counts = torch.bincount(torch.cat(result.assignments), minlength=W)
+    assert counts.min() >= 1 and result.popularity.tolist() == counts.tolist()   # no orphans
+    assert all(len(set(a.tolist())) == len(a) for a in result.assignments)      # one neuron per global index
+    sums = (s0 * mu0).double().expand(W, D).clone()
+    total = torch.full((W, D), s0, dtype=torch.float64)
+    for rows, s, a in zip(clients, precisions, result.assignments):
+        sums[a] += rows.double() * s.double()
+        total[a] += s.double()
+    torch.testing.assert_close(result.mean.double(), sums / total, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.precision.double(), total, atol=1e-5, rtol=0)
+
+
+def test_recovers_the_shared_neurons_whatever_the_client_order():
+    centres, clients, used = _clustered_clients(J=6, subset=5)
+    forward = bbp_map(clients, [100.0] * 6, iterations=2, seed=0)
+    backward = bbp_map(clients[::-1], [100.0] * 6, iterations=2, seed=7)
+    assert len(forward.mean) == len(backward.mean) == len(used)
+    order_f = torch.argsort(forward.mean[:, 0])
+    order_b = torch.argsort(backward.mean[:, 0])
+    torch.testing.assert_close(forward.mean[order_f], backward.mean[order_b], atol=1e-5, rtol=0)
+    assert forward.popularity[order_f].tolist() == backward.popularity[order_b].tolist()
+    nearest = torch.cdist(forward.mean, centres).argmin(1)
+    assert sorted(nearest.tolist()) == sorted(used)
+
+
+def test_width_cap_force_matches():
+    g = torch.Generator().manual_seed(0)
+    rows = [10 * torch.randn(6, 5, generator=g) for _ in range(4)]           # unrelated: width grows
+    free = bbp_map(rows, [1.0] * 4, gamma=5.0)
+    capped = bbp_map(rows, [1.0] * 4, gamma=5.0, max_width=8)
+    assert len(free.mean) > 8 and len(capped.mean) == 8
+    assert all(a.max() < 8 and len(set(a.tolist())) == 6 for a in capped.assignments)
+    with pytest.raises(ValueError, match="max_width=4"):
+        bbp_map(rows, [1.0] * 4, max_width=4)
+
+
+def test_sinkhorn_solver_finds_the_same_matching():
+    _, clients, _ = _clustered_clients(J=4, subset=6, seed=2)
+    exact = bbp_map(clients, [100.0] * 4, iterations=1)
+    rounded = bbp_map(clients, [100.0] * 4, iterations=1, solver="sinkhorn")
+    assert [a.tolist() for a in rounded.assignments] == [a.tolist() for a in exact.assignments]
+    with pytest.raises(ValueError, match="unknown solver"):
+        bbp_map(clients, [1.0] * 4, solver="greedy")
+
+
+def test_popularity_term_weight_decides_a_borderline_match():
+    """Two identical neurons, J=4, gamma=2 (s = s0 = 1, mu0 = 0, x = 0): joining scores c log(1/3),
+    opening one scores 2 log(2/4). The reference's c=1 joins them (-1.10 > -1.39); the consistent
+    c=2 keeps them apart (-2.20 < -1.39). Two far neurons open their own global neurons either way."""
+    clients = [torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 100.0), torch.full((1, 1), -100.0)]
+    consistent = bbp_map(clients, [1.0] * 4, gamma=2.0)
+    reference = bbp_map(clients, [1.0] * 4, gamma=2.0, popularity="reference")
+    assert len(consistent.mean) == 4 and len(reference.mean) == 3
+    assert reference.assignments[0].item() == reference.assignments[1].item()
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="popularity"):
+        bbp_map([torch.zeros(2, 3)], [1.0], popularity="both")
+    with pytest.raises(ValueError, match=r"\(L_j, 3\)"):
+        bbp_map([torch.zeros(2, 3), torch.zeros(2, 4)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="at least one client"):
+        bbp_map([], [])
