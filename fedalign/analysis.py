@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fedalign.training import batches, evaluate
+from fedalign.training import evaluate
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -49,9 +49,16 @@ def reset_bn_statistics(model: nn.Module, X: torch.Tensor, batch_size: int = 500
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
-    for xb, _ in batches(X, torch.zeros(len(X)), batch_size):
-        model(xb)
+    model.eval()
+    for m in bns:              # only BN in train mode: dropout stays off while re-estimating
+        m.train()
+    X = torch.as_tensor(X)
+    # a last batch of one sample cannot give BatchNorm1d a variance: fold it into the previous one
+    cuts = list(range(0, len(X), batch_size))
+    if len(cuts) > 1 and len(X) - cuts[-1] == 1:
+        cuts.pop()
+    for start, end in zip(cuts, cuts[1:] + [len(X)]):
+        model(X[start:end])
     model.eval()
 
 
@@ -140,7 +147,7 @@ def linear_cka(X, Y, debiased: bool = False) -> float:
 
 def _rbf_gram(X: torch.Tensor, threshold: float) -> torch.Tensor:
     sq = torch.cdist(X, X) ** 2
-    bandwidth = threshold**2 * torch.median(sq)
+    bandwidth = threshold**2 * torch.quantile(sq.flatten(), 0.5)  # np.median, as Kornblith et al.
     return torch.exp(-sq / (2 * bandwidth.clamp_min(1e-12)))
 
 

@@ -95,3 +95,26 @@ def test_bn_statistics_are_reestimated_at_each_point():
     with torch.no_grad():
         assert r.loss[0] == pytest.approx(nn.functional.cross_entropy(reset(X), y).item(), rel=1e-5)
         assert r.loss[0] != pytest.approx(nn.functional.cross_entropy(a(X), y).item(), rel=1e-3)
+
+
+def test_rbf_bandwidth_uses_the_usual_median():
+    X, Y = _reps(seed=5, n=6, p=4, q=3)
+
+    def gram(Z):                                      # Kornblith et al.'s gram_rbf, with np.median
+        sq = torch.cdist(Z, Z).numpy() ** 2
+        return torch.from_numpy(np.exp(-sq / (2 * np.median(sq))))
+
+    K, L = gram(X), gram(Y)
+    H = torch.eye(6, dtype=torch.float64) - 1 / 6
+    hsic = lambda A, B: torch.sum((H @ A @ H) * B)   # noqa: E731
+    expected = float(hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L)))
+    assert rbf_cka(X, Y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_bn_reset_handles_a_last_batch_of_one_and_keeps_dropout_off():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Dropout(0.9), nn.Linear(4, 3))
+    X = torch.randn(11, 5)
+    reset_bn_statistics(net, X, batch_size=10)        # batches of 10 and 1 -> one batch of 11
+    torch.testing.assert_close(net[1].running_mean, net[0](X).detach().mean(0), rtol=1e-5, atol=1e-6)
+    assert not net.training and not net[2].training
