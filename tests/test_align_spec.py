@@ -4,9 +4,11 @@ hand-written specs, and clear about what they cannot handle."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fedalign.align import (
     AxisRef,
+    PermutationSpec,
     UnsupportedModuleError,
     apply_permutation,
     compose,
@@ -15,6 +17,7 @@ from fedalign.align import (
     permutation_spec,
     random_permutation,
 )
+from fedalign.align.zoo_specs import HAND_WRITTEN
 from fedalign.models import build_model
 
 CASES = [
@@ -63,37 +66,62 @@ def test_classifier_output_is_never_permuted():
         assert 1 in spec.axes_of(last), name
 
 
-def test_mlp_spec_equals_hand_written():
-    spec = permutation_spec(build_model("mlp", hidden=[20, 30]))
-    assert dict(spec.groups) == {
-        "layers.0": (AxisRef("layers.0.weight", 0), AxisRef("layers.0.bias", 0),
-                     AxisRef("layers.1.weight", 1)),
-        "layers.1": (AxisRef("layers.1.weight", 0), AxisRef("layers.1.bias", 0),
-                     AxisRef("layers.2.weight", 1)),
-    }
-    assert dict(spec.sizes) == {"layers.0": 20, "layers.1": 30}
+HAND_CASES = [
+    ("mlp", {"hidden": [20, 30, 10]}, None),
+    ("lenet", {}, None),
+    ("lenet", {"in_channels": 3, "image_size": 32, "widths": (4, 8, 20, 10)}, (1, 3, 32, 32)),
+    ("vgg9", {}, None),
+    ("vgg9", {"in_channels": 3, "image_size": 32}, (1, 3, 32, 32)),
+    ("resnet20", {}, None),
+    ("resnet20", {"norm": "layer", "width": 2}, None),
+    ("char_lstm", {"hidden": 16}, None),
+]
 
 
-def test_lenet_spec_equals_hand_written_with_flatten_blocks():
+@pytest.mark.parametrize("name, kwargs, example", HAND_CASES)
+def test_derived_spec_equals_the_hand_written_one(name, kwargs, example):
+    model = build_model(name, **kwargs)
+    derived = permutation_spec(model, torch.zeros(example) if example else None)
+    hand = HAND_WRITTEN[name](model)
+    assert list(derived.groups) == list(hand.groups)            # same names, same forward order
+    assert {g: set(r) for g, r in derived.groups.items()} == {g: set(r) for g, r in hand.groups.items()}
+    assert dict(derived.sizes) == dict(hand.sizes)
+    assert derived.buffers == hand.buffers
+    assert dict(derived.shapes) == dict(hand.shapes)
+
+
+def test_hand_written_specs_spell_out_flatten_blocks_gates_and_streams():
+    lenet = HAND_WRITTEN["lenet"](build_model("lenet"))
+    assert AxisRef("fc1.weight", 1, block=16) in lenet.groups["conv2"]     # 16 channels x 4x4 positions
+    lstm = HAND_WRITTEN["char_lstm"](build_model("char_lstm", hidden=16)).groups["lstm"]
+    assert AxisRef("lstm.weight_hh_l0", 0, repeat=4) in lstm and AxisRef("lstm.weight_hh_l0", 1) in lstm
+    resnet = HAND_WRITTEN["resnet20"](build_model("resnet20"))
+    assert list(resnet.groups)[:6] == ["conv1", "blocks.0.conv1", "blocks.1.conv1", "blocks.2.conv1",
+                                       "blocks.3.conv1", "blocks.3.conv2"]
+
+
+def test_parameters_view_lists_the_group_of_every_axis():
     spec = permutation_spec(build_model("lenet"))
-    hand = {
-        "conv1": (AxisRef("conv1.weight", 0), AxisRef("conv1.bias", 0), AxisRef("conv2.weight", 1)),
-        "conv2": (AxisRef("conv2.weight", 0), AxisRef("conv2.bias", 0),
-                  AxisRef("fc1.weight", 1, block=16)),          # 16 channels x 4x4 positions
-        "fc1": (AxisRef("fc1.weight", 0), AxisRef("fc1.bias", 0), AxisRef("fc2.weight", 1)),
-        "fc2": (AxisRef("fc2.weight", 0), AxisRef("fc2.bias", 0), AxisRef("fc3.weight", 1)),
-    }
-    assert dict(spec.groups) == hand
+    assert spec.parameters["conv2.weight"] == ("conv2", "conv1", None, None)
+    assert spec.parameters["fc1.weight"] == ("fc1", "conv2")
+    assert spec.parameters["fc3.weight"] == (None, "fc2")
+    assert spec.parameters["fc3.bias"] == (None,)
+    lstm = permutation_spec(build_model("char_lstm", hidden=16))
+    assert lstm.parameters["lstm.weight_hh_l0"] == ("lstm", "lstm")
+    assert lstm.parameters["lstm.weight_ih_l0"] == ("lstm", "embedding")
+    assert lstm.parameters["embedding.weight"] == (None, "embedding")
 
 
-def test_lstm_spec_equals_hand_written_with_gate_blocks():
-    spec = permutation_spec(build_model("char_lstm", hidden=16))
-    assert set(spec.groups["lstm"]) == {
-        AxisRef("lstm.weight_ih_l0", 0, repeat=4), AxisRef("lstm.weight_hh_l0", 0, repeat=4),
-        AxisRef("lstm.bias_ih_l0", 0, repeat=4), AxisRef("lstm.bias_hh_l0", 0, repeat=4),
-        AxisRef("lstm.weight_hh_l0", 1), AxisRef("fc.weight", 1),
-    }
-    assert set(spec.groups["embedding"]) == {AxisRef("embedding.weight", 1), AxisRef("lstm.weight_ih_l0", 1)}
+def test_spec_construction_checks_axes():
+    shapes = {"a.weight": (4, 3), "b.weight": (2, 4)}
+    ok = PermutationSpec({"a": (AxisRef("a.weight", 0), AxisRef("b.weight", 1))}, {"a": 4}, shapes)
+    assert ok.parameters == {"a.weight": ("a", None), "b.weight": (None, "a")}
+    with pytest.raises(ValueError, match="does not fit axis 1 of 'b.weight'"):
+        PermutationSpec({"a": (AxisRef("a.weight", 0), AxisRef("b.weight", 1, block=2))}, {"a": 4}, shapes)
+    with pytest.raises(ValueError, match="claimed by groups 'a' and 'b'"):
+        PermutationSpec({"a": (AxisRef("a.weight", 0),), "b": (AxisRef("a.weight", 0),)}, {"a": 4, "b": 4}, shapes)
+    with pytest.raises(ValueError, match="not in shapes"):
+        PermutationSpec({"a": (AxisRef("c.weight", 0),)}, {"a": 4}, shapes)
 
 
 def test_resnet_streams_share_one_group_and_bn_stats_are_buffers():
@@ -119,6 +147,91 @@ def test_compose_and_identity():
     assert all(torch.equal(same[k], sd[k]) for k in sd)
 
 
+class _FunctionalCNN(nn.Module):
+    """Functional and method forms the tracer must follow: scalar arithmetic, gating by a product,
+    view(size(0), -1), mean over space, GroupNorm(1, C), BatchNorm1d, LayerNorm, a residual MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.gn = nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(1, 6)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1, self.bn = nn.Linear(5 * 4, 12), nn.BatchNorm1d(12)
+        self.fc2, self.ln = nn.Linear(12, 12), nn.LayerNorm(12)
+        self.conv3, self.fc_side = nn.Conv2d(6, 7, 1), nn.Linear(7, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.silu(self.gn(self.conv1(x * 2.0)))
+        h = h * torch.sigmoid(h)                           # a product of two tensors of one group
+        side = self.conv3(h).mean((2, 3))                  # global average pooling as a method
+        z = self.pool(torch.relu(self.conv2(h)))
+        z = z.view(z.size(0), -1)                          # flatten through view and size
+        z = F.relu(self.bn(self.fc1(z)))
+        z = z + self.ln(self.fc2(z)) / 2 + self.fc_side(side)    # residual MLP: one shared group
+        return self.head(z)
+
+
+class _TwoOutputsLSTM(nn.Module):
+    """An LSTM read through its final state ``h[-1]``; the model returns logits and features."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(11, 4)
+        self.lstm = nn.LSTM(4, 9)
+        self.fc = nn.Linear(9, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(self.embedding(x).transpose(0, 1).contiguous())
+        features = torch.tanh(self.fc(h[-1]))
+        return self.head(features), features
+
+
+def test_functional_forms_are_traced_and_preserve_the_function():
+    torch.manual_seed(0)
+    model = _FunctionalCNN().eval()
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 2, 8, 8)
+    spec = permutation_spec(model, x)
+    assert AxisRef("fc1.weight", 1, block=4) in spec.groups["conv2"]
+    residual = spec.groups["fc1"]
+    assert {AxisRef("fc2.weight", 0), AxisRef("ln.weight", 0), AxisRef("fc_side.weight", 0),
+            AxisRef("head.weight", 1)} <= set(residual)
+    assert "conv3" in spec.groups and "gn" not in spec.groups
+    before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(apply_permutation(spec, random_permutation(spec, torch.Generator().manual_seed(3)), state))
+    assert not torch.equal(model.state_dict()["fc1.weight"], state["fc1.weight"])
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+
+
+def test_every_model_output_is_fixed_and_lstm_state_is_followed():
+    torch.manual_seed(0)
+    model = _TwoOutputsLSTM()
+    x = torch.randint(0, 11, (5, 7))
+    spec = permutation_spec(model, x)
+    assert set(spec.groups) == {"embedding", "lstm"}          # fc's axis reaches the output
+    assert AxisRef("fc.weight", 1) in spec.groups["lstm"]
+    before = model(x)
+    model.load_state_dict(apply_permutation(spec, random_permutation(spec, torch.Generator().manual_seed(1)),
+                                            model.state_dict()))
+    for got, want in zip(model(x), before):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_tracing_restores_every_module_mode():
+    model = build_model("resnet20").train()
+    model.blocks[0].eval()
+    permutation_spec(model)
+    assert model.training and model.bn1.training and not model.blocks[0].bn1.training
+
+
 class _Attention(nn.Module):
     def __init__(self):
         super().__init__()
@@ -138,6 +251,24 @@ class _Concat(nn.Module):
         return torch.cat([self.a(x), self.b(x)], 1)
 
 
+class _SkipFromInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x) + x)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else x
+
+
 def test_unsupported_modules_and_functions_are_named():
     with pytest.raises(UnsupportedModuleError, match="module 'attn' \\(MultiheadAttention\\)"):
         permutation_spec(_Attention(), torch.zeros(3, 2, 8))
@@ -146,3 +277,13 @@ def test_unsupported_modules_and_functions_are_named():
     depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     with pytest.raises(UnsupportedModuleError, match="grouped/depthwise Conv2d"):
         permutation_spec(depthwise, torch.zeros(1, 4, 6, 6))
+    over_space = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm(6), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(UnsupportedModuleError, match="module '1' \\(LayerNorm\\): LayerNorm over anything but the last"):
+        permutation_spec(over_space, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(UnsupportedModuleError, match="combines a permuted tensor with a tensor no group"):
+        permutation_spec(_SkipFromInput(), torch.zeros(2, 4))
+    with pytest.raises(UnsupportedModuleError, match="torch.fx cannot trace _DataDependent"):
+        permutation_spec(_DataDependent(), torch.zeros(2, 4))
+    multi = nn.Sequential(nn.Embedding(5, 4), nn.LSTM(4, 6, num_layers=2))
+    with pytest.raises(UnsupportedModuleError, match="module '1' \\(LSTM\\): only single-layer"):
+        permutation_spec(multi, torch.zeros(2, 3, dtype=torch.long))

@@ -182,6 +182,7 @@ class _Walker:
 
     def module(self, node: fx.Node, m: nn.Module):
         name = node.target
+        where = f"module {name!r} ({type(m).__name__})"
         x = self.label_of(node.args[0])
         shape = _shape(node.args[0])
         if isinstance(m, nn.Linear):
@@ -192,9 +193,9 @@ class _Walker:
             return y
         if isinstance(m, nn.Conv2d):
             if m.groups != 1:
-                raise UnsupportedModuleError(f"{name}: grouped/depthwise Conv2d (groups={m.groups})")
+                raise UnsupportedModuleError(f"{where}: grouped/depthwise Conv2d (groups={m.groups})")
             if x is not None and x.block != 1:
-                raise UnsupportedModuleError(f"{name}: Conv2d after a flatten")
+                raise UnsupportedModuleError(f"{where}: Conv2d after a flatten")
             self.act(x, f"{name}.weight", 1)
             self.consume(node, x)
             y = self.new_group(name, m.out_channels)
@@ -202,19 +203,19 @@ class _Walker:
             return y
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             if shape is not None and len(shape) == 3:
-                raise UnsupportedModuleError(f"{name}: BatchNorm1d over (N, C, L) inputs")
+                raise UnsupportedModuleError(f"{where}: BatchNorm1d over (N, C, L) inputs")
             self.act_on_params(x, name, ("weight", "bias", "running_mean", "running_var"))
             self.buffers.update(k for k in (f"{name}.running_mean", f"{name}.running_var") if k in self.shapes)
             return x
         if isinstance(m, nn.GroupNorm):
             if m.num_groups != 1:
-                raise UnsupportedModuleError(f"{name}: GroupNorm with {m.num_groups} groups (only 1 keeps "
+                raise UnsupportedModuleError(f"{where}: GroupNorm with {m.num_groups} groups (only 1 keeps "
                                              "every channel permutation)")
             self.act_on_params(x, name, ("weight", "bias"))
             return x
         if isinstance(m, nn.LayerNorm):
             if len(m.normalized_shape) != 1 or (shape is not None and len(shape) == 4):
-                raise UnsupportedModuleError(f"{name}: LayerNorm over anything but the last, feature axis")
+                raise UnsupportedModuleError(f"{where}: LayerNorm over anything but the last, feature axis")
             self.act_on_params(x, name, ("weight", "bias"))
             return x
         if isinstance(m, nn.Embedding):
@@ -227,18 +228,18 @@ class _Walker:
             return x
         if isinstance(m, nn.Flatten):
             return self.reshape(node, node.args[0])
-        raise UnsupportedModuleError(f"module {name!r} ({type(m).__name__}) is not supported by "
-                                     "permutation_spec; write its spec by hand")
+        raise UnsupportedModuleError(f"{where} is not supported by permutation_spec; write its spec by hand")
 
     def lstm(self, node: fx.Node, name: str, m: nn.LSTM, x) -> _LSTMOutput:
         """One layer: the hidden group acts on the rows of each of the 4 gate blocks of both
         weight matrices and biases, on the columns of ``weight_hh``; the input group on the
         columns of ``weight_ih``."""
+        where = f"module {name!r} (LSTM)"
         if m.num_layers != 1 or m.bidirectional or m.proj_size:
-            raise UnsupportedModuleError(f"{name}: only single-layer, unidirectional LSTMs without "
+            raise UnsupportedModuleError(f"{where}: only single-layer, unidirectional LSTMs without "
                                          "projection are supported")
         if len(node.args) > 1 or node.kwargs:
-            raise UnsupportedModuleError(f"{name}: LSTM called with an initial state")
+            raise UnsupportedModuleError(f"{where}: LSTM called with an initial state")
         self.consume(node, x)
         self.act(x, f"{name}.weight_ih_l0", 1)
         h = self.new_group(name, m.hidden_size)
@@ -279,6 +280,23 @@ class _Walker:
             first = _Label(self.uf.union(first.group, other.group), first.block)
         return first
 
+    def transpose(self, node: fx.Node):
+        """``transpose``/``permute`` of a non-image tensor that keeps the feature (last) axis last,
+        e.g. ``(N, T, E) -> (T, N, E)`` before a sequence-first LSTM."""
+        src, *dims = node.args
+        shape = _shape(src)
+        if shape is not None and len(shape) != 4:
+            last = len(shape) - 1
+            if node.target == "permute":
+                order = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+                keeps = len(order) == len(shape) and order[-1] % len(shape) == last
+            else:
+                keeps = len(dims) == 2 and all(d % len(shape) != last for d in dims)
+            if keeps:
+                return self.label_of(src)
+        raise UnsupportedModuleError(f"{node.name}: {node.target if isinstance(node.target, str) else 'transpose'} "
+                                     "that moves the feature axis")
+
     def spatial_mean(self, node: fx.Node):
         """``x.mean((2, 3))`` over an NCHW tensor (global average pooling) keeps the channel axis."""
         src = node.args[0]
@@ -299,6 +317,8 @@ class _Walker:
             return self.reshape(node, node.args[0])
         if f is torch.mean:
             return self.spatial_mean(node)
+        if f is torch.transpose:
+            return self.transpose(node)
         if f is operator.getitem:
             return self.getitem(node)
         if f is builtins.getattr and node.args[1] in _NON_TENSOR_ATTRIBUTES:
@@ -334,6 +354,8 @@ class _Walker:
             return self.reshape(node, node.args[0])
         if target == "mean":
             return self.spatial_mean(node)
+        if target in ("transpose", "permute"):
+            return self.transpose(node)
         raise UnsupportedModuleError(f"tensor method {target!r} (node {node.name}) is not "
                                      "supported by permutation_spec; write its spec by hand")
 
