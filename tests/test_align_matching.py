@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedalign.align import apply_permutation, permutation_spec, random_permutation
+from fedalign.align import SOLVERS, apply_permutation, permutation_spec, random_permutation, solver_names
 from fedalign.align.solvers import sinkhorn_plan, solve_assignment
 from fedalign.align.weight_matching import (
     match_to_reference,
@@ -17,28 +17,44 @@ from fedalign.align.weight_matching import (
 from fedalign.models import build_model
 
 
-@pytest.mark.parametrize("n, m, seed", [(5, 5, 0), (32, 32, 1), (100, 100, 2), (20, 35, 3)])
+@pytest.mark.parametrize("n, m", [(5, 5), (32, 32), (64, 64), (100, 100), (128, 128), (20, 35)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_solvers_reach_the_hungarian_optimum(n, m, seed):
     scores = torch.from_numpy(np.random.default_rng(seed).normal(size=(n, m)))
     rows, cols = linear_sum_assignment(scores.numpy(), maximize=True)
     best = scores.numpy()[rows, cols].sum()
-    for solver in ("hungarian", "sinkhorn"):
-        assignment = solve_assignment(scores, solver, **({"reg": 0.002} if solver == "sinkhorn" else {}))
-        assert len(set(assignment.tolist())) == n
-        assert scores[torch.arange(n), assignment].sum().item() == pytest.approx(best, rel=1e-9)
+    for solver, options in (("hungarian", {}), ("sinkhorn", {"reg": 1e-4})):
+        assignment = solve_assignment(scores, solver, **options)
+        assert assignment.dtype == torch.long and len(set(assignment.tolist())) == n
+        assert scores[torch.arange(n), assignment].sum().item() == pytest.approx(best, rel=1e-12)
+
+
+def test_sinkhorn_accepts_numpy_and_float32_scores():
+    scores = np.random.default_rng(4).normal(size=(16, 16)).astype(np.float32)
+    expected = solve_assignment(scores)
+    assert torch.equal(solve_assignment(scores, "sinkhorn"), expected)
+    assert solve_assignment(np.zeros((0, 3))).shape == (0,)
 
 
 def test_sinkhorn_plan_is_doubly_stochastic_and_scale_free():
     scores = torch.randn(30, 30, generator=torch.Generator().manual_seed(0))
-    plan = sinkhorn_plan(scores, reg=0.05)
-    torch.testing.assert_close(plan.sum(1), torch.ones(30, dtype=plan.dtype), atol=1e-5, rtol=0)
-    torch.testing.assert_close(plan.sum(0), torch.ones(30, dtype=plan.dtype), atol=1e-5, rtol=0)
-    torch.testing.assert_close(sinkhorn_plan(1000 * scores, reg=0.05), plan)
+    plan = sinkhorn_plan(scores, reg=0.05, tol=1e-8)
+    torch.testing.assert_close(plan.sum(1), torch.ones(30, dtype=plan.dtype), atol=1e-7, rtol=0)
+    torch.testing.assert_close(plan.sum(0), torch.ones(30, dtype=plan.dtype), atol=1e-7, rtol=0)
+    torch.testing.assert_close(sinkhorn_plan(1000 * scores + 3, reg=0.05, tol=1e-8), plan)
+    wide = sinkhorn_plan(torch.randn(10, 25, generator=torch.Generator().manual_seed(1)), reg=0.05, tol=1e-8)
+    torch.testing.assert_close(wide.sum(1), torch.ones(10, dtype=wide.dtype), atol=1e-7, rtol=0)
+    assert (wide.sum(0) <= 1 + 1e-7).all() and wide.sum().item() == pytest.approx(10)
 
 
 def test_solver_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown solver 'auction'"):
+    with pytest.raises(ValueError, match="unknown solver 'auction'; choose one of hungarian, sinkhorn"):
         solve_assignment(torch.zeros(2, 2), "auction")
+    assert solver_names() == tuple(SOLVERS) == ("hungarian", "sinkhorn")
+    with pytest.raises(ValueError, match="solver 'hungarian' does not take \\['reg'\\]"):
+        solve_assignment(torch.zeros(2, 2), "hungarian", reg=0.1)
+    with pytest.raises(ValueError, match="scaling"):
+        solve_assignment(torch.zeros(2, 2), "sinkhorn", scaling=1.0)
     with pytest.raises(ValueError, match="n x m with n <= m"):
         solve_assignment(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -101,3 +117,32 @@ def test_merge_many_and_match_to_reference_undo_planted_permutations():
     for p, c in zip(match_to_reference(spec, base, copies), copies):
         back = apply_permutation(spec, p, c)
         assert all(torch.equal(back[k], base[k]) for k in base)
+
+
+def test_merge_many_of_permuted_copies_is_the_same_network_with_bn_buffers():
+    torch.manual_seed(0)
+    model = build_model("resnet20", width=1).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = permutation_spec(model)
+    g = torch.Generator().manual_seed(9)
+    copies = [apply_permutation(spec, random_permutation(spec, g), base) for _ in range(3)]
+    for i, c in enumerate(copies):
+        c["bn1.num_batches_tracked"] = torch.tensor(10 * (i + 1))
+    merged, perms = merge_many(spec, copies, weights=[1.0, 2.0, 3.0])
+    assert merged["bn1.num_batches_tracked"].item() == 30 and merged["bn1.num_batches_tracked"].dtype == torch.long
+    aligned = [apply_permutation(spec, p, c) for p, c in zip(perms, copies)]
+    for k in base:
+        if base[k].is_floating_point():
+            assert all(torch.allclose(a[k], aligned[0][k], atol=1e-6) for a in aligned[1:]), k
+    x = torch.rand(4, 1, 28, 28)
+    before = model(x)
+    model.load_state_dict(merged)
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="weights"):
+        merge_many(spec, copies, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="at least two"):
+        merge_many(spec, copies[:1])

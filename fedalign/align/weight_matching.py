@@ -1,10 +1,11 @@
 """Weight matching (Git Re-Basin, Ainsworth et al. 2023): align units by their weights alone.
 
-Maximises ``sum_k <A_k, P(B_k)>`` over the spec's groups by block coordinate ascent: for one group,
-with every other group fixed, the objective is linear in its permutation, and the score matrix is a
-sum of matrix products over the axes the group acts on. A group's update is kept only when the
-full objective does not drop (a group acting on two axes of one parameter, like an LSTM's hidden
-units on ``weight_hh``, makes the per-group problem quadratic), so the objective never decreases.
+Maximises ``sum_k <A_k, P(B_k)>`` over the entries ``k`` the spec permutes (BN running statistics
+excluded) by block coordinate ascent: for one group, with every other group fixed, the objective is
+linear in its permutation, and the score matrix is a sum of matrix products over the axes the group
+acts on. A group's update is kept only when the objective rises (a group acting on two axes of one
+entry, like an LSTM's hidden units on ``weight_hh``, makes the per-group problem quadratic, so the
+linear solution is checked), hence the objective never decreases.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedalign.fusion.mean import weighted_average
+from fedalign.fusion.mean import normalised_weights, weighted_average
 
 from .solvers import solve_assignment
 from .spec import AxisRef, PermutationSpec, Perms, apply_permutation, identity_permutation, permuted_entry
@@ -23,7 +24,7 @@ StateDict = Mapping[str, torch.Tensor]
 
 
 def _units_first(tensor: torch.Tensor, ref: AxisRef) -> torch.Tensor:
-    """(n, rest): the group's units as rows (blocks and repeats folded into the columns)."""
+    """(n, rest): the group's units as rows, their blocks and repeats folded into the columns."""
     t = tensor.movedim(ref.axis, 0)
     t = t.reshape(ref.repeat, -1, ref.block, *t.shape[1:]).movedim(1, 0)
     return t.reshape(t.shape[0], -1)
@@ -32,7 +33,8 @@ def _units_first(tensor: torch.Tensor, ref: AxisRef) -> torch.Tensor:
 def group_scores(
     spec: PermutationSpec, group: str, reference: StateDict, other: StateDict, perms: Perms
 ) -> torch.Tensor:
-    """Score matrix ``S[i, j]``: gain of putting ``other``'s unit j at ``reference``'s unit i."""
+    """(n, n) float64 score matrix ``S[i, j]``: the objective's gain from putting ``other``'s unit
+    ``j`` at ``reference``'s unit ``i``, every other axis permuted by ``perms``."""
     n = spec.sizes[group]
     scores = torch.zeros(n, n, dtype=torch.float64, device=next(iter(reference.values())).device)
     for ref in spec.objective_refs(group):
@@ -42,39 +44,55 @@ def group_scores(
     return scores
 
 
+def _objective_keys(spec: PermutationSpec) -> list[str]:
+    return sorted(spec.keys - spec.buffers)
+
+
+def _term(spec: PermutationSpec, key: str, reference: StateDict, other: StateDict, perms: Perms) -> float:
+    return float(torch.vdot(reference[key].double().reshape(-1),
+                            permuted_entry(spec, perms, key, other[key]).double().reshape(-1)))
+
+
 def objective(spec: PermutationSpec, reference: StateDict, other: StateDict, perms: Perms) -> float:
     """``sum_k <A_k, P(B_k)>`` over the entries the spec permutes (buffers excluded)."""
-    total = 0.0
-    for key in spec.keys - spec.buffers:
-        total += float(torch.vdot(reference[key].double().reshape(-1),
-                                  permuted_entry(spec, perms, key, other[key]).double().reshape(-1)))
-    return total
+    return sum(_term(spec, k, reference, other, perms) for k in _objective_keys(spec))
 
 
 @dataclass
 class MatchResult:
+    """Outcome of weight matching: the permutations, their objective and the objective before
+    the first sweep and after every sweep of the run that won (non-decreasing)."""
+
     perms: Perms
     objective: float
-    trace: list[float] = field(default_factory=list)  # objective after each sweep, non-decreasing
+    trace: list[float] = field(default_factory=list)
 
 
 def _coordinate_ascent(
     spec: PermutationSpec, reference: StateDict, other: StateDict, perms: Perms,
-    solver: str, max_iter: int, generator: torch.Generator,
+    solver: str, solver_options: Mapping, max_iter: int, generator: torch.Generator,
 ) -> MatchResult:
+    """Sweeps over the groups in random order until a sweep changes nothing. The objective is
+    kept as per-entry terms so that a group's update only recomputes the entries it touches."""
     groups = list(spec.sizes)
-    current = objective(spec, reference, other, perms)
+    touched = {g: sorted({ref.key for ref in spec.objective_refs(g)}) for g in groups}
+    terms = {k: _term(spec, k, reference, other, perms) for k in _objective_keys(spec)}
+    current = sum(terms.values())
     trace = [current]
     for _ in range(max_iter):
         improved = False
         for i in torch.randperm(len(groups), generator=generator).tolist():
             g = groups[i]
-            candidate = {**perms, g: solve_assignment(group_scores(spec, g, reference, other, perms), solver)}
+            scores = group_scores(spec, g, reference, other, perms)
+            candidate = {**perms, g: solve_assignment(scores, solver, **solver_options).cpu()}
             if torch.equal(candidate[g], perms[g]):
                 continue
-            value = objective(spec, reference, other, candidate)
-            if value > current + 1e-12 * max(1.0, abs(current)):
-                perms, current, improved = candidate, value, True
+            new_terms = {k: _term(spec, k, reference, other, candidate) for k in touched[g]}
+            gain = sum(new_terms.values()) - sum(terms[k] for k in touched[g])
+            if gain > 1e-12 * max(1.0, abs(current)):
+                perms, improved = candidate, True
+                terms.update(new_terms)
+                current = sum(terms.values())
         trace.append(current)
         if not improved:
             break
@@ -90,17 +108,25 @@ def weight_matching_result(
     seed: int = 0,
     max_iter: int = 100,
     init: Perms | None = None,
+    solver_options: Mapping | None = None,
 ) -> MatchResult:
-    """Best of ``restarts`` coordinate-ascent runs (the first from ``init`` or the identity, the
-    others from random permutations); residual nets often stall from one start."""
+    """Best of ``restarts`` coordinate-ascent runs: the first from ``init`` (default identity),
+    the others from random permutations (residual nets often stall from one start). ``max_iter``
+    caps the sweeps of each run; ``seed`` fixes the group orders and random starts."""
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    keys = _objective_keys(spec)
+    reference = {k: reference[k].double() for k in keys}   # converted once, not per group update
+    other = {k: other[k].double() for k in keys}
     generator = torch.Generator().manual_seed(seed)
     best: MatchResult | None = None
-    for r in range(max(1, restarts)):
+    for r in range(restarts):
         if r == 0:
             start = dict(init) if init is not None else identity_permutation(spec)
         else:
             start = {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
-        result = _coordinate_ascent(spec, reference, other, start, solver, max_iter, generator)
+        result = _coordinate_ascent(spec, reference, other, start, solver, solver_options or {},
+                                    max_iter, generator)
         if best is None or result.objective > best.objective:
             best = result
     return best
@@ -114,16 +140,20 @@ def weight_matching(
     restarts: int = 1,
     seed: int = 0,
     max_iter: int = 100,
+    solver_options: Mapping | None = None,
 ) -> Perms:
     """Permutations that align ``other``'s units to ``reference``'s:
-    ``apply_permutation(spec, perms, other)`` is then close to ``reference``."""
-    return weight_matching_result(spec, reference, other, solver, restarts, seed, max_iter).perms
+    ``apply_permutation(spec, perms, other)`` is then close to ``reference``. See
+    ``weight_matching_result`` for the objective trace."""
+    return weight_matching_result(spec, reference, other, solver, restarts, seed, max_iter,
+                                  solver_options=solver_options).perms
 
 
 def match_to_reference(
     spec: PermutationSpec, reference: StateDict, state_dicts: Sequence[StateDict], **options
 ) -> list[Perms]:
-    """Each state dict matched to one reference (e.g. the previous global model)."""
+    """Each state dict matched to one reference (e.g. the previous global model); ``options`` go
+    to ``weight_matching``."""
     return [weight_matching(spec, reference, sd, **options) for sd in state_dicts]
 
 
@@ -134,26 +164,39 @@ def merge_many(
     solver: str = "hungarian",
     max_iter: int = 20,
     seed: int = 0,
+    solver_options: Mapping | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[Perms]]:
-    """MergeMany: match every model to the weighted mean of the others, until no model's
-    permutation changes; return the weighted average of the aligned models and their perms."""
+    """MergeMany: match every model to the weighted mean of the (aligned) others, in random
+    order, until a round changes no model's permutations (each change strictly improves that
+    model's objective against the current mean) or ``max_iter`` rounds ran; return the weighted
+    average of the aligned models (integer buffers such as BN's ``num_batches_tracked`` take the
+    maximum) and each model's perms."""
     n = len(state_dicts)
     if n < 2:
         raise ValueError("merge_many needs at least two state dicts")
-    w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(list(weights), dtype=torch.float64)
+    w = normalised_weights(weights, n)
+    keys = _objective_keys(spec)
     perms = [identity_permutation(spec) for _ in range(n)]
-    aligned = [dict(sd) for sd in state_dicts]
+    aligned = [{k: sd[k].double() for k in keys} for sd in state_dicts]
+    total = {k: sum(w[i] * aligned[i][k] for i in range(n)) for k in keys}
     generator = torch.Generator().manual_seed(seed)
     for _ in range(max_iter):
         changed = False
         for j in torch.randperm(n, generator=generator).tolist():
-            others = [i for i in range(n) if i != j]
-            mean = weighted_average([aligned[i] for i in others], w[others].tolist())
-            result = weight_matching_result(spec, mean, state_dicts[j], solver, init=perms[j],
-                                            seed=int(torch.randint(2**31, (1,), generator=generator)))
+            rest = 1 - w[j]
+            if rest <= 0:
+                continue  # a model holding all the weight has no "others" to match
+            mean_of_others = {k: (total[k] - w[j] * aligned[j][k]) / rest for k in keys}
+            result = weight_matching_result(spec, mean_of_others, state_dicts[j], solver, init=perms[j],
+                                            seed=int(torch.randint(2**31, (1,), generator=generator)),
+                                            solver_options=solver_options)
             if any(not torch.equal(result.perms[g], perms[j][g]) for g in spec.sizes):
-                perms[j], changed = result.perms, True
-                aligned[j] = apply_permutation(spec, perms[j], state_dicts[j])
+                changed = True
+                perms[j] = result.perms
+                moved = apply_permutation(spec, perms[j], {k: state_dicts[j][k].double() for k in keys})
+                total = {k: total[k] + w[j] * (moved[k] - aligned[j][k]) for k in keys}
+                aligned[j] = moved
         if not changed:
             break
-    return dict(weighted_average(aligned, w.tolist())), perms
+    merged = weighted_average([apply_permutation(spec, p, sd) for p, sd in zip(perms, state_dicts)], w.tolist())
+    return dict(merged), perms
