@@ -5,6 +5,10 @@ broadcast reference model and its own model on its data and returns, per group, 
 activations, of their squares and of the cross products (``d x d``) plus the count: these add up
 across clients, so the server pools them and solves one assignment per group without ever seeing
 data. Conv activations count every spatial position as a sample.
+
+Activations are read at nodes of the traced graph (an ``fx.Interpreter``): the equivalent of
+forward hooks that also reaches functional activations (``torch.relu``), which have no module to
+hook.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ Stats = dict[str, dict[str, torch.Tensor]]
 
 
 class _Capture(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
-        super().__init__(gm)
+    """Runs a model's traced graph and keeps the outputs of the nodes named in ``wanted``."""
+
+    def __init__(self, model: nn.Module, wanted: set[str]) -> None:
+        super().__init__(fx.symbolic_trace(model))
         self.wanted = wanted
         self.captured: dict[str, torch.Tensor] = {}
 
@@ -34,13 +40,12 @@ class _Capture(fx.Interpreter):
             self.captured[n.name] = result
         return result
 
-
-def capture_activations(model: nn.Module, X: torch.Tensor, nodes: set[str]) -> dict[str, torch.Tensor]:
-    """Outputs of the traced nodes ``nodes`` on batch ``X`` (no gradients, model mode unchanged)."""
-    capture = _Capture(fx.symbolic_trace(model), nodes)
-    with torch.no_grad():
-        capture.run(X)
-    return capture.captured
+    def __call__(self, X: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The wanted activations on batch ``X`` (no gradients, module modes unchanged)."""
+        self.captured = {}
+        with torch.no_grad():
+            self.run(X)
+        return self.captured
 
 
 def unit_samples(activation: torch.Tensor, units: int) -> torch.Tensor:
@@ -65,16 +70,27 @@ def _batches(data: torch.Tensor | Iterable) -> Iterable[torch.Tensor]:
 def activation_statistics(
     spec: PermutationSpec, reference: nn.Module, model: nn.Module, data: torch.Tensor | Iterable
 ) -> Stats:
-    """Per group: ``count``, ``sum_ref``, ``sum``, ``sq_ref``, ``sq``, ``cross`` (ref x model)
-    over the batches of ``data`` (a tensor, or an iterable of tensors or (X, y) pairs)."""
-    nodes = {spec.activations[g] for g in spec.sizes if g in spec.activations}
+    """What a client sends for activation matching: per group, float64 sums over the batches of
+    ``data`` (a tensor, or an iterable of tensors or (X, y) pairs) of
+
+    - ``count``: samples (every conv position and every time step of a sequence is a sample),
+    - ``sum_ref``, ``sum`` (d,): activations of ``reference`` and of ``model``,
+    - ``sq_ref``, ``sq`` (d,): their squares,
+    - ``cross`` (d, d): ``sum a_ref a_model^T``.
+
+    The activation of a group is the input of its first consumer as traced
+    (``spec.activations``): post-ReLU (and post-pooling) outputs of hidden layers, the stem's
+    post-ReLU output for a residual stream, the embedding output, the LSTM's last hidden state.
+    Models run in their current mode (use eval mode for BN models). Sums add up over clients.
+    """
     missing = [g for g in spec.sizes if g not in spec.activations]
     if missing:
         raise ValueError(f"the spec has no activation site for groups {missing}")
+    nodes = {spec.activations[g] for g in spec.sizes}
+    capture_ref, capture = _Capture(reference, nodes), _Capture(model, nodes)
     stats: Stats = {}
     for X in _batches(data):
-        acts_ref = capture_activations(reference, X, nodes)
-        acts = capture_activations(model, X, nodes)
+        acts_ref, acts = capture_ref(X), capture(X)
         for g, n in spec.sizes.items():
             a = unit_samples(acts_ref[spec.activations[g]], n)
             b = unit_samples(acts[spec.activations[g]], n)
@@ -112,13 +128,15 @@ def permutations_from_statistics(
     stats: Mapping[str, Mapping[str, torch.Tensor]],
     criterion: str = "correlation",
     solver: str = "hungarian",
+    solver_options: Mapping | None = None,
 ) -> Perms:
-    """One assignment per group from pooled statistics: ``criterion`` is ``"correlation"`` or
-    ``"cross_moment"`` (E[a b^T])."""
+    """One assignment per group from pooled statistics, aligning ``model``'s units to the
+    reference's (apply with ``apply_permutation`` to the model): ``criterion`` is
+    ``"correlation"`` (Pearson) or ``"cross_moment"`` (E[a b^T])."""
     if criterion not in ("correlation", "cross_moment"):
         raise ValueError(f"criterion must be 'correlation' or 'cross_moment', got {criterion!r}")
     perms = {}
     for g, s in stats.items():
         scores = correlation(s) if criterion == "correlation" else s["cross"] / s["count"]
-        perms[g] = solve_assignment(scores, solver)
+        perms[g] = solve_assignment(scores, solver, **(solver_options or {}))
     return perms

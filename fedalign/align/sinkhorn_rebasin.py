@@ -24,6 +24,8 @@ LOSSES = ("l2", "l1", "cosine", "midpoint")
 
 
 def log_sinkhorn(logits: torch.Tensor, tau: float, n_iter: int) -> torch.Tensor:
+    """(n, n) doubly stochastic plan ``exp`` of ``logits / tau`` after ``n_iter`` alternating row and
+    column normalisations in the log domain (differentiable; the last step makes columns exact)."""
     log_p = logits / tau
     for _ in range(n_iter):
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
@@ -63,8 +65,12 @@ def sinkhorn_rebasin(
     """Permutations aligning ``other`` to ``reference`` learnt through soft permutations.
 
     ``loss``: ``"l2"``, ``"l1"``, ``"cosine"`` (data-free distances between ``reference`` and the
-    soft-permuted ``other``) or ``"midpoint"`` (cross-entropy of the midpoint model on ``data``;
-    needs ``model`` for the architecture).
+    soft-permuted ``other`` over the permuted parameters, BN running statistics excluded) or
+    ``"midpoint"`` (cross-entropy of the midpoint model ``(reference + P(other)) / 2`` on
+    ``data = (X, y)``, evaluated with ``model``'s architecture through ``functional_call``).
+    Each group's ``n x n`` logits start at ``I + 0.1 * randn`` and are trained by Adam (``steps``,
+    ``lr``); the soft permutation is ``log_sinkhorn(logits, tau, n_iter)``. At the end every plan is
+    hardened by ``solver``. Apply the result with ``apply_permutation(spec, perms, other)``.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -75,18 +81,21 @@ def sinkhorn_rebasin(
         g: (torch.eye(n) + 0.1 * torch.randn(n, n, generator=generator)).requires_grad_()
         for g, n in spec.sizes.items()
     }
-    keys = sorted(spec.keys - spec.buffers)
+    # the distance ignores BN running statistics; the midpoint model needs them all
+    keys = sorted(spec.keys if loss == "midpoint" else spec.keys - spec.buffers)
     ref = {k: reference[k].detach().float() for k in keys}
     oth = {k: other[k].detach().float() for k in keys}
-    scale = sum(float((v**2).sum()) for v in ref.values()) ** 0.5
+    if loss == "midpoint":
+        X, y = data
+        fixed = {k: (0.5 * (v.detach() + other[k].detach()) if v.is_floating_point() else v)
+                 for k, v in reference.items() if k not in spec.keys}
+    scale = sum(float((v**2).sum()) for k, v in ref.items() if k not in spec.buffers) ** 0.5
     optimizer = torch.optim.Adam(logits.values(), lr=lr)
     for _ in range(steps):
         plans = {g: log_sinkhorn(w, tau, n_iter) for g, w in logits.items()}
         moved = {k: soft_permute(spec, plans, k, oth[k]) for k in keys}
         if loss == "midpoint":
-            X, y = data
-            params = {k: v.detach() for k, v in reference.items()}
-            params.update({k: 0.5 * (ref[k] + moved[k]) for k in keys})
+            params = {**fixed, **{k: 0.5 * (ref[k] + moved[k]) for k in keys}}
             objective = F.cross_entropy(functional_call(model, params, (X,)), y)
         else:
             a = torch.cat([ref[k].reshape(-1) for k in keys])
