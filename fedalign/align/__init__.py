@@ -1,7 +1,8 @@
 """Putting the neurons of several networks into correspondence (no Flower import).
 
 ``permutation_spec(model)`` derives which permutation group acts on which axis of which parameter;
-every method here works through that spec.
+every method here works through that spec (``fedalign.align.zoo_specs`` holds hand-written specs of
+the zoo models as a check). Solvers are chosen by one string everywhere (``solver_names()``).
 """
 
 from .spec import (

@@ -264,7 +264,7 @@ class _Walker:
 
     def elementwise(self, node: fx.Node):
         """Operands combined elementwise must share one permutation: merge their groups."""
-        operands = [a for a in node.args[:2]]
+        operands = list(node.args[:2])
         labels = [self.label_of(a) for a in operands]
         for a, label in zip(operands, labels):
             if label is None and isinstance(a, fx.Node) and _shape(a):
