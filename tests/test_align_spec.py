@@ -287,3 +287,17 @@ def test_unsupported_modules_and_functions_are_named():
     multi = nn.Sequential(nn.Embedding(5, 4), nn.LSTM(4, 6, num_layers=2))
     with pytest.raises(UnsupportedModuleError, match="module '1' \\(LSTM\\): only single-layer"):
         permutation_spec(multi, torch.zeros(2, 3, dtype=torch.long))
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc2(torch.relu(self.fc1(x)))))))
+
+
+def test_a_module_called_twice_is_refused():
+    with pytest.raises(UnsupportedModuleError, match="'fc2' \\(Linear\\) is called more than once"):
+        permutation_spec(_Shared(), torch.zeros(2, 4))

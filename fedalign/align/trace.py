@@ -122,6 +122,7 @@ def _feature_axis(shape: tuple[int, ...]) -> int:
 class _Walker:
     def __init__(self, gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> None:
         self.modules = dict(gm.named_modules())
+        self.called: set[str] = set()
         self.graph = gm.graph
         self.shapes = shapes
         self.uf = _UnionFind()
@@ -168,7 +169,13 @@ class _Walker:
                 raise UnsupportedModuleError(f"parameter {node.target!r} is used outside its module "
                                              "(get_attr); permutation_spec cannot follow it")
             elif node.op == "call_module":
-                self.labels[node] = self.module(node, self.modules[node.target])
+                module = self.modules[node.target]
+                if node.target in self.called and any(True for _ in module.parameters(recurse=False)):
+                    raise UnsupportedModuleError(
+                        f"module {node.target!r} ({type(module).__name__}) is called more than once: "
+                        "shared weights cannot be permuted for each use")
+                self.called.add(node.target)
+                self.labels[node] = self.module(node, module)
             elif node.op in ("call_function", "call_method"):
                 if not self.labelled((node.args, node.kwargs)):
                     self.labels[node] = None       # no group reaches it: input preprocessing, shapes
