@@ -52,7 +52,9 @@ class BarrierResult:
         return asdict(self)
 
 
-def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+def interpolate(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float
+) -> dict[str, torch.Tensor]:
     """``(1 - lam) a + lam b`` for floating entries; integer buffers (``num_batches_tracked``)
     have no meaningful average and are taken from ``a``."""
     if a.keys() != b.keys():
