@@ -60,7 +60,8 @@ class TrainConfig:
 class MatchingConfig:
     """BBP-MAP's hyperparameters for PFNM and FedMA. ``gamma`` defaults to each method's reference
     value (PFNM 1, FedMA 7); ``grid: true`` (PFNM) lets the clients pick sigma, sigma0 and gamma
-    from the reference's grid by their training accuracy."""
+    from the reference's grid by their training accuracy, keeping the smallest model within
+    ``grid_tolerance`` of the best score (0: the best, as the reference does)."""
 
     sigma: float = 1.0
     sigma0: float = 1.0
@@ -70,6 +71,7 @@ class MatchingConfig:
     max_width: int | None = None
     popularity: str = "consistent"
     grid: bool = False
+    grid_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -317,6 +319,8 @@ def _validate(cfg: RunConfig) -> None:
     need(m.popularity in ("consistent", "reference"), "strategy.matching.popularity",
          "consistent or reference")
     need(m.max_width is None or m.max_width >= 1, "strategy.matching.max_width", "must be >= 1")
+    need(0 <= m.grid_tolerance <= 1, "strategy.matching.grid_tolerance",
+         f"an accuracy difference in [0, 1], got {m.grid_tolerance}")
     if s.name == "fedprox":
         need(t.proximal_mu > 0, "train.proximal_mu", "strategy fedprox needs proximal_mu > 0")
 

@@ -34,8 +34,8 @@ def communication_rounds(rows: list[dict]) -> list[int]:
 def comparison_table(results: dict[str, dict]) -> str:
     """Final/best accuracy, cost, and the cost of reaching FedAvg's final accuracy."""
     target = results["FedAvg"]["accuracy"][-1]
-    lines = ["| strategy | final acc (%) | best acc (%) | comm. rounds | MiB | comm. rounds to FedAvg's final "
-             "| MiB to FedAvg's final | wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| strategy | final acc (%) | best acc (%) | comm. rounds | MiB | comm. rounds to FedAvg's final "
+              "| MiB to FedAvg's final | wall s |"), "|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         accs = r["accuracy"]
         reach = next((i for i, a in enumerate(accs) if a >= target), None)

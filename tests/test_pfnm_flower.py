@@ -34,12 +34,19 @@ def test_one_shot_pfnm_grows_the_global_model(tmp_path):
 
 def test_pfnm_grid_scored_by_clients_then_fedavg_rounds(tmp_path):
     cfg = load_config(ROOT / "configs/digits_mlp.yaml",
-                      PFNM + ["strategy.rounds=2", "strategy.matching.grid=true", "train.local_epochs=2"])
+                      PFNM + ["strategy.rounds=2", "strategy.matching.grid=true", "train.local_epochs=2",
+                             "strategy.matching.grid_tolerance=0.02"])
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
     first, second = rows[1], rows[2]
     assert 0 < first["pfnm"]["client_train_accuracy"] <= 1
     assert first["seconds_score"] > 0
+    candidates = first["pfnm"]["candidates"]
+    assert len(candidates) == 18
+    top = max(c["score"] for c in candidates)
+    eligible = [sum(c["widths"]) for c in candidates if c["score"] >= top - 0.02]
+    assert sum(first["pfnm"]["widths"]) == min(eligible)        # the smallest model within tolerance
+    assert first["pfnm"]["client_train_accuracy"] >= top - 0.02
     def model_bytes(width):                                    # float32 MLP 64-width-10
         return 4 * (64 * width + width + width * 10 + 10)
 

@@ -5,7 +5,8 @@ Round 1 asks the clients to train from their own initialisations (``client-init=
 report their class counts with their weights; the server fuses the MLPs into one whose hidden
 widths follow the matching. With ``strategy.matching.grid``, every candidate of the reference's
 (sigma, sigma0, gamma) grid is sent back to the clients, which score it on their own training data
-(a "score" phase, counted in bytes and seconds); the server keeps the best. Later rounds, if any,
+(a "score" phase, counted in bytes and seconds); the server keeps the smallest model whose pooled
+score is within ``strategy.matching.grid_tolerance`` of the best (0: the best, the reference's rule). Later rounds, if any,
 fine-tune the fused model with FedAvg (clients then build the grown architecture from the weights
 they receive).
 """
@@ -13,19 +14,15 @@ they receive).
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import product
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedalign.fl.records import config_record, to_arrays
 from fedalign.fl.strategy import ClientUpdate, FedAvg, RoundLog
-from fedalign.fusion.pfnm import mlp_from_state, pfnm
-
-GRID = {"sigma": (1.0, 0.1, 0.5), "sigma0": (1.0, 10.0), "gamma": (1.0, 1e-3, 50.0)}
+from fedalign.fusion.pfnm import mlp_from_state, pfnm, pfnm_grid_search
 
 
 class PFNM(FedAvg):
@@ -65,17 +62,17 @@ class PFNM(FedAvg):
         p = self.cfg.strategy.matching
         options = {"iterations": p.iterations, "seed": self.cfg.resolved_seeds.sampling,
                    "solver": p.solver, "max_width": p.max_width, "popularity": p.popularity}
-        candidates = (list(product(GRID["sigma"], GRID["sigma0"], GRID["gamma"])) if p.grid
-                      else [(p.sigma, p.sigma0, 1.0 if p.gamma is None else p.gamma)])
-        best, best_score, chosen = None, -np.inf, None
-        for sigma, sigma0, gamma in candidates:
-            fused, assignment = pfnm(models, counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)
-            score = self.client_score(fused, [u for u, _ in usable], rlog) if len(candidates) > 1 else 0.0
-            if best is None or score > best_score:
-                best, best_score = fused, score
-                chosen = {"sigma": sigma, "sigma0": sigma0, "gamma": gamma, "widths": assignment.widths}
-        rlog.extra["pfnm"] = {**chosen, **({"client_train_accuracy": best_score} if len(candidates) > 1 else {})}
-        return OrderedDict(best.state_dict())
+        if not p.grid:
+            gamma = 1.0 if p.gamma is None else p.gamma
+            fused, assignment = pfnm(models, counts, sigma=p.sigma, sigma0=p.sigma0, gamma=gamma, **options)
+            rlog.extra["pfnm"] = {"sigma": p.sigma, "sigma0": p.sigma0, "gamma": gamma, "widths": assignment.widths}
+            return OrderedDict(fused.state_dict())
+        clients = [u for u, _ in usable]
+        fused, _, chosen = pfnm_grid_search(models, counts, lambda m: self.client_score(m, clients, rlog),
+                                            tolerance=p.grid_tolerance, **options)
+        rlog.extra["pfnm"] = {**{k: v for k, v in chosen.items() if k != "score"},
+                              "client_train_accuracy": chosen["score"]}
+        return OrderedDict(fused.state_dict())
 
     def client_score(self, model, updates: list[ClientUpdate], rlog: RoundLog) -> float:
         """The clients' accuracy of ``model`` on their own training data (pooled)."""
