@@ -309,8 +309,8 @@ def _validate(cfg: RunConfig) -> None:
     if s.name == "pfnm":
         need(cfg.model.name == "mlp", "strategy.name", f"pfnm fuses MLPs, not {cfg.model.name!r}")
     if s.name == "fedma":
-        need(cfg.model.name in ("mlp", "lenet", "vgg9"), "strategy.name",
-             f"fedma covers mlp, lenet and vgg9 here, not {cfg.model.name!r}")
+        need(cfg.model.name in ("mlp", "lenet", "vgg9", "char_lstm"), "strategy.name",
+             f"fedma covers mlp, lenet, vgg9 and char_lstm (no BatchNorm), not {cfg.model.name!r}")
     m = s.matching
     need(m.sigma > 0 and m.sigma0 > 0 and (m.gamma is None or m.gamma > 0), "strategy.matching",
          "sigma, sigma0 and gamma must be > 0")

@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from fedalign.align import apply_permutation, permutation_spec, random_permutation
+from fedalign.fusion.bbp_map import BBPResult
 from fedalign.fusion.fedma import (
     class_weighted_classifier,
     classifier_keys,
+    global_layer,
     hybrid_state,
     match_layer,
     matched_layers,
+    neuron_rows,
     slice_to_client,
 )
 from fedalign.models import build_model, state_widths
@@ -22,13 +25,16 @@ def _fedma_without_retraining(name, kwargs, J=3):
     g = torch.Generator().manual_seed(1)
     states = [apply_permutation(spec, random_permutation(spec, g), base.state_dict()) for _ in range(J)]
     assignments = [{} for _ in range(J)]
-    for layer in matched_layers(spec):
+    layers = matched_layers(spec, base)
+    for layer in layers:
         result = match_layer(states, layer, sigma=0.1, sigma0=1e8, gamma=1.0)
         for j in range(J):
             assignments[j][layer.group] = result.assignments[j]
-        states = [hybrid_state(sd, layer, result, j) for j, sd in enumerate(states)]
-    keys = classifier_keys(spec, states[0])
-    counts = [[5, 1, 3, 2, 2, 4, 1, 1, 0, 7]] * J
+        glob = global_layer(states, layer, result)
+        states = [hybrid_state(sd, layer, glob, j) for j, sd in enumerate(states)]
+    keys = classifier_keys(layers, states[0])
+    classes = states[0][keys[-1]].shape[0]
+    counts = [[(5 * k + 3 * j) % 7 for k in range(classes)] for j in range(J)]
     fused = {**states[0], **class_weighted_classifier(states, keys, counts)}
     return base, spec, fused, assignments, states
 
@@ -37,6 +43,7 @@ def _fedma_without_retraining(name, kwargs, J=3):
     ("mlp", {"hidden": [16, 12]}, torch.rand(8, 1, 28, 28)),
     ("lenet", {}, torch.rand(8, 1, 28, 28)),
     ("vgg9", {"widths": (8, 8, 16, 16, 16, 16), "hidden": 24}, torch.rand(4, 1, 28, 28)),
+    ("char_lstm", {"vocab_size": 20, "embed_dim": 6, "hidden": 12}, torch.randint(0, 20, (4, 9))),
 ])
 def test_permuted_copies_come_back_as_the_model(name, kwargs, x):
     base, _, fused, _, _ = _fedma_without_retraining(name, kwargs)
@@ -54,29 +61,34 @@ def test_every_intermediate_state_builds_a_model():
     spec = permutation_spec(base)
     other = build_model("vgg9", **kwargs).state_dict()
     states = [base.state_dict(), other]
-    for layer in matched_layers(spec):
+    for layer in matched_layers(spec, base):
         result = match_layer(states, layer, gamma=50.0)        # unrelated models: widths grow
-        states = [hybrid_state(sd, layer, result, j) for j, sd in enumerate(states)]
+        glob = global_layer(states, layer, result)
+        states = [hybrid_state(sd, layer, glob, j) for j, sd in enumerate(states)]
         for sd in states:
             model = build_model("vgg9", **state_widths("vgg9", sd))
             model.load_state_dict(sd)
             assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_slicing_the_global_model_returns_each_client_model():
-    base, spec, fused, assignments, _ = _fedma_without_retraining("lenet", {})
+@pytest.mark.parametrize("name, kwargs", [
+    ("lenet", {}), ("char_lstm", {"vocab_size": 20, "embed_dim": 6, "hidden": 12}),
+])
+def test_slicing_the_global_model_returns_each_client_model(name, kwargs):
+    base, spec, fused, assignments, _ = _fedma_without_retraining(name, kwargs)
+    classifier = classifier_keys(matched_layers(spec, base), fused)
     g = torch.Generator().manual_seed(1)
     originals = [apply_permutation(spec, random_permutation(spec, g), base.state_dict()) for _ in range(3)]
     for j, original in enumerate(originals):
         sliced = slice_to_client(fused, spec, assignments[j])
         for k in original:
-            if k not in ("fc3.weight", "fc3.bias"):       # the classifier is the class-weighted mean
+            if k not in classifier:       # the classifier is the class-weighted mean
                 torch.testing.assert_close(sliced[k], original[k], atol=1e-4, rtol=0)
 
 
 def test_scatter_puts_flatten_blocks_in_place():
-    spec = permutation_spec(build_model("lenet"))
-    layer = next(l for l in matched_layers(spec) if l.group == "conv2")
+    model = build_model("lenet")
+    layer = next(l for l in matched_layers(permutation_spec(model), model) if l.group == "conv2")
     (consumer,) = layer.consumers
     assert consumer.key == "fc1.weight" and consumer.block == 16
     from fedalign.fusion.fedma import scatter_axis
@@ -87,6 +99,36 @@ def test_scatter_puts_flatten_blocks_in_place():
     assert torch.equal(out[:, 16:32], torch.zeros(2, 16))
 
 
-def test_recurrent_and_batchnorm_models_are_refused():
-    with pytest.raises(ValueError, match="no recurrent gates, no BatchNorm"):
-        matched_layers(permutation_spec(build_model("resnet20")))
+def test_batchnorm_models_are_refused():
+    model = build_model("resnet20")
+    with pytest.raises(ValueError, match="without BatchNorm"):
+        matched_layers(permutation_spec(model), model)
+
+
+def test_lstm_layers_match_gate_rows_and_embedding_columns():
+    model = build_model("char_lstm", vocab_size=20, embed_dim=6, hidden=12)
+    embedding, lstm = matched_layers(permutation_spec(model), model)
+    assert [r.key for r in embedding.producers] == ["embedding.weight"]
+    assert [r.key for r in embedding.consumers] == ["lstm.weight_ih_l0"]
+    assert sorted(r.key for r in lstm.producers) == ["lstm.bias_hh_l0", "lstm.bias_ih_l0", "lstm.weight_ih_l0"]
+    assert {r.key for r in lstm.recurrent} == {"lstm.weight_hh_l0"} and len(lstm.recurrent) == 2
+    assert [r.key for r in lstm.consumers] == ["fc.weight"]
+    sd = model.state_dict()
+    assert neuron_rows(sd, embedding).shape == (6, 20)              # one column of the embedding
+    assert neuron_rows(sd, lstm).shape == (12, 4 * 6 + 4 + 4)       # 4 gate rows and both biases
+    assert torch.equal(neuron_rows(sd, lstm)[3, 6:12], sd["lstm.weight_ih_l0"][12 + 3])   # gate 2 of unit 3
+
+
+def test_recurrent_weights_are_averaged_over_the_clients_holding_both_units():
+    """Two clients with 2 hidden units each; client 0's units go to global 0, 1 and client 1's to
+    global 1, 2: global unit 1 is shared, so weight_hh[.., 1, 1] is the mean of both clients'."""
+    model = build_model("char_lstm", vocab_size=5, embed_dim=3, hidden=2)
+    _, lstm = matched_layers(permutation_spec(model), model)
+    states = [{k: torch.full_like(v, float(j + 1)) for k, v in model.state_dict().items()} for j in range(2)]
+    mean = torch.zeros(3, neuron_rows(states[0], lstm).shape[1], dtype=torch.float64)
+    matched = BBPResult(mean=mean, precision=torch.ones_like(mean), assignments=[torch.tensor([0, 1]), torch.tensor([1, 2])],
+                        popularity=torch.tensor([1, 2, 1]))
+    hh = global_layer(states, lstm, matched).entries["lstm.weight_hh_l0"].reshape(4, 3, 3)
+    expected = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.5, 2.0], [0.0, 2.0, 2.0]])
+    for gate in range(4):
+        torch.testing.assert_close(hh[gate], expected)

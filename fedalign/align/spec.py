@@ -116,10 +116,13 @@ class PermutationSpec:
         return (ref for ref in self.groups[group] if ref.key not in self.buffers)
 
 
-def expand_index(perm: torch.Tensor, ref: AxisRef) -> torch.Tensor:
-    """Index along the full axis (length ``repeat * n * block``) that applies unit permutation
-    ``perm`` (length ``n``) to every copy and every run."""
-    n = len(perm)
+def expand_index(perm: torch.Tensor, ref: AxisRef, units: int | None = None) -> torch.Tensor:
+    """Index along the full axis that applies unit index ``perm`` to every copy and every run.
+
+    ``units`` is the number of units on the axis being indexed (default ``len(perm)``, a
+    permutation); it differs when ``perm`` picks a subset of a wider axis or places units into one
+    (FedMA's slicing and scattering), and sets the stride between the ``repeat`` copies."""
+    n = len(perm) if units is None else units
     perm = perm.to(torch.long)
     idx = (
         torch.arange(ref.repeat, device=perm.device)[:, None, None] * n * ref.block
@@ -127,6 +130,22 @@ def expand_index(perm: torch.Tensor, ref: AxisRef) -> torch.Tensor:
         + torch.arange(ref.block, device=perm.device)[None, None, :]
     )
     return idx.reshape(-1)
+
+
+def units_first(tensor: torch.Tensor, ref: AxisRef) -> torch.Tensor:
+    """(n, rest): the group's units as rows, their blocks and repeats folded into the columns
+    (the matrix every matching cost is built from)."""
+    t = tensor.movedim(ref.axis, 0)
+    t = t.reshape(ref.repeat, -1, ref.block, *t.shape[1:]).movedim(1, 0)
+    return t.reshape(t.shape[0], -1)
+
+
+def units_restore(rows: torch.Tensor, ref: AxisRef, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`units_first`: rows ``(n, rest)`` back into an entry of ``shape`` (whose
+    axis ``ref.axis`` has length ``repeat * n * block``)."""
+    moved = [shape[ref.axis], *shape[:ref.axis], *shape[ref.axis + 1:]]
+    t = rows.reshape(rows.shape[0], ref.repeat, ref.block, *moved[1:]).movedim(0, 1)
+    return t.reshape(moved).movedim(0, ref.axis)
 
 
 def permute_axis(tensor: torch.Tensor, perm: torch.Tensor, ref: AxisRef) -> torch.Tensor:

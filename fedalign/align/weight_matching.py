@@ -18,16 +18,16 @@ import torch
 from fedalign.fusion.mean import normalised_weights, weighted_average
 
 from .solvers import solve_assignment
-from .spec import AxisRef, PermutationSpec, Perms, apply_permutation, identity_permutation, permuted_entry
+from .spec import (
+    Perms,
+    PermutationSpec,
+    apply_permutation,
+    identity_permutation,
+    permuted_entry,
+    units_first,
+)
 
 StateDict = Mapping[str, torch.Tensor]
-
-
-def _units_first(tensor: torch.Tensor, ref: AxisRef) -> torch.Tensor:
-    """(n, rest): the group's units as rows, their blocks and repeats folded into the columns."""
-    t = tensor.movedim(ref.axis, 0)
-    t = t.reshape(ref.repeat, -1, ref.block, *t.shape[1:]).movedim(1, 0)
-    return t.reshape(t.shape[0], -1)
 
 
 def group_scores(
@@ -38,8 +38,8 @@ def group_scores(
     n = spec.sizes[group]
     scores = torch.zeros(n, n, dtype=torch.float64, device=next(iter(reference.values())).device)
     for ref in spec.objective_refs(group):
-        a = _units_first(reference[ref.key].double(), ref)
-        b = _units_first(permuted_entry(spec, perms, ref.key, other[ref.key], ref.axis).double(), ref)
+        a = units_first(reference[ref.key].double(), ref)
+        b = units_first(permuted_entry(spec, perms, ref.key, other[ref.key], ref.axis).double(), ref)
         scores += a @ b.T
     return scores
 

@@ -10,6 +10,9 @@ One strategy round is one FedMA round ("FedMA with communication"):
    with the matched ones frozen;
 3. the classifier is averaged with the clients' class shares.
 
+Models: mlp, lenet, vgg9 and char_lstm (embedding dimensions, then LSTM hidden units matched on
+their gate rows, ``weight_hh`` permuted on both axes and averaged; see ``fusion.fedma``).
+
 Each phase is one exchange of messages, so a round costs 1 + (number of hidden layers)
 communication rounds; bytes and seconds are recorded per phase. Messages differ per client (each
 gets its own model), which the Message API allows directly. The assignments are the strategy's
@@ -34,6 +37,7 @@ from fedalign.fl.strategy import FedAvg, RoundFailedError, RoundLog, error_summa
 from fedalign.fusion.fedma import (
     class_weighted_classifier,
     classifier_keys,
+    global_layer,
     hybrid_state,
     match_layer,
     matched_layers,
@@ -50,8 +54,9 @@ class FedMA(FedAvg):
     def __init__(self, cfg, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
         self.assignments: dict[int, dict[str, torch.Tensor]] = {}
-        self.spec = permutation_spec(run_model(cfg, run_federation(cfg)))
-        self.layers = matched_layers(self.spec)
+        model = run_model(cfg, run_federation(cfg))
+        self.spec = permutation_spec(model)
+        self.layers = matched_layers(self.spec, model)
 
     # ---- checkpointed state ------------------------------------------------------------------
 
@@ -127,15 +132,16 @@ class FedMA(FedAvg):
             t0 = time.perf_counter()
             order = list(states)
             result = match_layer([states[p] for p in order], layer, **options)
-            hybrids = {p: hybrid_state(states[p], layer, result, i) for i, p in enumerate(order)}
+            glob = global_layer([states[p] for p in order], layer, result)
+            hybrids = {p: hybrid_state(states[p], layer, glob, i) for i, p in enumerate(order)}
             for i, p in enumerate(order):
                 assignments[p][layer.group] = result.assignments[i]
-            widths[layer.group] = len(result.mean)
-            matched.update({r.key: hybrids[order[0]][r.key] for r in layer.producers})
+            widths[layer.group] = glob.width
+            matched.update(glob.entries)
             rlog.seconds["match"] = rlog.seconds.get("match", 0.0) + time.perf_counter() - t0
-            frozen += [r.key for r in layer.producers]
+            frozen += layer.keys
             states, metrics = self.local_phase(grid, rlog, server_round, hybrids, f"layer:{layer.group}", frozen)
-        keys = classifier_keys(self.spec, next(iter(states.values())))
+        keys = classifier_keys(self.layers, next(iter(states.values())))
         survivors = list(states)
         fused = {**states[survivors[0]], **matched}
         fused.update(class_weighted_classifier([states[p] for p in survivors], keys,

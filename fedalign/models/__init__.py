@@ -9,9 +9,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-import torch.nn as nn
+from torch import nn
 
-from .cnn import LeNet, VGG9
+from .cnn import VGG9, LeNet
 from .lstm import CharLSTM
 from .mlp import MLP
 from .resnet import ResNet20
@@ -43,6 +43,8 @@ def state_widths(name: str, state: dict) -> dict:
     if name == "vgg9":
         return {"widths": tuple(int(state[f"convs.{i}.weight"].shape[0]) for i in range(6)),
                 "hidden": (int(state["fc1.weight"].shape[0]), int(state["fc2.weight"].shape[0]))}
+    if name == "char_lstm":
+        return {"embed_dim": int(state["embedding.weight"].shape[1]), "hidden": int(state["lstm.weight_hh_l0"].shape[1])}
     return {}
 
 
@@ -55,4 +57,4 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
-__all__ = ["MODELS", "build_model", "state_widths", "model_options", "MLP", "LeNet", "VGG9", "ResNet20", "CharLSTM"]
+__all__ = ["MLP", "MODELS", "VGG9", "CharLSTM", "LeNet", "ResNet20", "build_model", "model_options", "state_widths"]
