@@ -15,6 +15,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,35 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    """The server's align -> fuse -> repair pipeline (strategies fedavg and fedprox).
+
+    Steps that need data get it from the clients as statistics: Gram matrices of layer inputs
+    (``regmean``), diagonal Fishers (``fisher``), per-channel moments of the clients' own models
+    (repair targets) and of the fused candidate (a second phase for ``bn-reset`` and ``repair``),
+    cross-moments against a broadcast reference (``activation``). ``stats_samples`` caps the
+    examples each client uses for them (0: all of its training data).
+    """
+
+    align: str = "none"
+    solver: str = "hungarian"
+    fuse: str = "mean"
+    repair: str = "none"
+    regmean_alpha: float = 0.9
+    ridge: float = 1e-4
+    gram_conv: str = "full"
+    fisher_labels: str = "sample"
+    fisher_floor: float = 1e-6
+    fisher_normalise: bool = False
+    stats_samples: int = 2000
+
+    @property
+    def active(self) -> bool:
+        """Whether the pipeline does more than FedAvg's weighted mean."""
+        return (self.align, self.fuse, self.repair) != ("none", "mean", "none")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
@@ -138,6 +168,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     faults: tuple[FaultConfig, ...] = ()
@@ -156,6 +187,9 @@ class RunConfig:
 
 
 STRATEGIES = ("fedavg", "fedprox", "pfnm", "fedma")
+ALIGN = ("none", "weight", "activation", "sinkhorn-rebasin", "pfnm")
+FUSE = ("mean", "regmean", "fisher")
+REPAIR = ("none", "bn-reset", "repair", "repair-closed-form")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -246,6 +280,43 @@ def _model_section(raw: Any) -> dict[str, Any]:
     return {"name": name, "options": {**options, **raw}}
 
 
+def _validate_aggregation(cfg: RunConfig, need: Callable[[bool, str, str], None]) -> None:
+    """The pipeline's steps exist and fit together and with the model."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from fedalign.models import build_model
+
+    a = cfg.aggregation
+    for key, value, choices in (("align", a.align, ALIGN), ("fuse", a.fuse, FUSE), ("repair", a.repair, REPAIR),
+                                ("solver", a.solver, ("hungarian", "sinkhorn")),
+                                ("gram_conv", a.gram_conv, ("full", "channel")),
+                                ("fisher_labels", a.fisher_labels, ("sample", "exact", "empirical"))):
+        need(value in choices, f"aggregation.{key}", f"unknown {value!r}; choose one of {', '.join(choices)}")
+    if not a.active:
+        return
+    need(cfg.strategy.name in ("fedavg", "fedprox"), "aggregation",
+         f"the align/fuse/repair pipeline runs with strategy fedavg or fedprox, not {cfg.strategy.name!r} "
+         "(pfnm and fedma fuse by their own matching)")
+    need(0.0 <= a.regmean_alpha <= 1.0, "aggregation.regmean_alpha", f"must be in [0, 1], got {a.regmean_alpha}")
+    need(a.ridge >= 0, "aggregation.ridge", f"must be >= 0, got {a.ridge}")
+    need(a.fisher_floor >= 0, "aggregation.fisher_floor", f"must be >= 0, got {a.fisher_floor}")
+    need(a.stats_samples >= 0, "aggregation.stats_samples", f"must be >= 0, got {a.stats_samples}")
+    if a.align == "pfnm":
+        need(cfg.model.name == "mlp", "aggregation.align", f"pfnm matches MLPs, not {cfg.model.name!r}")
+        need(a.fuse == "mean" and a.repair == "none", "aggregation.align",
+             "pfnm fuses by its own posterior means and changes the widths: use fuse: mean, repair: none")
+    has_bn = any(isinstance(m, _BatchNorm) for m in build_model(cfg.model.name, **cfg.model.options).modules())
+    if a.repair == "bn-reset":
+        need(has_bn, "aggregation.repair", f"bn-reset re-estimates BatchNorm statistics; {cfg.model.name!r} has none")
+    if a.fuse == "regmean":
+        need(cfg.model.name != "char_lstm", "aggregation.fuse",
+             "regmean covers Linear and Conv2d layers; the LSTM's recurrent weights have no input Gram")
+    if a.repair in ("repair", "repair-closed-form"):
+        need(not has_bn, "aggregation.repair",
+             f"{a.repair} rescales layers of networks without normalisation; use bn-reset for {cfg.model.name!r}")
+        need(a.align != "none", "aggregation.repair", f"{a.repair} corrects aligned fusions: set align")
+
+
 def _validate(cfg: RunConfig) -> None:
     """Checks of values (types were checked while building)."""
     from fedalign.data import dataset_names, partition_schemes
@@ -321,6 +392,7 @@ def _validate(cfg: RunConfig) -> None:
     need(m.max_width is None or m.max_width >= 1, "strategy.matching.max_width", "must be >= 1")
     need(0 <= m.grid_tolerance <= 1, "strategy.matching.grid_tolerance",
          f"an accuracy difference in [0, 1], got {m.grid_tolerance}")
+    _validate_aggregation(cfg, need)
     if s.name == "fedprox":
         need(t.proximal_mu > 0, "train.proximal_mu", "strategy fedprox needs proximal_mu > 0")
 

@@ -1,0 +1,54 @@
+"""Fisher-weighted averaging (Matena & Raffel 2022): each parameter averaged with the weights of
+the clients' diagonal Fishers, ``theta = sum_i F_i theta_i / sum_i F_i`` (elementwise).
+
+A parameter a client's data barely constrains (small Fisher) defers to clients whose data does.
+The floor keeps the ratio defined where every Fisher is zero (dead units), where the rule falls
+back to the plain weighted mean; ``normalise`` divides each Fisher by its total first, so every
+client's model counts equally whatever its scale. Models must be aligned first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .mean import normalised_weights, weighted_average
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def fisher_average(
+    state_dicts: Sequence[StateDict],
+    fishers: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    floor: float = 1e-6,
+    normalise: bool = False,
+) -> OrderedDict[str, torch.Tensor]:
+    """Entries with a Fisher in every client: Fisher-weighted mean (times ``weights``, e.g. the
+    clients' example counts); other entries (buffers): the weighted mean."""
+    if len(fishers) != len(state_dicts):
+        raise ValueError(f"got {len(fishers)} Fishers for {len(state_dicts)} state dicts")
+    w = normalised_weights(weights, len(state_dicts))
+    fused = weighted_average(state_dicts, w.tolist())
+    keys = set(fishers[0])
+    for j, f in enumerate(fishers):
+        if set(f) != keys:
+            raise ValueError(f"client {j}'s Fisher covers {sorted(set(f) ^ keys)} differently from client 0's")
+    totals = [sum(float(f[k].double().sum()) for k in keys) for f in fishers] if normalise else None
+    for key in sorted(keys):
+        if key not in fused:
+            raise ValueError(f"Fisher for {key!r}, which is not an entry of the model")
+        num = torch.zeros_like(fused[key], dtype=torch.float64)
+        den = torch.zeros_like(num)
+        for j, (sd, f) in enumerate(zip(state_dicts, fishers)):
+            if f[key].shape != sd[key].shape:
+                raise ValueError(f"client {j}: Fisher of {key!r} is {tuple(f[key].shape)}, "
+                                 f"the entry {tuple(sd[key].shape)}")
+            F = f[key].double() / (totals[j] if totals and totals[j] > 0 else 1.0)
+            F = w[j] * (F + floor)
+            num += F * sd[key].double()
+            den += F
+        fused[key] = (num / den).to(fused[key].dtype)
+    return fused

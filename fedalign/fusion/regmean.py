@@ -1,0 +1,142 @@
+"""RegMean, dataless knowledge fusion (Jin et al. 2023), for Linear and Conv2d layers.
+
+For a layer with inputs ``X_i`` on client ``i``, the fused weight minimises
+``sum_i ||X_i W - X_i W_i||^2``, so ``W^T = (sum_i G_i)^-1 sum_i G_i W_i^T`` with ``G_i = X_i^T X_i``
+(``fedalign.stats.gram_matrices``): the clients send Gram matrices, never data. Each ``G_i``'s
+off-diagonal entries are scaled by ``alpha`` (``alpha = 1``: exact least squares; smaller values
+pull towards a per-input-weighted mean, which the paper found more robust across non-IID clients).
+The system is solved by Cholesky with a ridge relative to the mean diagonal (dead inputs make the
+sum singular), never by an explicit inverse. Grams carry a constant-1 column for the bias, so a
+layer's weight and bias are solved together; every entry without a Gram (norms, buffers, the
+biases of layers without one) is averaged with ``weights``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedalign.align.spec import AxisRef, Perms, PermutationSpec, expand_index
+
+from .mean import weighted_average
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def _augmented(state: StateDict, name: str, with_bias: bool) -> torch.Tensor:
+    """(out, D [+1]): the layer's weight flattened per output unit, its bias as the last column."""
+    w = state[f"{name}.weight"].double()
+    w = w.reshape(w.shape[0], -1)
+    return torch.cat([w, state[f"{name}.bias"].double()[:, None]], dim=1) if with_bias else w
+
+
+def expand_channel_gram(gram: torch.Tensor, kernel_positions: int, with_bias: bool) -> torch.Tensor:
+    """The full patch Gram approximated from a channel Gram: ``G_c (x) I_k`` over the
+    ``C*kh*kw`` patch entries, and the bias column's sums repeated over the kernel positions."""
+    c = gram.shape[0] - int(with_bias)
+    eye = torch.eye(kernel_positions, dtype=gram.dtype)
+    full = torch.kron(gram[:c, :c], eye)
+    if not with_bias:
+        return full
+    border = gram[:c, c].repeat_interleave(kernel_positions)
+    top = torch.cat([full, border[:, None]], dim=1)
+    return torch.cat([top, torch.cat([border, gram[c:, c]])[None, :]], dim=0)
+
+
+def _scaled(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    diagonal = torch.diag_embed(torch.diagonal(gram))
+    return alpha * gram + (1.0 - alpha) * diagonal
+
+
+def _solve(G: torch.Tensor, B: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin_T  tr(T^T G T) - 2 tr(T^T B) + r ||T - prior||^2`` with ``r = ridge * mean(diag G)``:
+    ``(G + r I)^-1 (B + r prior)``. The ridge pulls directions no client's data reaches (dead
+    inputs, whose Gram rows are zero) to the weighted mean instead of to zero. Solved by Cholesky;
+    least squares if the factorisation fails."""
+    reg = ridge * torch.diagonal(G).mean().clamp_min(1e-12)
+    A = G + reg * torch.eye(len(G), dtype=G.dtype)
+    rhs = B + reg * prior
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, L)
+    return torch.linalg.lstsq(A, rhs).solution
+
+
+def regmean(
+    state_dicts: Sequence[StateDict],
+    grams: Sequence[Mapping[str, torch.Tensor]],
+    alpha: float = 1.0,
+    weights: Sequence[float] | None = None,
+    ridge: float = 1e-8,
+) -> OrderedDict[str, torch.Tensor]:
+    """RegMean over the layers every client has a Gram for; the rest is the weighted mean.
+
+    ``grams[j]`` maps a Linear/Conv2d module name to client ``j``'s input Gram (full, or a
+    channel Gram for a conv, recognised by its size). The state dicts must be aligned already.
+    """
+    if len(state_dicts) != len(grams):
+        raise ValueError(f"got {len(grams)} sets of Grams for {len(state_dicts)} state dicts")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    fused = weighted_average(state_dicts, weights)
+    layers = set(grams[0])
+    for j, g in enumerate(grams):
+        if set(g) != layers:
+            raise ValueError(f"client {j} sent Grams for {sorted(g)}, client 0 for {sorted(layers)}")
+    for name in sorted(layers):
+        if f"{name}.weight" not in fused:
+            raise ValueError(f"Gram for {name!r}, but the model has no entry {name}.weight")
+        weight = state_dicts[0][f"{name}.weight"]
+        with_bias = f"{name}.bias" in fused
+        positions = int(torch.tensor(weight.shape[2:]).prod()) if weight.dim() > 2 else 1
+        dim = weight[0].numel() + int(with_bias)
+        lhs = torch.zeros(dim, dim, dtype=torch.float64)
+        rhs = torch.zeros(dim, weight.shape[0], dtype=torch.float64)
+        for sd, g in zip(state_dicts, grams):
+            G = g[name].double()
+            if len(G) != dim and positions > 1:
+                G = expand_channel_gram(G, positions, with_bias)
+            if G.shape != (dim, dim):
+                raise ValueError(f"Gram of {name!r} is {tuple(G.shape)}, the layer needs ({dim}, {dim})")
+            G = _scaled(G, alpha)
+            lhs += G
+            rhs += G @ _augmented(sd, name, with_bias).T
+        theta = _solve(lhs, rhs, _augmented(fused, name, with_bias).T, ridge).T      # (out, D [+1])
+        if with_bias:
+            fused[f"{name}.bias"] = theta[:, -1].to(weight.dtype)
+            theta = theta[:, :-1]
+        fused[f"{name}.weight"] = theta.reshape(weight.shape).to(weight.dtype)
+    return fused
+
+
+def input_index(spec: PermutationSpec, perms: Perms, name: str, weight_shape: tuple[int, ...],
+                with_bias: bool, channel_gram: bool = False) -> torch.Tensor | None:
+    """The permutation of a layer's Gram rows/columns that ``apply_permutation(spec, perms, .)``
+    applies to its inputs (None when its input axis is not permuted)."""
+    axes = spec.axes_of(f"{name}.weight")
+    if 1 not in axes or axes[1][0] not in perms:
+        return None
+    group, ref = axes[1]
+    positions = 1 if channel_gram else int(torch.tensor(weight_shape[2:]).prod()) if len(weight_shape) > 2 else 1
+    flat = AxisRef(ref.key, 1, block=ref.block * positions, repeat=ref.repeat)
+    index = expand_index(perms[group], flat)
+    if with_bias:
+        index = torch.cat([index, torch.tensor([len(index)])])
+    return index
+
+
+def permute_grams(
+    spec: PermutationSpec, perms: Perms, grams: Mapping[str, torch.Tensor], state: StateDict
+) -> dict[str, torch.Tensor]:
+    """A client's Grams moved into the aligned basis: rows and columns permuted as its layers'
+    inputs are (clients send Grams in their own basis; the server aligns them with the weights)."""
+    out = {}
+    for name, G in grams.items():
+        shape = tuple(state[f"{name}.weight"].shape)
+        with_bias = f"{name}.bias" in state
+        full = state[f"{name}.weight"][0].numel() + int(with_bias)
+        index = input_index(spec, perms, name, shape, with_bias, channel_gram=len(G) != full)
+        out[name] = G if index is None else G[index][:, index]
+    return out

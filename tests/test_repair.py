@@ -1,0 +1,99 @@
+"""REPAIR, its closed form and BatchNorm reset: statistics hit their targets; barriers shrink."""
+
+import copy
+
+import pytest
+import torch
+
+from fedalign.align import apply_permutation, permutation_spec, weight_matching
+from fedalign.analysis import interpolate, reset_bn_statistics
+from fedalign.data import load_dataset
+from fedalign.fusion.mean import weighted_average
+from fedalign.models import build_model
+from fedalign.repair import (
+    bn_reset,
+    hidden_layers,
+    repair_closed_form,
+    repair_targets,
+    repair_with_data,
+)
+from fedalign.stats import activation_moments, batchnorm_input_moments, mean_std
+from fedalign.training import evaluate, train_local
+
+
+def _mlp(seed, hidden=(32, 32), in_features=64):
+    torch.manual_seed(seed)
+    return build_model("mlp", hidden=list(hidden), in_features=in_features)
+
+
+def _load(model, state):
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
+
+
+def test_repaired_statistics_match_their_targets():
+    a, b = _mlp(0), _mlp(1)
+    X = torch.randn(300, 1, 8, 8)
+    fused = _load(a, weighted_average([a.state_dict(), b.state_dict()]))
+    layers = hidden_layers(fused)
+    assert layers == ["layers.0", "layers.1"]
+    targets = repair_targets([activation_moments(m, X, layers) for m in (a, b)])
+    repaired = _load(fused, repair_with_data(fused, [a, b], X))
+    after = activation_moments(repaired, X, layers)
+    before = activation_moments(fused, X, layers)
+    for name, (goal_mean, goal_std) in targets.items():
+        mean, std = mean_std(after[name])
+        torch.testing.assert_close(mean, goal_mean, atol=1e-3, rtol=0)
+        torch.testing.assert_close(std, goal_std, atol=1e-3, rtol=1e-3)
+        assert (mean_std(before[name])[1] - goal_std).abs().max() > 0.01      # there was something to fix
+
+
+def test_closed_form_repair_is_exact_on_the_first_layer():
+    a, b = _mlp(0), _mlp(1)
+    X = torch.randn(400, 1, 8, 8)
+    fused = _load(a, weighted_average([a.state_dict(), b.state_dict()], [0.3, 0.7]))
+    endpoint = [activation_moments(m, X, ["layers.0"]) for m in (a, b)]
+    za = a.layers[0](X.flatten(1)).double()
+    zb = b.layers[0](X.flatten(1)).double()
+    za, zb = za - za.mean(0), zb - zb.mean(0)
+    rho = (za * zb).mean(0) / (za.std(0, unbiased=False) * zb.std(0, unbiased=False))
+    state = repair_closed_form(fused.state_dict(), endpoint, {"layers.0": rho.detach()}, [0.3, 0.7])
+    goal_mean, goal_std = repair_targets(endpoint, [0.3, 0.7])["layers.0"]
+    mean, std = mean_std(activation_moments(_load(fused, state), X, ["layers.0"])["layers.0"])
+    torch.testing.assert_close(mean, goal_mean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(std, goal_std, atol=1e-4, rtol=1e-4)
+
+
+def test_bn_reset_from_client_moments_equals_a_reset_on_the_data():
+    torch.manual_seed(0)
+    model = build_model("resnet20", in_channels=1, width=1)
+    X = torch.rand(64, 1, 28, 28)
+    expected = copy.deepcopy(model)
+    reset_bn_statistics(expected, X, batch_size=64)
+    state = bn_reset(model.state_dict(), batchnorm_input_moments(model, X, batch_size=64))
+    for k, v in expected.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no running statistics"):
+        bn_reset(model.state_dict(), {"conv1": batchnorm_input_moments(model, X)["bn1"]})
+
+
+def test_repair_shrinks_the_midpoint_barrier_of_aligned_mlps():
+    """Two MLPs trained from different inits on sklearn's digits, aligned by weight matching."""
+    X, y = (torch.as_tensor(a) for a in load_dataset("digits", "train"))
+    models = []
+    for seed in (0, 1):
+        m = _mlp(seed, hidden=(64, 64))
+        train_local(m, X, y, epochs=15, batch_size=32, optimizer="adam", lr=1e-3, seed=seed)
+        models.append(m.eval())
+    spec = permutation_spec(models[0])
+    aligned = apply_permutation(spec, weight_matching(spec, models[0].state_dict(), models[1].state_dict()),
+                                models[1].state_dict())
+    b = _load(models[0], aligned)
+    mid = _load(models[0], interpolate(models[0].state_dict(), aligned, 0.5))
+    repaired = _load(mid, repair_with_data(mid, [models[0], b], X))
+    loss = {name: evaluate(m, X, y)[0] for name, m in (("a", models[0]), ("b", b), ("mid", mid), ("rep", repaired))}
+    chord = (loss["a"] + loss["b"]) / 2
+    barrier, repaired_barrier = loss["mid"] - chord, loss["rep"] - chord
+    assert barrier > 0 and repaired_barrier < 0.8 * barrier, loss      # measured: 0.049 -> 0.024
