@@ -97,7 +97,8 @@ class AggregationConfig:
     (``regmean``), diagonal Fishers (``fisher``), per-channel moments of the clients' own models
     (repair targets) and of the fused candidate (a second phase for ``bn-reset`` and ``repair``),
     cross-moments against a broadcast reference (``activation``). ``stats_samples`` caps the
-    examples each client uses for them (0: all of its training data).
+    examples each client uses for them (0: all of its training data). ``own_init``: in round 1
+    every client trains from its own initialisation (one-shot fusion of independent models).
     """
 
     align: str = "none"
@@ -111,6 +112,7 @@ class AggregationConfig:
     fisher_floor: float = 1e-6
     fisher_normalise: bool = False
     stats_samples: int = 2000
+    own_init: bool = False
 
     @property
     def active(self) -> bool:
@@ -292,7 +294,7 @@ def _validate_aggregation(cfg: RunConfig, need: Callable[[bool, str, str], None]
                                 ("gram_conv", a.gram_conv, ("full", "channel")),
                                 ("fisher_labels", a.fisher_labels, ("sample", "exact", "empirical"))):
         need(value in choices, f"aggregation.{key}", f"unknown {value!r}; choose one of {', '.join(choices)}")
-    if not a.active:
+    if not (a.active or a.own_init):
         return
     need(cfg.strategy.name in ("fedavg", "fedprox"), "aggregation",
          f"the align/fuse/repair pipeline runs with strategy fedavg or fedprox, not {cfg.strategy.name!r} "
@@ -315,6 +317,11 @@ def _validate_aggregation(cfg: RunConfig, need: Callable[[bool, str, str], None]
         need(not has_bn, "aggregation.repair",
              f"{a.repair} rescales layers of networks without normalisation; use bn-reset for {cfg.model.name!r}")
         need(a.align != "none", "aggregation.repair", f"{a.repair} corrects aligned fusions: set align")
+    if a.repair == "repair-closed-form":
+        per_round = max(round(cfg.strategy.fraction_train * cfg.data.num_clients), cfg.strategy.min_train_clients)
+        need(per_round == 2, "aggregation.repair",
+             f"repair-closed-form needs the correlations of every pair of models: it runs with exactly 2 "
+             f"clients a round, not {per_round} (use repair for more)")
 
 
 def _validate(cfg: RunConfig) -> None:

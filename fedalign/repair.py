@@ -25,15 +25,10 @@ import torch
 from torch import nn
 
 from fedalign.fusion.mean import normalised_weights
-from fedalign.stats import Moments, activation_moments, linear_layers, mean_std
+from fedalign.stats import Moments, activation_moments, hidden_layers, mean_std
 
 StateDict = Mapping[str, torch.Tensor]
 Targets = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def hidden_layers(model: nn.Module) -> list[str]:
-    """The Linear/Conv2d layers REPAIR corrects: all but the last (the logits are not rescaled)."""
-    return list(linear_layers(model))[:-1]
 
 
 def repair_targets(endpoint_moments: Sequence[Mapping[str, Moments]], weights: Sequence[float] | None = None) -> Targets:

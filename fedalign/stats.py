@@ -20,7 +20,8 @@ restores the mode it found; no function changes the model's parameters or buffer
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,6 +63,11 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The Linear and (ungrouped) Conv2d modules by name, in registration order."""
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
+
+
+def hidden_layers(model: nn.Module) -> list[str]:
+    """The Linear/Conv2d layers REPAIR corrects: all but the last (the logits are not rescaled)."""
+    return list(linear_layers(model))[:-1]
 
 
 def channel_samples(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -248,3 +254,91 @@ def diagonal_fisher(
             for k in total:
                 total[k] += (g[k].double() ** 2).sum(0)
     return {k: (v / max(len(X), 1)).to(params[k].dtype) for k, v in total.items()}
+
+
+def cross_moments(
+    reference: nn.Module, model: nn.Module, X: torch.Tensor, layers: list[str] | None = None, batch_size: int = 500,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per Linear/Conv2d layer, sums over ``X`` relating the pre-activations of ``reference`` and
+    ``model`` unit by unit, in ``align.activation_matching``'s format (``count``, ``sum_ref``,
+    ``sum``, ``sq_ref``, ``sq``, ``cross = sum z_ref z_model^T``), so ``correlation`` applies."""
+    names = list(linear_layers(reference)) if layers is None else layers
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def keep(tag: str) -> Callable:
+        def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+            captured[f"{tag}:{name}"] = channel_samples(out, _channel_dim(module)).double()
+        return observe
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for start in range(0, len(X), batch_size):
+        xb = X[start:start + batch_size]
+        _collect(reference, xb, len(xb), {n: linear_layers(reference)[n] for n in names}, keep("ref"))
+        _collect(model, xb, len(xb), {n: linear_layers(model)[n] for n in names}, keep("model"))
+        for name in names:
+            a, b = captured[f"ref:{name}"], captured[f"model:{name}"]
+            part = {"count": torch.tensor(float(len(a)), dtype=torch.float64), "sum_ref": a.sum(0), "sum": b.sum(0),
+                    "sq_ref": (a * a).sum(0), "sq": (b * b).sum(0), "cross": a.T @ b}
+            out[name] = part if name not in out else {k: out[name][k] + v for k, v in part.items()}
+    return out
+
+
+STATISTICS = ("grams", "fisher", "moments", "bn", "cross", "preact-cross")
+
+
+def client_statistics(
+    kinds: Sequence[str], model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
+    reference: nn.Module | None = None, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    gram_conv: str = "full", fisher_labels: str = "sample", seed: int = 0,
+) -> dict[str, dict]:
+    """The statistics named in ``kinds`` of ``model`` on one client's ``(X, y)``: what a client
+    answers when the server's pipeline asks (see ``fusion.pipeline``). ``cross`` and
+    ``preact-cross`` relate ``model`` to ``reference``; ``moments`` run through reset layers set to
+    ``targets`` when given (REPAIR's measurement of the fused model)."""
+    from fedalign.align import activation_statistics, permutation_spec
+
+    unknown = sorted(set(kinds) - set(STATISTICS))
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; known: {', '.join(STATISTICS)}")
+    if reference is None and {"cross", "preact-cross"} & set(kinds):
+        raise ValueError("cross-moments need a reference model")
+    out: dict[str, dict] = {}
+    for kind in kinds:
+        if kind == "grams":
+            out[kind] = gram_matrices(model, X, conv=gram_conv)
+        elif kind == "fisher":
+            out[kind] = diagonal_fisher(model, X, y, labels=fisher_labels, seed=seed)
+        elif kind == "moments":
+            out[kind] = activation_moments(model, X, hidden_layers(model), targets=targets)
+        elif kind == "bn":
+            out[kind] = batchnorm_input_moments(model, X)
+        elif kind == "cross":
+            out[kind] = activation_statistics(permutation_spec(reference), reference, model, X)
+        else:
+            out[kind] = cross_moments(reference, model, X, hidden_layers(model))
+    return out
+
+
+def flatten(stats: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested statistics as one flat mapping ``"kind/layer/entry" -> tensor`` (for transport);
+    module names use dots, never slashes."""
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in stats.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *path, leaf = key.split("/")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out

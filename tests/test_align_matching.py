@@ -5,7 +5,13 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedalign.align import SOLVERS, apply_permutation, permutation_spec, random_permutation, solver_names
+from fedalign.align import (
+    SOLVERS,
+    apply_permutation,
+    permutation_spec,
+    random_permutation,
+    solver_names,
+)
 from fedalign.align.solvers import sinkhorn_plan, solve_assignment
 from fedalign.align.weight_matching import (
     match_to_reference,
@@ -146,3 +152,17 @@ def test_merge_many_of_permuted_copies_is_the_same_network_with_bn_buffers():
         merge_many(spec, copies, weights=[1.0, -1.0, 1.0])
     with pytest.raises(ValueError, match="at least two"):
         merge_many(spec, copies[:1])
+
+
+def test_activation_statistics_leave_batchnorm_statistics_alone():
+    """A train-mode pass would update BatchNorm running statistics: the models run in eval mode."""
+    import torch
+
+    from fedalign.align import activation_statistics, permutation_spec
+    from fedalign.models import build_model
+    torch.manual_seed(0)
+    a, b = build_model("resnet20", in_channels=1, width=1), build_model("resnet20", in_channels=1, width=1)
+    a.train()
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    activation_statistics(permutation_spec(a), a, b, torch.rand(8, 1, 28, 28))
+    assert a.training and all(torch.equal(v, before[k]) for k, v in a.state_dict().items())

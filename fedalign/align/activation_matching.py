@@ -17,11 +17,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
+
+from fedalign.stats import evaluation
 
 from .solvers import solve_assignment
-from .spec import PermutationSpec, Perms
+from .spec import Perms, PermutationSpec
 
 Stats = dict[str, dict[str, torch.Tensor]]
 
@@ -81,7 +82,8 @@ def activation_statistics(
     The activation of a group is the input of its first consumer as traced
     (``spec.activations``): post-ReLU (and post-pooling) outputs of hidden layers, the stem's
     post-ReLU output for a residual stream, the embedding output, the LSTM's last hidden state.
-    Models run in their current mode (use eval mode for BN models). Sums add up over clients.
+    Both models run in eval mode (BatchNorm on its running statistics; a train-mode pass would
+    update them) and are left in the mode they were in. Sums add up over clients.
     """
     missing = [g for g in spec.sizes if g not in spec.activations]
     if missing:
@@ -89,6 +91,12 @@ def activation_statistics(
     nodes = {spec.activations[g] for g in spec.sizes}
     capture_ref, capture = _Capture(reference, nodes), _Capture(model, nodes)
     stats: Stats = {}
+    with evaluation(reference), evaluation(model):
+        _accumulate(spec, capture_ref, capture, data, stats)
+    return stats
+
+
+def _accumulate(spec: PermutationSpec, capture_ref: _Capture, capture: _Capture, data, stats: Stats) -> None:
     for X in _batches(data):
         acts_ref, acts = capture_ref(X), capture(X)
         for g, n in spec.sizes.items():
@@ -101,7 +109,6 @@ def activation_statistics(
                 stats[g] = {k: stats[g][k] + v for k, v in update.items()}
             else:
                 stats[g] = update
-    return stats
 
 
 def add_statistics(*parts: Mapping[str, Mapping[str, torch.Tensor]]) -> Stats:

@@ -1,4 +1,5 @@
-"""The fedalign ClientApp: local training, local evaluation and the client-info query.
+"""The fedalign ClientApp: local training, local evaluation, the client-info query and the
+statistics query of the aggregation pipeline (``fusion.pipeline``).
 
 Every message carries the run config (JSON) in its ConfigRecord, so the same ClientApp serves our
 runner, ``flwr run`` and a deployed SuperNode without a run-config file on the node. The client's
@@ -9,16 +10,18 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig, from_dict
 from fedalign.fl.faults import apply_fault, fault_for
 from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
+from fedalign.stats import client_statistics, flatten, unflatten
 from fedalign.training import evaluate, train_local
 
 app = ClientApp()
@@ -96,11 +99,35 @@ def train(msg: Message, context: Context) -> Message:
             "class-counts": np.bincount(data.y_train, minlength=fed.num_classes).tolist(),
         }
     )
+    content = RecordDict({"metrics": metrics})
+    kinds = _kinds(config)
+    if kinds:   # what the server's pipeline needs of the trained model (before a fault corrupts it)
+        content["statistics"] = _statistics(cfg, kinds, model, data, partition_id)
     state = model.state_dict()
     fault = fault_for(cfg, server_round, partition_id)
     if fault is not None:
         state = apply_fault(fault, state)
-    return Message(RecordDict({"arrays": to_arrays(state), "metrics": metrics}), reply_to=msg)
+    content["arrays"] = to_arrays(state)
+    return Message(content, reply_to=msg)
+
+
+def _kinds(config: ConfigRecord) -> list[str]:
+    return [k for k in str(config.get("statistics", "")).split(",") if k]
+
+
+def _statistics(cfg: RunConfig, kinds: list[str], model: torch.nn.Module, data, partition_id: int,
+                **context: Any) -> ArrayRecord:
+    """Statistics of ``model`` on (a seeded sample of ``aggregation.stats_samples`` of) this
+    client's training data, flattened for transport."""
+    a = cfg.aggregation
+    X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
+    if 0 < a.stats_samples < len(y):
+        rng = np.random.default_rng([cfg.resolved_seeds.shuffle, partition_id])
+        index = torch.as_tensor(np.sort(rng.choice(len(y), a.stats_samples, replace=False)))
+        X, y = X[index], y[index]
+    stats = client_statistics(kinds, model.cpu(), X, y, gram_conv=a.gram_conv, fisher_labels=a.fisher_labels,
+                              seed=shuffle_seed(cfg, 0, partition_id), **context)
+    return to_arrays(flatten(stats))
 
 
 @app.evaluate()
@@ -121,6 +148,24 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query("statistics")
+def statistics(msg: Message, context: Context) -> Message:
+    """Statistics of the model the server sends (``arrays``) on this client's data: against a
+    ``reference`` model (alignment phase) or through reset layers set to ``targets`` (REPAIR)."""
+    cfg, config, partition_id, fed = _setup(msg, context)
+    data = fed.client(partition_id)
+    model = _received_model(msg, cfg, fed)
+    extra: dict[str, Any] = {}
+    if "reference" in msg.content:
+        extra["reference"] = run_model(cfg, fed, state=to_state_dict(msg.content["reference"]))
+    if "targets" in msg.content:
+        flat = unflatten(to_state_dict(msg.content["targets"]))
+        extra["targets"] = {layer: (t["mean"], t["std"]) for layer, t in flat.items()}
+    record = _statistics(cfg, _kinds(config), model, data, partition_id, **extra)
+    metrics = MetricRecord({"partition-id": partition_id, "num-examples": len(data.y_train)})
+    return Message(RecordDict({"statistics": record, "metrics": metrics}), reply_to=msg)
 
 
 @app.query("info")

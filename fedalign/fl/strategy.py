@@ -56,6 +56,7 @@ class ClientUpdate:
     state_dict: OrderedDict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, float]
+    statistics: OrderedDict[str, torch.Tensor] | None = None   # what the aggregation pipeline asked for
 
 
 @dataclass
@@ -164,7 +165,7 @@ class FedAvg(Strategy):
         """Partition ids for this round, drawn from the sampling seed, the purpose, the round and
         the attempt (a retried round draws afresh)."""
         available = sorted(self.node_of_partition)
-        size = min(len(available), max(int(round(fraction * len(available))), minimum))
+        size = min(len(available), max(round(fraction * len(available)), minimum))
         stream = ("train", "evaluate").index(purpose)
         rng = np.random.default_rng([self.cfg.resolved_seeds.sampling, stream, server_round, attempt])
         return sorted(rng.choice(available, size=size, replace=False).tolist())
@@ -206,6 +207,7 @@ class FedAvg(Strategy):
                 state = to_state_dict(content["arrays"])
                 metrics = dict(content["metrics"])
                 num_examples = int(metrics["num-examples"])
+                statistics = to_state_dict(content["statistics"]) if "statistics" in content else None
             except (KeyError, TypeError, ValueError) as exc:
                 rlog.fail(pid, node, f"malformed reply: {exc!r}")
                 continue
@@ -215,7 +217,7 @@ class FedAvg(Strategy):
             if problem is not None:
                 rlog.fail(pid, node, problem)
                 continue
-            updates.append(ClientUpdate(pid, node, state, num_examples, metrics))
+            updates.append(ClientUpdate(pid, node, state, num_examples, metrics, statistics))
         return sorted(updates, key=lambda u: u.partition_id)
 
     def fuse(
@@ -423,8 +425,11 @@ class FedProx(FedAvg):
 
 def make_strategy(cfg: RunConfig, **kwargs: Any) -> FedAvg:
     """The strategy the config names (matching strategies live in their own modules)."""
+    from fedalign.fl.aggregation_strategy import AlignFuseRepair
     from fedalign.fl.fedma_strategy import FedMA
     from fedalign.fl.pfnm_strategy import PFNM
 
+    if cfg.aggregation.active or cfg.aggregation.own_init:
+        return AlignFuseRepair(cfg, **kwargs)
     classes: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "pfnm": PFNM, "fedma": FedMA}
     return classes[cfg.strategy.name](cfg, **kwargs)

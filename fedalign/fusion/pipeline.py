@@ -1,0 +1,154 @@
+"""The server's align -> fuse -> repair pipeline as pure functions (the Flower layer only moves
+models and statistics; ``fedalign.fl.aggregation_strategy`` calls these).
+
+Which statistics a pipeline needs, and in which phase, follows from its steps:
+
+- phase ``train`` (the clients' own trained models): ``grams`` for RegMean, ``fisher`` for Fisher
+  averaging, ``moments`` (pre-activation channel moments) as REPAIR's targets;
+- phase ``align`` (a reference model broadcast with each client's own model): ``cross``
+  (post-activation cross-moments, activation matching) and ``preact-cross`` (pre-activation
+  cross-moments, the matched-unit correlations of closed-form REPAIR);
+- phase ``repair`` (the fused candidate broadcast): ``bn`` (BatchNorm input moments) or
+  ``moments`` measured through reset layers set to the targets (REPAIR).
+
+Statistics arrive in each client's own basis; ``permute_statistics`` moves them into the aligned
+basis with the same permutations as the weights.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedalign.align import (
+    Perms,
+    PermutationSpec,
+    apply_permutation,
+    identity_permutation,
+    merge_many,
+    permutations_from_statistics,
+    sinkhorn_rebasin,
+)
+from fedalign.align.activation_matching import correlation
+from fedalign.stats import Moments
+
+from .fisher import fisher_average
+from .mean import weighted_average
+from .regmean import permute_grams, regmean
+
+StateDict = Mapping[str, torch.Tensor]
+Stats = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The steps of one pipeline (``fedalign.config.AggregationConfig`` carries the same names)."""
+
+    align: str = "none"
+    solver: str = "hungarian"
+    fuse: str = "mean"
+    repair: str = "none"
+    regmean_alpha: float = 0.9
+    ridge: float = 1e-4
+    fisher_floor: float = 1e-6
+    fisher_normalise: bool = False
+
+    def train_statistics(self) -> tuple[str, ...]:
+        """What the clients compute on their own trained models in the train phase."""
+        needed = {"regmean": ("grams",), "fisher": ("fisher",)}.get(self.fuse, ())
+        if self.repair in ("repair", "repair-closed-form"):
+            needed += ("moments",)
+        return needed
+
+    def align_statistics(self) -> tuple[str, ...]:
+        """What the clients compute against a broadcast reference (empty: no align phase)."""
+        return (("cross",) if self.align == "activation" else ()) + \
+            (("preact-cross",) if self.repair == "repair-closed-form" else ())
+
+    def repair_statistics(self) -> tuple[str, ...]:
+        """What the clients compute on the fused candidate (empty: no repair phase)."""
+        return {"bn-reset": ("bn",), "repair": ("moments",)}.get(self.repair, ())
+
+
+def align(
+    plan: Plan, spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float],
+    reference: int = 0, cross: Sequence[Stats] | None = None, seed: int = 0,
+) -> list[Perms]:
+    """Permutations putting every client's units in one basis (the reference client's, or for
+    weight matching the MergeMany consensus)."""
+    if plan.align == "none":
+        return [identity_permutation(spec) for _ in states]
+    if plan.align == "weight":
+        return merge_many(spec, states, weights, solver=plan.solver, seed=seed)[1]
+    if plan.align == "sinkhorn-rebasin":
+        return [identity_permutation(spec) if j == reference else
+                sinkhorn_rebasin(spec, states[reference], sd, seed=seed, solver=plan.solver)
+                for j, sd in enumerate(states)]
+    if plan.align == "activation":
+        if cross is None:
+            raise ValueError("activation alignment needs the clients' cross-moments against the reference")
+        return [identity_permutation(spec) if j == reference else
+                permutations_from_statistics(cross[j], solver=plan.solver) for j in range(len(states))]
+    raise ValueError(f"align {plan.align!r} is not a permutation alignment (pfnm fuses by itself)")
+
+
+def output_group(spec: PermutationSpec, layer: str) -> str | None:
+    """The group carried by the output channels of Linear/Conv2d ``layer`` (None: unpermuted)."""
+    axes = spec.axes_of(f"{layer}.weight")
+    return axes[0][0] if 0 in axes else None
+
+
+def permute_moments(spec: PermutationSpec, perms: Perms, moments: Mapping[str, Moments]) -> dict[str, Moments]:
+    """Channel moments of each layer reordered like the layer's output units."""
+    out = {}
+    for layer, m in moments.items():
+        group = output_group(spec, layer)
+        out[layer] = dict(m) if group is None else {k: v if v.dim() == 0 else v[perms[group]] for k, v in m.items()}
+    return out
+
+
+def permute_statistics(
+    spec: PermutationSpec, perms: Perms, stats: Mapping[str, Stats], state: StateDict
+) -> dict[str, Stats]:
+    """A client's train-phase statistics in the aligned basis."""
+    out: dict[str, Stats] = {}
+    for kind, value in stats.items():
+        if kind == "grams":
+            out[kind] = permute_grams(spec, perms, value, state)
+        elif kind == "fisher":
+            out[kind] = apply_permutation(spec, perms, value)
+        elif kind == "moments":
+            out[kind] = permute_moments(spec, perms, value)
+        else:
+            raise ValueError(f"no rule to align statistic {kind!r}")
+    return out
+
+
+def fuse(
+    plan: Plan, states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[Mapping[str, Stats]]
+) -> OrderedDict[str, torch.Tensor]:
+    """The aligned states fused by the plan's rule."""
+    if plan.fuse == "mean":
+        return weighted_average(states, weights)
+    if plan.fuse == "regmean":
+        return regmean(states, [s["grams"] for s in stats], alpha=plan.regmean_alpha, weights=weights,
+                       ridge=plan.ridge)
+    if plan.fuse == "fisher":
+        return fisher_average(states, [s["fisher"] for s in stats], weights=weights, floor=plan.fisher_floor,
+                              normalise=plan.fisher_normalise)
+    raise ValueError(f"unknown fuse {plan.fuse!r}")
+
+
+def matched_correlations(preact_cross: Stats, spec: PermutationSpec, perms: Perms) -> dict[str, torch.Tensor]:
+    """Per layer, the correlation of each reference unit with the client unit aligned to it
+    (``corr[i, perm[i]]``), from pre-activation cross-moments taken before alignment."""
+    out = {}
+    for layer, s in preact_cross.items():
+        corr = correlation(s)
+        group = output_group(spec, layer)
+        index = torch.arange(len(corr)) if group is None else perms[group]
+        out[layer] = corr[torch.arange(len(corr)), index]
+    return out
