@@ -22,19 +22,17 @@ from collections import OrderedDict
 from dataclasses import fields
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedalign.align import apply_permutation, permutation_spec
+from fedalign.align import permutation_spec
 from fedalign.components import run_federation, run_model
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
 from fedalign.fl.strategy import ClientUpdate, FedAvg, RoundLog, error_summary
 from fedalign.fusion.pfnm import mlp_from_state, pfnm
-from fedalign.fusion.pipeline import Plan, align, fuse, matched_correlations, permute_statistics
-from fedalign.repair import bn_reset, repair, repair_closed_form, repair_targets
-from fedalign.stats import add_moments, flatten, unflatten
+from fedalign.fusion.pipeline import Plan, aggregate
+from fedalign.stats import flatten, unflatten
 
 
 class AlignFuseRepair(FedAvg):
@@ -93,63 +91,35 @@ class AlignFuseRepair(FedAvg):
         plan, rlog = self.plan, self._round_log
         if plan.align == "pfnm":
             return self._pfnm(updates)
-        stats = []
+        usable, stats = [], []
         for u in updates:
-            try:
-                stats.append(unflatten(u.statistics) if u.statistics is not None else {})
-            except ValueError as exc:
-                stats.append({"error": str(exc)})
-        missing = [u for u, s in zip(updates, stats) if not set(plan.train_statistics()) <= set(s)]
-        for u in missing:
-            rlog.fail(u.partition_id, u.node_id, f"train: statistics {plan.train_statistics()} missing")
-        keep = [i for i, u in enumerate(updates) if u not in missing]
-        updates, stats = [updates[i] for i in keep], [stats[i] for i in keep]
-        rlog.clients_ok -= len(missing)
+            s = unflatten(u.statistics) if u.statistics is not None else {}
+            if set(plan.train_statistics()) <= set(s):
+                usable.append(u)
+                stats.append(s)
+            else:
+                rlog.fail(u.partition_id, u.node_id, f"train: statistics {plan.train_statistics()} missing")
 
-        weights = [float(u.num_examples) for u in updates]
-        ref = int(np.argmax(weights))
-        cross: list[dict] = [{} for _ in updates]
-        if plan.align_statistics():
-            nodes = {u.node_id: {"arrays": u.state_dict, "reference": updates[ref].state_dict}
-                     for j, u in enumerate(updates) if j != ref}
+        def ask_cross(ref: int, others: list[int]) -> dict[int, dict]:
+            nodes = {usable[j].node_id: {"arrays": usable[j].state_dict, "reference": usable[ref].state_dict}
+                     for j in others}
             answers = self.query("align", plan.align_statistics(), nodes)
-            keep = [j for j, u in enumerate(updates) if j == ref or u.node_id in answers]
-            rlog.clients_ok -= len(updates) - len(keep)
-            cross = [answers.get(updates[j].node_id, {}) for j in keep]
-            updates, stats = [updates[j] for j in keep], [stats[j] for j in keep]
-            weights = [weights[j] for j in keep]
-            ref = keep.index(ref)
-        states = [u.state_dict for u in updates]
-        perms = align(plan, self.spec, states, weights, ref, [c.get("cross", {}) for c in cross],
-                      seed=self.cfg.resolved_seeds.sampling + server_round)
-        aligned = [apply_permutation(self.spec, p, sd) for p, sd in zip(perms, states)]
-        stats = [permute_statistics(self.spec, p, s, sd) for p, s, sd in zip(perms, stats, states)]
-        fused = fuse(plan, aligned, weights, stats)
-        rlog.extra["aggregation"] = {"align": plan.align, "fuse": plan.fuse, "repair": plan.repair,
-                                     "reference_partition": updates[ref].partition_id}
-        return self._repair(fused, updates, weights, stats, cross, perms, ref)
+            return {j: answers[usable[j].node_id] for j in others if usable[j].node_id in answers}
 
-    def _repair(self, fused, updates, weights, stats, cross, perms, ref) -> OrderedDict[str, torch.Tensor]:
-        plan = self.plan
-        if plan.repair == "none":
-            return fused
-        if plan.repair == "repair-closed-form":
-            other = 1 - ref
-            rho = matched_correlations(cross[other]["preact-cross"], self.spec, perms[other])
-            return repair_closed_form(fused, [s["moments"] for s in stats], rho, weights)
-        targets = repair_targets([s["moments"] for s in stats], weights) if plan.repair == "repair" else None
-        records: dict[str, Any] = {"arrays": fused}
-        if targets is not None:
-            records["targets"] = flatten({k: {"mean": m, "std": s} for k, (m, s) in targets.items()})
-        answers = self.query("repair", plan.repair_statistics(), {u.node_id: records for u in updates})
-        if not answers:
-            self._round_log.extra["repair_skipped"] = "no client answered the repair phase"
-            return fused
-        kind = plan.repair_statistics()[0]
-        pooled = None
-        for answer in answers.values():
-            pooled = answer[kind] if pooled is None else add_moments(pooled, answer[kind])
-        return bn_reset(fused, pooled) if plan.repair == "bn-reset" else repair(fused, targets, pooled)
+        def ask_fused(fused: OrderedDict, targets: dict | None) -> list[dict]:
+            records: dict[str, Any] = {"arrays": fused}
+            if targets is not None:
+                records["targets"] = flatten({k: {"mean": m, "std": s} for k, (m, s) in targets.items()})
+            return list(self.query("repair", plan.repair_statistics(), {u.node_id: records for u in usable}).values())
+
+        outcome = aggregate(plan, self.spec, [u.state_dict for u in usable], [float(u.num_examples) for u in usable],
+                            stats, ask_cross, ask_fused, seed=self.cfg.resolved_seeds.sampling + server_round)
+        rlog.clients_ok -= len(updates) - len(outcome.kept)
+        if "repair_skipped" in outcome.info:
+            rlog.extra["repair_skipped"] = outcome.info.pop("repair_skipped")
+        reference = usable[outcome.info.pop("reference")].partition_id
+        rlog.extra["aggregation"] = {**outcome.info, "reference_partition": reference}
+        return outcome.state
 
     def _pfnm(self, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         """PFNM as the align+fuse step (the grown model replaces the global one)."""

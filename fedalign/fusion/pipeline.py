@@ -18,9 +18,10 @@ basis with the same permutations as the weights.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedalign.align import (
@@ -33,7 +34,8 @@ from fedalign.align import (
     sinkhorn_rebasin,
 )
 from fedalign.align.activation_matching import correlation
-from fedalign.stats import Moments
+from fedalign.repair import bn_reset, repair, repair_closed_form, repair_targets
+from fedalign.stats import Moments, add_moments
 
 from .fisher import fisher_average
 from .mean import weighted_average
@@ -152,3 +154,58 @@ def matched_correlations(preact_cross: Stats, spec: PermutationSpec, perms: Perm
         index = torch.arange(len(corr)) if group is None else perms[group]
         out[layer] = corr[torch.arange(len(corr)), index]
     return out
+
+
+CrossQuery = Callable[[int, list[int]], dict[int, Stats]]
+"""``(reference index, other indices) -> {index: statistics}`` of the clients that answered."""
+FusedQuery = Callable[[OrderedDict, dict | None], list[Stats]]
+"""``(fused state, REPAIR targets or None) -> each answering client's statistics of it``."""
+
+
+@dataclass
+class Outcome:
+    """The fused state, the clients kept (indices into the inputs) and a record for the logs."""
+
+    state: OrderedDict[str, torch.Tensor]
+    kept: list[int]
+    info: dict
+
+
+def aggregate(
+    plan: Plan, spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float],
+    stats: Sequence[Mapping[str, Stats]], ask_cross: CrossQuery, ask_fused: FusedQuery, seed: int = 0,
+) -> Outcome:
+    """One server aggregation: align (asking the clients for cross-moments when the plan needs
+    them), move the statistics into the aligned basis, fuse, repair (asking for statistics of the
+    fused candidate when needed). The queries are where the data lives: Flower messages in a
+    federation, direct calls in a study. The reference is the client with the largest weight."""
+    kept = list(range(len(states)))
+    ref = int(np.argmax(weights))
+    cross: dict[int, Stats] = {}
+    if plan.align_statistics():
+        cross = ask_cross(ref, [j for j in kept if j != ref])
+        kept = [j for j in kept if j == ref or j in cross]
+    sub = [states[j] for j in kept]
+    w = [weights[j] for j in kept]
+    r = kept.index(ref)
+    perms = align(plan, spec, sub, w, r, [cross.get(j, {}).get("cross", {}) for j in kept], seed=seed)
+    aligned = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sub)]
+    moved = [permute_statistics(spec, p, stats[j], sd) for p, j, sd in zip(perms, kept, sub)]
+    fused = fuse(plan, aligned, w, moved)
+    info: dict = {"align": plan.align, "fuse": plan.fuse, "repair": plan.repair, "reference": ref}
+    if plan.repair == "repair-closed-form":
+        other = 1 - r
+        rho = matched_correlations(cross[kept[other]]["preact-cross"], spec, perms[other])
+        fused = repair_closed_form(fused, [s["moments"] for s in moved], rho, w)
+    elif plan.repair in ("repair", "bn-reset"):
+        targets = repair_targets([s["moments"] for s in moved], w) if plan.repair == "repair" else None
+        answers = ask_fused(fused, targets)
+        if not answers:
+            info["repair_skipped"] = "no client answered the repair phase"
+        else:
+            kind = plan.repair_statistics()[0]
+            pooled = answers[0][kind]
+            for answer in answers[1:]:
+                pooled = add_moments(pooled, answer[kind])
+            fused = bn_reset(fused, pooled) if plan.repair == "bn-reset" else repair(fused, targets, pooled)
+    return Outcome(fused, kept, info)
