@@ -1,4 +1,4 @@
-"""``fedalign run | report | partition``: the command line."""
+"""``fedalign run | bench | report | partition``: the command line."""
 
 from __future__ import annotations
 
@@ -57,6 +57,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedalign.bench import load_suite, run_suite, summarise_suite
+
+    suite = load_suite(args.suite, args.output)
+    print(f"suite {suite.name}: {len(suite.runs)} runs into {suite.output}", flush=True)
+    if not args.summary_only:
+        run_suite(suite, verbose=args.verbose, progress=not args.no_progress)
+    summarise_suite(suite)
+    print(f"wrote {suite.output / 'summary.md'}, summary.csv and the accuracy plots")
+    return 0
+
+
 def _cmd_partition(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -86,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.set_defaults(func=_cmd_run)
+
+    bench = sub.add_parser("bench", help="run a suite (strategies x partitions x seeds) and summarise it")
+    bench.add_argument("suite", help="path of the suite YAML")
+    bench.add_argument("--output", help="suite folder (default: the suite's output)")
+    bench.add_argument("--summary-only", action="store_true", help="rebuild the summary from finished runs")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    bench.set_defaults(func=_cmd_bench)
 
     report = sub.add_parser("report", help="compare run folders: markdown table and plots")
     report.add_argument("runs", nargs="+", help="run folders")
