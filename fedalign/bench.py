@@ -85,8 +85,13 @@ def _labelled(raw: Any, key: str) -> dict[str, list[str]]:
     return out
 
 
-def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
-    """Read and expand a suite; every run's config is loaded (and so validated) here."""
+def load_suite(
+    path: str | Path, output: str | Path | None = None, overrides: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
+) -> Suite:
+    """Read and expand a suite; every run's config is loaded (and so validated) here.
+    ``overrides`` apply to every run after the suite's own (a scaled-down run of a full suite);
+    ``seeds`` replaces the suite's seeds."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -105,7 +110,7 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
     common = raw.get("overrides") or []
     if not isinstance(common, list):
         raise ConfigError(f"overrides: expected a list of key=value, got {common!r}")
-    seeds = raw.get("seeds", [0])
+    seeds = list(seeds) if seeds is not None else raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
     target = raw.get("target_accuracy")
@@ -118,9 +123,9 @@ def load_suite(path: str | Path, output: str | Path | None = None) -> Suite:
     runs = []
     for (model, m), (partition, p), (strategy, s), seed in itertools.product(
             models.items(), partitions.items(), strategies.items(), seeds):
-        overrides = [*common, *m, *p, *s, f"seed={seed}", f"name={strategy}-{partition}-s{seed}"]
+        cell = [*common, *m, *p, *s, *overrides, f"seed={seed}", f"name={strategy}-{partition}-s{seed}"]
         try:
-            cfg = load_config(base, overrides)
+            cfg = load_config(base, cell)
         except ConfigError as exc:
             raise ConfigError(f"run {model}/{partition}/{strategy}/seed-{seed}: {exc}") from None
         runs.append(BenchRun(model, partition, strategy, seed, cfg))

@@ -60,7 +60,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fedalign.bench import load_suite, run_suite, summarise_suite
 
-    suite = load_suite(args.suite, args.output)
+    suite = load_suite(args.suite, args.output, args.set, args.seeds)
     print(f"suite {suite.name}: {len(suite.runs)} runs into {suite.output}", flush=True)
     if not args.summary_only:
         run_suite(suite, verbose=args.verbose, progress=not args.no_progress)
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a suite (strategies x partitions x seeds) and summarise it")
     bench.add_argument("suite", help="path of the suite YAML")
     bench.add_argument("--output", help="suite folder (default: the suite's output)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config entry in every run (after the suite's own overrides)")
+    bench.add_argument("--seeds", type=int, nargs="+", help="replace the suite's seeds")
     bench.add_argument("--summary-only", action="store_true", help="rebuild the summary from finished runs")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")

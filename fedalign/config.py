@@ -429,6 +429,11 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"seeds: expected a mapping, got {seeds_given!r}")
     cfg = dataclasses.replace(cfg, seeds=_build(Seeds, {**seeds, **seeds_given}, "seeds"))
     _validate(cfg)
+    if cfg.data.data_dir is not None:
+        # the config travels to every client, on every node: a relative path would resolve
+        # against each worker's own working directory
+        data = dataclasses.replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).expanduser().resolve()))
+        cfg = dataclasses.replace(cfg, data=data)
     return cfg
 
 

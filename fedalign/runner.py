@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedalign.checkpoint import CheckpointError, load_latest
-from fedalign.config import RunConfig, to_yaml
+from fedalign.config import ConfigError, RunConfig, to_yaml
 from fedalign.results import RunRecorder
 
 log = logging.getLogger("fedalign")
@@ -67,6 +67,31 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     }
 
 
+def node_resources(address: str | None) -> list[dict[str, float]]:
+    """CPUs and GPUs of every alive node: of the cluster at ``address`` (attaching to it), or of
+    this machine, which Flower will start Ray on."""
+    if not address:
+        import torch
+
+        return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
+    """A clear error when no node can hold one client (Flower would fail later with "ActorPool is
+    empty")."""
+    sim = cfg.simulation
+    fits = [n for n in nodes if n.get("CPU", 0.0) >= sim.client_cpus and n.get("GPU", 0.0) >= sim.client_gpus]
+    if not fits:
+        have = ", ".join(f"{n.get('CPU', 0):g} CPU / {n.get('GPU', 0):g} GPU" for n in nodes) or "no alive node"
+        raise ConfigError(f"simulation.client_cpus={sim.client_cpus:g}, client_gpus={sim.client_gpus:g}: no Ray node "
+                          f"can run one client (nodes: {have})")
+
+
 def configure_logging(verbose: bool) -> None:
     """Flower's and Ray's logs stay quiet unless asked for; fedalign's warnings always show."""
     # Client failures are reported by fedalign in one line each; Flower's ERROR logs repeat them
@@ -104,6 +129,7 @@ def run(
 
     # Partition (and load) once here: a bad dataset or partition fails before Ray starts.
     run_federation(cfg)
+    check_resources(cfg, node_resources(cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")))
     resume = None
     if resume_dir is not None:
         recorder = RunRecorder(resume_dir)

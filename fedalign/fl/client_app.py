@@ -60,6 +60,16 @@ def client_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def ray_node_metric() -> dict[str, int]:
+    """``{"ray-node": n}``: the Ray node this client runs on (its id's first 12 hex digits), so a
+    run on a cluster records where its clients trained; empty outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    return {"ray-node": int(ray.get_runtime_context().get_node_id()[:12], 16)}
+
+
 def shuffle_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
     """A data-shuffling seed per (run, round, client): reruns repeat, clients differ."""
     words = np.random.SeedSequence([cfg.resolved_seeds.shuffle, server_round, partition_id])
@@ -97,6 +107,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": stats.loss,
             "partition-id": partition_id,
             "class-counts": np.bincount(data.y_train, minlength=fed.num_classes).tolist(),
+            **ray_node_metric(),
         }
     )
     content = RecordDict({"metrics": metrics})

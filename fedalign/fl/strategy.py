@@ -241,6 +241,9 @@ class FedAvg(Strategy):
         weights = np.array([u.num_examples for u in updates], dtype=float)
         losses = np.array([u.metrics.get("train-loss", np.nan) for u in updates], dtype=float)
         rlog.train_loss = float(np.sum(weights * losses) / weights.sum())
+        nodes = {u.metrics["ray-node"] for u in updates if "ray-node" in u.metrics}
+        if nodes:
+            rlog.extra["ray_nodes"] = [f"{int(n):012x}" for n in sorted(nodes)]
         metrics = MetricRecord({"train-loss": rlog.train_loss, "num-examples": int(weights.sum())})
         return to_arrays(fused), metrics
 
