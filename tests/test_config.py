@@ -12,12 +12,18 @@ from fedalign.config import ConfigError, derive_seeds, from_dict, load_config, t
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_shipped_config_loads():
+def test_every_shipped_config_and_suite_loads():
+    from fedalign.bench import load_suite
+
     configs = sorted((ROOT / "configs").glob("*.yaml"))
-    assert len(configs) >= 6
+    suites = [p for p in configs if p.name.startswith("bench_")]
+    assert len(configs) - len(suites) >= 6 and len(suites) >= 3
     for path in configs:
-        cfg = load_config(path)
-        assert cfg.seeds is not None and cfg.name
+        if path in suites:
+            assert load_suite(path).runs                  # every expanded run config is validated
+        else:
+            cfg = load_config(path)
+            assert cfg.seeds is not None and cfg.name
 
 
 def test_overrides_and_model_options():
