@@ -99,6 +99,7 @@ class AggregationConfig:
     cross-moments against a broadcast reference (``activation``). ``stats_samples`` caps the
     examples each client uses for them (0: all of its training data). ``own_init``: in round 1
     every client trains from its own initialisation (one-shot fusion of independent models).
+    ``workers``: processes that align clients to the reference in parallel (Sinkhorn re-basin).
     """
 
     align: str = "none"
@@ -113,6 +114,7 @@ class AggregationConfig:
     fisher_normalise: bool = False
     stats_samples: int = 2000
     own_init: bool = False
+    workers: int = 1
 
     @property
     def active(self) -> bool:
@@ -303,6 +305,7 @@ def _validate_aggregation(cfg: RunConfig, need: Callable[[bool, str, str], None]
     need(a.ridge >= 0, "aggregation.ridge", f"must be >= 0, got {a.ridge}")
     need(a.fisher_floor >= 0, "aggregation.fisher_floor", f"must be >= 0, got {a.fisher_floor}")
     need(a.stats_samples >= 0, "aggregation.stats_samples", f"must be >= 0, got {a.stats_samples}")
+    need(a.workers >= 1, "aggregation.workers", f"must be >= 1, got {a.workers}")
     if a.align == "pfnm":
         need(cfg.model.name == "mlp", "aggregation.align", f"pfnm matches MLPs, not {cfg.model.name!r}")
         need(a.fuse == "mean" and a.repair == "none", "aggregation.align",

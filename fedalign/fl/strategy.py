@@ -92,6 +92,19 @@ def error_summary(reason: str) -> str:
     return first_sentence if len(first_sentence) >= 20 else reason[:200]
 
 
+def sample_partitions(
+    seed: int, available: list[int], server_round: int, fraction: float, minimum: int,
+    purpose: str = "train", attempt: int = 0,
+) -> list[int]:
+    """The partitions a round addresses: ``max(round(fraction * n), minimum)`` of ``available``,
+    drawn from the sampling seed, the purpose, the round and the attempt (a plain loop that
+    reproduces a run draws the same clients with this)."""
+    size = min(len(available), max(round(fraction * len(available)), minimum))
+    stream = ("train", "evaluate").index(purpose)
+    rng = np.random.default_rng([seed, stream, server_round, attempt])
+    return sorted(rng.choice(available, size=size, replace=False).tolist())
+
+
 class FedAvg(Strategy):
     """Federated averaging (McMahan et al. 2017) with seeded sampling and validated replies."""
 
@@ -164,11 +177,8 @@ class FedAvg(Strategy):
                attempt: int = 0) -> list[int]:
         """Partition ids for this round, drawn from the sampling seed, the purpose, the round and
         the attempt (a retried round draws afresh)."""
-        available = sorted(self.node_of_partition)
-        size = min(len(available), max(round(fraction * len(available)), minimum))
-        stream = ("train", "evaluate").index(purpose)
-        rng = np.random.default_rng([self.cfg.resolved_seeds.sampling, stream, server_round, attempt])
-        return sorted(rng.choice(available, size=size, replace=False).tolist())
+        return sample_partitions(self.cfg.resolved_seeds.sampling, sorted(self.node_of_partition), server_round,
+                                 fraction, minimum, purpose, attempt)
 
     # ---- Flower Strategy hooks ---------------------------------------------------------------
 

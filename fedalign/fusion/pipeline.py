@@ -31,9 +31,9 @@ from fedalign.align import (
     identity_permutation,
     merge_many,
     permutations_from_statistics,
-    sinkhorn_rebasin,
 )
 from fedalign.align.activation_matching import correlation
+from fedalign.align.parallel import match_all
 from fedalign.repair import bn_reset, repair, repair_closed_form, repair_targets
 from fedalign.stats import Moments, add_moments
 
@@ -57,6 +57,7 @@ class Plan:
     ridge: float = 1e-4
     fisher_floor: float = 1e-6
     fisher_normalise: bool = False
+    workers: int = 1
 
     def train_statistics(self) -> tuple[str, ...]:
         """What the clients compute on their own trained models in the train phase."""
@@ -85,10 +86,12 @@ def align(
         return [identity_permutation(spec) for _ in states]
     if plan.align == "weight":
         return merge_many(spec, states, weights, solver=plan.solver, seed=seed)[1]
-    if plan.align == "sinkhorn-rebasin":
-        return [identity_permutation(spec) if j == reference else
-                sinkhorn_rebasin(spec, states[reference], sd, seed=seed, solver=plan.solver)
-                for j, sd in enumerate(states)]
+    if plan.align == "sinkhorn-rebasin":        # independent per client: a worker pool when asked
+        others = [sd for j, sd in enumerate(states) if j != reference]
+        perms = match_all(spec, states[reference], others, "sinkhorn-rebasin", workers=plan.workers, seed=seed,
+                          solver=plan.solver)
+        perms.insert(reference, identity_permutation(spec))
+        return perms
     if plan.align == "activation":
         if cross is None:
             raise ValueError("activation alignment needs the clients' cross-moments against the reference")

@@ -1,0 +1,196 @@
+"""Benchmarks B1 and B2 (benchmarks.md): fedalign's FedAvg through the Flower simulation on Ray
+against a plain sequential PyTorch loop doing identical training, measured in the same run.
+
+The plain loop reproduces the run exactly: the same partition (``run_federation``), the same
+initial model (the run's init seed), the same clients per round (``sample_partitions``), the same
+shuffling seeds, ``train_local`` with the same settings, the same weighted mean and the same
+test-set evaluation every round; one torch thread, as each fedalign client uses with
+``client_cpus: 1``. Final accuracies are printed side by side as the check that the work is the same.
+
+- B1 (overhead): logistic regression 784->10, 1000 clients, Dirichlet(0.5), 10 sampled per round,
+  1 local epoch, batch 32; compute is tiny, so the time is overhead.
+- B2 (throughput): 1000 IID users x 60 images, cohort 50, 1 local epoch, batch 10, a LeNet widened
+  to about 1.2M parameters.
+
+Reported: Ray start-up plus node discovery (the run's wall time minus its rounds), steady-state
+seconds per round (median over rounds 2..R), the ratio to the plain loop, client updates per
+second, and peak memory (resident set of the process tree: driver, Ray's daemons and workers).
+
+    .venv/bin/python simulations/bench_overhead.py --out docs/results/bench_overhead.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Self
+
+import torch
+
+from fedalign.components import run_federation, run_model
+from fedalign.config import RunConfig, load_config
+from fedalign.fl.client_app import shuffle_seed
+from fedalign.fl.strategy import sample_partitions
+from fedalign.fusion.mean import weighted_average
+from fedalign.results import read_rows
+from fedalign.runner import run
+from fedalign.training import evaluate, train_local
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+B1 = ["name=b1", "data.dataset=fashion-mnist", "data.num_clients=1000", "data.partition=dirichlet",
+      "data.alpha=0.5", "data.min_partition_size=5", "data.val_fraction=0.0", "model.hidden=[]",
+      "train.local_epochs=1", "train.batch_size=32", "train.lr=0.05", "strategy.fraction_train=0.01",
+      "strategy.min_train_clients=10"]
+B2 = ["name=b2", "data.dataset=fashion-mnist", "data.num_clients=1000", "data.partition=iid",
+      "data.val_fraction=0.0", "model.name=lenet", "model.widths=[32, 64, 1000, 128]",
+      "train.local_epochs=1", "train.batch_size=10", "train.lr=0.05", "train.momentum=0.0",
+      "strategy.fraction_train=0.05", "strategy.min_train_clients=50"]
+
+
+class PeakMemory:
+    """Peak resident set of this process and all its descendants, sampled every 0.2 s (/proc)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _tree(pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            try:
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{task}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        return out
+
+    def _rss(self) -> int:
+        total = 0
+        for p in self._tree(os.getpid()):
+            try:
+                with open(f"/proc/{p}/statm") as f:
+                    total += int(f.read().split()[1]) * PAGE
+            except OSError:
+                continue
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.2)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def plain_loop(cfg: RunConfig) -> dict:
+    """FedAvg as a sequential loop over the same clients, seeds and training."""
+    torch.set_num_threads(max(1, int(cfg.simulation.client_cpus)))
+    fed = run_federation(cfg)
+    X_test, y_test = fed.test
+    state = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init).state_dict()
+    partitions = list(range(cfg.data.num_clients))
+    t, s = cfg.train, cfg.strategy
+    seconds, accuracy = [], None
+    for server_round in range(1, s.rounds + 1):
+        t0 = time.perf_counter()
+        states, sizes = [], []
+        for pid in sample_partitions(cfg.resolved_seeds.sampling, partitions, server_round, s.fraction_train,
+                                     s.min_train_clients):
+            data = fed.client(pid)
+            model = run_model(cfg, fed, state=state)
+            stats = train_local(model, data.X_train, data.y_train, epochs=t.local_epochs, batch_size=t.batch_size,
+                                optimizer=t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                seed=shuffle_seed(cfg, server_round, pid))
+            states.append(model.state_dict())
+            sizes.append(stats.num_examples)
+        state = weighted_average(states, sizes)
+        accuracy = evaluate(run_model(cfg, fed, state=state), X_test, y_test)[1]
+        seconds.append(time.perf_counter() - t0)
+    return {"seconds_per_round": seconds, "final_accuracy": accuracy}
+
+
+def fedalign_run(cfg: RunConfig, out: Path) -> dict:
+    t0 = time.perf_counter()
+    outcome = run(cfg, output_dir=out, progress=False)
+    wall = time.perf_counter() - t0
+    rows = [r for r in read_rows(outcome.run_dir) if r["round"] > 0]
+    per_round = [r["seconds_total"] for r in rows]
+    return {"seconds_per_round": per_round, "final_accuracy": rows[-1]["test_accuracy"], "wall": wall,
+            "startup": wall - sum(per_round), "bytes_per_round": rows[-1]["bytes_down"] + rows[-1]["bytes_up"]}
+
+
+def measure(label: str, base: str, overrides: list[str], rounds: int, cpus: float, out: Path) -> dict:
+    cfg = load_config(ROOT / "configs" / base,
+                      [*overrides, f"strategy.rounds={rounds}", f"simulation.client_cpus={cpus}",
+                       "output.checkpoint_every=0", "output.plot=false", "output.save_model=false"])
+    cohort = max(round(cfg.strategy.fraction_train * cfg.data.num_clients), cfg.strategy.min_train_clients)
+    with PeakMemory() as mem_plain:
+        plain = plain_loop(cfg)
+    with PeakMemory() as mem_fed:
+        fed = fedalign_run(cfg, out)
+    steady_fed = statistics.median(fed["seconds_per_round"][1:])
+    steady_plain = statistics.median(plain["seconds_per_round"][1:])
+    row = {"benchmark": label, "client_cpus": cpus, "rounds": rounds, "cohort": cohort,
+           "startup_s": fed["startup"], "fedalign_round_s": steady_fed, "plain_round_s": steady_plain,
+           "ratio": steady_fed / steady_plain, "fedalign_updates_per_s": cohort / steady_fed,
+           "plain_updates_per_s": cohort / steady_plain, "fedalign_peak_mib": mem_fed.peak / 2**20,
+           "plain_peak_mib": mem_plain.peak / 2**20, "fedalign_accuracy": fed["final_accuracy"],
+           "plain_accuracy": plain["final_accuracy"], "fedalign_wall_s": fed["wall"],
+           "mib_per_round": fed["bytes_per_round"] / 2**20}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--b1-rounds", type=int, default=30)
+    parser.add_argument("--b2-rounds", type=int, default=8)
+    parser.add_argument("--cpus", type=float, nargs="+", default=[1.0, 0.5])
+    parser.add_argument("--only", choices=["B1", "B2"])
+    parser.add_argument("--runs", type=Path, default=Path("/tmp/fedalign-bench-overhead"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for label, base, overrides, rounds in (("B1", "quickstart.yaml", B1, args.b1_rounds),
+                                           ("B2", "fmnist_lenet_fedavg.yaml", B2, args.b2_rounds)):
+        if args.only and label != args.only:
+            continue
+        for cpus in args.cpus:
+            rows.append(measure(label, base, overrides, rounds, cpus, args.runs))
+    header = ("| benchmark | client_cpus | rounds | cohort | Ray start-up + discovery (s) | fedalign s/round | plain loop "
+              "s/round | ratio | updates/s fedalign | updates/s plain | peak MiB fedalign | peak MiB plain | "
+              "final acc fedalign / plain (%) |")
+    lines = [header, "|" + "---|" * 13]
+    for r in rows:
+        lines.append(f"| {r['benchmark']} | {r['client_cpus']:g} | {r['rounds']} | {r['cohort']} | {r['startup_s']:.1f} | "
+                     f"{r['fedalign_round_s']:.3f} | {r['plain_round_s']:.3f} | {r['ratio']:.2f}x | "
+                     f"{r['fedalign_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['fedalign_peak_mib']:.0f} | "
+                     f"{r['plain_peak_mib']:.0f} | {100 * r['fedalign_accuracy']:.2f} / {100 * r['plain_accuracy']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
