@@ -159,6 +159,59 @@ def barrier(args: argparse.Namespace) -> dict:
     return out
 
 
+def cnn_barriers(args: argparse.Namespace) -> dict:
+    """Midpoint barriers of two independently trained CNNs: VGG-9 (no normalisation) with and
+    without REPAIR, ResNet-20 (BatchNorm) with and without a BN reset, both after weight matching.
+    Each model trains on its own half of ``--cnn-samples`` training examples."""
+    from fedalign.repair import bn_reset
+    from fedalign.stats import batchnorm_input_moments
+
+    X, y = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "train"))
+    X_test, y_test = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "test"))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.cnn_samples]
+    halves = [order[: len(order) // 2], order[len(order) // 2:]]
+    calibration = X[order[:5000]]
+    out = {}
+    for name, options in (("vgg9", {"widths": (16, 16, 32, 32, 64, 64), "hidden": 128}), ("resnet20", {})):
+        models = []
+        t0 = time.perf_counter()
+        for seed, half in enumerate(halves):
+            torch.manual_seed(seed)
+            model = build_model(name, **options)
+            train_local(model, X[half], y[half], epochs=args.cnn_epochs, batch_size=128, optimizer="adam", lr=1e-3,
+                        seed=seed)
+            models.append(model.eval())
+        spec = permutation_spec(models[0])
+        a = models[0]
+        b = copy.deepcopy(a)
+        b.load_state_dict(apply_permutation(spec, weight_matching(spec, a.state_dict(), models[1].state_dict()),
+                                            models[1].state_dict()))
+        ends = [evaluate(m, X_test, y_test) for m in (a, b)]
+        chord = (ends[0][0] + ends[1][0]) / 2
+        mid = copy.deepcopy(a)
+        mid.load_state_dict(interpolate(a.state_dict(), b.state_dict(), 0.5))
+        naive = copy.deepcopy(a)
+        naive.load_state_dict(interpolate(a.state_dict(), models[1].state_dict(), 0.5))
+        fixed = copy.deepcopy(mid)
+        if name == "resnet20":
+            fixed.load_state_dict(bn_reset(mid.state_dict(), batchnorm_input_moments(mid, calibration)))
+            naive.load_state_dict(bn_reset(naive.state_dict(), batchnorm_input_moments(naive, calibration)))
+            label = "weight matching + BN reset"
+        else:
+            fixed.load_state_dict(repair_with_data(mid, [a, b], calibration))
+            label = "weight matching + REPAIR"
+        rows = {}
+        for row_name, m in (("naive" + (" + BN reset" if name == "resnet20" else ""), naive),
+                            ("weight matching", mid), (label, fixed)):
+            loss, acc = evaluate(m, X_test, y_test)
+            rows[row_name] = {"barrier": loss - chord, "midpoint_accuracy": acc}
+        rows["endpoint_accuracy"] = [e[1] for e in ends]
+        rows["train_seconds"] = time.perf_counter() - t0
+        out[name] = rows
+        print(f"  {name}: {json.dumps(rows)}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10)
@@ -170,8 +223,11 @@ def main() -> None:
     parser.add_argument("--barrier-hidden", type=int, nargs="+", default=[256] * 6,
                         help="REPAIR matters most for deep networks (variance collapse compounds per layer)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--partitions", nargs="+", default=["dirichlet", "iid"])
+    parser.add_argument("--partitions", nargs="*", default=["dirichlet", "iid"], help="none: no one-shot study")
     parser.add_argument("--skip-barrier", action="store_true")
+    parser.add_argument("--cnn-barriers", action="store_true", help="also VGG-9 (REPAIR) and ResNet-20 (BN reset)")
+    parser.add_argument("--cnn-samples", type=int, default=20000)
+    parser.add_argument("--cnn-epochs", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fedalign-aggregation-cache"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -179,12 +235,13 @@ def main() -> None:
     results = {"settings": {k: str(v) for k, v in vars(args).items()}}
     for partition in args.partitions:
         results[partition] = one_shot(args, partition)
-    names = list(results[args.partitions[0]]["accuracy"])
-    print("\n| pipeline (align / fuse / repair) | " + " | ".join(f"{p} (%)" for p in args.partitions) + " |")
-    print("|---|" + "---|" * len(args.partitions))
-    for name in names:
-        cells = [f"{100 * results[p]['accuracy'].get(name, float('nan')):.2f}" for p in args.partitions]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.partitions:
+        names = list(results[args.partitions[0]]["accuracy"])
+        print("\n| pipeline (align / fuse / repair) | " + " | ".join(f"{p} (%)" for p in args.partitions) + " |")
+        print("|---|" + "---|" * len(args.partitions))
+        for name in names:
+            cells = [f"{100 * results[p]['accuracy'].get(name, float('nan')):.2f}" for p in args.partitions]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     if not args.skip_barrier:
         results["barrier"] = barrier(args)
         widths = "-".join(map(str, args.barrier_hidden))
@@ -195,6 +252,8 @@ def main() -> None:
         reduction = results["barrier"]["repair_reduction_vs_alignment"]
         if reduction is not None:
             print(f"\nREPAIR removes {100 * reduction:.1f}% of the barrier left after weight matching")
+    if args.cnn_barriers:
+        results["cnn_barriers"] = cnn_barriers(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=float) + "\n")
