@@ -12,8 +12,12 @@ affine map into the layer's weight and bias, so the repaired model has the archi
 - ``repair_closed_form``: no pass over the fused model; its statistics are predicted from the
   endpoints' statistics and the correlations of matched units, as if the fused pre-activation were
   the weighted mean of the endpoints' (exact for the first layer);
-- ``bn_reset``: BatchNorm networks need only their running statistics re-estimated from pooled
-  moments of the BatchNorm inputs.
+- ``bn_reset_from_stats``: BatchNorm networks need only their running statistics re-estimated
+  from pooled moments of the BatchNorm inputs.
+
+The layers REPAIR tracks are derived from the model (``stats.hidden_layers``): pre-activations of
+biased Linear/Conv2d layers and outputs of norms with a per-channel affine (a bias-free conv is
+corrected through the norm after it), so every correction folds into one module's parameters.
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ def repair_targets(endpoint_moments: Sequence[Mapping[str, Moments]], weights: S
 
 
 def fold_affine(state: StateDict, name: str, scale: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Entries of layer ``name`` computing ``scale * (W x + b) + shift`` per output channel."""
-    weight, bias = state[f"{name}.weight"], state.get(f"{name}.bias")
-    if bias is None:
-        raise ValueError(f"layer {name!r} has no bias to fold the shift into")
+    """Entries of layer ``name`` computing ``scale * (W x + b) + shift`` per output channel (for a
+    norm, ``W x`` is its per-channel affine of the normalised input)."""
+    weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+    if weight is None or bias is None:
+        raise ValueError(f"layer {name!r} has no weight and bias to fold a per-channel affine into")
     s = scale.to(torch.float64)
     shape = (-1,) + (1,) * (weight.dim() - 1)
     return {f"{name}.weight": (weight.double() * s.reshape(shape)).to(weight.dtype),
@@ -80,6 +85,9 @@ def repair_closed_form(
     and variance ``sum_kl w_k w_l s_k s_l rho_kl``; it is rescaled to std ``sum_k w_k s_k``."""
     w = normalised_weights(weights, len(endpoint_moments)).double()
     out = OrderedDict(state)
+    missing = sorted(set(endpoint_moments[0]) - set(correlations))
+    if missing:
+        raise ValueError(f"no matched-unit correlations for layers {missing}")
     for name in endpoint_moments[0]:
         stats = [mean_std(m[name]) for m in endpoint_moments]
         mu = torch.stack([m for m, _ in stats]).double()          # (J, C)
@@ -89,6 +97,9 @@ def repair_closed_form(
             if len(stats) != 2:
                 raise ValueError(f"layer {name!r}: a (C,) correlation needs exactly 2 endpoints")
             rho = torch.stack([torch.stack([torch.ones_like(rho), rho]), torch.stack([rho, torch.ones_like(rho)])])
+        if rho.shape != (len(stats), len(stats), mu.shape[1]):
+            raise ValueError(f"layer {name!r}: correlations are {tuple(rho.shape)}, "
+                             f"expected ({len(stats)}, {len(stats)}, {mu.shape[1]})")
         ws = w[:, None] * sd                                         # (J, C)
         expected_std = torch.einsum("kc,klc,lc->c", ws, rho, ws).clamp_min(0).sqrt()
         goal_mean, goal_std = (w[:, None] * mu).sum(0), ws.sum(0)
@@ -97,9 +108,12 @@ def repair_closed_form(
     return out
 
 
-def bn_reset(state: StateDict, bn_moments: Mapping[str, Moments]) -> OrderedDict:
-    """BatchNorm running statistics set from pooled moments of their inputs (the variance
-    unbiased, as torch keeps it); ``num_batches_tracked`` is left as it is."""
+def bn_reset_from_stats(model_or_state: nn.Module | StateDict, bn_moments: Mapping[str, Moments]) -> OrderedDict:
+    """The state of a model (or a state dict) with its BatchNorm running statistics set from
+    pooled moments of their inputs (``stats.batchnorm_input_moments`` summed over clients; the
+    variance unbiased, as torch keeps it); ``num_batches_tracked`` is left as it is. Load the
+    result into the model."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     out = OrderedDict(state)
     for name, m in bn_moments.items():
         if f"{name}.running_mean" not in out:
@@ -113,15 +127,19 @@ def bn_reset(state: StateDict, bn_moments: Mapping[str, Moments]) -> OrderedDict
     return out
 
 
+bn_reset = bn_reset_from_stats  # the name fusion.pipeline and the studies call
+
+
 def repair_with_data(
     fused: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor, weights: Sequence[float] | None = None,
 ) -> OrderedDict:
-    """REPAIR outside a federation: endpoint and fused statistics measured on the same ``X``."""
+    """REPAIR outside a federation: endpoint and fused statistics measured on the same ``X``
+    (``endpoints`` aligned to ``fused``); returns the repaired state of ``fused``."""
     layers = hidden_layers(fused)
     endpoint_moments = [activation_moments(m, X, layers) for m in endpoints]
     targets = repair_targets(endpoint_moments, weights)
     return repair(fused.state_dict(), targets, activation_moments(fused, X, layers, targets=targets))
 
 
-__all__ = ["bn_reset", "fold_affine", "hidden_layers", "repair", "repair_closed_form",
+__all__ = ["bn_reset", "bn_reset_from_stats", "fold_affine", "hidden_layers", "repair", "repair_closed_form",
            "repair_targets", "repair_with_data"]

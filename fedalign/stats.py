@@ -4,14 +4,18 @@ The server never sees data: it asks the clients for sums over their examples and
 Everything here is therefore a *sum* (or carries its count), so the statistics of the union of
 the clients' data are the sum of the clients' statistics:
 
-- ``activation_moments``: per output channel of every Linear/Conv2d (pre-activations), the
-  count, sum and sum of squares (REPAIR's targets and the fused model's statistics);
+- ``activation_moments``: per output channel of every layer REPAIR can correct
+  (``hidden_layers``: pre-activations of biased Linear/Conv2d layers, outputs of per-channel affine
+  norms), the count, sum and sum of squares (REPAIR's targets and the fused model's statistics);
 - ``batchnorm_input_moments``: the same at the input of every BatchNorm, with the BatchNorm layers
   normalising by batch statistics as in training (what a reset of their running statistics needs);
 - ``gram_matrices``: ``sum x x^T`` of each Linear layer's inputs and each Conv2d's unfolded patches,
-  with a constant-1 column for the bias (RegMean);
-- ``diagonal_fisher``: the mean squared per-example gradient of ``log p(y|x)`` (Fisher averaging),
-  with the example count so means can be pooled.
+  with a constant-1 column last, whose diagonal entry is the count (RegMean);
+- ``diagonal_fisher``: the mean squared per-example gradient of ``log p(y|x)`` (Fisher averaging;
+  pool means by weighting with the clients' example counts);
+- ``cross_moments``: per permutation group, sums relating a broadcast reference's activations to
+  the client model's (activation matching); ``preactivation_cross_moments`` the same per layer
+  (the matched-unit correlations of closed-form REPAIR).
 
 Every function runs the model in eval mode (BatchNorm with its running statistics, no dropout) and
 restores the mode it found; no function changes the model's parameters or buffers.
@@ -20,15 +24,20 @@ restores the mode it found; no function changes the model's parameters or buffer
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+if TYPE_CHECKING:
+    from fedalign.align.spec import PermutationSpec
+
 Moments = dict[str, torch.Tensor]  # {"count": scalar, "sum": (C,), "sumsq": (C,)}
+CrossMoments = dict[str, torch.Tensor]  # {"count", "sum_ref", "sum", "sq_ref", "sq", "cross"}
+Data = torch.Tensor | Iterable
 
 
 @contextlib.contextmanager
@@ -54,9 +63,15 @@ def evaluation(model: nn.Module, batchnorm_train: bool = False) -> Iterator[nn.M
             m.training = mode
 
 
-def _batches(X: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for i in range(0, len(X), batch_size):
-        yield X[i:i + batch_size]
+def batches(data: Data, batch_size: int) -> Iterator[torch.Tensor]:
+    """Input batches of ``data``: a tensor cut into ``batch_size`` rows, or an iterable of tensors
+    or of ``(X, y)`` pairs (a DataLoader) taken as it comes."""
+    if isinstance(data, torch.Tensor):
+        for i in range(0, len(data), batch_size):
+            yield data[i:i + batch_size]
+        return
+    for batch in data:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -65,9 +80,23 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
 
 
+def _is_channel_affine(m: nn.Module) -> bool:
+    """Whether ``m``'s output channels carry their own scale and shift (a weight row and a bias
+    entry, or a norm's affine), so a per-channel affine map after it folds into its parameters."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        return m.bias is not None and (isinstance(m, nn.Linear) or m.groups == 1)
+    return isinstance(m, (_BatchNorm, nn.GroupNorm)) and m.weight is not None
+
+
 def hidden_layers(model: nn.Module) -> list[str]:
-    """The Linear/Conv2d layers REPAIR corrects: all but the last (the logits are not rescaled)."""
-    return list(linear_layers(model))[:-1]
+    """The layers REPAIR tracks, derived from the model: every module whose output channels have
+    their own scale and shift (biased Linear/Conv2d: the pre-activations; BatchNorm/GroupNorm with
+    affine: the normalised outputs, which is where bias-free convolutions are corrected) except the
+    final Linear/Conv2d (the logits are not rescaled). In a residual network this tracks the last
+    foldable output of each branch, not the sum after the skip connection: an identity shortcut has
+    no parameters a correction of the sum could be folded into."""
+    last = list(linear_layers(model))[-1:]
+    return [n for n, m in model.named_modules() if _is_channel_affine(m) and n not in last]
 
 
 def channel_samples(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -78,6 +107,11 @@ def channel_samples(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
 def _moments(t: torch.Tensor) -> Moments:
     t = t.double()
     return {"count": torch.tensor(float(len(t)), dtype=torch.float64), "sum": t.sum(0), "sumsq": (t * t).sum(0)}
+
+
+def _add(total: dict[str, Any], name: str, part: Mapping[str, torch.Tensor]) -> None:
+    """``total[name] += part`` entry by entry (the first part is kept as it is)."""
+    total[name] = dict(part) if name not in total else {k: total[name][k] + v for k, v in part.items()}
 
 
 def add_moments(a: Mapping[str, Moments], b: Mapping[str, Moments]) -> dict[str, Moments]:
@@ -95,7 +129,7 @@ def mean_std(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _collect(
-    model: nn.Module, X: torch.Tensor, batch_size: int, modules: Mapping[str, nn.Module],
+    model: nn.Module, X: Data, batch_size: int, modules: Mapping[str, nn.Module],
     observe: Callable[[str, nn.Module, tuple, torch.Tensor], torch.Tensor | None], batchnorm_train: bool = False,
 ) -> None:
     """Run ``model`` over ``X`` with ``observe(name, module, inputs, output)`` hooked on ``modules``;
@@ -104,7 +138,7 @@ def _collect(
                for name, m in modules.items()]
     try:
         with evaluation(model, batchnorm_train):
-            for xb in _batches(X, batch_size):
+            for xb in batches(X, batch_size):
                 model(xb)
     finally:
         for h in handles:
@@ -115,34 +149,38 @@ def _channel_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, nn.Linear) else 1
 
 
+def _select(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    """The modules named ``layers``, each a Linear/Conv2d or a channel-affine norm."""
+    modules = dict(model.named_modules())
+    usable = {n for n, m in modules.items() if n in linear_layers(model) or _is_channel_affine(m)}
+    unknown = sorted(set(layers) - usable)
+    if unknown:
+        raise ValueError(f"no Linear/Conv2d/norm layers named {unknown}; the model has {sorted(usable)}")
+    return {n: modules[n] for n in layers}
+
+
 def activation_moments(
-    model: nn.Module, X: torch.Tensor, layers: list[str] | None = None, batch_size: int = 500,
+    model: nn.Module, X: Data, layers: Sequence[str] | None = None, batch_size: int = 500,
     targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, Moments]:
-    """Per output channel of each Linear/Conv2d in ``layers`` (default: all), float64 count, sum
-    and sum of squares of its pre-activations over ``X``.
+    """Per output channel of each layer in ``layers`` (default: ``hidden_layers(model)``), float64
+    count, sum and sum of squares of its outputs over ``X`` (a conv's every position is a sample).
 
     With ``targets`` (layer -> (mean, std)), each of those layers' outputs is normalised by its
     batch statistics and rescaled to the target before it flows on, as REPAIR's reset layers do:
     the moments then describe the fused model with every layer above already repaired, so one pass
     gives what a sequential, layer-by-layer repair would measure.
     """
-    modules = linear_layers(model)
-    if layers is not None:
-        unknown = sorted(set(layers) - set(modules))
-        if unknown:
-            raise ValueError(f"no Linear/Conv2d layers named {unknown}; the model has {sorted(modules)}")
-        modules = {k: modules[k] for k in layers}
+    modules = _select(model, hidden_layers(model) if layers is None else layers)
     stats: dict[str, Moments] = {}
 
     def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
         dim = _channel_dim(module)
-        part = _moments(channel_samples(out, dim))
-        stats[name] = part if name not in stats else {k: stats[name][k] + v for k, v in part.items()}
+        batch = channel_samples(out, dim)
+        _add(stats, name, _moments(batch))
         if targets is None or name not in targets:
             return None
         goal_mean, goal_std = (t.to(out.dtype) for t in targets[name])
-        batch = channel_samples(out, dim)
         mean, std = batch.mean(0), batch.std(0, unbiased=False)
         shape = [1] * out.dim()
         shape[dim] = -1
@@ -153,7 +191,7 @@ def activation_moments(
     return stats
 
 
-def batchnorm_input_moments(model: nn.Module, X: torch.Tensor, batch_size: int = 500) -> dict[str, Moments]:
+def batchnorm_input_moments(model: nn.Module, X: Data, batch_size: int = 500) -> dict[str, Moments]:
     """Per channel of each BatchNorm's input, count/sum/sum of squares over ``X``, with every
     BatchNorm normalising by its batch's statistics (as a reset of running statistics does), so
     the layers below see the activations they will see once the statistics are reset."""
@@ -161,8 +199,7 @@ def batchnorm_input_moments(model: nn.Module, X: torch.Tensor, batch_size: int =
     stats: dict[str, Moments] = {}
 
     def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        part = _moments(channel_samples(inputs[0], 1))
-        stats[name] = part if name not in stats else {k: stats[name][k] + v for k, v in part.items()}
+        _add(stats, name, _moments(channel_samples(inputs[0], 1)))
 
     _collect(model, X, batch_size, norms, observe, batchnorm_train=True)
     return stats
@@ -179,51 +216,61 @@ def _layer_inputs(module: nn.Module, x: torch.Tensor, conv: str) -> torch.Tensor
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])        # (N*L, C*kh*kw)
 
 
-def gram_matrices(
-    model: nn.Module, X: torch.Tensor, batch_size: int = 500, conv: str = "full"
-) -> dict[str, torch.Tensor]:
-    """``sum x x^T`` (float64) of the inputs of every Linear and Conv2d over ``X``.
+def gram_matrices(model: nn.Module, X: Data, batch_size: int = 500, conv: str = "full") -> dict[str, torch.Tensor]:
+    """``sum x x^T`` (float64) of the inputs of every Linear and Conv2d over ``X``, each input
+    row extended by a constant 1 as its last entry.
 
-    A layer with a bias gets a constant-1 input column last, so RegMean solves for weight and bias
-    together (the least-squares problem with an intercept) and the last diagonal entry is the
-    number of rows. Conv2d inputs are unfolded patches, ``(C*kh*kw + 1)`` square; ``conv="channel"``
-    keeps only the ``(C + 1)`` square Gram of the input channels over all positions, the
-    approximation ``fusion.regmean`` expands as ``G_c (x) I_{kh*kw}`` for large convolutions.
+    The constant column is there for every layer, biased or not: ``G[-1, -1]`` is the number of
+    rows (examples, times positions for a conv), which a consumer needs to pool or average Grams
+    (``gram_count``), and ``G[:-1, -1]`` the input sums. For a layer with a bias it is the bias's
+    input, so RegMean solves weight and bias together (least squares with an intercept, exact on
+    pooled data); RegMean drops it for layers without one. Conv2d inputs are unfolded patches,
+    ``(C*kh*kw + 1)`` square; ``conv="channel"`` keeps only the ``(C + 1)`` square Gram of the input
+    channels over all positions, the approximation ``fusion.regmean`` expands as
+    ``G_c (x) I_{kh*kw}`` for large convolutions.
     """
     if conv not in ("full", "channel"):
         raise ValueError(f"conv must be 'full' or 'channel', got {conv!r}")
-    modules = linear_layers(model)
     grams: dict[str, torch.Tensor] = {}
 
     def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         rows = _layer_inputs(module, inputs[0], conv).double()
-        if module.bias is not None:
-            rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1)
-        g = rows.T @ rows
-        grams[name] = g if name not in grams else grams[name] + g
+        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1)
+        grams[name] = rows.T @ rows if name not in grams else grams[name] + rows.T @ rows
 
-    _collect(model, X, batch_size, modules, observe)
+    _collect(model, X, batch_size, linear_layers(model), observe)
     return grams
+
+
+def gram_count(gram: torch.Tensor) -> torch.Tensor:
+    """The number of input rows a Gram from ``gram_matrices`` sums over (its constant column's
+    diagonal entry): divide by it to average, sum Grams and counts to pool."""
+    return gram[-1, -1]
 
 
 def _one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return nn.functional.one_hot(labels.long(), classes).float()
 
 
+FISHER_MODES = ("sample", "exact", "empirical")
+
+
 def diagonal_fisher(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor | None = None, labels: str = "sample",
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor | None = None, mode: str = "sample",
     batch_size: int = 256, seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher: per parameter, the mean over ``X`` of squared per-example gradients of
-    ``log p(y|x)``, with ``y`` sampled from the model (``labels="sample"``, seeded), summed over
+    ``log p(y|x)``, with ``y`` sampled from the model (``mode="sample"``, seeded), summed over
     classes weighted by ``p(y|x)`` (``"exact"``), or the true labels (``"empirical"``).
 
-    Per-example gradients come from ``torch.func`` (vmap of grad), not a loop over examples.
+    Per-example gradients come from ``torch.func`` (vmap of grad), not a loop over examples; the
+    exact mode takes one class at a time, so memory stays one batch of per-example gradients.
+    Clients' Fishers pool as ``sum_j n_j F_j / sum_j n_j`` with ``n_j = len(X_j)``.
     """
-    if labels not in ("sample", "exact", "empirical"):
-        raise ValueError(f"labels must be 'sample', 'exact' or 'empirical', got {labels!r}")
-    if labels == "empirical" and y is None:
-        raise ValueError("labels='empirical' needs the true labels y")
+    if mode not in FISHER_MODES:
+        raise ValueError(f"mode must be one of {FISHER_MODES}, got {mode!r}")
+    if mode == "empirical" and (y is None or len(y) != len(X)):
+        raise ValueError("mode='empirical' needs the true labels y, one per example")
     params = {k: p.detach() for k, p in model.named_parameters()}
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     generator = torch.Generator().manual_seed(seed)
@@ -234,53 +281,127 @@ def diagonal_fisher(
 
     per_example = vmap(grad(log_prob), in_dims=(None, 0, 0))
     total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+
+    def accumulate(xb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, classes: int) -> None:
+        """``total += sum_n weight_n * g_n**2`` over the batch's per-example gradients."""
+        g = per_example(params, xb, _one_hot(labels, classes))
+        for k in total:
+            total[k] += torch.tensordot(weight, g[k].double() ** 2, dims=1)
+
     with evaluation(model), torch.enable_grad():
         for start in range(0, len(X), batch_size):
             xb = X[start:start + batch_size]
             with torch.no_grad():
                 probs = torch.softmax(model(xb), dim=-1).double()
-            if labels == "exact":
-                for c in range(probs.shape[1]):
-                    g = per_example(params, xb, _one_hot(torch.full((len(xb),), c), probs.shape[1]))
-                    for k in total:
-                        w = probs[:, c].reshape(-1, *([1] * params[k].dim()))
-                        total[k] += (w * g[k].double() ** 2).sum(0)
-                continue
-            if labels == "sample":
-                yb = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            classes = probs.shape[1]
+            ones = torch.ones(len(xb), dtype=torch.float64)
+            if mode == "exact":
+                for c in range(classes):
+                    accumulate(xb, torch.full((len(xb),), c), probs[:, c], classes)
+            elif mode == "sample":
+                accumulate(xb, torch.multinomial(probs, 1, generator=generator).squeeze(1), ones, classes)
             else:
-                yb = y[start:start + batch_size].long()
-            g = per_example(params, xb, yb)
-            for k in total:
-                total[k] += (g[k].double() ** 2).sum(0)
+                accumulate(xb, y[start:start + batch_size], ones, classes)
     return {k: (v / max(len(X), 1)).to(params[k].dtype) for k, v in total.items()}
 
 
-def cross_moments(
-    reference: nn.Module, model: nn.Module, X: torch.Tensor, layers: list[str] | None = None, batch_size: int = 500,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Per Linear/Conv2d layer, sums over ``X`` relating the pre-activations of ``reference`` and
-    ``model`` unit by unit, in ``align.activation_matching``'s format (``count``, ``sum_ref``,
-    ``sum``, ``sq_ref``, ``sq``, ``cross = sum z_ref z_model^T``), so ``correlation`` applies."""
-    names = list(linear_layers(reference)) if layers is None else layers
-    captured: dict[str, list[torch.Tensor]] = {}
+def _cross_sums(a: torch.Tensor, b: torch.Tensor) -> CrossMoments:
+    """Sums over the rows of ``a`` (samples, d_ref) and ``b`` (samples, d) that give means,
+    variances and the cross-covariance: the statistics ``align.activation_matching`` consumes."""
+    return {"count": torch.tensor(float(len(a)), dtype=torch.float64), "sum_ref": a.sum(0), "sum": b.sum(0),
+            "sq_ref": (a * a).sum(0), "sq": (b * b).sum(0), "cross": a.T @ b}
 
-    def keep(tag: str) -> Callable:
-        def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-            captured[f"{tag}:{name}"] = channel_samples(out, _channel_dim(module)).double()
+
+class _Capture(fx.Interpreter):
+    """Runs a model's traced graph and keeps the outputs of the nodes named in ``wanted``: forward
+    hooks that also reach functional activations (``torch.relu``), which have no module to hook."""
+
+    def __init__(self, model: nn.Module, wanted: set[str]) -> None:
+        super().__init__(fx.symbolic_trace(model))
+        self.wanted = wanted
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.wanted:
+            self.captured[n.name] = result
+        return result
+
+    def __call__(self, X: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.captured = {}
+        self.run(X)
+        return self.captured
+
+
+def unit_samples(activation: torch.Tensor, units: int) -> torch.Tensor:
+    """(samples, units): NCHW -> every position a sample; (N, C*H*W) -> likewise; (N, T, H) ->
+    every time step a sample."""
+    a = activation.detach().double()
+    if a.dim() == 4:
+        return a.permute(0, 2, 3, 1).reshape(-1, units)
+    if a.dim() == 2 and a.shape[1] != units:
+        return a.reshape(a.shape[0], units, -1).permute(0, 2, 1).reshape(-1, units)
+    return a.reshape(-1, units)
+
+
+def cross_moments(
+    reference: nn.Module, model: nn.Module, X: Data, spec: PermutationSpec | None = None, batch_size: int = 500,
+) -> dict[str, CrossMoments]:
+    """Per permutation group of ``spec`` (default: ``permutation_spec(reference)``), float64 sums
+    over ``X`` (a tensor, or an iterable of tensors or ``(X, y)`` pairs) of
+
+    - ``count``: samples (every conv position and every time step of a sequence is a sample),
+    - ``sum_ref``, ``sum`` (d,): activations of ``reference`` and of ``model``,
+    - ``sq_ref``, ``sq`` (d,): their squares,
+    - ``cross`` (d, d): ``sum a_ref a_model^T``,
+
+    which add up over clients; ``align.activation_matching.correlation`` turns pooled sums into the
+    cross-correlation the assignment is solved on. The activation of a group is the input of its
+    first consumer as traced (``spec.activations``): post-ReLU (and post-pooling) outputs of hidden
+    layers, the stem's post-ReLU output for a residual stream, the embedding output, the LSTM's
+    last hidden state.
+    """
+    if spec is None:
+        from fedalign.align.trace import permutation_spec
+
+        spec = permutation_spec(reference)
+    missing = [g for g in spec.sizes if g not in spec.activations]
+    if missing:
+        raise ValueError(f"the spec has no activation site for groups {missing}")
+    nodes = {spec.activations[g] for g in spec.sizes}
+    capture_ref, capture = _Capture(reference, nodes), _Capture(model, nodes)
+    stats: dict[str, CrossMoments] = {}
+    with evaluation(reference), evaluation(model):
+        for xb in batches(X, batch_size):
+            acts_ref, acts = capture_ref(xb), capture(xb)
+            for g, n in spec.sizes.items():
+                site = spec.activations[g]
+                _add(stats, g, _cross_sums(unit_samples(acts_ref[site], n), unit_samples(acts[site], n)))
+    return stats
+
+
+def preactivation_cross_moments(
+    reference: nn.Module, model: nn.Module, X: Data, layers: Sequence[str] | None = None, batch_size: int = 500,
+) -> dict[str, CrossMoments]:
+    """Per layer in ``layers`` (default: ``hidden_layers(reference)``), the sums of
+    ``cross_moments`` for the layers' outputs (pre-activations) unit by unit: closed-form REPAIR's
+    matched-unit correlations. The two models must have the same layer names."""
+    names = hidden_layers(reference) if layers is None else list(layers)
+    modules_ref, modules = _select(reference, names), _select(model, names)
+    outs: dict[str, dict[str, torch.Tensor]] = {"ref": {}, "model": {}}
+
+    def keep(side: str) -> Callable:
+        def observe(layer: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+            outs[side][layer] = channel_samples(out, _channel_dim(module)).double()
         return observe
 
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for start in range(0, len(X), batch_size):
-        xb = X[start:start + batch_size]
-        _collect(reference, xb, len(xb), {n: linear_layers(reference)[n] for n in names}, keep("ref"))
-        _collect(model, xb, len(xb), {n: linear_layers(model)[n] for n in names}, keep("model"))
+    stats: dict[str, CrossMoments] = {}
+    for xb in batches(X, batch_size):
+        _collect(reference, xb, len(xb), modules_ref, keep("ref"))
+        _collect(model, xb, len(xb), modules, keep("model"))
         for name in names:
-            a, b = captured[f"ref:{name}"], captured[f"model:{name}"]
-            part = {"count": torch.tensor(float(len(a)), dtype=torch.float64), "sum_ref": a.sum(0), "sum": b.sum(0),
-                    "sq_ref": (a * a).sum(0), "sq": (b * b).sum(0), "cross": a.T @ b}
-            out[name] = part if name not in out else {k: out[name][k] + v for k, v in part.items()}
-    return out
+            _add(stats, name, _cross_sums(outs["ref"][name], outs["model"][name]))
+    return stats
 
 
 STATISTICS = ("grams", "fisher", "moments", "bn", "cross", "preact-cross")
@@ -295,8 +416,6 @@ def client_statistics(
     answers when the server's pipeline asks (see ``fusion.pipeline``). ``cross`` and
     ``preact-cross`` relate ``model`` to ``reference``; ``moments`` run through reset layers set to
     ``targets`` when given (REPAIR's measurement of the fused model)."""
-    from fedalign.align import activation_statistics, permutation_spec
-
     unknown = sorted(set(kinds) - set(STATISTICS))
     if unknown:
         raise ValueError(f"unknown statistics {unknown}; known: {', '.join(STATISTICS)}")
@@ -307,15 +426,15 @@ def client_statistics(
         if kind == "grams":
             out[kind] = gram_matrices(model, X, conv=gram_conv)
         elif kind == "fisher":
-            out[kind] = diagonal_fisher(model, X, y, labels=fisher_labels, seed=seed)
+            out[kind] = diagonal_fisher(model, X, y, mode=fisher_labels, seed=seed)
         elif kind == "moments":
-            out[kind] = activation_moments(model, X, hidden_layers(model), targets=targets)
+            out[kind] = activation_moments(model, X, targets=targets)
         elif kind == "bn":
             out[kind] = batchnorm_input_moments(model, X)
         elif kind == "cross":
-            out[kind] = activation_statistics(permutation_spec(reference), reference, model, X)
+            out[kind] = cross_moments(reference, model, X)
         else:
-            out[kind] = cross_moments(reference, model, X, hidden_layers(model))
+            out[kind] = preactivation_cross_moments(reference, model, X)
     return out
 
 

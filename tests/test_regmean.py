@@ -1,4 +1,4 @@
-"""RegMean and Fisher averaging: exactness, the aligned basis, bad input."""
+"""RegMean: exactness, the aligned basis, channel Grams, bad input."""
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ from fedalign.align import (
     permutation_spec,
     random_permutation,
 )
-from fedalign.fusion.fisher import fisher_average
 from fedalign.fusion.regmean import expand_channel_gram, permute_grams, regmean
 from fedalign.models import build_model
 from fedalign.stats import gram_matrices
@@ -51,6 +50,7 @@ def test_regmean_of_least_squares_clients_is_the_pooled_least_squares_solution()
 @pytest.mark.parametrize("name, kwargs, x", [
     ("mlp", {"hidden": [16, 12]}, torch.rand(64, 1, 28, 28)),
     ("lenet", {}, torch.rand(32, 1, 28, 28)),
+    ("resnet20", {"in_channels": 1, "norm": "layer"}, torch.rand(6, 1, 28, 28)),    # bias-free convs, shortcuts
 ])
 def test_grams_move_into_the_aligned_basis_with_the_weights(name, kwargs, x):
     """A permuted copy, its Grams sent in its own basis, aligned back: RegMean returns the model."""
@@ -64,7 +64,7 @@ def test_grams_move_into_the_aligned_basis_with_the_weights(name, kwargs, x):
     states = [model.state_dict(), apply_permutation(spec, back, copy.state_dict())]
     grams = [gram_matrices(model, x), permute_grams(spec, back, gram_matrices(copy, x), copy.state_dict())]
     for k, G in grams[0].items():
-        torch.testing.assert_close(grams[1][k], G, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grams[1][k], G, rtol=1e-5, atol=1e-4)     # float32 sums in another order
     fused = regmean(states, grams, alpha=0.9)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(fused[k], v, rtol=1e-3, atol=1e-4)
@@ -75,7 +75,7 @@ def test_channel_grams_expand_to_the_right_shape_and_reject_mismatches():
     model = build_model("lenet")
     x = torch.rand(8, 1, 28, 28)
     channel = gram_matrices(model, x, conv="channel")
-    assert expand_channel_gram(channel["conv2"], 25, with_bias=True).shape == (151, 151)
+    assert expand_channel_gram(channel["conv2"], 25).shape == (151, 151)
     fused = regmean([model.state_dict()] * 2, [channel] * 2, alpha=0.5)
     assert fused["conv2.weight"].shape == model.conv2.weight.shape
     with pytest.raises(ValueError, match="client 1 sent Grams"):
@@ -83,20 +83,8 @@ def test_channel_grams_expand_to_the_right_shape_and_reject_mismatches():
     bad = dict(channel, fc1=torch.eye(3))
     with pytest.raises(ValueError, match="Gram of 'fc1'"):
         regmean([model.state_dict()] * 2, [bad, bad])
-
-
-def test_fisher_average_weights_each_parameter_by_its_fisher():
-    a = {"w": torch.tensor([1.0, 1.0, 1.0]), "n": torch.tensor(3)}
-    b = {"w": torch.tensor([3.0, 3.0, 3.0]), "n": torch.tensor(5)}
-    fa = {"w": torch.tensor([1.0, 0.0, 0.0])}
-    fb = {"w": torch.tensor([1.0, 1.0, 0.0])}
-    fused = fisher_average([a, b], [fa, fb], floor=0.0 + 1e-12)
-    torch.testing.assert_close(fused["w"][:2], torch.tensor([2.0, 3.0]))
-    assert abs(float(fused["w"][2]) - 2.0) < 1e-6                   # no Fisher anywhere: the mean
-    assert int(fused["n"]) == 5
-    same = fisher_average([a, a], [fa, fb])
-    torch.testing.assert_close(same["w"], a["w"])
-    scaled = fisher_average([a, b], [fa, {"w": 100 * fb["w"]}], normalise=True)
-    torch.testing.assert_close(scaled["w"], fisher_average([a, b], [fa, {"w": fb["w"] / 2}])["w"], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="Fisher of 'w'"):
-        fisher_average([a, b], [fa, {"w": torch.ones(2)}])
+    stray = dict(channel, head=torch.eye(3))
+    with pytest.raises(ValueError, match="no entry head.weight"):
+        regmean([model.state_dict()] * 2, [stray, stray])
+    with pytest.raises(ValueError, match="1 sets of Grams for 2 state dicts"):
+        regmean([model.state_dict()] * 2, [channel])

@@ -6,20 +6,19 @@ activations, of their squares and of the cross products (``d x d``) plus the cou
 across clients, so the server pools them and solves one assignment per group without ever seeing
 data. Conv activations count every spatial position as a sample.
 
-Activations are read at nodes of the traced graph (an ``fx.Interpreter``): the equivalent of
-forward hooks that also reaches functional activations (``torch.relu``), which have no module to
-hook.
+The sums are computed by ``fedalign.stats.cross_moments`` (activations read at nodes of the
+traced graph, which also reaches functional activations such as ``torch.relu``); this module pools
+them and solves the assignments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from fedalign.stats import evaluation
+from fedalign.stats import cross_moments
 
 from .solvers import solve_assignment
 from .spec import Perms, PermutationSpec
@@ -27,88 +26,15 @@ from .spec import Perms, PermutationSpec
 Stats = dict[str, dict[str, torch.Tensor]]
 
 
-class _Capture(fx.Interpreter):
-    """Runs a model's traced graph and keeps the outputs of the nodes named in ``wanted``."""
-
-    def __init__(self, model: nn.Module, wanted: set[str]) -> None:
-        super().__init__(fx.symbolic_trace(model))
-        self.wanted = wanted
-        self.captured: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.name in self.wanted:
-            self.captured[n.name] = result
-        return result
-
-    def __call__(self, X: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The wanted activations on batch ``X`` (no gradients, module modes unchanged)."""
-        self.captured = {}
-        with torch.no_grad():
-            self.run(X)
-        return self.captured
-
-
-def unit_samples(activation: torch.Tensor, units: int) -> torch.Tensor:
-    """(samples, units): NCHW -> every position a sample; (N, C*H*W) -> likewise; (N, T, H) ->
-    every time step a sample."""
-    a = activation.detach().double()
-    if a.dim() == 4:
-        return a.permute(0, 2, 3, 1).reshape(-1, units)
-    if a.dim() == 2 and a.shape[1] != units:
-        return a.reshape(a.shape[0], units, -1).permute(0, 2, 1).reshape(-1, units)
-    return a.reshape(-1, units)
-
-
-def _batches(data: torch.Tensor | Iterable) -> Iterable[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        yield data
-        return
-    for batch in data:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def activation_statistics(
     spec: PermutationSpec, reference: nn.Module, model: nn.Module, data: torch.Tensor | Iterable
 ) -> Stats:
-    """What a client sends for activation matching: per group, float64 sums over the batches of
-    ``data`` (a tensor, or an iterable of tensors or (X, y) pairs) of
-
-    - ``count``: samples (every conv position and every time step of a sequence is a sample),
-    - ``sum_ref``, ``sum`` (d,): activations of ``reference`` and of ``model``,
-    - ``sq_ref``, ``sq`` (d,): their squares,
-    - ``cross`` (d, d): ``sum a_ref a_model^T``.
-
-    The activation of a group is the input of its first consumer as traced
-    (``spec.activations``): post-ReLU (and post-pooling) outputs of hidden layers, the stem's
-    post-ReLU output for a residual stream, the embedding output, the LSTM's last hidden state.
-    Both models run in eval mode (BatchNorm on its running statistics; a train-mode pass would
-    update them) and are left in the mode they were in. Sums add up over clients.
-    """
-    missing = [g for g in spec.sizes if g not in spec.activations]
-    if missing:
-        raise ValueError(f"the spec has no activation site for groups {missing}")
-    nodes = {spec.activations[g] for g in spec.sizes}
-    capture_ref, capture = _Capture(reference, nodes), _Capture(model, nodes)
-    stats: Stats = {}
-    with evaluation(reference), evaluation(model):
-        _accumulate(spec, capture_ref, capture, data, stats)
-    return stats
-
-
-def _accumulate(spec: PermutationSpec, capture_ref: _Capture, capture: _Capture, data, stats: Stats) -> None:
-    for X in _batches(data):
-        acts_ref, acts = capture_ref(X), capture(X)
-        for g, n in spec.sizes.items():
-            a = unit_samples(acts_ref[spec.activations[g]], n)
-            b = unit_samples(acts[spec.activations[g]], n)
-            update = {"count": torch.tensor(float(len(a)), dtype=torch.float64),
-                      "sum_ref": a.sum(0), "sum": b.sum(0),
-                      "sq_ref": (a * a).sum(0), "sq": (b * b).sum(0), "cross": a.T @ b}
-            if g in stats:
-                stats[g] = {k: stats[g][k] + v for k, v in update.items()}
-            else:
-                stats[g] = update
+    """What a client sends for activation matching: ``fedalign.stats.cross_moments`` of
+    ``reference`` and ``model`` on ``data`` per group of ``spec`` (float64 ``count``, ``sum_ref``,
+    ``sum``, ``sq_ref``, ``sq``, ``cross``). Both models run in eval mode (BatchNorm on its running
+    statistics; a train-mode pass would update them) and are left in the mode they were in. Sums
+    add up over clients."""
+    return cross_moments(reference, model, data, spec)
 
 
 def add_statistics(*parts: Mapping[str, Mapping[str, torch.Tensor]]) -> Stats:

@@ -6,9 +6,10 @@ For a layer with inputs ``X_i`` on client ``i``, the fused weight minimises
 off-diagonal entries are scaled by ``alpha`` (``alpha = 1``: exact least squares; smaller values
 pull towards a per-input-weighted mean, which the paper found more robust across non-IID clients).
 The system is solved by Cholesky with a ridge relative to the mean diagonal (dead inputs make the
-sum singular), never by an explicit inverse. Grams carry a constant-1 column for the bias, so a
-layer's weight and bias are solved together; every entry without a Gram (norms, buffers, the
-biases of layers without one) is averaged with ``weights``.
+sum singular), never by an explicit inverse. Grams carry a constant-1 input column last (its
+diagonal entry is the count): for a layer with a bias it is the bias's input, so weight and bias
+are solved together; for a layer without one it is dropped. Every entry without a Gram (norms,
+buffers, the biases of layers without one) is averaged with ``weights``.
 """
 
 from __future__ import annotations
@@ -32,14 +33,11 @@ def _augmented(state: StateDict, name: str, with_bias: bool) -> torch.Tensor:
     return torch.cat([w, state[f"{name}.bias"].double()[:, None]], dim=1) if with_bias else w
 
 
-def expand_channel_gram(gram: torch.Tensor, kernel_positions: int, with_bias: bool) -> torch.Tensor:
+def expand_channel_gram(gram: torch.Tensor, kernel_positions: int) -> torch.Tensor:
     """The full patch Gram approximated from a channel Gram: ``G_c (x) I_k`` over the
-    ``C*kh*kw`` patch entries, and the bias column's sums repeated over the kernel positions."""
-    c = gram.shape[0] - int(with_bias)
-    eye = torch.eye(kernel_positions, dtype=gram.dtype)
-    full = torch.kron(gram[:c, :c], eye)
-    if not with_bias:
-        return full
+    ``C*kh*kw`` patch entries, and the constant column's sums repeated over the kernel positions."""
+    c = gram.shape[0] - 1
+    full = torch.kron(gram[:c, :c], torch.eye(kernel_positions, dtype=gram.dtype))
     border = gram[:c, c].repeat_interleave(kernel_positions)
     top = torch.cat([full, border[:, None]], dim=1)
     return torch.cat([top, torch.cat([border, gram[c:, c]])[None, :]], dim=0)
@@ -69,12 +67,13 @@ def regmean(
     grams: Sequence[Mapping[str, torch.Tensor]],
     alpha: float = 1.0,
     weights: Sequence[float] | None = None,
-    ridge: float = 1e-8,
+    ridge: float = 1e-6,
 ) -> OrderedDict[str, torch.Tensor]:
     """RegMean over the layers every client has a Gram for; the rest is the weighted mean.
 
-    ``grams[j]`` maps a Linear/Conv2d module name to client ``j``'s input Gram (full, or a
-    channel Gram for a conv, recognised by its size). The state dicts must be aligned already.
+    ``grams[j]`` maps a Linear/Conv2d module name to client ``j``'s input Gram as
+    ``stats.gram_matrices`` computes it (full, or a channel Gram for a conv, recognised by its
+    size; the constant column last). The state dicts must be aligned already.
     """
     if len(state_dicts) != len(grams):
         raise ValueError(f"got {len(grams)} sets of Grams for {len(state_dicts)} state dicts")
@@ -91,16 +90,17 @@ def regmean(
         weight = state_dicts[0][f"{name}.weight"]
         with_bias = f"{name}.bias" in fused
         positions = int(torch.tensor(weight.shape[2:]).prod()) if weight.dim() > 2 else 1
-        dim = weight[0].numel() + int(with_bias)
+        size = weight[0].numel() + 1                       # the inputs and the constant column
+        dim = size - 1 + int(with_bias)                     # the unknowns per output unit
         lhs = torch.zeros(dim, dim, dtype=torch.float64)
         rhs = torch.zeros(dim, weight.shape[0], dtype=torch.float64)
         for sd, g in zip(state_dicts, grams):
             G = g[name].double()
-            if len(G) != dim and positions > 1:
-                G = expand_channel_gram(G, positions, with_bias)
-            if G.shape != (dim, dim):
-                raise ValueError(f"Gram of {name!r} is {tuple(G.shape)}, the layer needs ({dim}, {dim})")
-            G = _scaled(G, alpha)
+            if len(G) != size and positions > 1:
+                G = expand_channel_gram(G, positions)
+            if G.shape != (size, size):
+                raise ValueError(f"Gram of {name!r} is {tuple(G.shape)}, the layer needs ({size}, {size})")
+            G = _scaled(G[:dim, :dim], alpha)
             lhs += G
             rhs += G @ _augmented(sd, name, with_bias).T
         theta = _solve(lhs, rhs, _augmented(fused, name, with_bias).T, ridge).T      # (out, D [+1])
@@ -112,9 +112,12 @@ def regmean(
 
 
 def input_index(spec: PermutationSpec, perms: Perms, name: str, weight_shape: tuple[int, ...],
-                with_bias: bool, channel_gram: bool = False) -> torch.Tensor | None:
+                channel_gram: bool = False) -> torch.Tensor | None:
     """The permutation of a layer's Gram rows/columns that ``apply_permutation(spec, perms, .)``
-    applies to its inputs (None when its input axis is not permuted)."""
+    applies to its inputs (None when its input axis is not permuted): the input group's
+    permutation expanded over the kernel positions of a conv's patches (blocks of ``kh*kw``), the
+    spatial positions of a flattened conv output (the spec's block), and the constant column
+    kept last."""
     axes = spec.axes_of(f"{name}.weight")
     if 1 not in axes or axes[1][0] not in perms:
         return None
@@ -122,9 +125,7 @@ def input_index(spec: PermutationSpec, perms: Perms, name: str, weight_shape: tu
     positions = 1 if channel_gram else int(torch.tensor(weight_shape[2:]).prod()) if len(weight_shape) > 2 else 1
     flat = AxisRef(ref.key, 1, block=ref.block * positions, repeat=ref.repeat)
     index = expand_index(perms[group], flat)
-    if with_bias:
-        index = torch.cat([index, torch.tensor([len(index)])])
-    return index
+    return torch.cat([index, torch.tensor([len(index)])])
 
 
 def permute_grams(
@@ -134,9 +135,10 @@ def permute_grams(
     inputs are (clients send Grams in their own basis; the server aligns them with the weights)."""
     out = {}
     for name, G in grams.items():
+        if f"{name}.weight" not in state:
+            raise ValueError(f"Gram for {name!r}, but the model has no entry {name}.weight")
         shape = tuple(state[f"{name}.weight"].shape)
-        with_bias = f"{name}.bias" in state
-        full = state[f"{name}.weight"][0].numel() + int(with_bias)
-        index = input_index(spec, perms, name, shape, with_bias, channel_gram=len(G) != full)
+        full = state[f"{name}.weight"][0].numel() + 1
+        index = input_index(spec, perms, name, shape, channel_gram=len(G) != full)
         out[name] = G if index is None else G[index][:, index]
     return out
