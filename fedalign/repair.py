@@ -112,7 +112,9 @@ def bn_reset_from_stats(model_or_state: nn.Module | StateDict, bn_moments: Mappi
     """The state of a model (or a state dict) with its BatchNorm running statistics set from
     pooled moments of their inputs (``stats.batchnorm_input_moments`` summed over clients; the
     variance unbiased, as torch keeps it); ``num_batches_tracked`` is left as it is. Load the
-    result into the model."""
+    result into the model. The variance is the union's, spread between the clients' means
+    included; ``analysis.reset_bn_statistics`` over several batches averages the batches'
+    variances instead (the means agree for equal batches)."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     out = OrderedDict(state)
     for name, m in bn_moments.items():
