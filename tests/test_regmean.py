@@ -18,7 +18,7 @@ from fedalign.stats import gram_matrices
 def _least_squares(X, Y):
     """Weight and bias of the least-squares fit with an intercept."""
     A = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
-    theta = torch.linalg.lstsq(A, Y).solution.T
+    theta = torch.linalg.lstsq(A, Y, driver="gelsd").solution.T              # SVD: rank-deficient inputs too
     return theta[:, :-1], theta[:, -1]
 
 
@@ -88,3 +88,22 @@ def test_channel_grams_expand_to_the_right_shape_and_reject_mismatches():
         regmean([model.state_dict()] * 2, [stray, stray])
     with pytest.raises(ValueError, match="1 sets of Grams for 2 state dicts"):
         regmean([model.state_dict()] * 2, [channel])
+
+
+def test_a_singular_gram_without_ridge_falls_back_to_least_squares():
+    """An input no client ever uses makes sum G singular: Cholesky fails, lstsq still fits."""
+    g = torch.Generator().manual_seed(0)
+    states, grams, datasets = [], [], []
+    for n in (30, 50):
+        X = torch.randn(n, 4, generator=g, dtype=torch.float64)
+        X[:, 2] = 0.0                                                  # a dead input
+        Y = X @ torch.randn(4, 2, generator=g, dtype=torch.float64)
+        W, b = _least_squares(X, Y)
+        states.append({"fc.weight": W, "fc.bias": b})
+        grams.append({"fc": gram_matrices(nn.Linear(4, 2).double(), X)[""]})
+        datasets.append((X, Y))
+    fused = regmean(states, grams, ridge=0.0)
+    X, Y = torch.cat([d[0] for d in datasets]), torch.cat([d[1] for d in datasets])
+    assert all(torch.isfinite(v).all() for v in fused.values())
+    best = X @ _least_squares(X, Y)[0].T + _least_squares(X, Y)[1]
+    torch.testing.assert_close(X @ fused["fc.weight"].T + fused["fc.bias"], best, rtol=1e-8, atol=1e-8)

@@ -52,14 +52,15 @@ def _solve(G: torch.Tensor, B: torch.Tensor, prior: torch.Tensor, ridge: float) 
     """``argmin_T  tr(T^T G T) - 2 tr(T^T B) + r ||T - prior||^2`` with ``r = ridge * mean(diag G)``:
     ``(G + r I)^-1 (B + r prior)``. The ridge pulls directions no client's data reaches (dead
     inputs, whose Gram rows are zero) to the weighted mean instead of to zero. Solved by Cholesky;
-    least squares if the factorisation fails."""
+    if the factorisation fails (ridge 0 and a singular sum), by SVD least squares: LAPACK's default
+    QR-based ``gelsy`` returned a wrong solution for such a singular Gram system."""
     reg = ridge * torch.diagonal(G).mean().clamp_min(1e-12)
     A = G + reg * torch.eye(len(G), dtype=G.dtype)
     rhs = B + reg * prior
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, L)
-    return torch.linalg.lstsq(A, rhs).solution
+    return torch.linalg.lstsq(A, rhs, driver="gelsd").solution
 
 
 def regmean(
