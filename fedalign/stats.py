@@ -257,14 +257,15 @@ FISHER_MODES = ("sample", "exact", "empirical")
 
 def diagonal_fisher(
     model: nn.Module, X: torch.Tensor, y: torch.Tensor | None = None, mode: str = "sample",
-    batch_size: int = 256, seed: int = 0,
+    batch_size: int = 64, seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher: per parameter, the mean over ``X`` of squared per-example gradients of
     ``log p(y|x)``, with ``y`` sampled from the model (``mode="sample"``, seeded), summed over
     classes weighted by ``p(y|x)`` (``"exact"``), or the true labels (``"empirical"``).
 
     Per-example gradients come from ``torch.func`` (vmap of grad), not a loop over examples; the
-    exact mode takes one class at a time, so memory stays one batch of per-example gradients.
+    exact mode takes one class at a time, so memory stays one batch of per-example gradients
+    (``batch_size`` times the parameter count: 64 x 2.6M floats, 0.7 GB, for VGG-9).
     Clients' Fishers pool as ``sum_j n_j F_j / sum_j n_j`` with ``n_j = len(X_j)``.
     """
     if mode not in FISHER_MODES:
