@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from fedalign.stats import client_statistics, flatten, unflatten
 from fedalign.training import evaluate, train_local
 
 app = ClientApp()
+log = logging.getLogger("fedalign")
 
 
 @functools.lru_cache(maxsize=4)
@@ -54,10 +56,20 @@ def local_init_seed(cfg: RunConfig, partition_id: int) -> int:
 
 
 def client_device(cfg: RunConfig) -> torch.device:
-    """The GPU when the run asks for one and this worker sees one, else the CPU."""
-    if cfg.simulation.client_gpus > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """The GPU when the run asks for one and this worker sees one, else the CPU (logged once per
+    worker process, with the reason when a GPU was asked for and none is visible)."""
+    wanted = cfg.simulation.client_gpus > 0
+    device = torch.device("cuda" if wanted and torch.cuda.is_available() else "cpu")
+    _log_device(str(device), wanted)
+    return device
+
+
+@functools.cache
+def _log_device(device: str, gpu_wanted: bool) -> None:
+    if gpu_wanted and device == "cpu":
+        log.warning("client_gpus > 0 but this worker sees no CUDA device: clients train on the CPU")
+    else:
+        log.info("clients of this worker train on %s", device)
 
 
 def ray_node_metric() -> dict[str, int]:
