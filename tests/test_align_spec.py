@@ -301,3 +301,32 @@ class _Shared(nn.Module):
 def test_a_module_called_twice_is_refused():
     with pytest.raises(UnsupportedModuleError, match="'fc2' \\(Linear\\) is called more than once"):
         permutation_spec(_Shared(), torch.zeros(2, 4))
+
+
+class _LinearOnNCHW(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(28, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x))).mean((1, 2))
+
+
+class _MeanOverWidthOnly(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(28, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(-1)).mean(1)
+
+
+@pytest.mark.parametrize("model, message", [(_LinearOnNCHW(), "Linear on an NCHW tensor"),
+                                            (_MeanOverWidthOnly(), "a mean that leaves")])
+def test_label_axis_mismatches_are_refused_not_guessed(model, message):
+    """A Linear on NCHW acts on W, not on the conv's channels; a mean over W alone leaves the
+    channels off the feature axis: both would give a spec that silently breaks the function."""
+    with pytest.raises(UnsupportedModuleError, match=message):
+        permutation_spec(model, torch.rand(2, 1, 28, 28))

@@ -193,6 +193,9 @@ class _Walker:
         x = self.label_of(node.args[0])
         shape = _shape(node.args[0])
         if isinstance(m, nn.Linear):
+            if x is not None and shape is not None and _feature_axis(shape) != len(shape) - 1:
+                raise UnsupportedModuleError(f"{where}: Linear on an NCHW tensor acts on its last axis, not on "
+                                             "the channels that carry the units (flatten or pool first)")
             self.act(x, f"{name}.weight", 1)
             self.consume(node, x)
             y = self.new_group(name, m.out_features)
@@ -312,6 +315,11 @@ class _Walker:
         shape = _shape(src)
         if shape is None or not dims or any(d % len(shape) in (0, _feature_axis(shape)) for d in dims):
             raise UnsupportedModuleError(f"{node.name}: mean over the batch or feature axis")
+        out = _shape(node)
+        if out is None or len(out) not in (2, 4):
+            # (N, C, H) would put the channels where a 3-d tensor's feature axis is not
+            raise UnsupportedModuleError(f"{node.name}: a mean that leaves {out} (pool both spatial axes or keep "
+                                         "the dimensions)")
         return self.label_of(src)
 
     def function(self, node: fx.Node):
