@@ -1,6 +1,7 @@
 """The GPU paths of fedalign's pure layer, timed against the CPU in the same run: client training
 (``train_local(device=...)``, what a client does when the run asks for GPUs and one is visible),
-the server's weight matching and the assignment solvers on CUDA tensors (issue 6, B4 on a GPU).
+the server's weight matching and the assignment solvers on CUDA tensors (issue 6, B4 on a GPU),
+and the aggregation pipeline with its alignment on the GPU (``Plan.device``).
 Results must agree with the CPU's: the same permutations, accuracies within noise.
 
     python simulations/gpu_check.py --data-npz PATH   # X_train, y_train, X_test, y_test arrays
@@ -23,7 +24,9 @@ from fedalign.align import (
     solve_assignment,
     weight_matching,
 )
+from fedalign.fusion.pipeline import Plan, aggregate
 from fedalign.models import build_model
+from fedalign.stats import client_statistics
 from fedalign.training import evaluate, train_local
 
 
@@ -94,6 +97,29 @@ def main() -> None:
             row[f"{solver}_{device.type}"] = {"seconds": seconds, "objective": value}
             print(f"n={n}: {solver} on {device.type}: {seconds:.3f} s, objective {value:.2f}", flush=True)
         report[f"solve_{n}"] = row
+    # the server's pipeline with its alignment on the GPU (Plan.device, set from server_device)
+    models = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = build_model("mlp", hidden=[256, 256])
+        train_local(model, X[2500 * seed:2500 * (seed + 1)], y[2500 * seed:2500 * (seed + 1)], epochs=1, seed=seed)
+        models.append(model.eval())
+    states = [m.state_dict() for m in models]
+    stats = [client_statistics(("grams",), m, X[:1000], y[:1000]) for m in models]
+    outcomes = {}
+    for device in ("cpu", "cuda"):
+        plan = Plan(align="weight", fuse="regmean", device=device)
+        outcome, seconds = timed(torch.device(device), aggregate, plan, permutation_spec(models[0]), states,
+                                 [1.0] * 4, stats, None, None)
+        fused = build_model("mlp", hidden=[256, 256])
+        fused.load_state_dict(outcome.state)
+        outcomes[device] = (outcome.state, evaluate(fused, Xt, yt)[1])
+        report[f"pipeline_weight_regmean_{device}"] = {"seconds": seconds, "test_accuracy": outcomes[device][1]}
+        print(f"pipeline weight/regmean, 4 MLPs 784-256-256-10, alignment on {device}: {seconds:.3f} s, "
+              f"test acc {100 * outcomes[device][1]:.2f}%", flush=True)
+    same = all(torch.allclose(outcomes["cpu"][0][k], outcomes["cuda"][0][k], atol=1e-5) for k in outcomes["cpu"][0])
+    report["pipeline_same_on_both"] = same
+    print(f"same fused model with alignment on CPU and on GPU: {same}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

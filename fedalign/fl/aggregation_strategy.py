@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from fedalign.align import permutation_spec
 from fedalign.components import run_federation, run_model
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
+from fedalign.fl.server_app import server_device
 from fedalign.fl.strategy import ClientUpdate, FedAvg, RoundLog, error_summary
 from fedalign.fusion.pfnm import mlp_from_state, pfnm
 from fedalign.fusion.pipeline import Plan, aggregate
@@ -41,7 +42,8 @@ class AlignFuseRepair(FedAvg):
     def __init__(self, cfg, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
         a = cfg.aggregation
-        self.plan = Plan(**{f.name: getattr(a, f.name) for f in fields(Plan)})
+        options = {f.name: getattr(a, f.name) for f in fields(Plan) if f.name != "device"}
+        self.plan = Plan(**options, device=str(server_device(cfg)))
         self.spec = permutation_spec(run_model(cfg, run_federation(cfg))) if a.align != "pfnm" else None
         self._grid: Grid | None = None
 

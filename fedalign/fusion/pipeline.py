@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ class Plan:
     fisher_floor: float = 1e-6
     fisher_normalise: bool = False
     workers: int = 1
+    device: str = "cpu"
 
     def train_statistics(self) -> tuple[str, ...]:
         """What the clients compute on their own trained models in the train phase."""
@@ -98,6 +100,26 @@ def align(
         return [identity_permutation(spec) if j == reference else
                 permutations_from_statistics(cross[j], solver=plan.solver) for j in range(len(states))]
     raise ValueError(f"align {plan.align!r} is not a permutation alignment (pfnm fuses by itself)")
+
+
+def _to(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    return {k: _to(v, device) for k, v in tree.items()}
+
+
+def align_on(
+    plan: Plan, spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float], reference: int,
+    cross: Sequence[Stats], seed: int,
+) -> list[Perms]:
+    """``align`` with its score matrices and solvers on ``plan.device`` (the server's GPU, when
+    it has one); the permutations come back on the CPU."""
+    device = torch.device(plan.device)
+    if device.type == "cpu":
+        return align(plan, spec, states, weights, reference, cross, seed=seed)
+    perms = align(plan, spec, [_to(dict(sd), device) for sd in states], weights, reference,
+                  [_to(c, device) for c in cross], seed=seed)
+    return [{g: p.cpu() for g, p in pm.items()} for pm in perms]
 
 
 def output_group(spec: PermutationSpec, layer: str) -> str | None:
@@ -191,7 +213,7 @@ def aggregate(
     sub = [states[j] for j in kept]
     w = [weights[j] for j in kept]
     r = kept.index(ref)
-    perms = align(plan, spec, sub, w, r, [cross.get(j, {}).get("cross", {}) for j in kept], seed=seed)
+    perms = align_on(plan, spec, sub, w, r, [cross.get(j, {}).get("cross", {}) for j in kept], seed)
     aligned = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sub)]
     moved = [permute_statistics(spec, p, stats[j], sd) for p, j, sd in zip(perms, kept, sub)]
     fused = fuse(plan, aligned, w, moved)
