@@ -107,7 +107,7 @@ class AggregationConfig:
     fuse: str = "mean"
     repair: str = "none"
     regmean_alpha: float = 0.9
-    ridge: float = 1e-4
+    ridge: float = 1e-2
     gram_conv: str = "full"
     fisher_labels: str = "sample"
     fisher_floor: float = 1e-6

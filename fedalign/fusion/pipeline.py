@@ -55,7 +55,7 @@ class Plan:
     fuse: str = "mean"
     repair: str = "none"
     regmean_alpha: float = 0.9
-    ridge: float = 1e-4
+    ridge: float = 1e-2
     fisher_floor: float = 1e-6
     fisher_normalise: bool = False
     workers: int = 1
