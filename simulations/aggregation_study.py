@@ -120,27 +120,35 @@ def one_shot(args: argparse.Namespace, partition: str) -> dict:
     return {"accuracy": rows, "seconds": seconds, "widths": widths, "local": local, "clients": len(clients)}
 
 
+def aligned_pair(
+    name: str, options: dict, X: torch.Tensor, y: torch.Tensor, halves: list[torch.Tensor], epochs: int,
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """Two models trained from different inits on the two halves (Adam lr 1e-3, batch 128): the
+    first, the second, and the second aligned to the first by weight matching."""
+    models = []
+    for seed, half in enumerate(halves):
+        torch.manual_seed(seed)
+        model = build_model(name, **options)
+        train_local(model, X[half], y[half], epochs=epochs, batch_size=128, optimizer="adam", lr=1e-3, seed=seed)
+        models.append(model.eval())
+    a, b = models
+    spec = permutation_spec(a)
+    aligned = copy.deepcopy(a)
+    aligned.load_state_dict(apply_permutation(spec, weight_matching(spec, a.state_dict(), b.state_dict()),
+                                              b.state_dict()))
+    return a, b, aligned
+
+
 def barrier(args: argparse.Namespace) -> dict:
     """Midpoint loss barrier of two independently trained MLPs, aligned, with and without REPAIR."""
     X, y = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "train"))
     X_test, y_test = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "test"))
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
     halves = [order[: len(y) // 2], order[len(y) // 2:]]
-    models = []
-    for seed, half in enumerate(halves):
-        torch.manual_seed(seed)
-        model = build_model("mlp", hidden=list(args.barrier_hidden))
-        train_local(model, X[half], y[half], epochs=args.barrier_epochs, batch_size=128, optimizer="adam",
-                    lr=1e-3, seed=seed)
-        models.append(model.eval())
-    spec = permutation_spec(models[0])
-    a = models[0]
-    b = copy.deepcopy(a)
-    b.load_state_dict(apply_permutation(spec, weight_matching(spec, a.state_dict(), models[1].state_dict()),
-                                        models[1].state_dict()))
+    a, raw, b = aligned_pair("mlp", {"hidden": list(args.barrier_hidden)}, X, y, halves, args.barrier_epochs)
     calibration = X[order[:5000]]
     out = {}
-    for label, other in (("naive", models[1]), ("weight matching", b)):
+    for label, other in (("naive", raw), ("weight matching", b)):
         mid = copy.deepcopy(a)
         mid.load_state_dict(interpolate(a.state_dict(), other.state_dict(), 0.5))
         variants = {label: mid}
@@ -173,25 +181,14 @@ def cnn_barriers(args: argparse.Namespace) -> dict:
     calibration = X[order[:5000]]
     out = {}
     for name, options in (("vgg9", {"widths": (16, 16, 32, 32, 64, 64), "hidden": 128}), ("resnet20", {})):
-        models = []
         t0 = time.perf_counter()
-        for seed, half in enumerate(halves):
-            torch.manual_seed(seed)
-            model = build_model(name, **options)
-            train_local(model, X[half], y[half], epochs=args.cnn_epochs, batch_size=128, optimizer="adam", lr=1e-3,
-                        seed=seed)
-            models.append(model.eval())
-        spec = permutation_spec(models[0])
-        a = models[0]
-        b = copy.deepcopy(a)
-        b.load_state_dict(apply_permutation(spec, weight_matching(spec, a.state_dict(), models[1].state_dict()),
-                                            models[1].state_dict()))
+        a, raw, b = aligned_pair(name, options, X, y, halves, args.cnn_epochs)
         ends = [evaluate(m, X_test, y_test) for m in (a, b)]
         chord = (ends[0][0] + ends[1][0]) / 2
         mid = copy.deepcopy(a)
         mid.load_state_dict(interpolate(a.state_dict(), b.state_dict(), 0.5))
         naive = copy.deepcopy(a)
-        naive.load_state_dict(interpolate(a.state_dict(), models[1].state_dict(), 0.5))
+        naive.load_state_dict(interpolate(a.state_dict(), raw.state_dict(), 0.5))
         fixed = copy.deepcopy(mid)
         if name == "resnet20":
             fixed.load_state_dict(bn_reset(mid.state_dict(), batchnorm_input_moments(mid, calibration)))

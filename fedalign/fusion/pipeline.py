@@ -35,6 +35,7 @@ from fedalign.align import (
 )
 from fedalign.align.activation_matching import correlation
 from fedalign.align.parallel import match_all
+from fedalign.config import AggregationConfig as _Config
 from fedalign.repair import bn_reset, repair, repair_closed_form, repair_targets
 from fedalign.stats import Moments, add_moments
 
@@ -48,17 +49,18 @@ Stats = dict[str, dict[str, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Plan:
-    """The steps of one pipeline (``fedalign.config.AggregationConfig`` carries the same names)."""
+    """The steps of one pipeline; the defaults are the run config's (``AggregationConfig``), kept
+    in that one place."""
 
-    align: str = "none"
-    solver: str = "hungarian"
-    fuse: str = "mean"
-    repair: str = "none"
-    regmean_alpha: float = 0.9
-    ridge: float = 1e-2
-    fisher_floor: float = 1e-6
-    fisher_normalise: bool = False
-    workers: int = 1
+    align: str = _Config.align
+    solver: str = _Config.solver
+    fuse: str = _Config.fuse
+    repair: str = _Config.repair
+    regmean_alpha: float = _Config.regmean_alpha
+    ridge: float = _Config.ridge
+    fisher_floor: float = _Config.fisher_floor
+    fisher_normalise: bool = _Config.fisher_normalise
+    workers: int = _Config.workers
     device: str = "cpu"
 
     def train_statistics(self) -> tuple[str, ...]:
