@@ -2,14 +2,12 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from fedalign.config import ConfigError, derive_seeds, from_dict, load_config, to_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def test_every_shipped_config_and_suite_loads():

@@ -9,7 +9,6 @@ from fedalign.align import apply_permutation, permutation_spec, weight_matching
 from fedalign.analysis import interpolate, reset_bn_statistics
 from fedalign.data import load_dataset
 from fedalign.fusion.mean import weighted_average
-from fedalign.models import build_model
 from fedalign.repair import (
     bn_reset_from_stats,
     fold_affine,
@@ -21,27 +20,21 @@ from fedalign.repair import (
 )
 from fedalign.stats import activation_moments, add_moments, batchnorm_input_moments, mean_std
 from fedalign.training import evaluate, train_local
+from tests.helpers import seeded_model, with_state
 
 
-def _mlp(seed, hidden=(32, 32), in_features=64):
-    torch.manual_seed(seed)
-    return build_model("mlp", hidden=list(hidden), in_features=in_features)
-
-
-def _load(model, state):
-    out = copy.deepcopy(model)
-    out.load_state_dict(state)
-    return out
+def _mlp(seed, hidden=(32, 32)):
+    return seeded_model("mlp", seed, hidden=list(hidden), in_features=64)
 
 
 def test_repaired_statistics_match_their_targets():
     a, b = _mlp(0), _mlp(1)
     X = torch.randn(300, 1, 8, 8)
-    fused = _load(a, weighted_average([a.state_dict(), b.state_dict()]))
+    fused = with_state(a, weighted_average([a.state_dict(), b.state_dict()]))
     layers = hidden_layers(fused)
     assert layers == ["layers.0", "layers.1"]
     targets = repair_targets([activation_moments(m, X, layers) for m in (a, b)])
-    repaired = _load(fused, repair_with_data(fused, [a, b], X))
+    repaired = with_state(fused, repair_with_data(fused, [a, b], X))
     after = activation_moments(repaired, X, layers)
     before = activation_moments(fused, X, layers)
     for name, (goal_mean, goal_std) in targets.items():
@@ -54,7 +47,7 @@ def test_repaired_statistics_match_their_targets():
 def test_closed_form_repair_is_exact_on_the_first_layer():
     a, b = _mlp(0), _mlp(1)
     X = torch.randn(400, 1, 8, 8)
-    fused = _load(a, weighted_average([a.state_dict(), b.state_dict()], [0.3, 0.7]))
+    fused = with_state(a, weighted_average([a.state_dict(), b.state_dict()], [0.3, 0.7]))
     endpoint = [activation_moments(m, X, ["layers.0"]) for m in (a, b)]
     za = a.layers[0](X.flatten(1)).double()
     zb = b.layers[0](X.flatten(1)).double()
@@ -62,14 +55,13 @@ def test_closed_form_repair_is_exact_on_the_first_layer():
     rho = (za * zb).mean(0) / (za.std(0, unbiased=False) * zb.std(0, unbiased=False))
     state = repair_closed_form(fused.state_dict(), endpoint, {"layers.0": rho.detach()}, [0.3, 0.7])
     goal_mean, goal_std = repair_targets(endpoint, [0.3, 0.7])["layers.0"]
-    mean, std = mean_std(activation_moments(_load(fused, state), X, ["layers.0"])["layers.0"])
+    mean, std = mean_std(activation_moments(with_state(fused, state), X, ["layers.0"])["layers.0"])
     torch.testing.assert_close(mean, goal_mean, atol=1e-4, rtol=0)
     torch.testing.assert_close(std, goal_std, atol=1e-4, rtol=1e-4)
 
 
 def test_bn_reset_from_client_moments_equals_a_reset_on_the_data():
-    torch.manual_seed(0)
-    model = build_model("resnet20", in_channels=1, width=1)
+    model = seeded_model("resnet20", in_channels=1, width=1)
     X = torch.rand(64, 1, 28, 28)
     expected = copy.deepcopy(model)
     reset_bn_statistics(expected, X, batch_size=64)
@@ -115,14 +107,13 @@ def test_repair_of_a_layernorm_resnet_hits_the_targets_through_its_norms():
     """Bias-free convs: the correction is folded into the GroupNorm after each of them."""
     models = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        models.append(build_model("resnet20", in_channels=1, norm="layer"))
+        models.append(seeded_model("resnet20", seed, in_channels=1, norm="layer"))
     X = torch.rand(48, 1, 28, 28)
-    fused = _load(models[0], weighted_average([m.state_dict() for m in models]))
+    fused = with_state(models[0], weighted_average([m.state_dict() for m in models]))
     layers = hidden_layers(fused)
     targets = repair_targets([activation_moments(m, X, layers) for m in models])
     repaired_state = repair(fused.state_dict(), targets, activation_moments(fused, X, targets=targets))
-    after = activation_moments(_load(fused, repaired_state), X)
+    after = activation_moments(with_state(fused, repaired_state), X)
     for name, (goal_mean, goal_std) in targets.items():
         mean, std = mean_std(after[name])
         torch.testing.assert_close(mean, goal_mean, atol=2e-3, rtol=0)
@@ -142,9 +133,9 @@ def test_repair_shrinks_the_midpoint_barrier_of_aligned_mlps():
     spec = permutation_spec(models[0])
     aligned = apply_permutation(spec, weight_matching(spec, models[0].state_dict(), models[1].state_dict()),
                                 models[1].state_dict())
-    b = _load(models[0], aligned)
-    mid = _load(models[0], interpolate(models[0].state_dict(), aligned, 0.5))
-    repaired = _load(mid, repair_with_data(mid, [models[0], b], X))
+    b = with_state(models[0], aligned)
+    mid = with_state(models[0], interpolate(models[0].state_dict(), aligned, 0.5))
+    repaired = with_state(mid, repair_with_data(mid, [models[0], b], X))
     loss = {name: evaluate(m, X, y)[0] for name, m in (("a", models[0]), ("b", b), ("mid", mid), ("rep", repaired))}
     chord = (loss["a"] + loss["b"]) / 2
     barrier, repaired_barrier = loss["mid"] - chord, loss["rep"] - chord

@@ -17,15 +17,11 @@ from fedalign.stats import (
     mean_std,
     preactivation_cross_moments,
 )
-
-
-def _lenet():
-    torch.manual_seed(0)
-    return build_model("lenet")
+from tests.helpers import seeded_model
 
 
 def test_pooled_client_statistics_equal_central_statistics():
-    model = _lenet()
+    model = seeded_model("lenet")
     torch.manual_seed(1)
     other = build_model("lenet")
     X = torch.rand(90, 1, 28, 28)
@@ -50,7 +46,7 @@ def test_pooled_client_statistics_equal_central_statistics():
 
 
 def test_conv_gram_is_the_gram_of_unfolded_patches_with_a_constant_column():
-    model = _lenet()
+    model = seeded_model("lenet")
     X = torch.rand(7, 1, 28, 28)
     G = gram_matrices(model, X)["conv2"]
     h = torch.max_pool2d(torch.relu(model.conv1(X)), 2)          # conv2's input

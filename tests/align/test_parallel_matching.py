@@ -5,13 +5,12 @@ import torch
 
 from fedalign.align import apply_permutation, permutation_spec, random_permutation
 from fedalign.align.parallel import match_all
-from fedalign.models import build_model
+from tests.helpers import seeded_model
 
 
 @pytest.mark.parametrize("method, options", [("weight", {}), ("sinkhorn-rebasin", {"steps": 20})])
 def test_parallel_equals_sequential(method, options):
-    torch.manual_seed(0)
-    base = build_model("mlp", hidden=[32, 16], in_features=64)
+    base = seeded_model("mlp", hidden=[32, 16], in_features=64)
     spec = permutation_spec(base)
     g = torch.Generator().manual_seed(1)
     clients = []

@@ -3,16 +3,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fedalign.config import load_config
 from fedalign.results import read_rows
 from fedalign.runner import run
+from tests.helpers import DIGITS
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "configs/digits_mlp.yaml"
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,5 @@
 """PFNM through a real Flower simulation on Ray (digits)."""
 
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -8,8 +7,8 @@ from safetensors.torch import load_file
 from fedalign.config import load_config
 from fedalign.results import read_rows
 from fedalign.runner import run
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration
 

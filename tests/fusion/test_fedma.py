@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedalign.align import apply_permutation, permutation_spec, random_permutation
+from fedalign.align import permutation_spec
 from fedalign.fusion.bbp_map import BBPResult
 from fedalign.fusion.fedma import (
     class_weighted_classifier,
@@ -16,14 +16,13 @@ from fedalign.fusion.fedma import (
     slice_to_client,
 )
 from fedalign.models import build_model, state_widths
+from tests.helpers import permuted_copies, seeded_model
 
 
 def _fedma_without_retraining(name, kwargs, J=3):
-    torch.manual_seed(0)
-    base = build_model(name, **kwargs)
+    base = seeded_model(name, **kwargs)
     spec = permutation_spec(base)
-    g = torch.Generator().manual_seed(1)
-    states = [apply_permutation(spec, random_permutation(spec, g), base.state_dict()) for _ in range(J)]
+    states = permuted_copies(spec, base.state_dict(), J, torch.Generator().manual_seed(1))
     assignments = [{} for _ in range(J)]
     layers = matched_layers(spec, base)
     for layer in layers:
@@ -55,9 +54,8 @@ def test_permuted_copies_come_back_as_the_model(name, kwargs, x):
 
 def test_every_intermediate_state_builds_a_model():
     """Clients rebuild their architecture from each hybrid state they receive."""
-    torch.manual_seed(0)
     kwargs = {"widths": (8, 8, 16, 16, 16, 16), "hidden": 24}
-    base = build_model("vgg9", **kwargs)
+    base = seeded_model("vgg9", **kwargs)
     spec = permutation_spec(base)
     other = build_model("vgg9", **kwargs).state_dict()
     states = [base.state_dict(), other]
@@ -77,8 +75,7 @@ def test_every_intermediate_state_builds_a_model():
 def test_slicing_the_global_model_returns_each_client_model(name, kwargs):
     base, spec, fused, assignments, _ = _fedma_without_retraining(name, kwargs)
     classifier = classifier_keys(matched_layers(spec, base), fused)
-    g = torch.Generator().manual_seed(1)
-    originals = [apply_permutation(spec, random_permutation(spec, g), base.state_dict()) for _ in range(3)]
+    originals = permuted_copies(spec, base.state_dict(), 3, torch.Generator().manual_seed(1))
     for j, original in enumerate(originals):
         sliced = slice_to_client(fused, spec, assignments[j])
         for k in original:

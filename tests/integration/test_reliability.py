@@ -6,16 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from fedalign.config import load_config
 from fedalign.results import read_rows
 from fedalign.runner import run
+from tests.helpers import DIGITS
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "configs/digits_mlp.yaml"
 
 pytestmark = pytest.mark.integration
 

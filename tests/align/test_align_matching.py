@@ -13,6 +13,7 @@ from fedalign.align import (
     solver_names,
 )
 from fedalign.align.solvers import sinkhorn_plan, solve_assignment
+from tests.helpers import permuted_copies, seeded_model
 from fedalign.align.weight_matching import (
     match_to_reference,
     merge_many,
@@ -75,8 +76,7 @@ def test_solver_errors_are_clear():
     ("resnet20", {}, 10),
 ])
 def test_planted_permutations_are_recovered(name, kwargs, restarts):
-    torch.manual_seed(0)
-    state = build_model(name, **kwargs).state_dict()
+    state = seeded_model(name, **kwargs).state_dict()
     spec = permutation_spec(build_model(name, **kwargs))
     planted = random_permutation(spec, torch.Generator().manual_seed(7))
     shuffled = apply_permutation(spec, planted, state)
@@ -99,8 +99,7 @@ def test_objective_never_decreases_between_independent_models():
 
 
 def test_sinkhorn_solver_drives_weight_matching_too():
-    torch.manual_seed(0)
-    state = build_model("mlp", hidden=[40]).state_dict()
+    state = seeded_model("mlp", hidden=[40]).state_dict()
     spec = permutation_spec(build_model("mlp", hidden=[40]))
     shuffled = apply_permutation(spec, random_permutation(spec, torch.Generator().manual_seed(2)), state)
     perms = weight_matching(spec, state, shuffled, solver="sinkhorn")
@@ -109,11 +108,10 @@ def test_sinkhorn_solver_drives_weight_matching_too():
 
 
 def test_merge_many_and_match_to_reference_undo_planted_permutations():
-    torch.manual_seed(0)
-    base = build_model("mlp", hidden=[24, 24]).state_dict()
+    base = seeded_model("mlp", hidden=[24, 24]).state_dict()
     spec = permutation_spec(build_model("mlp", hidden=[24, 24]))
     g = torch.Generator().manual_seed(5)
-    copies = [apply_permutation(spec, random_permutation(spec, g), base) for _ in range(4)]
+    copies = permuted_copies(spec, base, 4, g)
     # small independent noise: the copies are close but not equal
     noisy = [{k: v + 1e-3 * torch.randn_like(v) for k, v in c.items()} for c in copies]
     merged, perms = merge_many(spec, noisy)
@@ -126,8 +124,7 @@ def test_merge_many_and_match_to_reference_undo_planted_permutations():
 
 
 def test_merge_many_of_permuted_copies_is_the_same_network_with_bn_buffers():
-    torch.manual_seed(0)
-    model = build_model("resnet20", width=1).eval()
+    model = seeded_model("resnet20", width=1).eval()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
@@ -135,7 +132,7 @@ def test_merge_many_of_permuted_copies_is_the_same_network_with_bn_buffers():
     base = {k: v.clone() for k, v in model.state_dict().items()}
     spec = permutation_spec(model)
     g = torch.Generator().manual_seed(9)
-    copies = [apply_permutation(spec, random_permutation(spec, g), base) for _ in range(3)]
+    copies = permuted_copies(spec, base, 3, g)
     for i, c in enumerate(copies):
         c["bn1.num_batches_tracked"] = torch.tensor(10 * (i + 1))
     merged, perms = merge_many(spec, copies, weights=[1.0, 2.0, 3.0])

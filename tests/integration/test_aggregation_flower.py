@@ -1,15 +1,14 @@
 """The align -> fuse -> repair pipeline through a real Flower simulation on Ray (digits), one
 test per phase pattern: train only, train + align, train + repair."""
 
-from pathlib import Path
 
 import pytest
 
 from fedalign.config import load_config
 from fedalign.results import read_rows
 from fedalign.runner import run
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration
 

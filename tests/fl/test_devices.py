@@ -9,8 +9,9 @@ import torch
 from fedalign.config import ConfigError, load_config
 from fedalign.fl.client_app import _log_device, client_device
 from fedalign.runner import check_resources
+from tests.helpers import DIGITS
 
-CONFIG = "configs/digits_mlp.yaml"
+CONFIG = DIGITS
 
 
 def test_clients_train_on_the_cpu_unless_a_gpu_is_asked_for_and_visible(caplog):

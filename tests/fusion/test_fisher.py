@@ -2,16 +2,10 @@
 
 import pytest
 import torch
-from torch import nn
 
 from fedalign.fusion import fisher_average
-from fedalign.models import build_model
 from fedalign.stats import diagonal_fisher
-
-
-def _tiny():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+from tests.helpers import seeded_model, tiny_net
 
 
 def _loop_fisher(model, X, weight_of):
@@ -31,7 +25,7 @@ def _loop_fisher(model, X, weight_of):
 
 
 def test_exact_and_empirical_fisher_equal_a_loop_over_examples_and_classes():
-    model = _tiny()
+    model = tiny_net()
     X, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
     F = diagonal_fisher(model, X, mode="exact", batch_size=2)
     for k, value in _loop_fisher(model, X, lambda n, c, p: p[c]).items():
@@ -47,7 +41,7 @@ def test_exact_and_empirical_fisher_equal_a_loop_over_examples_and_classes():
 
 
 def test_sampled_fisher_is_seeded_and_estimates_the_exact_one():
-    model = _tiny()
+    model = tiny_net()
     X = torch.randn(8, 3).repeat(300, 1)                          # many label draws per input
     exact = diagonal_fisher(model, X[:8], mode="exact")
     a, b = diagonal_fisher(model, X, seed=3), diagonal_fisher(model, X, seed=3)
@@ -58,8 +52,7 @@ def test_sampled_fisher_is_seeded_and_estimates_the_exact_one():
 
 
 def test_pooled_client_fishers_equal_the_fisher_of_the_union():
-    torch.manual_seed(0)
-    model = build_model("lenet")
+    model = seeded_model("lenet")
     model.train()
     X = torch.rand(30, 1, 28, 28)
     parts = [X[:7], X[7:19], X[19:]]
@@ -86,8 +79,7 @@ def test_fisher_average_weights_each_parameter_by_its_fisher():
 
 
 def test_identical_models_come_back_and_the_floor_prevents_division_by_zero():
-    torch.manual_seed(0)
-    model = build_model("mlp", hidden=[8])
+    model = seeded_model("mlp", hidden=[8])
     state = model.state_dict()
     X = torch.rand(12, 1, 28, 28)
     fisher = diagonal_fisher(model, X, mode="exact")

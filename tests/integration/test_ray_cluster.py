@@ -17,8 +17,8 @@ from fedalign.cli import main
 from fedalign.config import load_config
 from fedalign.results import read_rows
 from fedalign.runner import run
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 
 pytestmark = pytest.mark.integration

@@ -6,11 +6,11 @@ import torch
 from fedalign.align import apply_permutation, permutation_spec, random_permutation
 from fedalign.fusion import REFERENCE_GRID, mlp_from_state, pfnm, pfnm_grid_search, select_candidate
 from fedalign.models import build_model, state_widths
+from tests.helpers import seeded_model
 
 
 def _copies(hidden, J=4, noise=0.0, seed=0):
-    torch.manual_seed(seed)
-    base = build_model("mlp", in_features=20, hidden=hidden, num_classes=4)
+    base = seeded_model("mlp", seed, in_features=20, hidden=hidden, num_classes=4)
     spec = permutation_spec(base)
     g = torch.Generator().manual_seed(seed + 1)
     models = []
@@ -42,8 +42,7 @@ def test_permuted_copies_fuse_back_to_the_model(hidden):
 def test_unrelated_models_of_different_widths_grow_the_global_model():
     models = []
     for j, hidden in enumerate(([12, 6], [9, 6], [7, 5])):
-        torch.manual_seed(j)
-        models.append(build_model("mlp", in_features=20, hidden=hidden, num_classes=4))
+        models.append(seeded_model("mlp", j, in_features=20, hidden=hidden, num_classes=4))
         with torch.no_grad():
             for p in models[-1].parameters():
                 p.mul_(20)                                  # far apart compared with sigma

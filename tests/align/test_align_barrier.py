@@ -1,23 +1,13 @@
 """Weight matching removes most of the loss barrier between independently trained MLPs."""
 
 import pytest
-import torch
 
 from fedalign.align import apply_permutation, permutation_spec, weight_matching
 from fedalign.analysis import interpolation_barrier
 from fedalign.data import load_dataset
 from fedalign.data.fashion_mnist import DEBIAN_DIR
-from fedalign.models import build_model
 from fedalign.training import train_local
-
-
-@pytest.fixture
-def one_thread():
-    """Small matrix products on a shared 2-core machine ran 10-20x slower with two threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import seeded_model
 
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Fashion-MNIST is not installed (make data)")
@@ -27,8 +17,7 @@ def test_weight_matching_removes_most_of_the_barrier_on_fashion_mnist(one_thread
     X, y, X_test, y_test = X[:20000], y[:20000], X_test[:2000], y_test[:2000]
     models = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = build_model("mlp", hidden=[256, 256])
+        model = seeded_model("mlp", seed, hidden=[256, 256])
         train_local(model, X, y, epochs=3, batch_size=128, optimizer="adam", lr=1e-3, seed=seed)
         models.append(model.eval())
     a, b = (m.state_dict() for m in models)

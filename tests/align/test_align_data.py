@@ -16,11 +16,11 @@ from fedalign.align import (
 )
 from fedalign.analysis import interpolate
 from fedalign.models import build_model
+from tests.helpers import seeded_model
 
 
 def _planted(name, **kwargs):
-    torch.manual_seed(0)
-    a = build_model(name, **kwargs).eval()
+    a = seeded_model(name, **kwargs).eval()
     spec = permutation_spec(a)
     planted = random_permutation(spec, torch.Generator().manual_seed(1))
     b = build_model(name, **kwargs).eval()

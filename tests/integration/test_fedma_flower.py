@@ -1,7 +1,6 @@
 """FedMA through a real Flower simulation on Ray (digits MLP, fortunes char-LSTM)."""
 
 import json
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -10,8 +9,8 @@ from fedalign.config import load_config
 from fedalign.data.text import FORTUNES_DIR
 from fedalign.results import read_rows
 from fedalign.runner import run
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,44 @@
+"""Helpers shared by the test modules (import them: ``from tests.helpers import ...``).
+
+Fixtures live in ``tests/conftest.py``; plain functions and constants live here, because a test
+module cannot import a conftest by name reliably.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedalign.align import apply_permutation, random_permutation
+from fedalign.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+DIGITS = CONFIGS / "digits_mlp.yaml"
+
+
+def seeded_model(name: str = "mlp", seed: int = 0, **kwargs) -> nn.Module:
+    """``build_model(name, **kwargs)`` right after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return build_model(name, **kwargs)
+
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    """A 3-4-3 tanh MLP: small enough for hand loops over examples and classes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def permuted_copies(spec, state: dict, count: int, generator: torch.Generator) -> list[dict]:
+    """``count`` copies of ``state``, each under its own random permutation drawn from ``generator``."""
+    return [apply_permutation(spec, random_permutation(spec, generator), state) for _ in range(count)]
+
+
+def with_state(model: nn.Module, state: dict) -> nn.Module:
+    """A deep copy of ``model`` holding ``state``."""
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
