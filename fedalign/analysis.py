@@ -3,15 +3,18 @@
 ``interpolation_barrier`` evaluates ``theta(l) = (1 - l) A + l B`` on a grid; for BatchNorm models
 the running statistics are re-estimated at every point, because the interpolated weights produce
 activations whose moments match neither endpoint's statistics: without the reset the curve measures
-that mismatch, not the weights. ``linear_cka`` / ``rbf_cka`` compare representations (Kornblith et
-al. 2019), optionally with the unbiased HSIC estimator (Song et al. 2012), which removes the bias
-that makes plain CKA of unrelated high-dimensional features far from 0 on few samples.
+that mismatch, not the weights. Studies that compare such corrections (none, REPAIR, a BatchNorm
+reset from pooled moments) turn the reset off and pass their own ``correct``.
+
+``linear_cka`` / ``rbf_cka`` compare representations (Kornblith et al. 2019), optionally with the
+unbiased HSIC estimator (Song et al. 2012), which removes the bias that makes plain CKA of
+unrelated high-dimensional features far from 0 on few samples.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fedalign.training import evaluate
 
 ArrayLike = torch.Tensor | np.ndarray
+Correction = Callable[[nn.Module, float], Mapping[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ def interpolation_barrier(
     batch_size: int = 1000,
     bn_reset_data: ArrayLike | None = None,
     device: str | torch.device = "cpu",
+    reset_bn: bool = True,
+    correct: Correction | None = None,
 ) -> BarrierResult:
     """Loss and accuracy of ``model`` with the weights ``(1 - l) state_a + l state_b`` at ``points``
     evenly spaced ``l`` in [0, 1], evaluated on ``(X, y)`` in batches, and the barriers.
@@ -117,7 +123,14 @@ def interpolation_barrier(
     ``model`` gives the architecture only (a copy is loaded; the argument is not modified). Models
     with BatchNorm get their running statistics re-estimated at every point on ``bn_reset_data``
     (default ``X``; pass training inputs to keep the test set out of the estimate), including the
-    endpoints, so every point is measured the same way.
+    endpoints, so every point is measured the same way; ``reset_bn=False`` evaluates every point
+    with the running statistics interpolated like the weights, as a fused model arrives.
+
+    ``correct(net, l)`` returns a corrected state for the interpolated model at every interior
+    point (``0 < l < 1``), e.g. REPAIR toward ``(1 - l)`` and ``l`` of the endpoints' statistics.
+    It skips the endpoints: they are the trained models, and a correction toward their own
+    statistics would change them only by its numerical slack, yet move the chord. ``net`` is on
+    the CPU, where the statistics helpers a correction calls expect their data.
     """
     if points < 2:
         raise ValueError(f"points must be at least 2 (both endpoints), got {points}")
@@ -128,7 +141,10 @@ def interpolation_barrier(
     curve = []
     for lam in lambdas:
         net.load_state_dict(interpolate(state_a, state_b, float(lam)))
-        reset_bn_statistics(net, bn_X, batch_size, device)
+        if reset_bn:
+            reset_bn_statistics(net, bn_X, batch_size, device)
+        if correct is not None and 0 < lam < 1:
+            net.load_state_dict(correct(net.cpu(), float(lam)))
         curve.append(evaluate(net, X, y, batch_size, device))
     loss, acc = np.array(curve).T
     loss_gap = loss - ((1 - lambdas) * loss[0] + lambdas * loss[-1])

@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from fedalign.config import ConfigError, RunConfig, load_config
+from fedalign.plots import Curve, accuracy_plot
 from fedalign.results import cumulative_bytes, read_rows
 
 SUITE_KEYS = {"name", "base", "overrides", "target_accuracy", "output", "strategies", "partitions", "seeds", "models"}
@@ -246,13 +247,8 @@ def summarise_suite(suite: Suite) -> list[dict[str, Any]]:
 
 def _plot(suite: Suite, groups: dict[tuple[str, str, str], list[dict]]) -> None:
     """Accuracy against rounds and against MiB, one line per strategy (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     for model, partition in dict.fromkeys((m, p) for m, p, _ in groups):
-        fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+        lines = {}
         for (m, p, strategy), runs in groups.items():
             if (m, p) != (model, partition):
                 continue
@@ -262,15 +258,7 @@ def _plot(suite: Suite, groups: dict[tuple[str, str, str], list[dict]]) -> None:
             rounds = [c[0] for c in curves[0][:length]]
             acc = [100 * statistics.fmean(c[i][1] for c in curves) for i in range(length)]
             mib = [statistics.fmean(c[i][2] for c in curves) / 2**20 for i in range(length)]
-            by_round.plot(rounds, acc, marker="o", markersize=3, label=f"{strategy} (n={len(runs)})")
-            by_bytes.plot(mib, acc, marker="o", markersize=3, label=strategy)
-        by_round.set_xlabel("round")
-        by_bytes.set_xlabel("MiB communicated (down + up)")
-        for ax in (by_round, by_bytes):
-            ax.set_ylabel("test accuracy (%), mean over seeds")
-            ax.grid(alpha=0.3)
-        by_round.legend()
-        fig.suptitle(f"{suite.name}: {model}, {partition}")
-        fig.tight_layout()
-        fig.savefig(suite.output / f"accuracy-{model}-{partition}.png", dpi=110)
-        plt.close(fig)
+            lines[f"{strategy} (n={len(runs)})"] = Curve(rounds, mib, acc)
+        accuracy_plot(lines, suite.output / f"accuracy-{model}-{partition}.png",
+                      y_label="test accuracy (%), mean over seeds",
+                      title=f"{suite.name}: {model}, {partition}", dpi=110)

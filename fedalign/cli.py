@@ -1,4 +1,9 @@
-"""``fedalign run | bench | report | partition``: the command line."""
+"""``fedalign run | bench | report | partition``: the command line.
+
+``--plugin FILE.py`` runs a Python file the user chose before the config is read, so the models,
+datasets and rules it registers can be named in the config (a config itself never names code).
+The simulation modules (Flower, Ray) are imported only by the commands that simulate.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,25 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fedalign.checkpoint import CheckpointError
-from fedalign.config import ConfigError, load_config
-from fedalign.data import DataError
-from fedalign.fl.strategy import RoundFailedError
+from fedalign.config import load_config
+from fedalign.data import DataError, format_histogram
+from fedalign.errors import ConfigError, RoundFailedError
+from fedalign.plugins import load_plugin
+from fedalign.results import markdown_table, plot_runs, read_rows
 
 EXIT_USAGE = 2
 
 
+def _load_plugins(args: argparse.Namespace) -> None:
+    for path in args.plugin:
+        load_plugin(path)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    _load_plugins(args)
     if args.resume:
         if args.config or args.set:
             raise ConfigError("--resume RUN_DIR continues a run with its own config.yaml; "
@@ -39,8 +54,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fedalign.results import markdown_table, plot_runs, read_rows
-
     runs = {}
     for run_dir in args.runs:
         path = Path(run_dir)
@@ -60,6 +73,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fedalign.bench import load_suite, run_suite, summarise_suite
 
+    _load_plugins(args)
     suite = load_suite(args.suite, args.output, args.set, args.seeds)
     print(f"suite {suite.name}: {len(suite.runs)} runs into {suite.output}", flush=True)
     if not args.summary_only:
@@ -70,10 +84,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from fedalign.data import format_histogram
-
     path = Path(args.run) / "partition.json"
     if not path.is_file():
         raise ConfigError(f"{args.run}: no partition.json (is it a run folder?)")
@@ -97,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="parent folder of the run folder (default: output.dir)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                     help="run this Python file first (it may register models, datasets, rules)")
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser("bench", help="run a suite (strategies x partitions x seeds) and summarise it")
@@ -108,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--summary-only", action="store_true", help="rebuild the summary from finished runs")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    bench.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                       help="run this Python file first (it may register models, datasets, rules)")
     bench.set_defaults(func=_cmd_bench)
 
     report = sub.add_parser("report", help="compare run folders: markdown table and plots")

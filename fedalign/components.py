@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from fedalign.config import DataConfig, RunConfig
 from fedalign.data import Federation, federation
-from fedalign.models import build_model, model_options, state_widths
+from fedalign.models import build_model, fit_to_state, model_options
 
 
 def partition_options(data: DataConfig) -> dict[str, object]:
@@ -47,7 +47,7 @@ def shape_options(model_name: str, input_shape: tuple[int, ...], num_classes: in
     implied = {"num_classes": num_classes, "vocab_size": num_classes}
     if len(input_shape) == 3:
         implied.update(in_channels=input_shape[0], image_size=input_shape[-1])
-    if len(input_shape) >= 1 and model_name != "char_lstm":
+    if len(input_shape) >= 1:
         implied["in_features"] = int(np.prod(input_shape))
     accepted = model_options(model_name)
     return {k: v for k, v in implied.items() if k in accepted}
@@ -58,15 +58,21 @@ def run_model(
 ) -> nn.Module:
     """The run's architecture sized for its data, with weights drawn from ``init_seed``.
 
-    Options written in the config win over those implied by the data; with ``state``, widths that
-    matching changed (``fedalign.models.state_widths``) win over both, and the weights are loaded.
+    Options written in the config win over those implied by the data; with ``state``, layers whose
+    widths matching changed are resized to it (``fedalign.models.fit_to_state``) and the weights
+    are loaded.
     """
     options = {**shape_options(cfg.model.name, fed.input_shape, fed.num_classes), **cfg.model.options}
-    if state is not None:
-        options.update(state_widths(cfg.model.name, state))
     if init_seed is not None:
         torch.manual_seed(init_seed)
     model = build_model(cfg.model.name, **options)
-    if state is not None:
-        model.load_state_dict(state)
-    return model
+    return model if state is None else fit_to_state(model, state)
+
+
+def server_device(cfg: RunConfig) -> torch.device:
+    """Where the server aligns and evaluates: ``simulation.server_device`` (``auto``: the GPU when
+    there is one)."""
+    wanted = cfg.simulation.server_device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")

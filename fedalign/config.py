@@ -7,6 +7,11 @@ names the key (``ConfigError``), instead of a traceback twenty seconds into a si
 One ``seed`` derives the separate seeds of partitioning, model init, client sampling and data
 shuffling; the resolved config written to the run folder records them all, so any run can be
 repeated from its folder alone.
+
+Every choice (dataset, model, optimizer, client objective, strategy, aligner, solver, fuse and
+repair rule, and their options) is checked against the registries that own it, with the owner's
+own ``supports`` checks: the config restates no list of names, no default of an algorithm. The
+config turns into the pipeline's ``Plan`` (``to_plan``), never the reverse.
 """
 
 from __future__ import annotations
@@ -23,9 +28,16 @@ from typing import Any
 import numpy as np
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key is unknown, of the wrong type or has an impossible value."""
+from fedalign.align import ALIGNERS, SOLVERS
+from fedalign.data import DATASETS, partition_schemes
+from fedalign.errors import ConfigError
+from fedalign.fusion import FUSE_RULES
+from fedalign.models import MODELS, build_model, model_options
+from fedalign.pipeline import Plan
+from fedalign.registry import STRATEGIES, Context, RegistryError
+from fedalign.repair import REPAIR_RULES
+from fedalign.stats import STATISTICS
+from fedalign.training import OBJECTIVES, OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    objective: str | None = None   # the client objective; None: the strategy's (fedprox: proximal)
     proximal_mu: float = 0.0
 
 
@@ -91,30 +104,26 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    """The server's align -> fuse -> repair pipeline (strategies fedavg and fedprox).
+    """The server's align -> fuse -> repair pipeline (strategies that take it: fedavg, fedprox).
 
-    Steps that need data get it from the clients as statistics: Gram matrices of layer inputs
-    (``regmean``), diagonal Fishers (``fisher``), per-channel moments of the clients' own models
-    (repair targets) and of the fused candidate (a second phase for ``bn-reset`` and ``repair``),
-    cross-moments against a broadcast reference (``activation``). ``stats_samples`` caps the
-    examples each client uses for them (0: all of its training data). ``own_init``: in round 1
-    every client trains from its own initialisation (one-shot fusion of independent models).
-    ``workers``: processes that align clients to the reference in parallel (Sinkhorn re-basin).
+    ``align``, ``fuse`` and ``repair`` name registered steps; ``options`` holds their options
+    (e.g. ``regmean_alpha``, ``ridge``, ``gram_conv``, ``fisher_labels``, ``fisher_floor``), which
+    may also be written directly in the section; the resolved config records every option the
+    chosen steps take, with its value. Steps that need data get it from the clients as statistics
+    (see ``fedalign.pipeline``). ``stats_samples`` caps the examples each client uses for them
+    (0: all of its training data). ``own_init``: in round 1 every client trains from its own
+    initialisation (one-shot fusion of independent models). ``workers``: processes that align
+    clients to the reference in parallel (Sinkhorn re-basin).
     """
 
-    align: str = "none"
-    solver: str = "hungarian"
-    fuse: str = "mean"
-    repair: str = "none"
-    regmean_alpha: float = 0.9
-    ridge: float = 1e-2
-    gram_conv: str = "full"
-    fisher_labels: str = "sample"
-    fisher_floor: float = 1e-6
-    fisher_normalise: bool = False
+    align: str = Plan.align
+    solver: str = Plan.solver
+    fuse: str = Plan.fuse
+    repair: str = Plan.repair
+    options: dict[str, Any] = field(default_factory=dict)
     stats_samples: int = 2000
     own_init: bool = False
-    workers: int = 1
+    workers: int = Plan.workers
 
     @property
     def active(self) -> bool:
@@ -184,17 +193,21 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def to_plan(self, device: str = "cpu") -> Plan:
+        """The server pipeline this config describes (``device``: where alignment runs)."""
+        a = self.aggregation
+        return Plan(align=a.align, solver=a.solver, fuse=a.fuse, repair=a.repair, options=dict(a.options),
+                    workers=a.workers, device=device)
+
+    @property
+    def objective(self) -> str:
+        """The client objective: the one named in ``train.objective``, else the strategy's."""
+        return self.train.objective or STRATEGIES.get(self.strategy.name).meta.get("objective", "plain")
+
     @property
     def resolved_seeds(self) -> Seeds:
         assert self.seeds is not None, "load configs through load_config/from_dict"
         return self.seeds
-
-
-STRATEGIES = ("fedavg", "fedprox", "pfnm", "fedma")
-ALIGN = ("none", "weight", "activation", "sinkhorn-rebasin", "pfnm")
-FUSE = ("mean", "regmean", "fisher")
-REPAIR = ("none", "bn-reset", "repair", "repair-closed-form")
-OPTIMIZERS = ("sgd", "adam")
 
 
 def derive_seeds(seed: int) -> Seeds:
@@ -272,6 +285,9 @@ def _build(cls: type, values: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+_STEP_REGISTRIES = (ALIGNERS, FUSE_RULES, REPAIR_RULES)
+
+
 def _model_section(raw: Any) -> dict[str, Any]:
     """Accept ``model: {name: mlp, hidden: [200]}``: every key but ``name`` is a model option."""
     if isinstance(raw, str):
@@ -284,61 +300,70 @@ def _model_section(raw: Any) -> dict[str, Any]:
     return {"name": name, "options": {**options, **raw}}
 
 
-def _validate_aggregation(cfg: RunConfig, need: Callable[[bool, str, str], None]) -> None:
-    """The pipeline's steps exist and fit together and with the model."""
-    from torch.nn.modules.batchnorm import _BatchNorm
+def _aggregation_section(raw: Any) -> Any:
+    """Options of the pipeline's steps may be written directly in the section
+    (``aggregation: {fuse: regmean, ridge: 0.01}``): they move into ``options``."""
+    if not isinstance(raw, dict):
+        return raw
+    fields = {f.name for f in dataclasses.fields(AggregationConfig)}
+    known = {name for registry in (*_STEP_REGISTRIES, STATISTICS) for n in registry
+             for name in registry.get(n).options}
+    moved = {k: v for k, v in raw.items() if k not in fields and k in known}
+    if not moved:
+        return raw
+    options = raw.get("options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"aggregation.options: expected a mapping, got {options!r}")
+    return {**{k: v for k, v in raw.items() if k not in moved}, "options": {**options, **moved}}
 
-    from fedalign.models import build_model
 
+def _check(need: Callable[[bool, str, str], None], key: str, registry: Any, name: str) -> None:
+    need(name in registry, key, f"unknown {registry.kind} {name!r}; choose one of {', '.join(registry)}")
+
+
+def clients_per_round(cfg: RunConfig) -> int:
+    s = cfg.strategy
+    return max(round(s.fraction_train * cfg.data.num_clients), s.min_train_clients)
+
+
+def _validate_aggregation(cfg: RunConfig, context: Context, need: Callable[[bool, str, str], None]) -> RunConfig:
+    """The pipeline's steps exist, fit together and with the model; returns ``cfg`` with the
+    steps' options resolved."""
     a = cfg.aggregation
-    for key, value, choices in (("align", a.align, ALIGN), ("fuse", a.fuse, FUSE), ("repair", a.repair, REPAIR),
-                                ("solver", a.solver, ("hungarian", "sinkhorn")),
-                                ("gram_conv", a.gram_conv, ("full", "channel")),
-                                ("fisher_labels", a.fisher_labels, ("sample", "exact", "empirical"))):
-        need(value in choices, f"aggregation.{key}", f"unknown {value!r}; choose one of {', '.join(choices)}")
+    for key, registry, value in (("align", ALIGNERS, a.align), ("fuse", FUSE_RULES, a.fuse),
+                                 ("repair", REPAIR_RULES, a.repair), ("solver", SOLVERS, a.solver)):
+        _check(need, f"aggregation.{key}", registry, value)
     if not (a.active or a.own_init):
-        return
-    need(cfg.strategy.name in ("fedavg", "fedprox"), "aggregation",
-         f"the align/fuse/repair pipeline runs with strategy fedavg or fedprox, not {cfg.strategy.name!r} "
-         "(pfnm and fedma fuse by their own matching)")
-    need(0.0 <= a.regmean_alpha <= 1.0, "aggregation.regmean_alpha", f"must be in [0, 1], got {a.regmean_alpha}")
-    need(a.ridge >= 0, "aggregation.ridge", f"must be >= 0, got {a.ridge}")
-    need(a.fisher_floor >= 0, "aggregation.fisher_floor", f"must be >= 0, got {a.fisher_floor}")
+        return cfg
+    strategy = STRATEGIES.get(cfg.strategy.name)
+    need(bool(strategy.meta.get("pipeline")), "aggregation",
+         f"the align/fuse/repair pipeline runs with strategy "
+         f"{' or '.join(n for n in STRATEGIES if STRATEGIES.get(n).meta.get('pipeline'))}, "
+         f"not {cfg.strategy.name!r} ({cfg.strategy.name} fuses by its own matching)")
     need(a.stats_samples >= 0, "aggregation.stats_samples", f"must be >= 0, got {a.stats_samples}")
     need(a.workers >= 1, "aggregation.workers", f"must be >= 1, got {a.workers}")
-    if a.align == "pfnm":
-        need(cfg.model.name == "mlp", "aggregation.align", f"pfnm matches MLPs, not {cfg.model.name!r}")
-        need(a.fuse == "mean" and a.repair == "none", "aggregation.align",
-             "pfnm fuses by its own posterior means and changes the widths: use fuse: mean, repair: none")
-    has_bn = any(isinstance(m, _BatchNorm) for m in build_model(cfg.model.name, **cfg.model.options).modules())
-    if a.repair == "bn-reset":
-        need(has_bn, "aggregation.repair", f"bn-reset re-estimates BatchNorm statistics; {cfg.model.name!r} has none")
-    if a.fuse == "regmean":
-        need(cfg.model.name != "char_lstm", "aggregation.fuse",
-             "regmean covers Linear and Conv2d layers; the LSTM's recurrent weights have no input Gram")
-    if a.repair in ("repair", "repair-closed-form"):
-        need(not has_bn, "aggregation.repair",
-             f"{a.repair} rescales layers of networks without normalisation; use bn-reset for {cfg.model.name!r}")
-        need(a.align != "none", "aggregation.repair", f"{a.repair} corrects aligned fusions: set align")
-    if a.repair == "repair-closed-form":
-        per_round = max(round(cfg.strategy.fraction_train * cfg.data.num_clients), cfg.strategy.min_train_clients)
-        need(per_round == 2, "aggregation.repair",
-             f"repair-closed-form needs the correlations of every pair of models: it runs with exactly 2 "
-             f"clients a round, not {per_round} (use repair for more)")
+    plan = cfg.to_plan()
+    for step, problem in plan.problems(context):
+        need(False, f"aggregation.{step}", problem)
+    try:
+        resolved = plan.resolved_options()
+        for entry in plan.steps():    # an option's value is checked by the step that takes it
+            entry.resolve(resolved)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"aggregation.options: {exc}") from None
+    return dataclasses.replace(cfg, aggregation=dataclasses.replace(a, options=resolved))
 
 
-def _validate(cfg: RunConfig) -> None:
-    """Checks of values (types were checked while building)."""
-    from fedalign.data import dataset_names, partition_schemes
-    from fedalign.models import model_options
+def _validate(cfg: RunConfig) -> RunConfig:
+    """Checks of values (types were checked while building); returns ``cfg`` with the options of
+    the pipeline's steps resolved."""
 
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {message}")
 
     d, t, s, sim = cfg.data, cfg.train, cfg.strategy, cfg.simulation
-    need(d.dataset in dataset_names(), "data.dataset",
-         f"unknown dataset {d.dataset!r}; choose one of {', '.join(dataset_names())}")
+    _check(need, "data.dataset", DATASETS, d.dataset)
     need(d.partition in partition_schemes(), "data.partition",
          f"unknown scheme {d.partition!r}; choose one of {', '.join(partition_schemes())}")
     need(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
@@ -351,10 +376,8 @@ def _validate(cfg: RunConfig) -> None:
         need(Path(d.data_dir).expanduser().is_dir(), "data.data_dir",
              f"directory {d.data_dir!r} does not exist")
 
-    try:
-        options = model_options(cfg.model.name)
-    except ValueError as exc:
-        raise ConfigError(f"model.name: {exc}") from None
+    _check(need, "model.name", MODELS, cfg.model.name)
+    options = model_options(cfg.model.name)
     unknown = sorted(set(cfg.model.options) - set(options))
     need(not unknown, f"model.{unknown[0] if unknown else ''}",
          f"model {cfg.model.name!r} takes no option {unknown[0] if unknown else ''!r}; "
@@ -362,15 +385,15 @@ def _validate(cfg: RunConfig) -> None:
 
     need(t.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {t.local_epochs}")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    need(t.optimizer in OPTIMIZERS, "train.optimizer",
-         f"unknown optimizer {t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    _check(need, "train.optimizer", OPTIMIZERS, t.optimizer)
+    if t.objective is not None:
+        _check(need, "train.objective", OBJECTIVES, t.objective)
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     need(0.0 <= t.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {t.momentum}")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.proximal_mu >= 0, "train.proximal_mu", f"must be >= 0, got {t.proximal_mu}")
 
-    need(s.name in STRATEGIES, "strategy.name",
-         f"unknown strategy {s.name!r}; choose one of {', '.join(STRATEGIES)}")
+    _check(need, "strategy.name", STRATEGIES, s.name)
     need(s.rounds >= 1, "strategy.rounds", f"must be >= 1, got {s.rounds}")
     need(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train",
          f"must be in (0, 1], got {s.fraction_train}")
@@ -387,24 +410,26 @@ def _validate(cfg: RunConfig) -> None:
     o = cfg.output
     need(o.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: no checkpoints)")
     need(o.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
-    if s.name == "pfnm":
-        need(cfg.model.name == "mlp", "strategy.name", f"pfnm fuses MLPs, not {cfg.model.name!r}")
-    if s.name == "fedma":
-        need(cfg.model.name in ("mlp", "lenet", "vgg9", "char_lstm"), "strategy.name",
-             f"fedma covers mlp, lenet, vgg9 and char_lstm (no BatchNorm), not {cfg.model.name!r}")
+    try:
+        model = build_model(cfg.model.name, **cfg.model.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model: {exc}") from None
+    context = Context(model, clients_per_round(cfg))
+    problem = STRATEGIES.get(s.name).problem(context)
+    need(problem is None, "strategy.name", f"{s.name}: {problem}")
     m = s.matching
     need(m.sigma > 0 and m.sigma0 > 0 and (m.gamma is None or m.gamma > 0), "strategy.matching",
          "sigma, sigma0 and gamma must be > 0")
     need(m.iterations >= 0, "strategy.matching.iterations", "must be >= 0")
-    need(m.solver in ("hungarian", "sinkhorn"), "strategy.matching.solver", "hungarian or sinkhorn")
+    _check(need, "strategy.matching.solver", SOLVERS, m.solver)
     need(m.popularity in ("consistent", "reference"), "strategy.matching.popularity",
          "consistent or reference")
     need(m.max_width is None or m.max_width >= 1, "strategy.matching.max_width", "must be >= 1")
     need(0 <= m.grid_tolerance <= 1, "strategy.matching.grid_tolerance",
          f"an accuracy difference in [0, 1], got {m.grid_tolerance}")
-    _validate_aggregation(cfg, need)
-    if s.name == "fedprox":
-        need(t.proximal_mu > 0, "train.proximal_mu", "strategy fedprox needs proximal_mu > 0")
+    cfg = _validate_aggregation(cfg, context, need)
+    if cfg.objective == "proximal":
+        need(t.proximal_mu > 0, "train.proximal_mu", f"strategy {s.name} needs proximal_mu > 0")
 
     for i, fault in enumerate(cfg.faults):
         need(fault.kind in FAULT_KINDS, f"faults[{i}].kind",
@@ -416,6 +441,7 @@ def _validate(cfg: RunConfig) -> None:
     need(sim.client_gpus >= 0, "simulation.client_gpus", f"must be >= 0, got {sim.client_gpus}")
     need(sim.server_device in ("cpu", "cuda", "auto"), "simulation.server_device",
          "must be cpu, cuda or auto")
+    return cfg
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
@@ -425,13 +451,18 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     values = dict(values)
     if "model" in values:
         values["model"] = _model_section(values["model"])
+    if "aggregation" in values:
+        values["aggregation"] = _aggregation_section(values["aggregation"])
     seeds_given = values.pop("seeds", None) or {}
     cfg = _build(RunConfig, values)
     seeds = dataclasses.asdict(derive_seeds(cfg.seed))
     if not isinstance(seeds_given, dict):
         raise ConfigError(f"seeds: expected a mapping, got {seeds_given!r}")
     cfg = dataclasses.replace(cfg, seeds=_build(Seeds, {**seeds, **seeds_given}, "seeds"))
-    _validate(cfg)
+    try:
+        cfg = _validate(cfg)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.data.data_dir is not None:
         # the config travels to every client, on every node: a relative path would resolve
         # against each worker's own working directory

@@ -23,15 +23,31 @@ corrected through the norm after it), so every correction folds into one module'
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedalign.fusion.mean import normalised_weights
-from fedalign.stats import Moments, activation_moments, hidden_layers, mean_std
+from fedalign.align.activation_matching import correlation
+from fedalign.align.spec import Perms, PermutationSpec
+from fedalign.registry import Context, Registry
+from fedalign.stats import (
+    STATISTICS,
+    Moments,
+    StatContext,
+    activation_moments,
+    add_moments,
+    batchnorm_input_moments,
+    hidden_layers,
+    mean_std,
+    preactivation_cross_moments,
+)
+from fedalign.tensors import normalised_weights
+from fedalign.types import ClientStats, StateDict, Stats
 
-StateDict = Mapping[str, torch.Tensor]
 Targets = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -129,7 +145,7 @@ def bn_reset_from_stats(model_or_state: nn.Module | StateDict, bn_moments: Mappi
     return out
 
 
-bn_reset = bn_reset_from_stats  # the name fusion.pipeline and the studies call
+bn_reset = bn_reset_from_stats  # the name the studies call
 
 
 def repair_with_data(
@@ -143,5 +159,142 @@ def repair_with_data(
     return repair(fused.state_dict(), targets, activation_moments(fused, X, layers, targets=targets))
 
 
-__all__ = ["bn_reset", "bn_reset_from_stats", "fold_affine", "hidden_layers", "repair", "repair_closed_form",
-           "repair_targets", "repair_with_data"]
+
+
+# ---- the statistics repair consumes, and how they move into the aligned basis -------------------
+
+def output_group(spec: PermutationSpec, layer: str) -> str | None:
+    """The group carried by the output channels of Linear/Conv2d ``layer`` (None: unpermuted)."""
+    axes = spec.axes_of(f"{layer}.weight")
+    return axes[0][0] if 0 in axes else None
+
+
+def permute_moments(spec: PermutationSpec, perms: Perms, moments: Mapping[str, Moments],
+                    state: StateDict | None = None) -> dict[str, Moments]:
+    """Channel moments of each layer reordered like the layer's output units."""
+    out = {}
+    for layer, m in moments.items():
+        group = output_group(spec, layer)
+        out[layer] = dict(m) if group is None else {k: v if v.dim() == 0 else v[perms[group]] for k, v in m.items()}
+    return out
+
+
+def _moments(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext) -> Stats:
+    return activation_moments(model, X, targets=context.targets)
+
+
+def _bn(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext) -> Stats:
+    return batchnorm_input_moments(model, X)
+
+
+def _preact_cross(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext) -> Stats:
+    if context.reference is None:
+        raise ValueError("cross-moments need a reference model")
+    return preactivation_cross_moments(context.reference, model, X)
+
+
+STATISTICS.register("moments", _moments, permute=permute_moments)
+STATISTICS.register("bn", _bn, permute=None)
+STATISTICS.register("preact-cross", _preact_cross, permute=None)
+
+
+def matched_correlations(preact_cross: Stats, spec: PermutationSpec, perms: Perms) -> dict[str, torch.Tensor]:
+    """Per layer, the correlation of each reference unit with the client unit aligned to it
+    (``corr[i, perm[i]]``), from pre-activation cross-moments taken before alignment."""
+    out = {}
+    for layer, s in preact_cross.items():
+        corr = correlation(s)
+        group = output_group(spec, layer)
+        index = torch.arange(len(corr)) if group is None else perms[group]
+        out[layer] = corr[torch.arange(len(corr)), index]
+    return out
+
+
+# ---- repair rules: the pipeline's last step ------------------------------------------------------
+
+FusedQuery = Callable[[OrderedDict, "Targets | None"], list[ClientStats]]
+"""``(fused state, REPAIR targets or None) -> each answering client's statistics of it``."""
+
+
+@dataclass(frozen=True)
+class RepairInputs:
+    """What a repair rule may use: the spec and the permutations that aligned each kept client,
+    their weights, their train-phase statistics in the aligned basis, their align-phase answers
+    (in their own basis), the reference's index, and a query for statistics of the fused model."""
+
+    spec: PermutationSpec
+    perms: Sequence[Perms]
+    weights: Sequence[float]
+    stats: Sequence[ClientStats]
+    cross: Sequence[ClientStats]
+    reference: int
+    ask_fused: FusedQuery
+
+
+REPAIR_RULES = Registry("repair rule")
+"""Name -> ``rule(fused, inputs: RepairInputs) -> (state, info)``; ``needs`` per phase, and
+``meta["needs_alignment"]`` for rules that correct aligned fusions only."""
+
+
+def _has_bn(context: Context) -> bool:
+    return any(isinstance(m, _BatchNorm) for m in context.model.modules())
+
+
+def _needs_bn(context: Context) -> str | None:
+    return None if _has_bn(context) else "bn-reset re-estimates BatchNorm statistics; the model has none"
+
+
+def _no_bn(context: Context) -> str | None:
+    return "rescales layers of networks without normalisation; use bn-reset" if _has_bn(context) else None
+
+
+def _pairs_only(context: Context) -> str | None:
+    return _no_bn(context) or (None if context.clients_per_round == 2 else
+                               "needs the correlations of every pair of models: it runs with exactly 2 "
+                               f"clients a round, not {context.clients_per_round} (use repair for more)")
+
+
+@REPAIR_RULES.register("none")
+def no_repair(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict, dict[str, Any]]:
+    return fused, {}
+
+
+@REPAIR_RULES.register("bn-reset", needs={"repair": ("bn",)}, supports=_needs_bn)
+def bn_reset_rule(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict, dict[str, Any]]:
+    """BatchNorm running statistics from the clients' pooled moments of the fused model."""
+    answers = inputs.ask_fused(fused, None)
+    if not answers:
+        return fused, {"repair_skipped": "no client answered the repair phase"}
+    return bn_reset_from_stats(fused, _pool([a["bn"] for a in answers])), {}
+
+
+@REPAIR_RULES.register("repair", needs={"train": ("moments",), "repair": ("moments",)}, supports=_no_bn,
+                       needs_alignment=True)
+def repair_rule(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict, dict[str, Any]]:
+    """REPAIR: targets from the clients' own models, the fused model measured by the clients."""
+    targets = repair_targets([s["moments"] for s in inputs.stats], inputs.weights)
+    answers = inputs.ask_fused(fused, targets)
+    if not answers:
+        return fused, {"repair_skipped": "no client answered the repair phase"}
+    return repair(fused, targets, _pool([a["moments"] for a in answers])), {}
+
+
+@REPAIR_RULES.register("repair-closed-form", needs={"train": ("moments",), "align": ("preact-cross",)},
+                       supports=_pairs_only, needs_alignment=True)
+def closed_form_rule(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict, dict[str, Any]]:
+    """Closed-form REPAIR of two models from the correlations of their matched units."""
+    other = 1 - inputs.reference
+    rho = matched_correlations(inputs.cross[other]["preact-cross"], inputs.spec, inputs.perms[other])
+    return repair_closed_form(fused, [s["moments"] for s in inputs.stats], rho, inputs.weights), {}
+
+
+def _pool(parts: Sequence[Mapping[str, Moments]]) -> dict[str, Moments]:
+    pooled = dict(parts[0])
+    for part in parts[1:]:
+        pooled = add_moments(pooled, part)
+    return pooled
+
+
+__all__ = ["REPAIR_RULES", "RepairInputs", "bn_reset", "bn_reset_from_stats", "fold_affine", "hidden_layers",
+           "matched_correlations", "permute_moments", "repair", "repair_closed_form", "repair_targets",
+           "repair_with_data"]

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from fedalign.plots import Curve, accuracy_plot
+
 CSV_COLUMNS = [
     "round", "test_accuracy", "test_loss", "val_accuracy", "train_loss", "clients_sampled",
     "clients_ok", "clients_failed", "bytes_down", "bytes_up", "seconds_train",
@@ -133,28 +135,14 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> None:
     """Test accuracy against rounds and against bytes communicated, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_round, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = {}
     for label, rows in runs.items():
-        mb = dict(zip((r["round"] for r in rows), (b / 2**20 for b in cumulative_bytes(rows))))
+        mib = dict(zip((r["round"] for r in rows), (b / 2**20 for b in cumulative_bytes(rows))))
         points = _evaluated(rows)
         rounds = [r["round"] for r in points]
-        acc = [100 * r["test_accuracy"] for r in points]
-        ax_round.plot(rounds, acc, marker="o", markersize=3, label=label)
-        ax_bytes.plot([mb[r] for r in rounds], acc, marker="o", markersize=3, label=label)
-    ax_round.set_xlabel("round")
-    ax_bytes.set_xlabel("MiB communicated (down + up)")
-    for ax in (ax_round, ax_bytes):
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    ax_round.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        accuracy = [100 * r["test_accuracy"] for r in points]
+        curves[label] = Curve(rounds, [mib[r] for r in rounds], accuracy)
+    accuracy_plot(curves, path, legend_fontsize=8)
 
 
 def _fmt(value: Any, digits: int = 2, scale: float = 1.0) -> str:

@@ -10,13 +10,22 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
+from flwr.simulation import run_simulation
+
 from fedalign.checkpoint import CheckpointError, load_latest
-from fedalign.config import ConfigError, RunConfig, to_yaml
+from fedalign.components import run_federation
+from fedalign.config import RunConfig
+from fedalign.errors import ConfigError
+from fedalign.fl.client_app import app as client_app
+from fedalign.fl.server_app import make_server_app
+from fedalign.plugins import plugin_environment
 from fedalign.results import RunRecorder
+from fedalign.run_folder import new_run
 
 log = logging.getLogger("fedalign")
 
@@ -35,18 +44,6 @@ QUIET_ENV = {
 class RunOutcome:
     run_dir: Path
     summary: dict[str, Any]
-
-
-def create_run_dir(output_dir: str | Path, name: str) -> Path:
-    """A new folder ``<output_dir>/<name>-<timestamp>`` (suffixed if it exists)."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(output_dir) / f"{name}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
 
 
 def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
@@ -71,11 +68,7 @@ def node_resources(address: str | None) -> list[dict[str, float]]:
     """CPUs and GPUs of every alive node: of the cluster at ``address`` (attaching to it), or of
     this machine, which Flower will start Ray on."""
     if not address:
-        import torch
-
         return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
-    import ray
-
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
@@ -118,14 +111,10 @@ def run(
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-
-    from flwr.simulation import run_simulation
-
-    from fedalign.components import run_federation
-    from fedalign.fl.client_app import app as client_app
-    from fedalign.fl.server_app import make_server_app
-
-    configure_logging(verbose)  # after Flower's import, which sets its own logger's level
+    configure_logging(verbose)
+    # Ray workers inherit the environment: they import the modules that registered the user's
+    # models, datasets and rules, so those exist on every client too.
+    os.environ.update(plugin_environment())
 
     # Partition (and load) once here: a bad dataset or partition fails before Ray starts.
     run_federation(cfg)
@@ -139,8 +128,7 @@ def run(
         recorder.truncate_after(resume.round)
         log.warning("resuming %s after round %d", recorder.dir, resume.round)
     else:
-        recorder = RunRecorder(create_run_dir(output_dir or cfg.output.dir, cfg.name))
-        recorder.write_text("config.yaml", to_yaml(cfg))
+        recorder = new_run(cfg, output_dir or cfg.output.dir)
     bar = _progress_bar(cfg, 0 if resume is None else resume.round) if progress else None
     outcome: dict[str, Any] = {}
 

@@ -13,7 +13,7 @@ the clients' data are the sum of the clients' statistics:
   with a constant-1 column last, whose diagonal entry is the count (RegMean);
 - ``diagonal_fisher``: the mean squared per-example gradient of ``log p(y|x)`` (Fisher averaging;
   pool means by weighting with the clients' example counts);
-- ``cross_moments``: per permutation group, sums relating a broadcast reference's activations to
+- ``align.activation_matching.cross_moments`` (registered there): per permutation group, sums relating a broadcast reference's activations to
   the client model's (activation matching); ``preactivation_cross_moments`` the same per layer
   (the matched-unit correlations of closed-form REPAIR).
 
@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-if TYPE_CHECKING:
-    from fedalign.align.spec import PermutationSpec
+from fedalign.registry import Registry
+
 
 Moments = dict[str, torch.Tensor]  # {"count": scalar, "sum": (C,), "sumsq": (C,)}
 CrossMoments = dict[str, torch.Tensor]  # {"count", "sum_ref", "sum", "sq_ref", "sq", "cross"}
@@ -109,7 +110,7 @@ def _moments(t: torch.Tensor) -> Moments:
     return {"count": torch.tensor(float(len(t)), dtype=torch.float64), "sum": t.sum(0), "sumsq": (t * t).sum(0)}
 
 
-def _add(total: dict[str, Any], name: str, part: Mapping[str, torch.Tensor]) -> None:
+def add_sums(total: dict[str, Any], name: str, part: Mapping[str, torch.Tensor]) -> None:
     """``total[name] += part`` entry by entry (the first part is kept as it is)."""
     total[name] = dict(part) if name not in total else {k: total[name][k] + v for k, v in part.items()}
 
@@ -177,7 +178,7 @@ def activation_moments(
     def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
         dim = _channel_dim(module)
         batch = channel_samples(out, dim)
-        _add(stats, name, _moments(batch))
+        add_sums(stats, name, _moments(batch))
         if targets is None or name not in targets:
             return None
         goal_mean, goal_std = (t.to(out.dtype) for t in targets[name])
@@ -199,7 +200,7 @@ def batchnorm_input_moments(model: nn.Module, X: Data, batch_size: int = 500) ->
     stats: dict[str, Moments] = {}
 
     def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        _add(stats, name, _moments(channel_samples(inputs[0], 1)))
+        add_sums(stats, name, _moments(channel_samples(inputs[0], 1)))
 
     _collect(model, X, batch_size, norms, observe, batchnorm_train=True)
     return stats
@@ -306,79 +307,11 @@ def diagonal_fisher(
     return {k: (v / max(len(X), 1)).to(params[k].dtype) for k, v in total.items()}
 
 
-def _cross_sums(a: torch.Tensor, b: torch.Tensor) -> CrossMoments:
+def cross_sums(a: torch.Tensor, b: torch.Tensor) -> CrossMoments:
     """Sums over the rows of ``a`` (samples, d_ref) and ``b`` (samples, d) that give means,
     variances and the cross-covariance: the statistics ``align.activation_matching`` consumes."""
     return {"count": torch.tensor(float(len(a)), dtype=torch.float64), "sum_ref": a.sum(0), "sum": b.sum(0),
             "sq_ref": (a * a).sum(0), "sq": (b * b).sum(0), "cross": a.T @ b}
-
-
-class _Capture(fx.Interpreter):
-    """Runs a model's traced graph and keeps the outputs of the nodes named in ``wanted``: forward
-    hooks that also reach functional activations (``torch.relu``), which have no module to hook."""
-
-    def __init__(self, model: nn.Module, wanted: set[str]) -> None:
-        super().__init__(fx.symbolic_trace(model))
-        self.wanted = wanted
-        self.captured: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.name in self.wanted:
-            self.captured[n.name] = result
-        return result
-
-    def __call__(self, X: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.captured = {}
-        self.run(X)
-        return self.captured
-
-
-def unit_samples(activation: torch.Tensor, units: int) -> torch.Tensor:
-    """(samples, units): NCHW -> every position a sample; (N, C*H*W) -> likewise; (N, T, H) ->
-    every time step a sample."""
-    a = activation.detach().double()
-    if a.dim() == 4:
-        return a.permute(0, 2, 3, 1).reshape(-1, units)
-    if a.dim() == 2 and a.shape[1] != units:
-        return a.reshape(a.shape[0], units, -1).permute(0, 2, 1).reshape(-1, units)
-    return a.reshape(-1, units)
-
-
-def cross_moments(
-    reference: nn.Module, model: nn.Module, X: Data, spec: PermutationSpec | None = None, batch_size: int = 500,
-) -> dict[str, CrossMoments]:
-    """Per permutation group of ``spec`` (default: ``permutation_spec(reference)``), float64 sums
-    over ``X`` (a tensor, or an iterable of tensors or ``(X, y)`` pairs) of
-
-    - ``count``: samples (every conv position and every time step of a sequence is a sample),
-    - ``sum_ref``, ``sum`` (d,): activations of ``reference`` and of ``model``,
-    - ``sq_ref``, ``sq`` (d,): their squares,
-    - ``cross`` (d, d): ``sum a_ref a_model^T``,
-
-    which add up over clients; ``align.activation_matching.correlation`` turns pooled sums into the
-    cross-correlation the assignment is solved on. The activation of a group is the input of its
-    first consumer as traced (``spec.activations``): post-ReLU (and post-pooling) outputs of hidden
-    layers, the stem's post-ReLU output for a residual stream, the embedding output, the LSTM's
-    last hidden state.
-    """
-    if spec is None:
-        from fedalign.align.trace import permutation_spec
-
-        spec = permutation_spec(reference)
-    missing = [g for g in spec.sizes if g not in spec.activations]
-    if missing:
-        raise ValueError(f"the spec has no activation site for groups {missing}")
-    nodes = {spec.activations[g] for g in spec.sizes}
-    capture_ref, capture = _Capture(reference, nodes), _Capture(model, nodes)
-    stats: dict[str, CrossMoments] = {}
-    with evaluation(reference), evaluation(model):
-        for xb in batches(X, batch_size):
-            acts_ref, acts = capture_ref(xb), capture(xb)
-            for g, n in spec.sizes.items():
-                site = spec.activations[g]
-                _add(stats, g, _cross_sums(unit_samples(acts_ref[site], n), unit_samples(acts[site], n)))
-    return stats
 
 
 def preactivation_cross_moments(
@@ -401,42 +334,36 @@ def preactivation_cross_moments(
         _collect(reference, xb, len(xb), modules_ref, keep("ref"))
         _collect(model, xb, len(xb), modules, keep("model"))
         for name in names:
-            _add(stats, name, _cross_sums(outs["ref"][name], outs["model"][name]))
+            add_sums(stats, name, cross_sums(outs["ref"][name], outs["model"][name]))
     return stats
 
 
-STATISTICS = ("grams", "fisher", "moments", "bn", "cross", "preact-cross")
+@dataclass(frozen=True)
+class StatContext:
+    """What a statistic may relate the client's model to: a broadcast ``reference`` model (the
+    cross-moments of alignment), REPAIR ``targets`` for reset layers, and a seed for sampling."""
+
+    reference: nn.Module | None = None
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    seed: int = 0
+
+
+STATISTICS = Registry("statistic")
+"""Statistic name -> ``compute(model, X, y, context, **options) -> values``; ``meta["permute"]``
+is ``(spec, perms, values, state) -> values`` in the aligned basis (None: never moved). Each is
+registered by the algorithm that consumes it (``fusion.regmean`` the Grams, ``repair`` the
+moments, ``align.activation_matching`` the cross-moments)."""
 
 
 def client_statistics(
-    kinds: Sequence[str], model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
-    reference: nn.Module | None = None, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    gram_conv: str = "full", fisher_labels: str = "sample", seed: int = 0,
+    kinds: Sequence[str], model: nn.Module, X: torch.Tensor, y: torch.Tensor,
+    context: StatContext = StatContext(), options: Mapping[str, Any] | None = None,
 ) -> dict[str, dict]:
     """The statistics named in ``kinds`` of ``model`` on one client's ``(X, y)``: what a client
-    answers when the server's pipeline asks (see ``fusion.pipeline``). ``cross`` and
-    ``preact-cross`` relate ``model`` to ``reference``; ``moments`` run through reset layers set to
-    ``targets`` when given (REPAIR's measurement of the fused model)."""
-    unknown = sorted(set(kinds) - set(STATISTICS))
-    if unknown:
-        raise ValueError(f"unknown statistics {unknown}; known: {', '.join(STATISTICS)}")
-    if reference is None and {"cross", "preact-cross"} & set(kinds):
-        raise ValueError("cross-moments need a reference model")
-    out: dict[str, dict] = {}
-    for kind in kinds:
-        if kind == "grams":
-            out[kind] = gram_matrices(model, X, conv=gram_conv)
-        elif kind == "fisher":
-            out[kind] = diagonal_fisher(model, X, y, mode=fisher_labels, seed=seed)
-        elif kind == "moments":
-            out[kind] = activation_moments(model, X, targets=targets)
-        elif kind == "bn":
-            out[kind] = batchnorm_input_moments(model, X)
-        elif kind == "cross":
-            out[kind] = cross_moments(reference, model, X)
-        else:
-            out[kind] = preactivation_cross_moments(reference, model, X)
-    return out
+    answers when the server's pipeline asks. ``options`` holds the statistics' options (those a
+    statistic does not take are ignored)."""
+    entries = [STATISTICS.get(kind) for kind in kinds]
+    return {e.name: e.obj(model, X, y, context, **e.resolve(options or {})) for e in entries}
 
 
 def flatten(stats: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:

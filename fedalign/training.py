@@ -6,13 +6,16 @@ Clients, the server's centralised evaluation and the simulation scripts all call
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fedalign.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -42,15 +45,46 @@ def batches(
         yield X[idx], y[idx]
 
 
+OPTIMIZERS = Registry("optimizer")
+"""Name -> ``make(params, lr, momentum, weight_decay) -> torch.optim.Optimizer``."""
+OPTIMIZERS.register("sgd", lambda params, lr, momentum, weight_decay: torch.optim.SGD(
+    params, lr=lr, momentum=momentum, weight_decay=weight_decay), options={})
+OPTIMIZERS.register("adam", lambda params, lr, momentum, weight_decay: torch.optim.Adam(
+    params, lr=lr, weight_decay=weight_decay), options={})
+
+
 def make_optimizer(
     params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
-    params = list(params)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
+    return OPTIMIZERS.get(name).obj(list(params), lr, momentum, weight_decay)
+
+
+Penalty = Callable[[nn.Module], "torch.Tensor | None"]
+
+OBJECTIVES = Registry("client objective")
+"""What a client adds to its cross-entropy, orthogonal to the server's rule: name ->
+``make(model, **options) -> penalty(model)``, built on the weights the client received."""
+
+
+@OBJECTIVES.register("plain")
+def plain_objective(model: nn.Module) -> Penalty:
+    """Cross-entropy alone (FedAvg's clients)."""
+    return lambda m: None
+
+
+@OBJECTIVES.register("proximal")
+def proximal_objective(model: nn.Module, *, proximal_mu: float = 0.0) -> Penalty:
+    """FedProx (Li et al. 2020): ``mu/2 ||w - w_received||^2`` anchors the client to the weights it
+    received."""
+    if proximal_mu <= 0:
+        return lambda m: None
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def penalty(m: nn.Module) -> torch.Tensor:
+        prox = sum(((p - a) ** 2).sum() for p, a in zip(m.parameters(), anchor))
+        return 0.5 * proximal_mu * prox
+
+    return penalty
 
 
 def train_local(
@@ -64,15 +98,14 @@ def train_local(
     lr: float = 0.05,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
-    proximal_mu: float = 0.0,
+    objective: str = "plain",
+    objective_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     frozen: Collection[str] = (),
 ) -> TrainStats:
-    """Train ``model`` in place with cross-entropy; FedProx's proximal term when ``proximal_mu > 0``.
-
-    The proximal term ``mu/2 * ||w - w_global||^2`` anchors the client to the weights it received
-    (``model``'s weights on entry). Parameters named in ``frozen`` are not trained (FedMA freezes
+    """Train ``model`` in place with cross-entropy plus the penalty of the client ``objective``
+    (``OBJECTIVES``, built on ``model``'s weights on entry, the ones it received). Parameters named in ``frozen`` are not trained (FedMA freezes
     the layers already matched).
     """
     if len(y) == 0:
@@ -83,7 +116,8 @@ def train_local(
     model.to(device).train()
     trainable = [p for name, p in model.named_parameters() if name not in frozen]
     opt = make_optimizer(trainable, optimizer, lr, momentum, weight_decay)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    entry = OBJECTIVES.get(objective)
+    penalty = entry.obj(model, **entry.resolve(objective_options or {}))
     generator = torch.Generator().manual_seed(int(seed))
     steps, last_epoch_loss = 0, 0.0
     for _ in range(epochs):
@@ -92,11 +126,8 @@ def train_local(
             xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xb), yb)
-            objective = loss
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                objective = loss + 0.5 * proximal_mu * prox
-            objective.backward()
+            extra = penalty(model)
+            (loss if extra is None else loss + extra).backward()
             opt.step()
             total += loss.item() * len(yb)
             count += len(yb)

@@ -8,7 +8,7 @@ import torch
 from fedalign.align import apply_permutation, permutation_spec, weight_matching
 from fedalign.analysis import interpolate, reset_bn_statistics
 from fedalign.data import load_dataset
-from fedalign.fusion.mean import weighted_average
+from fedalign.tensors import weighted_average
 from fedalign.repair import (
     bn_reset_from_stats,
     fold_affine,

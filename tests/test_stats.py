@@ -4,13 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedalign.align import activation_statistics, permutation_spec
+from fedalign.align import activation_statistics, cross_moments, permutation_spec
 from fedalign.models import build_model
 from fedalign.stats import (
     activation_moments,
     add_moments,
     batchnorm_input_moments,
-    cross_moments,
     gram_count,
     gram_matrices,
     hidden_layers,

@@ -1,8 +1,8 @@
 """Putting the neurons of several networks into correspondence (no Flower import).
 
 ``permutation_spec(model)`` derives which permutation group acts on which axis of which parameter;
-every method here works through that spec (``fedalign.align.zoo_specs`` holds hand-written specs of
-the zoo models as a check). Solvers are chosen by one string everywhere (``solver_names()``).
+every method here works through that spec. Solvers (``SOLVERS``) and the pipeline's alignment step
+(``ALIGNERS``) are registries: chosen by name everywhere, extended by registering.
 """
 
 from .spec import (
@@ -18,8 +18,10 @@ from .spec import (
 from .activation_matching import (
     activation_statistics,
     add_statistics,
+    cross_moments,
     permutations_from_statistics,
 )
+from .aligners import ALIGNERS
 from .sinkhorn_rebasin import sinkhorn_rebasin
 from .solvers import SOLVERS, solve_assignment, solver_names
 from .trace import UnsupportedModuleError, permutation_spec
@@ -32,7 +34,7 @@ from .weight_matching import (
 )
 
 __all__ = [
-    "activation_statistics", "add_statistics", "permutations_from_statistics", "sinkhorn_rebasin",
+    "ALIGNERS", "cross_moments", "activation_statistics", "add_statistics", "permutations_from_statistics", "sinkhorn_rebasin",
     "SOLVERS", "AxisRef", "MatchResult", "PermutationSpec", "Perms", "UnsupportedModuleError",
     "apply_permutation", "compose", "identity_permutation", "invert_permutation",
     "match_to_reference", "merge_many", "permutation_spec", "random_permutation",

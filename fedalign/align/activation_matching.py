@@ -6,24 +6,93 @@ activations, of their squares and of the cross products (``d x d``) plus the cou
 across clients, so the server pools them and solves one assignment per group without ever seeing
 data. Conv activations count every spatial position as a sample.
 
-The sums are computed by ``fedalign.stats.cross_moments`` (activations read at nodes of the
-traced graph, which also reaches functional activations such as ``torch.relu``); this module pools
-them and solves the assignments.
+``cross_moments`` computes the sums (activations read at nodes of the traced graph, which also
+reaches functional activations such as ``torch.relu``) and is registered as the client statistic
+``cross``; this module also pools them and solves the assignments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from fedalign.stats import cross_moments
+from fedalign.stats import STATISTICS, CrossMoments, Data, StatContext, add_sums, batches, cross_sums, evaluation
+from fedalign.types import Stats
 
 from .solvers import solve_assignment
 from .spec import Perms, PermutationSpec
+from .trace import permutation_spec
 
-Stats = dict[str, dict[str, torch.Tensor]]
+
+class _Capture(fx.Interpreter):
+    """Runs a model's traced graph and keeps the outputs of the nodes named in ``wanted``: forward
+    hooks that also reach functional activations (``torch.relu``), which have no module to hook."""
+
+    def __init__(self, model: nn.Module, wanted: set[str]) -> None:
+        super().__init__(fx.symbolic_trace(model))
+        self.wanted = wanted
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.wanted:
+            self.captured[n.name] = result
+        return result
+
+    def __call__(self, X: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.captured = {}
+        self.run(X)
+        return self.captured
+
+
+def unit_samples(activation: torch.Tensor, units: int) -> torch.Tensor:
+    """(samples, units): NCHW -> every position a sample; (N, C*H*W) -> likewise; (N, T, H) ->
+    every time step a sample."""
+    a = activation.detach().double()
+    if a.dim() == 4:
+        return a.permute(0, 2, 3, 1).reshape(-1, units)
+    if a.dim() == 2 and a.shape[1] != units:
+        return a.reshape(a.shape[0], units, -1).permute(0, 2, 1).reshape(-1, units)
+    return a.reshape(-1, units)
+
+
+def cross_moments(
+    reference: nn.Module, model: nn.Module, X: Data, spec: PermutationSpec | None = None, batch_size: int = 500,
+) -> dict[str, CrossMoments]:
+    """Per permutation group of ``spec`` (default: ``permutation_spec(reference)``), float64 sums
+    over ``X`` (a tensor, or an iterable of tensors or ``(X, y)`` pairs) of
+
+    - ``count``: samples (every conv position and every time step of a sequence is a sample),
+    - ``sum_ref``, ``sum`` (d,): activations of ``reference`` and of ``model``,
+    - ``sq_ref``, ``sq`` (d,): their squares,
+    - ``cross`` (d, d): ``sum a_ref a_model^T``,
+
+    which add up over clients; ``align.activation_matching.correlation`` turns pooled sums into the
+    cross-correlation the assignment is solved on. The activation of a group is the input of its
+    first consumer as traced (``spec.activations``): post-ReLU (and post-pooling) outputs of hidden
+    layers, the stem's post-ReLU output for a residual stream, the embedding output, the LSTM's
+    last hidden state.
+    """
+    if spec is None:
+        spec = permutation_spec(reference)
+    missing = [g for g in spec.sizes if g not in spec.activations]
+    if missing:
+        raise ValueError(f"the spec has no activation site for groups {missing}")
+    nodes = {spec.activations[g] for g in spec.sizes}
+    capture_ref, capture = _Capture(reference, nodes), _Capture(model, nodes)
+    stats: dict[str, CrossMoments] = {}
+    with evaluation(reference), evaluation(model):
+        for xb in batches(X, batch_size):
+            acts_ref, acts = capture_ref(xb), capture(xb)
+            for g, n in spec.sizes.items():
+                site = spec.activations[g]
+                add_sums(stats, g, cross_sums(unit_samples(acts_ref[site], n), unit_samples(acts[site], n)))
+    return stats
+
+
 
 
 def activation_statistics(
@@ -73,3 +142,12 @@ def permutations_from_statistics(
         scores = correlation(s) if criterion == "correlation" else s["cross"] / s["count"]
         perms[g] = solve_assignment(scores, solver, **(solver_options or {}))
     return perms
+
+
+def _cross_statistic(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext) -> Stats:
+    if context.reference is None:
+        raise ValueError("cross-moments need a reference model")
+    return cross_moments(context.reference, model, X)
+
+
+STATISTICS.register("cross", _cross_statistic, permute=None)

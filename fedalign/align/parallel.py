@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
+from fedalign.types import StateDict
+
 from .sinkhorn_rebasin import sinkhorn_rebasin
 from .spec import Perms, PermutationSpec
 from .weight_matching import weight_matching
 
-StateDict = Mapping[str, torch.Tensor]
 Matcher = Callable[[PermutationSpec, StateDict, StateDict], Perms]
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from fedalign.registry import Registry
+
 
 def hungarian(scores: torch.Tensor) -> torch.Tensor:
     """Exact maximum-score assignment of rows to distinct columns (Jonker-Volgenant, on the CPU)."""
@@ -84,12 +86,15 @@ def sinkhorn(
     return hungarian(sinkhorn_plan(scores, reg, tol, max_iter, scaling))
 
 
-SOLVERS: dict[str, Callable[..., torch.Tensor]] = {"hungarian": hungarian, "sinkhorn": sinkhorn}
+SOLVERS = Registry("solver")
+"""Solver name -> ``solve(scores, **options) -> assignment``: a LongTensor giving each row's column."""
+SOLVERS.register("hungarian", hungarian)
+SOLVERS.register("sinkhorn", sinkhorn)
 
 
 def solver_names() -> tuple[str, ...]:
     """The valid ``solver=`` strings."""
-    return tuple(SOLVERS)
+    return SOLVERS.names()
 
 
 def solve_assignment(scores: torch.Tensor | np.ndarray, solver: str = "hungarian", **options) -> torch.Tensor:
@@ -99,9 +104,7 @@ def solve_assignment(scores: torch.Tensor | np.ndarray, solver: str = "hungarian
     ``solver`` is ``"hungarian"`` (exact, no options) or ``"sinkhorn"`` (entropic, rounded;
     options ``reg``, ``tol``, ``max_iter``, ``scaling``, see ``sinkhorn_plan``).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    fn = SOLVERS[solver]
+    fn = SOLVERS.get(solver).obj
     accepted = list(inspect.signature(fn).parameters)[1:]
     unknown = sorted(set(options) - set(accepted))
     if unknown:

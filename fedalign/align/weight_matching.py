@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedalign.fusion.mean import normalised_weights, weighted_average
+from fedalign.tensors import normalised_weights, weighted_average
+from fedalign.types import StateDict
 
 from .solvers import solve_assignment
 from .spec import (
@@ -26,8 +27,6 @@ from .spec import (
     permuted_entry,
     units_first,
 )
-
-StateDict = Mapping[str, torch.Tensor]
 
 
 def group_scores(

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from fedalign.registry import Registry
+
 from . import digits, fashion_mnist, text
 from .errors import DataError
 
@@ -62,24 +64,27 @@ def _fortunes(split: str, data_dir: str | Path | None, seq_len: int = text.SEQ_L
     return Arrays(X, y, num_classes=text.VOCAB_SIZE, groups=groups, group_names=names)
 
 
-#: Dataset name -> loader ``(split, data_dir, **options) -> Arrays``.
-DATASETS: dict[str, Callable[..., Arrays]] = {
-    "fashion-mnist": _fashion_mnist,
-    "digits": _digits,
-    "fortunes": _fortunes,
-}
+DATASETS = Registry("dataset")
+"""Dataset name -> loader ``(split, data_dir, **options) -> Arrays`` (``split``: train or test)."""
+DATASETS.register("fashion-mnist", _fashion_mnist, options={})
+DATASETS.register("digits", _digits, options={})
+DATASETS.register("fortunes", _fortunes, options={})
+
+
+def _loader(name: str) -> Callable[..., Arrays]:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS.get(name).obj
 
 
 def dataset_names() -> tuple[str, ...]:
     """Names accepted by ``load_dataset`` / ``dataset_arrays`` (and the config's data.dataset)."""
-    return tuple(DATASETS)
+    return DATASETS.names()
 
 
 def dataset_options(name: str) -> tuple[str, ...]:
     """The loader options dataset ``name`` takes (e.g. fortunes: seq_len, stride)."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    params = list(inspect.signature(DATASETS[name]).parameters)
+    params = list(inspect.signature(_loader(name)).parameters)
     return tuple(params[2:])
 
 
@@ -89,15 +94,17 @@ def dataset_arrays(name: str, split: str = "train", data_dir: str | Path | None 
 
     Loads are cached per process, so repeated calls (one per client in a Ray worker) are cheap.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    loader = _loader(name)
     if split not in SPLITS:
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     unknown = sorted(set(options) - set(dataset_options(name)))
     if unknown:
         takes = ", ".join(dataset_options(name)) or "no options"
         raise DataError(f"dataset {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
-    return DATASETS[name](split, data_dir, **options)
+    arrays = loader(split, data_dir, **options)
+    if not isinstance(arrays, Arrays):
+        raise DataError(f"dataset {name!r}: its loader returned {type(arrays).__name__}, not data.Arrays")
+    return arrays
 
 
 def load_dataset(name: str, split: str = "train",

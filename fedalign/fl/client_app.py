@@ -1,5 +1,5 @@
 """The fedalign ClientApp: local training, local evaluation, the client-info query and the
-statistics query of the aggregation pipeline (``fusion.pipeline``).
+statistics query of the aggregation pipeline (``fedalign.pipeline``).
 
 Every message carries the run config (JSON) in its ConfigRecord, so the same ClientApp serves our
 runner, ``flwr run`` and a deployed SuperNode without a run-config file on the node. The client's
@@ -22,11 +22,16 @@ from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig, from_dict
 from fedalign.fl.faults import apply_fault, fault_for
 from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
-from fedalign.stats import client_statistics, flatten, unflatten
-from fedalign.training import evaluate, train_local
+from fedalign.plugins import load_from_environment
+from fedalign.stats import StatContext, client_statistics, flatten, unflatten
+from fedalign.training import OBJECTIVES, evaluate, train_local
 
 app = ClientApp()
 log = logging.getLogger("fedalign")
+
+# A user's models, datasets and rules, registered in the driver, registered here too (Ray workers
+# import this module before their first message).
+load_from_environment()
 
 
 @functools.lru_cache(maxsize=4)
@@ -108,7 +113,8 @@ def train(msg: Message, context: Context) -> Message:
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        objective=cfg.objective,
+        objective_options=OBJECTIVES.get(cfg.objective).resolve(vars(t)),
         seed=shuffle_seed(cfg, server_round, partition_id),
         device=client_device(cfg),
         frozen=[k for k in str(config.get("frozen", "")).split(",") if k],
@@ -148,8 +154,8 @@ def _statistics(cfg: RunConfig, kinds: list[str], model: torch.nn.Module, data, 
         rng = np.random.default_rng([cfg.resolved_seeds.shuffle, partition_id])
         index = torch.as_tensor(np.sort(rng.choice(len(y), a.stats_samples, replace=False)))
         X, y = X[index], y[index]
-    stats = client_statistics(kinds, model.cpu(), X, y, gram_conv=a.gram_conv, fisher_labels=a.fisher_labels,
-                              seed=shuffle_seed(cfg, 0, partition_id), **context)
+    stats = client_statistics(kinds, model.cpu(), X, y, StatContext(seed=shuffle_seed(cfg, 0, partition_id), **context),
+                              options=a.options)
     return to_arrays(flatten(stats))
 
 

@@ -9,32 +9,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedalign.checkpoint import Checkpoint, save_checkpoint
-from fedalign.components import run_federation, run_model
-from fedalign.config import RunConfig, load_config, to_yaml
-from fedalign.fl.records import to_arrays, to_state_dict
-from fedalign.fl.strategy import make_strategy
+from fedalign.components import run_federation, run_model, server_device
+from fedalign.config import RunConfig, load_config
+from fedalign.fl.engine import RoundCallback, RoundEngine, Strategy
+from fedalign.registry import STRATEGIES
 from fedalign.results import RunRecorder
+from fedalign.run_folder import new_run
 from fedalign.training import evaluate
+from fedalign.types import StateDict
 
 log = logging.getLogger("fedalign")
 
-RoundCallback = Callable[[dict[str, Any]], None]
 
-
-def server_device(cfg: RunConfig) -> torch.device:
-    wanted = cfg.simulation.server_device
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+def make_strategy(cfg: RunConfig, model: torch.nn.Module) -> Strategy:
+    """The registered strategy the config names, for ``model`` (the run's architecture at its
+    initial widths)."""
+    return STRATEGIES.get(cfg.strategy.name).obj(cfg, model)
 
 
 def run_server(
@@ -55,8 +54,8 @@ def run_server(
     device = server_device(cfg)
     log.info("server device: %s", device)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        global_model = run_model(cfg, fed, state=to_state_dict(arrays))  # widths may have grown
+    def evaluate_fn(server_round: int, state: StateDict) -> dict[str, float]:
+        global_model = run_model(cfg, fed, state=state)  # widths may have grown
         loss, accuracy = evaluate(global_model, X_test, y_test, device=device)
         return {"test-loss": loss, "test-accuracy": accuracy}
 
@@ -67,21 +66,18 @@ def run_server(
 
     every = cfg.output.checkpoint_every
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+    def checkpoint(server_round: int, state: StateDict) -> None:
         if every and (server_round % every == 0 or server_round == cfg.strategy.rounds):
-            save_checkpoint(recorder.dir / "checkpoints",
-                            Checkpoint(server_round, to_state_dict(arrays), strategy.state()),
+            save_checkpoint(recorder.dir / "checkpoints", Checkpoint(server_round, OrderedDict(state), strategy.state()),
                             keep=cfg.output.keep_checkpoints)
 
-    strategy = make_strategy(cfg, evaluate_fn=evaluate_fn, on_round=record, on_round_end=checkpoint)
+    strategy = make_strategy(cfg, run_model(cfg, fed))
     if resume is not None:
         strategy.load_state(resume.state)
-    result = strategy.start(
-        grid, to_arrays(model.state_dict()), num_rounds=cfg.strategy.rounds,
-        timeout=cfg.strategy.timeout, first_round=1 if resume is None else resume.round + 1,
-    )
+    engine = RoundEngine(cfg, strategy, evaluate_fn=evaluate_fn, on_round=record, on_round_end=checkpoint)
+    final = engine.run(grid, OrderedDict(model.state_dict()), first_round=1 if resume is None else resume.round + 1)
     if cfg.output.save_model:
-        recorder.save_model(to_state_dict(result.arrays))
+        recorder.save_model(final)
     return recorder.finish(time.perf_counter() - t0, plot=cfg.output.plot)
 
 
@@ -117,13 +113,9 @@ def _resolve(path: str) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedalign.runner import create_run_dir
-
     run_config = context.run_config
     overrides = [s.strip() for s in str(run_config.get("overrides", "")).split(",") if s.strip()]
     cfg = load_config(_resolve(str(run_config.get("config", "configs/quickstart.yaml"))), overrides)
-    out = _resolve(str(run_config.get("output-dir", cfg.output.dir)))
-    recorder = RunRecorder(create_run_dir(out, cfg.name))
-    recorder.write_text("config.yaml", to_yaml(cfg))
+    recorder = new_run(cfg, _resolve(str(run_config.get("output-dir", cfg.output.dir))))
     summary = run_server(grid, cfg, recorder)
     log.warning("fedalign run finished: %s -> %s", summary, recorder.dir)

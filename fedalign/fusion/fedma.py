@@ -27,9 +27,10 @@ from torch import nn
 
 from fedalign.align.spec import AxisRef, PermutationSpec, expand_index, units_first, units_restore
 
+from fedalign.types import StateDict
+
 from .bbp_map import BBPResult, bbp_map
 
-StateDict = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

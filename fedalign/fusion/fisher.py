@@ -13,10 +13,14 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 
-from .mean import normalised_weights, weighted_average
+from fedalign.align.spec import Perms, PermutationSpec, apply_permutation
+from fedalign.stats import FISHER_MODES, STATISTICS, StatContext, diagonal_fisher
+from fedalign.tensors import normalised_weights, weighted_average
+from fedalign.types import ClientStats, StateDict
 
-StateDict = Mapping[str, torch.Tensor]
+from .rules import FUSE_RULES
 
 
 def fisher_average(
@@ -52,3 +56,32 @@ def fisher_average(
             den += F
         fused[key] = (num / den).to(fused[key].dtype)
     return fused
+
+
+def _fisher(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext, *,
+            fisher_labels: str = "sample") -> dict[str, torch.Tensor]:
+    """Diagonal Fisher with labels sampled from the model, summed over all classes (``exact``) or
+    the data's own (``empirical``)."""
+    if fisher_labels not in FISHER_MODES:
+        raise ValueError(f"fisher_labels must be one of {', '.join(FISHER_MODES)}, got {fisher_labels!r}")
+    return diagonal_fisher(model, X, y, mode=fisher_labels, seed=context.seed)
+
+
+def _permute_fisher(spec: PermutationSpec, perms: Perms, fisher: Mapping[str, torch.Tensor],
+                    state: StateDict) -> dict[str, torch.Tensor]:
+    """A Fisher has the parameters' shapes: it moves exactly like them."""
+    return apply_permutation(spec, perms, fisher)
+
+
+STATISTICS.register("fisher", _fisher, permute=_permute_fisher)
+
+
+@FUSE_RULES.register("fisher", needs={"train": ("fisher",)})
+def fisher_rule(states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats], *,
+                fisher_floor: float = 1e-6, fisher_normalise: bool = False) -> OrderedDict[str, torch.Tensor]:
+    """Fisher-weighted averaging (``fisher_floor``: the Fishers' floor, ``fisher_normalise``:
+    divide each client's Fisher by its total first)."""
+    if fisher_floor < 0:
+        raise ValueError(f"fisher_floor must be >= 0, got {fisher_floor}")
+    return fisher_average(states, [s["fisher"] for s in stats], weights=weights, floor=fisher_floor,
+                          normalise=fisher_normalise)

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from fedalign.align.aligners import ALIGNERS
 from fedalign.models import MLP
+from fedalign.registry import Context
 
 from .bbp_map import bbp_map
 
@@ -37,15 +39,6 @@ class PFNMAssignments:
     @property
     def widths(self) -> list[int]:
         return [int(max(a.max() for a in layer)) + 1 for layer in self.layers]
-
-
-def mlp_from_state(state: dict[str, torch.Tensor]) -> MLP:
-    """The fedalign MLP whose shapes fit ``state`` (widths read off the weights)."""
-    count = sum(1 for k in state if k.startswith("layers.") and k.endswith(".weight"))
-    shapes = [tuple(state[f"layers.{i}.weight"].shape) for i in range(count)]
-    model = MLP(shapes[0][1], [out for out, _ in shapes[:-1]], shapes[-1][0])
-    model.load_state_dict(state)
-    return model
 
 
 def _linears(model: MLP) -> list[torch.nn.Linear]:
@@ -179,3 +172,14 @@ def pfnm_grid_search(
     best = select_candidate([c["score"] for c in candidates], [sum(c["widths"]) for c in candidates], tolerance)
     fused, assignment = fused_models[best]
     return fused, assignment, {**candidates[best], "tolerance": tolerance, "candidates": candidates}
+
+
+def _mlps_only(context: Context) -> str | None:
+    if not isinstance(context.model, MLP):
+        return f"pfnm matches MLPs, not {type(context.model).__name__}"
+    return None
+
+
+# PFNM aligns and fuses in one step and changes the widths: as the pipeline's align step it
+# replaces fusion and repair (``fuses``), and needs the clients' class counts.
+ALIGNERS.register("pfnm", pfnm, options={}, supports=_mlps_only, fuses=True)

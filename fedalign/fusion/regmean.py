@@ -18,12 +18,19 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 
 from fedalign.align.spec import AxisRef, Perms, PermutationSpec, expand_index
+from fedalign.stats import STATISTICS, StatContext, gram_matrices
+from fedalign.tensors import weighted_average
+from fedalign.types import ClientStats, StateDict
 
-from .mean import weighted_average
+from .rules import FUSE_RULES, no_recurrent_layers
 
-StateDict = Mapping[str, torch.Tensor]
+ALPHA = 0.9
+"""Off-diagonal scaling of the Grams (the paper's recommended range; 1 is exact least squares)."""
+RIDGE = 1e-2
+"""Ridge relative to the mean diagonal: 1e-4 diverged over rounds on LeNet (docs/benchmarks.md)."""
 
 
 def _augmented(state: StateDict, name: str, with_bias: bool) -> torch.Tensor:
@@ -66,9 +73,9 @@ def _solve(G: torch.Tensor, B: torch.Tensor, prior: torch.Tensor, ridge: float) 
 def regmean(
     state_dicts: Sequence[StateDict],
     grams: Sequence[Mapping[str, torch.Tensor]],
-    alpha: float = 1.0,
+    alpha: float = ALPHA,
     weights: Sequence[float] | None = None,
-    ridge: float = 1e-6,
+    ridge: float = RIDGE,
 ) -> OrderedDict[str, torch.Tensor]:
     """RegMean over the layers every client has a Gram for; the rest is the weighted mean.
 
@@ -143,3 +150,27 @@ def permute_grams(
         index = input_index(spec, perms, name, shape, channel_gram=len(G) != full)
         out[name] = G if index is None else G[index][:, index]
     return out
+
+
+def _grams(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext, *,
+           gram_conv: str = "full") -> dict[str, torch.Tensor]:
+    """Layer-input Grams; ``gram_conv="channel"`` keeps only channel-by-channel blocks of large
+    convs (``G_c (x) I_k``)."""
+    if gram_conv not in ("full", "channel"):
+        raise ValueError(f"gram_conv must be 'full' or 'channel', got {gram_conv!r}")
+    return gram_matrices(model, X, conv=gram_conv)
+
+
+STATISTICS.register("grams", _grams, permute=permute_grams)
+
+
+@FUSE_RULES.register("regmean", needs={"train": ("grams",)}, supports=no_recurrent_layers)
+def regmean_rule(states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats], *,
+                 regmean_alpha: float = ALPHA, ridge: float = RIDGE) -> OrderedDict[str, torch.Tensor]:
+    """RegMean on the clients' Grams (``regmean_alpha``: off-diagonal scaling, ``ridge``: relative
+    ridge)."""
+    if not 0.0 <= regmean_alpha <= 1.0:
+        raise ValueError(f"regmean_alpha must be in [0, 1], got {regmean_alpha}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    return regmean(states, [s["grams"] for s in stats], alpha=regmean_alpha, weights=weights, ridge=ridge)

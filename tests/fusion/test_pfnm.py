@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fedalign.align import apply_permutation, permutation_spec, random_permutation
-from fedalign.fusion import REFERENCE_GRID, mlp_from_state, pfnm, pfnm_grid_search, select_candidate
-from fedalign.models import build_model, state_widths
+from fedalign.fusion import REFERENCE_GRID, pfnm, pfnm_grid_search, select_candidate
+from fedalign.models import build_model, fit_to_state
 from tests.helpers import seeded_model
 
 
@@ -126,11 +126,19 @@ def test_bad_inputs_are_named():
 
 
 def test_models_rebuild_from_state_at_their_widths():
-    state = build_model("mlp", in_features=20, hidden=[7, 5], num_classes=4).state_dict()
-    assert state_widths("mlp", state) == {"hidden": [7, 5]}
-    rebuilt = mlp_from_state(state)
-    assert all(rebuilt.state_dict()[k].equal(v) for k, v in state.items())
-    assert state_widths("lenet", build_model("lenet").state_dict()) == {"widths": (6, 16, 120, 84)}
-    wide = build_model("vgg9", widths=(8, 8, 16, 16, 32, 32), hidden=40)
-    assert build_model("vgg9", **state_widths("vgg9", wide.state_dict())).load_state_dict(wide.state_dict())
-    assert state_widths("resnet20", build_model("resnet20").state_dict()) == {}
+    """Layers are resized to the state's shapes from the layer types alone (no model's keys)."""
+    grown = build_model("mlp", in_features=20, hidden=[7, 5], num_classes=4)
+    rebuilt = fit_to_state(build_model("mlp", in_features=20, hidden=[3, 3], num_classes=4), grown.state_dict())
+    assert all(rebuilt.state_dict()[k].equal(v) for k, v in grown.state_dict().items())
+    x = torch.rand(3, 20)
+    torch.testing.assert_close(rebuilt(x), grown(x))
+    for name, options, x in (("vgg9", {"widths": (8, 8, 16, 16, 32, 32), "hidden": 40}, torch.rand(2, 1, 28, 28)),
+                             ("lenet", {"widths": (3, 9, 30, 20)}, torch.rand(2, 1, 28, 28)),
+                             ("char_lstm", {"embed_dim": 5, "hidden": 11}, torch.randint(0, 98, (2, 7)))):
+        wide = build_model(name, **options)
+        rebuilt = fit_to_state(build_model(name), wide.state_dict())
+        torch.testing.assert_close(rebuilt(x), wide(x))
+    same = build_model("resnet20")
+    assert fit_to_state(build_model("resnet20"), same.state_dict()).state_dict().keys() == same.state_dict().keys()
+    with pytest.raises(ValueError, match="cannot be resized"):
+        fit_to_state(build_model("resnet20", norm="layer"), build_model("resnet20", norm="layer", width=2).state_dict())

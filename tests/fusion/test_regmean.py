@@ -102,7 +102,7 @@ def test_a_singular_gram_without_ridge_falls_back_to_least_squares():
         states.append({"fc.weight": W, "fc.bias": b})
         grams.append({"fc": gram_matrices(nn.Linear(4, 2).double(), X)[""]})
         datasets.append((X, Y))
-    fused = regmean(states, grams, ridge=0.0)
+    fused = regmean(states, grams, alpha=1.0, ridge=0.0)
     X, Y = torch.cat([d[0] for d in datasets]), torch.cat([d[1] for d in datasets])
     assert all(torch.isfinite(v).all() for v in fused.values())
     best = X @ _least_squares(X, Y)[0].T + _least_squares(X, Y)[1]

@@ -1,0 +1,92 @@
+"""FedAvg (McMahan et al. 2017) and FedProx (Li et al. 2020): one server rule, the align -> fuse ->
+repair pipeline of ``fedalign.pipeline`` (by default a weighted mean by number of examples), with
+the clients' objective (plain or proximal) chosen by the config, not by the server rule.
+
+A round has up to three phases, each one exchange through the engine:
+
+1. ``train``: the sampled clients train and return their weights plus the statistics of their
+   trained models the pipeline declares (Grams, Fishers, channel moments);
+2. ``align`` (activation matching, closed-form REPAIR): every other client gets the reference
+   model (the client with the most data) with its own model and returns cross-moments of the two;
+3. ``repair`` (BN reset, REPAIR): the clients measure the fused candidate (with REPAIR's targets).
+
+A client that fails or does not answer a later phase is dropped from that phase (and, in the align
+phase, from the fusion). The server never sees data, only sums over it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedalign.align import permutation_spec
+from fedalign.components import server_device
+from fedalign.config import RunConfig
+from fedalign.fl.engine import ClientUpdate, Round, Strategy
+from fedalign.pipeline import aggregate
+from fedalign.stats import flatten
+from fedalign.tensors import weighted_average
+from fedalign.types import ClientStats
+
+from .pfnm import pfnm_fuse
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+
+    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
+        super().__init__(cfg, model)
+        self.plan = cfg.to_plan(device=str(server_device(cfg)))
+        permutes = self.plan.active and not self.plan.fuses_in_alignment
+        self.spec = permutation_spec(model) if permutes else None
+
+    def train_config(self, rnd: Round) -> dict[str, Any]:
+        kinds = self.plan.train_statistics()
+        return {"statistics": ",".join(kinds)} if kinds else {}
+
+    def local_init(self, rnd: Round, partitions: list[int]) -> list[int]:
+        return partitions if self.cfg.aggregation.own_init and rnd.number == 1 else []
+
+    def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
+        if not self.plan.active:
+            return weighted_average([u.state_dict for u in updates], [u.num_examples for u in updates])
+        if self.plan.fuses_in_alignment:
+            fused = pfnm_fuse(self.cfg, self.model, rnd, updates, solver=self.plan.solver)
+            rnd.log.extra["aggregation"] = {"align": self.plan.align, **rnd.log.extra.pop("pfnm")}
+            return fused
+        return self._pipeline(rnd, updates)
+
+    def _pipeline(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
+        plan, needed = self.plan, set(self.plan.train_statistics())
+        usable = []
+        for u in updates:
+            if needed <= set(u.statistics or {}):
+                usable.append(u)
+            else:
+                rnd.reject(u, f"train: statistics {plan.train_statistics()} missing")
+
+        def ask_cross(ref: int, others: list[int]) -> dict[int, ClientStats]:
+            records = {usable[j].partition_id: {"arrays": usable[j].state_dict, "reference": usable[ref].state_dict}
+                       for j in others}
+            answers = rnd.query("align", plan.align_statistics(), records)
+            return {j: answers[usable[j].partition_id] for j in others if usable[j].partition_id in answers}
+
+        def ask_fused(fused: OrderedDict, targets: dict | None) -> list[ClientStats]:
+            records: dict[str, Any] = {"arrays": fused}
+            if targets is not None:
+                records["targets"] = flatten({k: {"mean": m, "std": s} for k, (m, s) in targets.items()})
+            return list(rnd.query("repair", plan.repair_statistics(),
+                                  {u.partition_id: records for u in usable}).values())
+
+        outcome = aggregate(plan, self.spec, [u.state_dict for u in usable], [float(u.num_examples) for u in usable],
+                            [u.statistics or {} for u in usable], ask_cross, ask_fused,
+                            seed=self.cfg.resolved_seeds.sampling + rnd.number)
+        rnd.log.clients_ok -= len(usable) - len(outcome.kept)
+        if "repair_skipped" in outcome.info:
+            rnd.log.extra["repair_skipped"] = outcome.info.pop("repair_skipped")
+        reference = usable[outcome.info.pop("reference")].partition_id
+        rnd.log.extra["aggregation"] = {**outcome.info, "reference_partition": reference}
+        return outcome.state

@@ -1,0 +1,128 @@
+"""FedMA as a strategy: layer-wise matched averaging with retraining (Wang et al. 2020).
+
+One strategy round is one FedMA round ("FedMA with communication"), each phase one ``train``
+exchange through the engine:
+
+1. ``train``: every sampled client trains its whole model, from its own init in round 1 and from
+   its own slice of the global model afterwards (cut back through its assignments);
+2. for each layer, bottom-up (``layer:<group>``): the server matches the clients' units with
+   BBP-MAP, sends every client its own model with that layer replaced by the global one and the
+   next layer's inputs scattered into the global order, and the clients retrain the layers above
+   with the matched ones frozen;
+3. the classifier is averaged with the clients' class shares.
+
+Layers come from the model's permutation spec (``fusion.fedma.matched_layers``): MLPs, CNNs
+without normalisation and the char-LSTM (embedding dimensions, then LSTM hidden units matched on
+their gate rows). A round costs 1 + (number of hidden layers) communication rounds. The
+assignments are the strategy's state and go into checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedalign.align import permutation_spec
+from fedalign.config import RunConfig
+from fedalign.errors import RoundFailedError
+from fedalign.fl.engine import ClientUpdate, Round, Strategy, weighted_train_loss
+from fedalign.fusion.fedma import (
+    class_weighted_classifier,
+    classifier_keys,
+    global_layer,
+    hybrid_state,
+    match_layer,
+    matched_layers,
+    slice_to_client,
+)
+from fedalign.registry import Context
+
+from .pfnm import matching_options
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _class_counts_problem(update: ClientUpdate) -> str | None:
+    counts = update.metrics.get("class-counts")
+    return None if isinstance(counts, list) and all(c >= 0 for c in counts) else "malformed class-counts"
+
+
+class FedMA(Strategy):
+    name = "fedma"
+
+    @staticmethod
+    def supports(context: Context) -> str | None:
+        """Networks without normalisation whose groups FedMA can match one after another."""
+        if any(isinstance(m, NORMS) for m in context.model.modules()):
+            return "fedma covers networks without normalisation layers, as the reference does"
+        try:
+            matched_layers(permutation_spec(context.model), context.model)
+        except Exception as exc:   # noqa: BLE001 - any tracing or matching limit is the reason
+            return f"fedma cannot match this model's layers: {exc}"
+        return None
+
+    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
+        super().__init__(cfg, model)
+        self.assignments: dict[int, dict[str, torch.Tensor]] = {}
+        self.spec = permutation_spec(model)
+        self.layers = matched_layers(self.spec, model)
+
+    def state(self) -> dict[str, Any]:
+        return {"assignments": {str(p): {g: a.tolist() for g, a in groups.items()}
+                                for p, groups in self.assignments.items()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.assignments = {int(p): {g: torch.tensor(a, dtype=torch.long) for g, a in groups.items()}
+                            for p, groups in state.get("assignments", {}).items()}
+
+    def _phase(self, rnd: Round, phase: str, sent: dict[int, Any], frozen: list[str],
+               local_init: set[int] = frozenset()) -> dict[int, ClientUpdate]:
+        """One train exchange; too few valid replies end the round (no retry: the matched layers
+        so far belong to these clients)."""
+        updates = rnd.train(phase, sent, {"frozen": ",".join(frozen)}, local_init=local_init,
+                            check=_class_counts_problem)
+        if len(updates) < self.cfg.strategy.min_train_clients:
+            raise RoundFailedError(f"round {rnd.number}, phase {phase}: only {len(updates)} valid replies "
+                                   f"(min_train_clients={self.cfg.strategy.min_train_clients})")
+        return {u.partition_id: u for u in updates}
+
+    def run_round(self, rnd: Round) -> OrderedDict[str, torch.Tensor]:
+        partitions = rnd.sample()
+        rnd.log.clients_sampled = len(partitions)
+        fresh = {p for p in partitions if p not in self.assignments}
+        sent = {p: rnd.reference if p in fresh else slice_to_client(rnd.reference, self.spec, self.assignments[p])
+                for p in partitions}
+        updates = self._phase(rnd, "train", sent, [], fresh)
+        frozen: list[str] = []
+        assignments: dict[int, dict[str, torch.Tensor]] = {p: {} for p in updates}
+        options = matching_options(self.cfg, self.cfg.resolved_seeds.sampling + rnd.number, match_layer)
+        widths: dict[str, int] = {}
+        matched: dict[str, torch.Tensor] = {}   # the server's own global layers, not a client's copy
+        for layer in self.layers:
+            t0 = time.perf_counter()
+            order = list(updates)
+            states = [updates[p].state_dict for p in order]
+            result = match_layer(states, layer, **options)
+            glob = global_layer(states, layer, result)
+            hybrids = {p: hybrid_state(states[i], layer, glob, i) for i, p in enumerate(order)}
+            for i, p in enumerate(order):
+                assignments[p][layer.group] = result.assignments[i]
+            widths[layer.group] = glob.width
+            matched.update(glob.entries)
+            rnd.log.timed("match", t0)
+            frozen += layer.keys
+            updates = self._phase(rnd, f"layer:{layer.group}", hybrids, frozen)
+        survivors = list(updates)
+        keys = classifier_keys(self.layers, updates[survivors[0]].state_dict)
+        fused = {**updates[survivors[0]].state_dict, **matched}
+        fused.update(class_weighted_classifier([updates[p].state_dict for p in survivors], keys,
+                                               [updates[p].metrics["class-counts"] for p in survivors]))
+        self.assignments.update({p: assignments[p] for p in survivors})
+        rnd.log.clients_ok = len(survivors)   # each phase counted its replies; a client counts once
+        rnd.log.train_loss = weighted_train_loss(updates.values())
+        rnd.log.extra["fedma"] = {"widths": widths, "phases": 1 + len(self.layers)}
+        return OrderedDict(fused)

@@ -1,0 +1,70 @@
+"""Fit a model's layers to a state dict whose widths differ (PFNM and FedMA grow hidden layers).
+
+Matching changes how many units a layer has, so the global model's state no longer fits the
+architecture a config names. Rather than each model telling how its constructor options map to
+its widths, every layer whose parameters changed shape is rebuilt from the state's shapes: the
+layer types are few and generic, the models are many. Models whose forward reads sizes only from
+their layers' parameters (the zoo does) then run at any widths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedalign.types import StateDict
+
+
+def _linear(m: nn.Linear, shape: dict[str, torch.Size]) -> nn.Module:
+    out, inp = shape["weight"]
+    return nn.Linear(inp, out, bias=m.bias is not None)
+
+
+def _conv(m: nn.Conv2d, shape: dict[str, torch.Size]) -> nn.Module:
+    out, inp = shape["weight"][:2]
+    return nn.Conv2d(inp * m.groups, out, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                     bias=m.bias is not None, padding_mode=m.padding_mode)
+
+
+def _batchnorm(m: nn.BatchNorm2d | nn.BatchNorm1d, shape: dict[str, torch.Size]) -> nn.Module:
+    return type(m)(shape["running_mean"][0], m.eps, m.momentum, m.affine, m.track_running_stats)
+
+
+def _embedding(m: nn.Embedding, shape: dict[str, torch.Size]) -> nn.Module:
+    return nn.Embedding(*shape["weight"], padding_idx=m.padding_idx)
+
+
+def _lstm(m: nn.LSTM, shape: dict[str, torch.Size]) -> nn.Module:
+    if m.num_layers != 1 or m.bidirectional or m.proj_size:
+        raise ValueError("only single-layer, unidirectional LSTMs without projections can be resized")
+    return nn.LSTM(shape["weight_ih_l0"][1], shape["weight_hh_l0"][1], num_layers=1, bias=m.bias,
+                   batch_first=m.batch_first)
+
+
+REBUILD: dict[type, Callable[..., nn.Module]] = {
+    nn.Linear: _linear, nn.Conv2d: _conv, nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm,
+    nn.Embedding: _embedding, nn.LSTM: _lstm,
+}
+
+
+def fit_to_state(model: nn.Module, state: StateDict) -> nn.Module:
+    """``model`` with every layer whose entries in ``state`` have other shapes rebuilt to those
+    shapes, then ``state`` loaded. A layer of a type not in ``REBUILD`` that needs resizing is an
+    error naming it."""
+    current = model.state_dict()
+    for name, module in list(model.named_modules()):
+        own = {k: v for k, v in module.state_dict().items() if "." not in k}
+        prefix = f"{name}." if name else ""
+        shapes = {k: state[prefix + k].shape for k in own if prefix + k in state}
+        if not shapes or all(shapes[k] == current[prefix + k].shape for k in shapes):
+            continue
+        rebuild = REBUILD.get(type(module))
+        if rebuild is None:
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) has other shapes in the state "
+                             "and cannot be resized")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, rebuild(module, shapes))
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,32 @@
+"""Creating a run folder: the one place a run's directory is made and its config written.
+
+``fedalign run`` (through ``fedalign.runner``), ``flwr run .`` (the ServerApp's own entry point)
+and the bench all start a run here, so every run folder begins the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from fedalign.config import RunConfig, to_yaml
+from fedalign.results import RunRecorder
+
+
+def create_run_dir(output_dir: str | Path, name: str) -> Path:
+    """A new folder ``<output_dir>/<name>-<timestamp>`` (suffixed if it exists)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / f"{name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def new_run(cfg: RunConfig, output_dir: str | Path) -> RunRecorder:
+    """A recorder on a new folder for ``cfg`` under ``output_dir``, its resolved config written."""
+    recorder = RunRecorder(create_run_dir(output_dir, cfg.name))
+    recorder.write_text("config.yaml", to_yaml(cfg))
+    return recorder
