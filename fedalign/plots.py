@@ -1,0 +1,63 @@
+"""The accuracy figure every report draws: test accuracy against rounds and against bytes.
+
+A run folder (``results``), a benchmark suite (``bench``) and the studies under ``simulations/``
+all show the same two panels, so one function draws them and a change of style reaches all of
+them. Callers turn their rows into ``Curve``s (they know what counts as a round and whether
+seeds are averaged); nothing here reads run folders. matplotlib is imported when a figure is
+drawn, not with the module: the server records runs without ever plotting in most processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line in both panels: ``x`` (rounds, or communication rounds), the MiB communicated by
+    then, and the test accuracy in percent, point for point."""
+
+    x: Sequence[float]
+    mib: Sequence[float]
+    accuracy: Sequence[float]
+
+    def __post_init__(self) -> None:
+        if not len(self.x) == len(self.mib) == len(self.accuracy):
+            raise ValueError(f"a curve needs as many x, MiB and accuracy values, got "
+                             f"{len(self.x)}, {len(self.mib)} and {len(self.accuracy)}")
+
+
+def accuracy_plot(
+    curves: Mapping[str, Curve],
+    path: str | Path,
+    *,
+    x_label: str = "round",
+    y_label: str = "test accuracy (%)",
+    title: str | None = None,
+    legend_fontsize: float | None = None,
+    dpi: int = 120,
+) -> None:
+    """Write ``path``: accuracy by ``x`` (left, with the legend) and by MiB (right), one line per
+    label of ``curves``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_x, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, curve in curves.items():
+        by_x.plot(curve.x, curve.accuracy, marker="o", markersize=3, label=label)
+        by_bytes.plot(curve.mib, curve.accuracy, marker="o", markersize=3, label=label)
+    by_x.set_xlabel(x_label)
+    by_bytes.set_xlabel("MiB communicated (down + up)")
+    for ax in (by_x, by_bytes):
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+    by_x.legend(fontsize=legend_fontsize)
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
