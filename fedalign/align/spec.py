@@ -2,7 +2,7 @@
 
 Every alignment method (weight matching, activation matching, Sinkhorn re-basin) and every
 matched fusion rule works through this one structure, so supporting a new architecture means
-deriving its spec (``fedalign.align.trace``) or writing it by hand (``fedalign.align.zoo_specs``),
+deriving its spec (``fedalign.align.trace``) or writing it by hand (as ``tests/align/zoo_specs.py`` does),
 nothing else.
 
 A group of ``n`` units acts on an axis of length ``repeat * n * block``: the axis holds ``repeat``

@@ -17,7 +17,7 @@ from fedalign.align import (
     permutation_spec,
     random_permutation,
 )
-from fedalign.align.zoo_specs import HAND_WRITTEN
+from tests.align.zoo_specs import HAND_WRITTEN
 from fedalign.models import build_model
 
 CASES = [

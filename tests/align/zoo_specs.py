@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from fedalign.models import VGG9, CharLSTM, LeNet, MLP, ResNet20
 
-from .spec import AxisRef, PermutationSpec
+from fedalign.align.spec import AxisRef, PermutationSpec
 
 
 def _spec(model: nn.Module, groups: dict[str, list[AxisRef]]) -> PermutationSpec:
