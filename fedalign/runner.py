@@ -16,6 +16,7 @@ from typing import Any
 import ray
 import torch
 from flwr.simulation import run_simulation
+from tqdm.auto import tqdm
 
 from fedalign.checkpoint import CheckpointError, load_latest
 from fedalign.components import run_federation
@@ -155,7 +156,5 @@ def run(
 
 
 def _progress_bar(cfg: RunConfig, done: int = 0):
-    from tqdm.auto import tqdm
-
     return tqdm(total=cfg.strategy.rounds, initial=done, desc=f"{cfg.name} [{cfg.strategy.name}]",
                 unit="round")

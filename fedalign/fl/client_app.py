@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -80,8 +81,6 @@ def _log_device(device: str, gpu_wanted: bool) -> None:
 def ray_node_metric() -> dict[str, int]:
     """``{"ray-node": n}``: the Ray node this client runs on (its id's first 12 hex digits), so a
     run on a cluster records where its clients trained; empty outside Ray."""
-    import ray
-
     if not ray.is_initialized():
         return {}
     return {"ray-node": int(ray.get_runtime_context().get_node_id()[:12], 16)}
