@@ -300,14 +300,19 @@ def _model_section(raw: Any) -> dict[str, Any]:
     return {"name": name, "options": {**options, **raw}}
 
 
+def _step_options() -> set[str]:
+    """Every option some registered pipeline step or statistic takes."""
+    return {name for registry in (*_STEP_REGISTRIES, STATISTICS) for n in registry
+            for name in registry.get(n).options}
+
+
 def _aggregation_section(raw: Any) -> Any:
     """Options of the pipeline's steps may be written directly in the section
     (``aggregation: {fuse: regmean, ridge: 0.01}``): they move into ``options``."""
     if not isinstance(raw, dict):
         return raw
     fields = {f.name for f in dataclasses.fields(AggregationConfig)}
-    known = {name for registry in (*_STEP_REGISTRIES, STATISTICS) for n in registry
-             for name in registry.get(n).options}
+    known = _step_options()
     moved = {k: v for k, v in raw.items() if k not in fields and k in known}
     if not moved:
         return raw
@@ -328,7 +333,8 @@ def clients_per_round(cfg: RunConfig) -> int:
 
 def _validate_aggregation(cfg: RunConfig, context: Context, need: Callable[[bool, str, str], None]) -> RunConfig:
     """The pipeline's steps exist, fit together and with the model; returns ``cfg`` with the
-    steps' options resolved."""
+    options of the chosen steps resolved (options of steps not chosen are dropped, as a run folder
+    of an earlier version records every step's)."""
     a = cfg.aggregation
     for key, registry, value in (("align", ALIGNERS, a.align), ("fuse", FUSE_RULES, a.fuse),
                                  ("repair", REPAIR_RULES, a.repair), ("solver", SOLVERS, a.solver)):
@@ -342,6 +348,8 @@ def _validate_aggregation(cfg: RunConfig, context: Context, need: Callable[[bool
          f"not {cfg.strategy.name!r} ({cfg.strategy.name} fuses by its own matching)")
     need(a.stats_samples >= 0, "aggregation.stats_samples", f"must be >= 0, got {a.stats_samples}")
     need(a.workers >= 1, "aggregation.workers", f"must be >= 1, got {a.workers}")
+    unknown = sorted(set(a.options) - _step_options())
+    need(not unknown, "aggregation.options", f"no registered step takes {unknown[0]!r}" if unknown else "")
     plan = cfg.to_plan()
     for step, problem in plan.problems(context):
         need(False, f"aggregation.{step}", problem)

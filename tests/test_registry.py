@@ -83,9 +83,15 @@ def test_a_new_fuse_rule_is_one_registration(toy_rule):
 def test_config_choices_come_from_the_registries(toy_rule):
     with pytest.raises(fedalign.ConfigError, match="unknown fuse rule 'nope'; choose one of .*scaled-first"):
         fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.fuse=nope"])
-    with pytest.raises(fedalign.ConfigError, match="no step of this pipeline takes 'ridge'"):
+    with pytest.raises(fedalign.ConfigError, match="no registered step takes 'nonsense'"):
         fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.fuse=scaled-first",
-                                                                 "aggregation.options.ridge=1"])
+                                                                 "aggregation.options.nonsense=1"])
+    with pytest.raises(fedalign.ConfigError, match="unknown key 'aggregation.nonsense'"):
+        fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.nonsense=1"])
+    # an earlier version's run folder records every step's options: those of other steps are dropped
+    old = fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.fuse=scaled-first",
+                                                                  "aggregation.ridge=0.01"])
+    assert old.aggregation.options == {"scale": 1.0}
     with pytest.raises(fedalign.ConfigError, match="unknown model 'os.system'"):
         fedalign.load_config(ROOT / "configs/quickstart.yaml", ["model.name=os.system"])
 
