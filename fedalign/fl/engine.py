@@ -159,11 +159,6 @@ class Round:
     def node(self, partition: int) -> int:
         return self._engine.node_of_partition[partition]
 
-    def reject(self, update: ClientUpdate, reason: str) -> None:
-        """Drop an accepted update from the round (the strategy found it unusable)."""
-        self.log.clients_ok -= 1
-        self.log.fail(update.partition_id, update.node_id, reason)
-
     def train(
         self, phase: str, sent: Mapping[int, StateDict], config: Mapping[str, Any] | None = None, *,
         local_init: Iterable[int] = (), check: Check | None = None,
@@ -171,8 +166,8 @@ class Round:
         """Send each partition in ``sent`` its model to train, with ``config`` (and
         ``client-init=local`` for those in ``local_init``, which train from their own init), and
         return the valid replies in partition order. A reply is checked against the model it was
-        sent (local inits against the global model, without the update-norm bound) and by
-        ``check``; the rest are logged as failures."""
+        sent (the shapes only for a local init, which is no update of it) and by ``check``; the
+        rest are logged as failures."""
         local = set(local_init)
         base = {"server-round": self.number, "attempt": self.attempt, **(config or {})}
         configs = {p: {**base, "client-init": "local"} if p in local else base for p in sent}
@@ -183,8 +178,8 @@ class Round:
             update = self._engine.parse_update(self, phase, pid, reply)
             if update is None:
                 continue
-            against, bound = (self.reference, None) if pid in local else (sent[pid], self.cfg.strategy.max_update_norm)
-            problem = update_problem(against, update.state_dict, bound)
+            bound = None if pid in local else self.cfg.strategy.max_update_norm
+            problem = update_problem(sent[pid], update.state_dict, bound)
             if problem is None and update.num_examples <= 0:
                 problem = f"num-examples is {update.num_examples}"
             if problem is None and check is not None:
@@ -247,6 +242,11 @@ class Strategy:
         """The partitions that train from their own initialisation this round."""
         return []
 
+    def check(self, rnd: Round, update: ClientUpdate) -> str | None:
+        """Why the strategy cannot use ``update`` (None: it can); checked with the engine's own
+        checks, before the round counts its valid replies."""
+        return None
+
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -260,7 +260,8 @@ class Strategy:
             partitions = rnd.sample()
             rnd.log.clients_sampled += len(partitions)
             updates = rnd.train("train", dict.fromkeys(partitions, rnd.reference), self.train_config(rnd),
-                                local_init=self.local_init(rnd, partitions))
+                                local_init=self.local_init(rnd, partitions),
+                                check=lambda update: self.check(rnd, update))
             if len(updates) < s.min_train_clients:
                 log.warning("round %d: %d valid replies, fewer than min_train_clients=%d", rnd.number,
                             len(updates), s.min_train_clients)
@@ -381,9 +382,8 @@ class RoundEngine:
                     rnd.log.fail(pid, node, f"{prefix}client error: {error_summary(reply.error.reason)}")
             else:
                 answered[pid] = reply
-        failed = {f["partition"] for f in rnd.log.failures}
         for pid in records.keys() - {self.partition_of_node.get(r.metadata.src_node_id) for r in replies}:
-            if count_failures and pid not in failed:
+            if count_failures:
                 rnd.log.fail(pid, self.node_of_partition[pid],
                              f"{prefix}no reply within strategy.timeout={self.cfg.strategy.timeout:g} s")
         return dict(sorted(answered.items()))

@@ -31,7 +31,7 @@ from fedalign.stats import flatten
 from fedalign.tensors import weighted_average
 from fedalign.types import ClientStats
 
-from .pfnm import pfnm_fuse
+from .pfnm import class_counts_problem, pfnm_fuse
 
 
 class FedAvg(Strategy):
@@ -50,6 +50,13 @@ class FedAvg(Strategy):
     def local_init(self, rnd: Round, partitions: list[int]) -> list[int]:
         return partitions if self.cfg.aggregation.own_init and rnd.number == 1 else []
 
+    def check(self, rnd: Round, update: ClientUpdate) -> str | None:
+        """The pipeline's train-phase statistics are there (PFNM as the align step: class counts)."""
+        if self.plan.fuses_in_alignment:
+            return class_counts_problem(update, rnd.reference)
+        missing = set(self.plan.train_statistics()) - set(update.statistics or {})
+        return f"train: statistics {sorted(missing)} missing" if missing else None
+
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         if not self.plan.active:
             return weighted_average([u.state_dict for u in updates], [u.num_examples for u in updates])
@@ -60,26 +67,21 @@ class FedAvg(Strategy):
         return self._pipeline(rnd, updates)
 
     def _pipeline(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
-        plan, needed = self.plan, set(self.plan.train_statistics())
-        usable = []
-        for u in updates:
-            if needed <= set(u.statistics or {}):
-                usable.append(u)
-            else:
-                rnd.reject(u, f"train: statistics {plan.train_statistics()} missing")
+        plan, usable = self.plan, updates
+        kept = {u.partition_id for u in usable}   # the clients still in the fusion
 
         def ask_cross(ref: int, others: list[int]) -> dict[int, ClientStats]:
             records = {usable[j].partition_id: {"arrays": usable[j].state_dict, "reference": usable[ref].state_dict}
                        for j in others}
             answers = rnd.query("align", plan.align_statistics(), records)
+            kept.difference_update(records.keys() - answers.keys())
             return {j: answers[usable[j].partition_id] for j in others if usable[j].partition_id in answers}
 
         def ask_fused(fused: OrderedDict, targets: dict | None) -> list[ClientStats]:
             records: dict[str, Any] = {"arrays": fused}
             if targets is not None:
                 records["targets"] = flatten({k: {"mean": m, "std": s} for k, (m, s) in targets.items()})
-            return list(rnd.query("repair", plan.repair_statistics(),
-                                  {u.partition_id: records for u in usable}).values())
+            return list(rnd.query("repair", plan.repair_statistics(), dict.fromkeys(sorted(kept), records)).values())
 
         outcome = aggregate(plan, self.spec, [u.state_dict for u in usable], [float(u.num_examples) for u in usable],
                             [u.statistics or {} for u in usable], ask_cross, ask_fused,

@@ -41,14 +41,9 @@ from fedalign.fusion.fedma import (
 )
 from fedalign.registry import Context
 
-from .pfnm import matching_options
+from .pfnm import class_counts_problem, matching_options
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-def _class_counts_problem(update: ClientUpdate) -> str | None:
-    counts = update.metrics.get("class-counts")
-    return None if isinstance(counts, list) and all(c >= 0 for c in counts) else "malformed class-counts"
 
 
 class FedMA(Strategy):
@@ -84,7 +79,7 @@ class FedMA(Strategy):
         """One train exchange; too few valid replies end the round (no retry: the matched layers
         so far belong to these clients)."""
         updates = rnd.train(phase, sent, {"frozen": ",".join(frozen)}, local_init=local_init,
-                            check=_class_counts_problem)
+                            check=lambda update: class_counts_problem(update, rnd.reference))
         if len(updates) < self.cfg.strategy.min_train_clients:
             raise RoundFailedError(f"round {rnd.number}, phase {phase}: only {len(updates)} valid replies "
                                    f"(min_train_clients={self.cfg.strategy.min_train_clients})")
@@ -94,7 +89,10 @@ class FedMA(Strategy):
         partitions = rnd.sample()
         rnd.log.clients_sampled = len(partitions)
         fresh = {p for p in partitions if p not in self.assignments}
-        sent = {p: rnd.reference if p in fresh else slice_to_client(rnd.reference, self.spec, self.assignments[p])
+        # a client not matched before trains from its own init at the config's widths (the model
+        # sent, which its reply must fit); the others from their slice of the global model
+        initial = OrderedDict(self.model.state_dict())
+        sent = {p: initial if p in fresh else slice_to_client(rnd.reference, self.spec, self.assignments[p])
                 for p in partitions}
         updates = self._phase(rnd, "train", sent, [], fresh)
         frozen: list[str] = []

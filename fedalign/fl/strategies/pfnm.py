@@ -27,6 +27,7 @@ from fedalign.fusion.pfnm import pfnm, pfnm_grid_search
 from fedalign.models import MLP, fit_to_state
 from fedalign.registry import Context
 from fedalign.tensors import weighted_average
+from fedalign.types import StateDict
 
 
 def matching_options(cfg: RunConfig, seed: int, algorithm: Callable[..., Any]) -> dict[str, Any]:
@@ -38,28 +39,22 @@ def matching_options(cfg: RunConfig, seed: int, algorithm: Callable[..., Any]) -
             "seed": seed, "solver": m.solver, "max_width": m.max_width}
 
 
-def class_counts(update: ClientUpdate, classes: int) -> list[float] | None:
-    """The update's class counts when they are a list of ``classes`` non-negative numbers."""
+def class_counts_problem(update: ClientUpdate, reference: StateDict) -> str | None:
+    """Why the update's class counts are unusable: they must be one non-negative number per class
+    of the model (its last layer's outputs)."""
+    classes = reference[[k for k in reference if k.endswith(".weight")][-1]].shape[0]
     counts = update.metrics.get("class-counts")
     if not isinstance(counts, list) or len(counts) != classes or any(c < 0 for c in counts):
-        return None
-    return [float(c) for c in counts]
+        return "malformed class-counts"
+    return None
 
 
 def pfnm_fuse(cfg: RunConfig, template: nn.Module, rnd: Round, updates: list[ClientUpdate],
               solver: str | None = None) -> OrderedDict[str, torch.Tensor]:
-    """PFNM over the updates with usable class counts (the others are rejected), by the config's
-    matching options or, with ``strategy.matching.grid``, by the clients' scores of the grid."""
-    classes = rnd.reference[[k for k in rnd.reference if k.endswith(".weight")][-1]].shape[0]
-    usable = []
-    for u in updates:
-        counts = class_counts(u, classes)
-        if counts is None:
-            rnd.reject(u, "malformed class-counts")
-        else:
-            usable.append((u, counts))
-    models = [fit_to_state(copy.deepcopy(template), u.state_dict) for u, _ in usable]
-    counts = [c for _, c in usable]
+    """PFNM over the updates (their class counts checked on arrival), by the config's matching
+    options or, with ``strategy.matching.grid``, by the clients' scores of the grid."""
+    models = [fit_to_state(copy.deepcopy(template), u.state_dict) for u in updates]
+    counts = [[float(c) for c in u.metrics["class-counts"]] for u in updates]
     m = cfg.strategy.matching
     options = {**matching_options(cfg, cfg.resolved_seeds.sampling, pfnm), "popularity": m.popularity}
     if solver is not None:
@@ -69,7 +64,7 @@ def pfnm_fuse(cfg: RunConfig, template: nn.Module, rnd: Round, updates: list[Cli
         rnd.log.extra["pfnm"] = {"sigma": m.sigma, "sigma0": m.sigma0, "gamma": options["gamma"],
                                  "widths": assignment.widths}
         return OrderedDict(fused.state_dict())
-    partitions = [u.partition_id for u, _ in usable]
+    partitions = [u.partition_id for u in updates]
     options = {k: v for k, v in options.items() if k not in ("sigma", "sigma0", "gamma")}
     fused, _, chosen = pfnm_grid_search(models, counts, lambda model: rnd.score("score", model.state_dict(),
                                                                                 partitions),
@@ -88,6 +83,9 @@ class PFNM(Strategy):
 
     def local_init(self, rnd: Round, partitions: list[int]) -> list[int]:
         return partitions if rnd.number == 1 else []
+
+    def check(self, rnd: Round, update: ClientUpdate) -> str | None:
+        return class_counts_problem(update, rnd.reference) if rnd.number == 1 else None
 
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         if rnd.number > 1:
