@@ -61,8 +61,11 @@ def _wait_for_nodes(address: str, count: int, timeout: float = 90.0) -> None:
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=timeout + 60)
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def two_node_cluster(own_ray, tmp_path_factory):
+    """Both tests attach to one cluster (it takes seconds to start and stop on 2 cores); Flower
+    handles Ray itself here (``own_ray``), as it does outside the tests."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     port = _free_port()
     address = f"127.0.0.1:{port}"
     # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from fedalign.cli import main
 from fedalign.config import load_config
 from fedalign.results import read_rows
 from fedalign.runner import run
@@ -76,19 +77,18 @@ def test_fedprox_with_client_sampling(tmp_path):
     assert rows[-1]["val_accuracy"] is not None
 
 
-def test_report_and_partition_commands(cli_run, tmp_path):
+def test_report_and_partition_commands(cli_run, tmp_path, capsys):
+    # ``fedalign report`` and ``partition`` in this process (``main`` returns the exit status);
+    # the ``python -m fedalign.cli`` entry point is the ``cli_run`` fixture's
     _, run_dir = cli_run
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedalign.cli", "report", str(run_dir), str(run_dir),
-         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("| run | final acc (%)")
-    assert proc.stdout.count(run_dir.name) == 2 and proc.stdout.count("\n| ") == 2
+    capsys.readouterr()
+    assert main(["report", str(run_dir), str(run_dir), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| run | final acc (%)")
+    assert out.count(run_dir.name) == 2 and out.count("\n| ") == 2
     assert (tmp_path / "report.md").is_file() and (tmp_path / "comparison.png").stat().st_size > 1000
-    proc = subprocess.run([sys.executable, "-m", "fedalign.cli", "partition", str(run_dir)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "total" in proc.stdout and "digits / iid" in proc.stdout
-    missing = subprocess.run([sys.executable, "-m", "fedalign.cli", "report", str(tmp_path)],
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "metrics.jsonl is missing" in missing.stderr
+    assert main(["partition", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "digits / iid" in out
+    assert main(["report", str(tmp_path)]) == 2
+    assert "metrics.jsonl is missing" in capsys.readouterr().err
