@@ -11,7 +11,6 @@ matching when it removes at least 80% of the naive barrier.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,18 +18,11 @@ import torch
 
 from fedalign.align import apply_permutation, permutation_spec, weight_matching
 from fedalign.analysis import BarrierResult, interpolation_barrier
-from fedalign.data import load_dataset
 from fedalign.models import build_model
-from fedalign.training import evaluate, train_local
+from fedalign.studies import load_fashion_mnist, train_from_own_inits, write_json
+from fedalign.training import evaluate
 
 ACCEPTED_REDUCTION = 0.8
-
-
-def train(seed: int, X: torch.Tensor, y: torch.Tensor, epochs: int, hidden: list[int]) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("mlp", hidden=hidden)
-    train_local(model, X, y, epochs=epochs, batch_size=128, optimizer="adam", lr=1e-3, seed=seed)
-    return model.eval()
 
 
 def summary(name: str, r: BarrierResult) -> str:
@@ -50,10 +42,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the curves and barriers here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    X, y = load_dataset("fashion-mnist", "train")
-    X_test, y_test = load_dataset("fashion-mnist", "test")
+    X, y, X_test, y_test = load_fashion_mnist()
     t0 = time.perf_counter()
-    a, b = (train(seed, X, y, args.epochs, args.hidden) for seed in args.seeds)
+    a, b = train_from_own_inits(lambda: build_model("mlp", hidden=args.hidden), [(X, y)] * 2,
+                                args.seeds, epochs=args.epochs, batch_size=128, optimizer="adam",
+                                lr=1e-3)
     train_seconds = time.perf_counter() - t0
     spec = permutation_spec(a)
     t0 = time.perf_counter()
@@ -82,8 +75,7 @@ def main() -> None:
     print(f"loss barrier reduction: {100 * reduction:.1f}% (acceptance: >= {100 * ACCEPTED_REDUCTION:.0f}%: "
           f"{'met' if result['accepted'] else 'NOT met'}); weight matching took {match_seconds:.2f} s")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

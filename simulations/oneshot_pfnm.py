@@ -18,16 +18,14 @@ changes them), so re-running the fusion part takes about a minute.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from fedalign.align import apply_permutation, permutation_spec, weight_matching
+from fedalign.align import permutation_spec
 from fedalign.data import federation
 from fedalign.fusion import (
     REFERENCE_GRID,
@@ -39,29 +37,21 @@ from fedalign.fusion import (
     weighted_average,
 )
 from fedalign.models import MLP, build_model
-from fedalign.training import evaluate, predict_logits, train_local
+from fedalign.studies import baseline_rows, train_from_own_inits, weight_matched, write_json
+from fedalign.training import evaluate
 
 FINE_GAMMAS = (1.0, 5.0, 20.0, 50.0)  # the reference grid's gammas jump from 1 to 50
 
 
 def local_models(args: argparse.Namespace, clients: list) -> tuple[list[MLP], float]:
     """Each client's MLP trained from its own init; loaded from the cache when present."""
-    lr = {"sgd": 0.01, "adam": 1e-3}[args.optimizer]
-    key = f"fmnist-J{args.clients}-a{args.alpha}-h{args.hidden}-e{args.epochs}-s{args.seed}-{args.optimizer}{lr}b64"
     t0 = time.perf_counter()
-    models = []
-    for j, c in enumerate(clients):
-        path = args.cache / f"{key}-client{j}.safetensors"
-        torch.manual_seed(1000 + j)                     # every client starts from its own init
-        model = build_model("mlp", hidden=[args.hidden])
-        if path.exists():
-            model.load_state_dict(load_file(path))
-        else:
-            train_local(model, c.X_train, c.y_train, epochs=args.epochs, batch_size=64, optimizer=args.optimizer,
-                        lr=lr, momentum=0.9, seed=j)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-        models.append(model.eval())
+    models = train_from_own_inits(
+        lambda: build_model("mlp", hidden=[args.hidden]), [(c.X_train, c.y_train) for c in clients],
+        [1000 + j for j in range(len(clients))], range(len(clients)), cache=args.cache,
+        key=f"fmnist-dirichlet-a{args.alpha}-J{args.clients}-h{args.hidden}-s{args.seed}",
+        epochs=args.epochs, batch_size=64, optimizer=args.optimizer,
+        lr={"sgd": 0.01, "adam": 1e-3}[args.optimizer], momentum=0.9)
     return models, time.perf_counter() - t0
 
 
@@ -129,13 +119,10 @@ def main() -> None:
         correct = sum(evaluate(model, c.X_train, c.y_train)[1] * len(c.y_train) for c in clients)
         return correct / sum(len(c.y_train) for c in clients)
 
-    rows: dict[str, dict] = {}
-    local = [accuracy(m) for m in models]
-    rows["local (mean)"] = {"accuracy": float(np.mean(local)), "width": args.hidden}
-    rows["local (best)"] = {"accuracy": float(np.max(local)), "width": args.hidden}
-    probs = torch.stack([predict_logits(m, X_test).softmax(1) for m in models]).mean(0)
-    rows["prediction ensemble"] = {"accuracy": float((probs.argmax(1) == torch.as_tensor(y_test)).float().mean()),
-                                   "width": args.hidden * args.clients}
+    local, baselines = baseline_rows(models, X_test, y_test)
+    rows: dict[str, dict] = {name: {"accuracy": acc, "width": args.hidden}
+                             for name, acc in baselines.items()}
+    rows["prediction ensemble"]["width"] = args.hidden * args.clients
     sizes = [len(c.y_train) for c in clients]
     naive = build_model("mlp", hidden=[args.hidden])
     t = time.perf_counter()
@@ -145,9 +132,8 @@ def main() -> None:
 
     spec = permutation_spec(models[0])
     t = time.perf_counter()
-    aligned = [models[0].state_dict()] + [
-        apply_permutation(spec, weight_matching(spec, models[0].state_dict(), m.state_dict()), m.state_dict())
-        for m in models[1:]]
+    reference = models[0].state_dict()
+    aligned = [reference] + [weight_matched(spec, reference, m.state_dict()) for m in models[1:]]
     wm = build_model("mlp", hidden=[args.hidden])
     wm.load_state_dict(weighted_average(aligned, sizes))
     rows["weight matching + average"] = {"accuracy": accuracy(wm), "width": args.hidden,
@@ -218,11 +204,10 @@ def main() -> None:
               f"{bench['vectorised_seconds']:.3f} s, per-row loop {bench['row_loop_seconds']:.2f} s "
               f"({bench['row_loop_seconds'] / bench['vectorised_seconds']:.0f}x)")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = vars(args) | {"out": str(args.out), "cache": str(args.cache), "grid": REFERENCE_GRID}
-        args.out.write_text(json.dumps({"args": settings, "local_accuracies": local, "train_seconds": train_seconds,
-                                        "load_average": os.getloadavg(), "rows": rows, "searches": searches,
-                                        "cost_benchmark": bench}, indent=2) + "\n")
+        write_json(args.out, {"args": settings, "local_accuracies": local,
+                              "train_seconds": train_seconds, "load_average": os.getloadavg(),
+                              "rows": rows, "searches": searches, "cost_benchmark": bench})
 
 
 if __name__ == "__main__":

@@ -16,18 +16,21 @@ the issue asks REPAIR to remove at least half of the barrier that alignment leav
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fedalign.align import apply_permutation, permutation_spec, weight_matching
-from fedalign.analysis import interpolate
+from fedalign.align import permutation_spec
 from fedalign.models import build_model
 from fedalign.repair import repair_with_data
-from fedalign.training import evaluate, train_local
+from fedalign.studies import (
+    load_fashion_mnist,
+    midpoint_barrier,
+    train_from_own_inits,
+    weight_matched,
+    write_json,
+)
 
 ACCEPTED_REDUCTION = 0.5
 ARCHITECTURES = {                                  # label -> (zoo model, options)
@@ -37,60 +40,42 @@ ARCHITECTURES = {                                  # label -> (zoo model, option
 }
 
 
-def load(npz: Path | None) -> tuple[torch.Tensor, ...]:
-    """Fashion-MNIST train and test arrays as tensors."""
-    if npz is not None:
-        arrays = np.load(npz)             # uint8 images (scaled to [0, 1] here) and labels
-        X, y, X_test, y_test = (torch.as_tensor(arrays[k]) for k in ("X_train", "y_train", "X_test", "y_test"))
-        return X.float() / 255, y.long(), X_test.float() / 255, y_test.long()
-    from fedalign.data import load_dataset
-
-    (X, y), (X_test, y_test) = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    return tuple(torch.as_tensor(a) for a in (X, y, X_test, y_test))
-
-
 def build(label: str) -> torch.nn.Module:
     name, options = ARCHITECTURES[label]
     return build_model(name, **options)
-
-
-def train(label: str, seed: int, X: torch.Tensor, y: torch.Tensor, epochs: int, device: str) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build(label)
-    train_local(model, X, y, epochs=epochs, batch_size=128, optimizer="adam", lr=1e-3, seed=seed, device=device)
-    return model.cpu().eval()
-
-
-def with_state(label: str, state) -> torch.nn.Module:
-    out = build(label)
-    out.load_state_dict(state)
-    return out.eval()
 
 
 def measure(label: str, data: tuple[torch.Tensor, ...], args: argparse.Namespace) -> dict:
     """Endpoint, midpoint and repaired-midpoint test losses/accuracies of one architecture."""
     X, y, X_test, y_test = data
     t0 = time.perf_counter()
-    a, b = (train(label, seed, X, y, args.epochs, args.device) for seed in args.seeds)
+    a, b = train_from_own_inits(lambda: build(label), [(X, y)] * 2, args.seeds, device=args.device,
+                                epochs=args.epochs, batch_size=128, optimizer="adam", lr=1e-3)
     train_seconds = time.perf_counter() - t0
-    spec = permutation_spec(a)
-    aligned = with_state(label, apply_permutation(spec, weight_matching(spec, a.state_dict(), b.state_dict()),
-                                               b.state_dict()))
-    naive = with_state(label, interpolate(a.state_dict(), b.state_dict(), 0.5))
-    mid = with_state(label, interpolate(a.state_dict(), aligned.state_dict(), 0.5))
+    aligned = weight_matched(permutation_spec(a), a.state_dict(), b.state_dict())
+    endpoints = [a, build(label)]
+    endpoints[1].load_state_dict(aligned)
     sample = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:args.repair_samples]]
-    t0 = time.perf_counter()
-    repaired = with_state(label, repair_with_data(mid, [a, aligned], sample))
-    repair_seconds = time.perf_counter() - t0
-    scores = {k: evaluate(m, X_test, y_test, device=args.device) for k, m in
-              (("a", a), ("b", b), ("naive", naive), ("aligned", mid), ("repaired", repaired))}
-    chord = (scores["a"][0] + scores["b"][0]) / 2
-    barrier = {k: scores[k][0] - chord for k in ("naive", "aligned", "repaired")}
+    repair_seconds = []
+
+    def repaired(net: torch.nn.Module, lam: float) -> dict[str, torch.Tensor]:
+        t = time.perf_counter()
+        state = repair_with_data(net, endpoints, sample, weights=[1 - lam, lam])
+        repair_seconds.append(time.perf_counter() - t)
+        return state
+
+    curves = {k: midpoint_barrier(a, a.state_dict(), other, X_test, y_test, correct, args.device)
+              for k, other, correct in (("naive", b.state_dict(), None), ("aligned", aligned, None),
+                                        ("repaired", aligned, repaired))}
+    naive = curves["naive"]
+    scores = {"a": (naive.loss[0], naive.accuracy[0]), "b": (naive.loss[-1], naive.accuracy[-1])}
+    scores |= {k: (r.loss[r.midpoint], r.accuracy[r.midpoint]) for k, r in curves.items()}
+    barrier = {k: r.midpoint_loss_barrier for k, r in curves.items()}
     return {"model": label, "architecture": ARCHITECTURES[label], "epochs": args.epochs, "seeds": args.seeds,
             "repair_samples": args.repair_samples, "test_loss": {k: s[0] for k, s in scores.items()},
             "test_accuracy": {k: s[1] for k, s in scores.items()}, "barrier": barrier,
             "reduction": 1 - barrier["repaired"] / barrier["aligned"],
-            "train_seconds": train_seconds, "repair_seconds": repair_seconds}
+            "train_seconds": train_seconds, "repair_seconds": sum(repair_seconds)}
 
 
 def main() -> None:
@@ -105,7 +90,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = load(args.data_npz)
+    data = load_fashion_mnist(args.data_npz)
     results = []
     for name in args.models:
         r = measure(name, data, args)
@@ -118,8 +103,7 @@ def main() -> None:
               f"{100 * r['reduction']:.1f}% (accepted: >= {100 * ACCEPTED_REDUCTION:.0f}%) "
               f"[train {r['train_seconds']:.0f} s, repair {r['repair_seconds']:.1f} s]", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":
