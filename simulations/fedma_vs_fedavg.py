@@ -16,15 +16,16 @@ J=10, Dirichlet(0.5), 2 local epochs per phase, 20 FedAvg/FedProx rounds against
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from fedalign.align import permutation_spec
 from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig, load_config
 from fedalign.fusion.fedma import matched_layers
+from fedalign.plots import Curve, accuracy_plot
 from fedalign.results import cumulative_bytes, read_rows
 from fedalign.runner import run
+from fedalign.studies import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,26 +103,11 @@ def main() -> None:
         print(table)
         (args.out / "table.md").write_text(table)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, r in results.items():
-        acc = [100 * row["test_accuracy"] for row in r["rows"]]
-        a1.plot(r["comm"], acc, marker="o", markersize=3, label=label)
-        a2.plot([b / 2**20 for b in r["bytes"]], acc, marker="o", markersize=3, label=label)
-    a1.set_xlabel("communication rounds")
-    a2.set_xlabel("MiB communicated (down + up)")
-    for ax in (a1, a2):
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    a1.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "accuracy.png", dpi=120)
-    (args.out / "results.json").write_text(json.dumps(
-        {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in results.items()}, indent=2) + "\n")
+    curves = {label: Curve(r["comm"], [b / 2**20 for b in r["bytes"]],
+                           [100 * a for a in r["accuracy"]]) for label, r in results.items()}
+    accuracy_plot(curves, args.out / "accuracy.png", x_label="communication rounds")
+    write_json(args.out / "results.json",
+               {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in results.items()})
 
 
 if __name__ == "__main__":
