@@ -4,7 +4,7 @@ independently trained networks with and without REPAIR.
 
 One-shot: J clients, each trains an MLP from its own initialisation on its Fashion-MNIST partition
 (Dirichlet(alpha) and IID), then one aggregation. The pipelines run through
-``fusion.pipeline.aggregate``, the function the Flower strategy calls, with the clients' answers
+``fedalign.pipeline.aggregate``, the function the Flower strategy calls, with the clients' answers
 computed directly by ``stats.client_statistics`` on each client's own data (a seeded sample of
 ``--stats-samples``, the run config's default), so the numbers are what a federation computes
 without Ray's overhead. Barrier: two MLPs (no normalisation) trained on disjoint halves of the
@@ -24,16 +24,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from fedalign.align import apply_permutation, permutation_spec, weight_matching
-from fedalign.analysis import interpolate
-from fedalign.data import federation, load_dataset
-from fedalign.fusion.pipeline import Plan, aggregate
-from fedalign.models import build_model, state_widths
+from fedalign.align import permutation_spec
+from fedalign.analysis import Correction
+from fedalign.data import federation
+from fedalign.pipeline import Plan, aggregate
+from fedalign.models import build_model, fit_to_state
 from fedalign.repair import repair_with_data
-from fedalign.stats import client_statistics
-from fedalign.training import evaluate, predict_logits, train_local
+from fedalign.stats import StatContext, client_statistics
+from fedalign.studies import (
+    baseline_rows,
+    barrier_row,
+    load_fashion_mnist,
+    midpoint_barrier,
+    train_from_own_inits,
+    weight_matched,
+    write_json,
+)
+from fedalign.training import evaluate
 
 PIPELINES = [
     ("none", "mean", "none"),
@@ -45,31 +53,16 @@ PIPELINES = [
 ]
 
 
-def train_clients(args: argparse.Namespace, partition: str, clients: list) -> list[torch.nn.Module]:
-    """Each client's MLP from its own init (cached as safetensors by every setting)."""
-    models = []
-    for j, c in enumerate(clients):
-        key = f"{partition}-a{args.alpha}-J{args.clients}-h{args.hidden}-e{args.epochs}-s{args.seed}-c{j}"
-        path = args.cache / f"{key}.safetensors"
-        torch.manual_seed(1000 + j)
-        model = build_model("mlp", hidden=[args.hidden])
-        if path.exists():
-            model.load_state_dict(load_file(path))
-        else:
-            train_local(model, c.X_train, c.y_train, epochs=args.epochs, batch_size=64, optimizer="sgd", lr=0.01,
-                        momentum=0.9, seed=j)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-        models.append(model.eval())
-    return models
-
-
 def one_shot(args: argparse.Namespace, partition: str) -> dict:
     options = {"alpha": args.alpha, "min_partition_size": 10} if partition == "dirichlet" else {}
     fed = federation("fashion-mnist", args.clients, partition, seed=args.seed, val_fraction=0.0, **options)
     X_test, y_test = (torch.as_tensor(a) for a in fed.test)
     clients = [fed.client(j) for j in range(args.clients)]
-    models = train_clients(args, partition, clients)
+    models = train_from_own_inits(
+        lambda: build_model("mlp", hidden=[args.hidden]), [(c.X_train, c.y_train) for c in clients],
+        [1000 + j for j in range(len(clients))], range(len(clients)), cache=args.cache,
+        key=f"fmnist-{partition}-a{args.alpha}-J{args.clients}-h{args.hidden}-s{args.seed}",
+        epochs=args.epochs, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9)
     weights = [float(len(c.y_train)) for c in clients]
     rng = np.random.default_rng(args.seed)
     samples = []
@@ -81,10 +74,7 @@ def one_shot(args: argparse.Namespace, partition: str) -> dict:
     def accuracy(model: torch.nn.Module) -> float:
         return evaluate(model, X_test, y_test)[1]
 
-    local = [accuracy(m) for m in models]
-    probs = sum(torch.softmax(predict_logits(m, X_test), 1) for m in models)
-    rows = {"local (mean)": float(np.mean(local)), "local (best)": max(local),
-            "prediction ensemble": float((probs.argmax(1) == y_test).float().mean())}
+    local, rows = baseline_rows(models, X_test, y_test)
     spec = permutation_spec(models[0])
     states = [m.state_dict() for m in models]
     seconds: dict[str, float] = {}
@@ -103,17 +93,17 @@ def one_shot(args: argparse.Namespace, partition: str) -> dict:
         stats = [client_statistics(plan.train_statistics(), m, X, y) for m, (X, y) in zip(models, samples)]
 
         def ask_cross(ref: int, others: list[int], plan: Plan = plan) -> dict:
-            return {j: client_statistics(plan.align_statistics(), models[j], *samples[j], reference=models[ref])
+            return {j: client_statistics(plan.align_statistics(), models[j], *samples[j],
+                                     StatContext(reference=models[ref]))
                     for j in others}
 
         def ask_fused(state: dict, targets: dict | None, plan: Plan = plan) -> list:
             fused = build_model("mlp", hidden=[args.hidden])
             fused.load_state_dict(state)
-            return [client_statistics(plan.repair_statistics(), fused, X, y, targets=targets) for X, y in samples]
+            return [client_statistics(plan.repair_statistics(), fused, X, y, StatContext(targets=targets)) for X, y in samples]
 
         outcome = aggregate(plan, spec, states, weights, stats, ask_cross, ask_fused, seed=args.seed)
-        fused = build_model("mlp", **state_widths("mlp", outcome.state))
-        fused.load_state_dict(outcome.state)
+        fused = fit_to_state(build_model("mlp", hidden=[args.hidden]), outcome.state)
         rows[name] = accuracy(fused)
         seconds[name] = time.perf_counter() - t0
         print(f"  {partition}: {name}: {100 * rows[name]:.2f}% ({seconds[name]:.1f} s)", flush=True)
@@ -122,46 +112,34 @@ def one_shot(args: argparse.Namespace, partition: str) -> dict:
 
 def aligned_pair(
     name: str, options: dict, X: torch.Tensor, y: torch.Tensor, halves: list[torch.Tensor], epochs: int,
-) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Two models trained from different inits on the two halves (Adam lr 1e-3, batch 128): the
-    first, the second, and the second aligned to the first by weight matching."""
-    models = []
-    for seed, half in enumerate(halves):
-        torch.manual_seed(seed)
-        model = build_model(name, **options)
-        train_local(model, X[half], y[half], epochs=epochs, batch_size=128, optimizer="adam", lr=1e-3, seed=seed)
-        models.append(model.eval())
-    a, b = models
-    spec = permutation_spec(a)
-    aligned = copy.deepcopy(a)
-    aligned.load_state_dict(apply_permutation(spec, weight_matching(spec, a.state_dict(), b.state_dict()),
-                                              b.state_dict()))
-    return a, b, aligned
+    first, and the second's state as trained and aligned to the first by weight matching."""
+    a, b = train_from_own_inits(lambda: build_model(name, **options),
+                                [(X[h], y[h]) for h in halves], range(len(halves)),
+                                epochs=epochs, batch_size=128, optimizer="adam", lr=1e-3)
+    return a, b.state_dict(), weight_matched(permutation_spec(a), a.state_dict(), b.state_dict())
+
+
+def repaired_towards(a: torch.nn.Module, b: dict[str, torch.Tensor], X: torch.Tensor) -> Correction:
+    """REPAIR of the model at ``l`` toward ``(1 - l)`` of ``a``'s and ``l`` of ``b``'s statistics on
+    ``X`` (``b``: a state of ``a``'s architecture)."""
+    other = copy.deepcopy(a)
+    other.load_state_dict(b)
+    return lambda net, lam: repair_with_data(net, [a, other], X, weights=[1 - lam, lam])
 
 
 def barrier(args: argparse.Namespace) -> dict:
     """Midpoint loss barrier of two independently trained MLPs, aligned, with and without REPAIR."""
-    X, y = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "train"))
-    X_test, y_test = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "test"))
+    X, y, X_test, y_test = load_fashion_mnist()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
     halves = [order[: len(y) // 2], order[len(y) // 2:]]
     a, raw, b = aligned_pair("mlp", {"hidden": list(args.barrier_hidden)}, X, y, halves, args.barrier_epochs)
     calibration = X[order[:5000]]
-    out = {}
-    for label, other in (("naive", raw), ("weight matching", b)):
-        mid = copy.deepcopy(a)
-        mid.load_state_dict(interpolate(a.state_dict(), other.state_dict(), 0.5))
-        variants = {label: mid}
-        if label == "weight matching":
-            repaired = copy.deepcopy(mid)
-            repaired.load_state_dict(repair_with_data(mid, [a, other], calibration))
-            variants["weight matching + REPAIR"] = repaired
-        ends = [evaluate(m, X_test, y_test) for m in (a, other)]
-        chord = (ends[0][0] + ends[1][0]) / 2
-        for name, m in variants.items():
-            loss, acc = evaluate(m, X_test, y_test)
-            out[name] = {"midpoint_loss": loss, "midpoint_accuracy": acc, "barrier": loss - chord,
-                         "endpoint_accuracy": [e[1] for e in ends]}
+    variants = {"naive": (raw, None), "weight matching": (b, None),
+                "weight matching + REPAIR": (b, repaired_towards(a, b, calibration))}
+    out = {name: barrier_row(midpoint_barrier(a, a.state_dict(), other, X_test, y_test, correct))
+           for name, (other, correct) in variants.items()}
     base = out["weight matching"]["barrier"]
     out["repair_reduction_vs_alignment"] = 1 - out["weight matching + REPAIR"]["barrier"] / base if base > 0 else None
     return out
@@ -174,35 +152,29 @@ def cnn_barriers(args: argparse.Namespace) -> dict:
     from fedalign.repair import bn_reset
     from fedalign.stats import batchnorm_input_moments
 
-    X, y = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "train"))
-    X_test, y_test = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "test"))
+    X, y, X_test, y_test = load_fashion_mnist()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.cnn_samples]
     halves = [order[: len(order) // 2], order[len(order) // 2:]]
     calibration = X[order[:5000]]
+
+    def reset(net: torch.nn.Module, lam: float) -> dict[str, torch.Tensor]:
+        return bn_reset(net.state_dict(), batchnorm_input_moments(net, calibration))
+
     out = {}
     for name, options in (("vgg9", {"widths": (16, 16, 32, 32, 64, 64), "hidden": 128}), ("resnet20", {})):
         t0 = time.perf_counter()
         a, raw, b = aligned_pair(name, options, X, y, halves, args.cnn_epochs)
-        ends = [evaluate(m, X_test, y_test) for m in (a, b)]
-        chord = (ends[0][0] + ends[1][0]) / 2
-        mid = copy.deepcopy(a)
-        mid.load_state_dict(interpolate(a.state_dict(), b.state_dict(), 0.5))
-        naive = copy.deepcopy(a)
-        naive.load_state_dict(interpolate(a.state_dict(), raw.state_dict(), 0.5))
-        fixed = copy.deepcopy(mid)
         if name == "resnet20":
-            fixed.load_state_dict(bn_reset(mid.state_dict(), batchnorm_input_moments(mid, calibration)))
-            naive.load_state_dict(bn_reset(naive.state_dict(), batchnorm_input_moments(naive, calibration)))
-            label = "weight matching + BN reset"
+            variants = {"naive + BN reset": (raw, reset), "weight matching": (b, None),
+                        "weight matching + BN reset": (b, reset)}
         else:
-            fixed.load_state_dict(repair_with_data(mid, [a, b], calibration))
-            label = "weight matching + REPAIR"
-        rows = {}
-        for row_name, m in (("naive" + (" + BN reset" if name == "resnet20" else ""), naive),
-                            ("weight matching", mid), (label, fixed)):
-            loss, acc = evaluate(m, X_test, y_test)
-            rows[row_name] = {"barrier": loss - chord, "midpoint_accuracy": acc}
-        rows["endpoint_accuracy"] = [e[1] for e in ends]
+            variants = {"naive": (raw, None), "weight matching": (b, None),
+                        "weight matching + REPAIR": (b, repaired_towards(a, b, calibration))}
+        curves = {row: midpoint_barrier(a, a.state_dict(), other, X_test, y_test, correct)
+                  for row, (other, correct) in variants.items()}
+        rows = {row: {"barrier": r.midpoint_loss_barrier,
+                      "midpoint_accuracy": r.accuracy[r.midpoint]} for row, r in curves.items()}
+        rows["endpoint_accuracy"] = barrier_row(curves["weight matching"])["endpoint_accuracy"]
         rows["train_seconds"] = time.perf_counter() - t0
         out[name] = rows
         print(f"  {name}: {json.dumps(rows)}", flush=True)
@@ -252,8 +224,7 @@ def main() -> None:
     if args.cnn_barriers:
         results["cnn_barriers"] = cnn_barriers(args)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -33,8 +32,9 @@ import torch
 from fedalign.align import apply_permutation, permutation_spec, solve_assignment
 from fedalign.align.weight_matching import group_scores
 from fedalign.data import load_dataset
-from fedalign.fusion.mean import weighted_average
+from fedalign.tensors import weighted_average
 from fedalign.models import build_model
+from fedalign.studies import write_json
 from fedalign.training import train_local
 
 SOLVERS = ("hungarian", "sinkhorn")
@@ -203,8 +203,8 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(HEADER + "\n" + "\n".join(markdown_row(r) for r in rows) + "\n")
         meta = {k: v for k, v in vars(args).items() if k != "out"}
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {"settings": meta, "train_seconds": train_seconds, "total_seconds": total, "rows": rows}, indent=2) + "\n")
+        write_json(args.out.with_suffix(".json"), {"settings": meta, "train_seconds": train_seconds,
+                                                   "total_seconds": total, "rows": rows})
 
 
 if __name__ == "__main__":

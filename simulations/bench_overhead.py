@@ -35,10 +35,11 @@ import torch
 from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig, load_config
 from fedalign.fl.client_app import shuffle_seed
-from fedalign.fl.strategy import sample_partitions
-from fedalign.fusion.mean import weighted_average
+from fedalign.fl.engine import sample_partitions
+from fedalign.tensors import weighted_average
 from fedalign.results import read_rows
 from fedalign.runner import run
+from fedalign.studies import write_json
 from fedalign.training import evaluate, train_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +190,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table)
-        args.out.with_suffix(".json").write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=2) + "\n")
+        write_json(args.out.with_suffix(".json"), {"load_average": os.getloadavg(), "rows": rows})
 
 
 if __name__ == "__main__":

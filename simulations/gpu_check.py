@@ -10,11 +10,9 @@ Results must agree with the CPU's: the same permutations, accuracies within nois
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedalign.align import (
@@ -24,9 +22,10 @@ from fedalign.align import (
     solve_assignment,
     weight_matching,
 )
-from fedalign.fusion.pipeline import Plan, aggregate
+from fedalign.pipeline import Plan, aggregate
 from fedalign.models import build_model
 from fedalign.stats import client_statistics
+from fedalign.studies import load_fashion_mnist, write_json
 from fedalign.training import evaluate, train_local
 
 
@@ -50,13 +49,7 @@ def main() -> None:
         raise SystemExit("no CUDA device visible")
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
-    if args.data_npz:
-        data = np.load(args.data_npz)
-        X, y, Xt, yt = (torch.as_tensor(data[k]) for k in ("X_train", "y_train", "X_test", "y_test"))
-    else:
-        from fedalign.data import load_dataset
-        X, y = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "train"))
-        Xt, yt = (torch.as_tensor(a) for a in load_dataset("fashion-mnist", "test"))
+    X, y, Xt, yt = load_fashion_mnist(args.data_npz)
     report = {"device": torch.cuda.get_device_name(0)}
     for name, options in (("lenet", {}), ("vgg9", {})):
         for device in (cpu, gpu):
@@ -121,8 +114,7 @@ def main() -> None:
     report["pipeline_same_on_both"] = same
     print(f"same fused model with alignment on CPU and on GPU: {same}", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

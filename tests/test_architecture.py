@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedalign"
-ALGORITHMS = ("align", "fusion", "repair", "stats", "analysis", "pipeline", "tensors", "types", "registry")
+ALGORITHMS = ("align", "fusion", "repair", "stats", "analysis", "pipeline", "tensors", "types", "registry",
+              "studies", "plots")
 ABOVE_ALGORITHMS = ("config", "fl", "runner", "cli", "bench", "components", "run_folder", "plugins")
 
 
