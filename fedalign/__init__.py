@@ -44,72 +44,147 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def register_model(name: str, builder: Callable[..., Any], *, replace: bool = False) -> Callable[..., Any]:
+def register_model(
+    name: str, builder: Callable[..., Any], *, replace: bool = False
+) -> Callable[..., Any]:
     """A model a config can name (``model: {name: NAME, ...options}``): ``builder(**options)``
     returns an ``nn.Module``; the options a dataset implies (``in_features``, ``in_channels``,
     ``image_size``, ``num_classes``, ``vocab_size``) are passed when it takes them."""
     return MODELS.register(name, builder, options={}, replace=replace)
 
 
-def register_dataset(name: str, loader: Callable[..., Arrays], *, replace: bool = False) -> Callable[..., Arrays]:
+def register_dataset(
+    name: str, loader: Callable[..., Arrays], *, replace: bool = False
+) -> Callable[..., Arrays]:
     """A dataset a config can name (``data.dataset``): ``loader(split, data_dir, **options)``
     returns :class:`fedalign.data.Arrays` for ``split`` ``"train"`` or ``"test"``."""
     return DATASETS.register(name, loader, options={}, replace=replace)
 
 
-def register_fuse_rule(name: str, rule: Callable[..., Any], *, needs: tuple[str, ...] = (),
-                       supports: Supports | None = None, replace: bool = False) -> Callable[..., Any]:
+def register_fuse_rule(
+    name: str,
+    rule: Callable[..., Any],
+    *,
+    needs: tuple[str, ...] = (),
+    supports: Supports | None = None,
+    replace: bool = False,
+) -> Callable[..., Any]:
     """A fuse rule (``aggregation.fuse``): ``rule(states, weights, stats, **options)`` returns the
     fused state dict; ``needs`` names the client statistics it reads from ``stats[j]``; its
     keyword-only parameters are its options (``aggregation.options``)."""
-    return FUSE_RULES.register(name, rule, needs={"train": needs}, supports=supports, replace=replace)
+    return FUSE_RULES.register(
+        name, rule, needs={"train": needs}, supports=supports, replace=replace
+    )
 
 
-def register_aligner(name: str, aligner: Callable[..., Any], *, needs: Mapping[str, tuple[str, ...]] | None = None,
-                     supports: Supports | None = None, replace: bool = False) -> Callable[..., Any]:
+def register_aligner(
+    name: str,
+    aligner: Callable[..., Any],
+    *,
+    needs: Mapping[str, tuple[str, ...]] | None = None,
+    supports: Supports | None = None,
+    replace: bool = False,
+) -> Callable[..., Any]:
     """An alignment step (``aggregation.align``), with the signature of ``fedalign.align.aligners``."""
     return ALIGNERS.register(name, aligner, needs=needs, supports=supports, replace=replace)
 
 
-def register_repair_rule(name: str, rule: Callable[..., Any], *, needs: Mapping[str, tuple[str, ...]] | None = None,
-                         supports: Supports | None = None, replace: bool = False,
-                         needs_alignment: bool = False) -> Callable[..., Any]:
+def register_repair_rule(
+    name: str,
+    rule: Callable[..., Any],
+    *,
+    needs: Mapping[str, tuple[str, ...]] | None = None,
+    supports: Supports | None = None,
+    replace: bool = False,
+    needs_alignment: bool = False,
+) -> Callable[..., Any]:
     """A repair step (``aggregation.repair``): ``rule(fused, inputs: RepairInputs, **options)``
     returns ``(state, info)``."""
-    return REPAIR_RULES.register(name, rule, needs=needs, supports=supports, replace=replace,
-                                 needs_alignment=needs_alignment)
+    return REPAIR_RULES.register(
+        name, rule, needs=needs, supports=supports, replace=replace, needs_alignment=needs_alignment
+    )
 
 
-def register_statistic(name: str, compute: Callable[..., Any], *, permute: Callable[..., Any] | None = None,
-                       replace: bool = False) -> Callable[..., Any]:
+def register_statistic(
+    name: str,
+    compute: Callable[..., Any],
+    *,
+    permute: Callable[..., Any] | None = None,
+    replace: bool = False,
+) -> Callable[..., Any]:
     """A client statistic: ``compute(model, X, y, context: StatContext, **options)``; ``permute``
     moves it into the aligned basis (None: it is never moved)."""
     return STATISTICS.register(name, compute, permute=permute, replace=replace)
 
 
-def register_strategy(name: str, strategy: type, *, objective: str = "plain", pipeline: bool = False,
-                      supports: Supports | None = None, replace: bool = False) -> type:
+def register_strategy(
+    name: str,
+    strategy: type,
+    *,
+    objective: str = "plain",
+    pipeline: bool = False,
+    supports: Supports | None = None,
+    replace: bool = False,
+) -> type:
     """A strategy (``strategy.name``): a ``fedalign.fl.engine.Strategy`` subclass, the client
     ``objective`` it trains with, and whether it takes the align/fuse/repair pipeline."""
-    return STRATEGIES.register(name, strategy, options={}, objective=objective, pipeline=pipeline,
-                               supports=supports, replace=replace)
+    return STRATEGIES.register(
+        name,
+        strategy,
+        options={},
+        objective=objective,
+        pipeline=pipeline,
+        supports=supports,
+        replace=replace,
+    )
 
 
-def run(config: RunConfig | str | Path, overrides: list[str] | None = None, **options: Any) -> RunOutcome:
+def run(
+    config: RunConfig | str | Path, overrides: list[str] | None = None, **options: Any
+) -> RunOutcome:
     """Simulate a run (a ``RunConfig``, or a YAML path with ``overrides``) on Flower and Ray;
     ``options`` go to :func:`fedalign.runner.run` (``output_dir``, ``verbose``, ``progress``,
     ``resume_dir``). Returns the run folder and its summary."""
-    from fedalign import runner   # Flower and Ray load only when a simulation runs
+    from fedalign import runner  # Flower and Ray load only when a simulation runs
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     return runner.run(cfg, **options)
 
 
 __all__ = [
-    "ALIGNERS", "DATASETS", "FUSE_RULES", "MODELS", "OBJECTIVES", "OPTIMIZERS", "REPAIR_RULES", "SOLVERS",
-    "STATISTICS", "STRATEGIES", "Arrays", "ConfigError", "Context", "Outcome", "PermutationSpec", "Plan",
-    "Registry", "RegistryError", "RepairInputs", "RoundFailedError", "RunConfig", "StatContext", "aggregate",
-    "from_dict", "load_config", "load_plugin", "permutation_spec", "register_aligner", "register_dataset",
-    "register_fuse_rule", "register_model", "register_repair_rule",
-    "register_statistic", "register_strategy", "run",
+    "ALIGNERS",
+    "DATASETS",
+    "FUSE_RULES",
+    "MODELS",
+    "OBJECTIVES",
+    "OPTIMIZERS",
+    "REPAIR_RULES",
+    "SOLVERS",
+    "STATISTICS",
+    "STRATEGIES",
+    "Arrays",
+    "ConfigError",
+    "Context",
+    "Outcome",
+    "PermutationSpec",
+    "Plan",
+    "Registry",
+    "RegistryError",
+    "RepairInputs",
+    "RoundFailedError",
+    "RunConfig",
+    "StatContext",
+    "aggregate",
+    "from_dict",
+    "load_config",
+    "load_plugin",
+    "permutation_spec",
+    "register_aligner",
+    "register_dataset",
+    "register_fuse_rule",
+    "register_model",
+    "register_repair_rule",
+    "register_statistic",
+    "register_strategy",
+    "run",
 ]

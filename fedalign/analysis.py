@@ -63,7 +63,10 @@ def interpolate(
     have no meaningful average and are taken from ``a``."""
     if a.keys() != b.keys():
         raise ValueError(f"state dicts differ in keys: {sorted(set(a) ^ set(b))}")
-    return {k: torch.lerp(v, b[k].to(v), lam) if v.is_floating_point() else v.clone() for k, v in a.items()}
+    return {
+        k: torch.lerp(v, b[k].to(v), lam) if v.is_floating_point() else v.clone()
+        for k, v in a.items()
+    }
 
 
 def _batch_norms(model: nn.Module) -> list[_BatchNorm]:
@@ -163,6 +166,7 @@ def interpolation_barrier(
 
 # ---- CKA --------------------------------------------------------------------------------------
 
+
 def _features(X: ArrayLike, Y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Both representations as float64 (n, features) matrices; conv maps are flattened per input."""
     X, Y = (torch.as_tensor(Z).detach().double() for Z in (X, Y))
@@ -172,7 +176,9 @@ def _features(X: ArrayLike, Y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     return X, Y
 
 
-def _unbiased_hsic_terms(xy_frob2: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, n: int) -> torch.Tensor:
+def _unbiased_hsic_terms(
+    xy_frob2: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, n: int
+) -> torch.Tensor:
     """``n (n - 3)`` times the unbiased HSIC (Song et al. 2012) of linear kernels on column-centred
     features, from ``||Y^T X||_F^2`` and the squared row norms ``dx``, ``dy`` (the Gram diagonals).
 

@@ -43,7 +43,17 @@ from fedalign.config import ConfigError, RunConfig, load_config
 from fedalign.plots import Curve, accuracy_plot
 from fedalign.results import cumulative_bytes, read_rows
 
-SUITE_KEYS = {"name", "base", "overrides", "target_accuracy", "output", "strategies", "partitions", "seeds", "models"}
+SUITE_KEYS = {
+    "name",
+    "base",
+    "overrides",
+    "target_accuracy",
+    "output",
+    "strategies",
+    "partitions",
+    "seeds",
+    "models",
+}
 
 
 @dataclass(frozen=True)
@@ -74,12 +84,18 @@ def _labelled(raw: Any, key: str) -> dict[str, list[str]]:
     if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
         return {label: [] for label in raw}
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{key}: expected a non-empty mapping of label -> list of key=value overrides")
+        raise ConfigError(
+            f"{key}: expected a non-empty mapping of label -> list of key=value overrides"
+        )
     out = {}
     for label, overrides in raw.items():
         overrides = overrides or []
-        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-            raise ConfigError(f"{key}.{label}: expected a list of key=value overrides, got {overrides!r}")
+        if not isinstance(overrides, list) or not all(
+            isinstance(o, str) and "=" in o for o in overrides
+        ):
+            raise ConfigError(
+                f"{key}.{label}: expected a list of key=value overrides, got {overrides!r}"
+            )
         if "/" in str(label):
             raise ConfigError(f"{key}.{label}: a label names a folder; no '/'")
         out[str(label)] = overrides
@@ -87,7 +103,9 @@ def _labelled(raw: Any, key: str) -> dict[str, list[str]]:
 
 
 def load_suite(
-    path: str | Path, output: str | Path | None = None, overrides: Sequence[str] = (),
+    path: str | Path,
+    output: str | Path | None = None,
+    overrides: Sequence[str] = (),
     seeds: Sequence[int] | None = None,
 ) -> Suite:
     """Read and expand a suite; every run's config is loaded (and so validated) here.
@@ -102,7 +120,9 @@ def load_suite(
         raise ConfigError(f"{path}: a suite is a mapping with keys {', '.join(sorted(SUITE_KEYS))}")
     unknown = sorted(set(raw) - SUITE_KEYS)
     if unknown:
-        raise ConfigError(f"unknown suite key '{unknown[0]}'; valid keys: {', '.join(sorted(SUITE_KEYS))}")
+        raise ConfigError(
+            f"unknown suite key '{unknown[0]}'; valid keys: {', '.join(sorted(SUITE_KEYS))}"
+        )
     if "base" not in raw:
         raise ConfigError("base: the suite needs a base run config")
     base = (path.parent / str(raw["base"])).resolve()
@@ -112,7 +132,11 @@ def load_suite(
     if not isinstance(common, list):
         raise ConfigError(f"overrides: expected a list of key=value, got {common!r}")
     seeds = list(seeds) if seeds is not None else raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise ConfigError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
     target = raw.get("target_accuracy")
     if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
@@ -123,8 +147,17 @@ def load_suite(
     name = str(raw.get("name", path.stem))
     runs = []
     for (model, m), (partition, p), (strategy, s), seed in itertools.product(
-            models.items(), partitions.items(), strategies.items(), seeds):
-        cell = [*common, *m, *p, *s, *overrides, f"seed={seed}", f"name={strategy}-{partition}-s{seed}"]
+        models.items(), partitions.items(), strategies.items(), seeds
+    ):
+        cell = [
+            *common,
+            *m,
+            *p,
+            *s,
+            *overrides,
+            f"seed={seed}",
+            f"name={strategy}-{partition}-s{seed}",
+        ]
         try:
             cfg = load_config(base, cell)
         except ConfigError as exc:
@@ -146,7 +179,9 @@ def resumable_run(folder: Path) -> Path | None:
     return started[-1] if started else None
 
 
-def run_suite(suite: Suite, verbose: bool = False, progress: bool = True) -> list[tuple[BenchRun, str]]:
+def run_suite(
+    suite: Suite, verbose: bool = False, progress: bool = True
+) -> list[tuple[BenchRun, str]]:
     """Run every cell not finished yet; returns what happened to each (ran, resumed, skipped)."""
     from fedalign.runner import run
 
@@ -171,7 +206,11 @@ def reach(rows: Sequence[dict], target: float | None) -> tuple[int | None, int |
         return None, None
     spent = cumulative_bytes(rows)
     for row, total in zip(rows, spent):
-        if row.get("test_accuracy") is not None and row["test_accuracy"] >= target and row["round"] > 0:
+        if (
+            row.get("test_accuracy") is not None
+            and row["test_accuracy"] >= target
+            and row["round"] > 0
+        ):
             return int(row["round"]), total
     return None, None
 
@@ -184,9 +223,15 @@ def run_metrics(run_dir: Path, target: float | None) -> dict[str, Any]:
     evaluated = [r for r in rows if r.get("test_accuracy") is not None]
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds, spent = reach(rows, target)
-    return {"final_accuracy": evaluated[-1]["test_accuracy"], "best_accuracy": max(r["test_accuracy"] for r in evaluated),
-            "rounds_to_target": rounds, "bytes_to_target": spent, "wall_seconds": summary.get("wall_seconds"),
-            "bytes_total": cumulative_bytes(rows)[-1], "rows": rows}
+    return {
+        "final_accuracy": evaluated[-1]["test_accuracy"],
+        "best_accuracy": max(r["test_accuracy"] for r in evaluated),
+        "rounds_to_target": rounds,
+        "bytes_to_target": spent,
+        "wall_seconds": summary.get("wall_seconds"),
+        "bytes_total": cumulative_bytes(rows)[-1],
+        "rows": rows,
+    }
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -210,36 +255,91 @@ def summarise_suite(suite: Suite) -> list[dict[str, Any]]:
     for cell in suite.runs:
         run_dir = finished_run(suite.output / cell.folder)
         if run_dir is not None:
-            groups.setdefault((cell.model, cell.partition, cell.strategy), []).append(run_metrics(run_dir, suite.target_accuracy))
+            groups.setdefault((cell.model, cell.partition, cell.strategy), []).append(
+                run_metrics(run_dir, suite.target_accuracy)
+            )
     target = "target" if suite.target_accuracy is None else f"{100 * suite.target_accuracy:g}%"
-    header = ["model", "partition", "strategy", "seeds", "final acc (%)", "best acc (%)",
-              f"rounds to {target}", f"MiB to {target}", "wall s"]
+    header = [
+        "model",
+        "partition",
+        "strategy",
+        "seeds",
+        "final acc (%)",
+        "best acc (%)",
+        f"rounds to {target}",
+        f"MiB to {target}",
+        "wall s",
+    ]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     records = []
     for (model, partition, strategy), runs in groups.items():
-        cells = [model, partition, strategy, str(len(runs)),
-                 _cell([r["final_accuracy"] for r in runs], 100), _cell([r["best_accuracy"] for r in runs], 100),
-                 _cell([r["rounds_to_target"] for r in runs], digits=1),
-                 _cell([r["bytes_to_target"] for r in runs], 2**-20, 1),
-                 _cell([r["wall_seconds"] for r in runs], digits=1)]
+        cells = [
+            model,
+            partition,
+            strategy,
+            str(len(runs)),
+            _cell([r["final_accuracy"] for r in runs], 100),
+            _cell([r["best_accuracy"] for r in runs], 100),
+            _cell([r["rounds_to_target"] for r in runs], digits=1),
+            _cell([r["bytes_to_target"] for r in runs], 2**-20, 1),
+            _cell([r["wall_seconds"] for r in runs], digits=1),
+        ]
         table.append("| " + " | ".join(cells) + " |")
-        records.append({"model": model, "partition": partition, "strategy": strategy, "seeds": len(runs),
-                        **{k: [r[k] for r in runs] for k in ("final_accuracy", "best_accuracy", "rounds_to_target",
-                                                              "bytes_to_target", "wall_seconds")}})
+        records.append(
+            {
+                "model": model,
+                "partition": partition,
+                "strategy": strategy,
+                "seeds": len(runs),
+                **{
+                    k: [r[k] for r in runs]
+                    for k in (
+                        "final_accuracy",
+                        "best_accuracy",
+                        "rounds_to_target",
+                        "bytes_to_target",
+                        "wall_seconds",
+                    )
+                },
+            }
+        )
     suite.output.mkdir(parents=True, exist_ok=True)
     (suite.output / "summary.md").write_text(f"# {suite.name}\n\n" + "\n".join(table) + "\n")
     with open(suite.output / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "partition", "strategy", "seed_count", "final_accuracy_mean", "final_accuracy_std",
-                         "best_accuracy_mean", "best_accuracy_std", "rounds_to_target_mean", "reached",
-                         "bytes_to_target_mean", "wall_seconds_mean"])
+        writer.writerow(
+            [
+                "model",
+                "partition",
+                "strategy",
+                "seed_count",
+                "final_accuracy_mean",
+                "final_accuracy_std",
+                "best_accuracy_mean",
+                "best_accuracy_std",
+                "rounds_to_target_mean",
+                "reached",
+                "bytes_to_target_mean",
+                "wall_seconds_mean",
+            ]
+        )
         for r in records:
             reached = [v for v in r["rounds_to_target"] if v is not None]
             spent = [v for v in r["bytes_to_target"] if v is not None]
-            writer.writerow([r["model"], r["partition"], r["strategy"], r["seeds"], *mean_std(r["final_accuracy"]),
-                             *mean_std(r["best_accuracy"]), statistics.fmean(reached) if reached else "",
-                             len(reached), statistics.fmean(spent) if spent else "",
-                             statistics.fmean(r["wall_seconds"])])
+            writer.writerow(
+                [
+                    r["model"],
+                    r["partition"],
+                    r["strategy"],
+                    r["seeds"],
+                    *mean_std(r["final_accuracy"]),
+                    *mean_std(r["best_accuracy"]),
+                    statistics.fmean(reached) if reached else "",
+                    len(reached),
+                    statistics.fmean(spent) if spent else "",
+                    statistics.fmean(r["wall_seconds"]),
+                ]
+            )
     _plot(suite, groups)
     print("\n".join(table))
     return records
@@ -252,13 +352,23 @@ def _plot(suite: Suite, groups: dict[tuple[str, str, str], list[dict]]) -> None:
         for (m, p, strategy), runs in groups.items():
             if (m, p) != (model, partition):
                 continue
-            curves = [[(r["round"], r["test_accuracy"], b) for r, b in zip(run["rows"], cumulative_bytes(run["rows"]))
-                       if r.get("test_accuracy") is not None] for run in runs]
+            curves = [
+                [
+                    (r["round"], r["test_accuracy"], b)
+                    for r, b in zip(run["rows"], cumulative_bytes(run["rows"]))
+                    if r.get("test_accuracy") is not None
+                ]
+                for run in runs
+            ]
             length = min(len(c) for c in curves)
             rounds = [c[0] for c in curves[0][:length]]
             acc = [100 * statistics.fmean(c[i][1] for c in curves) for i in range(length)]
             mib = [statistics.fmean(c[i][2] for c in curves) / 2**20 for i in range(length)]
             lines[f"{strategy} (n={len(runs)})"] = Curve(rounds, mib, acc)
-        accuracy_plot(lines, suite.output / f"accuracy-{model}-{partition}.png",
-                      y_label="test accuracy (%), mean over seeds",
-                      title=f"{suite.name}: {model}, {partition}", dpi=110)
+        accuracy_plot(
+            lines,
+            suite.output / f"accuracy-{model}-{partition}.png",
+            y_label="test accuracy (%), mean over seeds",
+            title=f"{suite.name}: {model}, {partition}",
+            dpi=110,
+        )

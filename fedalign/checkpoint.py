@@ -71,7 +71,9 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int = 2
     stem = f"round-{checkpoint.round:06d}"
     tensor_path = directory / f"{stem}.safetensors"
     payload = {f"model/{k}": v.detach().cpu().contiguous() for k, v in checkpoint.model.items()}
-    payload.update({f"state/{k}": v.detach().cpu().contiguous() for k, v in checkpoint.tensors.items()})
+    payload.update(
+        {f"state/{k}": v.detach().cpu().contiguous() for k, v in checkpoint.tensors.items()}
+    )
     tmp = tensor_path.with_name(tensor_path.name + ".tmp")
     save_file(payload, str(tmp))
     with open(tmp, "rb+") as f:
@@ -110,18 +112,22 @@ def read_checkpoint(manifest_path: str | Path) -> Checkpoint:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest_path.name}: unreadable manifest ({exc})") from None
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path.name}: unknown checkpoint format {manifest.get('format')!r}")
+        raise CheckpointError(
+            f"{manifest_path.name}: unknown checkpoint format {manifest.get('format')!r}"
+        )
     if not tensor_path.is_file():
         raise CheckpointError(f"{manifest_path.name}: {tensor_path.name} is missing")
     actual = _sha256(tensor_path)
     if actual != expected:
-        raise CheckpointError(f"{tensor_path.name}: checksum mismatch (file truncated or corrupted)")
+        raise CheckpointError(
+            f"{tensor_path.name}: checksum mismatch (file truncated or corrupted)"
+        )
     try:
         payload = load_file(str(tensor_path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{tensor_path.name}: not a valid safetensors file ({exc})") from None
     model = OrderedDict((k, payload[f"model/{k}"]) for k in manifest["model_keys"])
-    tensors = {k[len("state/"):]: v for k, v in payload.items() if k.startswith("state/")}
+    tensors = {k[len("state/") :]: v for k, v in payload.items() if k.startswith("state/")}
     return Checkpoint(round_, model, manifest.get("state", {}), tensors)
 
 

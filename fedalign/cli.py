@@ -33,8 +33,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _load_plugins(args)
     if args.resume:
         if args.config or args.set:
-            raise ConfigError("--resume RUN_DIR continues a run with its own config.yaml; "
-                              "give no CONFIG or --set")
+            raise ConfigError(
+                "--resume RUN_DIR continues a run with its own config.yaml; give no CONFIG or --set"
+            )
         cfg = load_config(Path(args.resume) / "config.yaml")
     elif not args.config:
         raise ConfigError("give a CONFIG file (or --resume RUN_DIR)")
@@ -42,13 +43,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
     from fedalign.runner import run
 
-    outcome = run(cfg, output_dir=args.output, verbose=args.verbose, progress=not args.no_progress,
-                  resume_dir=args.resume)
+    outcome = run(
+        cfg,
+        output_dir=args.output,
+        verbose=args.verbose,
+        progress=not args.no_progress,
+        resume_dir=args.resume,
+    )
     s = outcome.summary
     if "final_accuracy" in s:
-        print(f"final test accuracy: {100 * s['final_accuracy']:.2f}% "
-              f"(best {100 * s['best_accuracy']:.2f}% at round {s['best_round']}), "
-              f"{s['bytes_total'] / 2**20:.1f} MiB communicated, {s['wall_seconds']:.1f} s")
+        print(
+            f"final test accuracy: {100 * s['final_accuracy']:.2f}% "
+            f"(best {100 * s['best_accuracy']:.2f}% at round {s['best_round']}), "
+            f"{s['bytes_total'] / 2**20:.1f} MiB communicated, {s['wall_seconds']:.1f} s"
+        )
     print(f"run folder: {outcome.run_dir}")
     return 0
 
@@ -88,8 +96,10 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"{args.run}: no partition.json (is it a run folder?)")
     summary = json.loads(path.read_text())
-    print(f"{summary.get('dataset')} / {summary.get('scheme')} {summary.get('options', {})}, "
-          f"seed {summary.get('seed')}")
+    print(
+        f"{summary.get('dataset')} / {summary.get('scheme')} {summary.get('options', {})}, "
+        f"seed {summary.get('seed')}"
+    )
     print(format_histogram(np.asarray(summary["label_histogram"])))
     return 0
 
@@ -100,28 +110,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a federated simulation from a YAML config")
     run.add_argument("config", nargs="?", help="path of the YAML config")
-    run.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue an interrupted run from its last intact checkpoint")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config entry, e.g. --set strategy.rounds=5 (repeatable)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last intact checkpoint",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. --set strategy.rounds=5 (repeatable)",
+    )
     run.add_argument("--output", help="parent folder of the run folder (default: output.dir)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
-    run.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
-                     help="run this Python file first (it may register models, datasets, rules)")
+    run.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="run this Python file first (it may register models, datasets, rules)",
+    )
     run.set_defaults(func=_cmd_run)
 
-    bench = sub.add_parser("bench", help="run a suite (strategies x partitions x seeds) and summarise it")
+    bench = sub.add_parser(
+        "bench", help="run a suite (strategies x partitions x seeds) and summarise it"
+    )
     bench.add_argument("suite", help="path of the suite YAML")
     bench.add_argument("--output", help="suite folder (default: the suite's output)")
-    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config entry in every run (after the suite's own overrides)")
+    bench.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry in every run (after the suite's own overrides)",
+    )
     bench.add_argument("--seeds", type=int, nargs="+", help="replace the suite's seeds")
-    bench.add_argument("--summary-only", action="store_true", help="rebuild the summary from finished runs")
+    bench.add_argument(
+        "--summary-only", action="store_true", help="rebuild the summary from finished runs"
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
-    bench.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
-                       help="run this Python file first (it may register models, datasets, rules)")
+    bench.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="run this Python file first (it may register models, datasets, rules)",
+    )
     bench.set_defaults(func=_cmd_bench)
 
     report = sub.add_parser("report", help="compare run folders: markdown table and plots")
@@ -146,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedalign: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RoundFailedError as exc:
-        print(f"fedalign: run stopped: {exc}\nFinished rounds are in the run folder; "
-              "continue with `fedalign run --resume RUN_DIR`.", file=sys.stderr)
+        print(
+            f"fedalign: run stopped: {exc}\nFinished rounds are in the run folder; "
+            "continue with `fedalign run --resume RUN_DIR`.",
+            file=sys.stderr,
+        )
         return 1
 
 

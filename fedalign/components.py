@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from fedalign.config import DataConfig, RunConfig
 from fedalign.data import Federation, federation
@@ -38,7 +38,9 @@ def run_federation(cfg: RunConfig) -> Federation:
     )
 
 
-def shape_options(model_name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, int]:
+def shape_options(
+    model_name: str, input_shape: tuple[int, ...], num_classes: int
+) -> dict[str, int]:
     """Model options implied by the data: input size, channels, image side, classes.
 
     Only options the model takes are returned, so ``mlp`` on 8x8 digits gets ``in_features=64`` and
@@ -62,7 +64,10 @@ def run_model(
     widths matching changed are resized to it (``fedalign.models.fit_to_state``) and the weights
     are loaded.
     """
-    options = {**shape_options(cfg.model.name, fed.input_shape, fed.num_classes), **cfg.model.options}
+    options = {
+        **shape_options(cfg.model.name, fed.input_shape, fed.num_classes),
+        **cfg.model.options,
+    }
     if init_seed is not None:
         torch.manual_seed(init_seed)
     model = build_model(cfg.model.name, **options)

@@ -66,7 +66,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
-    objective: str | None = None   # the client objective; None: the strategy's (fedprox: proximal)
+    objective: str | None = None  # the client objective; None: the strategy's (fedprox: proximal)
     proximal_mu: float = 0.0
 
 
@@ -196,13 +196,22 @@ class RunConfig:
     def to_plan(self, device: str = "cpu") -> Plan:
         """The server pipeline this config describes (``device``: where alignment runs)."""
         a = self.aggregation
-        return Plan(align=a.align, solver=a.solver, fuse=a.fuse, repair=a.repair, options=dict(a.options),
-                    workers=a.workers, device=device)
+        return Plan(
+            align=a.align,
+            solver=a.solver,
+            fuse=a.fuse,
+            repair=a.repair,
+            options=dict(a.options),
+            workers=a.workers,
+            device=device,
+        )
 
     @property
     def objective(self) -> str:
         """The client objective: the one named in ``train.objective``, else the strategy's."""
-        return self.train.objective or STRATEGIES.get(self.strategy.name).meta.get("objective", "plain")
+        return self.train.objective or STRATEGIES.get(self.strategy.name).meta.get(
+            "objective", "plain"
+        )
 
     @property
     def resolved_seeds(self) -> Seeds:
@@ -302,8 +311,12 @@ def _model_section(raw: Any) -> dict[str, Any]:
 
 def _step_options() -> set[str]:
     """Every option some registered pipeline step or statistic takes."""
-    return {name for registry in (*_STEP_REGISTRIES, STATISTICS) for n in registry
-            for name in registry.get(n).options}
+    return {
+        name
+        for registry in (*_STEP_REGISTRIES, STATISTICS)
+        for n in registry
+        for name in registry.get(n).options
+    }
 
 
 def _aggregation_section(raw: Any) -> Any:
@@ -323,7 +336,11 @@ def _aggregation_section(raw: Any) -> Any:
 
 
 def _check(need: Callable[[bool, str, str], None], key: str, registry: Any, name: str) -> None:
-    need(name in registry, key, f"unknown {registry.kind} {name!r}; choose one of {', '.join(registry)}")
+    need(
+        name in registry,
+        key,
+        f"unknown {registry.kind} {name!r}; choose one of {', '.join(registry)}",
+    )
 
 
 def clients_per_round(cfg: RunConfig) -> int:
@@ -331,31 +348,44 @@ def clients_per_round(cfg: RunConfig) -> int:
     return max(round(s.fraction_train * cfg.data.num_clients), s.min_train_clients)
 
 
-def _validate_aggregation(cfg: RunConfig, context: Context, need: Callable[[bool, str, str], None]) -> RunConfig:
+def _validate_aggregation(
+    cfg: RunConfig, context: Context, need: Callable[[bool, str, str], None]
+) -> RunConfig:
     """The pipeline's steps exist, fit together and with the model; returns ``cfg`` with the
     options of the chosen steps resolved (options of steps not chosen are dropped, as a run folder
     of an earlier version records every step's)."""
     a = cfg.aggregation
-    for key, registry, value in (("align", ALIGNERS, a.align), ("fuse", FUSE_RULES, a.fuse),
-                                 ("repair", REPAIR_RULES, a.repair), ("solver", SOLVERS, a.solver)):
+    for key, registry, value in (
+        ("align", ALIGNERS, a.align),
+        ("fuse", FUSE_RULES, a.fuse),
+        ("repair", REPAIR_RULES, a.repair),
+        ("solver", SOLVERS, a.solver),
+    ):
         _check(need, f"aggregation.{key}", registry, value)
     if not (a.active or a.own_init):
         return cfg
     strategy = STRATEGIES.get(cfg.strategy.name)
-    need(bool(strategy.meta.get("pipeline")), "aggregation",
-         f"the align/fuse/repair pipeline runs with strategy "
-         f"{' or '.join(n for n in STRATEGIES if STRATEGIES.get(n).meta.get('pipeline'))}, "
-         f"not {cfg.strategy.name!r} ({cfg.strategy.name} fuses by its own matching)")
+    need(
+        bool(strategy.meta.get("pipeline")),
+        "aggregation",
+        f"the align/fuse/repair pipeline runs with strategy "
+        f"{' or '.join(n for n in STRATEGIES if STRATEGIES.get(n).meta.get('pipeline'))}, "
+        f"not {cfg.strategy.name!r} ({cfg.strategy.name} fuses by its own matching)",
+    )
     need(a.stats_samples >= 0, "aggregation.stats_samples", f"must be >= 0, got {a.stats_samples}")
     need(a.workers >= 1, "aggregation.workers", f"must be >= 1, got {a.workers}")
     unknown = sorted(set(a.options) - _step_options())
-    need(not unknown, "aggregation.options", f"no registered step takes {unknown[0]!r}" if unknown else "")
+    need(
+        not unknown,
+        "aggregation.options",
+        f"no registered step takes {unknown[0]!r}" if unknown else "",
+    )
     plan = cfg.to_plan()
     for step, problem in plan.problems(context):
         need(False, f"aggregation.{step}", problem)
     try:
         resolved = plan.resolved_options()
-        for entry in plan.steps():    # an option's value is checked by the step that takes it
+        for entry in plan.steps():  # an option's value is checked by the step that takes it
             entry.resolve(resolved)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"aggregation.options: {exc}") from None
@@ -372,24 +402,38 @@ def _validate(cfg: RunConfig) -> RunConfig:
 
     d, t, s, sim = cfg.data, cfg.train, cfg.strategy, cfg.simulation
     _check(need, "data.dataset", DATASETS, d.dataset)
-    need(d.partition in partition_schemes(), "data.partition",
-         f"unknown scheme {d.partition!r}; choose one of {', '.join(partition_schemes())}")
+    need(
+        d.partition in partition_schemes(),
+        "data.partition",
+        f"unknown scheme {d.partition!r}; choose one of {', '.join(partition_schemes())}",
+    )
     need(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
     need(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
-    need(d.classes_per_client >= 1, "data.classes_per_client",
-         f"must be >= 1, got {d.classes_per_client}")
-    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    need(
+        d.classes_per_client >= 1,
+        "data.classes_per_client",
+        f"must be >= 1, got {d.classes_per_client}",
+    )
+    need(
+        0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"
+    )
     need(d.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
     if d.data_dir is not None:
-        need(Path(d.data_dir).expanduser().is_dir(), "data.data_dir",
-             f"directory {d.data_dir!r} does not exist")
+        need(
+            Path(d.data_dir).expanduser().is_dir(),
+            "data.data_dir",
+            f"directory {d.data_dir!r} does not exist",
+        )
 
     _check(need, "model.name", MODELS, cfg.model.name)
     options = model_options(cfg.model.name)
     unknown = sorted(set(cfg.model.options) - set(options))
-    need(not unknown, f"model.{unknown[0] if unknown else ''}",
-         f"model {cfg.model.name!r} takes no option {unknown[0] if unknown else ''!r}; "
-         f"it takes {', '.join(sorted(options))}")
+    need(
+        not unknown,
+        f"model.{unknown[0] if unknown else ''}",
+        f"model {cfg.model.name!r} takes no option {unknown[0] if unknown else ''!r}; "
+        f"it takes {', '.join(sorted(options))}",
+    )
 
     need(t.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {t.local_epochs}")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -403,18 +447,30 @@ def _validate(cfg: RunConfig) -> RunConfig:
 
     _check(need, "strategy.name", STRATEGIES, s.name)
     need(s.rounds >= 1, "strategy.rounds", f"must be >= 1, got {s.rounds}")
-    need(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train",
-         f"must be in (0, 1], got {s.fraction_train}")
-    need(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction_evaluate",
-         f"must be in [0, 1], got {s.fraction_evaluate}")
+    need(
+        0.0 < s.fraction_train <= 1.0,
+        "strategy.fraction_train",
+        f"must be in (0, 1], got {s.fraction_train}",
+    )
+    need(
+        0.0 <= s.fraction_evaluate <= 1.0,
+        "strategy.fraction_evaluate",
+        f"must be in [0, 1], got {s.fraction_evaluate}",
+    )
     need(1 <= s.min_train_clients, "strategy.min_train_clients", "must be >= 1")
-    need(s.min_train_clients <= d.num_clients, "strategy.min_train_clients",
-         f"{s.min_train_clients} is more than data.num_clients ({d.num_clients})")
+    need(
+        s.min_train_clients <= d.num_clients,
+        "strategy.min_train_clients",
+        f"{s.min_train_clients} is more than data.num_clients ({d.num_clients})",
+    )
     need(s.eval_every >= 1, "strategy.eval_every", f"must be >= 1, got {s.eval_every}")
     need(s.timeout > 0, "strategy.timeout", "must be > 0")
     need(s.round_retries >= 0, "strategy.round_retries", "must be >= 0")
-    need(s.max_update_norm is None or s.max_update_norm > 0, "strategy.max_update_norm",
-         "must be > 0 (or null for no bound)")
+    need(
+        s.max_update_norm is None or s.max_update_norm > 0,
+        "strategy.max_update_norm",
+        "must be > 0 (or null for no bound)",
+    )
     o = cfg.output
     need(o.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: no checkpoints)")
     need(o.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
@@ -426,29 +482,47 @@ def _validate(cfg: RunConfig) -> RunConfig:
     problem = STRATEGIES.get(s.name).problem(context)
     need(problem is None, "strategy.name", f"{s.name}: {problem}")
     m = s.matching
-    need(m.sigma > 0 and m.sigma0 > 0 and (m.gamma is None or m.gamma > 0), "strategy.matching",
-         "sigma, sigma0 and gamma must be > 0")
+    need(
+        m.sigma > 0 and m.sigma0 > 0 and (m.gamma is None or m.gamma > 0),
+        "strategy.matching",
+        "sigma, sigma0 and gamma must be > 0",
+    )
     need(m.iterations >= 0, "strategy.matching.iterations", "must be >= 0")
     _check(need, "strategy.matching.solver", SOLVERS, m.solver)
-    need(m.popularity in ("consistent", "reference"), "strategy.matching.popularity",
-         "consistent or reference")
+    need(
+        m.popularity in ("consistent", "reference"),
+        "strategy.matching.popularity",
+        "consistent or reference",
+    )
     need(m.max_width is None or m.max_width >= 1, "strategy.matching.max_width", "must be >= 1")
-    need(0 <= m.grid_tolerance <= 1, "strategy.matching.grid_tolerance",
-         f"an accuracy difference in [0, 1], got {m.grid_tolerance}")
+    need(
+        0 <= m.grid_tolerance <= 1,
+        "strategy.matching.grid_tolerance",
+        f"an accuracy difference in [0, 1], got {m.grid_tolerance}",
+    )
     cfg = _validate_aggregation(cfg, context, need)
     if cfg.objective == "proximal":
         need(t.proximal_mu > 0, "train.proximal_mu", f"strategy {s.name} needs proximal_mu > 0")
 
     for i, fault in enumerate(cfg.faults):
-        need(fault.kind in FAULT_KINDS, f"faults[{i}].kind",
-             f"unknown fault {fault.kind!r}; choose one of {', '.join(FAULT_KINDS)}")
-        need(0 <= fault.client < d.num_clients, f"faults[{i}].client",
-             f"no client {fault.client} among {d.num_clients}")
+        need(
+            fault.kind in FAULT_KINDS,
+            f"faults[{i}].kind",
+            f"unknown fault {fault.kind!r}; choose one of {', '.join(FAULT_KINDS)}",
+        )
+        need(
+            0 <= fault.client < d.num_clients,
+            f"faults[{i}].client",
+            f"no client {fault.client} among {d.num_clients}",
+        )
         need(fault.round >= 1, f"faults[{i}].round", "must be >= 1")
     need(sim.client_cpus > 0, "simulation.client_cpus", f"must be > 0, got {sim.client_cpus}")
     need(sim.client_gpus >= 0, "simulation.client_gpus", f"must be >= 0, got {sim.client_gpus}")
-    need(sim.server_device in ("cpu", "cuda", "auto"), "simulation.server_device",
-         "must be cpu, cuda or auto")
+    need(
+        sim.server_device in ("cpu", "cuda", "auto"),
+        "simulation.server_device",
+        "must be cpu, cuda or auto",
+    )
     return cfg
 
 
@@ -474,7 +548,9 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     if cfg.data.data_dir is not None:
         # the config travels to every client, on every node: a relative path would resolve
         # against each worker's own working directory
-        data = dataclasses.replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).expanduser().resolve()))
+        data = dataclasses.replace(
+            cfg.data, data_dir=str(Path(cfg.data.data_dir).expanduser().resolve())
+        )
         cfg = dataclasses.replace(cfg, data=data)
     return cfg
 

@@ -92,11 +92,19 @@ class Plan:
     def problems(self, context: Context) -> list[tuple[str, str]]:
         """``(step, reason)`` for every step that cannot run in ``context`` or with the others."""
         align, fuse, repair = self.steps()
-        found = [(step, f"{entry.name}: {why}") for step, entry in zip(("align", "fuse", "repair"), self.steps())
-                 if (why := entry.problem(context))]
+        found = [
+            (step, f"{entry.name}: {why}")
+            for step, entry in zip(("align", "fuse", "repair"), self.steps())
+            if (why := entry.problem(context))
+        ]
         if self.fuses_in_alignment and (fuse.name, repair.name) != ("mean", "none"):
-            found.append(("align", f"{align.name} fuses by itself and changes the widths: use fuse: mean, "
-                                   "repair: none"))
+            found.append(
+                (
+                    "align",
+                    f"{align.name} fuses by itself and changes the widths: use fuse: mean, "
+                    "repair: none",
+                )
+            )
         if repair.meta.get("needs_alignment") and align.name == "none":
             found.append(("repair", f"{repair.name} corrects aligned fusions: set align"))
         return found
@@ -109,24 +117,44 @@ def _to(tree: Any, device: torch.device) -> Any:
 
 
 def align(
-    plan: Plan, spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float], reference: int,
-    cross: Sequence[ClientStats], seed: int,
+    plan: Plan,
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    reference: int,
+    cross: Sequence[ClientStats],
+    seed: int,
 ) -> list[Perms]:
     """The plan's aligner, with its score matrices and solvers on ``plan.device`` (the server's
     GPU, when it has one); the permutations come back on the CPU."""
     entry = ALIGNERS.get(plan.align)
     if entry.meta.get("fuses"):
-        raise ValueError(f"align {plan.align!r} is not a permutation alignment ({plan.align} fuses by itself)")
+        raise ValueError(
+            f"align {plan.align!r} is not a permutation alignment ({plan.align} fuses by itself)"
+        )
     device = torch.device(plan.device)
     if device.type != "cpu":
-        states, cross = [_to(dict(sd), device) for sd in states], [_to(dict(c), device) for c in cross]
-    perms = entry.obj(spec, states, weights, reference=reference, cross=cross, solver=plan.solver, seed=seed,
-                      workers=plan.workers, **plan.options_of(entry))
+        states, cross = (
+            [_to(dict(sd), device) for sd in states],
+            [_to(dict(c), device) for c in cross],
+        )
+    perms = entry.obj(
+        spec,
+        states,
+        weights,
+        reference=reference,
+        cross=cross,
+        solver=plan.solver,
+        seed=seed,
+        workers=plan.workers,
+        **plan.options_of(entry),
+    )
     return perms if device.type == "cpu" else [{g: p.cpu() for g, p in pm.items()} for pm in perms]
 
 
-def permute_statistics(spec: PermutationSpec, perms: Perms, stats: Mapping[str, Stats],
-                       state: StateDict) -> dict[str, Stats]:
+def permute_statistics(
+    spec: PermutationSpec, perms: Perms, stats: Mapping[str, Stats], state: StateDict
+) -> dict[str, Stats]:
     """A client's train-phase statistics in the aligned basis."""
     out: dict[str, Stats] = {}
     for kind, value in stats.items():
@@ -137,8 +165,9 @@ def permute_statistics(spec: PermutationSpec, perms: Perms, stats: Mapping[str, 
     return out
 
 
-def fuse(plan: Plan, states: Sequence[StateDict], weights: Sequence[float],
-         stats: Sequence[ClientStats]) -> OrderedDict[str, torch.Tensor]:
+def fuse(
+    plan: Plan, states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats]
+) -> OrderedDict[str, torch.Tensor]:
     """The aligned states fused by the plan's rule."""
     entry = FUSE_RULES.get(plan.fuse)
     return entry.obj(states, weights, stats, **plan.options_of(entry))
@@ -158,8 +187,14 @@ class Outcome:
 
 
 def aggregate(
-    plan: Plan, spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float],
-    stats: Sequence[ClientStats], ask_cross: CrossQuery, ask_fused: FusedQuery, seed: int = 0,
+    plan: Plan,
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    stats: Sequence[ClientStats],
+    ask_cross: CrossQuery,
+    ask_fused: FusedQuery,
+    seed: int = 0,
 ) -> Outcome:
     """One server aggregation: align (asking the clients for cross-moments when the plan needs
     them), move the statistics into the aligned basis, fuse, repair (asking for statistics of the
@@ -179,7 +214,16 @@ def aggregate(
     moved = [permute_statistics(spec, p, stats[j], sd) for p, j, sd in zip(perms, kept, sub)]
     fused = fuse(plan, aligned, w, moved)
     repair = REPAIR_RULES.get(plan.repair)
-    fused, extra = repair.obj(fused, RepairInputs(spec, perms, w, moved, kept_cross, r, ask_fused),
-                              **plan.options_of(repair))
-    info: dict = {"align": plan.align, "fuse": plan.fuse, "repair": plan.repair, "reference": ref, **extra}
+    fused, extra = repair.obj(
+        fused,
+        RepairInputs(spec, perms, w, moved, kept_cross, r, ask_fused),
+        **plan.options_of(repair),
+    )
+    info: dict = {
+        "align": plan.align,
+        "fuse": plan.fuse,
+        "repair": plan.repair,
+        "reference": ref,
+        **extra,
+    }
     return Outcome(fused, kept, info)

@@ -25,8 +25,10 @@ class Curve:
 
     def __post_init__(self) -> None:
         if not len(self.x) == len(self.mib) == len(self.accuracy):
-            raise ValueError(f"a curve needs as many x, MiB and accuracy values, got "
-                             f"{len(self.x)}, {len(self.mib)} and {len(self.accuracy)}")
+            raise ValueError(
+                f"a curve needs as many x, MiB and accuracy values, got "
+                f"{len(self.x)}, {len(self.mib)} and {len(self.accuracy)}"
+            )
 
 
 def accuracy_plot(

@@ -64,8 +64,10 @@ def load_from_environment() -> None:
             _exec_file(name, Path(file))
         elif name == "__main__":
             if file is None:
-                raise ImportError("entries registered in an interactive session cannot reach Ray workers: "
-                                  "register them in a module or a --plugin file")
+                raise ImportError(
+                    "entries registered in an interactive session cannot reach Ray workers: "
+                    "register them in a module or a --plugin file"
+                )
             _exec_file(f"fedalign_main_{Path(file).stem}", Path(file))
         elif name not in sys.modules:
             importlib.import_module(name)

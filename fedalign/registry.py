@@ -111,13 +111,17 @@ class Registry:
             if not isinstance(name, str) or not name:
                 raise RegistryError(f"{self.kind} names are non-empty strings, got {name!r}")
             if name in self._entries and not replace:
-                raise RegistryError(f"{self.kind} {name!r} is already registered "
-                                    "(pass replace=True to override it)")
+                raise RegistryError(
+                    f"{self.kind} {name!r} is already registered (pass replace=True to override it)"
+                )
             self._entries[name] = Entry(
-                self.kind, name, target,
+                self.kind,
+                name,
+                target,
                 dict(keyword_defaults(target) if options is None else options),
                 {phase: tuple(kinds) for phase, kinds in (needs or {}).items()},
-                supports, dict(meta),
+                supports,
+                dict(meta),
             )
             return target
 

@@ -51,19 +51,25 @@ from fedalign.types import ClientStats, StateDict, Stats
 Targets = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def repair_targets(endpoint_moments: Sequence[Mapping[str, Moments]], weights: Sequence[float] | None = None) -> Targets:
+def repair_targets(
+    endpoint_moments: Sequence[Mapping[str, Moments]], weights: Sequence[float] | None = None
+) -> Targets:
     """Per layer, ``(sum_k w_k mu_k, sum_k w_k sigma_k)`` over the endpoints' channel statistics
     (each endpoint's moments in the aligned basis)."""
     w = normalised_weights(weights, len(endpoint_moments))
     targets: Targets = {}
     for name in endpoint_moments[0]:
         pairs = [mean_std(m[name]) for m in endpoint_moments]
-        targets[name] = (sum(wk * mu for wk, (mu, _) in zip(w, pairs)),
-                         sum(wk * sd for wk, (_, sd) in zip(w, pairs)))
+        targets[name] = (
+            sum(wk * mu for wk, (mu, _) in zip(w, pairs)),
+            sum(wk * sd for wk, (_, sd) in zip(w, pairs)),
+        )
     return targets
 
 
-def fold_affine(state: StateDict, name: str, scale: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+def fold_affine(
+    state: StateDict, name: str, scale: torch.Tensor, shift: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Entries of layer ``name`` computing ``scale * (W x + b) + shift`` per output channel (for a
     norm, ``W x`` is its per-channel affine of the normalised input)."""
     weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
@@ -71,11 +77,15 @@ def fold_affine(state: StateDict, name: str, scale: torch.Tensor, shift: torch.T
         raise ValueError(f"layer {name!r} has no weight and bias to fold a per-channel affine into")
     s = scale.to(torch.float64)
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    return {f"{name}.weight": (weight.double() * s.reshape(shape)).to(weight.dtype),
-            f"{name}.bias": (bias.double() * s + shift.double()).to(bias.dtype)}
+    return {
+        f"{name}.weight": (weight.double() * s.reshape(shape)).to(weight.dtype),
+        f"{name}.bias": (bias.double() * s + shift.double()).to(bias.dtype),
+    }
 
 
-def repair(state: StateDict, targets: Targets, fused_moments: Mapping[str, Moments], eps: float = 1e-5) -> OrderedDict:
+def repair(
+    state: StateDict, targets: Targets, fused_moments: Mapping[str, Moments], eps: float = 1e-5
+) -> OrderedDict:
     """The fused ``state`` with every layer in ``targets`` rescaled so that its channel statistics
     (``fused_moments``, measured on the fused model) become the targets."""
     out = OrderedDict(state)
@@ -106,17 +116,21 @@ def repair_closed_form(
         raise ValueError(f"no matched-unit correlations for layers {missing}")
     for name in endpoint_moments[0]:
         stats = [mean_std(m[name]) for m in endpoint_moments]
-        mu = torch.stack([m for m, _ in stats]).double()          # (J, C)
+        mu = torch.stack([m for m, _ in stats]).double()  # (J, C)
         sd = torch.stack([s for _, s in stats]).double()
         rho = correlations[name].double()
         if rho.dim() == 1:
             if len(stats) != 2:
                 raise ValueError(f"layer {name!r}: a (C,) correlation needs exactly 2 endpoints")
-            rho = torch.stack([torch.stack([torch.ones_like(rho), rho]), torch.stack([rho, torch.ones_like(rho)])])
+            rho = torch.stack(
+                [torch.stack([torch.ones_like(rho), rho]), torch.stack([rho, torch.ones_like(rho)])]
+            )
         if rho.shape != (len(stats), len(stats), mu.shape[1]):
-            raise ValueError(f"layer {name!r}: correlations are {tuple(rho.shape)}, "
-                             f"expected ({len(stats)}, {len(stats)}, {mu.shape[1]})")
-        ws = w[:, None] * sd                                         # (J, C)
+            raise ValueError(
+                f"layer {name!r}: correlations are {tuple(rho.shape)}, "
+                f"expected ({len(stats)}, {len(stats)}, {mu.shape[1]})"
+            )
+        ws = w[:, None] * sd  # (J, C)
         expected_std = torch.einsum("kc,klc,lc->c", ws, rho, ws).clamp_min(0).sqrt()
         goal_mean, goal_std = (w[:, None] * mu).sum(0), ws.sum(0)
         scale = goal_std / (expected_std + eps)
@@ -124,7 +138,9 @@ def repair_closed_form(
     return out
 
 
-def bn_reset_from_stats(model_or_state: nn.Module | StateDict, bn_moments: Mapping[str, Moments]) -> OrderedDict:
+def bn_reset_from_stats(
+    model_or_state: nn.Module | StateDict, bn_moments: Mapping[str, Moments]
+) -> OrderedDict:
     """The state of a model (or a state dict) with its BatchNorm running statistics set from
     pooled moments of their inputs (``stats.batchnorm_input_moments`` summed over clients; the
     variance unbiased, as torch keeps it); ``num_batches_tracked`` is left as it is. Load the
@@ -135,7 +151,9 @@ def bn_reset_from_stats(model_or_state: nn.Module | StateDict, bn_moments: Mappi
     out = OrderedDict(state)
     for name, m in bn_moments.items():
         if f"{name}.running_mean" not in out:
-            raise ValueError(f"statistics for {name!r}, which has no running statistics in the model")
+            raise ValueError(
+                f"statistics for {name!r}, which has no running statistics in the model"
+            )
         n = m["count"].clamp_min(2.0)
         mean = m["sum"] / n
         var = (m["sumsq"] - n * mean**2).clamp_min(0.0) / (n - 1)
@@ -149,19 +167,23 @@ bn_reset = bn_reset_from_stats  # the name the studies call
 
 
 def repair_with_data(
-    fused: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor, weights: Sequence[float] | None = None,
+    fused: nn.Module,
+    endpoints: Sequence[nn.Module],
+    X: torch.Tensor,
+    weights: Sequence[float] | None = None,
 ) -> OrderedDict:
     """REPAIR outside a federation: endpoint and fused statistics measured on the same ``X``
     (``endpoints`` aligned to ``fused``); returns the repaired state of ``fused``."""
     layers = hidden_layers(fused)
     endpoint_moments = [activation_moments(m, X, layers) for m in endpoints]
     targets = repair_targets(endpoint_moments, weights)
-    return repair(fused.state_dict(), targets, activation_moments(fused, X, layers, targets=targets))
-
-
+    return repair(
+        fused.state_dict(), targets, activation_moments(fused, X, layers, targets=targets)
+    )
 
 
 # ---- the statistics repair consumes, and how they move into the aligned basis -------------------
+
 
 def output_group(spec: PermutationSpec, layer: str) -> str | None:
     """The group carried by the output channels of Linear/Conv2d ``layer`` (None: unpermuted)."""
@@ -169,13 +191,21 @@ def output_group(spec: PermutationSpec, layer: str) -> str | None:
     return axes[0][0] if 0 in axes else None
 
 
-def permute_moments(spec: PermutationSpec, perms: Perms, moments: Mapping[str, Moments],
-                    state: StateDict | None = None) -> dict[str, Moments]:
+def permute_moments(
+    spec: PermutationSpec,
+    perms: Perms,
+    moments: Mapping[str, Moments],
+    state: StateDict | None = None,
+) -> dict[str, Moments]:
     """Channel moments of each layer reordered like the layer's output units."""
     out = {}
     for layer, m in moments.items():
         group = output_group(spec, layer)
-        out[layer] = dict(m) if group is None else {k: v if v.dim() == 0 else v[perms[group]] for k, v in m.items()}
+        out[layer] = (
+            dict(m)
+            if group is None
+            else {k: v if v.dim() == 0 else v[perms[group]] for k, v in m.items()}
+        )
     return out
 
 
@@ -187,7 +217,9 @@ def _bn(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext
     return batchnorm_input_moments(model, X)
 
 
-def _preact_cross(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext) -> Stats:
+def _preact_cross(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext
+) -> Stats:
     if context.reference is None:
         raise ValueError("cross-moments need a reference model")
     return preactivation_cross_moments(context.reference, model, X)
@@ -198,7 +230,9 @@ STATISTICS.register("bn", _bn, permute=None)
 STATISTICS.register("preact-cross", _preact_cross, permute=None)
 
 
-def matched_correlations(preact_cross: Stats, spec: PermutationSpec, perms: Perms) -> dict[str, torch.Tensor]:
+def matched_correlations(
+    preact_cross: Stats, spec: PermutationSpec, perms: Perms
+) -> dict[str, torch.Tensor]:
     """Per layer, the correlation of each reference unit with the client unit aligned to it
     (``corr[i, perm[i]]``), from pre-activation cross-moments taken before alignment."""
     out = {}
@@ -241,17 +275,28 @@ def _has_bn(context: Context) -> bool:
 
 
 def _needs_bn(context: Context) -> str | None:
-    return None if _has_bn(context) else "bn-reset re-estimates BatchNorm statistics; the model has none"
+    return (
+        None
+        if _has_bn(context)
+        else "bn-reset re-estimates BatchNorm statistics; the model has none"
+    )
 
 
 def _no_bn(context: Context) -> str | None:
-    return "rescales layers of networks without normalisation; use bn-reset" if _has_bn(context) else None
+    return (
+        "rescales layers of networks without normalisation; use bn-reset"
+        if _has_bn(context)
+        else None
+    )
 
 
 def _pairs_only(context: Context) -> str | None:
-    return _no_bn(context) or (None if context.clients_per_round == 2 else
-                               "needs the correlations of every pair of models: it runs with exactly 2 "
-                               f"clients a round, not {context.clients_per_round} (use repair for more)")
+    return _no_bn(context) or (
+        None
+        if context.clients_per_round == 2
+        else "needs the correlations of every pair of models: it runs with exactly 2 "
+        f"clients a round, not {context.clients_per_round} (use repair for more)"
+    )
 
 
 @REPAIR_RULES.register("none")
@@ -268,8 +313,12 @@ def bn_reset_rule(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict
     return bn_reset_from_stats(fused, _pool([a["bn"] for a in answers])), {}
 
 
-@REPAIR_RULES.register("repair", needs={"train": ("moments",), "repair": ("moments",)}, supports=_no_bn,
-                       needs_alignment=True)
+@REPAIR_RULES.register(
+    "repair",
+    needs={"train": ("moments",), "repair": ("moments",)},
+    supports=_no_bn,
+    needs_alignment=True,
+)
 def repair_rule(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict, dict[str, Any]]:
     """REPAIR: targets from the clients' own models, the fused model measured by the clients."""
     targets = repair_targets([s["moments"] for s in inputs.stats], inputs.weights)
@@ -279,12 +328,20 @@ def repair_rule(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict, 
     return repair(fused, targets, _pool([a["moments"] for a in answers])), {}
 
 
-@REPAIR_RULES.register("repair-closed-form", needs={"train": ("moments",), "align": ("preact-cross",)},
-                       supports=_pairs_only, needs_alignment=True)
-def closed_form_rule(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict, dict[str, Any]]:
+@REPAIR_RULES.register(
+    "repair-closed-form",
+    needs={"train": ("moments",), "align": ("preact-cross",)},
+    supports=_pairs_only,
+    needs_alignment=True,
+)
+def closed_form_rule(
+    fused: OrderedDict, inputs: RepairInputs
+) -> tuple[OrderedDict, dict[str, Any]]:
     """Closed-form REPAIR of two models from the correlations of their matched units."""
     other = 1 - inputs.reference
-    rho = matched_correlations(inputs.cross[other]["preact-cross"], inputs.spec, inputs.perms[other])
+    rho = matched_correlations(
+        inputs.cross[other]["preact-cross"], inputs.spec, inputs.perms[other]
+    )
     return repair_closed_form(fused, [s["moments"] for s in inputs.stats], rho, inputs.weights), {}
 
 
@@ -295,6 +352,17 @@ def _pool(parts: Sequence[Mapping[str, Moments]]) -> dict[str, Moments]:
     return pooled
 
 
-__all__ = ["REPAIR_RULES", "RepairInputs", "bn_reset", "bn_reset_from_stats", "fold_affine", "hidden_layers",
-           "matched_correlations", "permute_moments", "repair", "repair_closed_form", "repair_targets",
-           "repair_with_data"]
+__all__ = [
+    "REPAIR_RULES",
+    "RepairInputs",
+    "bn_reset",
+    "bn_reset_from_stats",
+    "fold_affine",
+    "hidden_layers",
+    "matched_correlations",
+    "permute_moments",
+    "repair",
+    "repair_closed_form",
+    "repair_targets",
+    "repair_with_data",
+]

@@ -28,9 +28,20 @@ from safetensors.torch import save_file
 from fedalign.plots import Curve, accuracy_plot
 
 CSV_COLUMNS = [
-    "round", "test_accuracy", "test_loss", "val_accuracy", "train_loss", "clients_sampled",
-    "clients_ok", "clients_failed", "bytes_down", "bytes_up", "seconds_train",
-    "seconds_aggregate", "seconds_evaluate", "seconds_total",
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "val_accuracy",
+    "train_loss",
+    "clients_sampled",
+    "clients_ok",
+    "clients_failed",
+    "bytes_down",
+    "bytes_up",
+    "seconds_train",
+    "seconds_aggregate",
+    "seconds_evaluate",
+    "seconds_total",
 ]
 
 
@@ -54,12 +65,18 @@ class RunRecorder:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         new = not (self.dir / "metrics.csv").exists()
-        columns = CSV_COLUMNS + sorted(k for k in row if k not in CSV_COLUMNS and not isinstance(row[k], (dict, list)))
+        columns = CSV_COLUMNS + sorted(
+            k for k in row if k not in CSV_COLUMNS and not isinstance(row[k], (dict, list))
+        )
         with open(self.dir / "metrics.csv", "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns if new else self._csv_header(), extrasaction="ignore")
+            writer = csv.DictWriter(
+                f, fieldnames=columns if new else self._csv_header(), extrasaction="ignore"
+            )
             if new:
                 writer.writeheader()
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in writer.fieldnames})
+            writer.writerow(
+                {k: ("" if row.get(k) is None else row.get(k)) for k in writer.fieldnames}
+            )
 
     def truncate_after(self, last_round: int) -> None:
         """Drop rows of rounds after ``last_round`` (a resumed run redoes them)."""
@@ -74,8 +91,12 @@ class RunRecorder:
         with open(self.dir / "metrics.csv", newline="") as f:
             return next(csv.reader(f))
 
-    def save_model(self, state_dict: Mapping[str, torch.Tensor], name: str = "model.safetensors") -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(self.dir / name))
+    def save_model(
+        self, state_dict: Mapping[str, torch.Tensor], name: str = "model.safetensors"
+    ) -> None:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(self.dir / name)
+        )
 
     def finish(self, wall_seconds: float, plot: bool = True) -> dict[str, Any]:
         summary = summarise(self.rows)

@@ -71,7 +71,12 @@ def node_resources(address: str | None) -> list[dict[str, float]]:
     if not address:
         return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
@@ -79,11 +84,20 @@ def check_resources(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
     """A clear error when no node can hold one client (Flower would fail later with "ActorPool is
     empty")."""
     sim = cfg.simulation
-    fits = [n for n in nodes if n.get("CPU", 0.0) >= sim.client_cpus and n.get("GPU", 0.0) >= sim.client_gpus]
+    fits = [
+        n
+        for n in nodes
+        if n.get("CPU", 0.0) >= sim.client_cpus and n.get("GPU", 0.0) >= sim.client_gpus
+    ]
     if not fits:
-        have = ", ".join(f"{n.get('CPU', 0):g} CPU / {n.get('GPU', 0):g} GPU" for n in nodes) or "no alive node"
-        raise ConfigError(f"simulation.client_cpus={sim.client_cpus:g}, client_gpus={sim.client_gpus:g}: no Ray node "
-                          f"can run one client (nodes: {have})")
+        have = (
+            ", ".join(f"{n.get('CPU', 0):g} CPU / {n.get('GPU', 0):g} GPU" for n in nodes)
+            or "no alive node"
+        )
+        raise ConfigError(
+            f"simulation.client_cpus={sim.client_cpus:g}, client_gpus={sim.client_gpus:g}: no Ray node "
+            f"can run one client (nodes: {have})"
+        )
 
 
 def configure_logging(verbose: bool) -> None:
@@ -119,7 +133,9 @@ def run(
 
     # Partition (and load) once here: a bad dataset or partition fails before Ray starts.
     run_federation(cfg)
-    check_resources(cfg, node_resources(cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")))
+    check_resources(
+        cfg, node_resources(cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS"))
+    )
     resume = None
     if resume_dir is not None:
         recorder = RunRecorder(resume_dir)
@@ -156,5 +172,9 @@ def run(
 
 
 def _progress_bar(cfg: RunConfig, done: int = 0):
-    return tqdm(total=cfg.strategy.rounds, initial=done, desc=f"{cfg.name} [{cfg.strategy.name}]",
-                unit="round")
+    return tqdm(
+        total=cfg.strategy.rounds,
+        initial=done,
+        desc=f"{cfg.name} [{cfg.strategy.name}]",
+        unit="round",
+    )

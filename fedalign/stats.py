@@ -35,7 +35,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedalign.registry import Registry
 
-
 Moments = dict[str, torch.Tensor]  # {"count": scalar, "sum": (C,), "sumsq": (C,)}
 CrossMoments = dict[str, torch.Tensor]  # {"count", "sum_ref", "sum", "sq_ref", "sq", "cross"}
 Data = torch.Tensor | Iterable
@@ -47,7 +46,9 @@ def evaluation(model: nn.Module, batchnorm_train: bool = False) -> Iterator[nn.M
     modes, BatchNorm buffers and momenta restored afterwards."""
     modes = {m: m.training for m in model.modules()}
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [(m, m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms]
+    saved = [
+        (m, m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms
+    ]
     model.eval()
     if batchnorm_train:
         for m in norms:
@@ -69,7 +70,7 @@ def batches(data: Data, batch_size: int) -> Iterator[torch.Tensor]:
     or of ``(X, y)`` pairs (a DataLoader) taken as it comes."""
     if isinstance(data, torch.Tensor):
         for i in range(0, len(data), batch_size):
-            yield data[i:i + batch_size]
+            yield data[i : i + batch_size]
         return
     for batch in data:
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -77,8 +78,11 @@ def batches(data: Data, batch_size: int) -> Iterator[torch.Tensor]:
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The Linear and (ungrouped) Conv2d modules by name, in registration order."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+    }
 
 
 def _is_channel_affine(m: nn.Module) -> bool:
@@ -107,12 +111,18 @@ def channel_samples(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 def _moments(t: torch.Tensor) -> Moments:
     t = t.double()
-    return {"count": torch.tensor(float(len(t)), dtype=torch.float64), "sum": t.sum(0), "sumsq": (t * t).sum(0)}
+    return {
+        "count": torch.tensor(float(len(t)), dtype=torch.float64),
+        "sum": t.sum(0),
+        "sumsq": (t * t).sum(0),
+    }
 
 
 def add_sums(total: dict[str, Any], name: str, part: Mapping[str, torch.Tensor]) -> None:
     """``total[name] += part`` entry by entry (the first part is kept as it is)."""
-    total[name] = dict(part) if name not in total else {k: total[name][k] + v for k, v in part.items()}
+    total[name] = (
+        dict(part) if name not in total else {k: total[name][k] + v for k, v in part.items()}
+    )
 
 
 def add_moments(a: Mapping[str, Moments], b: Mapping[str, Moments]) -> dict[str, Moments]:
@@ -130,13 +140,19 @@ def mean_std(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _collect(
-    model: nn.Module, X: Data, batch_size: int, modules: Mapping[str, nn.Module],
-    observe: Callable[[str, nn.Module, tuple, torch.Tensor], torch.Tensor | None], batchnorm_train: bool = False,
+    model: nn.Module,
+    X: Data,
+    batch_size: int,
+    modules: Mapping[str, nn.Module],
+    observe: Callable[[str, nn.Module, tuple, torch.Tensor], torch.Tensor | None],
+    batchnorm_train: bool = False,
 ) -> None:
     """Run ``model`` over ``X`` with ``observe(name, module, inputs, output)`` hooked on ``modules``;
     a hook that returns a tensor replaces the module's output."""
-    handles = [m.register_forward_hook(lambda mod, inp, out, name=name: observe(name, mod, inp, out))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: observe(name, mod, inp, out))
+        for name, m in modules.items()
+    ]
     try:
         with evaluation(model, batchnorm_train):
             for xb in batches(X, batch_size):
@@ -156,12 +172,17 @@ def _select(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
     usable = {n for n, m in modules.items() if n in linear_layers(model) or _is_channel_affine(m)}
     unknown = sorted(set(layers) - usable)
     if unknown:
-        raise ValueError(f"no Linear/Conv2d/norm layers named {unknown}; the model has {sorted(usable)}")
+        raise ValueError(
+            f"no Linear/Conv2d/norm layers named {unknown}; the model has {sorted(usable)}"
+        )
     return {n: modules[n] for n in layers}
 
 
 def activation_moments(
-    model: nn.Module, X: Data, layers: Sequence[str] | None = None, batch_size: int = 500,
+    model: nn.Module,
+    X: Data,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 500,
     targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, Moments]:
     """Per output channel of each layer in ``layers`` (default: ``hidden_layers(model)``), float64
@@ -175,7 +196,9 @@ def activation_moments(
     modules = _select(model, hidden_layers(model) if layers is None else layers)
     stats: dict[str, Moments] = {}
 
-    def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    def observe(
+        name: str, module: nn.Module, inputs: tuple, out: torch.Tensor
+    ) -> torch.Tensor | None:
         dim = _channel_dim(module)
         batch = channel_samples(out, dim)
         add_sums(stats, name, _moments(batch))
@@ -185,8 +208,9 @@ def activation_moments(
         mean, std = batch.mean(0), batch.std(0, unbiased=False)
         shape = [1] * out.dim()
         shape[dim] = -1
-        return (out - mean.reshape(shape)) / (std.reshape(shape) + 1e-5) * goal_std.reshape(shape) \
-            + goal_mean.reshape(shape)
+        return (out - mean.reshape(shape)) / (std.reshape(shape) + 1e-5) * goal_std.reshape(
+            shape
+        ) + goal_mean.reshape(shape)
 
     _collect(model, X, batch_size, modules, observe)
     return stats
@@ -196,7 +220,11 @@ def batchnorm_input_moments(model: nn.Module, X: Data, batch_size: int = 500) ->
     """Per channel of each BatchNorm's input, count/sum/sum of squares over ``X``, with every
     BatchNorm normalising by its batch's statistics (as a reset of running statistics does), so
     the layers below see the activations they will see once the statistics are reset."""
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
+    norms = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats
+    }
     stats: dict[str, Moments] = {}
 
     def observe(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
@@ -213,11 +241,15 @@ def _layer_inputs(module: nn.Module, x: torch.Tensor, conv: str) -> torch.Tensor
         return x.reshape(-1, x.shape[-1])
     if conv == "channel":
         return channel_samples(x, 1)
-    patches = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])        # (N*L, C*kh*kw)
+    patches = nn.functional.unfold(
+        x, module.kernel_size, module.dilation, module.padding, module.stride
+    )
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N*L, C*kh*kw)
 
 
-def gram_matrices(model: nn.Module, X: Data, batch_size: int = 500, conv: str = "full") -> dict[str, torch.Tensor]:
+def gram_matrices(
+    model: nn.Module, X: Data, batch_size: int = 500, conv: str = "full"
+) -> dict[str, torch.Tensor]:
     """``sum x x^T`` (float64) of the inputs of every Linear and Conv2d over ``X``, each input
     row extended by a constant 1 as its last entry.
 
@@ -257,8 +289,12 @@ FISHER_MODES = ("sample", "exact", "empirical")
 
 
 def diagonal_fisher(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor | None = None, mode: str = "sample",
-    batch_size: int = 64, seed: int = 0,
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor | None = None,
+    mode: str = "sample",
+    batch_size: int = 64,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher: per parameter, the mean over ``X`` of squared per-example gradients of
     ``log p(y|x)``, with ``y`` sampled from the model (``mode="sample"``, seeded), summed over
@@ -284,7 +320,9 @@ def diagonal_fisher(
     per_example = vmap(grad(log_prob), in_dims=(None, 0, 0))
     total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
 
-    def accumulate(xb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, classes: int) -> None:
+    def accumulate(
+        xb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, classes: int
+    ) -> None:
         """``total += sum_n weight_n * g_n**2`` over the batch's per-example gradients."""
         g = per_example(params, xb, _one_hot(labels, classes))
         for k in total:
@@ -292,7 +330,7 @@ def diagonal_fisher(
 
     with evaluation(model), torch.enable_grad():
         for start in range(0, len(X), batch_size):
-            xb = X[start:start + batch_size]
+            xb = X[start : start + batch_size]
             with torch.no_grad():
                 probs = torch.softmax(model(xb), dim=-1).double()
             classes = probs.shape[1]
@@ -301,21 +339,33 @@ def diagonal_fisher(
                 for c in range(classes):
                     accumulate(xb, torch.full((len(xb),), c), probs[:, c], classes)
             elif mode == "sample":
-                accumulate(xb, torch.multinomial(probs, 1, generator=generator).squeeze(1), ones, classes)
+                accumulate(
+                    xb, torch.multinomial(probs, 1, generator=generator).squeeze(1), ones, classes
+                )
             else:
-                accumulate(xb, y[start:start + batch_size], ones, classes)
+                accumulate(xb, y[start : start + batch_size], ones, classes)
     return {k: (v / max(len(X), 1)).to(params[k].dtype) for k, v in total.items()}
 
 
 def cross_sums(a: torch.Tensor, b: torch.Tensor) -> CrossMoments:
     """Sums over the rows of ``a`` (samples, d_ref) and ``b`` (samples, d) that give means,
     variances and the cross-covariance: the statistics ``align.activation_matching`` consumes."""
-    return {"count": torch.tensor(float(len(a)), dtype=torch.float64), "sum_ref": a.sum(0), "sum": b.sum(0),
-            "sq_ref": (a * a).sum(0), "sq": (b * b).sum(0), "cross": a.T @ b}
+    return {
+        "count": torch.tensor(float(len(a)), dtype=torch.float64),
+        "sum_ref": a.sum(0),
+        "sum": b.sum(0),
+        "sq_ref": (a * a).sum(0),
+        "sq": (b * b).sum(0),
+        "cross": a.T @ b,
+    }
 
 
 def preactivation_cross_moments(
-    reference: nn.Module, model: nn.Module, X: Data, layers: Sequence[str] | None = None, batch_size: int = 500,
+    reference: nn.Module,
+    model: nn.Module,
+    X: Data,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 500,
 ) -> dict[str, CrossMoments]:
     """Per layer in ``layers`` (default: ``hidden_layers(reference)``), the sums of
     ``cross_moments`` for the layers' outputs (pre-activations) unit by unit: closed-form REPAIR's
@@ -327,6 +377,7 @@ def preactivation_cross_moments(
     def keep(side: str) -> Callable:
         def observe(layer: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
             outs[side][layer] = channel_samples(out, _channel_dim(module)).double()
+
         return observe
 
     stats: dict[str, CrossMoments] = {}
@@ -356,8 +407,12 @@ moments, ``align.activation_matching`` the cross-moments)."""
 
 
 def client_statistics(
-    kinds: Sequence[str], model: nn.Module, X: torch.Tensor, y: torch.Tensor,
-    context: StatContext = StatContext(), options: Mapping[str, Any] | None = None,
+    kinds: Sequence[str],
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    context: StatContext = StatContext(),
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, dict]:
     """The statistics named in ``kinds`` of ``model`` on one client's ``(X, y)``: what a client
     answers when the server's pipeline asks. ``options`` holds the statistics' options (those a

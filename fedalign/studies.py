@@ -77,8 +77,10 @@ def train_from_own_inits(
     """
     shuffle_seeds = init_seeds if shuffle_seeds is None else shuffle_seeds
     if not len(datasets) == len(init_seeds) == len(shuffle_seeds):
-        raise ValueError(f"{len(datasets)} datasets for {len(init_seeds)} init seeds and "
-                         f"{len(shuffle_seeds)} shuffle seeds")
+        raise ValueError(
+            f"{len(datasets)} datasets for {len(init_seeds)} init seeds and "
+            f"{len(shuffle_seeds)} shuffle seeds"
+        )
     if cache is not None and not key:
         raise ValueError("a cache needs a key naming the data and the architecture")
     setting = "-".join(f"{k}{v}" for k, v in sorted(options.items()))
@@ -117,8 +119,11 @@ def baseline_rows(
     local = [evaluate(m, X, y)[1] for m in models]
     probs = sum(torch.softmax(predict_logits(m, X), 1) for m in models)
     ensemble = float((probs.argmax(1) == torch.as_tensor(y)).float().mean())
-    return local, {"local (mean)": float(np.mean(local)), "local (best)": max(local),
-                   "prediction ensemble": ensemble}
+    return local, {
+        "local (mean)": float(np.mean(local)),
+        "local (best)": max(local),
+        "prediction ensemble": ensemble,
+    }
 
 
 def midpoint_barrier(
@@ -133,17 +138,30 @@ def midpoint_barrier(
     """The endpoints and the midpoint of ``interpolation_barrier`` (points 0, 1/2, 1), evaluated
     as they are: no BatchNorm reset, because the studies compare the corrections (REPAIR, a reset
     from pooled moments) and pass the one a row measures as ``correct``."""
-    return interpolation_barrier(model, state_a, state_b, X, y, points=3, batch_size=EVAL_BATCH,
-                                 device=device, reset_bn=False, correct=correct)
+    return interpolation_barrier(
+        model,
+        state_a,
+        state_b,
+        X,
+        y,
+        points=3,
+        batch_size=EVAL_BATCH,
+        device=device,
+        reset_bn=False,
+        correct=correct,
+    )
 
 
 def barrier_row(result: BarrierResult) -> dict[str, Any]:
     """The midpoint's loss, accuracy and loss barrier (against the endpoints' mean loss), and the
     endpoints' accuracies, as the barrier tables report them."""
     mid = result.midpoint
-    return {"midpoint_loss": result.loss[mid], "midpoint_accuracy": result.accuracy[mid],
-            "barrier": result.midpoint_loss_barrier,
-            "endpoint_accuracy": [result.accuracy[0], result.accuracy[-1]]}
+    return {
+        "midpoint_loss": result.loss[mid],
+        "midpoint_accuracy": result.accuracy[mid],
+        "barrier": result.midpoint_loss_barrier,
+        "endpoint_accuracy": [result.accuracy[0], result.accuracy[-1]],
+    }
 
 
 def write_json(path: Path, payload: Any) -> None:

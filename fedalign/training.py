@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from fedalign.registry import Registry
 
@@ -47,10 +47,20 @@ def batches(
 
 OPTIMIZERS = Registry("optimizer")
 """Name -> ``make(params, lr, momentum, weight_decay) -> torch.optim.Optimizer``."""
-OPTIMIZERS.register("sgd", lambda params, lr, momentum, weight_decay: torch.optim.SGD(
-    params, lr=lr, momentum=momentum, weight_decay=weight_decay), options={})
-OPTIMIZERS.register("adam", lambda params, lr, momentum, weight_decay: torch.optim.Adam(
-    params, lr=lr, weight_decay=weight_decay), options={})
+OPTIMIZERS.register(
+    "sgd",
+    lambda params, lr, momentum, weight_decay: torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay
+    ),
+    options={},
+)
+OPTIMIZERS.register(
+    "adam",
+    lambda params, lr, momentum, weight_decay: torch.optim.Adam(
+        params, lr=lr, weight_decay=weight_decay
+    ),
+    options={},
+)
 
 
 def make_optimizer(
@@ -138,19 +148,26 @@ def train_local(
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, X: np.ndarray | torch.Tensor, batch_size: int = 1024,
+    model: nn.Module,
+    X: np.ndarray | torch.Tensor,
+    batch_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     model.to(device).eval()
     X = torch.as_tensor(X)
-    outs = [model(X[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)]
+    outs = [
+        model(X[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)
+    ]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
-    batch_size: int = 1024, device: str | torch.device = "cpu",
+    model: nn.Module,
+    X: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
 ) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on ``(X, y)``."""
     y = torch.as_tensor(y)

@@ -38,8 +38,9 @@ def update_problem(
     if max_norm is not None:
         squares = sum(
             float(((update[k].double() - ref.double()) ** 2).sum())
-            for k, ref in reference.items() if ref.is_floating_point()
+            for k, ref in reference.items()
+            if ref.is_floating_point()
         )
-        if squares ** 0.5 > max_norm:
-            return f"update norm {squares ** 0.5:.4g} exceeds max_update_norm={max_norm:g}"
+        if squares**0.5 > max_norm:
+            return f"update norm {squares**0.5:.4g} exceeds max_update_norm={max_norm:g}"
     return None

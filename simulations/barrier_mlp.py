@@ -26,27 +26,41 @@ ACCEPTED_REDUCTION = 0.8
 
 
 def summary(name: str, r: BarrierResult) -> str:
-    return (f"{name:>16}: loss barrier {r.loss_barrier:.4f}, midpoint loss barrier {r.midpoint_loss_barrier:.4f}, "
-            f"midpoint accuracy {100 * r.accuracy[r.midpoint]:.2f}% "
-            f"(accuracy barrier {100 * r.accuracy_barrier:.2f} points)")
+    return (
+        f"{name:>16}: loss barrier {r.loss_barrier:.4f}, midpoint loss barrier {r.midpoint_loss_barrier:.4f}, "
+        f"midpoint accuracy {100 * r.accuracy[r.midpoint]:.2f}% "
+        f"(accuracy barrier {100 * r.accuracy_barrier:.2f} points)"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
     parser.add_argument("--points", type=int, default=25)
     parser.add_argument("--seeds", type=int, nargs=2, default=[0, 1])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (two threads on a shared 2-core machine ran erratically slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (two threads on a shared 2-core machine ran erratically slower)",
+    )
     parser.add_argument("--out", type=Path, help="write the curves and barriers here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     X, y, X_test, y_test = load_fashion_mnist()
     t0 = time.perf_counter()
-    a, b = train_from_own_inits(lambda: build_model("mlp", hidden=args.hidden), [(X, y)] * 2,
-                                args.seeds, epochs=args.epochs, batch_size=128, optimizer="adam",
-                                lr=1e-3)
+    a, b = train_from_own_inits(
+        lambda: build_model("mlp", hidden=args.hidden),
+        [(X, y)] * 2,
+        args.seeds,
+        epochs=args.epochs,
+        batch_size=128,
+        optimizer="adam",
+        lr=1e-3,
+    )
     train_seconds = time.perf_counter() - t0
     spec = permutation_spec(a)
     t0 = time.perf_counter()
@@ -57,8 +71,14 @@ def main() -> None:
     matched = interpolation_barrier(a, a.state_dict(), b_aligned, X_test, y_test, args.points)
     reduction = 1 - matched.loss_barrier / naive.loss_barrier
     result = {
-        "setup": {"hidden": args.hidden, "epochs": args.epochs, "seeds": args.seeds, "points": args.points,
-                  "optimizer": "adam lr 1e-3, batch 128", "threads": args.threads},
+        "setup": {
+            "hidden": args.hidden,
+            "epochs": args.epochs,
+            "seeds": args.seeds,
+            "points": args.points,
+            "optimizer": "adam lr 1e-3, batch 128",
+            "threads": args.threads,
+        },
         "endpoint_test_accuracy": [evaluate(m, X_test, y_test)[1] for m in (a, b)],
         "naive": naive.to_dict(),
         "weight_matching": matched.to_dict(),
@@ -68,12 +88,16 @@ def main() -> None:
         "weight_matching_seconds": match_seconds,
     }
     acc_a, acc_b = result["endpoint_test_accuracy"]
-    print(f"endpoints: test accuracy {100 * acc_a:.2f}% / {100 * acc_b:.2f}% "
-          f"(both trained in {train_seconds:.0f} s)")
+    print(
+        f"endpoints: test accuracy {100 * acc_a:.2f}% / {100 * acc_b:.2f}% "
+        f"(both trained in {train_seconds:.0f} s)"
+    )
     print(summary("naive", naive))
     print(summary("weight matching", matched))
-    print(f"loss barrier reduction: {100 * reduction:.1f}% (acceptance: >= {100 * ACCEPTED_REDUCTION:.0f}%: "
-          f"{'met' if result['accepted'] else 'NOT met'}); weight matching took {match_seconds:.2f} s")
+    print(
+        f"loss barrier reduction: {100 * reduction:.1f}% (acceptance: >= {100 * ACCEPTED_REDUCTION:.0f}%: "
+        f"{'met' if result['accepted'] else 'NOT met'}); weight matching took {match_seconds:.2f} s"
+    )
     if args.out:
         write_json(args.out, result)
 

@@ -32,9 +32,9 @@ import torch
 from fedalign.align import apply_permutation, permutation_spec, solve_assignment
 from fedalign.align.weight_matching import group_scores
 from fedalign.data import load_dataset
-from fedalign.tensors import weighted_average
 from fedalign.models import build_model
 from fedalign.studies import write_json
+from fedalign.tensors import weighted_average
 from fedalign.training import train_local
 
 SOLVERS = ("hungarian", "sinkhorn")
@@ -57,20 +57,35 @@ def affordable_repeats(single: float, repeats: int, budget: float) -> int:
 
 
 def make_clients(
-    width: int, count: int, epochs: int, samples: int, X: torch.Tensor | None, y: torch.Tensor | None
+    width: int,
+    count: int,
+    epochs: int,
+    samples: int,
+    X: torch.Tensor | None,
+    y: torch.Tensor | None,
 ) -> list[StateDict]:
     """``count`` MLP state dicts, client ``j`` initialised with seed ``j`` and trained on the
     ``j``-th of ``count`` disjoint IID shards (a fixed shuffle of the training set) of at most
     ``samples`` examples."""
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234)) if epochs else None
+    order = (
+        torch.randperm(len(y), generator=torch.Generator().manual_seed(1234)) if epochs else None
+    )
     states = []
     for j in range(count):
         torch.manual_seed(j)
         model = build_model("mlp", hidden=[width])
         if order is not None:
             shard = order[j::count][:samples]
-            train_local(model, X[shard], y[shard], epochs=epochs, batch_size=64, optimizer="adam",
-                        lr=1e-3, seed=j)
+            train_local(
+                model,
+                X[shard],
+                y[shard],
+                epochs=epochs,
+                batch_size=64,
+                optimizer="adam",
+                lr=1e-3,
+                seed=j,
+            )
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return states
 
@@ -80,10 +95,13 @@ def bench_width(
 ) -> list[dict]:
     """Rows (one per J) of phase times for clients of one width."""
     spec = permutation_spec(build_model("mlp", hidden=[width]))
-    (group,) = spec.sizes                       # one hidden layer: one permutation group
+    (group,) = spec.sizes  # one hidden layer: one permutation group
     identity = {group: torch.arange(width)}
     ref = states[0]
-    options = {"sinkhorn": {} if args.sinkhorn_reg is None else {"reg": args.sinkhorn_reg}, "hungarian": {}}
+    options = {
+        "sinkhorn": {} if args.sinkhorn_reg is None else {"reg": args.sinkhorn_reg},
+        "hungarian": {},
+    }
 
     def scores(sd: StateDict) -> torch.Tensor:
         return group_scores(spec, group, ref, sd, identity)
@@ -91,7 +109,9 @@ def bench_width(
     def build_all(clients: list[StateDict]) -> list[torch.Tensor]:
         return [scores(sd) for sd in clients]
 
-    def permute_all(perms: list[dict[str, torch.Tensor]], clients: list[StateDict]) -> list[StateDict]:
+    def permute_all(
+        perms: list[dict[str, torch.Tensor]], clients: list[StateDict]
+    ) -> list[StateDict]:
         return [apply_permutation(spec, p, sd) for p, sd in zip(perms, clients)]
 
     # one solve of client 1's scores per solver: what the budget estimates are made from
@@ -111,7 +131,13 @@ def bench_width(
         build = timed(build_fn, affordable_repeats(timed(build_fn, 1), args.repeats, args.budget))
         perms = [{group: solve_assignment(scores(sd))} for sd in clients]
         permute = timed(partial(permute_all, perms, clients), args.repeats)
-        row: dict = {"width": width, "J": J, "fedavg_average_s": avg, "cost_build_s": build, "permute_s": permute}
+        row: dict = {
+            "width": width,
+            "J": J,
+            "fedavg_average_s": avg,
+            "cost_build_s": build,
+            "permute_s": permute,
+        }
         for s in SOLVERS:
             if single[s] is None:
                 row[f"{s}_solve_s"] = f"skipped (width > {args.sinkhorn_max_width})"
@@ -156,29 +182,51 @@ def markdown_row(row: dict) -> str:
         key = f"wm_{s}_over_fedavg"
         return f"{row[key]:.0f}x" if key in row else "-"
 
-    return (f"| {row['width']} | {row['J']} | {cell(row['fedavg_average_s'])} | {cell(row['cost_build_s'])} | "
-            f"{cell(row['hungarian_solve_s'])} | {cell(row['sinkhorn_solve_s'])} | {cell(row['permute_s'])} | "
-            f"{ratio('hungarian')} | {ratio('sinkhorn')} |")
+    return (
+        f"| {row['width']} | {row['J']} | {cell(row['fedavg_average_s'])} | {cell(row['cost_build_s'])} | "
+        f"{cell(row['hungarian_solve_s'])} | {cell(row['sinkhorn_solve_s'])} | {cell(row['permute_s'])} | "
+        f"{ratio('hungarian')} | {ratio('sinkhorn')} |"
+    )
 
 
-HEADER = ("| width | J | FedAvg average (s) | cost build (s) | Hungarian solve (s) | Sinkhorn solve (s) "
-          "| permute (s) | WM+Hungarian / FedAvg | WM+Sinkhorn / FedAvg |\n" + "|" + "---|" * 9)
+HEADER = (
+    "| width | J | FedAvg average (s) | cost build (s) | Hungarian solve (s) | Sinkhorn solve (s) "
+    "| permute (s) | WM+Hungarian / FedAvg | WM+Sinkhorn / FedAvg |\n" + "|" + "---|" * 9
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 8, 32], help="values of J")
-    parser.add_argument("--train-epochs", type=int, default=1, help="local epochs per client (0: untrained)")
-    parser.add_argument("--samples-per-client", type=int, default=1875, help="shard size cap (60000 / 32)")
+    parser.add_argument(
+        "--train-epochs", type=int, default=1, help="local epochs per client (0: untrained)"
+    )
+    parser.add_argument(
+        "--samples-per-client", type=int, default=1875, help="shard size cap (60000 / 32)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=120.0, help="seconds allowed per timed cell")
+    parser.add_argument(
+        "--budget", type=float, default=120.0, help="seconds allowed per timed cell"
+    )
     parser.add_argument("--sinkhorn-max-width", type=int, default=1024)
-    parser.add_argument("--sinkhorn-reg", type=float, default=None, help="default: the solver's own")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (two threads on a shared 2-core machine ran erratically slower)")
-    parser.add_argument("--quick", action="store_true", help="widths 64 256, J 2 4, 1 repeat, 1 epoch")
-    parser.add_argument("--out", type=Path, help="write the markdown table here and the rows next to it as .json")
+    parser.add_argument(
+        "--sinkhorn-reg", type=float, default=None, help="default: the solver's own"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (two threads on a shared 2-core machine ran erratically slower)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="widths 64 256, J 2 4, 1 repeat, 1 epoch"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="write the markdown table here and the rows next to it as .json"
+    )
     args = parser.parse_args()
     if args.quick:
         args.widths, args.clients, args.repeats = [64, 256], [2, 4], 1
@@ -193,18 +241,29 @@ def main() -> None:
     t_start = time.perf_counter()
     for width in args.widths:
         t0 = time.perf_counter()
-        states = make_clients(width, max(args.clients), args.train_epochs, args.samples_per_client, X, y)
+        states = make_clients(
+            width, max(args.clients), args.train_epochs, args.samples_per_client, X, y
+        )
         train_seconds[width] = time.perf_counter() - t0
         rows += bench_width(width, args.clients, states, args)
     total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f} s, of which client training {sum(train_seconds.values()):.0f} s "
-          f"({platform.processor() or platform.machine()}, torch threads {args.threads})")
+    print(
+        f"\ntotal {total:.0f} s, of which client training {sum(train_seconds.values()):.0f} s "
+        f"({platform.processor() or platform.machine()}, torch threads {args.threads})"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(HEADER + "\n" + "\n".join(markdown_row(r) for r in rows) + "\n")
         meta = {k: v for k, v in vars(args).items() if k != "out"}
-        write_json(args.out.with_suffix(".json"), {"settings": meta, "train_seconds": train_seconds,
-                                                   "total_seconds": total, "rows": rows})
+        write_json(
+            args.out.with_suffix(".json"),
+            {
+                "settings": meta,
+                "train_seconds": train_seconds,
+                "total_seconds": total,
+                "rows": rows,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -36,23 +36,45 @@ from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig, load_config
 from fedalign.fl.client_app import shuffle_seed
 from fedalign.fl.engine import sample_partitions
-from fedalign.tensors import weighted_average
 from fedalign.results import read_rows
 from fedalign.runner import run
 from fedalign.studies import write_json
+from fedalign.tensors import weighted_average
 from fedalign.training import evaluate, train_local
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-B1 = ["name=b1", "data.dataset=fashion-mnist", "data.num_clients=1000", "data.partition=dirichlet",
-      "data.alpha=0.5", "data.min_partition_size=5", "data.val_fraction=0.0", "model.hidden=[]",
-      "train.local_epochs=1", "train.batch_size=32", "train.lr=0.05", "strategy.fraction_train=0.01",
-      "strategy.min_train_clients=10"]
-B2 = ["name=b2", "data.dataset=fashion-mnist", "data.num_clients=1000", "data.partition=iid",
-      "data.val_fraction=0.0", "model.name=lenet", "model.widths=[32, 64, 1000, 128]",
-      "train.local_epochs=1", "train.batch_size=10", "train.lr=0.05", "train.momentum=0.0",
-      "strategy.fraction_train=0.05", "strategy.min_train_clients=50"]
+B1 = [
+    "name=b1",
+    "data.dataset=fashion-mnist",
+    "data.num_clients=1000",
+    "data.partition=dirichlet",
+    "data.alpha=0.5",
+    "data.min_partition_size=5",
+    "data.val_fraction=0.0",
+    "model.hidden=[]",
+    "train.local_epochs=1",
+    "train.batch_size=32",
+    "train.lr=0.05",
+    "strategy.fraction_train=0.01",
+    "strategy.min_train_clients=10",
+]
+B2 = [
+    "name=b2",
+    "data.dataset=fashion-mnist",
+    "data.num_clients=1000",
+    "data.partition=iid",
+    "data.val_fraction=0.0",
+    "model.name=lenet",
+    "model.widths=[32, 64, 1000, 128]",
+    "train.local_epochs=1",
+    "train.batch_size=10",
+    "train.lr=0.05",
+    "train.momentum=0.0",
+    "strategy.fraction_train=0.05",
+    "strategy.min_train_clients=50",
+]
 
 
 class PeakMemory:
@@ -113,13 +135,27 @@ def plain_loop(cfg: RunConfig) -> dict:
     for server_round in range(1, s.rounds + 1):
         t0 = time.perf_counter()
         states, sizes = [], []
-        for pid in sample_partitions(cfg.resolved_seeds.sampling, partitions, server_round, s.fraction_train,
-                                     s.min_train_clients):
+        for pid in sample_partitions(
+            cfg.resolved_seeds.sampling,
+            partitions,
+            server_round,
+            s.fraction_train,
+            s.min_train_clients,
+        ):
             data = fed.client(pid)
             model = run_model(cfg, fed, state=state)
-            stats = train_local(model, data.X_train, data.y_train, epochs=t.local_epochs, batch_size=t.batch_size,
-                                optimizer=t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                seed=shuffle_seed(cfg, server_round, pid))
+            stats = train_local(
+                model,
+                data.X_train,
+                data.y_train,
+                epochs=t.local_epochs,
+                batch_size=t.batch_size,
+                optimizer=t.optimizer,
+                lr=t.lr,
+                momentum=t.momentum,
+                weight_decay=t.weight_decay,
+                seed=shuffle_seed(cfg, server_round, pid),
+            )
             states.append(model.state_dict())
             sizes.append(stats.num_examples)
         state = weighted_average(states, sizes)
@@ -134,34 +170,64 @@ def fedalign_run(cfg: RunConfig, out: Path) -> dict:
     wall = time.perf_counter() - t0
     rows = [r for r in read_rows(outcome.run_dir) if r["round"] > 0]
     per_round = [r["seconds_total"] for r in rows]
-    return {"seconds_per_round": per_round, "final_accuracy": rows[-1]["test_accuracy"], "wall": wall,
-            "startup": wall - sum(per_round), "bytes_per_round": rows[-1]["bytes_down"] + rows[-1]["bytes_up"]}
+    return {
+        "seconds_per_round": per_round,
+        "final_accuracy": rows[-1]["test_accuracy"],
+        "wall": wall,
+        "startup": wall - sum(per_round),
+        "bytes_per_round": rows[-1]["bytes_down"] + rows[-1]["bytes_up"],
+    }
 
 
-def measure(label: str, base: str, overrides: list[str], rounds: int, cpus: float, out: Path) -> dict:
-    cfg = load_config(ROOT / "configs" / base,
-                      [*overrides, f"strategy.rounds={rounds}", f"simulation.client_cpus={cpus}",
-                       "output.checkpoint_every=0", "output.plot=false", "output.save_model=false"])
-    cohort = max(round(cfg.strategy.fraction_train * cfg.data.num_clients), cfg.strategy.min_train_clients)
+def measure(
+    label: str, base: str, overrides: list[str], rounds: int, cpus: float, out: Path
+) -> dict:
+    cfg = load_config(
+        ROOT / "configs" / base,
+        [
+            *overrides,
+            f"strategy.rounds={rounds}",
+            f"simulation.client_cpus={cpus}",
+            "output.checkpoint_every=0",
+            "output.plot=false",
+            "output.save_model=false",
+        ],
+    )
+    cohort = max(
+        round(cfg.strategy.fraction_train * cfg.data.num_clients), cfg.strategy.min_train_clients
+    )
     with PeakMemory() as mem_plain:
         plain = plain_loop(cfg)
     with PeakMemory() as mem_fed:
         fed = fedalign_run(cfg, out)
     steady_fed = statistics.median(fed["seconds_per_round"][1:])
     steady_plain = statistics.median(plain["seconds_per_round"][1:])
-    row = {"benchmark": label, "client_cpus": cpus, "rounds": rounds, "cohort": cohort,
-           "startup_s": fed["startup"], "fedalign_round_s": steady_fed, "plain_round_s": steady_plain,
-           "ratio": steady_fed / steady_plain, "fedalign_updates_per_s": cohort / steady_fed,
-           "plain_updates_per_s": cohort / steady_plain, "fedalign_peak_mib": mem_fed.peak / 2**20,
-           "plain_peak_mib": mem_plain.peak / 2**20, "fedalign_accuracy": fed["final_accuracy"],
-           "plain_accuracy": plain["final_accuracy"], "fedalign_wall_s": fed["wall"],
-           "mib_per_round": fed["bytes_per_round"] / 2**20}
+    row = {
+        "benchmark": label,
+        "client_cpus": cpus,
+        "rounds": rounds,
+        "cohort": cohort,
+        "startup_s": fed["startup"],
+        "fedalign_round_s": steady_fed,
+        "plain_round_s": steady_plain,
+        "ratio": steady_fed / steady_plain,
+        "fedalign_updates_per_s": cohort / steady_fed,
+        "plain_updates_per_s": cohort / steady_plain,
+        "fedalign_peak_mib": mem_fed.peak / 2**20,
+        "plain_peak_mib": mem_plain.peak / 2**20,
+        "fedalign_accuracy": fed["final_accuracy"],
+        "plain_accuracy": plain["final_accuracy"],
+        "fedalign_wall_s": fed["wall"],
+        "mib_per_round": fed["bytes_per_round"] / 2**20,
+    }
     print(json.dumps(row), flush=True)
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--b1-rounds", type=int, default=30)
     parser.add_argument("--b2-rounds", type=int, default=8)
     parser.add_argument("--cpus", type=float, nargs="+", default=[1.0, 0.5])
@@ -170,21 +236,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = []
-    for label, base, overrides, rounds in (("B1", "quickstart.yaml", B1, args.b1_rounds),
-                                           ("B2", "fmnist_lenet_fedavg.yaml", B2, args.b2_rounds)):
+    for label, base, overrides, rounds in (
+        ("B1", "quickstart.yaml", B1, args.b1_rounds),
+        ("B2", "fmnist_lenet_fedavg.yaml", B2, args.b2_rounds),
+    ):
         if args.only and label != args.only:
             continue
         for cpus in args.cpus:
             rows.append(measure(label, base, overrides, rounds, cpus, args.runs))
-    header = ("| benchmark | client_cpus | rounds | cohort | Ray start-up + discovery (s) | fedalign s/round | plain loop "
-              "s/round | ratio | updates/s fedalign | updates/s plain | peak MiB fedalign | peak MiB plain | "
-              "final acc fedalign / plain (%) |")
+    header = (
+        "| benchmark | client_cpus | rounds | cohort | Ray start-up + discovery (s) | fedalign s/round | plain loop "
+        "s/round | ratio | updates/s fedalign | updates/s plain | peak MiB fedalign | peak MiB plain | "
+        "final acc fedalign / plain (%) |"
+    )
     lines = [header, "|" + "---|" * 13]
     for r in rows:
-        lines.append(f"| {r['benchmark']} | {r['client_cpus']:g} | {r['rounds']} | {r['cohort']} | {r['startup_s']:.1f} | "
-                     f"{r['fedalign_round_s']:.3f} | {r['plain_round_s']:.3f} | {r['ratio']:.2f}x | "
-                     f"{r['fedalign_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['fedalign_peak_mib']:.0f} | "
-                     f"{r['plain_peak_mib']:.0f} | {100 * r['fedalign_accuracy']:.2f} / {100 * r['plain_accuracy']:.2f} |")
+        lines.append(
+            f"| {r['benchmark']} | {r['client_cpus']:g} | {r['rounds']} | {r['cohort']} | {r['startup_s']:.1f} | "
+            f"{r['fedalign_round_s']:.3f} | {r['plain_round_s']:.3f} | {r['ratio']:.2f}x | "
+            f"{r['fedalign_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['fedalign_peak_mib']:.0f} | "
+            f"{r['plain_peak_mib']:.0f} | {100 * r['fedalign_accuracy']:.2f} / {100 * r['plain_accuracy']:.2f} |"
+        )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

@@ -25,7 +25,9 @@ CASES = (("weight", [512, 512], {"restarts": 3}), ("sinkhorn-rebasin", [100], {"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -48,16 +50,31 @@ def main() -> None:
                     match_all(spec, states[0], states[1:], method, workers=workers, **options)
                     runs.append(time.perf_counter() - t0)
                 times[workers] = statistics.median(runs)
-            row = {"method": method, "mlp": "784-" + "-".join(map(str, hidden)) + "-10", "clients": J,
-                   "options": options, "sequential_s": times[1], "parallel_s": times[args.workers],
-                   "workers": args.workers, "speedup": times[1] / times[args.workers]}
+            row = {
+                "method": method,
+                "mlp": "784-" + "-".join(map(str, hidden)) + "-10",
+                "clients": J,
+                "options": options,
+                "sequential_s": times[1],
+                "parallel_s": times[args.workers],
+                "workers": args.workers,
+                "speedup": times[1] / times[args.workers],
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lines = ["| method | MLP | clients | sequential (s) | " + f"{args.workers} workers (s) | speed-up |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} {r['options']} | {r['mlp']} | {r['clients']} | {r['sequential_s']:.2f} | "
-              f"{r['parallel_s']:.2f} | {r['speedup']:.2f}x |" for r in rows]
-    table = "\n".join(lines) + f"\n\nload average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n"
+    lines = [
+        "| method | MLP | clients | sequential (s) | " + f"{args.workers} workers (s) | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['method']} {r['options']} | {r['mlp']} | {r['clients']} | {r['sequential_s']:.2f} | "
+        f"{r['parallel_s']:.2f} | {r['speedup']:.2f}x |"
+        for r in rows
+    ]
+    table = (
+        "\n".join(lines)
+        + f"\n\nload average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n"
+    )
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

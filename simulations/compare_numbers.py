@@ -29,8 +29,15 @@ from typing import Any
 
 # Compared exactly; a difference in any of them fails the comparison.
 EXACT_KEYS = (
-    "test_accuracy", "test_loss", "val_accuracy", "train_loss", "clients_sampled", "clients_ok",
-    "clients_failed", "bytes_down", "bytes_up",
+    "test_accuracy",
+    "test_loss",
+    "val_accuracy",
+    "train_loss",
+    "clients_sampled",
+    "clients_ok",
+    "clients_failed",
+    "bytes_down",
+    "bytes_up",
 )
 # Neither compared nor noted: timings and Ray's random node ids.
 IGNORED_KEYS = ("ray_nodes",)
@@ -54,8 +61,9 @@ def run_folder(parent: Path) -> Path:
     """The single run folder (the one holding metrics.jsonl) under a label's folder."""
     found = sorted(p.parent for p in parent.glob("*/metrics.jsonl"))
     if len(found) != 1:
-        raise SystemExit(f"{parent}: expected one run folder with metrics.jsonl, "
-                         f"found {len(found)}")
+        raise SystemExit(
+            f"{parent}: expected one run folder with metrics.jsonl, found {len(found)}"
+        )
     return found[0]
 
 
@@ -88,8 +96,11 @@ def config_diff(run_b: Path, run_a: Path, limit: int = 12) -> list[str]:
     if not all(f.is_file() for f in files):
         return []
     lines = [f.read_text().splitlines() for f in files]
-    diff = [d for d in difflib.unified_diff(*lines, "before", "after", n=0, lineterm="")
-            if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+    diff = [
+        d
+        for d in difflib.unified_diff(*lines, "before", "after", n=0, lineterm="")
+        if d[:1] in "+-" and not d.startswith(("+++", "---"))
+    ]
     return diff[:limit] + ([f"... {len(diff) - limit} more"] if len(diff) > limit else [])
 
 
@@ -102,8 +113,9 @@ def fmt(value: Any) -> str:
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
     for line in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 
@@ -113,12 +125,20 @@ def show(folder: Path) -> int:
     table = []
     for label in labels(folder):
         for rnd, row in sorted(read_rows(run_folder(folder / label)).items()):
-            table.append([label, str(rnd), fmt(row.get("test_accuracy")),
-                          fmt(row.get("test_loss")), fmt(row.get("train_loss")),
-                          fmt(row.get("clients_ok")),
-                          str(int(row.get("bytes_down", 0)) + int(row.get("bytes_up", 0)))])
-    print_table(["run", "round", "test acc", "test loss", "train loss", "clients ok", "bytes"],
-                table)
+            table.append(
+                [
+                    label,
+                    str(rnd),
+                    fmt(row.get("test_accuracy")),
+                    fmt(row.get("test_loss")),
+                    fmt(row.get("train_loss")),
+                    fmt(row.get("clients_ok")),
+                    str(int(row.get("bytes_down", 0)) + int(row.get("bytes_up", 0))),
+                ]
+            )
+    print_table(
+        ["run", "round", "test acc", "test loss", "train loss", "clients ok", "bytes"], table
+    )
     return 0
 
 
@@ -132,8 +152,11 @@ def compare(before: Path, after: Path) -> int:
     if not all_labels:
         raise SystemExit(f"no run folders (*/*/metrics.jsonl) in {before} or {after}")
     for label in all_labels:
-        missing = [side for side, folder in (("BEFORE", before), ("AFTER", after))
-                   if label not in labels(folder)]
+        missing = [
+            side
+            for side, folder in (("BEFORE", before), ("AFTER", after))
+            if label not in labels(folder)
+        ]
         if missing:
             table.append([label, "-", "", "", "", "", f"NO: missing in {' and '.join(missing)}"])
             bad += 1
@@ -144,27 +167,44 @@ def compare(before: Path, after: Path) -> int:
             b, a = rows_b.get(rnd), rows_a.get(rnd)
             if b is None or a is None:
                 side = "BEFORE" if b is None else "AFTER"
-                table.append([label, str(rnd), fmt((b or {}).get("test_accuracy")),
-                              fmt((a or {}).get("test_accuracy")),
-                              fmt((b or {}).get("test_loss")), fmt((a or {}).get("test_loss")),
-                              f"NO: round missing in {side}"])
+                table.append(
+                    [
+                        label,
+                        str(rnd),
+                        fmt((b or {}).get("test_accuracy")),
+                        fmt((a or {}).get("test_accuracy")),
+                        fmt((b or {}).get("test_loss")),
+                        fmt((a or {}).get("test_loss")),
+                        f"NO: round missing in {side}",
+                    ]
+                )
                 bad += 1
                 continue
             differing = [k for k in EXACT_KEYS if b.get(k) != a.get(k)]
             if differing:
                 bad += 1
                 for k in differing:
-                    details.append(f"{label} round {rnd} {k}: before {b.get(k)!r}, "
-                                   f"after {a.get(k)!r}")
+                    details.append(
+                        f"{label} round {rnd} {k}: before {b.get(k)!r}, after {a.get(k)!r}"
+                    )
             other = sorted((set(b) | set(a)) - set(EXACT_KEYS) - set(IGNORED_KEYS) - {"round"})
             for k in other:
                 if not is_timing(k) and strip_timings(b.get(k)) != strip_timings(a.get(k)):
-                    notes.append(f"{label} round {rnd} {k}: before {json.dumps(b.get(k))}, "
-                                 f"after {json.dumps(a.get(k))}")
-            table.append([label, str(rnd), fmt(b.get("test_accuracy")),
-                          fmt(a.get("test_accuracy")), fmt(b.get("test_loss")),
-                          fmt(a.get("test_loss")),
-                          "yes" if not differing else "NO: " + ", ".join(differing)])
+                    notes.append(
+                        f"{label} round {rnd} {k}: before {json.dumps(b.get(k))}, "
+                        f"after {json.dumps(a.get(k))}"
+                    )
+            table.append(
+                [
+                    label,
+                    str(rnd),
+                    fmt(b.get("test_accuracy")),
+                    fmt(a.get("test_accuracy")),
+                    fmt(b.get("test_loss")),
+                    fmt(a.get("test_loss")),
+                    "yes" if not differing else "NO: " + ", ".join(differing),
+                ]
+            )
         changed = config_diff(run_b, run_a)
         if changed:
             notes.append(f"{label}: resolved config.yaml differs: " + "; ".join(changed))
@@ -176,8 +216,9 @@ def compare(before: Path, after: Path) -> int:
             table.append([label, "model", "", "", "", "", f"NO: final {MODEL_FILE} differs"])
         else:
             table.append([label, "model", "", "", "", "", f"yes: final {MODEL_FILE} identical"])
-    print_table(["run", "round", "before acc", "after acc", "before loss", "after loss", "equal?"],
-                table)
+    print_table(
+        ["run", "round", "before acc", "after acc", "before loss", "after loss", "equal?"], table
+    )
     if details:
         print("\nDifferences (exact values):")
         print("\n".join(f"  {d}" for d in details))
@@ -191,8 +232,12 @@ def compare(before: Path, after: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path, help="output folder of reproduce_numbers.sh (before)")
-    parser.add_argument("after", type=Path, nargs="?",
-                        help="output folder of reproduce_numbers.sh (after); omit to only show")
+    parser.add_argument(
+        "after",
+        type=Path,
+        nargs="?",
+        help="output folder of reproduce_numbers.sh (after); omit to only show",
+    )
     args = parser.parse_args(argv)
     for folder in (args.before, args.after):
         if folder is not None and not folder.is_dir():

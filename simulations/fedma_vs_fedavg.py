@@ -48,31 +48,54 @@ def phases_per_fedma_round(cfg: RunConfig) -> int:
 def comparison_table(results: dict[str, dict]) -> str:
     """Final/best accuracy, cost, and the cost of reaching FedAvg's final accuracy."""
     target = results["FedAvg"]["accuracy"][-1]
-    lines = [("| strategy | final acc (%) | best acc (%) | comm. rounds | MiB | comm. rounds to FedAvg's final "
-              "| MiB to FedAvg's final | wall s |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| strategy | final acc (%) | best acc (%) | comm. rounds | MiB | comm. rounds to FedAvg's final "
+            "| MiB to FedAvg's final | wall s |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, r in results.items():
         accs = r["accuracy"]
         reach = next((i for i, a in enumerate(accs) if a >= target), None)
         to_comm = "not reached" if reach is None else str(r["comm"][reach])
         to_mib = "-" if reach is None else f"{r['bytes'][reach] / 2**20:.1f}"
-        lines.append(f"| {label} | {100 * accs[-1]:.2f} | {100 * max(accs):.2f} | {r['comm'][-1]} | "
-                     f"{r['bytes'][-1] / 2**20:.1f} | {to_comm} | {to_mib} | {r['wall_seconds']} |")
+        lines.append(
+            f"| {label} | {100 * accs[-1]:.2f} | {100 * max(accs):.2f} | {r['comm'][-1]} | "
+            f"{r['bytes'][-1] / 2**20:.1f} | {to_comm} | {to_mib} | {r['wall_seconds']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs/fmnist_lenet_fedavg.yaml",
-                        help="the shared run config (its strategy is replaced)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "configs/fmnist_lenet_fedavg.yaml",
+        help="the shared run config (its strategy is replaced)",
+    )
     parser.add_argument("--rounds", type=int, default=20, help="FedAvg/FedProx rounds")
-    parser.add_argument("--fedma-rounds", type=int,
-                        help="default: as many as fit in --rounds communication rounds")
+    parser.add_argument(
+        "--fedma-rounds", type=int, help="default: as many as fit in --rounds communication rounds"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx mu")
-    parser.add_argument("--only", nargs="+", choices=["FedAvg", "FedProx", "FedMA"],
-                        help="run only these (FedAvg is the target: omit it and the table has no target)")
-    parser.add_argument("--fedma-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra overrides for the FedMA run, e.g. strategy.matching.gamma=1.0")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["FedAvg", "FedProx", "FedMA"],
+        help="run only these (FedAvg is the target: omit it and the table has no target)",
+    )
+    parser.add_argument(
+        "--fedma-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra overrides for the FedMA run, e.g. strategy.matching.gamma=1.0",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results/fedma_vs_fedavg"))
     args = parser.parse_args()
     common = [f"train.local_epochs={args.epochs}", f"strategy.rounds={args.rounds}"]
@@ -83,31 +106,44 @@ def main() -> None:
         "FedProx": ["strategy.name=fedprox", f"train.proximal_mu={args.mu}"],
         "FedMA": ["strategy.name=fedma", f"strategy.rounds={fedma_rounds}", *args.fedma_set],
     }
-    runs = {label: load_config(args.config, [*common, f"name={base.name}-{label.lower()}", *overrides])
-            for label, overrides in runs.items()}
+    runs = {
+        label: load_config(args.config, [*common, f"name={base.name}-{label.lower()}", *overrides])
+        for label, overrides in runs.items()
+    }
     runs = {k: v for k, v in runs.items() if not args.only or k in args.only}
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for label, cfg in runs.items():
         outcome = run(cfg, output_dir=args.out / "runs", progress=False)
         rows = read_rows(outcome.run_dir)
-        results[label] = {"run_dir": str(outcome.run_dir), "rows": rows,
-                          "accuracy": [row["test_accuracy"] for row in rows],
-                          "comm": communication_rounds(rows), "bytes": cumulative_bytes(rows),
-                          "wall_seconds": outcome.summary.get("wall_seconds")}
-        print(f"{label}: final {100 * rows[-1]['test_accuracy']:.2f}% after {results[label]['comm'][-1]} "
-              f"communication rounds, {results[label]['bytes'][-1] / 2**20:.1f} MiB", flush=True)
+        results[label] = {
+            "run_dir": str(outcome.run_dir),
+            "rows": rows,
+            "accuracy": [row["test_accuracy"] for row in rows],
+            "comm": communication_rounds(rows),
+            "bytes": cumulative_bytes(rows),
+            "wall_seconds": outcome.summary.get("wall_seconds"),
+        }
+        print(
+            f"{label}: final {100 * rows[-1]['test_accuracy']:.2f}% after {results[label]['comm'][-1]} "
+            f"communication rounds, {results[label]['bytes'][-1] / 2**20:.1f} MiB",
+            flush=True,
+        )
 
     if "FedAvg" in results:
         table = comparison_table(results)
         print(table)
         (args.out / "table.md").write_text(table)
 
-    curves = {label: Curve(r["comm"], [b / 2**20 for b in r["bytes"]],
-                           [100 * a for a in r["accuracy"]]) for label, r in results.items()}
+    curves = {
+        label: Curve(r["comm"], [b / 2**20 for b in r["bytes"]], [100 * a for a in r["accuracy"]])
+        for label, r in results.items()
+    }
     accuracy_plot(curves, args.out / "accuracy.png", x_label="communication rounds")
-    write_json(args.out / "results.json",
-               {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in results.items()})
+    write_json(
+        args.out / "results.json",
+        {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in results.items()},
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from fedalign.align import (
     solve_assignment,
     weight_matching,
 )
-from fedalign.pipeline import Plan, aggregate
 from fedalign.models import build_model
+from fedalign.pipeline import Plan, aggregate
 from fedalign.stats import client_statistics
 from fedalign.studies import load_fashion_mnist, write_json
 from fedalign.training import evaluate, train_local
@@ -41,7 +41,9 @@ def timed(on: torch.device, fn, *args, **kwargs):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-npz", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -55,12 +57,25 @@ def main() -> None:
         for device in (cpu, gpu):
             torch.manual_seed(0)
             model = build_model(name, **options)
-            _, seconds = timed(device, train_local, model, X[:10000], y[:10000], epochs=1, batch_size=64, lr=0.01,
-                               momentum=0.9, seed=0, device=device)
+            _, seconds = timed(
+                device,
+                train_local,
+                model,
+                X[:10000],
+                y[:10000],
+                epochs=1,
+                batch_size=64,
+                lr=0.01,
+                momentum=0.9,
+                seed=0,
+                device=device,
+            )
             accuracy = evaluate(model, Xt, yt, device=device)[1]
             report[f"train_{name}_{device.type}"] = {"seconds": seconds, "test_accuracy": accuracy}
-            print(f"train {name} 1 epoch on 10,000 images, {device.type}: {seconds:.2f} s, test acc {100 * accuracy:.2f}%",
-                  flush=True)
+            print(
+                f"train {name} 1 epoch on 10,000 images, {device.type}: {seconds:.2f} s, test acc {100 * accuracy:.2f}%",
+                flush=True,
+            )
     torch.manual_seed(0)
     base = build_model("mlp", hidden=[1024, 1024])
     spec = permutation_spec(base)
@@ -77,40 +92,70 @@ def main() -> None:
     same = all(torch.equal(found["cpu"][g], found["cuda"][g]) for g in found["cpu"])
     recovered = all(torch.equal(found["cuda"][g], planted[g]) for g in planted)
     report["weight_matching_same_on_both"], report["planted_recovered"] = same, recovered
-    print(f"same permutations on CPU and GPU: {same}; planted permutation recovered: {recovered}", flush=True)
+    print(
+        f"same permutations on CPU and GPU: {same}; planted permutation recovered: {recovered}",
+        flush=True,
+    )
     for n in (1024, 4096):
         scores = torch.randn(n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
         row = {}
         for solver, device in (("hungarian", cpu), ("sinkhorn", cpu), ("sinkhorn", gpu)):
             if solver == "sinkhorn" and device == cpu and n > 1024:
-                continue                       # minutes on a CPU
+                continue  # minutes on a CPU
             s = scores.to(device)
             assignment, seconds = timed(device, solve_assignment, s, solver)
             value = float(scores[torch.arange(n), assignment.cpu()].sum())
             row[f"{solver}_{device.type}"] = {"seconds": seconds, "objective": value}
-            print(f"n={n}: {solver} on {device.type}: {seconds:.3f} s, objective {value:.2f}", flush=True)
+            print(
+                f"n={n}: {solver} on {device.type}: {seconds:.3f} s, objective {value:.2f}",
+                flush=True,
+            )
         report[f"solve_{n}"] = row
     # the server's pipeline with its alignment on the GPU (Plan.device, set from server_device)
     models = []
     for seed in range(4):
         torch.manual_seed(seed)
         model = build_model("mlp", hidden=[256, 256])
-        train_local(model, X[2500 * seed:2500 * (seed + 1)], y[2500 * seed:2500 * (seed + 1)], epochs=1, seed=seed)
+        train_local(
+            model,
+            X[2500 * seed : 2500 * (seed + 1)],
+            y[2500 * seed : 2500 * (seed + 1)],
+            epochs=1,
+            seed=seed,
+        )
         models.append(model.eval())
     states = [m.state_dict() for m in models]
     stats = [client_statistics(("grams",), m, X[:1000], y[:1000]) for m in models]
     outcomes = {}
     for device in ("cpu", "cuda"):
         plan = Plan(align="weight", fuse="regmean", device=device)
-        outcome, seconds = timed(torch.device(device), aggregate, plan, permutation_spec(models[0]), states,
-                                 [1.0] * 4, stats, None, None)
+        outcome, seconds = timed(
+            torch.device(device),
+            aggregate,
+            plan,
+            permutation_spec(models[0]),
+            states,
+            [1.0] * 4,
+            stats,
+            None,
+            None,
+        )
         fused = build_model("mlp", hidden=[256, 256])
         fused.load_state_dict(outcome.state)
         outcomes[device] = (outcome.state, evaluate(fused, Xt, yt)[1])
-        report[f"pipeline_weight_regmean_{device}"] = {"seconds": seconds, "test_accuracy": outcomes[device][1]}
-        print(f"pipeline weight/regmean, 4 MLPs 784-256-256-10, alignment on {device}: {seconds:.3f} s, "
-              f"test acc {100 * outcomes[device][1]:.2f}%", flush=True)
-    same = all(torch.allclose(outcomes["cpu"][0][k], outcomes["cuda"][0][k], atol=1e-5) for k in outcomes["cpu"][0])
+        report[f"pipeline_weight_regmean_{device}"] = {
+            "seconds": seconds,
+            "test_accuracy": outcomes[device][1],
+        }
+        print(
+            f"pipeline weight/regmean, 4 MLPs 784-256-256-10, alignment on {device}: {seconds:.3f} s, "
+            f"test acc {100 * outcomes[device][1]:.2f}%",
+            flush=True,
+        )
+    same = all(
+        torch.allclose(outcomes["cpu"][0][k], outcomes["cuda"][0][k], atol=1e-5)
+        for k in outcomes["cpu"][0]
+    )
     report["pipeline_same_on_both"] = same
     print(f"same fused model with alignment on CPU and on GPU: {same}", flush=True)
     if args.out:

@@ -33,7 +33,7 @@ from fedalign.studies import (
 )
 
 ACCEPTED_REDUCTION = 0.5
-ARCHITECTURES = {                                  # label -> (zoo model, options)
+ARCHITECTURES = {  # label -> (zoo model, options)
     "mlp": ("mlp", {"hidden": [512, 512, 512]}),
     "mlp-deep": ("mlp", {"hidden": [256] * 6}),
     "vgg9": ("vgg9", {}),
@@ -49,13 +49,23 @@ def measure(label: str, data: tuple[torch.Tensor, ...], args: argparse.Namespace
     """Endpoint, midpoint and repaired-midpoint test losses/accuracies of one architecture."""
     X, y, X_test, y_test = data
     t0 = time.perf_counter()
-    a, b = train_from_own_inits(lambda: build(label), [(X, y)] * 2, args.seeds, device=args.device,
-                                epochs=args.epochs, batch_size=128, optimizer="adam", lr=1e-3)
+    a, b = train_from_own_inits(
+        lambda: build(label),
+        [(X, y)] * 2,
+        args.seeds,
+        device=args.device,
+        epochs=args.epochs,
+        batch_size=128,
+        optimizer="adam",
+        lr=1e-3,
+    )
     train_seconds = time.perf_counter() - t0
     aligned = weight_matched(permutation_spec(a), a.state_dict(), b.state_dict())
     endpoints = [a, build(label)]
     endpoints[1].load_state_dict(aligned)
-    sample = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:args.repair_samples]]
+    sample = X[
+        torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[: args.repair_samples]
+    ]
     repair_seconds = []
 
     def repaired(net: torch.nn.Module, lam: float) -> dict[str, torch.Tensor]:
@@ -64,23 +74,40 @@ def measure(label: str, data: tuple[torch.Tensor, ...], args: argparse.Namespace
         repair_seconds.append(time.perf_counter() - t)
         return state
 
-    curves = {k: midpoint_barrier(a, a.state_dict(), other, X_test, y_test, correct, args.device)
-              for k, other, correct in (("naive", b.state_dict(), None), ("aligned", aligned, None),
-                                        ("repaired", aligned, repaired))}
+    curves = {
+        k: midpoint_barrier(a, a.state_dict(), other, X_test, y_test, correct, args.device)
+        for k, other, correct in (
+            ("naive", b.state_dict(), None),
+            ("aligned", aligned, None),
+            ("repaired", aligned, repaired),
+        )
+    }
     naive = curves["naive"]
     scores = {"a": (naive.loss[0], naive.accuracy[0]), "b": (naive.loss[-1], naive.accuracy[-1])}
     scores |= {k: (r.loss[r.midpoint], r.accuracy[r.midpoint]) for k, r in curves.items()}
     barrier = {k: r.midpoint_loss_barrier for k, r in curves.items()}
-    return {"model": label, "architecture": ARCHITECTURES[label], "epochs": args.epochs, "seeds": args.seeds,
-            "repair_samples": args.repair_samples, "test_loss": {k: s[0] for k, s in scores.items()},
-            "test_accuracy": {k: s[1] for k, s in scores.items()}, "barrier": barrier,
-            "reduction": 1 - barrier["repaired"] / barrier["aligned"],
-            "train_seconds": train_seconds, "repair_seconds": sum(repair_seconds)}
+    return {
+        "model": label,
+        "architecture": ARCHITECTURES[label],
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "repair_samples": args.repair_samples,
+        "test_loss": {k: s[0] for k, s in scores.items()},
+        "test_accuracy": {k: s[1] for k, s in scores.items()},
+        "barrier": barrier,
+        "reduction": 1 - barrier["repaired"] / barrier["aligned"],
+        "train_seconds": train_seconds,
+        "repair_seconds": sum(repair_seconds),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["mlp", "vgg9"], choices=sorted(ARCHITECTURES))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=["mlp", "vgg9"], choices=sorted(ARCHITECTURES)
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs=2, default=[0, 1])
     parser.add_argument("--repair-samples", type=int, default=10000)
@@ -96,12 +123,15 @@ def main() -> None:
         r = measure(name, data, args)
         results.append(r)
         acc = r["test_accuracy"]
-        print(f"{name}: endpoints {100 * acc['a']:.2f}% / {100 * acc['b']:.2f}%, midpoint naive "
-              f"{100 * acc['naive']:.2f}%, aligned {100 * acc['aligned']:.2f}%, aligned+REPAIR "
-              f"{100 * acc['repaired']:.2f}%; loss barrier naive {r['barrier']['naive']:.4f}, aligned "
-              f"{r['barrier']['aligned']:.4f}, aligned+REPAIR {r['barrier']['repaired']:.4f}: REPAIR removes "
-              f"{100 * r['reduction']:.1f}% (accepted: >= {100 * ACCEPTED_REDUCTION:.0f}%) "
-              f"[train {r['train_seconds']:.0f} s, repair {r['repair_seconds']:.1f} s]", flush=True)
+        print(
+            f"{name}: endpoints {100 * acc['a']:.2f}% / {100 * acc['b']:.2f}%, midpoint naive "
+            f"{100 * acc['naive']:.2f}%, aligned {100 * acc['aligned']:.2f}%, aligned+REPAIR "
+            f"{100 * acc['repaired']:.2f}%; loss barrier naive {r['barrier']['naive']:.4f}, aligned "
+            f"{r['barrier']['aligned']:.4f}, aligned+REPAIR {r['barrier']['repaired']:.4f}: REPAIR removes "
+            f"{100 * r['reduction']:.1f}% (accepted: >= {100 * ACCEPTED_REDUCTION:.0f}%) "
+            f"[train {r['train_seconds']:.0f} s, repair {r['repair_seconds']:.1f} s]",
+            flush=True,
+        )
     if args.out:
         write_json(args.out, results)
 

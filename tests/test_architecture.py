@@ -11,8 +11,19 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedalign"
-ALGORITHMS = ("align", "fusion", "repair", "stats", "analysis", "pipeline", "tensors", "types", "registry",
-              "studies", "plots")
+ALGORITHMS = (
+    "align",
+    "fusion",
+    "repair",
+    "stats",
+    "analysis",
+    "pipeline",
+    "tensors",
+    "types",
+    "registry",
+    "studies",
+    "plots",
+)
 ABOVE_ALGORITHMS = ("config", "fl", "runner", "cli", "bench", "components", "run_folder", "plugins")
 
 
@@ -42,8 +53,10 @@ def module_graph() -> dict[str, set[str]]:
     """Module -> the fedalign modules it imports (a module's own parent packages, which Python
     initialises before it anyway, are not edges)."""
     paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: {m for m in imports_of(path) if m in paths and not (name + ".").startswith(m + ".")}
-            for name, path in paths.items()}
+    return {
+        name: {m for m in imports_of(path) if m in paths and not (name + ".").startswith(m + ".")}
+        for name, path in paths.items()
+    }
 
 
 def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
@@ -96,8 +109,10 @@ def test_no_import_circle_between_modules():
 def test_no_import_circle_between_packages():
     graph: dict[str, set[str]] = {}
     for module, targets in module_graph().items():
-        graph.setdefault(layer(module), set()).update(layer(t) for t in targets if layer(t) != layer(module))
-    graph.pop("fedalign")   # the public API re-exports every layer; nothing imports it back
+        graph.setdefault(layer(module), set()).update(
+            layer(t) for t in targets if layer(t) != layer(module)
+        )
+    graph.pop("fedalign")  # the public API re-exports every layer; nothing imports it back
     assert cycles(graph) == []
 
 
@@ -107,7 +122,9 @@ def test_algorithm_packages_import_no_config_flower_runner_or_cli(package):
     for path in PACKAGE.rglob("*.py"):
         if layer(module_name(path)) != package:
             continue
-        bad = sorted(m for m in imports_of(path) if m.startswith("flwr") or layer(m) in ABOVE_ALGORITHMS)
+        bad = sorted(
+            m for m in imports_of(path) if m.startswith("flwr") or layer(m) in ABOVE_ALGORITHMS
+        )
         if bad:
             offending[module_name(path)] = bad
     assert offending == {}

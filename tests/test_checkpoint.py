@@ -19,7 +19,9 @@ from fedalign.checkpoint import (
 def _checkpoint(round_: int) -> Checkpoint:
     torch.manual_seed(round_)
     model = OrderedDict(w=torch.randn(4, 3), b=torch.randn(4), n=torch.tensor(7))
-    return Checkpoint(round_, model, {"stage": round_, "widths": [4, 5]}, {"assign": torch.arange(4)})
+    return Checkpoint(
+        round_, model, {"stage": round_, "widths": [4, 5]}, {"assign": torch.arange(4)}
+    )
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -36,7 +38,10 @@ def test_round_trip_is_exact(tmp_path):
 def test_keeps_only_the_newest(tmp_path):
     for r in range(1, 6):
         save_checkpoint(tmp_path, _checkpoint(r), keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["round-000004.json", "round-000005.json"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "round-000004.json",
+        "round-000005.json",
+    ]
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 

@@ -18,15 +18,17 @@ def test_every_shipped_config_and_suite_loads():
     assert len(configs) - len(suites) >= 6 and len(suites) >= 3
     for path in configs:
         if path in suites:
-            assert load_suite(path).runs                  # every expanded run config is validated
+            assert load_suite(path).runs  # every expanded run config is validated
         else:
             cfg = load_config(path)
             assert cfg.seeds is not None and cfg.name
 
 
 def test_overrides_and_model_options():
-    cfg = load_config(ROOT / "configs/quickstart.yaml",
-                      ["strategy.rounds=3", "data.alpha=0.1", "model.hidden=[50, 20]"])
+    cfg = load_config(
+        ROOT / "configs/quickstart.yaml",
+        ["strategy.rounds=3", "data.alpha=0.1", "model.hidden=[50, 20]"],
+    )
     assert cfg.strategy.rounds == 3 and cfg.data.alpha == 0.1
     assert cfg.model.options == {"hidden": [50, 20]}
 
@@ -72,7 +74,9 @@ def test_cli_bad_config_exits_2_with_one_clear_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntrain:\n  lr: -1\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedalign.cli", "run", str(bad)], capture_output=True, text=True,
+        [sys.executable, "-m", "fedalign.cli", "run", str(bad)],
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert proc.returncode == 2
@@ -82,8 +86,18 @@ def test_cli_bad_config_exits_2_with_one_clear_line(tmp_path):
 
 def test_cli_unknown_override_key_exits_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fedalign.cli", "run", str(ROOT / "configs/quickstart.yaml"),
-         "--set", "strategy.roundz=3"], capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "fedalign.cli",
+            "run",
+            str(ROOT / "configs/quickstart.yaml"),
+            "--set",
+            "strategy.roundz=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "unknown key 'strategy.roundz'" in proc.stderr

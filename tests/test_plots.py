@@ -30,15 +30,24 @@ def _lines(ax) -> dict[str, tuple[list, list]]:
 
 def test_accuracy_plot_draws_accuracy_by_x_and_by_mib(tmp_path, drawn):
     path = tmp_path / "acc.png"
-    accuracy_plot({"a": Curve([0, 1, 2], [0.0, 1.5, 3.0], [10.0, 50.0, 70.0]),
-                   "b": Curve([0, 2], [0.0, 6.0], [10.0, 40.0])},
-                  path, x_label="communication rounds", title="t", dpi=50)
+    accuracy_plot(
+        {
+            "a": Curve([0, 1, 2], [0.0, 1.5, 3.0], [10.0, 50.0, 70.0]),
+            "b": Curve([0, 2], [0.0, 6.0], [10.0, 40.0]),
+        },
+        path,
+        x_label="communication rounds",
+        title="t",
+        dpi=50,
+    )
     assert path.stat().st_size > 0
-    (fig, kwargs), = drawn
+    ((fig, kwargs),) = drawn
     by_x, by_bytes = fig.axes
     assert _lines(by_x) == {"a": ([0, 1, 2], [10.0, 50.0, 70.0]), "b": ([0, 2], [10.0, 40.0])}
-    assert _lines(by_bytes) == {"a": ([0.0, 1.5, 3.0], [10.0, 50.0, 70.0]),
-                                "b": ([0.0, 6.0], [10.0, 40.0])}
+    assert _lines(by_bytes) == {
+        "a": ([0.0, 1.5, 3.0], [10.0, 50.0, 70.0]),
+        "b": ([0.0, 6.0], [10.0, 40.0]),
+    }
     assert by_x.get_xlabel() == "communication rounds"
     assert by_bytes.get_xlabel() == "MiB communicated (down + up)"
     assert by_x.get_legend() is not None and by_bytes.get_legend() is None
@@ -52,11 +61,13 @@ def test_a_curve_needs_one_value_of_each_per_point():
 
 
 def test_run_plot_shows_evaluated_rounds_at_the_bytes_spent_by_then(tmp_path, drawn):
-    rows = [{"round": 0, "test_accuracy": 0.25, "bytes_down": 0, "bytes_up": 0},
-            {"round": 1, "bytes_down": 2**20, "bytes_up": 2**20},                  # not evaluated
-            {"round": 2, "test_accuracy": 0.5, "bytes_down": 2**20, "bytes_up": 2**19}]
+    rows = [
+        {"round": 0, "test_accuracy": 0.25, "bytes_down": 0, "bytes_up": 0},
+        {"round": 1, "bytes_down": 2**20, "bytes_up": 2**20},  # not evaluated
+        {"round": 2, "test_accuracy": 0.5, "bytes_down": 2**20, "bytes_up": 2**19},
+    ]
     plot_runs({"run": rows}, tmp_path / "accuracy.png")
-    (fig, kwargs), = drawn
+    ((fig, kwargs),) = drawn
     by_round, by_bytes = fig.axes
     assert _lines(by_round) == {"run": ([0, 2], [25.0, 50.0])}
     assert _lines(by_bytes) == {"run": ([0.0, 3.5], [25.0, 50.0])}

@@ -43,7 +43,10 @@ def test_algorithm_defaults_live_with_the_algorithm():
     import inspect
 
     signature = inspect.signature(regmean).parameters
-    assert (signature["alpha"].default, signature["ridge"].default) == (defaults["regmean_alpha"], defaults["ridge"])
+    assert (signature["alpha"].default, signature["ridge"].default) == (
+        defaults["regmean_alpha"],
+        defaults["ridge"],
+    )
 
 
 @pytest.fixture
@@ -66,10 +69,11 @@ def toy_rule():
 
 
 def test_a_new_fuse_rule_is_one_registration(toy_rule):
-    cfg = fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.fuse=scaled-first",
-                                                                   "aggregation.scale=2.0"])
+    cfg = fedalign.load_config(
+        ROOT / "configs/quickstart.yaml", ["aggregation.fuse=scaled-first", "aggregation.scale=2.0"]
+    )
     plan = cfg.to_plan()
-    assert plan.train_statistics() == ("sizes",)      # what the clients are asked for
+    assert plan.train_statistics() == ("sizes",)  # what the clients are asked for
     assert cfg.aggregation.options == {"scale": 2.0}
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     spec = fedalign.permutation_spec(model)
@@ -81,16 +85,22 @@ def test_a_new_fuse_rule_is_one_registration(toy_rule):
 
 
 def test_config_choices_come_from_the_registries(toy_rule):
-    with pytest.raises(fedalign.ConfigError, match="unknown fuse rule 'nope'; choose one of .*scaled-first"):
+    with pytest.raises(
+        fedalign.ConfigError, match="unknown fuse rule 'nope'; choose one of .*scaled-first"
+    ):
         fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.fuse=nope"])
     with pytest.raises(fedalign.ConfigError, match="no registered step takes 'nonsense'"):
-        fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.fuse=scaled-first",
-                                                                 "aggregation.options.nonsense=1"])
+        fedalign.load_config(
+            ROOT / "configs/quickstart.yaml",
+            ["aggregation.fuse=scaled-first", "aggregation.options.nonsense=1"],
+        )
     with pytest.raises(fedalign.ConfigError, match="unknown key 'aggregation.nonsense'"):
         fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.nonsense=1"])
     # an earlier version's run folder records every step's options: those of other steps are dropped
-    old = fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.fuse=scaled-first",
-                                                                  "aggregation.ridge=0.01"])
+    old = fedalign.load_config(
+        ROOT / "configs/quickstart.yaml",
+        ["aggregation.fuse=scaled-first", "aggregation.ridge=0.01"],
+    )
     assert old.aggregation.options == {"scale": 1.0}
     with pytest.raises(fedalign.ConfigError, match="unknown model 'os.system'"):
         fedalign.load_config(ROOT / "configs/quickstart.yaml", ["model.name=os.system"])
@@ -103,15 +113,19 @@ def test_limits_are_declared_beside_the_algorithm():
     assert fuse.problem(Context(fedalign.MODELS.get("mlp").obj())) is None
     plan = Plan(align="none", repair="repair")
     assert ("repair", "repair: corrects aligned fusions: set align") not in plan.problems(
-        Context(fedalign.MODELS.get("mlp").obj()))
-    assert any("set align" in why for _, why in plan.problems(Context(fedalign.MODELS.get("mlp").obj())))
+        Context(fedalign.MODELS.get("mlp").obj())
+    )
+    assert any(
+        "set align" in why for _, why in plan.problems(Context(fedalign.MODELS.get("mlp").obj()))
+    )
 
 
 def test_a_plugin_file_registers_in_this_process_and_in_a_worker(tmp_path):
     """``--plugin FILE.py`` runs a file the user chose; a fresh process (a Ray worker) that gets
     ``FEDALIGN_PLUGINS`` registers the same names before its first message."""
     plugin = tmp_path / "my_models.py"
-    plugin.write_text(textwrap.dedent("""
+    plugin.write_text(
+        textwrap.dedent("""
         import torch
         import fedalign
 
@@ -124,7 +138,8 @@ def test_a_plugin_file_registers_in_this_process_and_in_a_worker(tmp_path):
                 return self.fc(x.flatten(1))
 
         fedalign.register_model("wide-plugin", Wide)
-    """))
+    """)
+    )
     fedalign.load_plugin(plugin)
     try:
         cfg = fedalign.from_dict({"model": {"name": "wide-plugin"}, "data": {"dataset": "digits"}})
@@ -132,8 +147,17 @@ def test_a_plugin_file_registers_in_this_process_and_in_a_worker(tmp_path):
         env = fedalign.plugins.plugin_environment()
         assert json.loads(env["FEDALIGN_PLUGINS"]) == [["fedalign_plugin_my_models", str(plugin)]]
         worker = subprocess.run(
-            [sys.executable, "-c", "import fedalign.fl.client_app, fedalign; print('wide-plugin' in fedalign.MODELS)"],
-            env={**os.environ, **env}, capture_output=True, text=True, timeout=120, cwd=ROOT)
+            [
+                sys.executable,
+                "-c",
+                "import fedalign.fl.client_app, fedalign; print('wide-plugin' in fedalign.MODELS)",
+            ],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         assert worker.stdout.strip() == "True", worker.stderr[-2000:]
     finally:
         fedalign.MODELS.unregister("wide-plugin")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fedalign.studies as studies
+from fedalign import studies
 from fedalign.align import apply_permutation, permutation_spec, random_permutation
 from fedalign.analysis import interpolate, interpolation_barrier
 from fedalign.models import build_model
@@ -38,6 +38,7 @@ def _data(n: int = 200, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 # ---- interpolation_barrier's options -----------------------------------------------------------
 
+
 def test_without_bn_reset_every_point_keeps_its_interpolated_running_statistics():
     a, b = _stale_bn_pair()
     X, y = _data()
@@ -47,8 +48,8 @@ def test_without_bn_reset_every_point_keeps_its_interpolated_running_statistics(
         net = _bn_net()
         net.load_state_dict(interpolate(a.state_dict(), b.state_dict(), lam))
         assert kept.loss[k] == pytest.approx(evaluate(net, X, y)[0], rel=1e-6)
-    assert kept.loss[0] != pytest.approx(reset.loss[0], rel=1e-3)   # the reset changes the curve
-    assert a[1].running_mean.abs().max() > 0.5                          # model left untouched
+    assert kept.loss[0] != pytest.approx(reset.loss[0], rel=1e-3)  # the reset changes the curve
+    assert a[1].running_mean.abs().max() > 0.5  # model left untouched
 
 
 def test_correct_runs_at_interior_points_on_the_cpu_and_its_state_is_evaluated():
@@ -64,12 +65,13 @@ def test_correct_runs_at_interior_points_on_the_cpu_and_its_state_is_evaluated()
     r = interpolation_barrier(a, a.state_dict(), b.state_dict(), X, y, points=5, correct=back_to_a)
     assert seen == [(0.25, "cpu"), (0.5, "cpu"), (0.75, "cpu")]
     own_a, own_b = evaluate(a, X, y, 1000)[0], evaluate(b, X, y, 1000)[0]
-    assert r.loss[0] == own_a and r.loss[-1] == own_b                  # endpoints as trained
-    assert r.loss[1:-1] == [own_a] * 3                                  # interior: corrected model
+    assert r.loss[0] == own_a and r.loss[-1] == own_b  # endpoints as trained
+    assert r.loss[1:-1] == [own_a] * 3  # interior: corrected model
     assert own_a != pytest.approx(own_b, rel=1e-3)
 
 
 # ---- midpoint barrier --------------------------------------------------------------------------
+
 
 def test_midpoint_barrier_is_the_midpoint_loss_minus_the_endpoints_mean_loss():
     a, b = _stale_bn_pair()
@@ -77,23 +79,29 @@ def test_midpoint_barrier_is_the_midpoint_loss_minus_the_endpoints_mean_loss():
     r = studies.midpoint_barrier(a, a.state_dict(), b.state_dict(), X, y)
     mid = _bn_net()
     mid.load_state_dict(interpolate(a.state_dict(), b.state_dict(), 0.5))
-    (la, aa), (lb, ab), (lm, am) = (evaluate(m, X, y) for m in (a, b, mid))   # no BN reset anywhere
+    (la, aa), (lb, ab), (lm, am) = (evaluate(m, X, y) for m in (a, b, mid))  # no BN reset anywhere
     assert r.lambdas == [0.0, 0.5, 1.0]
     assert r.midpoint_loss_barrier == pytest.approx(lm - (la + lb) / 2, abs=1e-12)
     row = studies.barrier_row(r)
-    assert row == {"midpoint_loss": lm, "midpoint_accuracy": am, "barrier": r.midpoint_loss_barrier,
-                   "endpoint_accuracy": [aa, ab]}
+    assert row == {
+        "midpoint_loss": lm,
+        "midpoint_accuracy": am,
+        "barrier": r.midpoint_loss_barrier,
+        "endpoint_accuracy": [aa, ab],
+    }
 
 
 def test_midpoint_barrier_passes_the_correction():
     a, b = _stale_bn_pair()
     X, y = _data()
-    r = studies.midpoint_barrier(a, a.state_dict(), b.state_dict(), X, y,
-                                 correct=lambda net, lam: b.state_dict())
+    r = studies.midpoint_barrier(
+        a, a.state_dict(), b.state_dict(), X, y, correct=lambda net, lam: b.state_dict()
+    )
     assert r.loss[1] == r.loss[2] and r.loss[0] != pytest.approx(r.loss[2], rel=1e-3)
 
 
 # ---- training from own inits, with a cache -----------------------------------------------------
+
 
 def _mlp() -> nn.Module:
     return build_model("mlp", in_features=4, hidden=[8], num_classes=3)
@@ -101,8 +109,10 @@ def _mlp() -> nn.Module:
 
 def _client_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.rand(40, 1, 2, 2, generator=g), torch.randint(0, 3, (40,), generator=g))
-            for _ in range(2)]
+    return [
+        (torch.rand(40, 1, 2, 2, generator=g), torch.randint(0, 3, (40,), generator=g))
+        for _ in range(2)
+    ]
 
 
 OPTIONS = {"epochs": 2, "batch_size": 8, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
@@ -135,9 +145,10 @@ def test_cache_is_written_once_then_read_and_keyed_by_the_training_options(tmp_p
     again = studies.train_from_own_inits(_mlp, data, [3, 4], cache=tmp_path, key="toy", **OPTIONS)
     for m, n in zip(first, again):
         assert all(torch.equal(v, n.state_dict()[k]) for k, v in m.state_dict().items())
-    with pytest.raises(AssertionError, match="trained again"):         # another lr: another file
-        studies.train_from_own_inits(_mlp, data, [3, 4], cache=tmp_path, key="toy",
-                                     **(OPTIONS | {"lr": 0.2}))
+    with pytest.raises(AssertionError, match="trained again"):  # another lr: another file
+        studies.train_from_own_inits(
+            _mlp, data, [3, 4], cache=tmp_path, key="toy", **(OPTIONS | {"lr": 0.2})
+        )
 
 
 def test_training_refuses_a_keyless_cache_and_mismatched_seeds(tmp_path):
@@ -149,12 +160,14 @@ def test_training_refuses_a_keyless_cache_and_mismatched_seeds(tmp_path):
 
 # ---- weight matching, baselines ----------------------------------------------------------------
 
+
 def test_weight_matched_undoes_a_planted_permutation():
     torch.manual_seed(0)
     model = build_model("mlp", hidden=[16, 16])
     spec = permutation_spec(model)
-    permuted = apply_permutation(spec, random_permutation(spec, torch.Generator().manual_seed(2)),
-                                 model.state_dict())
+    permuted = apply_permutation(
+        spec, random_permutation(spec, torch.Generator().manual_seed(2)), model.state_dict()
+    )
     assert not torch.equal(permuted["layers.0.weight"], model.state_dict()["layers.0.weight"])
     recovered = studies.weight_matched(spec, model.state_dict(), permuted)
     for k, v in model.state_dict().items():
@@ -177,12 +190,18 @@ def test_baseline_rows_are_local_mean_best_and_the_summed_softmax_ensemble():
 
 # ---- data and results files --------------------------------------------------------------------
 
+
 def test_npz_images_are_scaled_when_uint8_and_labels_made_int64(tmp_path):
     g = np.random.default_rng(0)
     raw = g.integers(0, 256, (5, 1, 2, 2)).astype(np.uint8)
     floats = g.random((3, 1, 2, 2)).astype(np.float32)
-    np.savez(tmp_path / "d.npz", X_train=raw, y_train=np.array([0, 1, 2, 3, 4], np.int32),
-             X_test=floats, y_test=np.array([1, 2, 3], np.uint8))
+    np.savez(
+        tmp_path / "d.npz",
+        X_train=raw,
+        y_train=np.array([0, 1, 2, 3, 4], np.int32),
+        X_test=floats,
+        y_test=np.array([1, 2, 3], np.uint8),
+    )
     X, y, X_test, y_test = studies.load_fashion_mnist(tmp_path / "d.npz")
     assert X.dtype == torch.float32 and torch.equal(X, torch.as_tensor(raw).float() / 255)
     assert torch.equal(X_test, torch.as_tensor(floats))

@@ -5,16 +5,6 @@ every method here works through that spec. Solvers (``SOLVERS``) and the pipelin
 (``ALIGNERS``) are registries: chosen by name everywhere, extended by registering.
 """
 
-from .spec import (
-    AxisRef,
-    PermutationSpec,
-    Perms,
-    apply_permutation,
-    compose,
-    identity_permutation,
-    invert_permutation,
-    random_permutation,
-)
 from .activation_matching import (
     activation_statistics,
     add_statistics,
@@ -24,6 +14,16 @@ from .activation_matching import (
 from .aligners import ALIGNERS
 from .sinkhorn_rebasin import sinkhorn_rebasin
 from .solvers import SOLVERS, solve_assignment, solver_names
+from .spec import (
+    AxisRef,
+    Perms,
+    PermutationSpec,
+    apply_permutation,
+    compose,
+    identity_permutation,
+    invert_permutation,
+    random_permutation,
+)
 from .trace import UnsupportedModuleError, permutation_spec
 from .weight_matching import (
     MatchResult,
@@ -34,9 +34,28 @@ from .weight_matching import (
 )
 
 __all__ = [
-    "ALIGNERS", "cross_moments", "activation_statistics", "add_statistics", "permutations_from_statistics", "sinkhorn_rebasin",
-    "SOLVERS", "AxisRef", "MatchResult", "PermutationSpec", "Perms", "UnsupportedModuleError",
-    "apply_permutation", "compose", "identity_permutation", "invert_permutation",
-    "match_to_reference", "merge_many", "permutation_spec", "random_permutation",
-    "solve_assignment", "solver_names", "weight_matching", "weight_matching_result",
+    "ALIGNERS",
+    "SOLVERS",
+    "AxisRef",
+    "MatchResult",
+    "Perms",
+    "PermutationSpec",
+    "UnsupportedModuleError",
+    "activation_statistics",
+    "add_statistics",
+    "apply_permutation",
+    "compose",
+    "cross_moments",
+    "identity_permutation",
+    "invert_permutation",
+    "match_to_reference",
+    "merge_many",
+    "permutation_spec",
+    "permutations_from_statistics",
+    "random_permutation",
+    "sinkhorn_rebasin",
+    "solve_assignment",
+    "solver_names",
+    "weight_matching",
+    "weight_matching_result",
 ]

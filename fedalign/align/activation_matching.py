@@ -19,7 +19,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fedalign.stats import STATISTICS, CrossMoments, Data, StatContext, add_sums, batches, cross_sums, evaluation
+from fedalign.stats import (
+    STATISTICS,
+    CrossMoments,
+    Data,
+    StatContext,
+    add_sums,
+    batches,
+    cross_sums,
+    evaluation,
+)
 from fedalign.types import Stats
 
 from .solvers import solve_assignment
@@ -60,7 +69,11 @@ def unit_samples(activation: torch.Tensor, units: int) -> torch.Tensor:
 
 
 def cross_moments(
-    reference: nn.Module, model: nn.Module, X: Data, spec: PermutationSpec | None = None, batch_size: int = 500,
+    reference: nn.Module,
+    model: nn.Module,
+    X: Data,
+    spec: PermutationSpec | None = None,
+    batch_size: int = 500,
 ) -> dict[str, CrossMoments]:
     """Per permutation group of ``spec`` (default: ``permutation_spec(reference)``), float64 sums
     over ``X`` (a tensor, or an iterable of tensors or ``(X, y)`` pairs) of
@@ -89,10 +102,12 @@ def cross_moments(
             acts_ref, acts = capture_ref(xb), capture(xb)
             for g, n in spec.sizes.items():
                 site = spec.activations[g]
-                add_sums(stats, g, cross_sums(unit_samples(acts_ref[site], n), unit_samples(acts[site], n)))
+                add_sums(
+                    stats,
+                    g,
+                    cross_sums(unit_samples(acts_ref[site], n), unit_samples(acts[site], n)),
+                )
     return stats
-
-
 
 
 def activation_statistics(
@@ -144,7 +159,9 @@ def permutations_from_statistics(
     return perms
 
 
-def _cross_statistic(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext) -> Stats:
+def _cross_statistic(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext
+) -> Stats:
     if context.reference is None:
         raise ValueError("cross-moments need a reference model")
     return cross_moments(context.reference, model, X)

@@ -23,36 +23,80 @@ ALIGNERS = Registry("aligner")
 
 
 @ALIGNERS.register("none")
-def no_alignment(spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float], *,
-                 reference: int, cross: Sequence[Stats], solver: str, seed: int, workers: int) -> list[Perms]:
+def no_alignment(
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    *,
+    reference: int,
+    cross: Sequence[Stats],
+    solver: str,
+    seed: int,
+    workers: int,
+) -> list[Perms]:
     """Identity permutations: plain parameter averaging."""
     return [identity_permutation(spec) for _ in states]
 
 
 @ALIGNERS.register("weight")
-def weight_alignment(spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float], *,
-                     reference: int, cross: Sequence[Stats], solver: str, seed: int,
-                     workers: int) -> list[Perms]:
+def weight_alignment(
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    *,
+    reference: int,
+    cross: Sequence[Stats],
+    solver: str,
+    seed: int,
+    workers: int,
+) -> list[Perms]:
     """MergeMany weight matching (Git Re-Basin) to the consensus of all clients."""
     return merge_many(spec, states, weights, solver=solver, seed=seed)[1]
 
 
 @ALIGNERS.register("sinkhorn-rebasin")
-def sinkhorn_alignment(spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float], *,
-                       reference: int, cross: Sequence[Stats], solver: str, seed: int,
-                       workers: int) -> list[Perms]:
+def sinkhorn_alignment(
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    *,
+    reference: int,
+    cross: Sequence[Stats],
+    solver: str,
+    seed: int,
+    workers: int,
+) -> list[Perms]:
     """Sinkhorn re-basin of every client to the reference (independent: a worker pool when asked)."""
     others = [sd for j, sd in enumerate(states) if j != reference]
-    perms = match_all(spec, states[reference], others, "sinkhorn-rebasin", workers=workers, seed=seed,
-                      solver=solver)
+    perms = match_all(
+        spec,
+        states[reference],
+        others,
+        "sinkhorn-rebasin",
+        workers=workers,
+        seed=seed,
+        solver=solver,
+    )
     perms.insert(reference, identity_permutation(spec))
     return perms
 
 
 @ALIGNERS.register("activation", needs={"align": ("cross",)})
-def activation_alignment(spec: PermutationSpec, states: Sequence[StateDict], weights: Sequence[float], *,
-                         reference: int, cross: Sequence[Stats], solver: str, seed: int,
-                         workers: int) -> list[Perms]:
+def activation_alignment(
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    *,
+    reference: int,
+    cross: Sequence[Stats],
+    solver: str,
+    seed: int,
+    workers: int,
+) -> list[Perms]:
     """Activation matching of every client to the reference from its cross-moments."""
-    return [identity_permutation(spec) if j == reference else
-            permutations_from_statistics(cross[j]["cross"], solver=solver) for j in range(len(states))]
+    return [
+        identity_permutation(spec)
+        if j == reference
+        else permutations_from_statistics(cross[j]["cross"], solver=solver)
+        for j in range(len(states))
+    ]

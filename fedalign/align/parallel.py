@@ -32,7 +32,10 @@ def _one_thread() -> None:
 
 
 def map_clients(
-    matcher: Matcher, spec: PermutationSpec, reference: StateDict, state_dicts: Sequence[StateDict],
+    matcher: Matcher,
+    spec: PermutationSpec,
+    reference: StateDict,
+    state_dicts: Sequence[StateDict],
     workers: int = 1,
 ) -> list[Perms]:
     """``[matcher(spec, reference, sd) for sd in state_dicts]``, on ``workers`` processes when
@@ -40,22 +43,35 @@ def map_clients(
     if workers <= 1 or len(state_dicts) < 2:
         return [matcher(spec, reference, sd) for sd in state_dicts]
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(min(workers, len(state_dicts)), mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(
+        min(workers, len(state_dicts)), mp_context=context, initializer=_one_thread
+    ) as pool:
         return list(pool.map(partial(matcher, spec, reference), state_dicts))
 
 
 def match_all(
-    spec: PermutationSpec, reference: StateDict, state_dicts: Sequence[StateDict], method: str = "weight",
-    workers: int = 1, **options: Any,
+    spec: PermutationSpec,
+    reference: StateDict,
+    state_dicts: Sequence[StateDict],
+    method: str = "weight",
+    workers: int = 1,
+    **options: Any,
 ) -> list[Perms]:
     """Each state dict aligned to ``reference`` by weight matching (``method="weight"``) or
     Sinkhorn re-basin (``"sinkhorn-rebasin"``); ``options`` go to that function."""
     functions = {"weight": weight_matching, "sinkhorn-rebasin": sinkhorn_rebasin}
     if method not in functions:
         raise ValueError(f"method must be one of {sorted(functions)}, got {method!r}")
-    return map_clients(partial(_call, functions[method], options), spec, reference, state_dicts, workers)
+    return map_clients(
+        partial(_call, functions[method], options), spec, reference, state_dicts, workers
+    )
 
 
-def _call(function: Callable, options: Mapping[str, Any], spec: PermutationSpec, reference: StateDict,
-          other: StateDict) -> Perms:
+def _call(
+    function: Callable,
+    options: Mapping[str, Any],
+    spec: PermutationSpec,
+    reference: StateDict,
+    other: StateDict,
+) -> Perms:
     return function(spec, reference, other, **options)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from .solvers import solve_assignment
-from .spec import AxisRef, PermutationSpec, Perms
+from .spec import AxisRef, Perms, PermutationSpec
 
 LOSSES = ("l2", "l1", "cosine", "midpoint")
 
@@ -42,7 +42,9 @@ def soft_permute_axis(value: torch.Tensor, plan: torch.Tensor, ref: AxisRef) -> 
     return t.reshape(-1, *rest).movedim(0, ref.axis)
 
 
-def soft_permute(spec: PermutationSpec, plans: Mapping[str, torch.Tensor], key: str, value: torch.Tensor) -> torch.Tensor:
+def soft_permute(
+    spec: PermutationSpec, plans: Mapping[str, torch.Tensor], key: str, value: torch.Tensor
+) -> torch.Tensor:
     for _, (group, ref) in spec.axes_of(key).items():
         value = soft_permute_axis(value, plans[group], ref)
     return value
@@ -87,8 +89,11 @@ def sinkhorn_rebasin(
     oth = {k: other[k].detach().float() for k in keys}
     if loss == "midpoint":
         X, y = data
-        fixed = {k: (0.5 * (v.detach() + other[k].detach()) if v.is_floating_point() else v)
-                 for k, v in reference.items() if k not in spec.keys}
+        fixed = {
+            k: (0.5 * (v.detach() + other[k].detach()) if v.is_floating_point() else v)
+            for k, v in reference.items()
+            if k not in spec.keys
+        }
     scale = sum(float((v**2).sum()) for k, v in ref.items() if k not in spec.buffers) ** 0.5
     optimizer = torch.optim.Adam(logits.values(), lr=lr)
     for _ in range(steps):
@@ -110,4 +115,6 @@ def sinkhorn_rebasin(
         objective.backward()
         optimizer.step()
     with torch.no_grad():
-        return {g: solve_assignment(log_sinkhorn(w, tau, n_iter), solver) for g, w in logits.items()}
+        return {
+            g: solve_assignment(log_sinkhorn(w, tau, n_iter), solver) for g, w in logits.items()
+        }

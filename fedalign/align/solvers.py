@@ -8,7 +8,6 @@ matrix (``n <= m``) and return, for each row, its column.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,7 +44,11 @@ def _sinkhorn_potentials(
 
 
 def sinkhorn_plan(
-    scores: torch.Tensor, reg: float = 1e-3, tol: float = 1e-3, max_iter: int = 10_000, scaling: float = 0.5
+    scores: torch.Tensor,
+    reg: float = 1e-3,
+    tol: float = 1e-3,
+    max_iter: int = 10_000,
+    scaling: float = 0.5,
 ) -> torch.Tensor:
     """Entropic transport plan (log domain) of rows onto columns, maximising the scores.
 
@@ -79,7 +82,11 @@ def sinkhorn_plan(
 
 
 def sinkhorn(
-    scores: torch.Tensor, reg: float = 1e-3, tol: float = 1e-3, max_iter: int = 10_000, scaling: float = 0.5
+    scores: torch.Tensor,
+    reg: float = 1e-3,
+    tol: float = 1e-3,
+    max_iter: int = 10_000,
+    scaling: float = 0.5,
 ) -> torch.Tensor:
     """Sinkhorn plan (see ``sinkhorn_plan``) rounded to a hard assignment by the Hungarian
     algorithm on the plan."""
@@ -97,7 +104,9 @@ def solver_names() -> tuple[str, ...]:
     return SOLVERS.names()
 
 
-def solve_assignment(scores: torch.Tensor | np.ndarray, solver: str = "hungarian", **options) -> torch.Tensor:
+def solve_assignment(
+    scores: torch.Tensor | np.ndarray, solver: str = "hungarian", **options
+) -> torch.Tensor:
     """For each row of ``scores`` (n x m, n <= m) the column it is assigned to, maximising the
     total score; a LongTensor of length n on the scores' device.
 
@@ -108,7 +117,9 @@ def solve_assignment(scores: torch.Tensor | np.ndarray, solver: str = "hungarian
     accepted = list(inspect.signature(fn).parameters)[1:]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"solver {solver!r} does not take {unknown}; it takes {accepted or 'no options'}")
+        raise ValueError(
+            f"solver {solver!r} does not take {unknown}; it takes {accepted or 'no options'}"
+        )
     scores = torch.as_tensor(scores)
     if scores.dim() != 2 or scores.shape[0] > scores.shape[1]:
         raise ValueError(f"scores must be n x m with n <= m, got shape {tuple(scores.shape)}")

@@ -74,13 +74,17 @@ class PermutationSpec:
                 shape = self.shapes[ref.key]
                 expected = ref.repeat * self.sizes[group] * ref.block
                 if not 0 <= ref.axis < len(shape) or shape[ref.axis] != expected:
-                    raise ValueError(f"group {group!r} ({self.sizes[group]} units) does not fit axis "
-                                     f"{ref.axis} of {ref.key!r} {tuple(shape)} with block {ref.block} "
-                                     f"and repeat {ref.repeat}")
+                    raise ValueError(
+                        f"group {group!r} ({self.sizes[group]} units) does not fit axis "
+                        f"{ref.axis} of {ref.key!r} {tuple(shape)} with block {ref.block} "
+                        f"and repeat {ref.repeat}"
+                    )
                 slot = (ref.key, ref.axis)
                 if claimed.setdefault(slot, group) != group:
-                    raise ValueError(f"axis {slot[1]} of {ref.key!r} is claimed by groups "
-                                     f"{claimed[slot]!r} and {group!r}")
+                    raise ValueError(
+                        f"axis {slot[1]} of {ref.key!r} is claimed by groups "
+                        f"{claimed[slot]!r} and {group!r}"
+                    )
         unknown = self.buffers - set(self.shapes)
         if unknown:
             raise ValueError(f"buffers {sorted(unknown)} are not entries of the model")
@@ -143,7 +147,7 @@ def units_first(tensor: torch.Tensor, ref: AxisRef) -> torch.Tensor:
 def units_restore(rows: torch.Tensor, ref: AxisRef, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`units_first`: rows ``(n, rest)`` back into an entry of ``shape`` (whose
     axis ``ref.axis`` has length ``repeat * n * block``)."""
-    moved = [shape[ref.axis], *shape[:ref.axis], *shape[ref.axis + 1:]]
+    moved = [shape[ref.axis], *shape[: ref.axis], *shape[ref.axis + 1 :]]
     t = rows.reshape(rows.shape[0], ref.repeat, ref.block, *moved[1:]).movedim(0, 1)
     return t.reshape(moved).movedim(0, ref.axis)
 
@@ -153,7 +157,11 @@ def permute_axis(tensor: torch.Tensor, perm: torch.Tensor, ref: AxisRef) -> torc
 
 
 def permuted_entry(
-    spec: PermutationSpec, perms: Perms, key: str, value: torch.Tensor, except_axis: int | None = None
+    spec: PermutationSpec,
+    perms: Perms,
+    key: str,
+    value: torch.Tensor,
+    except_axis: int | None = None,
 ) -> torch.Tensor:
     """``value`` with every permuted axis but ``except_axis`` permuted by ``perms`` (groups
     missing from ``perms`` are left alone)."""

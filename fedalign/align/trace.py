@@ -18,9 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .spec import AxisRef, PermutationSpec
@@ -55,23 +54,85 @@ class _LSTMState:
 # Operations that act on every unit alike (elementwise, pooling over space, normalising along an
 # axis): permuting their input permutes their output the same way.
 _PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
-    nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d,
-    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Softmax, nn.LogSoftmax,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Softmax,
+    nn.LogSoftmax,
 )
 _PASS_FUNCTIONS = {
-    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh, F.tanh,
-    torch.sigmoid, F.sigmoid, F.softplus, F.mish, F.hardswish, F.hardtanh, F.dropout, F.dropout2d,
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.max_pool2d,
-    F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, operator.neg,
+    torch.relu,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.gelu,
+    F.silu,
+    torch.tanh,
+    F.tanh,
+    torch.sigmoid,
+    F.sigmoid,
+    F.softplus,
+    F.mish,
+    F.hardswish,
+    F.hardtanh,
+    F.dropout,
+    F.dropout2d,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    torch.max_pool2d,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    operator.neg,
 }
 _PASS_METHODS = {
-    "relu", "relu_", "tanh", "sigmoid", "contiguous", "clone", "detach", "float", "double", "to",
-    "softmax", "log_softmax", "neg",
+    "relu",
+    "relu_",
+    "tanh",
+    "sigmoid",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "double",
+    "to",
+    "softmax",
+    "log_softmax",
+    "neg",
 }
 _ELEMENTWISE = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    operator.add,
+    operator.iadd,
+    operator.sub,
+    operator.isub,
+    operator.mul,
+    operator.imul,
+    operator.truediv,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
 }
 _ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
@@ -144,7 +205,9 @@ class _Walker:
         if label is not None and key in self.shapes:
             self.refs[label.group].append(AxisRef(key, axis, label.block, repeat))
 
-    def act_on_params(self, label: _Label | None, name: str, params: tuple[str, ...], axis: int = 0) -> None:
+    def act_on_params(
+        self, label: _Label | None, name: str, params: tuple[str, ...], axis: int = 0
+    ) -> None:
         for p in params:
             self.act(label, f"{name}.{p}", axis)
 
@@ -157,7 +220,11 @@ class _Walker:
         return self.labels.get(arg) if isinstance(arg, fx.Node) else None
 
     def labelled(self, args) -> list:
-        return [self.labels[a] for a in _flat_args(args) if isinstance(a, fx.Node) and self.labels.get(a) is not None]
+        return [
+            self.labels[a]
+            for a in _flat_args(args)
+            if isinstance(a, fx.Node) and self.labels.get(a) is not None
+        ]
 
     # ---- the walk -----------------------------------------------------------------------------
 
@@ -166,19 +233,24 @@ class _Walker:
             if node.op == "placeholder":
                 self.labels[node] = None
             elif node.op == "get_attr":
-                raise UnsupportedModuleError(f"parameter {node.target!r} is used outside its module "
-                                             "(get_attr); permutation_spec cannot follow it")
+                raise UnsupportedModuleError(
+                    f"parameter {node.target!r} is used outside its module "
+                    "(get_attr); permutation_spec cannot follow it"
+                )
             elif node.op == "call_module":
                 module = self.modules[node.target]
-                if node.target in self.called and any(True for _ in module.parameters(recurse=False)):
+                if node.target in self.called and any(
+                    True for _ in module.parameters(recurse=False)
+                ):
                     raise UnsupportedModuleError(
                         f"module {node.target!r} ({type(module).__name__}) is called more than once: "
-                        "shared weights cannot be permuted for each use")
+                        "shared weights cannot be permuted for each use"
+                    )
                 self.called.add(node.target)
                 self.labels[node] = self.module(node, module)
             elif node.op in ("call_function", "call_method"):
                 if not self.labelled((node.args, node.kwargs)):
-                    self.labels[node] = None       # no group reaches it: input preprocessing, shapes
+                    self.labels[node] = None  # no group reaches it: input preprocessing, shapes
                 elif node.op == "call_function":
                     self.labels[node] = self.function(node)
                 else:
@@ -194,8 +266,10 @@ class _Walker:
         shape = _shape(node.args[0])
         if isinstance(m, nn.Linear):
             if x is not None and shape is not None and _feature_axis(shape) != len(shape) - 1:
-                raise UnsupportedModuleError(f"{where}: Linear on an NCHW tensor acts on its last axis, not on "
-                                             "the channels that carry the units (flatten or pool first)")
+                raise UnsupportedModuleError(
+                    f"{where}: Linear on an NCHW tensor acts on its last axis, not on "
+                    "the channels that carry the units (flatten or pool first)"
+                )
             self.act(x, f"{name}.weight", 1)
             self.consume(node, x)
             y = self.new_group(name, m.out_features)
@@ -203,7 +277,9 @@ class _Walker:
             return y
         if isinstance(m, nn.Conv2d):
             if m.groups != 1:
-                raise UnsupportedModuleError(f"{where}: grouped/depthwise Conv2d (groups={m.groups})")
+                raise UnsupportedModuleError(
+                    f"{where}: grouped/depthwise Conv2d (groups={m.groups})"
+                )
             if x is not None and x.block != 1:
                 raise UnsupportedModuleError(f"{where}: Conv2d after a flatten")
             self.act(x, f"{name}.weight", 1)
@@ -215,17 +291,23 @@ class _Walker:
             if shape is not None and len(shape) == 3:
                 raise UnsupportedModuleError(f"{where}: BatchNorm1d over (N, C, L) inputs")
             self.act_on_params(x, name, ("weight", "bias", "running_mean", "running_var"))
-            self.buffers.update(k for k in (f"{name}.running_mean", f"{name}.running_var") if k in self.shapes)
+            self.buffers.update(
+                k for k in (f"{name}.running_mean", f"{name}.running_var") if k in self.shapes
+            )
             return x
         if isinstance(m, nn.GroupNorm):
             if m.num_groups != 1:
-                raise UnsupportedModuleError(f"{where}: GroupNorm with {m.num_groups} groups (only 1 keeps "
-                                             "every channel permutation)")
+                raise UnsupportedModuleError(
+                    f"{where}: GroupNorm with {m.num_groups} groups (only 1 keeps "
+                    "every channel permutation)"
+                )
             self.act_on_params(x, name, ("weight", "bias"))
             return x
         if isinstance(m, nn.LayerNorm):
             if len(m.normalized_shape) != 1 or (shape is not None and len(shape) == 4):
-                raise UnsupportedModuleError(f"{where}: LayerNorm over anything but the last, feature axis")
+                raise UnsupportedModuleError(
+                    f"{where}: LayerNorm over anything but the last, feature axis"
+                )
             self.act_on_params(x, name, ("weight", "bias"))
             return x
         if isinstance(m, nn.Embedding):
@@ -238,7 +320,9 @@ class _Walker:
             return x
         if isinstance(m, nn.Flatten):
             return self.reshape(node, node.args[0])
-        raise UnsupportedModuleError(f"{where} is not supported by permutation_spec; write its spec by hand")
+        raise UnsupportedModuleError(
+            f"{where} is not supported by permutation_spec; write its spec by hand"
+        )
 
     def lstm(self, node: fx.Node, name: str, m: nn.LSTM, x) -> _LSTMOutput:
         """One layer: the hidden group acts on the rows of each of the 4 gate blocks of both
@@ -246,8 +330,9 @@ class _Walker:
         columns of ``weight_ih``."""
         where = f"module {name!r} (LSTM)"
         if m.num_layers != 1 or m.bidirectional or m.proj_size:
-            raise UnsupportedModuleError(f"{where}: only single-layer, unidirectional LSTMs without "
-                                         "projection are supported")
+            raise UnsupportedModuleError(
+                f"{where}: only single-layer, unidirectional LSTMs without projection are supported"
+            )
         if len(node.args) > 1 or node.kwargs:
             raise UnsupportedModuleError(f"{where}: LSTM called with an initial state")
         self.consume(node, x)
@@ -265,12 +350,17 @@ class _Walker:
         shape_in, shape_out = _shape(src), _shape(node)
         if shape_in is None or shape_out is None:
             raise UnsupportedModuleError(f"{node.name}: reshape of a tensor of unknown shape")
-        if len(shape_in) == 4 and shape_out == (shape_in[0], shape_in[1] * shape_in[2] * shape_in[3]):
+        if len(shape_in) == 4 and shape_out == (
+            shape_in[0],
+            shape_in[1] * shape_in[2] * shape_in[3],
+        ):
             return _Label(x.group, x.block * shape_in[2] * shape_in[3])
         if len(shape_in) != 4 and len(shape_out) != 4 and shape_out[-1] == shape_in[-1]:
             return x
-        raise UnsupportedModuleError(f"{node.name}: reshape {shape_in} -> {shape_out}; only NCHW -> "
-                                     "(N, C*H*W) or reshapes keeping the last axis are supported")
+        raise UnsupportedModuleError(
+            f"{node.name}: reshape {shape_in} -> {shape_out}; only NCHW -> "
+            "(N, C*H*W) or reshapes keeping the last axis are supported"
+        )
 
     def elementwise(self, node: fx.Node):
         """Operands combined elementwise must share one permutation: merge their groups."""
@@ -278,8 +368,9 @@ class _Walker:
         labels = [self.label_of(a) for a in operands]
         for a, label in zip(operands, labels):
             if label is None and isinstance(a, fx.Node) and _shape(a):
-                raise UnsupportedModuleError(f"{node.name}: combines a permuted tensor with a tensor no "
-                                             "group acts on")
+                raise UnsupportedModuleError(
+                    f"{node.name}: combines a permuted tensor with a tensor no group acts on"
+                )
         present = [label for label in labels if label is not None]
         if not all(isinstance(label, _Label) for label in present):
             raise UnsupportedModuleError(f"{node.name}: arithmetic on an LSTM's output tuple")
@@ -298,14 +389,20 @@ class _Walker:
         if shape is not None and len(shape) != 4:
             last = len(shape) - 1
             if node.target == "permute":
-                order = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+                order = (
+                    tuple(dims[0])
+                    if len(dims) == 1 and isinstance(dims[0], (tuple, list))
+                    else tuple(dims)
+                )
                 keeps = len(order) == len(shape) and order[-1] % len(shape) == last
             else:
                 keeps = len(dims) == 2 and all(d % len(shape) != last for d in dims)
             if keeps:
                 return self.label_of(src)
-        raise UnsupportedModuleError(f"{node.name}: {node.target if isinstance(node.target, str) else 'transpose'} "
-                                     "that moves the feature axis")
+        raise UnsupportedModuleError(
+            f"{node.name}: {node.target if isinstance(node.target, str) else 'transpose'} "
+            "that moves the feature axis"
+        )
 
     def spatial_mean(self, node: fx.Node):
         """``x.mean((2, 3))`` over an NCHW tensor (global average pooling) keeps the channel axis."""
@@ -313,13 +410,19 @@ class _Walker:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
         shape = _shape(src)
-        if shape is None or not dims or any(d % len(shape) in (0, _feature_axis(shape)) for d in dims):
+        if (
+            shape is None
+            or not dims
+            or any(d % len(shape) in (0, _feature_axis(shape)) for d in dims)
+        ):
             raise UnsupportedModuleError(f"{node.name}: mean over the batch or feature axis")
         out = _shape(node)
         if out is None or len(out) not in (2, 4):
             # (N, C, H) would put the channels where a 3-d tensor's feature axis is not
-            raise UnsupportedModuleError(f"{node.name}: a mean that leaves {out} (pool both spatial axes or keep "
-                                         "the dimensions)")
+            raise UnsupportedModuleError(
+                f"{node.name}: a mean that leaves {out} (pool both spatial axes or keep "
+                "the dimensions)"
+            )
         return self.label_of(src)
 
     def function(self, node: fx.Node):
@@ -338,8 +441,10 @@ class _Walker:
             return self.getitem(node)
         if f is builtins.getattr and node.args[1] in _NON_TENSOR_ATTRIBUTES:
             return None
-        raise UnsupportedModuleError(f"function {getattr(f, '__name__', f)!r} (node {node.name}) is "
-                                     "not supported by permutation_spec; write its spec by hand")
+        raise UnsupportedModuleError(
+            f"function {getattr(f, '__name__', f)!r} (node {node.name}) is "
+            "not supported by permutation_spec; write its spec by hand"
+        )
 
     def getitem(self, node: fx.Node):
         src, index = node.args
@@ -350,12 +455,17 @@ class _Walker:
             return label.hidden
         shape = _shape(src)
         idx = index if isinstance(index, tuple) else (index,)
-        keeps_last_axis = shape is not None and Ellipsis not in idx and (
-            len(idx) < len(shape) or (len(idx) == len(shape) and idx[-1] == slice(None)))
+        keeps_last_axis = (
+            shape is not None
+            and Ellipsis not in idx
+            and (len(idx) < len(shape) or (len(idx) == len(shape) and idx[-1] == slice(None)))
+        )
         if keeps_last_axis and len(shape) != 4:
             return label
-        raise UnsupportedModuleError(f"indexing {node.name}: only indexing that keeps the feature axis "
-                                     "(the last of a non-image tensor) whole is supported")
+        raise UnsupportedModuleError(
+            f"indexing {node.name}: only indexing that keeps the feature axis "
+            "(the last of a non-image tensor) whole is supported"
+        )
 
     def method(self, node: fx.Node):
         target = node.target
@@ -371,13 +481,17 @@ class _Walker:
             return self.spatial_mean(node)
         if target in ("transpose", "permute"):
             return self.transpose(node)
-        raise UnsupportedModuleError(f"tensor method {target!r} (node {node.name}) is not "
-                                     "supported by permutation_spec; write its spec by hand")
+        raise UnsupportedModuleError(
+            f"tensor method {target!r} (node {node.name}) is not "
+            "supported by permutation_spec; write its spec by hand"
+        )
 
     def finish(self, output: fx.Node) -> PermutationSpec:
         fixed = set()
         for label in self.labelled(output.args):
-            fixed.add(self.uf.find(label.group if isinstance(label, _Label) else label.hidden.group))
+            fixed.add(
+                self.uf.find(label.group if isinstance(label, _Label) else label.hidden.group)
+            )
         merged: dict[int, list[AxisRef]] = defaultdict(list)
         for g, refs in self.refs.items():
             merged[self.uf.find(g)].extend(refs)
@@ -392,13 +506,17 @@ class _Walker:
             if sites:
                 activations[name] = sites[0]
         keys = {ref.key for refs in groups.values() for ref in refs}
-        return PermutationSpec(groups, sizes, self.shapes, frozenset(self.buffers & keys), activations)
+        return PermutationSpec(
+            groups, sizes, self.shapes, frozenset(self.buffers & keys), activations
+        )
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """A batch of 2 shaped for the model's first layer: token ids for an Embedding, features for a
     Linear, square images of side ``model.image_size`` (default 28) for a Conv2d."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))), None)
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))), None
+    )
     if isinstance(first, nn.Embedding):
         return torch.zeros(2, 5, dtype=torch.long)
     if isinstance(first, nn.Linear):
@@ -406,7 +524,9 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     if isinstance(first, nn.Conv2d):
         side = getattr(model, "image_size", 28)
         return torch.zeros(2, first.in_channels, side, side)
-    raise UnsupportedModuleError(f"cannot guess an example input for {type(model).__name__}; pass example_input")
+    raise UnsupportedModuleError(
+        f"cannot guess an example input for {type(model).__name__}; pass example_input"
+    )
 
 
 def trace_model(model: nn.Module, example_input: torch.Tensor | None = None) -> fx.GraphModule:
@@ -429,7 +549,9 @@ def trace_model(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     return gm
 
 
-def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
+def permutation_spec(
+    model: nn.Module, example_input: torch.Tensor | None = None
+) -> PermutationSpec:
     """Derive the permutation spec of ``model`` by tracing it on ``example_input`` (a batch;
     default from the first layer, see ``default_example_input``).
 

@@ -38,7 +38,9 @@ def group_scores(
     scores = torch.zeros(n, n, dtype=torch.float64, device=next(iter(reference.values())).device)
     for ref in spec.objective_refs(group):
         a = units_first(reference[ref.key].double(), ref)
-        b = units_first(permuted_entry(spec, perms, ref.key, other[ref.key], ref.axis).double(), ref)
+        b = units_first(
+            permuted_entry(spec, perms, ref.key, other[ref.key], ref.axis).double(), ref
+        )
         scores += a @ b.T
     return scores
 
@@ -47,9 +49,15 @@ def _objective_keys(spec: PermutationSpec) -> list[str]:
     return sorted(spec.keys - spec.buffers)
 
 
-def _term(spec: PermutationSpec, key: str, reference: StateDict, other: StateDict, perms: Perms) -> float:
-    return float(torch.vdot(reference[key].double().reshape(-1),
-                            permuted_entry(spec, perms, key, other[key]).double().reshape(-1)))
+def _term(
+    spec: PermutationSpec, key: str, reference: StateDict, other: StateDict, perms: Perms
+) -> float:
+    return float(
+        torch.vdot(
+            reference[key].double().reshape(-1),
+            permuted_entry(spec, perms, key, other[key]).double().reshape(-1),
+        )
+    )
 
 
 def objective(spec: PermutationSpec, reference: StateDict, other: StateDict, perms: Perms) -> float:
@@ -68,8 +76,14 @@ class MatchResult:
 
 
 def _coordinate_ascent(
-    spec: PermutationSpec, reference: StateDict, other: StateDict, perms: Perms,
-    solver: str, solver_options: Mapping, max_iter: int, generator: torch.Generator,
+    spec: PermutationSpec,
+    reference: StateDict,
+    other: StateDict,
+    perms: Perms,
+    solver: str,
+    solver_options: Mapping,
+    max_iter: int,
+    generator: torch.Generator,
 ) -> MatchResult:
     """Sweeps over the groups in random order until a sweep changes nothing. The objective is
     kept as per-entry terms so that a group's update only recomputes the entries it touches."""
@@ -115,7 +129,7 @@ def weight_matching_result(
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     keys = _objective_keys(spec)
-    reference = {k: reference[k].double() for k in keys}   # converted once, not per group update
+    reference = {k: reference[k].double() for k in keys}  # converted once, not per group update
     other = {k: other[k].double() for k in keys}
     generator = torch.Generator().manual_seed(seed)
     best: MatchResult | None = None
@@ -124,8 +138,9 @@ def weight_matching_result(
             start = dict(init) if init is not None else identity_permutation(spec)
         else:
             start = {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
-        result = _coordinate_ascent(spec, reference, other, start, solver, solver_options or {},
-                                    max_iter, generator)
+        result = _coordinate_ascent(
+            spec, reference, other, start, solver, solver_options or {}, max_iter, generator
+        )
         if best is None or result.objective > best.objective:
             best = result
     return best
@@ -144,8 +159,9 @@ def weight_matching(
     """Permutations that align ``other``'s units to ``reference``'s:
     ``apply_permutation(spec, perms, other)`` is then close to ``reference``. See
     ``weight_matching_result`` for the objective trace."""
-    return weight_matching_result(spec, reference, other, solver, restarts, seed, max_iter,
-                                  solver_options=solver_options).perms
+    return weight_matching_result(
+        spec, reference, other, solver, restarts, seed, max_iter, solver_options=solver_options
+    ).perms
 
 
 def match_to_reference(
@@ -186,16 +202,26 @@ def merge_many(
             if rest <= 0:
                 continue  # a model holding all the weight has no "others" to match
             mean_of_others = {k: (total[k] - w[j] * aligned[j][k]) / rest for k in keys}
-            result = weight_matching_result(spec, mean_of_others, state_dicts[j], solver, init=perms[j],
-                                            seed=int(torch.randint(2**31, (1,), generator=generator)),
-                                            solver_options=solver_options)
+            result = weight_matching_result(
+                spec,
+                mean_of_others,
+                state_dicts[j],
+                solver,
+                init=perms[j],
+                seed=int(torch.randint(2**31, (1,), generator=generator)),
+                solver_options=solver_options,
+            )
             if any(not torch.equal(result.perms[g], perms[j][g]) for g in spec.sizes):
                 changed = True
                 perms[j] = result.perms
-                moved = apply_permutation(spec, perms[j], {k: state_dicts[j][k].double() for k in keys})
+                moved = apply_permutation(
+                    spec, perms[j], {k: state_dicts[j][k].double() for k in keys}
+                )
                 total = {k: total[k] + w[j] * (moved[k] - aligned[j][k]) for k in keys}
                 aligned[j] = moved
         if not changed:
             break
-    merged = weighted_average([apply_permutation(spec, p, sd) for p, sd in zip(perms, state_dicts)], w.tolist())
+    merged = weighted_average(
+        [apply_permutation(spec, p, sd) for p, sd in zip(perms, state_dicts)], w.tolist()
+    )
     return dict(merged), perms

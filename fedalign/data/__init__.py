@@ -23,8 +23,22 @@ from .registry import DATASETS, Arrays, dataset_arrays, dataset_names, dataset_o
 from .text import VOCAB_SIZE
 
 __all__ = [
-    "DATASETS", "SCHEMES", "VOCAB_SIZE", "Arrays", "ClientData", "DataError", "DatasetNotFoundError",
-    "Federation", "dataset_arrays", "dataset_names", "dataset_options", "federation",
-    "format_histogram", "label_histogram", "load_dataset", "partition", "partition_schemes",
+    "DATASETS",
+    "SCHEMES",
+    "VOCAB_SIZE",
+    "Arrays",
+    "ClientData",
+    "DataError",
+    "DatasetNotFoundError",
+    "Federation",
+    "dataset_arrays",
+    "dataset_names",
+    "dataset_options",
+    "federation",
+    "format_histogram",
+    "label_histogram",
+    "load_dataset",
+    "partition",
+    "partition_schemes",
     "split_train_val",
 ]

@@ -41,8 +41,18 @@ FILES = {
 }
 SIZES = {"train": 60_000, "test": 10_000}
 NUM_CLASSES = 10
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 #: MD5 of the ``.gz`` files as Zalando publishes them (README of zalandoresearch/fashion-mnist).
 OFFICIAL_GZ_MD5 = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -152,8 +162,10 @@ def download(target: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
                 failures.append(f"{base + name}: {exc}")
                 continue
             if not is_genuine(name, data):
-                failures.append(f"{base + name}: checksum mismatch ({len(data)} bytes, md5 "
-                                f"{hashlib.md5(data, usedforsecurity=False).hexdigest()})")
+                failures.append(
+                    f"{base + name}: checksum mismatch ({len(data)} bytes, md5 "
+                    f"{hashlib.md5(data, usedforsecurity=False).hexdigest()})"
+                )
                 continue
             partial = target / (name + ".part")
             partial.write_bytes(data)
@@ -190,13 +202,19 @@ def _read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetNotFoundError(f"{directory}: the Fashion-MNIST {split} files are missing")
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise DataError(f"{image_path}: expected uint8 images of shape (n, 28, 28), got "
-                        f"{images.dtype} {images.shape}")
+        raise DataError(
+            f"{image_path}: expected uint8 images of shape (n, 28, 28), got "
+            f"{images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(f"{label_path}: expected {len(images)} labels for {image_path.name}, got "
-                        f"shape {labels.shape}")
+        raise DataError(
+            f"{label_path}: expected {len(images)} labels for {image_path.name}, got "
+            f"shape {labels.shape}"
+        )
     if labels.size and labels.max() >= NUM_CLASSES:
-        raise DataError(f"{label_path}: label {int(labels.max())} is out of range 0..{NUM_CLASSES - 1}")
+        raise DataError(
+            f"{label_path}: label {int(labels.max())} is out of range 0..{NUM_CLASSES - 1}"
+        )
     X = images[:, None, :, :].astype(np.float32)
     X /= 255.0
     return X, labels.astype(np.int64)

@@ -39,8 +39,17 @@ class Federation:
     ``splits[i]`` holds client ``i``'s (train, val) row indices into the training split.
     """
 
-    def __init__(self, dataset: str, train: Arrays, test: Arrays, parts: list[np.ndarray],
-                 val_fraction: float, seed: int, scheme: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        train: Arrays,
+        test: Arrays,
+        parts: list[np.ndarray],
+        val_fraction: float,
+        seed: int,
+        scheme: str,
+        options: dict[str, Any],
+    ) -> None:
         self.dataset = dataset
         self._train = train
         self._test = test
@@ -50,9 +59,7 @@ class Federation:
         self.val_fraction = val_fraction
         self.parts = parts
         # One seed per client, so a client's validation split does not depend on the others.
-        self.splits = [
-            split_train_val(p, val_fraction, seed + 1 + i) for i, p in enumerate(parts)
-        ]
+        self.splits = [split_train_val(p, val_fraction, seed + 1 + i) for i, p in enumerate(parts)]
 
     @property
     def num_clients(self) -> int:
@@ -86,8 +93,10 @@ class Federation:
     def client(self, i: int) -> ClientData:
         """Client ``i``'s local training and validation arrays."""
         if not 0 <= i < self.num_clients:
-            raise DataError(f"client {i} does not exist (the federation has {self.num_clients}: "
-                            f"0..{self.num_clients - 1})")
+            raise DataError(
+                f"client {i} does not exist (the federation has {self.num_clients}: "
+                f"0..{self.num_clients - 1})"
+            )
         tr, va = self.splits[i]
         X, y = self._train.X, self._train.y
         return ClientData(X[tr], y[tr], X[va], y[va])
@@ -138,32 +147,52 @@ def _hashable(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _federation(dataset: str, num_clients: int, scheme: str, seed: int, val_fraction: float,
-                data_dir: str | None, options: tuple[tuple[str, Any], ...],
-                dataset_options: tuple[tuple[str, Any], ...]) -> Federation:
+def _federation(
+    dataset: str,
+    num_clients: int,
+    scheme: str,
+    seed: int,
+    val_fraction: float,
+    data_dir: str | None,
+    options: tuple[tuple[str, Any], ...],
+    dataset_options: tuple[tuple[str, Any], ...],
+) -> Federation:
     train = dataset_arrays(dataset, "train", data_dir, **dict(dataset_options))
     test = dataset_arrays(dataset, "test", data_dir, **dict(dataset_options))
     opts = dict(options)
     if scheme == "natural":
         if train.groups is None:
-            raise DataError(f"partition 'natural' needs a dataset with natural groups; {dataset!r} "
-                            "has none (fortunes has one per category)")
+            raise DataError(
+                f"partition 'natural' needs a dataset with natural groups; {dataset!r} "
+                "has none (fortunes has one per category)"
+            )
         parts = partition(train.y, num_clients, scheme, seed, groups=train.groups, **opts)
     else:
         parts = partition(train.y, num_clients, scheme, seed, **opts)
     return Federation(dataset, train, test, parts, val_fraction, seed, scheme, opts)
 
 
-def federation(dataset: str, num_clients: int, scheme: str, seed: int = 0, val_fraction: float = 0.1,
-               data_dir: str | None = None, dataset_options: Mapping[str, Any] | None = None,
-               **options: Any) -> Federation:
+def federation(
+    dataset: str,
+    num_clients: int,
+    scheme: str,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    data_dir: str | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> Federation:
     """The (per-process cached) federation for these settings.
 
     ``options`` go to ``partition`` (e.g. ``alpha``); ``dataset_options`` to the loader (e.g.
     fortunes' ``seq_len``). Equal settings return the same object.
     """
     return _federation(
-        dataset, int(num_clients), scheme, int(seed), float(val_fraction),
+        dataset,
+        int(num_clients),
+        scheme,
+        int(seed),
+        float(val_fraction),
         None if data_dir is None else str(data_dir),
         tuple(sorted((k, _hashable(v)) for k, v in options.items())),
         tuple(sorted((k, _hashable(v)) for k, v in (dataset_options or {}).items())),

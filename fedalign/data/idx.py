@@ -17,7 +17,14 @@ import numpy as np
 from .errors import DataError
 
 #: IDX type code -> numpy dtype (multi-byte types are big-endian on disk).
-DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -32,33 +39,43 @@ def _raw_bytes(path: Path) -> bytes:
     try:
         return gzip.decompress(data)
     except (EOFError, OSError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot be decompressed ({exc}); the gzip file is corrupted or "
-                        "truncated") from None
+        raise DataError(
+            f"{path}: cannot be decompressed ({exc}); the gzip file is corrupted or truncated"
+        ) from None
 
 
 def decode_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode IDX bytes into an array of the declared shape, in native byte order."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         found = raw[:4].hex() if raw else "an empty file"
-        raise DataError(f"{name}: not an IDX file (wrong magic number: {found}, expected "
-                        "00 00 <type> <ndim>)")
+        raise DataError(
+            f"{name}: not an IDX file (wrong magic number: {found}, expected 00 00 <type> <ndim>)"
+        )
     code, ndim = raw[2], raw[3]
     if code not in DTYPES:
-        raise DataError(f"{name}: not an IDX file (wrong magic number {raw[:4].hex()}: unknown "
-                        f"type code 0x{code:02x}; known: {', '.join(f'0x{c:02x}' for c in DTYPES)})")
+        raise DataError(
+            f"{name}: not an IDX file (wrong magic number {raw[:4].hex()}: unknown "
+            f"type code 0x{code:02x}; known: {', '.join(f'0x{c:02x}' for c in DTYPES)})"
+        )
     if ndim == 0:
-        raise DataError(f"{name}: not an IDX file (wrong magic number {raw[:4].hex()}: 0 dimensions)")
+        raise DataError(
+            f"{name}: not an IDX file (wrong magic number {raw[:4].hex()}: 0 dimensions)"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{name}: truncated: expected a {header}-byte header for {ndim} dimensions, "
-                        f"got {len(raw)} bytes")
+        raise DataError(
+            f"{name}: truncated: expected a {header}-byte header for {ndim} dimensions, "
+            f"got {len(raw)} bytes"
+        )
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
     dtype = np.dtype(DTYPES[code])
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
         kind = "truncated" if len(raw) < expected else "too long"
-        raise DataError(f"{name}: {kind}: expected {expected} bytes for shape {shape} "
-                        f"({dtype.name}), got {len(raw)}")
+        raise DataError(
+            f"{name}: {kind}: expected {expected} bytes for shape {shape} "
+            f"({dtype.name}), got {len(raw)}"
+        )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 

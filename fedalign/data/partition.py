@@ -78,7 +78,9 @@ class _LabelTable(Dataset):
 
     def select(self, indices, *args, **kwargs):
         if not args and kwargs.get("new_fingerprint") is None:
-            digest = hashlib.blake2b(str(getattr(self, "_fingerprint", "")).encode(), digest_size=16)
+            digest = hashlib.blake2b(
+                str(getattr(self, "_fingerprint", "")).encode(), digest_size=16
+            )
             digest.update(np.asarray(indices, dtype=np.int64).tobytes())
             kwargs["new_fingerprint"] = digest.hexdigest()
         return super().select(indices, *args, **kwargs)
@@ -97,8 +99,10 @@ def partition_schemes() -> tuple[str, ...]:
 def _classes_per_client(options: dict[str, Any], num_classes: int) -> int:
     k = options.get("classes_per_client", 2)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_classes:
-        raise DataError(f"partition option classes_per_client must be an integer in [1, "
-                        f"{num_classes}] (the number of classes present), got {k!r}")
+        raise DataError(
+            f"partition option classes_per_client must be an integer in [1, "
+            f"{num_classes}] (the number of classes present), got {k!r}"
+        )
     return int(k)
 
 
@@ -108,21 +112,27 @@ def _dirichlet(labels: np.ndarray, num_clients: int, seed: int, options: dict) -
         raise DataError(f"partition option alpha must be a number > 0, got {alpha!r}")
     min_size = options.get("min_partition_size", 10)
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise DataError(f"partition option min_partition_size must be an integer >= 0, got {min_size!r}")
+        raise DataError(
+            f"partition option min_partition_size must be an integer >= 0, got {min_size!r}"
+        )
     if num_clients * min_size > len(labels):
         raise DataError(
             f"partition option min_partition_size={min_size} is impossible: {num_clients} clients x "
             f"{min_size} > {len(labels)} samples; lower min_partition_size or use fewer clients"
         )
     return DirichletPartitioner(
-        num_partitions=num_clients, partition_by="label", alpha=float(alpha),
-        min_partition_size=int(min_size), self_balancing=bool(options.get("self_balancing", False)),
+        num_partitions=num_clients,
+        partition_by="label",
+        alpha=float(alpha),
+        min_partition_size=int(min_size),
+        self_balancing=bool(options.get("self_balancing", False)),
         seed=seed,
     )
 
 
-def _partitioner(scheme: str, labels: np.ndarray, num_clients: int, seed: int,
-                 options: dict[str, Any]) -> Partitioner:
+def _partitioner(
+    scheme: str, labels: np.ndarray, num_clients: int, seed: int, options: dict[str, Any]
+) -> Partitioner:
     num_classes = len(np.unique(labels))
     if scheme == "iid":
         return IidPartitioner(num_partitions=num_clients)
@@ -131,35 +141,49 @@ def _partitioner(scheme: str, labels: np.ndarray, num_clients: int, seed: int,
     if scheme == "shards":
         k = _classes_per_client(options, num_classes)
         if num_clients * k > len(labels):
-            raise DataError(f"partition 'shards': {num_clients} clients x classes_per_client={k} "
-                            f"shards need at least {num_clients * k} samples, got {len(labels)}")
-        return ShardPartitioner(num_partitions=num_clients, partition_by="label",
-                                num_shards_per_partition=k, seed=seed)
+            raise DataError(
+                f"partition 'shards': {num_clients} clients x classes_per_client={k} "
+                f"shards need at least {num_clients * k} samples, got {len(labels)}"
+            )
+        return ShardPartitioner(
+            num_partitions=num_clients, partition_by="label", num_shards_per_partition=k, seed=seed
+        )
     if scheme == "pathological":
         k = _classes_per_client(options, num_classes)
         mode = options.get("class_assignment", "first-deterministic")
         if mode not in CLASS_ASSIGNMENTS:
-            raise DataError(f"partition option class_assignment must be one of "
-                            f"{', '.join(CLASS_ASSIGNMENTS)}, got {mode!r}")
-        return PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
-                                       num_classes_per_partition=k, class_assignment_mode=mode,
-                                       seed=seed)
+            raise DataError(
+                f"partition option class_assignment must be one of "
+                f"{', '.join(CLASS_ASSIGNMENTS)}, got {mode!r}"
+            )
+        return PathologicalPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            num_classes_per_partition=k,
+            class_assignment_mode=mode,
+            seed=seed,
+        )
     return NaturalIdPartitioner(partition_by="group")
 
 
 def _natural_mask(groups: Any, n: int, num_clients: int) -> np.ndarray:
     """The samples of the ``num_clients`` largest groups."""
     if groups is None:
-        raise DataError("partition scheme 'natural' needs option groups (a group id per sample; "
-                        "datasets with natural clients: fortunes)")
+        raise DataError(
+            "partition scheme 'natural' needs option groups (a group id per sample; "
+            "datasets with natural clients: fortunes)"
+        )
     groups = np.asarray(groups)
     if groups.shape != (n,):
-        raise DataError(f"partition option groups must have one id per sample ({n}), got shape "
-                        f"{groups.shape}")
+        raise DataError(
+            f"partition option groups must have one id per sample ({n}), got shape {groups.shape}"
+        )
     ids, sizes = np.unique(groups, return_counts=True)
     if num_clients > len(ids):
-        raise DataError(f"partition 'natural': {num_clients} clients but the data has only "
-                        f"{len(ids)} groups; use num_clients <= {len(ids)}")
+        raise DataError(
+            f"partition 'natural': {num_clients} clients but the data has only "
+            f"{len(ids)} groups; use num_clients <= {len(ids)}"
+        )
     keep = ids[np.argsort(-sizes, kind="stable")[:num_clients]]
     return np.isin(groups, keep)
 
@@ -167,8 +191,11 @@ def _natural_mask(groups: Any, n: int, num_clients: int) -> np.ndarray:
 def _run(partitioner: Partitioner, num_clients: int) -> list[np.ndarray]:
     """Each client's ``index`` column, with the partitioners' chatter kept out of the logs
     (Dirichlet resampling warnings, pyarrow deprecations, NaturalIdPartitioner's progress bar)."""
-    quiet = (contextlib.redirect_stderr(io.StringIO()) if isinstance(partitioner, NaturalIdPartitioner)
-             else contextlib.nullcontext())
+    quiet = (
+        contextlib.redirect_stderr(io.StringIO())
+        if isinstance(partitioner, NaturalIdPartitioner)
+        else contextlib.nullcontext()
+    )
     with warnings.catch_warnings(record=True) as caught, quiet:
         warnings.simplefilter("always")
         parts = [
@@ -177,10 +204,13 @@ def _run(partitioner: Partitioner, num_clients: int) -> list[np.ndarray]:
         ]
     for w in caught:
         if "will NOT be used" in str(w.message):  # PathologicalPartitioner left classes out
-            warnings.warn(f"partition 'pathological': {str(w.message).split(' will')[0]} are not "
-                          "assigned to any client: num_clients x classes_per_client does not "
-                          "reach every class (class_assignment='first-deterministic' covers every "
-                          "class once num_clients >= number of classes)", stacklevel=3)
+            warnings.warn(
+                f"partition 'pathological': {str(w.message).split(' will')[0]} are not "
+                "assigned to any client: num_clients x classes_per_client does not "
+                "reach every class (class_assignment='first-deterministic' covers every "
+                "class once num_clients >= number of classes)",
+                stacklevel=3,
+            )
     return parts
 
 
@@ -198,22 +228,33 @@ def partition(
         raise DataError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     if scheme not in SCHEMES:
         raise DataError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+    if (
+        isinstance(num_clients, bool)
+        or not isinstance(num_clients, (int, np.integer))
+        or num_clients < 1
+    ):
         raise DataError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     num_clients, seed = int(num_clients), int(seed)
     if num_clients > len(labels):
-        raise DataError(f"num_clients ({num_clients}) is more than the number of samples "
-                        f"({len(labels)}); use fewer clients")
+        raise DataError(
+            f"num_clients ({num_clients}) is more than the number of samples "
+            f"({len(labels)}); use fewer clients"
+        )
     unknown = sorted(set(options) - set(SCHEME_OPTIONS[scheme]))
     if unknown:
         takes = ", ".join(SCHEME_OPTIONS[scheme]) or "no options"
-        raise DataError(f"partition scheme {scheme!r} takes no option {unknown[0]!r} (it takes: {takes})")
+        raise DataError(
+            f"partition scheme {scheme!r} takes no option {unknown[0]!r} (it takes: {takes})"
+        )
 
     columns = {"label": labels, "index": np.arange(len(labels), dtype=np.int64)}
     if scheme == "natural":
         mask = _natural_mask(options.get("groups"), len(labels), num_clients)
-        columns = {"label": labels[mask], "index": np.flatnonzero(mask),
-                   "group": np.asarray(options["groups"])[mask]}
+        columns = {
+            "label": labels[mask],
+            "index": np.flatnonzero(mask),
+            "group": np.asarray(options["groups"])[mask],
+        }
     if scheme in ("iid", "pathological"):  # both split rows in order: shuffle them by seed
         order = np.random.default_rng(seed).permutation(len(labels))
         columns = {k: v[order] for k, v in columns.items()}
@@ -222,10 +263,15 @@ def partition(
     try:
         parts = _run(partitioner, num_clients)
     except ValueError as exc:
-        hint = (" (raise alpha, lower min_partition_size, or use fewer clients)"
-                if scheme == "dirichlet" else "")
-        raise DataError(f"partition {scheme!r} with {num_clients} clients and options "
-                        f"{_describe(options)} failed: {exc}{hint}") from None
+        hint = (
+            " (raise alpha, lower min_partition_size, or use fewer clients)"
+            if scheme == "dirichlet"
+            else ""
+        )
+        raise DataError(
+            f"partition {scheme!r} with {num_clients} clients and options "
+            f"{_describe(options)} failed: {exc}{hint}"
+        ) from None
     for i, part in enumerate(parts):
         if len(part) == 0:
             raise DataError(
@@ -241,8 +287,9 @@ def _describe(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items())) or "none"
 
 
-def split_train_val(indices: np.ndarray, val_fraction: float,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(
+    indices: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """A client's local validation split: ``round(val_fraction * n)`` random indices (sorted).
 
     At least one sample stays for training; ``val_fraction=0`` gives an empty validation set.
@@ -255,12 +302,18 @@ def split_train_val(indices: np.ndarray, val_fraction: float,
     return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
 
 
-def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+def label_histogram(
+    labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int
+) -> np.ndarray:
     """(clients, classes) int64 counts of ``labels`` in each part."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
-    rows = [np.bincount(labels[np.asarray(p, dtype=np.int64)], minlength=num_classes) for p in parts]
+        raise DataError(
+            f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+        )
+    rows = [
+        np.bincount(labels[np.asarray(p, dtype=np.int64)], minlength=num_classes) for p in parts
+    ]
     return np.stack(rows).astype(np.int64) if rows else np.zeros((0, num_classes), np.int64)
 
 
@@ -276,11 +329,23 @@ def format_histogram(hist: np.ndarray, max_classes: int = 20) -> str:
     pad = " " * len(more)
     width = max(6, len(str(int(hist.max(initial=0)))) + 1)
     total_width = max(8, len(str(int(hist.sum()))) + 2)
-    rows = ["client" + "".join(f"{c:>{width}}" for c in range(shown.shape[1])) + more
-            + f"{'total':>{total_width}}"]
+    rows = [
+        "client"
+        + "".join(f"{c:>{width}}" for c in range(shown.shape[1]))
+        + more
+        + f"{'total':>{total_width}}"
+    ]
     for i, row in enumerate(shown):
-        rows.append(f"{i:>6}" + "".join(f"{int(v):>{width}}" for v in row) + pad
-                    + f"{int(hist[i].sum()):>{total_width}}")
-    rows.append("total " + "".join(f"{int(v):>{width}}" for v in shown.sum(0)) + pad
-                + f"{int(hist.sum()):>{total_width}}")
+        rows.append(
+            f"{i:>6}"
+            + "".join(f"{int(v):>{width}}" for v in row)
+            + pad
+            + f"{int(hist[i].sum()):>{total_width}}"
+        )
+    rows.append(
+        "total "
+        + "".join(f"{int(v):>{width}}" for v in shown.sum(0))
+        + pad
+        + f"{int(hist.sum()):>{total_width}}"
+    )
     return "\n".join(rows)

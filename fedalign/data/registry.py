@@ -56,11 +56,13 @@ def _digits(split: str, data_dir: str | Path | None) -> Arrays:
     return Arrays(X, y, num_classes=digits.NUM_CLASSES)
 
 
-def _fortunes(split: str, data_dir: str | Path | None, seq_len: int = text.SEQ_LEN,
-              stride: int = text.STRIDE) -> Arrays:
+def _fortunes(
+    split: str, data_dir: str | Path | None, seq_len: int = text.SEQ_LEN, stride: int = text.STRIDE
+) -> Arrays:
     """``data_dir``, when given, is a directory of fortune files (one per category)."""
-    X, y, groups, names = text.load(split, None if data_dir is None else str(data_dir),
-                                    int(seq_len), int(stride))
+    X, y, groups, names = text.load(
+        split, None if data_dir is None else str(data_dir), int(seq_len), int(stride)
+    )
     return Arrays(X, y, num_classes=text.VOCAB_SIZE, groups=groups, group_names=names)
 
 
@@ -88,8 +90,9 @@ def dataset_options(name: str) -> tuple[str, ...]:
     return tuple(params[2:])
 
 
-def dataset_arrays(name: str, split: str = "train", data_dir: str | Path | None = None,
-                   **options: Any) -> Arrays:
+def dataset_arrays(
+    name: str, split: str = "train", data_dir: str | Path | None = None, **options: Any
+) -> Arrays:
     """Load one split of dataset ``name`` (``split`` is ``"train"`` or ``"test"``).
 
     Loads are cached per process, so repeated calls (one per client in a Ray worker) are cheap.
@@ -103,12 +106,15 @@ def dataset_arrays(name: str, split: str = "train", data_dir: str | Path | None 
         raise DataError(f"dataset {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
     arrays = loader(split, data_dir, **options)
     if not isinstance(arrays, Arrays):
-        raise DataError(f"dataset {name!r}: its loader returned {type(arrays).__name__}, not data.Arrays")
+        raise DataError(
+            f"dataset {name!r}: its loader returned {type(arrays).__name__}, not data.Arrays"
+        )
     return arrays
 
 
-def load_dataset(name: str, split: str = "train",
-                 data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_dataset(
+    name: str, split: str = "train", data_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)`` of one split: float32 images (n, C, H, W) in [0, 1] or int64 character ids
     (n, seq_len), and int64 labels (n,)."""
     arrays = dataset_arrays(name, split, data_dir)

@@ -74,8 +74,12 @@ def read_categories(directory: Path, min_chars: int = 0) -> dict[str, str]:
     texts: dict[str, str] = {}
     seen: set[Path] = set()
     for path in sorted(directory.iterdir()):
-        if (not path.is_file() or path.name.startswith(".")
-                or path.suffix in _SKIPPED_SUFFIXES or path.resolve() in seen):
+        if (
+            not path.is_file()
+            or path.name.startswith(".")
+            or path.suffix in _SKIPPED_SUFFIXES
+            or path.resolve() in seen
+        ):
             continue
         seen.add(path.resolve())
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -100,15 +104,18 @@ def load(
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     if int(seq_len) < 1 or int(stride) < 1:
-        raise DataError(f"fortunes options seq_len and stride must be >= 1, got seq_len={seq_len}, "
-                        f"stride={stride}")
+        raise DataError(
+            f"fortunes options seq_len and stride must be >= 1, got seq_len={seq_len}, "
+            f"stride={stride}"
+        )
     seq_len, stride = int(seq_len), int(stride)
     directory = corpus_dir(data_dir)
     # A category must leave at least one test window: 20% of its text > seq_len.
     texts = read_categories(directory, min_chars=int(np.ceil((seq_len + 1) / (1 - TRAIN_FRACTION))))
     if not texts:
-        raise DatasetNotFoundError(f"fortunes: no category in {directory} is long enough for "
-                                   f"seq_len={seq_len}")
+        raise DatasetNotFoundError(
+            f"fortunes: no category in {directory} is long enough for seq_len={seq_len}"
+        )
     names = tuple(texts)
     xs, ys, gs = [], [], []
     for group, name in enumerate(names):

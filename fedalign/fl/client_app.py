@@ -129,7 +129,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({"metrics": metrics})
     kinds = _kinds(config)
-    if kinds:   # what the server's pipeline needs of the trained model (before a fault corrupts it)
+    if kinds:  # what the server's pipeline needs of the trained model (before a fault corrupts it)
         content["statistics"] = _statistics(cfg, kinds, model, data, partition_id)
     state = model.state_dict()
     fault = fault_for(cfg, server_round, partition_id)
@@ -143,8 +143,14 @@ def _kinds(config: ConfigRecord) -> list[str]:
     return [k for k in str(config.get("statistics", "")).split(",") if k]
 
 
-def _statistics(cfg: RunConfig, kinds: list[str], model: torch.nn.Module, data, partition_id: int,
-                **context: Any) -> ArrayRecord:
+def _statistics(
+    cfg: RunConfig,
+    kinds: list[str],
+    model: torch.nn.Module,
+    data,
+    partition_id: int,
+    **context: Any,
+) -> ArrayRecord:
     """Statistics of ``model`` on (a seeded sample of ``aggregation.stats_samples`` of) this
     client's training data, flattened for transport."""
     a = cfg.aggregation
@@ -153,8 +159,14 @@ def _statistics(cfg: RunConfig, kinds: list[str], model: torch.nn.Module, data, 
         rng = np.random.default_rng([cfg.resolved_seeds.shuffle, partition_id])
         index = torch.as_tensor(np.sort(rng.choice(len(y), a.stats_samples, replace=False)))
         X, y = X[index], y[index]
-    stats = client_statistics(kinds, model.cpu(), X, y, StatContext(seed=shuffle_seed(cfg, 0, partition_id), **context),
-                              options=a.options)
+    stats = client_statistics(
+        kinds,
+        model.cpu(),
+        X,
+        y,
+        StatContext(seed=shuffle_seed(cfg, 0, partition_id), **context),
+        options=a.options,
+    )
     return to_arrays(flatten(stats))
 
 
@@ -165,7 +177,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, config, partition_id, fed = _setup(msg, context)
     data = fed.client(partition_id)
     model = _received_model(msg, cfg, fed)
-    X, y = (data.X_train, data.y_train) if config.get("split") == "train" else (data.X_val, data.y_val)
+    X, y = (
+        (data.X_train, data.y_train) if config.get("split") == "train" else (data.X_val, data.y_val)
+    )
     loss, accuracy = evaluate(model, X, y, device=client_device(cfg))
     metrics = MetricRecord(
         {

@@ -58,7 +58,7 @@ class ClientUpdate:
     state_dict: OrderedDict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, Any]
-    statistics: dict[str, Any] | None = None   # what the strategy asked for, unflattened
+    statistics: dict[str, Any] | None = None  # what the strategy asked for, unflattened
 
 
 @dataclass
@@ -117,8 +117,13 @@ def error_summary(reason: str) -> str:
 
 
 def sample_partitions(
-    seed: int, available: list[int], server_round: int, fraction: float, minimum: int,
-    purpose: str = "train", attempt: int = 0,
+    seed: int,
+    available: list[int],
+    server_round: int,
+    fraction: float,
+    minimum: int,
+    purpose: str = "train",
+    attempt: int = 0,
 ) -> list[int]:
     """The partitions a round addresses: ``max(round(fraction * n), minimum)`` of ``available``,
     drawn from the sampling seed, the purpose, the round and the attempt (a plain loop that
@@ -141,8 +146,13 @@ class Round:
     """What a strategy sees of one round: its number, the global model it started from, its log,
     and the exchanges with the clients (each accounted to a named phase)."""
 
-    def __init__(self, engine: RoundEngine, number: int, reference: OrderedDict[str, torch.Tensor],
-                 log_: RoundLog) -> None:
+    def __init__(
+        self,
+        engine: RoundEngine,
+        number: int,
+        reference: OrderedDict[str, torch.Tensor],
+        log_: RoundLog,
+    ) -> None:
         self._engine = engine
         self.number = number
         self.reference = reference
@@ -153,15 +163,25 @@ class Round:
     def sample(self, fraction: float | None = None, minimum: int | None = None) -> list[int]:
         """The partitions this round (and attempt) trains (default: the config's fraction)."""
         s = self.cfg.strategy
-        return self._engine.sample(self.number, s.fraction_train if fraction is None else fraction,
-                                   s.min_train_clients if minimum is None else minimum, "train", self.attempt)
+        return self._engine.sample(
+            self.number,
+            s.fraction_train if fraction is None else fraction,
+            s.min_train_clients if minimum is None else minimum,
+            "train",
+            self.attempt,
+        )
 
     def node(self, partition: int) -> int:
         return self._engine.node_of_partition[partition]
 
     def train(
-        self, phase: str, sent: Mapping[int, StateDict], config: Mapping[str, Any] | None = None, *,
-        local_init: Iterable[int] = (), check: Check | None = None,
+        self,
+        phase: str,
+        sent: Mapping[int, StateDict],
+        config: Mapping[str, Any] | None = None,
+        *,
+        local_init: Iterable[int] = (),
+        check: Check | None = None,
     ) -> list[ClientUpdate]:
         """Send each partition in ``sent`` its model to train, with ``config`` (and
         ``client-init=local`` for those in ``local_init``, which train from their own init), and
@@ -171,8 +191,9 @@ class Round:
         local = set(local_init)
         base = {"server-round": self.number, "attempt": self.attempt, **(config or {})}
         configs = {p: {**base, "client-init": "local"} if p in local else base for p in sent}
-        replies = self._engine.exchange(self, phase, MessageType.TRAIN, {p: {"arrays": sent[p]} for p in sent},
-                                        configs)
+        replies = self._engine.exchange(
+            self, phase, MessageType.TRAIN, {p: {"arrays": sent[p]} for p in sent}, configs
+        )
         updates = []
         for pid, reply in replies.items():
             update = self._engine.parse_update(self, phase, pid, reply)
@@ -185,20 +206,24 @@ class Round:
             if problem is None and check is not None:
                 problem = check(update)
             if problem is not None:
-                self.log.fail(pid, update.node_id, problem if phase == "train" else f"{phase}: {problem}")
+                self.log.fail(
+                    pid, update.node_id, problem if phase == "train" else f"{phase}: {problem}"
+                )
                 continue
             updates.append(update)
         self.log.clients_ok += len(updates)
         return sorted(updates, key=lambda u: u.partition_id)
 
-    def query(self, phase: str, kinds: Iterable[str],
-              records: Mapping[int, Mapping[str, StateDict]]) -> dict[int, ClientStats]:
+    def query(
+        self, phase: str, kinds: Iterable[str], records: Mapping[int, Mapping[str, StateDict]]
+    ) -> dict[int, ClientStats]:
         """Ask each partition in ``records`` for the statistics ``kinds`` of the models it is sent
         (``arrays``, and ``reference`` / ``targets`` when given); the parsed statistics of those
         that answered."""
         config = {"statistics": ",".join(kinds)}
-        replies = self._engine.exchange(self, phase, f"{MessageType.QUERY}.statistics", records,
-                                        dict.fromkeys(records, config))
+        replies = self._engine.exchange(
+            self, phase, f"{MessageType.QUERY}.statistics", records, dict.fromkeys(records, config)
+        )
         answers = {}
         for pid, reply in replies.items():
             try:
@@ -207,11 +232,19 @@ class Round:
                 self.log.fail(pid, self.node(pid), f"{phase}: malformed statistics: {exc!r}")
         return answers
 
-    def score(self, phase: str, state: StateDict, partitions: Iterable[int], split: str = "train") -> float:
+    def score(
+        self, phase: str, state: StateDict, partitions: Iterable[int], split: str = "train"
+    ) -> float:
         """The pooled accuracy of ``state`` on the partitions' own ``split`` (an evaluate exchange)."""
         partitions = list(partitions)
-        replies = self._engine.exchange(self, phase, MessageType.EVALUATE, dict.fromkeys(partitions, {"arrays": state}),
-                                        dict.fromkeys(partitions, {"split": split}), count_failures=False)
+        replies = self._engine.exchange(
+            self,
+            phase,
+            MessageType.EVALUATE,
+            dict.fromkeys(partitions, {"arrays": state}),
+            dict.fromkeys(partitions, {"split": split}),
+            count_failures=False,
+        )
         correct, total = 0.0, 0
         for reply in replies.values():
             m = reply.content["metrics"]
@@ -259,12 +292,20 @@ class Strategy:
             rnd.attempt = attempt
             partitions = rnd.sample()
             rnd.log.clients_sampled += len(partitions)
-            updates = rnd.train("train", dict.fromkeys(partitions, rnd.reference), self.train_config(rnd),
-                                local_init=self.local_init(rnd, partitions),
-                                check=lambda update: self.check(rnd, update))
+            updates = rnd.train(
+                "train",
+                dict.fromkeys(partitions, rnd.reference),
+                self.train_config(rnd),
+                local_init=self.local_init(rnd, partitions),
+                check=lambda update: self.check(rnd, update),
+            )
             if len(updates) < s.min_train_clients:
-                log.warning("round %d: %d valid replies, fewer than min_train_clients=%d", rnd.number,
-                            len(updates), s.min_train_clients)
+                log.warning(
+                    "round %d: %d valid replies, fewer than min_train_clients=%d",
+                    rnd.number,
+                    len(updates),
+                    s.min_train_clients,
+                )
                 continue
             t0 = time.perf_counter()
             rnd.log.train_loss = weighted_train_loss(updates)
@@ -292,8 +333,14 @@ class Strategy:
 class RoundEngine:
     """Runs a strategy over a Flower grid: discovery, the rounds, evaluation, the metrics rows."""
 
-    def __init__(self, cfg: RunConfig, strategy: Strategy, evaluate_fn: EvaluateFn | None = None,
-                 on_round: RoundCallback | None = None, on_round_end: RoundEndCallback | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        strategy: Strategy,
+        evaluate_fn: EvaluateFn | None = None,
+        on_round: RoundCallback | None = None,
+        on_round_end: RoundEndCallback | None = None,
+    ) -> None:
         self.cfg = cfg
         self.strategy = strategy
         self.evaluate_fn = evaluate_fn
@@ -309,8 +356,14 @@ class RoundEngine:
     def discover(self, grid: Grid) -> None:
         """Ask every node which partition it holds (one small query before round 1)."""
         node_ids = self.wait_for_nodes(grid, self.cfg.strategy.timeout)
-        messages = [Message(RecordDict({"config": config_record(self.run_config_json)}), dst_node_id=node_id,
-                            message_type=f"{MessageType.QUERY}.info") for node_id in node_ids]
+        messages = [
+            Message(
+                RecordDict({"config": config_record(self.run_config_json)}),
+                dst_node_id=node_id,
+                message_type=f"{MessageType.QUERY}.info",
+            )
+            for node_id in node_ids
+        ]
         errors = []
         for reply in grid.send_and_receive(messages, timeout=self.cfg.strategy.timeout):
             if reply.has_error():
@@ -330,26 +383,56 @@ class RoundEngine:
         t0 = time.monotonic()
         while len(nodes := sorted(grid.get_node_ids())) < expected:
             waited = time.monotonic() - t0
-            if waited > min(patience, timeout) and len(nodes) >= self.cfg.strategy.min_train_clients:
-                log.warning("%d of %d nodes connected after %.0f s; starting with those", len(nodes), expected, waited)
+            if (
+                waited > min(patience, timeout)
+                and len(nodes) >= self.cfg.strategy.min_train_clients
+            ):
+                log.warning(
+                    "%d of %d nodes connected after %.0f s; starting with those",
+                    len(nodes),
+                    expected,
+                    waited,
+                )
                 break
             if waited > timeout:
-                raise RuntimeError(f"only {len(nodes)} of {expected} nodes connected in {timeout:.0f} s")
+                raise RuntimeError(
+                    f"only {len(nodes)} of {expected} nodes connected in {timeout:.0f} s"
+                )
             time.sleep(0.05)
         return nodes
 
-    def sample(self, server_round: int, fraction: float, minimum: int, purpose: str = "train",
-               attempt: int = 0) -> list[int]:
-        return sample_partitions(self.cfg.resolved_seeds.sampling, sorted(self.node_of_partition), server_round,
-                                 fraction, minimum, purpose, attempt)
+    def sample(
+        self,
+        server_round: int,
+        fraction: float,
+        minimum: int,
+        purpose: str = "train",
+        attempt: int = 0,
+    ) -> list[int]:
+        return sample_partitions(
+            self.cfg.resolved_seeds.sampling,
+            sorted(self.node_of_partition),
+            server_round,
+            fraction,
+            minimum,
+            purpose,
+            attempt,
+        )
 
-    def exchange(self, rnd: Round, phase: str, message_type: str, records: Mapping[int, Mapping[str, Any]],
-                 configs: Mapping[int, Mapping[str, Any]], count_failures: bool = True) -> dict[int, Message]:
+    def exchange(
+        self,
+        rnd: Round,
+        phase: str,
+        message_type: str,
+        records: Mapping[int, Mapping[str, Any]],
+        configs: Mapping[int, Mapping[str, Any]],
+        count_failures: bool = True,
+    ) -> dict[int, Message]:
         """Send each partition its records (state dicts, or nested statistics) and config; return
         the replies without an error by partition. Bytes and seconds go to ``phase``; errors and
         missing replies are logged as failures (unless ``count_failures`` is off)."""
         t0 = time.perf_counter()
-        converted: dict[int, ArrayRecord] = {}   # one ArrayRecord per distinct state object
+        converted: dict[int, ArrayRecord] = {}  # one ArrayRecord per distinct state object
 
         def arrays(value: Any) -> ArrayRecord:
             if id(value) not in converted:
@@ -360,7 +443,9 @@ class RoundEngine:
         for pid, content in records.items():
             record = RecordDict({key: arrays(value) for key, value in content.items()})
             record["config"] = config_record(self.run_config_json, **configs[pid])
-            messages.append(Message(record, dst_node_id=self.node_of_partition[pid], message_type=message_type))
+            messages.append(
+                Message(record, dst_node_id=self.node_of_partition[pid], message_type=message_type)
+            )
         down = message_bytes(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.timeout))
         up = message_bytes([r for r in replies if not r.has_error()])
@@ -379,13 +464,20 @@ class RoundEngine:
                 rnd.log.fail(pid, node, f"{prefix}reply from a client that was not asked")
             elif reply.has_error():
                 if count_failures:
-                    rnd.log.fail(pid, node, f"{prefix}client error: {error_summary(reply.error.reason)}")
+                    rnd.log.fail(
+                        pid, node, f"{prefix}client error: {error_summary(reply.error.reason)}"
+                    )
             else:
                 answered[pid] = reply
-        for pid in records.keys() - {self.partition_of_node.get(r.metadata.src_node_id) for r in replies}:
+        for pid in records.keys() - {
+            self.partition_of_node.get(r.metadata.src_node_id) for r in replies
+        }:
             if count_failures:
-                rnd.log.fail(pid, self.node_of_partition[pid],
-                             f"{prefix}no reply within strategy.timeout={self.cfg.strategy.timeout:g} s")
+                rnd.log.fail(
+                    pid,
+                    self.node_of_partition[pid],
+                    f"{prefix}no reply within strategy.timeout={self.cfg.strategy.timeout:g} s",
+                )
         return dict(sorted(answered.items()))
 
     def parse_update(self, rnd: Round, phase: str, pid: int, reply: Message) -> ClientUpdate | None:
@@ -395,12 +487,16 @@ class RoundEngine:
             state = to_state_dict(content["arrays"])
             metrics = dict(content["metrics"])
             num_examples = int(metrics["num-examples"])
-            statistics = unflatten(to_state_dict(content["statistics"])) if "statistics" in content else None
+            statistics = (
+                unflatten(to_state_dict(content["statistics"])) if "statistics" in content else None
+            )
         except (KeyError, TypeError, ValueError) as exc:
             prefix = "" if phase == "train" else f"{phase}: "
             rnd.log.fail(pid, reply.metadata.src_node_id, f"{prefix}malformed reply: {exc!r}")
             return None
-        return ClientUpdate(pid, reply.metadata.src_node_id, state, num_examples, metrics, statistics)
+        return ClientUpdate(
+            pid, reply.metadata.src_node_id, state, num_examples, metrics, statistics
+        )
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -417,14 +513,21 @@ class RoundEngine:
         s = self.cfg.strategy
         if rnd.number > 0 and s.fraction_evaluate > 0:
             partitions = self.sample(rnd.number, s.fraction_evaluate, 1, purpose="evaluate")
-            replies = self.exchange(rnd, "federated_evaluate", MessageType.EVALUATE,
-                                    dict.fromkeys(partitions, {"arrays": state}), dict.fromkeys(partitions, {}),
-                                    count_failures=False)
+            replies = self.exchange(
+                rnd,
+                "federated_evaluate",
+                MessageType.EVALUATE,
+                dict.fromkeys(partitions, {"arrays": state}),
+                dict.fromkeys(partitions, {}),
+                count_failures=False,
+            )
             metrics.update(federated_metrics(replies.values()))
         rnd.log.seconds["evaluate"] = time.perf_counter() - t0
         return metrics
 
-    def run(self, grid: Grid, initial: OrderedDict[str, torch.Tensor], first_round: int = 1) -> OrderedDict:
+    def run(
+        self, grid: Grid, initial: OrderedDict[str, torch.Tensor], first_round: int = 1
+    ) -> OrderedDict:
         """Discover the clients, then rounds ``first_round..rounds`` of the strategy and
         evaluation, reporting each (``first_round > 1`` resumes from a checkpoint); returns the
         final global model."""

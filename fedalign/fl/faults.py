@@ -25,7 +25,9 @@ def fault_for(cfg: RunConfig, server_round: int, partition_id: int) -> FaultConf
     return None
 
 
-def apply_fault(fault: FaultConfig, state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+def apply_fault(
+    fault: FaultConfig, state: OrderedDict[str, torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
     """The corrupted reply ``fault`` describes (or an exception / process exit)."""
     if fault.kind == "raise":
         raise InjectedFault(f"injected failure in round {fault.round}")
@@ -40,5 +42,7 @@ def apply_fault(fault: FaultConfig, state: OrderedDict[str, torch.Tensor]) -> Or
     elif fault.kind == "missing-key":
         del state[first]
     elif fault.kind == "scale":
-        state = OrderedDict((k, v * fault.factor if v.is_floating_point() else v) for k, v in state.items())
+        state = OrderedDict(
+            (k, v * fault.factor if v.is_floating_point() else v) for k, v in state.items()
+        )
     return state

@@ -48,8 +48,9 @@ def run_server(
     t0 = time.perf_counter()
     fed = run_federation(cfg)
     recorder.write_json("partition.json", fed.summary())
-    model = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init,
-                      state=None if resume is None else resume.model)
+    model = run_model(
+        cfg, fed, init_seed=cfg.resolved_seeds.init, state=None if resume is None else resume.model
+    )
     X_test, y_test = fed.test
     device = server_device(cfg)
     log.info("server device: %s", device)
@@ -68,22 +69,33 @@ def run_server(
 
     def checkpoint(server_round: int, state: StateDict) -> None:
         if every and (server_round % every == 0 or server_round == cfg.strategy.rounds):
-            save_checkpoint(recorder.dir / "checkpoints", Checkpoint(server_round, OrderedDict(state), strategy.state()),
-                            keep=cfg.output.keep_checkpoints)
+            save_checkpoint(
+                recorder.dir / "checkpoints",
+                Checkpoint(server_round, OrderedDict(state), strategy.state()),
+                keep=cfg.output.keep_checkpoints,
+            )
 
     strategy = make_strategy(cfg, run_model(cfg, fed))
     if resume is not None:
         strategy.load_state(resume.state)
-    engine = RoundEngine(cfg, strategy, evaluate_fn=evaluate_fn, on_round=record, on_round_end=checkpoint)
-    final = engine.run(grid, OrderedDict(model.state_dict()), first_round=1 if resume is None else resume.round + 1)
+    engine = RoundEngine(
+        cfg, strategy, evaluate_fn=evaluate_fn, on_round=record, on_round_end=checkpoint
+    )
+    final = engine.run(
+        grid, OrderedDict(model.state_dict()), first_round=1 if resume is None else resume.round + 1
+    )
     if cfg.output.save_model:
         recorder.save_model(final)
     return recorder.finish(time.perf_counter() - t0, plot=cfg.output.plot)
 
 
-def make_server_app(cfg: RunConfig, recorder: RunRecorder, on_round: RoundCallback | None = None,
-                    outcome: dict[str, Any] | None = None,
-                    resume: Checkpoint | None = None) -> ServerApp:
+def make_server_app(
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    on_round: RoundCallback | None = None,
+    outcome: dict[str, Any] | None = None,
+    resume: Checkpoint | None = None,
+) -> ServerApp:
     """A ServerApp bound to one run; its summary is put into ``outcome`` when given."""
     app = ServerApp()
 

@@ -16,19 +16,19 @@ from .rules import FUSE_RULES
 
 __all__ = [
     "FUSE_RULES",
-    "fisher_rule",
-    "mean_rule",
-    "regmean_rule",
     "REFERENCE_GRID",
     "BBPResult",
     "PFNMAssignments",
     "assignment_cost",
     "bbp_map",
     "fisher_average",
+    "fisher_rule",
+    "mean_rule",
     "permute_grams",
     "pfnm",
     "pfnm_grid_search",
     "regmean",
+    "regmean_rule",
     "select_candidate",
     "weighted_average",
 ]

@@ -24,10 +24,10 @@ from fedalign.align.solvers import solve_assignment
 
 @dataclass
 class BBPResult:
-    mean: torch.Tensor              # (W, D) posterior mean of each global neuron
-    precision: torch.Tensor         # (W, D) its posterior precision
+    mean: torch.Tensor  # (W, D) posterior mean of each global neuron
+    precision: torch.Tensor  # (W, D) its posterior precision
     assignments: list[torch.Tensor]  # per client: (L_j,) global index of each of its neurons
-    popularity: torch.Tensor        # (W,) number of clients using each global neuron
+    popularity: torch.Tensor  # (W,) number of clients using each global neuron
 
 
 def _vector(value: float | torch.Tensor, dim: int) -> torch.Tensor:
@@ -36,12 +36,12 @@ def _vector(value: float | torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def assignment_cost(
-    weights: torch.Tensor,        # (L, D) client rows, precision-scaled (s_j * w)
-    precision: torch.Tensor,      # (D,) client precision s_j
-    sums: torch.Tensor,           # (W, D) global precision-weighted sums
-    precisions: torch.Tensor,     # (W, D) global precisions
-    popularity: torch.Tensor,     # (W,)
-    prior_sum: torch.Tensor,      # (D,) s0 * mu0
+    weights: torch.Tensor,  # (L, D) client rows, precision-scaled (s_j * w)
+    precision: torch.Tensor,  # (D,) client precision s_j
+    sums: torch.Tensor,  # (W, D) global precision-weighted sums
+    precisions: torch.Tensor,  # (W, D) global precisions
+    popularity: torch.Tensor,  # (W,)
+    prior_sum: torch.Tensor,  # (D,) s0 * mu0
     prior_precision: torch.Tensor,  # (D,) s0
     gamma: float,
     num_clients: int,
@@ -55,7 +55,7 @@ def assignment_cost(
     c log(m_i / (J - m_i))``; new neuron t: ``sum_d (w + p)^2 / (s + s0) - p^2 / s0 - 2 log t +
     2 log(gamma / J)`` (``c`` = 2 consistent, 1 as in the reference code).
     """
-    inv = 1.0 / (precision[None, :] + precisions)                           # (W, D)
+    inv = 1.0 / (precision[None, :] + precisions)  # (W, D)
     existing = (weights**2) @ inv.T + 2 * weights @ (sums * inv).T + (sums**2 * inv).sum(1)[None, :]
     existing = existing - (sums**2 / precisions).sum(1)[None, :]
     m = popularity.double()
@@ -100,14 +100,20 @@ class _GlobalLayer:
         self.precisions[targets] += precision
         self.popularity[targets] += 1
 
-    def remove(self, weights: torch.Tensor, precision: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def remove(
+        self, weights: torch.Tensor, precision: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """Take rows out; drop neurons nobody uses any more. Returns old index -> new index."""
         self.sums[targets] -= weights
         self.precisions[targets] -= precision
         self.popularity[targets] -= 1
         keep = self.popularity > 0.5
         remap = torch.cumsum(keep.long(), 0) - 1
-        self.sums, self.precisions, self.popularity = self.sums[keep], self.precisions[keep], self.popularity[keep]
+        self.sums, self.precisions, self.popularity = (
+            self.sums[keep],
+            self.precisions[keep],
+            self.popularity[keep],
+        )
         return remap
 
 
@@ -140,7 +146,9 @@ def bbp_map(
         raise ValueError("bbp_map needs at least one client")
     dim = neurons[0].shape[1]
     if any(n.dim() != 2 or n.shape[1] != dim for n in neurons):
-        raise ValueError(f"every client's neurons must be (L_j, {dim}), got {[tuple(n.shape) for n in neurons]}")
+        raise ValueError(
+            f"every client's neurons must be (L_j, {dim}), got {[tuple(n.shape) for n in neurons]}"
+        )
     s = [_vector(p, dim) for p in precisions]
     s0 = _vector(prior_precision, dim)
     prior_sum = _vector(prior_mean, dim) * s0
@@ -154,8 +162,20 @@ def bbp_map(
         room = L if max_width is None else max(0, min(L, max_width - layer.width))
         if layer.width + room < L:
             raise ValueError(f"max_width={max_width} is smaller than client {j}'s {L} neurons")
-        cost = assignment_cost(scaled[j], s[j], layer.sums, layer.precisions, layer.popularity,
-                               prior_sum, s0, gamma, J, room, weight, popularity_cap)
+        cost = assignment_cost(
+            scaled[j],
+            s[j],
+            layer.sums,
+            layer.precisions,
+            layer.popularity,
+            prior_sum,
+            s0,
+            gamma,
+            J,
+            room,
+            weight,
+            popularity_cap,
+        )
         columns = solve_assignment(cost, solver)
         # new-neuron columns are interchangeable: open them in order of first use
         is_new = columns >= layer.width

@@ -26,11 +26,9 @@ import torch
 from torch import nn
 
 from fedalign.align.spec import AxisRef, PermutationSpec, expand_index, units_first, units_restore
-
 from fedalign.types import StateDict
 
 from .bbp_map import BBPResult, bbp_map
-
 
 
 @dataclass(frozen=True)
@@ -62,14 +60,20 @@ def matched_layers(spec: PermutationSpec, model: nn.Module) -> list[MatchedLayer
     layers = []
     for group, refs in spec.groups.items():
         if any(r.key in spec.buffers for r in refs):
-            raise ValueError(f"group {group!r} carries running statistics ({min(spec.buffers)!r}, ...): "
-                             "FedMA here covers networks without BatchNorm, as the reference does")
+            raise ValueError(
+                f"group {group!r} carries running statistics ({min(spec.buffers)!r}, ...): "
+                "FedMA here covers networks without BatchNorm, as the reference does"
+            )
         keys = [r.key for r in refs]
         recurrent = tuple(r for r in refs if keys.count(r.key) > 1)
-        producers = tuple(r for r in refs if r not in recurrent and r.axis == output_axis(model, r.key))
+        producers = tuple(
+            r for r in refs if r not in recurrent and r.axis == output_axis(model, r.key)
+        )
         consumers = tuple(r for r in refs if r not in recurrent and r not in producers)
         if not producers:
-            raise ValueError(f"group {group!r}: no entry produces its units, so there is nothing to match")
+            raise ValueError(
+                f"group {group!r}: no entry produces its units, so there is nothing to match"
+            )
         layers.append(MatchedLayer(group, producers, consumers, recurrent))
     return layers
 
@@ -86,17 +90,34 @@ def neuron_rows(state: StateDict, layer: MatchedLayer) -> torch.Tensor:
 
 
 def match_layer(
-    states: Sequence[StateDict], layer: MatchedLayer, sigma: float = 1.0, sigma0: float = 1.0,
-    gamma: float = 7.0, iterations: int = 5, seed: int = 0, solver: str = "hungarian",
+    states: Sequence[StateDict],
+    layer: MatchedLayer,
+    sigma: float = 1.0,
+    sigma0: float = 1.0,
+    gamma: float = 7.0,
+    iterations: int = 5,
+    seed: int = 0,
+    solver: str = "hungarian",
     max_width: int | None = None,
 ) -> BBPResult:
     """BBP-MAP over the clients' units of ``layer`` (FedMA's defaults: sigma = sigma0 = 1, gamma 7)."""
     rows = [neuron_rows(sd, layer).double() for sd in states]
-    return bbp_map(rows, [1.0 / sigma] * len(rows), 0.0, 1.0 / sigma0, gamma, iterations, seed,
-                   solver, max_width)
+    return bbp_map(
+        rows,
+        [1.0 / sigma] * len(rows),
+        0.0,
+        1.0 / sigma0,
+        gamma,
+        iterations,
+        seed,
+        solver,
+        max_width,
+    )
 
 
-def scatter_axis(value: torch.Tensor, assignment: torch.Tensor, ref: AxisRef, width: int) -> torch.Tensor:
+def scatter_axis(
+    value: torch.Tensor, assignment: torch.Tensor, ref: AxisRef, width: int
+) -> torch.Tensor:
     """``value`` with its units on ``ref.axis`` moved to global positions ``assignment`` of a
     ``width``-unit axis (zeros for global units this client lacks)."""
     shape = list(value.shape)
@@ -107,7 +128,9 @@ def scatter_axis(value: torch.Tensor, assignment: torch.Tensor, ref: AxisRef, wi
     return out
 
 
-def _scatter_all(value: torch.Tensor, refs: Sequence[AxisRef], assignment: torch.Tensor, width: int) -> torch.Tensor:
+def _scatter_all(
+    value: torch.Tensor, refs: Sequence[AxisRef], assignment: torch.Tensor, width: int
+) -> torch.Tensor:
     for ref in refs:
         value = scatter_axis(value, assignment, ref, width)
     return value
@@ -122,7 +145,9 @@ class GlobalLayer:
     width: int
 
 
-def global_layer(states: Sequence[StateDict], layer: MatchedLayer, matched: BBPResult) -> GlobalLayer:
+def global_layer(
+    states: Sequence[StateDict], layer: MatchedLayer, matched: BBPResult
+) -> GlobalLayer:
     """The global entries of ``layer``: producers from the posterior means; recurrent entries
     scattered on both axes and averaged over the clients holding each pair of units."""
     width = len(matched.mean)
@@ -132,7 +157,7 @@ def global_layer(states: Sequence[StateDict], layer: MatchedLayer, matched: BBPR
         shape = list(like[r.key].shape)
         shape[r.axis] = r.repeat * width * r.block
         size = units_first(like[r.key], r).shape[1]
-        rows = matched.mean[:, start:start + size]
+        rows = matched.mean[:, start : start + size]
         entries[r.key] = units_restore(rows, r, tuple(shape)).to(like[r.key].dtype)
         start += size
     for key in dict.fromkeys(r.key for r in layer.recurrent):
@@ -140,17 +165,23 @@ def global_layer(states: Sequence[StateDict], layer: MatchedLayer, matched: BBPR
         total = count = 0
         for sd, a in zip(states, matched.assignments):
             total = total + _scatter_all(sd[key].double(), refs, a, width)
-            count = count + _scatter_all(torch.ones_like(sd[key], dtype=torch.float64), refs, a, width)
+            count = count + _scatter_all(
+                torch.ones_like(sd[key], dtype=torch.float64), refs, a, width
+            )
         entries[key] = (total / count.clamp_min(1.0)).to(like[key].dtype)
     return GlobalLayer(entries, list(matched.assignments), width)
 
 
-def hybrid_state(client: StateDict, layer: MatchedLayer, glob: GlobalLayer, client_index: int) -> dict[str, torch.Tensor]:
+def hybrid_state(
+    client: StateDict, layer: MatchedLayer, glob: GlobalLayer, client_index: int
+) -> dict[str, torch.Tensor]:
     """Client ``client_index``'s model after ``layer`` was matched: the layer replaced by the global
     one, the consumers' input axis scattered into the global order."""
     state = {**client, **glob.entries}
     for ref in layer.consumers:
-        state[ref.key] = scatter_axis(client[ref.key], glob.assignments[client_index], ref, glob.width)
+        state[ref.key] = scatter_axis(
+            client[ref.key], glob.assignments[client_index], ref, glob.width
+        )
     return state
 
 

@@ -39,7 +39,9 @@ def fisher_average(
     keys = set(fishers[0])
     for j, f in enumerate(fishers):
         if set(f) != keys:
-            raise ValueError(f"client {j}'s Fisher covers {sorted(set(f) ^ keys)} differently from client 0's")
+            raise ValueError(
+                f"client {j}'s Fisher covers {sorted(set(f) ^ keys)} differently from client 0's"
+            )
     totals = [sum(float(f[k].double().sum()) for k in keys) for f in fishers] if normalise else None
     for key in sorted(keys):
         if key not in fused:
@@ -48,8 +50,10 @@ def fisher_average(
         den = torch.zeros_like(num)
         for j, (sd, f) in enumerate(zip(state_dicts, fishers)):
             if f[key].shape != sd[key].shape:
-                raise ValueError(f"client {j}: Fisher of {key!r} is {tuple(f[key].shape)}, "
-                                 f"the entry {tuple(sd[key].shape)}")
+                raise ValueError(
+                    f"client {j}: Fisher of {key!r} is {tuple(f[key].shape)}, "
+                    f"the entry {tuple(sd[key].shape)}"
+                )
             F = f[key].double() / (totals[j] if totals and totals[j] > 0 else 1.0)
             F = w[j] * (F + floor)
             num += F * sd[key].double()
@@ -58,17 +62,26 @@ def fisher_average(
     return fused
 
 
-def _fisher(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext, *,
-            fisher_labels: str = "sample") -> dict[str, torch.Tensor]:
+def _fisher(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    context: StatContext,
+    *,
+    fisher_labels: str = "sample",
+) -> dict[str, torch.Tensor]:
     """Diagonal Fisher with labels sampled from the model, summed over all classes (``exact``) or
     the data's own (``empirical``)."""
     if fisher_labels not in FISHER_MODES:
-        raise ValueError(f"fisher_labels must be one of {', '.join(FISHER_MODES)}, got {fisher_labels!r}")
+        raise ValueError(
+            f"fisher_labels must be one of {', '.join(FISHER_MODES)}, got {fisher_labels!r}"
+        )
     return diagonal_fisher(model, X, y, mode=fisher_labels, seed=context.seed)
 
 
-def _permute_fisher(spec: PermutationSpec, perms: Perms, fisher: Mapping[str, torch.Tensor],
-                    state: StateDict) -> dict[str, torch.Tensor]:
+def _permute_fisher(
+    spec: PermutationSpec, perms: Perms, fisher: Mapping[str, torch.Tensor], state: StateDict
+) -> dict[str, torch.Tensor]:
     """A Fisher has the parameters' shapes: it moves exactly like them."""
     return apply_permutation(spec, perms, fisher)
 
@@ -77,11 +90,22 @@ STATISTICS.register("fisher", _fisher, permute=_permute_fisher)
 
 
 @FUSE_RULES.register("fisher", needs={"train": ("fisher",)})
-def fisher_rule(states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats], *,
-                fisher_floor: float = 1e-6, fisher_normalise: bool = False) -> OrderedDict[str, torch.Tensor]:
+def fisher_rule(
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    stats: Sequence[ClientStats],
+    *,
+    fisher_floor: float = 1e-6,
+    fisher_normalise: bool = False,
+) -> OrderedDict[str, torch.Tensor]:
     """Fisher-weighted averaging (``fisher_floor``: the Fishers' floor, ``fisher_normalise``:
     divide each client's Fisher by its total first)."""
     if fisher_floor < 0:
         raise ValueError(f"fisher_floor must be >= 0, got {fisher_floor}")
-    return fisher_average(states, [s["fisher"] for s in stats], weights=weights, floor=fisher_floor,
-                          normalise=fisher_normalise)
+    return fisher_average(
+        states,
+        [s["fisher"] for s in stats],
+        weights=weights,
+        floor=fisher_floor,
+        normalise=fisher_normalise,
+    )

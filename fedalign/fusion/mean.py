@@ -14,8 +14,9 @@ from .rules import FUSE_RULES
 
 
 @FUSE_RULES.register("mean")
-def mean_rule(states: Sequence[StateDict], weights: Sequence[float],
-              stats: Sequence[ClientStats]) -> OrderedDict[str, torch.Tensor]:
+def mean_rule(
+    states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats]
+) -> OrderedDict[str, torch.Tensor]:
     """The weighted mean by number of examples (no statistics)."""
     return weighted_average(states, weights)
 

@@ -26,8 +26,11 @@ from .bbp_map import bbp_map
 
 MU0_BIAS = 0.1  # the reference's prior mean of biases
 # The reference's hyperparameter grid (18 fusions), searched by the clients' training accuracy.
-REFERENCE_GRID: dict[str, tuple[float, ...]] = {"sigma": (1.0, 0.1, 0.5), "sigma0": (1.0, 10.0),
-                                               "gamma": (1.0, 1e-3, 50.0)}
+REFERENCE_GRID: dict[str, tuple[float, ...]] = {
+    "sigma": (1.0, 0.1, 0.5),
+    "sigma0": (1.0, 10.0),
+    "gamma": (1.0, 1e-3, 50.0),
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,10 @@ def pfnm(
     ``class_counts[j][k]``: client j's number of training examples of class k.
     """
     J = len(models)
-    layers = [[(lin.weight.detach().double(), lin.bias.detach().double()) for lin in _linears(m)] for m in models]
+    layers = [
+        [(lin.weight.detach().double(), lin.bias.detach().double()) for lin in _linears(m)]
+        for m in models
+    ]
     depth = len(layers[0])
     if any(len(l) != depth for l in layers) or depth < 2:
         raise ValueError("pfnm needs MLPs with the same number (>= 1) of hidden layers")
@@ -79,42 +85,62 @@ def pfnm(
     counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float64)
     if counts.shape != (J, K):
         raise ValueError(f"class_counts must be {J} x {K}, got {tuple(counts.shape)}")
-    shares = counts / counts.sum(0).clamp_min(1e-12)               # p_jk, sums to 1 over clients
+    shares = counts / counts.sum(0).clamp_min(1e-12)  # p_jk, sums to 1 over clients
     s, s0 = 1.0 / sigma, 1.0 / sigma0
 
     assignments: list[list[torch.Tensor]] = [[] for _ in range(depth - 1)]
     biases: list[torch.Tensor] = [torch.empty(0)] * (depth - 1)
-    outgoing: list[torch.Tensor] = [torch.empty(0)] * (depth - 1)   # W_{c+1}, global order
+    outgoing: list[torch.Tensor] = [torch.empty(0)] * (depth - 1)  # W_{c+1}, global order
     incoming = torch.empty(0)
     next_assign: list[torch.Tensor] | None = None
     next_width = K
-    for c in range(depth - 2, -1, -1):                              # hidden layers, top down
+    for c in range(depth - 2, -1, -1):  # hidden layers, top down
         rows, precisions = [], []
         for j in range(J):
             W, b = layers[j][c]
-            W_out = layers[j][c + 1][0]                             # (L_next_j, L_j)
-            out = W_out if next_assign is None else _scatter_columns(W_out, next_assign[j], next_width)
+            W_out = layers[j][c + 1][0]  # (L_next_j, L_j)
+            out = (
+                W_out
+                if next_assign is None
+                else _scatter_columns(W_out, next_assign[j], next_width)
+            )
             rows.append(torch.cat(([W] if c == 0 else []) + [b[:, None], out.T], dim=1))
-            out_precision = shares[j] * s if next_assign is None else torch.full((next_width,), s, dtype=torch.float64)
+            out_precision = (
+                shares[j] * s
+                if next_assign is None
+                else torch.full((next_width,), s, dtype=torch.float64)
+            )
             head = torch.full(((D if c == 0 else 0) + 1,), s, dtype=torch.float64)
             precisions.append(torch.cat([head, out_precision]))
         dim = rows[0].shape[1]
         start = D if c == 0 else 0
         prior_mean = torch.zeros(dim, dtype=torch.float64)
         prior_mean[start] = MU0_BIAS
-        result = bbp_map(rows, precisions, prior_mean, torch.full((dim,), s0, dtype=torch.float64),
-                         gamma, iterations, seed, solver, max_width, popularity)
+        result = bbp_map(
+            rows,
+            precisions,
+            prior_mean,
+            torch.full((dim,), s0, dtype=torch.float64),
+            gamma,
+            iterations,
+            seed,
+            solver,
+            max_width,
+            popularity,
+        )
         mean = result.mean.double()
         if c == 0:
             incoming = mean[:, :D]
-        biases[c], outgoing[c] = mean[:, start], mean[:, start + 1:].T
+        biases[c], outgoing[c] = mean[:, start], mean[:, start + 1 :].T
         assignments[c] = result.assignments
         next_assign, next_width = result.assignments, len(mean)
 
     # Classifier bias: precision-weighted by class shares, with the reference's prior.
-    out_bias = torch.stack([layers[j][-1][1] for j in range(J)])     # (J, K)
+    out_bias = torch.stack([layers[j][-1][1] for j in range(J)])  # (J, K)
     out_precision = shares * s
-    classifier_bias = ((out_bias * out_precision).sum(0) + MU0_BIAS * s0) / (out_precision.sum(0) + s0)
+    classifier_bias = ((out_bias * out_precision).sum(0) + MU0_BIAS * s0) / (
+        out_precision.sum(0) + s0
+    )
 
     widths = [len(b) for b in biases]
     fused = MLP(D, widths, K)
@@ -136,7 +162,9 @@ def select_candidate(scores: Sequence[float], sizes: Sequence[int], tolerance: f
     model, then to the earlier candidate).
     """
     if not scores or len(scores) != len(sizes):
-        raise ValueError(f"need one size per score, got {len(scores)} scores and {len(sizes)} sizes")
+        raise ValueError(
+            f"need one size per score, got {len(scores)} scores and {len(sizes)} sizes"
+        )
     floor = max(scores) - tolerance
     eligible = [i for i, value in enumerate(scores) if value >= floor]
     return min(eligible, key=lambda i: (sizes[i], -scores[i], i))
@@ -164,12 +192,24 @@ def pfnm_grid_search(
     candidates: list[dict[str, Any]] = []
     for sigma, sigma0, gamma in product(sigmas, sigma0s, gammas):
         start = time.perf_counter()
-        fused, assignment = pfnm(models, class_counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)
+        fused, assignment = pfnm(
+            models, class_counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options
+        )
         seconds = time.perf_counter() - start
         fused_models.append((fused, assignment))
-        candidates.append({"sigma": sigma, "sigma0": sigma0, "gamma": gamma, "score": float(score(fused)),
-                           "widths": assignment.widths, "seconds": seconds})
-    best = select_candidate([c["score"] for c in candidates], [sum(c["widths"]) for c in candidates], tolerance)
+        candidates.append(
+            {
+                "sigma": sigma,
+                "sigma0": sigma0,
+                "gamma": gamma,
+                "score": float(score(fused)),
+                "widths": assignment.widths,
+                "seconds": seconds,
+            }
+        )
+    best = select_candidate(
+        [c["score"] for c in candidates], [sum(c["widths"]) for c in candidates], tolerance
+    )
     fused, assignment = fused_models[best]
     return fused, assignment, {**candidates[best], "tolerance": tolerance, "candidates": candidates}
 

@@ -91,15 +91,17 @@ def regmean(
     layers = set(grams[0])
     for j, g in enumerate(grams):
         if set(g) != layers:
-            raise ValueError(f"client {j} sent Grams for {sorted(g)}, client 0 for {sorted(layers)}")
+            raise ValueError(
+                f"client {j} sent Grams for {sorted(g)}, client 0 for {sorted(layers)}"
+            )
     for name in sorted(layers):
         if f"{name}.weight" not in fused:
             raise ValueError(f"Gram for {name!r}, but the model has no entry {name}.weight")
         weight = state_dicts[0][f"{name}.weight"]
         with_bias = f"{name}.bias" in fused
         positions = int(torch.tensor(weight.shape[2:]).prod()) if weight.dim() > 2 else 1
-        size = weight[0].numel() + 1                       # the inputs and the constant column
-        dim = size - 1 + int(with_bias)                     # the unknowns per output unit
+        size = weight[0].numel() + 1  # the inputs and the constant column
+        dim = size - 1 + int(with_bias)  # the unknowns per output unit
         lhs = torch.zeros(dim, dim, dtype=torch.float64)
         rhs = torch.zeros(dim, weight.shape[0], dtype=torch.float64)
         for sd, g in zip(state_dicts, grams):
@@ -107,11 +109,13 @@ def regmean(
             if len(G) != size and positions > 1:
                 G = expand_channel_gram(G, positions)
             if G.shape != (size, size):
-                raise ValueError(f"Gram of {name!r} is {tuple(G.shape)}, the layer needs ({size}, {size})")
+                raise ValueError(
+                    f"Gram of {name!r} is {tuple(G.shape)}, the layer needs ({size}, {size})"
+                )
             G = _scaled(G[:dim, :dim], alpha)
             lhs += G
             rhs += G @ _augmented(sd, name, with_bias).T
-        theta = _solve(lhs, rhs, _augmented(fused, name, with_bias).T, ridge).T      # (out, D [+1])
+        theta = _solve(lhs, rhs, _augmented(fused, name, with_bias).T, ridge).T  # (out, D [+1])
         if with_bias:
             fused[f"{name}.bias"] = theta[:, -1].to(weight.dtype)
             theta = theta[:, :-1]
@@ -119,8 +123,13 @@ def regmean(
     return fused
 
 
-def input_index(spec: PermutationSpec, perms: Perms, name: str, weight_shape: tuple[int, ...],
-                channel_gram: bool = False) -> torch.Tensor | None:
+def input_index(
+    spec: PermutationSpec,
+    perms: Perms,
+    name: str,
+    weight_shape: tuple[int, ...],
+    channel_gram: bool = False,
+) -> torch.Tensor | None:
     """The permutation of a layer's Gram rows/columns that ``apply_permutation(spec, perms, .)``
     applies to its inputs (None when its input axis is not permuted): the input group's
     permutation expanded over the kernel positions of a conv's patches (blocks of ``kh*kw``), the
@@ -130,7 +139,13 @@ def input_index(spec: PermutationSpec, perms: Perms, name: str, weight_shape: tu
     if 1 not in axes or axes[1][0] not in perms:
         return None
     group, ref = axes[1]
-    positions = 1 if channel_gram else int(torch.tensor(weight_shape[2:]).prod()) if len(weight_shape) > 2 else 1
+    positions = (
+        1
+        if channel_gram
+        else int(torch.tensor(weight_shape[2:]).prod())
+        if len(weight_shape) > 2
+        else 1
+    )
     flat = AxisRef(ref.key, 1, block=ref.block * positions, repeat=ref.repeat)
     index = expand_index(perms[group], flat)
     return torch.cat([index, torch.tensor([len(index)])])
@@ -152,8 +167,14 @@ def permute_grams(
     return out
 
 
-def _grams(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext, *,
-           gram_conv: str = "full") -> dict[str, torch.Tensor]:
+def _grams(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    context: StatContext,
+    *,
+    gram_conv: str = "full",
+) -> dict[str, torch.Tensor]:
     """Layer-input Grams; ``gram_conv="channel"`` keeps only channel-by-channel blocks of large
     convs (``G_c (x) I_k``)."""
     if gram_conv not in ("full", "channel"):
@@ -165,12 +186,20 @@ STATISTICS.register("grams", _grams, permute=permute_grams)
 
 
 @FUSE_RULES.register("regmean", needs={"train": ("grams",)}, supports=no_recurrent_layers)
-def regmean_rule(states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats], *,
-                 regmean_alpha: float = ALPHA, ridge: float = RIDGE) -> OrderedDict[str, torch.Tensor]:
+def regmean_rule(
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    stats: Sequence[ClientStats],
+    *,
+    regmean_alpha: float = ALPHA,
+    ridge: float = RIDGE,
+) -> OrderedDict[str, torch.Tensor]:
     """RegMean on the clients' Grams (``regmean_alpha``: off-diagonal scaling, ``ridge``: relative
     ridge)."""
     if not 0.0 <= regmean_alpha <= 1.0:
         raise ValueError(f"regmean_alpha must be in [0, 1], got {regmean_alpha}")
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    return regmean(states, [s["grams"] for s in stats], alpha=regmean_alpha, weights=weights, ridge=ridge)
+    return regmean(
+        states, [s["grams"] for s in stats], alpha=regmean_alpha, weights=weights, ridge=ridge
+    )

@@ -22,8 +22,13 @@ from .resnet import ResNet20
 
 MODELS = Registry("model")
 """Model name -> a callable building an ``nn.Module`` from keyword options."""
-for _name, _builder in (("mlp", MLP), ("lenet", LeNet), ("vgg9", VGG9), ("resnet20", ResNet20),
-                        ("char_lstm", CharLSTM)):
+for _name, _builder in (
+    ("mlp", MLP),
+    ("lenet", LeNet),
+    ("vgg9", VGG9),
+    ("resnet20", ResNet20),
+    ("char_lstm", CharLSTM),
+):
     MODELS.register(_name, _builder, options={})
 
 
@@ -42,5 +47,14 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return MODELS.get(name).obj(**kwargs)
 
 
-__all__ = ["MLP", "MODELS", "VGG9", "CharLSTM", "LeNet", "ResNet20", "build_model", "fit_to_state",
-           "model_options"]
+__all__ = [
+    "MLP",
+    "MODELS",
+    "VGG9",
+    "CharLSTM",
+    "LeNet",
+    "ResNet20",
+    "build_model",
+    "fit_to_state",
+    "model_options",
+]

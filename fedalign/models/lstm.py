@@ -7,7 +7,7 @@ follows the sequence (the LEAF/FedMA Shakespeare task).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class CharLSTM(nn.Module):

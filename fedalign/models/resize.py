@@ -24,8 +24,17 @@ def _linear(m: nn.Linear, shape: dict[str, torch.Size]) -> nn.Module:
 
 def _conv(m: nn.Conv2d, shape: dict[str, torch.Size]) -> nn.Module:
     out, inp = shape["weight"][:2]
-    return nn.Conv2d(inp * m.groups, out, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                     bias=m.bias is not None, padding_mode=m.padding_mode)
+    return nn.Conv2d(
+        inp * m.groups,
+        out,
+        m.kernel_size,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        bias=m.bias is not None,
+        padding_mode=m.padding_mode,
+    )
 
 
 def _batchnorm(m: nn.BatchNorm2d | nn.BatchNorm1d, shape: dict[str, torch.Size]) -> nn.Module:
@@ -38,14 +47,25 @@ def _embedding(m: nn.Embedding, shape: dict[str, torch.Size]) -> nn.Module:
 
 def _lstm(m: nn.LSTM, shape: dict[str, torch.Size]) -> nn.Module:
     if m.num_layers != 1 or m.bidirectional or m.proj_size:
-        raise ValueError("only single-layer, unidirectional LSTMs without projections can be resized")
-    return nn.LSTM(shape["weight_ih_l0"][1], shape["weight_hh_l0"][1], num_layers=1, bias=m.bias,
-                   batch_first=m.batch_first)
+        raise ValueError(
+            "only single-layer, unidirectional LSTMs without projections can be resized"
+        )
+    return nn.LSTM(
+        shape["weight_ih_l0"][1],
+        shape["weight_hh_l0"][1],
+        num_layers=1,
+        bias=m.bias,
+        batch_first=m.batch_first,
+    )
 
 
 REBUILD: dict[type, Callable[..., nn.Module]] = {
-    nn.Linear: _linear, nn.Conv2d: _conv, nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm,
-    nn.Embedding: _embedding, nn.LSTM: _lstm,
+    nn.Linear: _linear,
+    nn.Conv2d: _conv,
+    nn.BatchNorm1d: _batchnorm,
+    nn.BatchNorm2d: _batchnorm,
+    nn.Embedding: _embedding,
+    nn.LSTM: _lstm,
 }
 
 
@@ -62,8 +82,10 @@ def fit_to_state(model: nn.Module, state: StateDict) -> nn.Module:
             continue
         rebuild = REBUILD.get(type(module))
         if rebuild is None:
-            raise ValueError(f"layer {name!r} ({type(module).__name__}) has other shapes in the state "
-                             "and cannot be resized")
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) has other shapes in the state "
+                "and cannot be resized"
+            )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, rebuild(module, shapes))
     model.load_state_dict(state)

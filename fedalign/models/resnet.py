@@ -9,7 +9,7 @@ model; ``norm="layer"`` uses a per-sample LayerNorm over (C, H, W) with per-chan
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -28,13 +28,20 @@ def _planted(name, **kwargs):
     return spec, a, b, planted
 
 
-@pytest.mark.parametrize("name, kwargs, data", [
-    ("mlp", {"hidden": [32, 16]}, lambda: torch.randn(200, 784)),
-    ("lenet", {}, lambda: torch.randn(100, 1, 28, 28)),
-    ("vgg9", {"widths": (16, 16, 32, 32, 32, 32), "hidden": 64}, lambda: torch.randn(32, 1, 28, 28)),
-    ("resnet20", {}, lambda: torch.randn(16, 1, 28, 28)),
-    ("char_lstm", {"hidden": 24}, lambda: torch.randint(0, 98, (64, 10))),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, data",
+    [
+        ("mlp", {"hidden": [32, 16]}, lambda: torch.randn(200, 784)),
+        ("lenet", {}, lambda: torch.randn(100, 1, 28, 28)),
+        (
+            "vgg9",
+            {"widths": (16, 16, 32, 32, 32, 32), "hidden": 64},
+            lambda: torch.randn(32, 1, 28, 28),
+        ),
+        ("resnet20", {}, lambda: torch.randn(16, 1, 28, 28)),
+        ("char_lstm", {"hidden": 24}, lambda: torch.randint(0, 98, (64, 10))),
+    ],
+)
 def test_activation_matching_recovers_every_live_unit(name, kwargs, data):
     spec, a, b, planted = _planted(name, **kwargs)
     stats = activation_statistics(spec, a, b, data())
@@ -43,7 +50,7 @@ def test_activation_matching_recovers_every_live_unit(name, kwargs, data):
     for g in spec.sizes:
         s = stats[g]
         var = s["sq_ref"] / s["count"] - (s["sum_ref"] / s["count"]) ** 2
-        live = var > 1e-12            # units dead on this data are interchangeable here
+        live = var > 1e-12  # units dead on this data are interchangeable here
         assert live.any(), g
         assert torch.equal(perms[g][live], expected[g][live]), g
 
@@ -52,12 +59,14 @@ def test_statistics_are_additive_over_clients():
     spec, a, b, _ = _planted("lenet")
     X = torch.randn(60, 1, 28, 28)
     whole = activation_statistics(spec, a, b, X)
-    pooled = add_statistics(activation_statistics(spec, a, b, X[:25]),
-                            activation_statistics(spec, a, b, [(X[25:40], None), (X[40:], None)]))
+    pooled = add_statistics(
+        activation_statistics(spec, a, b, X[:25]),
+        activation_statistics(spec, a, b, [(X[25:40], None), (X[40:], None)]),
+    )
     for g in whole:
         for k in whole[g]:
             torch.testing.assert_close(pooled[g][k], whole[g][k], rtol=1e-10, atol=1e-8)
-    assert whole["conv1"]["count"].item() == 60 * 12 * 12   # every spatial position is a sample
+    assert whole["conv1"]["count"].item() == 60 * 12 * 12  # every spatial position is a sample
     assert whole["conv1"]["cross"].shape == (6, 6)
 
 
@@ -84,13 +93,17 @@ def test_sinkhorn_rebasin_midpoint_loss_lowers_the_midpoint_loss():
     spec = permutation_spec(a)
     X = torch.randn(512, 784)
     y = (a(X) + b(X)).argmax(1)
-    perms = sinkhorn_rebasin(spec, a.state_dict(), b.state_dict(), loss="midpoint", model=a, data=(X, y))
+    perms = sinkhorn_rebasin(
+        spec, a.state_dict(), b.state_dict(), loss="midpoint", model=a, data=(X, y)
+    )
 
     def midpoint_loss(state_b):
         net = build_model("mlp", hidden=[32])
         net.load_state_dict(interpolate(a.state_dict(), state_b, 0.5))
         return F.cross_entropy(net(X), y).item()
 
-    assert midpoint_loss(apply_permutation(spec, perms, b.state_dict())) < midpoint_loss(b.state_dict())
+    assert midpoint_loss(apply_permutation(spec, perms, b.state_dict())) < midpoint_loss(
+        b.state_dict()
+    )
     with pytest.raises(ValueError, match="needs the model"):
         sinkhorn_rebasin(spec, a.state_dict(), b.state_dict(), loss="midpoint")

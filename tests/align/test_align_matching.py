@@ -13,7 +13,6 @@ from fedalign.align import (
     solver_names,
 )
 from fedalign.align.solvers import sinkhorn_plan, solve_assignment
-from tests.helpers import permuted_copies, seeded_model
 from fedalign.align.weight_matching import (
     match_to_reference,
     merge_many,
@@ -22,6 +21,7 @@ from fedalign.align.weight_matching import (
     weight_matching_result,
 )
 from fedalign.models import build_model
+from tests.helpers import permuted_copies, seeded_model
 
 
 @pytest.mark.parametrize("n, m", [(5, 5), (32, 32), (64, 64), (100, 100), (128, 128), (20, 35)])
@@ -49,13 +49,17 @@ def test_sinkhorn_plan_is_doubly_stochastic_and_scale_free():
     torch.testing.assert_close(plan.sum(1), torch.ones(30, dtype=plan.dtype), atol=1e-7, rtol=0)
     torch.testing.assert_close(plan.sum(0), torch.ones(30, dtype=plan.dtype), atol=1e-7, rtol=0)
     torch.testing.assert_close(sinkhorn_plan(1000 * scores + 3, reg=0.05, tol=1e-8), plan)
-    wide = sinkhorn_plan(torch.randn(10, 25, generator=torch.Generator().manual_seed(1)), reg=0.05, tol=1e-8)
+    wide = sinkhorn_plan(
+        torch.randn(10, 25, generator=torch.Generator().manual_seed(1)), reg=0.05, tol=1e-8
+    )
     torch.testing.assert_close(wide.sum(1), torch.ones(10, dtype=wide.dtype), atol=1e-7, rtol=0)
     assert (wide.sum(0) <= 1 + 1e-7).all() and wide.sum().item() == pytest.approx(10)
 
 
 def test_solver_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown solver 'auction'; choose one of hungarian, sinkhorn"):
+    with pytest.raises(
+        ValueError, match="unknown solver 'auction'; choose one of hungarian, sinkhorn"
+    ):
         solve_assignment(torch.zeros(2, 2), "auction")
     assert solver_names() == tuple(SOLVERS) == ("hungarian", "sinkhorn")
     with pytest.raises(ValueError, match="solver 'hungarian' does not take \\['reg'\\]"):
@@ -68,13 +72,16 @@ def test_solver_errors_are_clear():
         solve_assignment(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
 
 
-@pytest.mark.parametrize("name, kwargs, restarts", [
-    ("mlp", {"hidden": [64, 32]}, 1),
-    ("lenet", {}, 1),
-    ("vgg9", {"widths": (16, 16, 32, 32, 32, 32), "hidden": 64}, 1),
-    ("char_lstm", {"hidden": 48}, 1),
-    ("resnet20", {}, 10),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, restarts",
+    [
+        ("mlp", {"hidden": [64, 32]}, 1),
+        ("lenet", {}, 1),
+        ("vgg9", {"widths": (16, 16, 32, 32, 32, 32), "hidden": 64}, 1),
+        ("char_lstm", {"hidden": 48}, 1),
+        ("resnet20", {}, 10),
+    ],
+)
 def test_planted_permutations_are_recovered(name, kwargs, restarts):
     state = seeded_model(name, **kwargs).state_dict()
     spec = permutation_spec(build_model(name, **kwargs))
@@ -87,7 +94,11 @@ def test_planted_permutations_are_recovered(name, kwargs, restarts):
 
 
 def test_objective_never_decreases_between_independent_models():
-    for name, kwargs in [("mlp", {"hidden": [64, 64]}), ("char_lstm", {"hidden": 32}), ("resnet20", {})]:
+    for name, kwargs in [
+        ("mlp", {"hidden": [64, 64]}),
+        ("char_lstm", {"hidden": 32}),
+        ("resnet20", {}),
+    ]:
         torch.manual_seed(1)
         a = build_model(name, **kwargs).state_dict()
         b = build_model(name, **kwargs).state_dict()
@@ -101,7 +112,9 @@ def test_objective_never_decreases_between_independent_models():
 def test_sinkhorn_solver_drives_weight_matching_too():
     state = seeded_model("mlp", hidden=[40]).state_dict()
     spec = permutation_spec(build_model("mlp", hidden=[40]))
-    shuffled = apply_permutation(spec, random_permutation(spec, torch.Generator().manual_seed(2)), state)
+    shuffled = apply_permutation(
+        spec, random_permutation(spec, torch.Generator().manual_seed(2)), state
+    )
     perms = weight_matching(spec, state, shuffled, solver="sinkhorn")
     back = apply_permutation(spec, perms, shuffled)
     assert all(torch.equal(back[k], state[k]) for k in state)
@@ -136,7 +149,10 @@ def test_merge_many_of_permuted_copies_is_the_same_network_with_bn_buffers():
     for i, c in enumerate(copies):
         c["bn1.num_batches_tracked"] = torch.tensor(10 * (i + 1))
     merged, perms = merge_many(spec, copies, weights=[1.0, 2.0, 3.0])
-    assert merged["bn1.num_batches_tracked"].item() == 30 and merged["bn1.num_batches_tracked"].dtype == torch.long
+    assert (
+        merged["bn1.num_batches_tracked"].item() == 30
+        and merged["bn1.num_batches_tracked"].dtype == torch.long
+    )
     aligned = [apply_permutation(spec, p, c) for p, c in zip(perms, copies)]
     for k in base:
         if base[k].is_floating_point():
@@ -157,8 +173,12 @@ def test_activation_statistics_leave_batchnorm_statistics_alone():
 
     from fedalign.align import activation_statistics, permutation_spec
     from fedalign.models import build_model
+
     torch.manual_seed(0)
-    a, b = build_model("resnet20", in_channels=1, width=1), build_model("resnet20", in_channels=1, width=1)
+    a, b = (
+        build_model("resnet20", in_channels=1, width=1),
+        build_model("resnet20", in_channels=1, width=1),
+    )
     a.train()
     before = {k: v.clone() for k, v in a.state_dict().items()}
     activation_statistics(permutation_spec(a), a, b, torch.rand(8, 1, 28, 28))

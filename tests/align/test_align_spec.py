@@ -3,8 +3,8 @@ hand-written specs, and clear about what they cannot handle."""
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from fedalign.align import (
     AxisRef,
@@ -17,16 +17,19 @@ from fedalign.align import (
     permutation_spec,
     random_permutation,
 )
-from tests.align.zoo_specs import HAND_WRITTEN
 from fedalign.models import build_model
+from tests.align.zoo_specs import HAND_WRITTEN
 
 CASES = [
     ("mlp", {"hidden": [32, 16]}, lambda: torch.rand(4, 1, 28, 28)),
     ("lenet", {}, lambda: torch.rand(4, 1, 28, 28)),
     ("lenet", {"in_channels": 3, "image_size": 32}, lambda: torch.rand(4, 3, 32, 32)),
     ("vgg9", {}, lambda: torch.rand(2, 1, 28, 28)),
-    ("vgg9", {"in_channels": 3, "image_size": 32, "widths": (8, 8, 16, 16, 16, 16), "hidden": 32},
-     lambda: torch.rand(2, 3, 32, 32)),
+    (
+        "vgg9",
+        {"in_channels": 3, "image_size": 32, "widths": (8, 8, 16, 16, 16, 16), "hidden": 32},
+        lambda: torch.rand(2, 3, 32, 32),
+    ),
     ("resnet20", {}, lambda: torch.rand(2, 1, 28, 28)),
     ("resnet20", {"norm": "layer", "width": 2}, lambda: torch.rand(2, 1, 28, 28)),
     ("char_lstm", {"hidden": 32}, lambda: torch.randint(0, 98, (3, 12))),
@@ -41,7 +44,7 @@ def test_random_permutation_preserves_the_function(name, kwargs, batch):
     example = x[:1] if name != "char_lstm" else None
     spec = permutation_spec(model, example)
     if name == "resnet20" and kwargs.get("norm", "batch") == "batch":
-        for m in model.modules():            # non-trivial running statistics
+        for m in model.modules():  # non-trivial running statistics
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
@@ -83,8 +86,10 @@ def test_derived_spec_equals_the_hand_written_one(name, kwargs, example):
     model = build_model(name, **kwargs)
     derived = permutation_spec(model, torch.zeros(example) if example else None)
     hand = HAND_WRITTEN[name](model)
-    assert list(derived.groups) == list(hand.groups)            # same names, same forward order
-    assert {g: set(r) for g, r in derived.groups.items()} == {g: set(r) for g, r in hand.groups.items()}
+    assert list(derived.groups) == list(hand.groups)  # same names, same forward order
+    assert {g: set(r) for g, r in derived.groups.items()} == {
+        g: set(r) for g, r in hand.groups.items()
+    }
     assert dict(derived.sizes) == dict(hand.sizes)
     assert derived.buffers == hand.buffers
     assert dict(derived.shapes) == dict(hand.shapes)
@@ -92,12 +97,23 @@ def test_derived_spec_equals_the_hand_written_one(name, kwargs, example):
 
 def test_hand_written_specs_spell_out_flatten_blocks_gates_and_streams():
     lenet = HAND_WRITTEN["lenet"](build_model("lenet"))
-    assert AxisRef("fc1.weight", 1, block=16) in lenet.groups["conv2"]     # 16 channels x 4x4 positions
+    assert (
+        AxisRef("fc1.weight", 1, block=16) in lenet.groups["conv2"]
+    )  # 16 channels x 4x4 positions
     lstm = HAND_WRITTEN["char_lstm"](build_model("char_lstm", hidden=16)).groups["lstm"]
-    assert AxisRef("lstm.weight_hh_l0", 0, repeat=4) in lstm and AxisRef("lstm.weight_hh_l0", 1) in lstm
+    assert (
+        AxisRef("lstm.weight_hh_l0", 0, repeat=4) in lstm
+        and AxisRef("lstm.weight_hh_l0", 1) in lstm
+    )
     resnet = HAND_WRITTEN["resnet20"](build_model("resnet20"))
-    assert list(resnet.groups)[:6] == ["conv1", "blocks.0.conv1", "blocks.1.conv1", "blocks.2.conv1",
-                                       "blocks.3.conv1", "blocks.3.conv2"]
+    assert list(resnet.groups)[:6] == [
+        "conv1",
+        "blocks.0.conv1",
+        "blocks.1.conv1",
+        "blocks.2.conv1",
+        "blocks.3.conv1",
+        "blocks.3.conv2",
+    ]
 
 
 def test_parameters_view_lists_the_group_of_every_axis():
@@ -117,9 +133,15 @@ def test_spec_construction_checks_axes():
     ok = PermutationSpec({"a": (AxisRef("a.weight", 0), AxisRef("b.weight", 1))}, {"a": 4}, shapes)
     assert ok.parameters == {"a.weight": ("a", None), "b.weight": (None, "a")}
     with pytest.raises(ValueError, match="does not fit axis 1 of 'b.weight'"):
-        PermutationSpec({"a": (AxisRef("a.weight", 0), AxisRef("b.weight", 1, block=2))}, {"a": 4}, shapes)
+        PermutationSpec(
+            {"a": (AxisRef("a.weight", 0), AxisRef("b.weight", 1, block=2))}, {"a": 4}, shapes
+        )
     with pytest.raises(ValueError, match="claimed by groups 'a' and 'b'"):
-        PermutationSpec({"a": (AxisRef("a.weight", 0),), "b": (AxisRef("a.weight", 0),)}, {"a": 4, "b": 4}, shapes)
+        PermutationSpec(
+            {"a": (AxisRef("a.weight", 0),), "b": (AxisRef("a.weight", 0),)},
+            {"a": 4, "b": 4},
+            shapes,
+        )
     with pytest.raises(ValueError, match="not in shapes"):
         PermutationSpec({"a": (AxisRef("c.weight", 0),)}, {"a": 4}, shapes)
 
@@ -130,8 +152,13 @@ def test_resnet_streams_share_one_group_and_bn_stats_are_buffers():
     assert len(spec.groups) == 12
     stream1 = next(g for g, refs in spec.groups.items() if AxisRef("conv1.weight", 0) in refs)
     keys = {r.key for r in spec.groups[stream1]}
-    assert {"bn1.weight", "blocks.0.bn2.weight", "blocks.2.bn2.weight", "blocks.3.conv1.weight",
-            "blocks.3.shortcut.0.weight"} <= keys
+    assert {
+        "bn1.weight",
+        "blocks.0.bn2.weight",
+        "blocks.2.bn2.weight",
+        "blocks.3.conv1.weight",
+        "blocks.3.shortcut.0.weight",
+    } <= keys
     assert "bn1.running_mean" in spec.buffers and "bn1.weight" not in spec.buffers
 
 
@@ -163,12 +190,12 @@ class _FunctionalCNN(nn.Module):
 
     def forward(self, x):
         h = F.silu(self.gn(self.conv1(x * 2.0)))
-        h = h * torch.sigmoid(h)                           # a product of two tensors of one group
-        side = self.conv3(h).mean((2, 3))                  # global average pooling as a method
+        h = h * torch.sigmoid(h)  # a product of two tensors of one group
+        side = self.conv3(h).mean((2, 3))  # global average pooling as a method
         z = self.pool(torch.relu(self.conv2(h)))
-        z = z.view(z.size(0), -1)                          # flatten through view and size
+        z = z.view(z.size(0), -1)  # flatten through view and size
         z = F.relu(self.bn(self.fc1(z)))
-        z = z + self.ln(self.fc2(z)) / 2 + self.fc_side(side)    # residual MLP: one shared group
+        z = z + self.ln(self.fc2(z)) / 2 + self.fc_side(side)  # residual MLP: one shared group
         return self.head(z)
 
 
@@ -201,12 +228,18 @@ def test_functional_forms_are_traced_and_preserve_the_function():
     spec = permutation_spec(model, x)
     assert AxisRef("fc1.weight", 1, block=4) in spec.groups["conv2"]
     residual = spec.groups["fc1"]
-    assert {AxisRef("fc2.weight", 0), AxisRef("ln.weight", 0), AxisRef("fc_side.weight", 0),
-            AxisRef("head.weight", 1)} <= set(residual)
+    assert {
+        AxisRef("fc2.weight", 0),
+        AxisRef("ln.weight", 0),
+        AxisRef("fc_side.weight", 0),
+        AxisRef("head.weight", 1),
+    } <= set(residual)
     assert "conv3" in spec.groups and "gn" not in spec.groups
     before = model(x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(apply_permutation(spec, random_permutation(spec, torch.Generator().manual_seed(3)), state))
+    model.load_state_dict(
+        apply_permutation(spec, random_permutation(spec, torch.Generator().manual_seed(3)), state)
+    )
     assert not torch.equal(model.state_dict()["fc1.weight"], state["fc1.weight"])
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
 
@@ -216,11 +249,14 @@ def test_every_model_output_is_fixed_and_lstm_state_is_followed():
     model = _TwoOutputsLSTM()
     x = torch.randint(0, 11, (5, 7))
     spec = permutation_spec(model, x)
-    assert set(spec.groups) == {"embedding", "lstm"}          # fc's axis reaches the output
+    assert set(spec.groups) == {"embedding", "lstm"}  # fc's axis reaches the output
     assert AxisRef("fc.weight", 1) in spec.groups["lstm"]
     before = model(x)
-    model.load_state_dict(apply_permutation(spec, random_permutation(spec, torch.Generator().manual_seed(1)),
-                                            model.state_dict()))
+    model.load_state_dict(
+        apply_permutation(
+            spec, random_permutation(spec, torch.Generator().manual_seed(1)), model.state_dict()
+        )
+    )
     for got, want in zip(model(x), before):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -278,9 +314,14 @@ def test_unsupported_modules_and_functions_are_named():
     with pytest.raises(UnsupportedModuleError, match="grouped/depthwise Conv2d"):
         permutation_spec(depthwise, torch.zeros(1, 4, 6, 6))
     over_space = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm(6), nn.Flatten(), nn.Linear(144, 2))
-    with pytest.raises(UnsupportedModuleError, match="module '1' \\(LayerNorm\\): LayerNorm over anything but the last"):
+    with pytest.raises(
+        UnsupportedModuleError,
+        match="module '1' \\(LayerNorm\\): LayerNorm over anything but the last",
+    ):
         permutation_spec(over_space, torch.zeros(1, 1, 8, 8))
-    with pytest.raises(UnsupportedModuleError, match="combines a permuted tensor with a tensor no group"):
+    with pytest.raises(
+        UnsupportedModuleError, match="combines a permuted tensor with a tensor no group"
+    ):
         permutation_spec(_SkipFromInput(), torch.zeros(2, 4))
     with pytest.raises(UnsupportedModuleError, match="torch.fx cannot trace _DataDependent"):
         permutation_spec(_DataDependent(), torch.zeros(2, 4))
@@ -323,8 +364,10 @@ class _MeanOverWidthOnly(torch.nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(-1)).mean(1)
 
 
-@pytest.mark.parametrize("model, message", [(_LinearOnNCHW(), "Linear on an NCHW tensor"),
-                                            (_MeanOverWidthOnly(), "a mean that leaves")])
+@pytest.mark.parametrize(
+    "model, message",
+    [(_LinearOnNCHW(), "Linear on an NCHW tensor"), (_MeanOverWidthOnly(), "a mean that leaves")],
+)
 def test_label_axis_mismatches_are_refused_not_guessed(model, message):
     """A Linear on NCHW acts on W, not on the conv's channels; a mean over W alone leaves the
     channels off the feature axis: both would give a spec that silently breaks the function."""

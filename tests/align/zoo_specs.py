@@ -10,20 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn as nn
-
-from fedalign.models import VGG9, CharLSTM, LeNet, MLP, ResNet20
+from torch import nn
 
 from fedalign.align.spec import AxisRef, PermutationSpec
+from fedalign.models import MLP, VGG9, CharLSTM, LeNet, ResNet20
 
 
 def _spec(model: nn.Module, groups: dict[str, list[AxisRef]]) -> PermutationSpec:
     """The spec of ``groups`` on ``model``'s state dict (BN running statistics become buffers)."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     present = {g: tuple(r for r in refs if r.key in shapes) for g, refs in groups.items()}
-    sizes = {g: shapes[refs[0].key][refs[0].axis] // (refs[0].block * refs[0].repeat) for g, refs in present.items()}
-    buffers = frozenset(r.key for refs in present.values() for r in refs
-                        if r.key.endswith(("running_mean", "running_var")))
+    sizes = {
+        g: shapes[refs[0].key][refs[0].axis] // (refs[0].block * refs[0].repeat)
+        for g, refs in present.items()
+    }
+    buffers = frozenset(
+        r.key
+        for refs in present.values()
+        for r in refs
+        if r.key.endswith(("running_mean", "running_var"))
+    )
     return PermutationSpec(present, sizes, shapes, buffers)
 
 
@@ -42,23 +48,34 @@ def _consumed(*names: str, block: int = 1) -> list[AxisRef]:
 
 def mlp_spec(model: MLP) -> PermutationSpec:
     layers = len(model.layers)
-    return _spec(model, {f"layers.{i}": _produced(f"layers.{i}") + _consumed(f"layers.{i + 1}")
-                         for i in range(layers - 1)})
+    return _spec(
+        model,
+        {
+            f"layers.{i}": _produced(f"layers.{i}") + _consumed(f"layers.{i + 1}")
+            for i in range(layers - 1)
+        },
+    )
 
 
-def _conv_stack_spec(model: nn.Module, convs: list[str], linears: list[str], channels: int) -> PermutationSpec:
+def _conv_stack_spec(
+    model: nn.Module, convs: list[str], linears: list[str], channels: int
+) -> PermutationSpec:
     """Plain conv stack -> flatten -> linear stack: each layer's own group; the last conv's
     ``channels`` reach the first linear layer as blocks of ``H*W`` columns."""
     block = model.get_submodule(linears[0]).in_features // channels
     layers = convs + linears
     groups = {}
     for i, name in enumerate(layers[:-1]):
-        groups[name] = _produced(name) + _consumed(layers[i + 1], block=block if name == convs[-1] else 1)
+        groups[name] = _produced(name) + _consumed(
+            layers[i + 1], block=block if name == convs[-1] else 1
+        )
     return _spec(model, groups)
 
 
 def lenet_spec(model: LeNet) -> PermutationSpec:
-    return _conv_stack_spec(model, ["conv1", "conv2"], ["fc1", "fc2", "fc3"], model.conv2.out_channels)
+    return _conv_stack_spec(
+        model, ["conv1", "conv2"], ["fc1", "fc2", "fc3"], model.conv2.out_channels
+    )
 
 
 def vgg9_spec(model: VGG9) -> PermutationSpec:
@@ -88,13 +105,23 @@ def resnet20_spec(model: ResNet20) -> PermutationSpec:
 def char_lstm_spec(model: CharLSTM) -> PermutationSpec:
     """Embedding dimensions -> LSTM input columns; hidden units -> rows of each of the 4 gate
     blocks of both weights and biases, ``weight_hh``'s columns and the classifier's columns."""
-    gates = [AxisRef(f"lstm.{p}", 0, repeat=4) for p in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")]
-    return _spec(model, {
-        "embedding": [AxisRef("embedding.weight", 1), AxisRef("lstm.weight_ih_l0", 1)],
-        "lstm": gates + [AxisRef("lstm.weight_hh_l0", 1), AxisRef("fc.weight", 1)],
-    })
+    gates = [
+        AxisRef(f"lstm.{p}", 0, repeat=4)
+        for p in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    ]
+    return _spec(
+        model,
+        {
+            "embedding": [AxisRef("embedding.weight", 1), AxisRef("lstm.weight_ih_l0", 1)],
+            "lstm": gates + [AxisRef("lstm.weight_hh_l0", 1), AxisRef("fc.weight", 1)],
+        },
+    )
 
 
 HAND_WRITTEN: dict[str, Callable[[nn.Module], PermutationSpec]] = {
-    "mlp": mlp_spec, "lenet": lenet_spec, "vgg9": vgg9_spec, "resnet20": resnet20_spec, "char_lstm": char_lstm_spec,
+    "mlp": mlp_spec,
+    "lenet": lenet_spec,
+    "vgg9": vgg9_spec,
+    "resnet20": resnet20_spec,
+    "char_lstm": char_lstm_spec,
 }

@@ -36,6 +36,7 @@ needs_fortunes = pytest.mark.skipif(
 
 # ---- loaders ----------------------------------------------------------------------------------
 
+
 @needs_fmnist
 def test_fashion_mnist_shapes_counts_and_range():
     X, y = load_dataset("fashion-mnist", "train")
@@ -46,7 +47,7 @@ def test_fashion_mnist_shapes_counts_and_range():
     X_test, y_test = load_dataset("fashion-mnist", "test")
     assert X_test.shape == (10_000, 1, 28, 28) and np.bincount(y_test).tolist() == [1000] * 10
     arrays = dataset_arrays("fashion-mnist", "test")
-    assert arrays.X is X_test                                  # decoded once per process
+    assert arrays.X is X_test  # decoded once per process
     assert arrays.num_classes == 10 and arrays.input_shape == (1, 28, 28) and arrays.groups is None
 
 
@@ -64,8 +65,10 @@ def test_digits_shapes_and_split():
     assert X.shape == (1437, 1, 8, 8) and X.dtype == np.float32 and y.dtype == np.int64
     assert len(y_test) == 360 and X_test.shape[1:] == (1, 8, 8)
     assert X.min() == 0.0 and X.max() == 1.0 and set(np.unique(y)) == set(range(10))
-    assert np.abs(np.bincount(y) / len(y) - np.bincount(y_test) / len(y_test)).max() < 0.01  # stratified
-    assert np.array_equal(load_dataset("digits", "test")[1], y_test)                          # fixed split
+    assert (
+        np.abs(np.bincount(y) / len(y) - np.bincount(y_test) / len(y_test)).max() < 0.01
+    )  # stratified
+    assert np.array_equal(load_dataset("digits", "test")[1], y_test)  # fixed split
 
 
 @needs_fortunes
@@ -77,7 +80,9 @@ def test_fortunes_windows_vocab_and_groups():
     assert 0 <= X.min() and X.max() < VOCAB_SIZE == train.num_classes <= 98
     assert train.group_names == test.group_names and "computers" in train.group_names
     assert g.dtype == np.int64 and set(np.unique(g)) == set(range(len(train.group_names)))
-    assert set(np.unique(test.groups)) == set(range(len(train.group_names)))  # every category tested
+    assert set(np.unique(test.groups)) == set(
+        range(len(train.group_names))
+    )  # every category tested
     # Windows (stride 16) of one category overlap, and the label is the character that follows.
     same = np.flatnonzero(g[:-1] == g[1:])
     assert np.array_equal(X[same + 1][:, :64], X[same][:, 16:])
@@ -101,18 +106,20 @@ def test_fortunes_from_a_directory(tmp_path):
     _write_fortunes(tmp_path / "corpus")
     train = dataset_arrays("fortunes", "train", tmp_path / "corpus", seq_len=10, stride=5)
     test = dataset_arrays("fortunes", "test", tmp_path / "corpus", seq_len=10, stride=5)
-    assert train.group_names == ("alpha", "beta")            # .dat, .u8, off/ and too short skipped
-    alpha = "\n".join(f"fortune {i} of alpha" for i in range(40))   # '%' lines removed
+    assert train.group_names == ("alpha", "beta")  # .dat, .u8, off/ and too short skipped
+    alpha = "\n".join(f"fortune {i} of alpha" for i in range(40))  # '%' lines removed
     cut = int(0.8 * len(alpha))
     assert (train.groups == 0).sum() == (cut - 11) // 5 + 1
     assert decode(train.X[0]) == alpha[:10] and decode(train.y[:1]) == alpha[10]
-    assert decode(test.X[test.groups == 0][0]) == alpha[cut:cut + 10]
+    assert decode(test.X[test.groups == 0][0]) == alpha[cut : cut + 10]
     with pytest.raises(DataError, match="seq_len and stride must be >= 1"):
         dataset_arrays("fortunes", "train", tmp_path / "corpus", stride=0)
 
 
 def test_unknown_dataset_option_and_split_are_named():
-    with pytest.raises(DataError, match="unknown dataset 'cifar'; choose one of fashion-mnist, digits, fortunes"):
+    with pytest.raises(
+        DataError, match="unknown dataset 'cifar'; choose one of fashion-mnist, digits, fortunes"
+    ):
         load_dataset("cifar")
     with pytest.raises(DataError, match="dataset 'digits' takes no option 'seq_len'"):
         dataset_arrays("digits", seq_len=20)
@@ -122,9 +129,12 @@ def test_unknown_dataset_option_and_split_are_named():
 
 # ---- IDX files and Fashion-MNIST lookup ---------------------------------------------------------
 
+
 def _idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
     dtype = {0x08: ">u1", 0x0B: ">i2"}[code]
-    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    header = bytes([0, 0, code, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
     return header + array.astype(dtype).tobytes()
 
 
@@ -133,7 +143,7 @@ def test_idx_round_trip_gzipped_and_raw(tmp_path):
     (tmp_path / "a.gz").write_bytes(gzip.compress(_idx_bytes(data)))
     assert np.array_equal(read_idx(tmp_path / "a.gz"), data)
     wide = np.array([[-300, 2], [7, 30000]], dtype=np.int16)
-    (tmp_path / "b").write_bytes(_idx_bytes(wide, 0x0B))       # raw, big-endian int16
+    (tmp_path / "b").write_bytes(_idx_bytes(wide, 0x0B))  # raw, big-endian int16
     out = read_idx(tmp_path / "b")
     assert out.dtype == np.int16 and np.array_equal(out, wide)
 
@@ -141,13 +151,17 @@ def test_idx_round_trip_gzipped_and_raw(tmp_path):
 def test_truncated_idx_is_reported(tmp_path):
     raw = _idx_bytes(np.zeros((5, 28, 28), dtype=np.uint8))
     (tmp_path / "t.gz").write_bytes(gzip.compress(raw[:-100]))
-    with pytest.raises(DataError, match=r"t\.gz: truncated: expected 3936 bytes for shape \(5, 28, 28\).* got 3836"):
+    with pytest.raises(
+        DataError, match=r"t\.gz: truncated: expected 3936 bytes for shape \(5, 28, 28\).* got 3836"
+    ):
         read_idx(tmp_path / "t.gz")
     (tmp_path / "long").write_bytes(raw + b"\x00")
     with pytest.raises(DataError, match="long: too long: expected 3936 bytes"):
         read_idx(tmp_path / "long")
-    (tmp_path / "cut.gz").write_bytes(gzip.compress(raw)[:30])   # gzip stream cut short
-    with pytest.raises(DataError, match=r"cut\.gz: cannot be decompressed .*corrupted or truncated"):
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(raw)[:30])  # gzip stream cut short
+    with pytest.raises(
+        DataError, match=r"cut\.gz: cannot be decompressed .*corrupted or truncated"
+    ):
         read_idx(tmp_path / "cut.gz")
 
 
@@ -163,14 +177,16 @@ def test_wrong_magic_and_type_code_are_reported(tmp_path):
         read_idx(tmp_path / "empty")
 
 
-def _fake_fmnist(directory: Path, n_train: int = 6, n_test: int = 4, side: int = 28) -> dict[str, bytes]:
+def _fake_fmnist(
+    directory: Path, n_train: int = 6, n_test: int = 4, side: int = 28
+) -> dict[str, bytes]:
     """Small IDX files under the official names; returns their gzipped bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     blobs = {}
     for (split, kind), name in fashion_mnist.FILES.items():
         n = n_train if split == "train" else n_test
-        array = (rng.integers(0, 256, (n, side, side)) if kind == "images" else np.arange(n) % 10)
+        array = rng.integers(0, 256, (n, side, side)) if kind == "images" else np.arange(n) % 10
         blobs[name] = gzip.compress(_idx_bytes(array.astype(np.uint8)))
         (directory / name).write_bytes(blobs[name])
     return blobs
@@ -200,7 +216,10 @@ def test_data_dir_and_env_are_looked_up_first(no_default_dirs, monkeypatch):
 
 def test_fashion_mnist_files_of_the_wrong_shape_are_reported(no_default_dirs):
     _fake_fmnist(no_default_dirs / "small", side=8)
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: expected uint8 images of shape \(n, 28, 28\)"):
+    with pytest.raises(
+        DataError,
+        match=r"train-images-idx3-ubyte\.gz: expected uint8 images of shape \(n, 28, 28\)",
+    ):
         load_dataset("fashion-mnist", data_dir=no_default_dirs / "small")
 
 
@@ -218,16 +237,18 @@ def test_missing_fashion_mnist_without_network_says_where_and_how(no_default_dir
 
 def test_download_is_verified_before_use(no_default_dirs, monkeypatch):
     blobs = _fake_fmnist(no_default_dirs / "server")
-    for name, blob in blobs.items():       # pretend the fake files are the official ones
+    for name, blob in blobs.items():  # pretend the fake files are the official ones
         monkeypatch.setitem(fashion_mnist.OFFICIAL_GZ_MD5, name, hashlib.md5(blob).hexdigest())
     monkeypatch.setattr(fashion_mnist, "network_available", lambda *a, **k: True)
     served = dict(blobs, **{"t10k-labels-idx1-ubyte.gz": b"\x1f\x8b tampered"})
     monkeypatch.setattr(fashion_mnist, "_fetch", lambda url, timeout: served[url.rsplit("/", 1)[1]])
     cache = no_default_dirs / "cache" / "fedalign" / "fashion-mnist"
-    with pytest.raises(DataError, match=r"could not download t10k-labels-idx1-ubyte\.gz:\n.*checksum mismatch"):
+    with pytest.raises(
+        DataError, match=r"could not download t10k-labels-idx1-ubyte\.gz:\n.*checksum mismatch"
+    ):
         fashion_mnist.locate()
     assert not (cache / "t10k-labels-idx1-ubyte.gz").exists() and not list(cache.glob("*.part"))
-    served.update(blobs)                    # the mirror serves the right file again
+    served.update(blobs)  # the mirror serves the right file again
     assert fashion_mnist.locate() == cache
     assert fashion_mnist.verify_dir(cache) == {n: True for n in blobs}
     assert load_dataset("fashion-mnist", "test")[1].tolist() == [0, 1, 2, 3]
@@ -235,7 +256,7 @@ def test_download_is_verified_before_use(no_default_dirs, monkeypatch):
 
 # ---- partitions -------------------------------------------------------------------------------
 
-LABELS = np.repeat(np.arange(10), 200)          # 2,000 samples, 10 balanced classes
+LABELS = np.repeat(np.arange(10), 200)  # 2,000 samples, 10 balanced classes
 
 
 def _check_disjoint(parts, covering):
@@ -245,23 +266,26 @@ def _check_disjoint(parts, covering):
     assert np.array_equal(np.sort(joined), covering)
 
 
-@pytest.mark.parametrize("scheme, options", [
-    ("iid", {}),
-    ("dirichlet", {"alpha": 0.5}),
-    ("dirichlet", {"alpha": 0.5, "self_balancing": True, "min_partition_size": 50}),
-    ("shards", {"classes_per_client": 2}),
-    ("pathological", {"classes_per_client": 3}),
-    ("natural", {"groups": np.arange(2000) % 13}),
-])
+@pytest.mark.parametrize(
+    "scheme, options",
+    [
+        ("iid", {}),
+        ("dirichlet", {"alpha": 0.5}),
+        ("dirichlet", {"alpha": 0.5, "self_balancing": True, "min_partition_size": 50}),
+        ("shards", {"classes_per_client": 2}),
+        ("pathological", {"classes_per_client": 3}),
+        ("natural", {"groups": np.arange(2000) % 13}),
+    ],
+)
 def test_partitions_are_deterministic_disjoint_and_covering(scheme, options):
     parts = partition(LABELS, 10, scheme, seed=3, **options)
     again = partition(LABELS, 10, scheme, seed=3, **options)
     assert len(parts) == 10 and all(np.array_equal(a, b) for a, b in zip(parts, again))
-    if scheme != "natural":                        # natural follows the groups, not the seed
+    if scheme != "natural":  # natural follows the groups, not the seed
         other = partition(LABELS, 10, scheme, seed=4, **options)
         assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
         _check_disjoint(parts, np.arange(len(LABELS)))
-    else:                                          # the 10 largest of 13 groups: ids 0..9
+    else:  # the 10 largest of 13 groups: ids 0..9
         _check_disjoint(parts, np.flatnonzero(options["groups"] < 10))
 
 
@@ -277,7 +301,7 @@ def test_dirichlet_skew_shows_in_label_histograms():
 
 
 def test_shards_and_pathological_limit_classes_per_client():
-    aligned = partition(LABELS, 10, "shards", seed=1, classes_per_client=2)   # shards of 100
+    aligned = partition(LABELS, 10, "shards", seed=1, classes_per_client=2)  # shards of 100
     assert max(len(np.unique(LABELS[p])) for p in aligned) <= 2
     assert {len(p) for p in aligned} == {200}
     straddling = partition(LABELS, 7, "shards", seed=1, classes_per_client=2)  # shards of 142
@@ -286,7 +310,7 @@ def test_shards_and_pathological_limit_classes_per_client():
     for n, k in ((7, 2), (10, 3), (25, 1)):
         parts = partition(LABELS, n, "pathological", seed=1, classes_per_client=k)
         assert all(len(np.unique(LABELS[p])) == k for p in parts)
-    with pytest.warns(UserWarning, match="not assigned to any client"):       # 3 x 2 < 10 classes
+    with pytest.warns(UserWarning, match="not assigned to any client"):  # 3 x 2 < 10 classes
         partition(LABELS, 3, "pathological", seed=1, classes_per_client=2)
 
 
@@ -294,44 +318,72 @@ def test_natural_partition_follows_groups():
     groups = np.repeat(np.arange(5), [50, 40, 30, 20, 40])
     labels = np.arange(180) % 3
     parts = partition(labels, 3, "natural", groups=groups)
-    assert [np.unique(groups[p]).tolist() for p in parts] == [[0], [1], [4]]   # largest, by id
+    assert [np.unique(groups[p]).tolist() for p in parts] == [[0], [1], [4]]  # largest, by id
     assert [len(p) for p in parts] == [50, 40, 40]
     with pytest.raises(DataError, match="6 clients but the data has only 5 groups"):
         partition(labels, 6, "natural", groups=groups)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_clients": 3000, "scheme": "iid"}, r"num_clients \(3000\) is more than the number of samples \(2000\)"),
-    ({"num_clients": 0, "scheme": "iid"}, "num_clients must be an integer >= 1"),
-    ({"num_clients": 4, "scheme": "dirichlet", "alpha": 0.0}, "option alpha must be a number > 0, got 0.0"),
-    ({"num_clients": 4, "scheme": "dirichlet", "alpha": -1}, "option alpha must be a number > 0"),
-    ({"num_clients": 40, "scheme": "dirichlet", "min_partition_size": 60}, "min_partition_size=60 is impossible"),
-    ({"num_clients": 4, "scheme": "zipf"}, "unknown partition scheme 'zipf'; choose one of iid, dirichlet"),
-    ({"num_clients": 4, "scheme": "iid", "alpha": 0.3}, "scheme 'iid' takes no option 'alpha'"),
-    ({"num_clients": 4, "scheme": "shards", "classes_per_client": 11}, r"classes_per_client must be an integer in \[1, 10\]"),
-    ({"num_clients": 4, "scheme": "pathological", "class_assignment": "greedy"}, "class_assignment must be one of"),
-    ({"num_clients": 4, "scheme": "natural"}, "'natural' needs option groups"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"num_clients": 3000, "scheme": "iid"},
+            r"num_clients \(3000\) is more than the number of samples \(2000\)",
+        ),
+        ({"num_clients": 0, "scheme": "iid"}, "num_clients must be an integer >= 1"),
+        (
+            {"num_clients": 4, "scheme": "dirichlet", "alpha": 0.0},
+            "option alpha must be a number > 0, got 0.0",
+        ),
+        (
+            {"num_clients": 4, "scheme": "dirichlet", "alpha": -1},
+            "option alpha must be a number > 0",
+        ),
+        (
+            {"num_clients": 40, "scheme": "dirichlet", "min_partition_size": 60},
+            "min_partition_size=60 is impossible",
+        ),
+        (
+            {"num_clients": 4, "scheme": "zipf"},
+            "unknown partition scheme 'zipf'; choose one of iid, dirichlet",
+        ),
+        ({"num_clients": 4, "scheme": "iid", "alpha": 0.3}, "scheme 'iid' takes no option 'alpha'"),
+        (
+            {"num_clients": 4, "scheme": "shards", "classes_per_client": 11},
+            r"classes_per_client must be an integer in \[1, 10\]",
+        ),
+        (
+            {"num_clients": 4, "scheme": "pathological", "class_assignment": "greedy"},
+            "class_assignment must be one of",
+        ),
+        ({"num_clients": 4, "scheme": "natural"}, "'natural' needs option groups"),
+    ],
+)
 def test_bad_partition_options_are_named(kwargs, message):
     with pytest.raises(DataError, match=message):
         partition(LABELS, **kwargs)
 
 
 def test_empty_client_is_named_with_a_remedy():
-    with pytest.raises(DataError, match=r"left client \d+ without data.*fewer clients, a larger alpha"):
+    with pytest.raises(
+        DataError, match=r"left client \d+ without data.*fewer clients, a larger alpha"
+    ):
         partition(LABELS[:100], 60, "dirichlet", seed=0, alpha=0.05, min_partition_size=0)
 
 
 def test_split_train_val():
     idx = np.arange(100, 150)
     tr, va = split_train_val(idx, 0.2, seed=5)
-    assert len(va) == 10 and len(tr) == 40 and np.array_equal(np.sort(np.concatenate([tr, va])), idx)
+    assert (
+        len(va) == 10 and len(tr) == 40 and np.array_equal(np.sort(np.concatenate([tr, va])), idx)
+    )
     assert np.array_equal(va, split_train_val(idx, 0.2, seed=5)[1])
     assert not np.array_equal(va, split_train_val(idx, 0.2, seed=6)[1])
     tr, va = split_train_val(idx, 0.0, seed=5)
     assert len(va) == 0 and np.array_equal(tr, idx)
     tr, va = split_train_val(np.array([7, 9]), 0.9, seed=0)
-    assert len(tr) == 1 and len(va) == 1                      # one sample always stays to train
+    assert len(tr) == 1 and len(va) == 1  # one sample always stays to train
     with pytest.raises(DataError, match="val_fraction must be in"):
         split_train_val(idx, 1.0, seed=0)
 
@@ -352,12 +404,17 @@ def test_label_histogram_and_its_table():
 
 # ---- federations ------------------------------------------------------------------------------
 
+
 def test_federation_views_and_summary():
-    fed = federation("digits", 4, "dirichlet", seed=1, val_fraction=0.2, alpha=1.0, min_partition_size=5)
-    assert fed is federation("digits", 4, "dirichlet", seed=1, val_fraction=0.2, min_partition_size=5,
-                             alpha=1.0)                 # cached per process, option order aside
-    assert fed is not federation("digits", 4, "dirichlet", seed=2, val_fraction=0.2, alpha=1.0,
-                                 min_partition_size=5)
+    fed = federation(
+        "digits", 4, "dirichlet", seed=1, val_fraction=0.2, alpha=1.0, min_partition_size=5
+    )
+    assert fed is federation(
+        "digits", 4, "dirichlet", seed=1, val_fraction=0.2, min_partition_size=5, alpha=1.0
+    )  # cached per process, option order aside
+    assert fed is not federation(
+        "digits", 4, "dirichlet", seed=2, val_fraction=0.2, alpha=1.0, min_partition_size=5
+    )
     X_all, y_all = load_dataset("digits")
     sizes = [len(fed.client(i).y_train) + len(fed.client(i).y_val) for i in range(4)]
     assert sum(sizes) == len(y_all)
@@ -373,14 +430,21 @@ def test_federation_views_and_summary():
     assert "total" in format_histogram(fed.histogram())
     with pytest.raises(DataError, match="client 4 does not exist"):
         fed.client(4)
-    with pytest.raises(DataError, match="alpha must be a number"):   # a list is a key, then refused
+    with pytest.raises(DataError, match="alpha must be a number"):  # a list is a key, then refused
         federation("digits", 4, "dirichlet", alpha=[0.5, 0.5])
 
 
 def test_natural_federation_uses_the_categories(tmp_path):
     _write_fortunes(tmp_path / "corpus")
-    fed = federation("fortunes", 2, "natural", seed=0, val_fraction=0.0, data_dir=tmp_path / "corpus",
-                     dataset_options={"seq_len": 10, "stride": 5})
+    fed = federation(
+        "fortunes",
+        2,
+        "natural",
+        seed=0,
+        val_fraction=0.0,
+        data_dir=tmp_path / "corpus",
+        dataset_options={"seq_len": 10, "stride": 5},
+    )
     assert fed.client_names() == ["alpha", "beta"] and fed.input_shape == (10,)
     assert len(fed.client(0).y_val) == 0
     groups = fed.train.groups

@@ -40,13 +40,13 @@ from fedalign.stats import unflatten
 from fedalign.training import OBJECTIVES, evaluate, train_local
 from fedalign.types import ClientStats, StateDict
 
-Targets = Mapping[str, tuple[torch.Tensor, torch.Tensor]]   # REPAIR's (mean, std) per layer
+Targets = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # REPAIR's (mean, std) per layer
 Handler = Callable[[Message], RecordDict | None]
 """Answers one message: a reply's content, None for no reply (a timeout), or raises (an error
 reply carrying the exception's message)."""
 
 MISBEHAVIOURS = ("nan", "wrong-shape", "bad-counts", "short-counts", "raise", "silent")
-IN_FEATURES, NUM_CLASSES = 8, 3   # the synthetic data: what the tests' MLP takes and predicts
+IN_FEATURES, NUM_CLASSES = 8, 3  # the synthetic data: what the tests' MLP takes and predicts
 
 
 @contextlib.contextmanager
@@ -55,7 +55,7 @@ def task_identity() -> Iterator[None]:
     ``Message`` (the engine does) raises ``TaskIdentity.run_id is not set``. Restored afterwards,
     so a simulation later in the same process starts from what it found."""
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0   # 0: the server
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # 0: the server
     try:
         yield
     finally:
@@ -65,9 +65,17 @@ def task_identity() -> Iterator[None]:
 def reply_metadata(msg: Message, node_id: int) -> Metadata:
     """A reply's metadata from ``node_id``, built explicitly: ``Message(content, reply_to=msg)``
     stamps the process's own node id, which is the server's in a test process."""
-    return Metadata(run_id=0, message_id="", src_node_id=node_id, dst_node_id=0,
-                    reply_to_message_id="", group_id="", created_at=0.0, ttl=10.0,
-                    message_type=msg.metadata.message_type)
+    return Metadata(
+        run_id=0,
+        message_id="",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="",
+        created_at=0.0,
+        ttl=10.0,
+        message_type=msg.metadata.message_type,
+    )
 
 
 class MockGrid:
@@ -76,14 +84,15 @@ class MockGrid:
 
     def __init__(self, handlers: Mapping[int, Handler]) -> None:
         self.handlers = dict(handlers)
-        self.pull_interval = 0.1   # Flower's in-memory grid's default; the engine lowers it
+        self.pull_interval = 0.1  # Flower's in-memory grid's default; the engine lowers it
         self.sent: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.handlers)
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         """Every message answered in turn; a handler that returns None leaves its message
         unanswered, as a node that misses ``timeout`` does."""
         replies = []
@@ -92,7 +101,7 @@ class MockGrid:
             node = msg.metadata.dst_node_id
             try:
                 content = self.handlers[node](msg)
-            except Exception as exc:   # noqa: BLE001 - any client failure becomes an error reply
+            except Exception as exc:  # noqa: BLE001 - any client failure becomes an error reply
                 error = Error(code=0, reason=str(exc))
                 replies.append(Message(metadata=reply_metadata(msg, node), error=error))
                 continue
@@ -155,9 +164,12 @@ class MockClient:
             raise ValueError(f"unknown misbehaviour {self.misbehave!r}; one of {MISBEHAVIOURS}")
 
     def __call__(self, msg: Message) -> RecordDict | None:
-        handlers = {MessageType.TRAIN: self.train, MessageType.EVALUATE: self.evaluate,
-                    f"{MessageType.QUERY}.info": self.info,
-                    f"{MessageType.QUERY}.statistics": self.statistics}
+        handlers = {
+            MessageType.TRAIN: self.train,
+            MessageType.EVALUATE: self.evaluate,
+            f"{MessageType.QUERY}.info": self.info,
+            f"{MessageType.QUERY}.statistics": self.statistics,
+        }
         return handlers[msg.metadata.message_type](msg)
 
     # ---- what a real client computes --------------------------------------------------------
@@ -170,8 +182,14 @@ class MockClient:
         """The run's architecture holding ``state`` (at its widths)."""
         return run_model(cfg, self.shapes, state=state)
 
-    def measure(self, cfg: RunConfig, kinds: list[str], state: StateDict,
-                reference: StateDict | None = None, targets: Targets | None = None) -> ArrayRecord:
+    def measure(
+        self,
+        cfg: RunConfig,
+        kinds: list[str],
+        state: StateDict,
+        reference: StateDict | None = None,
+        targets: Targets | None = None,
+    ) -> ArrayRecord:
         """The statistics ``kinds`` of ``state`` on this client's data, flattened for transport
         (``client_app._statistics``), against ``reference`` or through REPAIR ``targets``."""
         extra: dict[str, Any] = {}
@@ -179,11 +197,18 @@ class MockClient:
             extra["reference"] = self.model(cfg, reference)
         if targets is not None:
             extra["targets"] = targets
-        return _statistics(cfg, kinds, self.model(cfg, state), self.data, self.partition_id,
-                           **extra)
+        return _statistics(
+            cfg, kinds, self.model(cfg, state), self.data, self.partition_id, **extra
+        )
 
-    def measured(self, cfg: RunConfig, kinds: list[str], state: StateDict,
-                 reference: StateDict | None = None, targets: Targets | None = None) -> ClientStats:
+    def measured(
+        self,
+        cfg: RunConfig,
+        kinds: list[str],
+        state: StateDict,
+        reference: StateDict | None = None,
+        targets: Targets | None = None,
+    ) -> ClientStats:
         """``measure`` as the server reads it (unflattened): for tests that query a client
         directly, as ``fedalign.pipeline.aggregate``'s callables do in a study."""
         return unflatten(to_state_dict(self.measure(cfg, kinds, state, reference, targets)))
@@ -198,8 +223,11 @@ class MockClient:
     # ---- the message handlers ---------------------------------------------------------------
 
     def info(self, msg: Message) -> RecordDict:
-        metrics = {"partition-id": self.partition_id, "num-train": len(self.data.y_train),
-                   "num-val": len(self.data.y_val)}
+        metrics = {
+            "partition-id": self.partition_id,
+            "num-train": len(self.data.y_train),
+            "num-val": len(self.data.y_val),
+        }
         return RecordDict({"metrics": MetricRecord(metrics)})
 
     def train(self, msg: Message) -> RecordDict | None:
@@ -219,9 +247,16 @@ class MockClient:
         server_round = int(config.get("server-round", 0))
         t = cfg.train
         stats = train_local(
-            model, self.data.X_train, self.data.y_train, epochs=t.local_epochs,
-            batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
-            weight_decay=t.weight_decay, objective=cfg.objective,
+            model,
+            self.data.X_train,
+            self.data.y_train,
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            optimizer=t.optimizer,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            objective=cfg.objective,
             objective_options=OBJECTIVES.get(cfg.objective).resolve(vars(t)),
             seed=shuffle_seed(cfg, server_round, pid),
             frozen=[k for k in str(config.get("frozen", "")).split(",") if k],
@@ -231,8 +266,12 @@ class MockClient:
             counts = [-1] * len(counts)
         elif fault == "short-counts":
             counts = counts[:-1]
-        metrics = {"num-examples": stats.num_examples, "train-loss": stats.loss,
-                   "partition-id": pid, "class-counts": counts}
+        metrics = {
+            "num-examples": stats.num_examples,
+            "train-loss": stats.loss,
+            "partition-id": pid,
+            "class-counts": counts,
+        }
         content = RecordDict({"metrics": MetricRecord(metrics)})
         kinds = _kinds(config)
         if kinds:
@@ -242,8 +281,9 @@ class MockClient:
             state = apply_fault(FaultConfig(round=server_round, client=pid, kind=fault), state)
         content["arrays"] = to_arrays(state)
         statistics = unflatten(to_state_dict(content["statistics"])) if kinds else None
-        self.trained.append(TrainReply(dict(config), state, stats.num_examples, stats.loss,
-                                       statistics, fault))
+        self.trained.append(
+            TrainReply(dict(config), state, stats.num_examples, stats.loss, statistics, fault)
+        )
         return content
 
     def statistics(self, msg: Message) -> RecordDict:
@@ -256,8 +296,9 @@ class MockClient:
         if "targets" in content:
             flat = unflatten(to_state_dict(content["targets"]))
             targets = {layer: (t["mean"], t["std"]) for layer, t in flat.items()}
-        record = self.measure(cfg, _kinds(config), to_state_dict(content["arrays"]), reference,
-                              targets)
+        record = self.measure(
+            cfg, _kinds(config), to_state_dict(content["arrays"]), reference, targets
+        )
         metrics = {"partition-id": self.partition_id, "num-examples": len(self.data.y_train)}
         return RecordDict({"statistics": record, "metrics": MetricRecord(metrics)})
 
@@ -269,22 +310,36 @@ class MockClient:
         d = self.data
         X, y = (d.X_train, d.y_train) if config.get("split") == "train" else (d.X_val, d.y_val)
         loss, accuracy = evaluate(model, X, y)
-        metrics = {"num-examples": len(y), "val-loss": 0.0 if np.isnan(loss) else loss,
-                   "val-accuracy": 0.0 if np.isnan(accuracy) else accuracy,
-                   "partition-id": self.partition_id}
+        metrics = {
+            "num-examples": len(y),
+            "val-loss": 0.0 if np.isnan(loss) else loss,
+            "val-accuracy": 0.0 if np.isnan(accuracy) else accuracy,
+            "partition-id": self.partition_id,
+        }
         return RecordDict({"metrics": MetricRecord(metrics)})
 
 
-def mock_clients(sizes: Iterable[int], misbehave: Mapping[int, str] | None = None,
-                 misbehave_times: int | None = None) -> list[MockClient]:
+def mock_clients(
+    sizes: Iterable[int],
+    misbehave: Mapping[int, str] | None = None,
+    misbehave_times: int | None = None,
+) -> list[MockClient]:
     """One client per entry of ``sizes`` (its number of training examples), partition ``i`` on a
     node id unrelated to ``i`` (Flower's node ids are random), ``misbehave[i]`` corrupting its
     replies."""
     sizes = list(sizes)
     shapes = Shapes((IN_FEATURES,), NUM_CLASSES)
-    return [MockClient(pid, 7_000_003 * (len(sizes) - pid), synthetic_data(pid, n), shapes,
-                       (misbehave or {}).get(pid), misbehave_times)
-            for pid, n in enumerate(sizes)]
+    return [
+        MockClient(
+            pid,
+            7_000_003 * (len(sizes) - pid),
+            synthetic_data(pid, n),
+            shapes,
+            (misbehave or {}).get(pid),
+            misbehave_times,
+        )
+        for pid, n in enumerate(sizes)
+    ]
 
 
 def mock_grid(clients: Iterable[MockClient]) -> MockGrid:

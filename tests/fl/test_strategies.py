@@ -50,12 +50,13 @@ from tests.fl.mock_grid import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MLP = {"name": "mlp", "in_features": IN_FEATURES, "hidden": [6], "num_classes": NUM_CLASSES}
-TWO_HIDDEN = {**MLP, "hidden": [6, 5]}   # REPAIR's targets reach a layer; FedMA matches two
-SIZES = (24, 32, 40, 48)   # training examples per client: unequal, so the weights matter
+TWO_HIDDEN = {**MLP, "hidden": [6, 5]}  # REPAIR's targets reach a layer; FedMA matches two
+SIZES = (24, 32, 40, 48)  # training examples per client: unequal, so the weights matter
 
 
-def make_config(num_clients: int, model: dict[str, Any] | None = None,
-                **sections: dict[str, Any]) -> RunConfig:
+def make_config(
+    num_clients: int, model: dict[str, Any] | None = None, **sections: dict[str, Any]
+) -> RunConfig:
     """A tiny run: the MLP on ``num_clients`` mock clients, one round of one local epoch;
     ``sections`` update the base config's sections key by key."""
     values: dict[str, Any] = {
@@ -79,7 +80,7 @@ class Run:
     strategy: Strategy
     grid: MockGrid
     clients: list[MockClient]
-    model: nn.Module                               # the architecture at its initial widths
+    model: nn.Module  # the architecture at its initial widths
     initial: OrderedDict[str, torch.Tensor]
     after_round: dict[int, tuple[StateDict, str]]  # the model and the strategy's state (JSON)
 
@@ -87,16 +88,26 @@ class Run:
     def row(self) -> dict[str, Any]:
         return self.rows[-1]
 
-    def replies(self, partitions: Sequence[int] | None = None,
-                attempt: int = 0) -> list[TrainReply]:
+    def replies(
+        self, partitions: Sequence[int] | None = None, attempt: int = 0
+    ) -> list[TrainReply]:
         """The train replies of round 1's ``attempt`` (of ``partitions``, else of all clients)."""
         chosen = [c for c in self.clients if partitions is None or c.partition_id in partitions]
-        return [t for c in chosen for t in c.trained
-                if t.config["server-round"] == 1 and t.config["attempt"] == attempt]
+        return [
+            t
+            for c in chosen
+            for t in c.trained
+            if t.config["server-round"] == 1 and t.config["attempt"] == attempt
+        ]
 
 
-def run(cfg: RunConfig, clients: list[MockClient], strategy: Strategy | None = None,
-        initial: StateDict | None = None, first_round: int = 1) -> Run:
+def run(
+    cfg: RunConfig,
+    clients: list[MockClient],
+    strategy: Strategy | None = None,
+    initial: StateDict | None = None,
+    first_round: int = 1,
+) -> Run:
     """The real engine and the registered strategy (built as ``server_app.make_strategy`` does)
     on the mock clients."""
     model = run_model(cfg, clients[0].shapes, init_seed=cfg.resolved_seeds.init)
@@ -142,6 +153,7 @@ def _flower_identity() -> Iterator[None]:
 
 # ---- FedAvg -------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fedavg(one_thread: None, _flower_identity: None) -> Run:
     """FedAvg over two honest clients and three broken ones, with federated evaluation."""
@@ -163,16 +175,18 @@ def test_fedavg_rejects_broken_replies_with_their_reasons(fedavg: Run) -> None:
     row = fedavg.row
     assert (row["clients_sampled"], row["clients_ok"], row["clients_failed"]) == (5, 2, 3)
     reasons = {f["partition"]: f["reason"] for f in row["failures"]}
-    assert reasons == {2: "layers.0.weight: contains NaN or Inf",
-                       3: "layers.0.weight: shape (6, 9), expected (6, 8)",
-                       4: "client error: client 4 failed on purpose"}
+    assert reasons == {
+        2: "layers.0.weight: contains NaN or Inf",
+        3: "layers.0.weight: shape (6, 9), expected (6, 8)",
+        4: "client error: client 4 failed on purpose",
+    }
     nodes = {f["partition"]: f["node"] for f in row["failures"]}
     assert nodes == {c.partition_id: c.node_id for c in fedavg.clients[2:]}
 
 
 def test_fedavg_counts_the_bytes_of_every_message(fedavg: Run) -> None:
     row, model = fedavg.row, nbytes(fedavg.initial)
-    answered = [t for c in fedavg.clients for t in c.trained]   # the raising client sent nothing
+    answered = [t for c in fedavg.clients for t in c.trained]  # the raising client sent nothing
     phases = row["bytes_by_phase"]
     assert phases["train"] == {"down": 5 * model, "up": sum(nbytes(t.state) for t in answered)}
     assert phases["federated_evaluate"] == {"down": 5 * model, "up": 0}
@@ -184,8 +198,9 @@ def test_fedavg_counts_the_bytes_of_every_message(fedavg: Run) -> None:
 
 def test_fedavg_federated_evaluation_weights_clients_by_examples(fedavg: Run) -> None:
     model = fit_to_state(copy.deepcopy(fedavg.model), fedavg.final)
-    results = [(evaluate(model, c.data.X_val, c.data.y_val)[1], len(c.data.y_val))
-               for c in fedavg.clients]
+    results = [
+        (evaluate(model, c.data.X_val, c.data.y_val)[1], len(c.data.y_val)) for c in fedavg.clients
+    ]
     expected = sum(a * n for a, n in results) / sum(n for _, n in results)
     assert fedavg.row["val_accuracy"] == pytest.approx(expected)
 
@@ -199,23 +214,40 @@ def samples(cfg: RunConfig, attempts: int) -> list[list[int]]:
     """The partitions round 1 samples in each attempt."""
     s = cfg.strategy
     partitions = list(range(cfg.data.num_clients))
-    return [sample_partitions(cfg.resolved_seeds.sampling, partitions, 1, s.fraction_train,
-                              s.min_train_clients, "train", a) for a in range(attempts)]
+    return [
+        sample_partitions(
+            cfg.resolved_seeds.sampling,
+            partitions,
+            1,
+            s.fraction_train,
+            s.min_train_clients,
+            "train",
+            a,
+        )
+        for a in range(attempts)
+    ]
 
 
 def test_too_few_replies_retry_the_round_with_a_fresh_sample() -> None:
     cfg = make_config(4, strategy={**RETRY, "round_retries": 1})
     first, second = samples(cfg, 2)
-    silent = next(p for p in first if p not in second)   # sampled in the first attempt only
+    silent = next(p for p in first if p not in second)  # sampled in the first attempt only
     r = run(cfg, mock_clients(SIZES, misbehave={silent: "silent"}))
     assert r.row["attempts"] == 2
     reason = f"no reply within strategy.timeout={cfg.strategy.timeout:g} s"
-    assert r.row["failures"] == [{"partition": silent, "node": r.clients[silent].node_id,
-                                  "reason": reason}]
+    assert r.row["failures"] == [
+        {"partition": silent, "node": r.clients[silent].node_id, "reason": reason}
+    ]
     partition_of = {c.node_id: c.partition_id for c in r.clients}
     trained = [m for m in r.grid.sent if m.metadata.message_type == "train"]
-    asked = {a: sorted(partition_of[m.metadata.dst_node_id] for m in trained
-                       if m.content["config"]["attempt"] == a) for a in (0, 1)}
+    asked = {
+        a: sorted(
+            partition_of[m.metadata.dst_node_id]
+            for m in trained
+            if m.content["config"]["attempt"] == a
+        )
+        for a in (0, 1)
+    }
     assert asked == {0: first, 1: second}
     assert_same_state(r.final, mean_of(r.replies(second, attempt=1)))
     assert r.row["clients_sampled"] == 6
@@ -230,14 +262,17 @@ def test_too_few_replies_without_retries_fail_the_run() -> None:
         run(cfg, mock_clients(SIZES, misbehave={silent: "silent"}))
 
 
-@pytest.mark.parametrize("kind", [
-    "raise",
-    "silent",
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "raise",
+        "silent",
+    ],
+)
 def test_a_client_failing_in_every_attempt_fails_once_per_attempt(kind: str) -> None:
     cfg = make_config(4, strategy={**RETRY, "min_train_clients": 2, "round_retries": 1})
     first, second = samples(cfg, 2)
-    always = next(p for p in first if p in second)                 # sampled in both attempts
+    always = next(p for p in first if p in second)  # sampled in both attempts
     once = next(p for p in first if p not in second)
     r = run(cfg, mock_clients(SIZES, misbehave={always: kind, once: kind}))
     assert r.row["attempts"] == 2
@@ -246,6 +281,7 @@ def test_a_client_failing_in_every_attempt_fails_once_per_attempt(kind: str) -> 
 
 
 # ---- FedProx ------------------------------------------------------------------------------------
+
 
 def test_fedprox_is_fedavg_with_the_proximal_client_objective() -> None:
     prox = make_config(3, strategy={"name": "fedprox"}, train={"proximal_mu": 2.0})
@@ -262,13 +298,18 @@ def test_fedprox_is_fedavg_with_the_proximal_client_objective() -> None:
 
 # ---- the align -> fuse -> repair pipeline -------------------------------------------------------
 
-@pytest.mark.parametrize(("aggregation", "phases"), [
-    ({"align": "weight", "fuse": "regmean", "repair": "repair"}, {"train", "repair"}),
-    # from their own inits, the clients' units need real permutations
-    ({"align": "activation", "own_init": True}, {"train", "align"}),
-])
-def test_the_pipeline_fuses_as_aggregate_does_on_the_same_replies(aggregation: dict[str, Any],
-                                                                  phases: set[str]) -> None:
+
+@pytest.mark.parametrize(
+    ("aggregation", "phases"),
+    [
+        ({"align": "weight", "fuse": "regmean", "repair": "repair"}, {"train", "repair"}),
+        # from their own inits, the clients' units need real permutations
+        ({"align": "activation", "own_init": True}, {"train", "align"}),
+    ],
+)
+def test_the_pipeline_fuses_as_aggregate_does_on_the_same_replies(
+    aggregation: dict[str, Any], phases: set[str]
+) -> None:
     cfg = make_config(3, model=TWO_HIDDEN, aggregation=aggregation)
     r = run(cfg, mock_clients(SIZES[:3]))
     replies = r.replies()
@@ -278,32 +319,44 @@ def test_the_pipeline_fuses_as_aggregate_does_on_the_same_replies(aggregation: d
 
     def ask_cross(ref: int, others: list[int]) -> dict[int, ClientStats]:
         kinds = list(plan.align_statistics())
-        return {j: r.clients[j].measured(cfg, kinds, states[j], reference=states[ref])
-                for j in others}
+        return {
+            j: r.clients[j].measured(cfg, kinds, states[j], reference=states[ref]) for j in others
+        }
 
     def ask_fused(fused: StateDict, targets: Targets | None) -> list[ClientStats]:
         kinds = list(plan.repair_statistics())
         return [c.measured(cfg, kinds, fused, targets=targets) for c in r.clients]
 
-    outcome = aggregate(plan, permutation_spec(r.model), states, weights,
-                        [t.statistics or {} for t in replies], ask_cross, ask_fused,
-                        seed=cfg.resolved_seeds.sampling + 1)
+    outcome = aggregate(
+        plan,
+        permutation_spec(r.model),
+        states,
+        weights,
+        [t.statistics or {} for t in replies],
+        ask_cross,
+        ask_fused,
+        seed=cfg.resolved_seeds.sampling + 1,
+    )
     assert_same_state(r.final, outcome.state)
-    with pytest.raises(AssertionError):   # the pipeline is not FedAvg's mean in disguise
+    with pytest.raises(AssertionError):  # the pipeline is not FedAvg's mean in disguise
         assert_same_state(r.final, weighted_average(states, weights))
     info = r.row["aggregation"]
     assert (info["align"], info["fuse"], info["repair"]) == (
-        aggregation["align"], aggregation.get("fuse", "mean"), aggregation.get("repair", "none"))
+        aggregation["align"],
+        aggregation.get("fuse", "mean"),
+        aggregation.get("repair", "none"),
+    )
     assert info["reference_partition"] == int(np.argmax(SIZES[:3]))
     by_phase = r.row["bytes_by_phase"]
     assert set(by_phase) == phases
     assert all(p["down"] > 0 and p["up"] > 0 for p in by_phase.values())
-    if "align" in phases:   # the two other clients get their own model and the reference's
+    if "align" in phases:  # the two other clients get their own model and the reference's
         assert by_phase["align"]["down"] == 2 * 2 * nbytes(r.initial)
     assert (r.row["clients_ok"], r.row["clients_failed"]) == (3, 0)
 
 
 # ---- PFNM ---------------------------------------------------------------------------------------
+
 
 def test_pfnm_matches_the_accepted_clients_as_fusion_pfnm_does() -> None:
     # below the default sigma of 1, the clients' own-init neurons are too far apart to all match
@@ -311,23 +364,34 @@ def test_pfnm_matches_the_accepted_clients_as_fusion_pfnm_does() -> None:
     cfg = make_config(4, strategy=pfnm_strategy)
     r = run(cfg, mock_clients(SIZES, misbehave={1: "bad-counts"}))
     row = r.row
-    assert row["failures"] == [{"partition": 1, "node": r.clients[1].node_id,
-                                "reason": "malformed class-counts"}]
+    assert row["failures"] == [
+        {"partition": 1, "node": r.clients[1].node_id, "reason": "malformed class-counts"}
+    ]
     assert (row["clients_ok"], row["clients_failed"]) == (3, 1)
     accepted = r.replies([0, 2, 3])
     assert all(t.config["client-init"] == "local" for t in accepted)
     models = [fit_to_state(copy.deepcopy(r.model), t.state) for t in accepted]
-    counts = [np.bincount(r.clients[p].data.y_train, minlength=NUM_CLASSES).tolist()
-              for p in (0, 2, 3)]
+    counts = [
+        np.bincount(r.clients[p].data.y_train, minlength=NUM_CLASSES).tolist() for p in (0, 2, 3)
+    ]
     m = cfg.strategy.matching
-    fused, assignment = pfnm(models, counts, sigma=m.sigma, sigma0=m.sigma0, gamma=1.0,
-                             iterations=m.iterations, seed=cfg.resolved_seeds.sampling,
-                             solver=m.solver, max_width=m.max_width, popularity=m.popularity)
+    fused, assignment = pfnm(
+        models,
+        counts,
+        sigma=m.sigma,
+        sigma0=m.sigma0,
+        gamma=1.0,
+        iterations=m.iterations,
+        seed=cfg.resolved_seeds.sampling,
+        solver=m.solver,
+        max_width=m.max_width,
+        popularity=m.popularity,
+    )
     assert_same_state(r.final, fused.state_dict())
-    assert row["pfnm"]["gamma"] == 1.0   # PFNM's own default, not FedMA's
+    assert row["pfnm"]["gamma"] == 1.0  # PFNM's own default, not FedMA's
     assert row["pfnm"]["widths"] == assignment.widths == [r.final["layers.0.weight"].shape[0]]
     assert row["pfnm"]["widths"][0] > MLP["hidden"][0]
-    assert row["val_accuracy"] is not None   # the clients evaluate the grown model
+    assert row["val_accuracy"] is not None  # the clients evaluate the grown model
 
 
 def test_pfnm_counts_rejected_class_counts_against_the_minimum() -> None:
@@ -337,6 +401,7 @@ def test_pfnm_counts_rejected_class_counts_against_the_minimum() -> None:
 
 
 # ---- FedMA --------------------------------------------------------------------------------------
+
 
 def fedma_config() -> RunConfig:
     return make_config(3, model=TWO_HIDDEN, strategy={"name": "fedma", "rounds": 2})
@@ -358,19 +423,24 @@ def test_fedma_runs_one_phase_per_matched_layer(fedma: Run) -> None:
         assert (row["clients_ok"], row["clients_failed"]) == (3, 0)
     assert all(len(c.trained) == 2 * (1 + len(groups)) for c in fedma.clients)
     widths = fedma.row["fedma"]["widths"]
-    assert [widths[g] for g in groups] == [fedma.final[f"layers.{i}.weight"].shape[0]
-                                           for i in range(len(groups))]
+    assert [widths[g] for g in groups] == [
+        fedma.final[f"layers.{i}.weight"].shape[0] for i in range(len(groups))
+    ]
 
 
-@pytest.mark.parametrize("kind", [
-    "bad-counts",
-    "short-counts",
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "bad-counts",
+        "short-counts",
+    ],
+)
 def test_fedma_rejects_malformed_class_counts(kind: str) -> None:
     cfg = make_config(3, model=TWO_HIDDEN, strategy={"name": "fedma"})
     r = run(cfg, mock_clients(SIZES[:3], misbehave={1: kind}))
-    assert r.row["failures"] == [{"partition": 1, "node": r.clients[1].node_id,
-                                  "reason": "malformed class-counts"}]
+    assert r.row["failures"] == [
+        {"partition": 1, "node": r.clients[1].node_id, "reason": "malformed class-counts"}
+    ]
     assert (r.row["clients_ok"], r.row["clients_failed"]) == (2, 1)
 
 
@@ -389,7 +459,8 @@ def test_fedma_resumes_from_its_state(fedma: Run) -> None:
     restored = FedMA(cfg, copy.deepcopy(fedma.model))
     restored.load_state(json.loads(state_after_1))
     assert json.dumps(restored.state()) == state_after_1
-    resumed = run(cfg, mock_clients(SIZES[:3]), strategy=restored, initial=model_after_1,
-                  first_round=2)
+    resumed = run(
+        cfg, mock_clients(SIZES[:3]), strategy=restored, initial=model_after_1, first_round=2
+    )
     assert_same_state(resumed.final, fedma.final)
     assert [row["round"] for row in resumed.rows] == [2]

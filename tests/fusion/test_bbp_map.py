@@ -27,7 +27,7 @@ def test_a_client_far_from_the_others_opens_new_neurons():
     far = 50 + torch.randn(4, 5, generator=g)
     result = bbp_map(same + [far], [10.0] * 4, gamma=1.0)
     assert len(result.mean) == 6 + 4
-    assert result.assignments[3].min() >= 6                      # all its neurons are new
+    assert result.assignments[3].min() >= 6  # all its neurons are new
     assert sorted(result.popularity.tolist()) == [1] * 4 + [3] * 6
 
 
@@ -44,21 +44,42 @@ def test_vectorised_cost_equals_a_direct_per_row_computation():
     gamma = 3.0
 
     def direct(l: int, i: int, weight: float, cap: float) -> float:
-        value = sum(float((w[l, d] + sums[i, d]) ** 2 / (s[d] + precisions[i, d])
-                          - sums[i, d] ** 2 / precisions[i, d]) for d in range(D))
+        value = sum(
+            float(
+                (w[l, d] + sums[i, d]) ** 2 / (s[d] + precisions[i, d])
+                - sums[i, d] ** 2 / precisions[i, d]
+            )
+            for d in range(D)
+        )
         m = min(float(pop[i]), cap)
         return value + weight * math.log(m / (J - m))
 
     for weight, cap in ((2.0, math.inf), (1.0, math.inf), (2.0, 2.0)):
-        cost = assignment_cost(w, s, sums, precisions, pop, prior_sum, s0, gamma, J, new, popularity_weight=weight,
-                               popularity_cap=None if cap == math.inf else cap)
+        cost = assignment_cost(
+            w,
+            s,
+            sums,
+            precisions,
+            pop,
+            prior_sum,
+            s0,
+            gamma,
+            J,
+            new,
+            popularity_weight=weight,
+            popularity_cap=None if cap == math.inf else cap,
+        )
         assert cost.shape == (L, W + new)
         for l in range(L):
             for i in range(W):
                 assert cost[l, i].item() == pytest.approx(direct(l, i, weight, cap), rel=1e-10)
             for t in range(1, new + 1):
-                expected = sum(float((w[l, d] + prior_sum[d]) ** 2 / (s[d] + s0[d]) - prior_sum[d] ** 2 / s0[d])
-                               for d in range(D))
+                expected = sum(
+                    float(
+                        (w[l, d] + prior_sum[d]) ** 2 / (s[d] + s0[d]) - prior_sum[d] ** 2 / s0[d]
+                    )
+                    for d in range(D)
+                )
                 expected += -2 * math.log(t) + 2 * math.log(gamma / J)
                 assert cost[l, W + t - 1].item() == pytest.approx(expected, rel=1e-10)
 
@@ -68,13 +89,17 @@ def test_global_layer_is_the_posterior_mean_of_what_was_assigned():
     g = torch.Generator().manual_seed(3)
     J, D = 5, 4
     clients = [torch.randn(int(n), D, generator=g) for n in torch.randint(3, 8, (J,), generator=g)]
-    precisions = [torch.rand(D, generator=g) + 0.5 for _ in range(J)]        # per-dimension
+    precisions = [torch.rand(D, generator=g) + 0.5 for _ in range(J)]  # per-dimension
     mu0, s0 = torch.randn(D, generator=g), 2.0
-    result = bbp_map(clients, precisions, prior_mean=mu0, prior_precision=s0, gamma=2.0, iterations=5, seed=1)
+    result = bbp_map(
+        clients, precisions, prior_mean=mu0, prior_precision=s0, gamma=2.0, iterations=5, seed=1
+    )
     W = len(result.mean)
     counts = torch.bincount(torch.cat(result.assignments), minlength=W)
-    assert counts.min() >= 1 and result.popularity.tolist() == counts.tolist()   # no orphans
-    assert all(len(set(a.tolist())) == len(a) for a in result.assignments)      # one neuron per global index
+    assert counts.min() >= 1 and result.popularity.tolist() == counts.tolist()  # no orphans
+    assert all(
+        len(set(a.tolist())) == len(a) for a in result.assignments
+    )  # one neuron per global index
     sums = (s0 * mu0).double().expand(W, D).clone()
     total = torch.full((W, D), s0, dtype=torch.float64)
     for rows, s, a in zip(clients, precisions, result.assignments):
@@ -99,7 +124,7 @@ def test_recovers_the_shared_neurons_whatever_the_client_order():
 
 def test_width_cap_force_matches():
     g = torch.Generator().manual_seed(0)
-    rows = [10 * torch.randn(6, 5, generator=g) for _ in range(4)]           # unrelated: width grows
+    rows = [10 * torch.randn(6, 5, generator=g) for _ in range(4)]  # unrelated: width grows
     free = bbp_map(rows, [1.0] * 4, gamma=5.0)
     capped = bbp_map(rows, [1.0] * 4, gamma=5.0, max_width=8)
     assert len(free.mean) > 8 and len(capped.mean) == 8
@@ -121,7 +146,12 @@ def test_popularity_term_weight_decides_a_borderline_match():
     """Two identical neurons, J=4, gamma=2 (s = s0 = 1, mu0 = 0, x = 0): joining scores c log(1/3),
     opening one scores 2 log(2/4). The reference's c=1 joins them (-1.10 > -1.39); the consistent
     c=2 keeps them apart (-2.20 < -1.39). Two far neurons open their own global neurons either way."""
-    clients = [torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 100.0), torch.full((1, 1), -100.0)]
+    clients = [
+        torch.zeros(1, 1),
+        torch.zeros(1, 1),
+        torch.full((1, 1), 100.0),
+        torch.full((1, 1), -100.0),
+    ]
     consistent = bbp_map(clients, [1.0] * 4, gamma=2.0)
     reference = bbp_map(clients, [1.0] * 4, gamma=2.0, popularity="reference")
     assert len(consistent.mean) == 4 and len(reference.mean) == 3

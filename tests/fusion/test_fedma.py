@@ -38,16 +38,25 @@ def _fedma_without_retraining(name, kwargs, J=3):
     return base, spec, fused, assignments, states
 
 
-@pytest.mark.parametrize("name, kwargs, x", [
-    ("mlp", {"hidden": [16, 12]}, torch.rand(8, 1, 28, 28)),
-    ("lenet", {}, torch.rand(8, 1, 28, 28)),
-    ("vgg9", {"widths": (8, 8, 16, 16, 16, 16), "hidden": 24}, torch.rand(4, 1, 28, 28)),
-    ("char_lstm", {"vocab_size": 20, "embed_dim": 6, "hidden": 12}, torch.randint(0, 20, (4, 9))),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, x",
+    [
+        ("mlp", {"hidden": [16, 12]}, torch.rand(8, 1, 28, 28)),
+        ("lenet", {}, torch.rand(8, 1, 28, 28)),
+        ("vgg9", {"widths": (8, 8, 16, 16, 16, 16), "hidden": 24}, torch.rand(4, 1, 28, 28)),
+        (
+            "char_lstm",
+            {"vocab_size": 20, "embed_dim": 6, "hidden": 12},
+            torch.randint(0, 20, (4, 9)),
+        ),
+    ],
+)
 def test_permuted_copies_come_back_as_the_model(name, kwargs, x):
     base, _, fused, _, _ = _fedma_without_retraining(name, kwargs)
     model = fit_to_state(build_model(name, **kwargs), fused)
-    assert {k: v.shape for k, v in fused.items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert {k: v.shape for k, v in fused.items()} == {
+        k: v.shape for k, v in base.state_dict().items()
+    }
     torch.testing.assert_close(model(x), base(x), atol=1e-4, rtol=0)
 
 
@@ -59,7 +68,7 @@ def test_every_intermediate_state_builds_a_model():
     other = build_model("vgg9", **kwargs).state_dict()
     states = [base.state_dict(), other]
     for layer in matched_layers(spec, base):
-        result = match_layer(states, layer, gamma=50.0)        # unrelated models: widths grow
+        result = match_layer(states, layer, gamma=50.0)  # unrelated models: widths grow
         glob = global_layer(states, layer, result)
         states = [hybrid_state(sd, layer, glob, j) for j, sd in enumerate(states)]
         for sd in states:
@@ -67,9 +76,13 @@ def test_every_intermediate_state_builds_a_model():
             assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("lenet", {}), ("char_lstm", {"vocab_size": 20, "embed_dim": 6, "hidden": 12}),
-])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("lenet", {}),
+        ("char_lstm", {"vocab_size": 20, "embed_dim": 6, "hidden": 12}),
+    ],
+)
 def test_slicing_the_global_model_returns_each_client_model(name, kwargs):
     base, spec, fused, assignments, _ = _fedma_without_retraining(name, kwargs)
     classifier = classifier_keys(matched_layers(spec, base), fused)
@@ -77,7 +90,7 @@ def test_slicing_the_global_model_returns_each_client_model(name, kwargs):
     for j, original in enumerate(originals):
         sliced = slice_to_client(fused, spec, assignments[j])
         for k in original:
-            if k not in classifier:       # the classifier is the class-weighted mean
+            if k not in classifier:  # the classifier is the class-weighted mean
                 torch.testing.assert_close(sliced[k], original[k], atol=1e-4, rtol=0)
 
 
@@ -87,7 +100,8 @@ def test_scatter_puts_flatten_blocks_in_place():
     (consumer,) = layer.consumers
     assert consumer.key == "fc1.weight" and consumer.block == 16
     from fedalign.fusion.fedma import scatter_axis
-    value = torch.arange(2 * 3 * 16, dtype=torch.float32).reshape(2, 48)    # 3 channels x 16
+
+    value = torch.arange(2 * 3 * 16, dtype=torch.float32).reshape(2, 48)  # 3 channels x 16
     out = scatter_axis(value, torch.tensor([4, 0, 2]), consumer, width=5)
     assert out.shape == (2, 80)
     assert torch.equal(out[:, 64:80], value[:, 0:16]) and torch.equal(out[:, 0:16], value[:, 16:32])
@@ -105,13 +119,19 @@ def test_lstm_layers_match_gate_rows_and_embedding_columns():
     embedding, lstm = matched_layers(permutation_spec(model), model)
     assert [r.key for r in embedding.producers] == ["embedding.weight"]
     assert [r.key for r in embedding.consumers] == ["lstm.weight_ih_l0"]
-    assert sorted(r.key for r in lstm.producers) == ["lstm.bias_hh_l0", "lstm.bias_ih_l0", "lstm.weight_ih_l0"]
+    assert sorted(r.key for r in lstm.producers) == [
+        "lstm.bias_hh_l0",
+        "lstm.bias_ih_l0",
+        "lstm.weight_ih_l0",
+    ]
     assert {r.key for r in lstm.recurrent} == {"lstm.weight_hh_l0"} and len(lstm.recurrent) == 2
     assert [r.key for r in lstm.consumers] == ["fc.weight"]
     sd = model.state_dict()
-    assert neuron_rows(sd, embedding).shape == (6, 20)              # one column of the embedding
-    assert neuron_rows(sd, lstm).shape == (12, 4 * 6 + 4 + 4)       # 4 gate rows and both biases
-    assert torch.equal(neuron_rows(sd, lstm)[3, 6:12], sd["lstm.weight_ih_l0"][12 + 3])   # gate 2 of unit 3
+    assert neuron_rows(sd, embedding).shape == (6, 20)  # one column of the embedding
+    assert neuron_rows(sd, lstm).shape == (12, 4 * 6 + 4 + 4)  # 4 gate rows and both biases
+    assert torch.equal(
+        neuron_rows(sd, lstm)[3, 6:12], sd["lstm.weight_ih_l0"][12 + 3]
+    )  # gate 2 of unit 3
 
 
 def test_recurrent_weights_are_averaged_over_the_clients_holding_both_units():
@@ -119,10 +139,17 @@ def test_recurrent_weights_are_averaged_over_the_clients_holding_both_units():
     global 1, 2: global unit 1 is shared, so weight_hh[.., 1, 1] is the mean of both clients'."""
     model = build_model("char_lstm", vocab_size=5, embed_dim=3, hidden=2)
     _, lstm = matched_layers(permutation_spec(model), model)
-    states = [{k: torch.full_like(v, float(j + 1)) for k, v in model.state_dict().items()} for j in range(2)]
+    states = [
+        {k: torch.full_like(v, float(j + 1)) for k, v in model.state_dict().items()}
+        for j in range(2)
+    ]
     mean = torch.zeros(3, neuron_rows(states[0], lstm).shape[1], dtype=torch.float64)
-    matched = BBPResult(mean=mean, precision=torch.ones_like(mean), assignments=[torch.tensor([0, 1]), torch.tensor([1, 2])],
-                        popularity=torch.tensor([1, 2, 1]))
+    matched = BBPResult(
+        mean=mean,
+        precision=torch.ones_like(mean),
+        assignments=[torch.tensor([0, 1]), torch.tensor([1, 2])],
+        popularity=torch.tensor([1, 2, 1]),
+    )
     hh = global_layer(states, lstm, matched).entries["lstm.weight_hh_l0"].reshape(4, 3, 3)
     expected = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.5, 2.0], [0.0, 2.0, 2.0]])
     for gate in range(4):

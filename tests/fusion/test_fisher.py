@@ -42,7 +42,7 @@ def test_exact_and_empirical_fisher_equal_a_loop_over_examples_and_classes():
 
 def test_sampled_fisher_is_seeded_and_estimates_the_exact_one():
     model = tiny_net()
-    X = torch.randn(8, 3).repeat(300, 1)                          # many label draws per input
+    X = torch.randn(8, 3).repeat(300, 1)  # many label draws per input
     exact = diagonal_fisher(model, X[:8], mode="exact")
     a, b = diagonal_fisher(model, X, seed=3), diagonal_fisher(model, X, seed=3)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -60,8 +60,9 @@ def test_pooled_client_fishers_equal_the_fisher_of_the_union():
     clients = [diagonal_fisher(model, p, mode="exact", batch_size=5) for p in parts]
     assert model.training
     for k, F in central.items():
-        torch.testing.assert_close(sum(len(p) * f[k] for p, f in zip(parts, clients)) / len(X), F,
-                                   rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(
+            sum(len(p) * f[k] for p, f in zip(parts, clients)) / len(X), F, rtol=1e-4, atol=1e-10
+        )
 
 
 def test_fisher_average_weights_each_parameter_by_its_fisher():
@@ -71,11 +72,13 @@ def test_fisher_average_weights_each_parameter_by_its_fisher():
     fb = {"w": torch.tensor([1.0, 1.0, 0.0])}
     fused = fisher_average([a, b], [fa, fb], floor=1e-12)
     torch.testing.assert_close(fused["w"][:2], torch.tensor([2.0, 3.0]))
-    assert int(fused["n"]) == 5                                       # buffers: the weighted mean
+    assert int(fused["n"]) == 5  # buffers: the weighted mean
     weighted = fisher_average([a, b], [fa, fb], weights=[3.0, 1.0], floor=1e-12)
     torch.testing.assert_close(weighted["w"][0], torch.tensor(1.5))  # (3*1 + 1*3) / 4
     scaled = fisher_average([a, b], [fa, {"w": 100 * fb["w"]}], normalise=True)
-    torch.testing.assert_close(scaled["w"], fisher_average([a, b], [fa, {"w": fb["w"] / 2}])["w"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        scaled["w"], fisher_average([a, b], [fa, {"w": fb["w"] / 2}])["w"], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_identical_models_come_back_and_the_floor_prevents_division_by_zero():
@@ -83,12 +86,14 @@ def test_identical_models_come_back_and_the_floor_prevents_division_by_zero():
     state = model.state_dict()
     X = torch.rand(12, 1, 28, 28)
     fisher = diagonal_fisher(model, X, mode="exact")
-    fused = fisher_average([state, state, state], [fisher, {k: 2 * v for k, v in fisher.items()}, fisher])
+    fused = fisher_average(
+        [state, state, state], [fisher, {k: 2 * v for k, v in fisher.items()}, fisher]
+    )
     for k, v in state.items():
         torch.testing.assert_close(fused[k], v)
     zero = {k: torch.zeros_like(v) for k, v in fisher.items()}
     other = {k: v + 1 for k, v in state.items()}
-    mean = fisher_average([state, other], [zero, zero], weights=[1.0, 3.0])          # no Fisher anywhere
+    mean = fisher_average([state, other], [zero, zero], weights=[1.0, 3.0])  # no Fisher anywhere
     for k, v in state.items():
         assert torch.isfinite(mean[k]).all()
         torch.testing.assert_close(mean[k], v + 0.75)

@@ -17,7 +17,9 @@ def _copies(hidden, J=4, noise=0.0, seed=0):
     for _ in range(J):
         m = build_model("mlp", in_features=20, hidden=hidden, num_classes=4)
         state = apply_permutation(spec, random_permutation(spec, g), base.state_dict())
-        m.load_state_dict({k: v + noise * torch.randn(v.shape, generator=g) for k, v in state.items()})
+        m.load_state_dict(
+            {k: v + noise * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        )
         models.append(m)
     return base, models
 
@@ -45,13 +47,13 @@ def test_unrelated_models_of_different_widths_grow_the_global_model():
         models.append(seeded_model("mlp", j, in_features=20, hidden=hidden, num_classes=4))
         with torch.no_grad():
             for p in models[-1].parameters():
-                p.mul_(20)                                  # far apart compared with sigma
+                p.mul_(20)  # far apart compared with sigma
     fused, assignment = pfnm(models, COUNTS[:3], sigma=0.1, gamma=5.0)
     assert _hidden_widths(fused) == assignment.widths
     assert assignment.widths[0] > 12 and assignment.widths[1] > 6
     for c, width in enumerate(assignment.widths):
         used = torch.cat(assignment.layers[c]).unique()
-        assert used.tolist() == list(range(width))          # every global neuron belongs to some client
+        assert used.tolist() == list(range(width))  # every global neuron belongs to some client
     assert fused(torch.randn(5, 20)).shape == (5, 4)
     capped, capped_assignment = pfnm(models, COUNTS[:3], sigma=0.1, gamma=5.0, max_width=13)
     assert capped_assignment.widths[0] == 13 and max(_hidden_widths(capped)) <= 13
@@ -83,7 +85,9 @@ def test_fusion_does_not_depend_on_client_order():
 
 def test_sinkhorn_solver_fuses_permuted_copies():
     base, models = _copies([6], J=3)
-    fused, assignment = pfnm(models, COUNTS[:3], sigma=0.1, sigma0=1e8, iterations=1, solver="sinkhorn")
+    fused, assignment = pfnm(
+        models, COUNTS[:3], sigma=0.1, sigma0=1e8, iterations=1, solver="sinkhorn"
+    )
     X = torch.randn(32, 20)
     assert assignment.widths == [6]
     torch.testing.assert_close(fused(X), base(X), atol=1e-4, rtol=0)
@@ -91,10 +95,10 @@ def test_sinkhorn_solver_fuses_permuted_copies():
 
 def test_select_candidate_prefers_the_smallest_model_within_the_tolerance():
     scores, sizes = [0.80, 0.83, 0.825, 0.70], [300, 1000, 400, 100]
-    assert select_candidate(scores, sizes) == 1                        # the reference's rule
+    assert select_candidate(scores, sizes) == 1  # the reference's rule
     assert select_candidate(scores, sizes, tolerance=0.01) == 2
     assert select_candidate(scores, sizes, tolerance=0.05) == 0
-    assert select_candidate([0.5, 0.5], [20, 10]) == 1                 # ties: the smaller model
+    assert select_candidate([0.5, 0.5], [20, 10]) == 1  # ties: the smaller model
     with pytest.raises(ValueError, match="one size per score"):
         select_candidate([0.5], [1, 2])
 
@@ -103,19 +107,34 @@ def test_grid_search_sees_only_models_and_scores():
     _, models = _copies([10], J=3, noise=0.3)
     seen = []
 
-    def score(model) -> float:                  # the federation's stand-in: a number per model
+    def score(model) -> float:  # the federation's stand-in: a number per model
         seen.append(model)
         return float(-abs(_hidden_widths(model)[0] - 14))
 
-    fused, assignment, chosen = pfnm_grid_search(models, COUNTS[:3], score, sigmas=(0.05, 1.0), sigma0s=(1.0,),
-                                                 gammas=(1e-3, 1.0, 50.0))
+    fused, assignment, chosen = pfnm_grid_search(
+        models, COUNTS[:3], score, sigmas=(0.05, 1.0), sigma0s=(1.0,), gammas=(1e-3, 1.0, 50.0)
+    )
     assert len(seen) == len(chosen["candidates"]) == 6
     assert chosen["score"] == max(c["score"] for c in chosen["candidates"])
     assert _hidden_widths(fused) == assignment.widths == chosen["widths"]
-    smallest, _, loose = pfnm_grid_search(models, COUNTS[:3], score, sigmas=(0.05, 1.0), sigma0s=(1.0,),
-                                          gammas=(1e-3, 1.0, 50.0), tolerance=float("inf"))
-    assert loose["widths"][0] == min(c["widths"][0] for c in loose["candidates"]) == _hidden_widths(smallest)[0]
-    assert len(REFERENCE_GRID["sigma"]) * len(REFERENCE_GRID["sigma0"]) * len(REFERENCE_GRID["gamma"]) == 18
+    smallest, _, loose = pfnm_grid_search(
+        models,
+        COUNTS[:3],
+        score,
+        sigmas=(0.05, 1.0),
+        sigma0s=(1.0,),
+        gammas=(1e-3, 1.0, 50.0),
+        tolerance=float("inf"),
+    )
+    assert (
+        loose["widths"][0]
+        == min(c["widths"][0] for c in loose["candidates"])
+        == _hidden_widths(smallest)[0]
+    )
+    assert (
+        len(REFERENCE_GRID["sigma"]) * len(REFERENCE_GRID["sigma0"]) * len(REFERENCE_GRID["gamma"])
+        == 18
+    )
 
 
 def test_bad_inputs_are_named():
@@ -128,17 +147,27 @@ def test_bad_inputs_are_named():
 def test_models_rebuild_from_state_at_their_widths():
     """Layers are resized to the state's shapes from the layer types alone (no model's keys)."""
     grown = build_model("mlp", in_features=20, hidden=[7, 5], num_classes=4)
-    rebuilt = fit_to_state(build_model("mlp", in_features=20, hidden=[3, 3], num_classes=4), grown.state_dict())
+    rebuilt = fit_to_state(
+        build_model("mlp", in_features=20, hidden=[3, 3], num_classes=4), grown.state_dict()
+    )
     assert all(rebuilt.state_dict()[k].equal(v) for k, v in grown.state_dict().items())
     x = torch.rand(3, 20)
     torch.testing.assert_close(rebuilt(x), grown(x))
-    for name, options, x in (("vgg9", {"widths": (8, 8, 16, 16, 32, 32), "hidden": 40}, torch.rand(2, 1, 28, 28)),
-                             ("lenet", {"widths": (3, 9, 30, 20)}, torch.rand(2, 1, 28, 28)),
-                             ("char_lstm", {"embed_dim": 5, "hidden": 11}, torch.randint(0, 98, (2, 7)))):
+    for name, options, x in (
+        ("vgg9", {"widths": (8, 8, 16, 16, 32, 32), "hidden": 40}, torch.rand(2, 1, 28, 28)),
+        ("lenet", {"widths": (3, 9, 30, 20)}, torch.rand(2, 1, 28, 28)),
+        ("char_lstm", {"embed_dim": 5, "hidden": 11}, torch.randint(0, 98, (2, 7))),
+    ):
         wide = build_model(name, **options)
         rebuilt = fit_to_state(build_model(name), wide.state_dict())
         torch.testing.assert_close(rebuilt(x), wide(x))
     same = build_model("resnet20")
-    assert fit_to_state(build_model("resnet20"), same.state_dict()).state_dict().keys() == same.state_dict().keys()
+    assert (
+        fit_to_state(build_model("resnet20"), same.state_dict()).state_dict().keys()
+        == same.state_dict().keys()
+    )
     with pytest.raises(ValueError, match="cannot be resized"):
-        fit_to_state(build_model("resnet20", norm="layer"), build_model("resnet20", norm="layer", width=2).state_dict())
+        fit_to_state(
+            build_model("resnet20", norm="layer"),
+            build_model("resnet20", norm="layer", width=2).state_dict(),
+        )

@@ -18,7 +18,7 @@ from fedalign.stats import gram_matrices
 def _least_squares(X, Y):
     """Weight and bias of the least-squares fit with an intercept."""
     A = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
-    theta = torch.linalg.lstsq(A, Y, driver="gelsd").solution.T              # SVD: rank-deficient inputs too
+    theta = torch.linalg.lstsq(A, Y, driver="gelsd").solution.T  # SVD: rank-deficient inputs too
     return theta[:, :-1], theta[:, -1]
 
 
@@ -26,7 +26,7 @@ def test_regmean_of_least_squares_clients_is_the_pooled_least_squares_solution()
     g = torch.Generator().manual_seed(0)
     true = torch.randn(5, 3, generator=g, dtype=torch.float64)
     datasets = []
-    for n, shift in ((40, 0.0), (25, 2.0), (60, -1.0)):            # different input distributions
+    for n, shift in ((40, 0.0), (25, 2.0), (60, -1.0)):  # different input distributions
         X = torch.randn(n, 5, generator=g, dtype=torch.float64) + shift
         datasets.append((X, X @ true + 0.3 * torch.randn(n, 3, generator=g, dtype=torch.float64)))
     states, grams = [], []
@@ -42,16 +42,23 @@ def test_regmean_of_least_squares_clients_is_the_pooled_least_squares_solution()
     torch.testing.assert_close(fused["fc.weight"], W, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(fused["fc.bias"], b, rtol=1e-9, atol=1e-9)
     plain_mean = sum(s["fc.weight"] for s in states) / 3
-    assert not torch.allclose(plain_mean, W, atol=1e-3)            # the clients really disagree
-    alpha0 = regmean(states, grams, alpha=0.0, ridge=0.0)           # diagonal only: per-input weighted mean
+    assert not torch.allclose(plain_mean, W, atol=1e-3)  # the clients really disagree
+    alpha0 = regmean(states, grams, alpha=0.0, ridge=0.0)  # diagonal only: per-input weighted mean
     assert not torch.allclose(alpha0["fc.weight"], W, atol=1e-3)
 
 
-@pytest.mark.parametrize("name, kwargs, x", [
-    ("mlp", {"hidden": [16, 12]}, torch.rand(64, 1, 28, 28)),
-    ("lenet", {}, torch.rand(32, 1, 28, 28)),
-    ("resnet20", {"in_channels": 1, "norm": "layer"}, torch.rand(6, 1, 28, 28)),    # bias-free convs, shortcuts
-])
+@pytest.mark.parametrize(
+    "name, kwargs, x",
+    [
+        ("mlp", {"hidden": [16, 12]}, torch.rand(64, 1, 28, 28)),
+        ("lenet", {}, torch.rand(32, 1, 28, 28)),
+        (
+            "resnet20",
+            {"in_channels": 1, "norm": "layer"},
+            torch.rand(6, 1, 28, 28),
+        ),  # bias-free convs, shortcuts
+    ],
+)
 def test_grams_move_into_the_aligned_basis_with_the_weights(name, kwargs, x):
     """A permuted copy, its Grams sent in its own basis, aligned back: RegMean returns the model."""
     torch.manual_seed(0)
@@ -62,9 +69,14 @@ def test_grams_move_into_the_aligned_basis_with_the_weights(name, kwargs, x):
     copy.load_state_dict(apply_permutation(spec, perms, model.state_dict()))
     back = invert_permutation(perms)
     states = [model.state_dict(), apply_permutation(spec, back, copy.state_dict())]
-    grams = [gram_matrices(model, x), permute_grams(spec, back, gram_matrices(copy, x), copy.state_dict())]
+    grams = [
+        gram_matrices(model, x),
+        permute_grams(spec, back, gram_matrices(copy, x), copy.state_dict()),
+    ]
     for k, G in grams[0].items():
-        torch.testing.assert_close(grams[1][k], G, rtol=1e-5, atol=1e-4)     # float32 sums in another order
+        torch.testing.assert_close(
+            grams[1][k], G, rtol=1e-5, atol=1e-4
+        )  # float32 sums in another order
     fused = regmean(states, grams, alpha=0.9)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(fused[k], v, rtol=1e-3, atol=1e-4)
@@ -96,7 +108,7 @@ def test_a_singular_gram_without_ridge_falls_back_to_least_squares():
     states, grams, datasets = [], [], []
     for n in (30, 50):
         X = torch.randn(n, 4, generator=g, dtype=torch.float64)
-        X[:, 2] = 0.0                                                  # a dead input
+        X[:, 2] = 0.0  # a dead input
         Y = X @ torch.randn(4, 2, generator=g, dtype=torch.float64)
         W, b = _least_squares(X, Y)
         states.append({"fc.weight": W, "fc.bias": b})
@@ -106,4 +118,6 @@ def test_a_singular_gram_without_ridge_falls_back_to_least_squares():
     X, Y = torch.cat([d[0] for d in datasets]), torch.cat([d[1] for d in datasets])
     assert all(torch.isfinite(v).all() for v in fused.values())
     best = X @ _least_squares(X, Y)[0].T + _least_squares(X, Y)[1]
-    torch.testing.assert_close(X @ fused["fc.weight"].T + fused["fc.bias"], best, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        X @ fused["fc.weight"].T + fused["fc.bias"], best, rtol=1e-8, atol=1e-8
+    )

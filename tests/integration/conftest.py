@@ -46,13 +46,16 @@ class SharedRay:
         def reusing_build(backend, app_fn):
             import ray
 
-            key = (ray.get_runtime_context().get_job_id(), tuple(sorted(backend.client_resources.items())))
+            key = (
+                ray.get_runtime_context().get_job_id(),
+                tuple(sorted(backend.client_resources.items())),
+            )
             pool = shared.pools.get(key)
             if pool is not None and shared._healthy(pool):
                 backend.pool, backend.app_fn = pool, app_fn
                 shared.reused += 1
                 return
-            shared._terminate_pools()              # other resources per client: free the CPUs first
+            shared._terminate_pools()  # other resources per client: free the CPUs first
             build(backend, app_fn)
             shared.pools[key] = backend.pool
 
@@ -63,7 +66,10 @@ class SharedRay:
         self.active = True
 
     def disable(self) -> None:
-        self.backend.build, self.backend.terminate = self.original["build"], self.original["terminate"]
+        self.backend.build, self.backend.terminate = (
+            self.original["build"],
+            self.original["terminate"],
+        )
         self.active = False
 
     def close(self) -> None:

@@ -1,7 +1,6 @@
 """The align -> fuse -> repair pipeline through a real Flower simulation on Ray (digits), one
 test per phase pattern: train only, train + align, train + repair."""
 
-
 import pytest
 
 from fedalign.config import load_config
@@ -9,12 +8,16 @@ from fedalign.results import read_rows
 from fedalign.runner import run
 from tests.helpers import ROOT
 
-
 pytestmark = pytest.mark.integration
 
 ONE_SHOT = [
-    "strategy.rounds=1", "aggregation.own_init=true", "data.partition=dirichlet", "data.alpha=0.5",
-    "data.val_fraction=0.0", "train.local_epochs=10", "aggregation.stats_samples=300",
+    "strategy.rounds=1",
+    "aggregation.own_init=true",
+    "data.partition=dirichlet",
+    "data.alpha=0.5",
+    "data.val_fraction=0.0",
+    "train.local_epochs=10",
+    "aggregation.stats_samples=300",
 ]
 
 
@@ -25,18 +28,28 @@ def _run(tmp_path, name, overrides):
 
 
 def test_train_phase_only_weight_matching_and_regmean(tmp_path):
-    plain = _run(tmp_path, "plain", [])                           # one-shot average of independent inits
+    plain = _run(tmp_path, "plain", [])  # one-shot average of independent inits
     row = _run(tmp_path, "wm-regmean", ["aggregation.align=weight", "aggregation.fuse=regmean"])
     assert row["aggregation"]["fuse"] == "regmean" and row["clients_ok"] == 4
     assert set(row["bytes_by_phase"]) == {"train"}
     # the Grams travel up with the weights: more bytes up than down
     assert row["bytes_up"] > row["bytes_down"]
-    assert row["test_accuracy"] > plain["test_accuracy"] + 0.1, (row["test_accuracy"], plain["test_accuracy"])
+    assert row["test_accuracy"] > plain["test_accuracy"] + 0.1, (
+        row["test_accuracy"],
+        plain["test_accuracy"],
+    )
 
 
 def test_align_phase_activation_matching_and_fisher(tmp_path):
-    row = _run(tmp_path, "act-fisher", ["aggregation.align=activation", "aggregation.fuse=fisher",
-                                        "aggregation.fisher_labels=exact"])
+    row = _run(
+        tmp_path,
+        "act-fisher",
+        [
+            "aggregation.align=activation",
+            "aggregation.fuse=fisher",
+            "aggregation.fisher_labels=exact",
+        ],
+    )
     assert set(row["bytes_by_phase"]) == {"train", "align"}
     assert row["clients_ok"] == 4 and row["clients_failed"] == 0
     # the reference and the client's own model go down to the 3 other clients

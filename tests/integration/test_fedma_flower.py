@@ -11,15 +11,23 @@ from fedalign.results import read_rows
 from fedalign.runner import run
 from tests.helpers import ROOT
 
-
 pytestmark = pytest.mark.integration
 
 
 def test_fedma_rounds_match_layer_by_layer(tmp_path):
-    cfg = load_config(ROOT / "configs/digits_mlp.yaml", [
-        "name=digits-fedma", "strategy.name=fedma", "strategy.rounds=2", "model.hidden=[32, 32]",
-        "data.partition=dirichlet", "data.alpha=0.5", "data.val_fraction=0.0", "train.local_epochs=3",
-    ])
+    cfg = load_config(
+        ROOT / "configs/digits_mlp.yaml",
+        [
+            "name=digits-fedma",
+            "strategy.name=fedma",
+            "strategy.rounds=2",
+            "model.hidden=[32, 32]",
+            "data.partition=dirichlet",
+            "data.alpha=0.5",
+            "data.val_fraction=0.0",
+            "train.local_epochs=3",
+        ],
+    )
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
     for r in rows[1:]:
@@ -36,7 +44,9 @@ def test_fedma_rounds_match_layer_by_layer(tmp_path):
     assert len(assignments["0"]["layers.0"]) == 32
 
 
-@pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason=f"Debian's fortunes corpus is not in {FORTUNES_DIR}")
+@pytest.mark.skipif(
+    not FORTUNES_DIR.is_dir(), reason=f"Debian's fortunes corpus is not in {FORTUNES_DIR}"
+)
 def test_fedma_matches_char_lstm_embedding_then_hidden_units(tmp_path):
     """FedMA on the char-LSTM through Flower, on the first fortunes of three real categories (the
     whole corpus takes minutes a round on 2 cores)."""
@@ -45,11 +55,21 @@ def test_fedma_matches_char_lstm_embedding_then_hidden_units(tmp_path):
     for category in ("art", "food", "science"):
         fortunes = (FORTUNES_DIR / category).read_text(errors="replace").split("\n%\n")
         (corpus / category).write_text("\n%\n".join(fortunes[:60]) + "\n%\n")
-    cfg = load_config(ROOT / "configs/fortunes_char_lstm.yaml", [
-        "name=fortunes-fedma", "strategy.name=fedma", "strategy.rounds=2", f"data.data_dir={corpus}",
-        "data.num_clients=3", "data.val_fraction=0.0", "model.embed_dim=4", "model.hidden=16",
-        "train.local_epochs=1", f"output.dir={tmp_path / 'runs'}",
-    ])
+    cfg = load_config(
+        ROOT / "configs/fortunes_char_lstm.yaml",
+        [
+            "name=fortunes-fedma",
+            "strategy.name=fedma",
+            "strategy.rounds=2",
+            f"data.data_dir={corpus}",
+            "data.num_clients=3",
+            "data.val_fraction=0.0",
+            "model.embed_dim=4",
+            "model.hidden=16",
+            "train.local_epochs=1",
+            f"output.dir={tmp_path / 'runs'}",
+        ],
+    )
     outcome = run(cfg, output_dir=tmp_path / "runs", progress=False)
     rows = read_rows(outcome.run_dir)
     for r in rows[1:]:
@@ -60,5 +80,8 @@ def test_fedma_matches_char_lstm_embedding_then_hidden_units(tmp_path):
     state = load_file(str(outcome.run_dir / "model.safetensors"))
     hidden = rows[-1]["fedma"]["widths"]["lstm"]
     assert state["lstm.weight_hh_l0"].shape == (4 * hidden, hidden)
-    assert state["lstm.weight_ih_l0"].shape == (4 * hidden, rows[-1]["fedma"]["widths"]["embedding"])
+    assert state["lstm.weight_ih_l0"].shape == (
+        4 * hidden,
+        rows[-1]["fedma"]["widths"]["embedding"],
+    )
     assert rows[-1]["test_accuracy"] > rows[0]["test_accuracy"]

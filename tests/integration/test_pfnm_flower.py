@@ -1,6 +1,5 @@
 """PFNM through a real Flower simulation on Ray (digits)."""
 
-
 import pytest
 from safetensors.torch import load_file
 
@@ -9,32 +8,45 @@ from fedalign.results import read_rows
 from fedalign.runner import run
 from tests.helpers import ROOT
 
-
 pytestmark = pytest.mark.integration
 
 PFNM = [
-    "name=digits-pfnm", "strategy.name=pfnm", "data.partition=dirichlet", "data.alpha=0.5",
-    "data.val_fraction=0.0", "train.local_epochs=10", "model.hidden=[32]",
+    "name=digits-pfnm",
+    "strategy.name=pfnm",
+    "data.partition=dirichlet",
+    "data.alpha=0.5",
+    "data.val_fraction=0.0",
+    "train.local_epochs=10",
+    "model.hidden=[32]",
 ]
 
 
 def test_one_shot_pfnm_grows_the_global_model(tmp_path):
-    cfg = load_config(ROOT / "configs/digits_mlp.yaml",
-                      PFNM + ["strategy.rounds=1", "strategy.matching.sigma=0.3", "strategy.matching.gamma=5.0"])
+    cfg = load_config(
+        ROOT / "configs/digits_mlp.yaml",
+        PFNM + ["strategy.rounds=1", "strategy.matching.sigma=0.3", "strategy.matching.gamma=5.0"],
+    )
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
     fused = rows[1]["pfnm"]
     assert rows[1]["clients_ok"] == 4
-    assert fused["widths"][0] > 32                        # skewed clients: new global neurons
+    assert fused["widths"][0] > 32  # skewed clients: new global neurons
     assert rows[1]["test_accuracy"] > 0.7
     state = load_file(str(outcome.run_dir / "model.safetensors"))
     assert state["layers.0.weight"].shape == (fused["widths"][0], 64)
 
 
 def test_pfnm_grid_scored_by_clients_then_fedavg_rounds(tmp_path):
-    cfg = load_config(ROOT / "configs/digits_mlp.yaml",
-                      PFNM + ["strategy.rounds=2", "strategy.matching.grid=true", "train.local_epochs=2",
-                             "strategy.matching.grid_tolerance=0.02"])
+    cfg = load_config(
+        ROOT / "configs/digits_mlp.yaml",
+        PFNM
+        + [
+            "strategy.rounds=2",
+            "strategy.matching.grid=true",
+            "train.local_epochs=2",
+            "strategy.matching.grid_tolerance=0.02",
+        ],
+    )
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
     first, second = rows[1], rows[2]
@@ -44,9 +56,10 @@ def test_pfnm_grid_scored_by_clients_then_fedavg_rounds(tmp_path):
     assert len(candidates) == 18
     top = max(c["score"] for c in candidates)
     eligible = [sum(c["widths"]) for c in candidates if c["score"] >= top - 0.02]
-    assert sum(first["pfnm"]["widths"]) == min(eligible)        # the smallest model within tolerance
+    assert sum(first["pfnm"]["widths"]) == min(eligible)  # the smallest model within tolerance
     assert first["pfnm"]["client_train_accuracy"] >= top - 0.02
-    def model_bytes(width):                                    # float32 MLP 64-width-10
+
+    def model_bytes(width):  # float32 MLP 64-width-10
         return 4 * (64 * width + width + width * 10 + 10)
 
     width = first["pfnm"]["widths"][0]

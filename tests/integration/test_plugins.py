@@ -13,23 +13,33 @@ from tests.integration import toy_plugin
 
 def test_a_users_dataset_model_and_fuse_rule_run_through_a_config(tmp_path):
     toy_plugin.CALLS.clear()
-    cfg = fedalign.from_dict({
-        "name": "plugins", "seed": 0,
-        "data": {"dataset": "toy-blobs", "num_clients": 5, "partition": "iid", "val_fraction": 0.0},
-        "model": {"name": "toy-net", "hidden": 12},
-        "train": {"local_epochs": 2, "lr": 0.1},
-        "strategy": {"name": "fedavg", "rounds": 2, "min_train_clients": 5},
-        "aggregation": {"fuse": "trimmed-mean", "trim": 1},
-        "output": {"plot": False, "checkpoint_every": 0},
-    })
+    cfg = fedalign.from_dict(
+        {
+            "name": "plugins",
+            "seed": 0,
+            "data": {
+                "dataset": "toy-blobs",
+                "num_clients": 5,
+                "partition": "iid",
+                "val_fraction": 0.0,
+            },
+            "model": {"name": "toy-net", "hidden": 12},
+            "train": {"local_epochs": 2, "lr": 0.1},
+            "strategy": {"name": "fedavg", "rounds": 2, "min_train_clients": 5},
+            "aggregation": {"fuse": "trimmed-mean", "trim": 1},
+            "output": {"plot": False, "checkpoint_every": 0},
+        }
+    )
     assert cfg.aggregation.options == {"trim": 1}
     outcome = fedalign.run(cfg, output_dir=tmp_path, progress=False)
-    rows = [json.loads(line) for line in (outcome.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert toy_plugin.CALLS == [{"clients": 5, "trim": 1}] * 2        # the server used the rule
-    assert [r["clients_ok"] for r in rows[1:]] == [5, 5]              # every client ran the toy model
-    assert rows[-1]["test_accuracy"] > 0.5        # 0.80 measured on the toy data (chance: 0.25)
+    rows = [
+        json.loads(line) for line in (outcome.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert toy_plugin.CALLS == [{"clients": 5, "trim": 1}] * 2  # the server used the rule
+    assert [r["clients_ok"] for r in rows[1:]] == [5, 5]  # every client ran the toy model
+    assert rows[-1]["test_accuracy"] > 0.5  # 0.80 measured on the toy data (chance: 0.25)
     assert rows[-1]["aggregation"]["fuse"] == "trimmed-mean"
     from safetensors.torch import load_file
 
     state = load_file(outcome.run_dir / "model.safetensors")
-    assert state["fc1.weight"].shape == torch.Size([12, 8])           # toy-net at the config's width
+    assert state["fc1.weight"].shape == torch.Size([12, 8])  # toy-net at the config's width

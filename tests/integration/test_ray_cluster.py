@@ -34,9 +34,21 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
     """``ray start ... --block`` in its own process group, so the test can stop exactly it."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([str(RAY), "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-                             "--disable-usage-stats", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env=env)
+    return subprocess.Popen(
+        [
+            str(RAY),
+            "start",
+            "--block",
+            "--num-cpus=1",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            *args,
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -53,11 +65,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _wait_for_nodes(address: str, count: int, timeout: float = 90.0) -> None:
-    probe = ("import ray, sys, time\n"
-             f"ray.init(address='{address}', include_dashboard=False, logging_level='ERROR')\n"
-             f"deadline = time.time() + {timeout}\n"
-             f"while sum(n['Alive'] for n in ray.nodes()) < {count} and time.time() < deadline: time.sleep(1)\n"
-             f"sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) >= {count} else 1)\n")
+    probe = (
+        "import ray, sys, time\n"
+        f"ray.init(address='{address}', include_dashboard=False, logging_level='ERROR')\n"
+        f"deadline = time.time() + {timeout}\n"
+        f"while sum(n['Alive'] for n in ray.nodes()) < {count} and time.time() < deadline: time.sleep(1)\n"
+        f"sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) >= {count} else 1)\n"
+    )
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=timeout + 60)
 
 
@@ -70,8 +84,10 @@ def two_node_cluster(own_ray, tmp_path_factory):
     address = f"127.0.0.1:{port}"
     # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's
     temp = tempfile.mkdtemp(prefix="fa-ray-", dir="/tmp")
-    head = _start(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"],
-                  tmp_path / "head.log")
+    head = _start(
+        ["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"],
+        tmp_path / "head.log",
+    )
     nodes = [head]
     try:
         time.sleep(3)
@@ -86,24 +102,45 @@ def two_node_cluster(own_ray, tmp_path_factory):
 
 
 def test_simulation_attached_to_a_two_node_cluster_runs_clients_on_both(two_node_cluster, tmp_path):
-    cfg = load_config(ROOT / "configs/digits_mlp.yaml", [
-        "name=cluster", "strategy.rounds=2", "data.num_clients=4", "train.local_epochs=1",
-        f"simulation.ray_address={two_node_cluster}", "simulation.client_cpus=1"])
+    cfg = load_config(
+        ROOT / "configs/digits_mlp.yaml",
+        [
+            "name=cluster",
+            "strategy.rounds=2",
+            "data.num_clients=4",
+            "train.local_epochs=1",
+            f"simulation.ray_address={two_node_cluster}",
+            "simulation.client_cpus=1",
+        ],
+    )
     try:
         outcome = run(cfg, output_dir=tmp_path, progress=False)
     finally:
         import ray
+
         ray.shutdown()
     rows = read_rows(outcome.run_dir)
     nodes = set().union(*(r["ray_nodes"] for r in rows[1:]))
-    assert len(nodes) == 2, nodes                    # one client actor per 1-CPU node
+    assert len(nodes) == 2, nodes  # one client actor per 1-CPU node
     assert rows[-1]["clients_ok"] == 4 and rows[-1]["test_accuracy"] > 0.5
 
 
 def test_clients_that_fit_no_node_are_a_config_error(two_node_cluster, tmp_path, capsys):
-    code = main(["run", str(ROOT / "configs/digits_mlp.yaml"), "--set", f"simulation.ray_address={two_node_cluster}",
-                 "--set", "simulation.client_cpus=2", "--output", str(tmp_path), "--no-progress"])
+    code = main(
+        [
+            "run",
+            str(ROOT / "configs/digits_mlp.yaml"),
+            "--set",
+            f"simulation.ray_address={two_node_cluster}",
+            "--set",
+            "simulation.client_cpus=2",
+            "--output",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     import ray
+
     ray.shutdown()
     assert code == 2
     assert "client_cpus=2" in capsys.readouterr().err

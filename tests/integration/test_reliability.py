@@ -15,17 +15,21 @@ from fedalign.results import read_rows
 from fedalign.runner import run
 from tests.helpers import DIGITS
 
-
 pytestmark = pytest.mark.integration
 
 
 def test_faulty_clients_are_rejected_with_reasons_and_the_run_finishes(tmp_path):
-    cfg = load_config(DIGITS, [
-        "data.num_clients=6", "strategy.rounds=3", "strategy.max_update_norm=1000.0",
-        "faults=[{round: 2, client: 0, kind: raise}, {round: 2, client: 1, kind: nan},"
-        " {round: 2, client: 2, kind: wrong-shape}, {round: 3, client: 3, kind: scale},"
-        " {round: 3, client: 4, kind: missing-key}]",
-    ])
+    cfg = load_config(
+        DIGITS,
+        [
+            "data.num_clients=6",
+            "strategy.rounds=3",
+            "strategy.max_update_norm=1000.0",
+            "faults=[{round: 2, client: 0, kind: raise}, {round: 2, client: 1, kind: nan},"
+            " {round: 2, client: 2, kind: wrong-shape}, {round: 3, client: 3, kind: scale},"
+            " {round: 3, client: 4, kind: missing-key}]",
+        ],
+    )
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
     assert [(r["clients_ok"], r["clients_failed"]) for r in rows[1:]] == [(6, 0), (3, 3), (4, 2)]
@@ -43,11 +47,26 @@ def test_faulty_clients_are_rejected_with_reasons_and_the_run_finishes(tmp_path)
 def test_too_few_valid_replies_retries_then_stops_keeping_finished_rounds(tmp_path, capsys):
     # ``fedalign`` in this process (the exit status is what ``main`` returns): no second Ray start
     faults = ", ".join(f"{{round: 2, client: {c}, kind: nan}}" for c in range(4))
-    code = main(["run", str(DIGITS), "--output", str(tmp_path), "--no-progress", "--set", "strategy.rounds=3",
-                 "--set", "strategy.round_retries=1", "--set", f"faults=[{faults}]"])
+    code = main(
+        [
+            "run",
+            str(DIGITS),
+            "--output",
+            str(tmp_path),
+            "--no-progress",
+            "--set",
+            "strategy.rounds=3",
+            "--set",
+            "strategy.round_retries=1",
+            "--set",
+            f"faults=[{faults}]",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
-    assert "run stopped: round 2: fewer than min_train_clients=2 valid replies in 2 attempt(s)" in err
+    assert (
+        "run stopped: round 2: fewer than min_train_clients=2 valid replies in 2 attempt(s)" in err
+    )
     (run_dir,) = tmp_path.iterdir()
     assert [r["round"] for r in read_rows(run_dir)] == [0, 1]
     assert (run_dir / "checkpoints" / "round-000001.json").is_file()
@@ -58,9 +77,20 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, caplog):
     killed_out = tmp_path / "killed"
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedalign.cli", "run", str(DIGITS), "--output", str(killed_out),
-         "--no-progress", *args],
-        start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "fedalign.cli",
+            "run",
+            str(DIGITS),
+            "--output",
+            str(killed_out),
+            "--no-progress",
+            *args,
+        ],
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.time() + 300
@@ -68,7 +98,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, caplog):
             assert time.time() < deadline and proc.poll() is None, "run did not reach round 3"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)     # the run and the Ray processes it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray processes it started
         proc.wait()
     (run_dir,) = killed_out.iterdir()
     assert not (run_dir / "summary.json").exists()  # it really died mid-run
@@ -77,12 +107,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, caplog):
     assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
     assert f"resuming {run_dir} after round 3" in caplog.text
 
-    reference = run(load_config(DIGITS, ["strategy.rounds=6", "name=kill"]),
-                    output_dir=tmp_path / "reference", progress=False)
+    reference = run(
+        load_config(DIGITS, ["strategy.rounds=6", "name=kill"]),
+        output_dir=tmp_path / "reference",
+        progress=False,
+    )
     keys = ("round", "test_accuracy", "test_loss", "train_loss")
     got = [{k: r[k] for k in keys} for r in read_rows(run_dir)]
     want = [{k: r[k] for k in keys} for r in read_rows(reference.run_dir)]
-    assert got == want                           # bitwise: same floats on the same machine
+    assert got == want  # bitwise: same floats on the same machine
 
 
 def test_resume_refuses_a_folder_without_checkpoints(tmp_path, capsys):

@@ -12,7 +12,6 @@ from fedalign.results import read_rows
 from fedalign.runner import run
 from tests.helpers import DIGITS
 
-
 pytestmark = pytest.mark.integration
 
 
@@ -20,9 +19,21 @@ pytestmark = pytest.mark.integration
 def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedalign.cli", "run", str(DIGITS), "--output", str(out),
-         "--no-progress", "--set", "strategy.rounds=3"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fedalign.cli",
+            "run",
+            str(DIGITS),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--set",
+            "strategy.rounds=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = list(out.iterdir())
@@ -31,8 +42,15 @@ def cli_run(tmp_path_factory):
 
 def test_cli_writes_a_complete_run_folder(cli_run):
     proc, run_dir = cli_run
-    for name in ("config.yaml", "partition.json", "metrics.jsonl", "metrics.csv",
-                 "model.safetensors", "summary.json", "accuracy.png"):
+    for name in (
+        "config.yaml",
+        "partition.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "model.safetensors",
+        "summary.json",
+        "accuracy.png",
+    ):
         assert (run_dir / name).is_file(), name
     assert "final test accuracy" in proc.stdout
     rows = read_rows(run_dir)
@@ -50,15 +68,15 @@ def test_cli_writes_a_complete_run_folder(cli_run):
 def test_federated_training_beats_chance_and_improves(cli_run):
     _, run_dir = cli_run
     rows = read_rows(run_dir)
-    assert rows[0]["test_accuracy"] < 0.3            # untrained: about chance (10 classes)
-    assert rows[-1]["test_accuracy"] > 0.6           # three rounds of FedAvg on digits
+    assert rows[0]["test_accuracy"] < 0.3  # untrained: about chance (10 classes)
+    assert rows[-1]["test_accuracy"] > 0.6  # three rounds of FedAvg on digits
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_accuracy"] == rows[-1]["test_accuracy"]
 
 
 def test_same_config_and_seed_repeat_the_metrics(cli_run, tmp_path):
     _, first_dir = cli_run
-    cfg = load_config(first_dir / "config.yaml")     # the resolved config replays the run
+    cfg = load_config(first_dir / "config.yaml")  # the resolved config replays the run
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     keys = ("test_accuracy", "test_loss", "train_loss", "bytes_down", "bytes_up")
     first = [{k: r[k] for k in keys} for r in read_rows(first_dir)]
@@ -67,9 +85,17 @@ def test_same_config_and_seed_repeat_the_metrics(cli_run, tmp_path):
 
 
 def test_fedprox_with_client_sampling(tmp_path):
-    cfg = load_config(DIGITS, ["strategy.name=fedprox", "train.proximal_mu=0.1",
-                               "strategy.fraction_train=0.5", "strategy.rounds=2",
-                               "strategy.fraction_evaluate=1.0", "simulation.client_cpus=0.5"])
+    cfg = load_config(
+        DIGITS,
+        [
+            "strategy.name=fedprox",
+            "train.proximal_mu=0.1",
+            "strategy.fraction_train=0.5",
+            "strategy.rounds=2",
+            "strategy.fraction_evaluate=1.0",
+            "simulation.client_cpus=0.5",
+        ],
+    )
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
     assert [r["clients_sampled"] for r in rows[1:]] == [2, 2]
@@ -86,7 +112,9 @@ def test_report_and_partition_commands(cli_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("| run | final acc (%)")
     assert out.count(run_dir.name) == 2 and out.count("\n| ") == 2
-    assert (tmp_path / "report.md").is_file() and (tmp_path / "comparison.png").stat().st_size > 1000
+    assert (tmp_path / "report.md").is_file() and (
+        tmp_path / "comparison.png"
+    ).stat().st_size > 1000
     assert main(["partition", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "total" in out and "digits / iid" in out

@@ -11,7 +11,7 @@ from torch import nn
 
 import fedalign
 
-CALLS: list[dict] = []   # what the fuse rule saw, in the server's process
+CALLS: list[dict] = []  # what the fuse rule saw, in the server's process
 
 
 def blobs(split: str, data_dir: str | None) -> fedalign.Arrays:
@@ -42,7 +42,7 @@ def trimmed_mean(states, weights, stats, *, trim: int = 0):
     fused = {}
     for key, first in states[0].items():
         stacked = torch.stack([sd[key] for sd in states]).double()
-        kept = stacked.sort(0).values[trim: len(states) - trim]
+        kept = stacked.sort(0).values[trim : len(states) - trim]
         fused[key] = kept.mean(0).to(first.dtype)
     return fused
 

@@ -48,7 +48,9 @@ def test_vgg9_has_six_convs_and_three_linears():
 
 def test_resnet20_has_nineteen_convs_plus_shortcuts_and_batchnorm():
     model = build_model("resnet20")
-    convs3 = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    convs3 = [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
     assert len(convs3) == 19
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 

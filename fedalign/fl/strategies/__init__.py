@@ -17,4 +17,4 @@ STRATEGIES.register("fedprox", FedAvg, options={}, objective="proximal", pipelin
 STRATEGIES.register("pfnm", PFNM, options={}, supports=PFNM.supports, objective="plain")
 STRATEGIES.register("fedma", FedMA, options={}, supports=FedMA.supports, objective="plain")
 
-__all__ = ["FedAvg", "FedMA", "PFNM"]
+__all__ = ["PFNM", "FedAvg", "FedMA"]

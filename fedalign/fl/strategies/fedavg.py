@@ -59,7 +59,9 @@ class FedAvg(Strategy):
 
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         if not self.plan.active:
-            return weighted_average([u.state_dict for u in updates], [u.num_examples for u in updates])
+            return weighted_average(
+                [u.state_dict for u in updates], [u.num_examples for u in updates]
+            )
         if self.plan.fuses_in_alignment:
             fused = pfnm_fuse(self.cfg, self.model, rnd, updates, solver=self.plan.solver)
             rnd.log.extra["aggregation"] = {"align": self.plan.align, **rnd.log.extra.pop("pfnm")}
@@ -68,24 +70,46 @@ class FedAvg(Strategy):
 
     def _pipeline(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         plan, usable = self.plan, updates
-        kept = {u.partition_id for u in usable}   # the clients still in the fusion
+        kept = {u.partition_id for u in usable}  # the clients still in the fusion
 
         def ask_cross(ref: int, others: list[int]) -> dict[int, ClientStats]:
-            records = {usable[j].partition_id: {"arrays": usable[j].state_dict, "reference": usable[ref].state_dict}
-                       for j in others}
+            records = {
+                usable[j].partition_id: {
+                    "arrays": usable[j].state_dict,
+                    "reference": usable[ref].state_dict,
+                }
+                for j in others
+            }
             answers = rnd.query("align", plan.align_statistics(), records)
             kept.difference_update(records.keys() - answers.keys())
-            return {j: answers[usable[j].partition_id] for j in others if usable[j].partition_id in answers}
+            return {
+                j: answers[usable[j].partition_id]
+                for j in others
+                if usable[j].partition_id in answers
+            }
 
         def ask_fused(fused: OrderedDict, targets: dict | None) -> list[ClientStats]:
             records: dict[str, Any] = {"arrays": fused}
             if targets is not None:
-                records["targets"] = flatten({k: {"mean": m, "std": s} for k, (m, s) in targets.items()})
-            return list(rnd.query("repair", plan.repair_statistics(), dict.fromkeys(sorted(kept), records)).values())
+                records["targets"] = flatten(
+                    {k: {"mean": m, "std": s} for k, (m, s) in targets.items()}
+                )
+            return list(
+                rnd.query(
+                    "repair", plan.repair_statistics(), dict.fromkeys(sorted(kept), records)
+                ).values()
+            )
 
-        outcome = aggregate(plan, self.spec, [u.state_dict for u in usable], [float(u.num_examples) for u in usable],
-                            [u.statistics or {} for u in usable], ask_cross, ask_fused,
-                            seed=self.cfg.resolved_seeds.sampling + rnd.number)
+        outcome = aggregate(
+            plan,
+            self.spec,
+            [u.state_dict for u in usable],
+            [float(u.num_examples) for u in usable],
+            [u.statistics or {} for u in usable],
+            ask_cross,
+            ask_fused,
+            seed=self.cfg.resolved_seeds.sampling + rnd.number,
+        )
         rnd.log.clients_ok -= len(usable) - len(outcome.kept)
         if "repair_skipped" in outcome.info:
             rnd.log.extra["repair_skipped"] = outcome.info.pop("repair_skipped")

@@ -56,7 +56,7 @@ class FedMA(Strategy):
             return "fedma covers networks without normalisation layers, as the reference does"
         try:
             matched_layers(permutation_spec(context.model), context.model)
-        except Exception as exc:   # noqa: BLE001 - any tracing or matching limit is the reason
+        except Exception as exc:  # noqa: BLE001 - any tracing or matching limit is the reason
             return f"fedma cannot match this model's layers: {exc}"
         return None
 
@@ -67,22 +67,41 @@ class FedMA(Strategy):
         self.layers = matched_layers(self.spec, model)
 
     def state(self) -> dict[str, Any]:
-        return {"assignments": {str(p): {g: a.tolist() for g, a in groups.items()}
-                                for p, groups in self.assignments.items()}}
+        return {
+            "assignments": {
+                str(p): {g: a.tolist() for g, a in groups.items()}
+                for p, groups in self.assignments.items()
+            }
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.assignments = {int(p): {g: torch.tensor(a, dtype=torch.long) for g, a in groups.items()}
-                            for p, groups in state.get("assignments", {}).items()}
+        self.assignments = {
+            int(p): {g: torch.tensor(a, dtype=torch.long) for g, a in groups.items()}
+            for p, groups in state.get("assignments", {}).items()
+        }
 
-    def _phase(self, rnd: Round, phase: str, sent: dict[int, Any], frozen: list[str],
-               local_init: set[int] = frozenset()) -> dict[int, ClientUpdate]:
+    def _phase(
+        self,
+        rnd: Round,
+        phase: str,
+        sent: dict[int, Any],
+        frozen: list[str],
+        local_init: set[int] = frozenset(),
+    ) -> dict[int, ClientUpdate]:
         """One train exchange; too few valid replies end the round (no retry: the matched layers
         so far belong to these clients)."""
-        updates = rnd.train(phase, sent, {"frozen": ",".join(frozen)}, local_init=local_init,
-                            check=lambda update: class_counts_problem(update, rnd.reference))
+        updates = rnd.train(
+            phase,
+            sent,
+            {"frozen": ",".join(frozen)},
+            local_init=local_init,
+            check=lambda update: class_counts_problem(update, rnd.reference),
+        )
         if len(updates) < self.cfg.strategy.min_train_clients:
-            raise RoundFailedError(f"round {rnd.number}, phase {phase}: only {len(updates)} valid replies "
-                                   f"(min_train_clients={self.cfg.strategy.min_train_clients})")
+            raise RoundFailedError(
+                f"round {rnd.number}, phase {phase}: only {len(updates)} valid replies "
+                f"(min_train_clients={self.cfg.strategy.min_train_clients})"
+            )
         return {u.partition_id: u for u in updates}
 
     def run_round(self, rnd: Round) -> OrderedDict[str, torch.Tensor]:
@@ -92,14 +111,20 @@ class FedMA(Strategy):
         # a client not matched before trains from its own init at the config's widths (the model
         # sent, which its reply must fit); the others from their slice of the global model
         initial = OrderedDict(self.model.state_dict())
-        sent = {p: initial if p in fresh else slice_to_client(rnd.reference, self.spec, self.assignments[p])
-                for p in partitions}
+        sent = {
+            p: initial
+            if p in fresh
+            else slice_to_client(rnd.reference, self.spec, self.assignments[p])
+            for p in partitions
+        }
         updates = self._phase(rnd, "train", sent, [], fresh)
         frozen: list[str] = []
         assignments: dict[int, dict[str, torch.Tensor]] = {p: {} for p in updates}
-        options = matching_options(self.cfg, self.cfg.resolved_seeds.sampling + rnd.number, match_layer)
+        options = matching_options(
+            self.cfg, self.cfg.resolved_seeds.sampling + rnd.number, match_layer
+        )
         widths: dict[str, int] = {}
-        matched: dict[str, torch.Tensor] = {}   # the server's own global layers, not a client's copy
+        matched: dict[str, torch.Tensor] = {}  # the server's own global layers, not a client's copy
         for layer in self.layers:
             t0 = time.perf_counter()
             order = list(updates)
@@ -117,10 +142,15 @@ class FedMA(Strategy):
         survivors = list(updates)
         keys = classifier_keys(self.layers, updates[survivors[0]].state_dict)
         fused = {**updates[survivors[0]].state_dict, **matched}
-        fused.update(class_weighted_classifier([updates[p].state_dict for p in survivors], keys,
-                                               [updates[p].metrics["class-counts"] for p in survivors]))
+        fused.update(
+            class_weighted_classifier(
+                [updates[p].state_dict for p in survivors],
+                keys,
+                [updates[p].metrics["class-counts"] for p in survivors],
+            )
+        )
         self.assignments.update({p: assignments[p] for p in survivors})
-        rnd.log.clients_ok = len(survivors)   # each phase counted its replies; a client counts once
+        rnd.log.clients_ok = len(survivors)  # each phase counted its replies; a client counts once
         rnd.log.train_loss = weighted_train_loss(updates.values())
         rnd.log.extra["fedma"] = {"widths": widths, "phases": 1 + len(self.layers)}
         return OrderedDict(fused)

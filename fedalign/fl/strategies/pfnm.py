@@ -35,8 +35,15 @@ def matching_options(cfg: RunConfig, seed: int, algorithm: Callable[..., Any]) -
     ``match_layer``); gamma, when unset, is the algorithm's own default (PFNM 1, FedMA 7)."""
     m = cfg.strategy.matching
     gamma = inspect.signature(algorithm).parameters["gamma"].default if m.gamma is None else m.gamma
-    return {"sigma": m.sigma, "sigma0": m.sigma0, "gamma": gamma, "iterations": m.iterations,
-            "seed": seed, "solver": m.solver, "max_width": m.max_width}
+    return {
+        "sigma": m.sigma,
+        "sigma0": m.sigma0,
+        "gamma": gamma,
+        "iterations": m.iterations,
+        "seed": seed,
+        "solver": m.solver,
+        "max_width": m.max_width,
+    }
 
 
 def class_counts_problem(update: ClientUpdate, reference: StateDict) -> str | None:
@@ -49,28 +56,46 @@ def class_counts_problem(update: ClientUpdate, reference: StateDict) -> str | No
     return None
 
 
-def pfnm_fuse(cfg: RunConfig, template: nn.Module, rnd: Round, updates: list[ClientUpdate],
-              solver: str | None = None) -> OrderedDict[str, torch.Tensor]:
+def pfnm_fuse(
+    cfg: RunConfig,
+    template: nn.Module,
+    rnd: Round,
+    updates: list[ClientUpdate],
+    solver: str | None = None,
+) -> OrderedDict[str, torch.Tensor]:
     """PFNM over the updates (their class counts checked on arrival), by the config's matching
     options or, with ``strategy.matching.grid``, by the clients' scores of the grid."""
     models = [fit_to_state(copy.deepcopy(template), u.state_dict) for u in updates]
     counts = [[float(c) for c in u.metrics["class-counts"]] for u in updates]
     m = cfg.strategy.matching
-    options = {**matching_options(cfg, cfg.resolved_seeds.sampling, pfnm), "popularity": m.popularity}
+    options = {
+        **matching_options(cfg, cfg.resolved_seeds.sampling, pfnm),
+        "popularity": m.popularity,
+    }
     if solver is not None:
         options["solver"] = solver
     if not m.grid:
         fused, assignment = pfnm(models, counts, **options)
-        rnd.log.extra["pfnm"] = {"sigma": m.sigma, "sigma0": m.sigma0, "gamma": options["gamma"],
-                                 "widths": assignment.widths}
+        rnd.log.extra["pfnm"] = {
+            "sigma": m.sigma,
+            "sigma0": m.sigma0,
+            "gamma": options["gamma"],
+            "widths": assignment.widths,
+        }
         return OrderedDict(fused.state_dict())
     partitions = [u.partition_id for u in updates]
     options = {k: v for k, v in options.items() if k not in ("sigma", "sigma0", "gamma")}
-    fused, _, chosen = pfnm_grid_search(models, counts, lambda model: rnd.score("score", model.state_dict(),
-                                                                                partitions),
-                                        tolerance=m.grid_tolerance, **options)
-    rnd.log.extra["pfnm"] = {**{k: v for k, v in chosen.items() if k != "score"},
-                             "client_train_accuracy": chosen["score"]}
+    fused, _, chosen = pfnm_grid_search(
+        models,
+        counts,
+        lambda model: rnd.score("score", model.state_dict(), partitions),
+        tolerance=m.grid_tolerance,
+        **options,
+    )
+    rnd.log.extra["pfnm"] = {
+        **{k: v for k, v in chosen.items() if k != "score"},
+        "client_train_accuracy": chosen["score"],
+    }
     return OrderedDict(fused.state_dict())
 
 
@@ -89,5 +114,7 @@ class PFNM(Strategy):
 
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         if rnd.number > 1:
-            return weighted_average([u.state_dict for u in updates], [u.num_examples for u in updates])
+            return weighted_average(
+                [u.state_dict for u in updates], [u.num_examples for u in updates]
+            )
         return pfnm_fuse(self.cfg, self.model, rnd, updates)
