@@ -15,13 +15,18 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test setup data clean
+.PHONY: demo test lint setup data clean
 
 demo: setup data
 	$(VENV)/bin/fedalign run configs/quickstart.yaml
 
 test: setup data
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (pinned in the test extra): lint and formatting, as CI runs them.
+lint: setup
+	$(VENV)/bin/ruff check fedalign tests simulations
+	$(VENV)/bin/ruff format --check fedalign tests simulations
 
 setup: $(VENV)/.installed
 
