@@ -33,7 +33,7 @@ def tiny_net(seed: int = 0) -> nn.Module:
 
 
 def permuted_copies(spec, state: dict, count: int, generator: torch.Generator) -> list[dict]:
-    """``count`` copies of ``state``, each under its own random permutation drawn from ``generator``."""
+    """``count`` copies of ``state``, each permuted by its own draw from ``generator``."""
     return [
         apply_permutation(spec, random_permutation(spec, generator), state) for _ in range(count)
     ]

@@ -16,6 +16,8 @@ cluster) use the ``own_ray`` fixture.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -28,20 +30,37 @@ def pytest_collection_modifyitems(config, items):
 
 
 class SharedRay:
-    """Patches Flower's ``RayBackend`` so that consecutive simulations reuse Ray and their actors."""
+    """Patches Flower's ``RayBackend``: consecutive simulations reuse Ray and their actors."""
 
     def __init__(self):
         from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
         self.backend = RayBackend
-        self.original = {"build": RayBackend.build, "terminate": RayBackend.terminate}
+        self.original = {
+            "init_ray": RayBackend.init_ray,
+            "build": RayBackend.build,
+            "terminate": RayBackend.terminate,
+        }
         self.pools: dict[tuple, object] = {}
+        self.ray_env: dict[str, str] | None = None  # fedalign's variables when Ray started
         self.reused = 0
         self.active = False
 
     # -- the patch ---------------------------------------------------------------------------
     def enable(self) -> None:
-        shared, build = self, self.original["build"]
+        shared, init_ray, build = self, self.original["init_ray"], self.original["build"]
+
+        def restarting_init_ray(backend, backend_config):
+            """Ray's workers get the environment Ray started with: when fedalign's variables
+            (``FEDALIGN_PLUGINS``, the modules a worker imports first) changed since, restart."""
+            import ray
+
+            env = fedalign_environment()
+            if ray.is_initialized() and env != shared.ray_env:
+                shared.close()
+            if not ray.is_initialized():
+                shared.ray_env = env
+            init_ray(backend, backend_config)
 
         def reusing_build(backend, app_fn):
             import ray
@@ -62,14 +81,13 @@ class SharedRay:
         def keeping_terminate(backend):
             """Leave the actors and Ray up for the next simulation (``close`` ends them)."""
 
+        self.backend.init_ray = restarting_init_ray
         self.backend.build, self.backend.terminate = reusing_build, keeping_terminate
         self.active = True
 
     def disable(self) -> None:
-        self.backend.build, self.backend.terminate = (
-            self.original["build"],
-            self.original["terminate"],
-        )
+        for name, function in self.original.items():
+            setattr(self.backend, name, function)
         self.active = False
 
     def close(self) -> None:
@@ -79,6 +97,7 @@ class SharedRay:
         self._terminate_pools()
         if ray.is_initialized():
             ray.shutdown()
+        self.ray_env = None
 
     # -- helpers -----------------------------------------------------------------------------
     def _terminate_pools(self) -> None:
@@ -98,9 +117,14 @@ class SharedRay:
             return False
         try:
             ray.get([actor.__ray_ready__.remote() for actor in pool.pool], timeout=30)
-        except Exception:  # a dead actor: build a fresh pool
+        except ray.exceptions.RayError:  # a dead or hung actor: build a fresh pool
             return False
         return True
+
+
+def fedalign_environment() -> dict[str, str]:
+    """The ``FEDALIGN_*`` environment variables (what fedalign's workers read at start-up)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("FEDALIGN_")}
 
 
 @pytest.fixture(scope="session", autouse=True)
