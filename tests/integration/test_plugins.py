@@ -3,16 +3,31 @@ public API only) run in a real Flower simulation on Ray, named by a config like 
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 
+import pytest
 import torch
 
 import fedalign
-from tests.integration import toy_plugin
+
+PLUGIN = "tests.integration.toy_plugin"
 
 
-def test_a_users_dataset_model_and_fuse_rule_run_through_a_config(tmp_path):
-    toy_plugin.CALLS.clear()
+@pytest.fixture
+def toy_plugin():
+    """The plugin module, imported (so registered) for this test only: its names must not leak into
+    the other tests' registries, nor its module into their runs' ``FEDALIGN_PLUGINS``."""
+    module = importlib.import_module(PLUGIN)
+    yield module
+    fedalign.DATASETS.unregister("toy-blobs")
+    fedalign.MODELS.unregister("toy-net")
+    fedalign.FUSE_RULES.unregister("trimmed-mean")
+    sys.modules.pop(PLUGIN)
+
+
+def test_a_users_dataset_model_and_fuse_rule_run_through_a_config(tmp_path, toy_plugin):
     cfg = fedalign.from_dict(
         {
             "name": "plugins",
