@@ -85,7 +85,8 @@ def register_aligner(
     supports: Supports | None = None,
     replace: bool = False,
 ) -> Callable[..., Any]:
-    """An alignment step (``aggregation.align``), with the signature of ``fedalign.align.aligners``."""
+    """An alignment step (``aggregation.align``), with the signature of
+    ``fedalign.align.aligners``."""
     return ALIGNERS.register(name, aligner, needs=needs, supports=supports, replace=replace)
 
 

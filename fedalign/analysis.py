@@ -96,7 +96,8 @@ def reset_bn_statistics(
         m.momentum = None
         m.train()
     X = torch.as_tensor(X)
-    # a last batch of one sample gives BatchNorm no variance (an error): fold it into the previous one
+    # a last batch of one sample gives BatchNorm no variance (an error): fold it into the
+    # previous one
     cuts = list(range(0, len(X), batch_size))
     if len(cuts) > 1 and len(X) - cuts[-1] == 1:
         cuts.pop()
@@ -229,7 +230,8 @@ def _rbf_gram(X: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def rbf_cka(X: ArrayLike, Y: ArrayLike, threshold: float = 1.0, debiased: bool = False) -> float:
-    """CKA with RBF kernels of bandwidth ``threshold`` x the median pairwise distance (n x n Grams)."""
+    """CKA with RBF kernels of bandwidth ``threshold`` x the median pairwise distance (n x n
+    Grams)."""
     X, Y = _features(X, Y)
     if debiased and len(X) < 4:
         raise ValueError("debiased CKA needs at least 4 samples")

@@ -22,9 +22,9 @@ Every expanded run config is validated before anything runs, so a bad override s
 with a message naming the run and the key. Runs go one after another, each into
 ``<output>/runs/<model>/<partition>/<strategy>/seed-<s>/``; a run whose folder holds a finished
 run is skipped, one with checkpoints but no summary is resumed, so an interrupted suite continues
-where it stopped. The summary (``summary.md``, ``summary.csv``, ``accuracy-<model>-<partition>.png``)
-gives per (model, partition, strategy) the mean +/- std over seeds of final and best accuracy,
-rounds and bytes to reach the target, and wall time.
+where it stopped. The summary (``summary.md``, ``summary.csv``,
+``accuracy-<model>-<partition>.png``) gives per (model, partition, strategy) the mean +/- std over
+seeds of final and best accuracy, rounds and bytes to reach the target, and wall time.
 """
 
 from __future__ import annotations
@@ -188,7 +188,10 @@ def run_suite(
     done = []
     for i, cell in enumerate(suite.runs, 1):
         folder = suite.output / cell.folder
-        label = f"[{i}/{len(suite.runs)}] {cell.model}/{cell.partition}/{cell.strategy}/seed-{cell.seed}"
+        label = (
+            f"[{i}/{len(suite.runs)}] "
+            f"{cell.model}/{cell.partition}/{cell.strategy}/seed-{cell.seed}"
+        )
         if finished_run(folder) is not None:
             print(f"{label}: finished before, skipped", flush=True)
             done.append((cell, "skipped"))

@@ -101,8 +101,10 @@ class Plan:
             found.append(
                 (
                     "align",
-                    f"{align.name} fuses by itself and changes the widths: use fuse: mean, "
-                    "repair: none",
+                    (
+                        f"{align.name} fuses by itself and changes the widths: use fuse: mean, "
+                        "repair: none"
+                    ),
                 )
             )
         if repair.meta.get("needs_alignment") and align.name == "none":

@@ -162,6 +162,6 @@ def user_modules() -> list[str]:
     for registry in list(REGISTRIES.values()):
         for entry in registry._entries.values():
             module = getattr(entry.obj, "__module__", None) or ""
-            if module and not module.split(".")[0] == "fedalign" and module in sys.modules:
+            if module and module.split(".")[0] != "fedalign" and module in sys.modules:
                 seen[module] = None
     return list(seen)

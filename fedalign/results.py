@@ -175,7 +175,10 @@ def _fmt(value: Any, digits: int = 2, scale: float = 1.0) -> str:
 def markdown_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """One row per run: final and best accuracy, rounds, MiB communicated, seconds."""
     lines = [
-        "| run | final acc (%) | best acc (%) | best round | rounds | MiB total | train s | failed |",
+        (
+            "| run | final acc (%) | best acc (%) | best round | rounds | MiB total | train s "
+            "| failed |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, rows in runs.items():
@@ -183,7 +186,8 @@ def markdown_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         train_s = sum(float(r.get("seconds_total", 0.0)) for r in rows)
         lines.append(
             f"| {label} | {_fmt(s.get('final_accuracy'), scale=100)} | "
-            f"{_fmt(s.get('best_accuracy'), scale=100)} | {s.get('best_round', '-')} | {s['rounds']} | "
-            f"{s['bytes_total'] / 2**20:.1f} | {train_s:.1f} | {s['clients_failed']} |"
+            f"{_fmt(s.get('best_accuracy'), scale=100)} | {s.get('best_round', '-')} | "
+            f"{s['rounds']} | {s['bytes_total'] / 2**20:.1f} | {train_s:.1f} | "
+            f"{s['clients_failed']} |"
         )
     return "\n".join(lines) + "\n"

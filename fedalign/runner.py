@@ -95,8 +95,8 @@ def check_resources(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
             or "no alive node"
         )
         raise ConfigError(
-            f"simulation.client_cpus={sim.client_cpus:g}, client_gpus={sim.client_gpus:g}: no Ray node "
-            f"can run one client (nodes: {have})"
+            f"simulation.client_cpus={sim.client_cpus:g}, client_gpus={sim.client_gpus:g}: "
+            f"no Ray node can run one client (nodes: {have})"
         )
 
 

@@ -13,9 +13,10 @@ the clients' data are the sum of the clients' statistics:
   with a constant-1 column last, whose diagonal entry is the count (RegMean);
 - ``diagonal_fisher``: the mean squared per-example gradient of ``log p(y|x)`` (Fisher averaging;
   pool means by weighting with the clients' example counts);
-- ``align.activation_matching.cross_moments`` (registered there): per permutation group, sums relating a broadcast reference's activations to
-  the client model's (activation matching); ``preactivation_cross_moments`` the same per layer
-  (the matched-unit correlations of closed-form REPAIR).
+- ``align.activation_matching.cross_moments`` (registered there): per permutation group, sums
+  relating a broadcast reference's activations to the client model's (activation matching);
+  ``preactivation_cross_moments`` the same per layer (the matched-unit correlations of
+  closed-form REPAIR).
 
 Every function runs the model in eval mode (BatchNorm with its running statistics, no dropout) and
 restores the mode it found; no function changes the model's parameters or buffers.
@@ -147,8 +148,8 @@ def _collect(
     observe: Callable[[str, nn.Module, tuple, torch.Tensor], torch.Tensor | None],
     batchnorm_train: bool = False,
 ) -> None:
-    """Run ``model`` over ``X`` with ``observe(name, module, inputs, output)`` hooked on ``modules``;
-    a hook that returns a tensor replaces the module's output."""
+    """Run ``model`` over ``X`` with ``observe(name, module, inputs, output)`` hooked on
+    ``modules``; a hook that returns a tensor replaces the module's output."""
     handles = [
         m.register_forward_hook(lambda mod, inp, out, name=name: observe(name, mod, inp, out))
         for name, m in modules.items()

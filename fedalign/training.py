@@ -115,8 +115,8 @@ def train_local(
     frozen: Collection[str] = (),
 ) -> TrainStats:
     """Train ``model`` in place with cross-entropy plus the penalty of the client ``objective``
-    (``OBJECTIVES``, built on ``model``'s weights on entry, the ones it received). Parameters named in ``frozen`` are not trained (FedMA freezes
-    the layers already matched).
+    (``OBJECTIVES``, built on ``model``'s weights on entry, the ones it received). Parameters
+    named in ``frozen`` are not trained (FedMA freezes the layers already matched).
     """
     if len(y) == 0:
         raise ValueError("cannot train on an empty dataset")

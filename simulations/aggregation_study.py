@@ -307,7 +307,8 @@ def main() -> None:
         results["barrier"] = barrier(args)
         widths = "-".join(map(str, args.barrier_hidden))
         print(
-            f"\n| midpoint of two MLPs 784-{widths}-10 | loss barrier | midpoint accuracy (%) |\n|---|---|---|"
+            f"\n| midpoint of two MLPs 784-{widths}-10 | loss barrier | midpoint accuracy (%) |\n"
+            "|---|---|---|"
         )
         for name, r in results["barrier"].items():
             if isinstance(r, dict):

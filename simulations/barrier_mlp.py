@@ -27,7 +27,8 @@ ACCEPTED_REDUCTION = 0.8
 
 def summary(name: str, r: BarrierResult) -> str:
     return (
-        f"{name:>16}: loss barrier {r.loss_barrier:.4f}, midpoint loss barrier {r.midpoint_loss_barrier:.4f}, "
+        f"{name:>16}: loss barrier {r.loss_barrier:.4f}, "
+        f"midpoint loss barrier {r.midpoint_loss_barrier:.4f}, "
         f"midpoint accuracy {100 * r.accuracy[r.midpoint]:.2f}% "
         f"(accuracy barrier {100 * r.accuracy_barrier:.2f} points)"
     )
@@ -95,7 +96,8 @@ def main() -> None:
     print(summary("naive", naive))
     print(summary("weight matching", matched))
     print(
-        f"loss barrier reduction: {100 * reduction:.1f}% (acceptance: >= {100 * ACCEPTED_REDUCTION:.0f}%: "
+        f"loss barrier reduction: {100 * reduction:.1f}% "
+        f"(acceptance: >= {100 * ACCEPTED_REDUCTION:.0f}%: "
         f"{'met' if result['accepted'] else 'NOT met'}); weight matching took {match_seconds:.2f} s"
     )
     if args.out:

@@ -52,7 +52,8 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 def affordable_repeats(single: float, repeats: int, budget: float) -> int:
-    """As many of ``repeats`` as fit in ``budget`` given one run of ``single`` seconds (at least 1)."""
+    """As many of ``repeats`` as fit in ``budget`` given one run of ``single`` seconds (at
+    least 1)."""
     return max(1, min(repeats, int(budget // max(single, 1e-9))))
 
 
@@ -183,8 +184,9 @@ def markdown_row(row: dict) -> str:
         return f"{row[key]:.0f}x" if key in row else "-"
 
     return (
-        f"| {row['width']} | {row['J']} | {cell(row['fedavg_average_s'])} | {cell(row['cost_build_s'])} | "
-        f"{cell(row['hungarian_solve_s'])} | {cell(row['sinkhorn_solve_s'])} | {cell(row['permute_s'])} | "
+        f"| {row['width']} | {row['J']} | {cell(row['fedavg_average_s'])} | "
+        f"{cell(row['cost_build_s'])} | {cell(row['hungarian_solve_s'])} | "
+        f"{cell(row['sinkhorn_solve_s'])} | {cell(row['permute_s'])} | "
         f"{ratio('hungarian')} | {ratio('sinkhorn')} |"
     )
 

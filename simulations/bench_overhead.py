@@ -5,7 +5,8 @@ The plain loop reproduces the run exactly: the same partition (``run_federation`
 initial model (the run's init seed), the same clients per round (``sample_partitions``), the same
 shuffling seeds, ``train_local`` with the same settings, the same weighted mean and the same
 test-set evaluation every round; one torch thread, as each fedalign client uses with
-``client_cpus: 1``. Final accuracies are printed side by side as the check that the work is the same.
+``client_cpus: 1``. Final accuracies are printed side by side as the check that the work is the
+same.
 
 - B1 (overhead): logistic regression 784->10, 1000 clients, Dirichlet(0.5), 10 sampled per round,
   1 local epoch, batch 32; compute is tiny, so the time is overhead.
@@ -245,17 +246,19 @@ def main() -> None:
         for cpus in args.cpus:
             rows.append(measure(label, base, overrides, rounds, cpus, args.runs))
     header = (
-        "| benchmark | client_cpus | rounds | cohort | Ray start-up + discovery (s) | fedalign s/round | plain loop "
-        "s/round | ratio | updates/s fedalign | updates/s plain | peak MiB fedalign | peak MiB plain | "
-        "final acc fedalign / plain (%) |"
+        "| benchmark | client_cpus | rounds | cohort | Ray start-up + discovery (s) "
+        "| fedalign s/round | plain loop s/round | ratio | updates/s fedalign | updates/s plain "
+        "| peak MiB fedalign | peak MiB plain | final acc fedalign / plain (%) |"
     )
     lines = [header, "|" + "---|" * 13]
     for r in rows:
         lines.append(
-            f"| {r['benchmark']} | {r['client_cpus']:g} | {r['rounds']} | {r['cohort']} | {r['startup_s']:.1f} | "
+            f"| {r['benchmark']} | {r['client_cpus']:g} | {r['rounds']} | {r['cohort']} | "
+            f"{r['startup_s']:.1f} | "
             f"{r['fedalign_round_s']:.3f} | {r['plain_round_s']:.3f} | {r['ratio']:.2f}x | "
-            f"{r['fedalign_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['fedalign_peak_mib']:.0f} | "
-            f"{r['plain_peak_mib']:.0f} | {100 * r['fedalign_accuracy']:.2f} / {100 * r['plain_accuracy']:.2f} |"
+            f"{r['fedalign_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | "
+            f"{r['fedalign_peak_mib']:.0f} | {r['plain_peak_mib']:.0f} | "
+            f"{100 * r['fedalign_accuracy']:.2f} / {100 * r['plain_accuracy']:.2f} |"
         )
     table = "\n".join(lines) + "\n"
     print(table)

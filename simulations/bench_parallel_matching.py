@@ -1,9 +1,10 @@
-"""Server-side parallel alignment: J clients matched to one reference, sequentially and on a pool
+r"""Server-side parallel alignment: J clients matched to one reference, sequentially and on a pool
 of worker processes, in the same run (issue 6). Clients are independently initialised MLPs (the
 matching's cost does not depend on training); times are the median of ``--repeats`` runs,
 pool start-up included.
 
-    .venv/bin/python simulations/bench_parallel_matching.py --out docs/results/bench_parallel_matching.md
+    .venv/bin/python simulations/bench_parallel_matching.py \
+        --out docs/results/bench_parallel_matching.md
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ def comparison_table(results: dict[str, dict]) -> str:
     target = results["FedAvg"]["accuracy"][-1]
     lines = [
         (
-            "| strategy | final acc (%) | best acc (%) | comm. rounds | MiB | comm. rounds to FedAvg's final "
-            "| MiB to FedAvg's final | wall s |"
+            "| strategy | final acc (%) | best acc (%) | comm. rounds | MiB "
+            "| comm. rounds to FedAvg's final | MiB to FedAvg's final | wall s |"
         ),
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -125,8 +125,9 @@ def main() -> None:
             "wall_seconds": outcome.summary.get("wall_seconds"),
         }
         print(
-            f"{label}: final {100 * rows[-1]['test_accuracy']:.2f}% after {results[label]['comm'][-1]} "
-            f"communication rounds, {results[label]['bytes'][-1] / 2**20:.1f} MiB",
+            f"{label}: final {100 * rows[-1]['test_accuracy']:.2f}% "
+            f"after {results[label]['comm'][-1]} communication rounds, "
+            f"{results[label]['bytes'][-1] / 2**20:.1f} MiB",
             flush=True,
         )
 

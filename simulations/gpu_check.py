@@ -73,7 +73,8 @@ def main() -> None:
             accuracy = evaluate(model, Xt, yt, device=device)[1]
             report[f"train_{name}_{device.type}"] = {"seconds": seconds, "test_accuracy": accuracy}
             print(
-                f"train {name} 1 epoch on 10,000 images, {device.type}: {seconds:.2f} s, test acc {100 * accuracy:.2f}%",
+                f"train {name} 1 epoch on 10,000 images, {device.type}: {seconds:.2f} s, "
+                f"test acc {100 * accuracy:.2f}%",
                 flush=True,
             )
     torch.manual_seed(0)
@@ -148,8 +149,8 @@ def main() -> None:
             "test_accuracy": outcomes[device][1],
         }
         print(
-            f"pipeline weight/regmean, 4 MLPs 784-256-256-10, alignment on {device}: {seconds:.3f} s, "
-            f"test acc {100 * outcomes[device][1]:.2f}%",
+            f"pipeline weight/regmean, 4 MLPs 784-256-256-10, alignment on {device}: "
+            f"{seconds:.3f} s, test acc {100 * outcomes[device][1]:.2f}%",
             flush=True,
         )
     same = all(

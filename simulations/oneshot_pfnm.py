@@ -1,4 +1,4 @@
-"""One-shot fusion on Fashion-MNIST (issue 4, study a; benchmarks.md "one-shot fusion").
+r"""One-shot fusion on Fashion-MNIST (issue 4, study a; benchmarks.md "one-shot fusion").
 
 J=10 clients, Dirichlet(0.5) label skew, an MLP 784-100-10 trained 10 local epochs on each client
 from its own random init; then one fusion, no further training. Compared: mean and best local
@@ -8,8 +8,10 @@ reference's grid by the clients' pooled training accuracy (the server sees only 
 once with the reference's rule (best score) and once preferring the smallest model within
 ``--tolerance`` of the best score; then the latter rule over a finer gamma grid.
 
-    .venv/bin/python simulations/oneshot_pfnm.py --cost-benchmark --out docs/results/oneshot_pfnm.json
-    .venv/bin/python simulations/oneshot_pfnm.py --optimizer adam --out docs/results/oneshot_pfnm_adam.json
+    .venv/bin/python simulations/oneshot_pfnm.py --cost-benchmark \
+        --out docs/results/oneshot_pfnm.json
+    .venv/bin/python simulations/oneshot_pfnm.py --optimizer adam \
+        --out docs/results/oneshot_pfnm_adam.json
 
 Trained local models are cached as safetensors under ``--cache`` (keyed by every setting that
 changes them), so re-running the fusion part takes about a minute.
@@ -238,9 +240,10 @@ def main() -> None:
         }
 
     print(
-        f"J={args.clients}, Dirichlet({args.alpha}), MLP 784-{args.hidden}-10, {args.epochs} local epochs, "
-        f"{args.optimizer} (local models ready in {train_seconds:.0f} s; load average {os.getloadavg()[0]:.1f} "
-        f"on {os.cpu_count()} cores)\n"
+        f"J={args.clients}, Dirichlet({args.alpha}), MLP 784-{args.hidden}-10, "
+        f"{args.epochs} local epochs, {args.optimizer} "
+        f"(local models ready in {train_seconds:.0f} s; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n"
     )
     print("| method | test accuracy (%) | global width | seconds per fusion |\n|---|---|---|---|")
     for name, r in rows.items():
@@ -250,28 +253,30 @@ def main() -> None:
         if "chosen" in r:
             c = r["chosen"]
             print(
-                f"\n{name}: sigma={c['sigma']}, sigma0={c['sigma0']}, gamma={c['gamma']}, clients' train "
-                f"accuracy {100 * c['score']:.2f}%"
+                f"\n{name}: sigma={c['sigma']}, sigma0={c['sigma0']}, gamma={c['gamma']}, "
+                f"clients' train accuracy {100 * c['score']:.2f}%"
             )
     for grid, search in searches.items():
         print(
-            f"\n{grid}: {len(search['candidates'])} fusions + client scoring in {search['seconds']:.0f} s\n"
+            f"\n{grid}: {len(search['candidates'])} fusions + client scoring in "
+            f"{search['seconds']:.0f} s\n"
         )
         print(
-            "| sigma | sigma0 | gamma | global width | clients' train acc (%) | test acc (%) | fusion s |\n"
-            "|---|---|---|---|---|---|---|"
+            "| sigma | sigma0 | gamma | global width | clients' train acc (%) | test acc (%) "
+            "| fusion s |\n|---|---|---|---|---|---|---|"
         )
         for c in search["candidates"]:
             print(
-                f"| {c['sigma']} | {c['sigma0']} | {c['gamma']} | {c['widths'][0]} | {100 * c['score']:.2f} "
-                f"| {100 * c['test_accuracy']:.2f} | {c['seconds']:.2f} |"
+                f"| {c['sigma']} | {c['sigma0']} | {c['gamma']} | {c['widths'][0]} "
+                f"| {100 * c['score']:.2f} | {100 * c['test_accuracy']:.2f} | {c['seconds']:.2f} |"
             )
     bench = None
     if args.cost_benchmark:
         bench = cost_benchmark()
         print(
-            f"\ncost build, J={bench['J']}, width {bench['width']}, D={bench['dim']}: matrix products "
-            f"{bench['vectorised_seconds']:.3f} s, per-row loop {bench['row_loop_seconds']:.2f} s "
+            f"\ncost build, J={bench['J']}, width {bench['width']}, D={bench['dim']}: "
+            f"matrix products {bench['vectorised_seconds']:.3f} s, "
+            f"per-row loop {bench['row_loop_seconds']:.2f} s "
             f"({bench['row_loop_seconds'] / bench['vectorised_seconds']:.0f}x)"
         )
     if args.out:

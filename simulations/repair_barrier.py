@@ -1,4 +1,4 @@
-"""How much of the midpoint loss barrier of weight-matched networks REPAIR removes (issue 5).
+r"""How much of the midpoint loss barrier of weight-matched networks REPAIR removes (issue 5).
 
 Two networks of one architecture trained on Fashion-MNIST from different seeds; the second is
 aligned to the first by weight matching; the midpoint of the aligned pair is evaluated on the test
@@ -7,7 +7,8 @@ endpoints and of the fused model on ``--repair-samples`` training images, the co
 into the layers). The barrier is the midpoint's test loss minus the mean of the endpoints' losses;
 the issue asks REPAIR to remove at least half of the barrier that alignment leaves.
 
-    .venv/bin/python simulations/repair_barrier.py --models mlp mlp-deep vgg9 --out docs/results/repair_barrier.json
+    .venv/bin/python simulations/repair_barrier.py --models mlp mlp-deep vgg9 \
+        --out docs/results/repair_barrier.json
 
 ``--data-npz`` reads the four arrays (``X_train, y_train, X_test, y_test``) from one file instead of
 ``fedalign.data`` (machines without the data packages).
@@ -126,8 +127,9 @@ def main() -> None:
         print(
             f"{name}: endpoints {100 * acc['a']:.2f}% / {100 * acc['b']:.2f}%, midpoint naive "
             f"{100 * acc['naive']:.2f}%, aligned {100 * acc['aligned']:.2f}%, aligned+REPAIR "
-            f"{100 * acc['repaired']:.2f}%; loss barrier naive {r['barrier']['naive']:.4f}, aligned "
-            f"{r['barrier']['aligned']:.4f}, aligned+REPAIR {r['barrier']['repaired']:.4f}: REPAIR removes "
+            f"{100 * acc['repaired']:.2f}%; loss barrier naive {r['barrier']['naive']:.4f}, "
+            f"aligned {r['barrier']['aligned']:.4f}, "
+            f"aligned+REPAIR {r['barrier']['repaired']:.4f}: REPAIR removes "
             f"{100 * r['reduction']:.1f}% (accepted: >= {100 * ACCEPTED_REDUCTION:.0f}%) "
             f"[train {r['train_seconds']:.0f} s, repair {r['repair_seconds']:.1f} s]",
             flush=True,

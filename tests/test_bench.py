@@ -31,7 +31,8 @@ def test_reach_and_mean_std_on_synthetic_rows():
 def test_bad_suites_name_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        f"base: {ROOT / 'configs/digits_mlp.yaml'}\nstrategies: [fedavg]\npartitions: [iid]\nseed: [1]\n"
+        f"base: {ROOT / 'configs/digits_mlp.yaml'}\nstrategies: [fedavg]\npartitions: [iid]\n"
+        "seed: [1]\n"
     )
     with pytest.raises(ConfigError, match="unknown suite key 'seed'"):
         load_suite(bad)

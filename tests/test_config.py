@@ -78,6 +78,7 @@ def test_cli_bad_config_exits_2_with_one_clear_line(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert "train.lr: must be > 0" in proc.stderr
@@ -98,6 +99,7 @@ def test_cli_unknown_override_key_exits_2(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert "unknown key 'strategy.roundz'" in proc.stderr

@@ -66,7 +66,8 @@ def sinkhorn_alignment(
     seed: int,
     workers: int,
 ) -> list[Perms]:
-    """Sinkhorn re-basin of every client to the reference (independent: a worker pool when asked)."""
+    """Sinkhorn re-basin of every client to the reference (independent: a worker pool when
+    asked)."""
     others = [sd for j, sd in enumerate(states) if j != reference]
     perms = match_all(
         spec,

@@ -24,8 +24,9 @@ LOSSES = ("l2", "l1", "cosine", "midpoint")
 
 
 def log_sinkhorn(logits: torch.Tensor, tau: float, n_iter: int) -> torch.Tensor:
-    """(n, n) doubly stochastic plan ``exp`` of ``logits / tau`` after ``n_iter`` alternating row and
-    column normalisations in the log domain (differentiable; the last step makes columns exact)."""
+    """(n, n) doubly stochastic plan ``exp`` of ``logits / tau`` after ``n_iter`` alternating row
+    and column normalisations in the log domain (differentiable; the last step makes columns
+    exact)."""
     log_p = logits / tau
     for _ in range(n_iter):
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
@@ -34,7 +35,8 @@ def log_sinkhorn(logits: torch.Tensor, tau: float, n_iter: int) -> torch.Tensor:
 
 
 def soft_permute_axis(value: torch.Tensor, plan: torch.Tensor, ref: AxisRef) -> torch.Tensor:
-    """``value`` with the axis ``ref`` mixed by ``plan`` (n x n): unit i <- sum_j plan[i, j] unit j."""
+    """``value`` with the axis ``ref`` mixed by ``plan`` (n x n): unit i <- sum_j plan[i, j]
+    unit j."""
     t = value.movedim(ref.axis, 0)
     rest = t.shape[1:]
     t = t.reshape(ref.repeat, plan.shape[1], ref.block, -1)
@@ -45,7 +47,7 @@ def soft_permute_axis(value: torch.Tensor, plan: torch.Tensor, ref: AxisRef) -> 
 def soft_permute(
     spec: PermutationSpec, plans: Mapping[str, torch.Tensor], key: str, value: torch.Tensor
 ) -> torch.Tensor:
-    for _, (group, ref) in spec.axes_of(key).items():
+    for group, ref in spec.axes_of(key).values():
         value = soft_permute_axis(value, plans[group], ref)
     return value
 

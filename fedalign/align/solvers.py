@@ -94,7 +94,8 @@ def sinkhorn(
 
 
 SOLVERS = Registry("solver")
-"""Solver name -> ``solve(scores, **options) -> assignment``: a LongTensor giving each row's column."""
+"""Solver name -> ``solve(scores, **options) -> assignment``: a LongTensor giving each row's
+column."""
 SOLVERS.register("hungarian", hungarian)
 SOLVERS.register("sinkhorn", sinkhorn)
 

@@ -2,8 +2,8 @@
 
 Every alignment method (weight matching, activation matching, Sinkhorn re-basin) and every
 matched fusion rule works through this one structure, so supporting a new architecture means
-deriving its spec (``fedalign.align.trace``) or writing it by hand (as ``tests/align/zoo_specs.py`` does),
-nothing else.
+deriving its spec (``fedalign.align.trace``) or writing it by hand (as ``tests/align/zoo_specs.py``
+does), nothing else.
 
 A group of ``n`` units acts on an axis of length ``repeat * n * block``: the axis holds ``repeat``
 consecutive copies (the four gate blocks of an LSTM), each made of ``n`` runs of ``block``
@@ -13,7 +13,8 @@ and moving ``n`` to the front gives the ``(n, rest)`` matrix every matching cost
 
 Two views of the same information::
 
-    spec.groups["fc1"]          # (AxisRef("fc1.weight", 0), AxisRef("fc1.bias", 0), AxisRef("fc2.weight", 1))
+    spec.groups["fc1"]          # (AxisRef("fc1.weight", 0), AxisRef("fc1.bias", 0),
+                                #  AxisRef("fc2.weight", 1))
     spec.parameters["fc2.weight"]   # ("fc2", "fc1"): the group on each axis, None where unpermuted
 """
 
@@ -26,7 +27,8 @@ from functools import cached_property
 import torch
 
 Perms = dict[str, torch.Tensor]
-"""Group name -> LongTensor ``p`` of length ``n``: unit ``p[i]`` of the input lands at position ``i``."""
+"""Group name -> LongTensor ``p`` of length ``n``: unit ``p[i]`` of the input lands at position
+``i``."""
 
 
 @dataclass(frozen=True)

@@ -243,8 +243,8 @@ class _Walker:
                     True for _ in module.parameters(recurse=False)
                 ):
                     raise UnsupportedModuleError(
-                        f"module {node.target!r} ({type(module).__name__}) is called more than once: "
-                        "shared weights cannot be permuted for each use"
+                        f"module {node.target!r} ({type(module).__name__}) is called more than "
+                        "once: shared weights cannot be permuted for each use"
                     )
                 self.called.add(node.target)
                 self.labels[node] = self.module(node, module)
@@ -405,7 +405,8 @@ class _Walker:
         )
 
     def spatial_mean(self, node: fx.Node):
-        """``x.mean((2, 3))`` over an NCHW tensor (global average pooling) keeps the channel axis."""
+        """``x.mean((2, 3))`` over an NCHW tensor (global average pooling) keeps the channel
+        axis."""
         src = node.args[0]
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())

@@ -1,4 +1,5 @@
-"""Fashion-MNIST from its IDX files, found locally or downloaded (and verified) where a network exists.
+"""Fashion-MNIST from its IDX files, found locally or downloaded (and verified) where a network
+exists.
 
 Looked up, in order: the ``data_dir`` argument, ``$FEDALIGN_DATA_DIR``, Debian's
 ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``), and the user cache
@@ -69,8 +70,12 @@ RAW_MD5 = {
 }
 #: SHA-256 of the decompressed IDX payloads (measured on Debian's dataset-fashion-mnist 2020-06).
 RAW_SHA256 = {
-    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "train-images-idx3-ubyte.gz": (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+    ),
     "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }

@@ -117,8 +117,8 @@ def _dirichlet(labels: np.ndarray, num_clients: int, seed: int, options: dict) -
         )
     if num_clients * min_size > len(labels):
         raise DataError(
-            f"partition option min_partition_size={min_size} is impossible: {num_clients} clients x "
-            f"{min_size} > {len(labels)} samples; lower min_partition_size or use fewer clients"
+            f"partition option min_partition_size={min_size} is impossible: {num_clients} clients "
+            f"x {min_size} > {len(labels)} samples; lower min_partition_size or use fewer clients"
         )
     return DirichletPartitioner(
         num_partitions=num_clients,
@@ -275,7 +275,8 @@ def partition(
     for i, part in enumerate(parts):
         if len(part) == 0:
             raise DataError(
-                f"partition {scheme!r} left client {i} without data (options {_describe(options)}); "
+                f"partition {scheme!r} left client {i} without data "
+                f"(options {_describe(options)}); "
                 "use fewer clients, a larger alpha or min_partition_size (dirichlet), a larger "
                 "classes_per_client (shards, pathological), or another seed"
             )

@@ -100,7 +100,8 @@ def match_layer(
     solver: str = "hungarian",
     max_width: int | None = None,
 ) -> BBPResult:
-    """BBP-MAP over the clients' units of ``layer`` (FedMA's defaults: sigma = sigma0 = 1, gamma 7)."""
+    """BBP-MAP over the clients' units of ``layer`` (FedMA's defaults: sigma = sigma0 = 1,
+    gamma 7)."""
     rows = [neuron_rows(sd, layer).double() for sd in states]
     return bbp_map(
         rows,

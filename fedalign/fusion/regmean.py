@@ -1,10 +1,11 @@
 """RegMean, dataless knowledge fusion (Jin et al. 2023), for Linear and Conv2d layers.
 
 For a layer with inputs ``X_i`` on client ``i``, the fused weight minimises
-``sum_i ||X_i W - X_i W_i||^2``, so ``W^T = (sum_i G_i)^-1 sum_i G_i W_i^T`` with ``G_i = X_i^T X_i``
-(``fedalign.stats.gram_matrices``): the clients send Gram matrices, never data. Each ``G_i``'s
-off-diagonal entries are scaled by ``alpha`` (``alpha = 1``: exact least squares; smaller values
-pull towards a per-input-weighted mean, which the paper found more robust across non-IID clients).
+``sum_i ||X_i W - X_i W_i||^2``, so ``W^T = (sum_i G_i)^-1 sum_i G_i W_i^T`` with
+``G_i = X_i^T X_i`` (``fedalign.stats.gram_matrices``): the clients send Gram matrices, never
+data. Each ``G_i``'s off-diagonal entries are scaled by ``alpha`` (``alpha = 1``: exact least
+squares; smaller values pull towards a per-input-weighted mean, which the paper found more robust
+across non-IID clients).
 The system is solved by Cholesky with a ridge relative to the mean diagonal (dead inputs make the
 sum singular), never by an explicit inverse. Grams carry a constant-1 input column last (its
 diagonal entry is the count): for a layer with a bias it is the bias's input, so weight and bias
@@ -56,11 +57,12 @@ def _scaled(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _solve(G: torch.Tensor, B: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``argmin_T  tr(T^T G T) - 2 tr(T^T B) + r ||T - prior||^2`` with ``r = ridge * mean(diag G)``:
-    ``(G + r I)^-1 (B + r prior)``. The ridge pulls directions no client's data reaches (dead
-    inputs, whose Gram rows are zero) to the weighted mean instead of to zero. Solved by Cholesky;
-    if the factorisation fails (ridge 0 and a singular sum), by SVD least squares: LAPACK's default
-    QR-based ``gelsy`` returned a wrong solution for such a singular Gram system."""
+    """``argmin_T  tr(T^T G T) - 2 tr(T^T B) + r ||T - prior||^2`` with
+    ``r = ridge * mean(diag G)``: ``(G + r I)^-1 (B + r prior)``. The ridge pulls directions no
+    client's data reaches (dead inputs, whose Gram rows are zero) to the weighted mean instead of
+    to zero. Solved by Cholesky; if the factorisation fails (ridge 0 and a singular sum), by SVD
+    least squares: LAPACK's default QR-based ``gelsy`` returned a wrong solution for such a
+    singular Gram system."""
     reg = ridge * torch.diagonal(G).mean().clamp_min(1e-12)
     A = G + reg * torch.eye(len(G), dtype=G.dtype)
     rhs = B + reg * prior

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -76,9 +78,7 @@ class VGG9(nn.Module):
         if len(widths) != 6:
             raise ValueError(f"VGG9 has 6 conv layers, got widths {widths}")
         channels = [in_channels, *widths]
-        self.convs = nn.ModuleList(
-            nn.Conv2d(a, b, 3, padding=1) for a, b in zip(channels[:-1], channels[1:])
-        )
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in pairwise(channels))
         self.pool = nn.MaxPool2d(2)
         side = _conv_output_side(image_size, 3)
         if side <= 0:

@@ -1,8 +1,8 @@
 """ResNet-20 for small images (He et al. 2016, CIFAR variant) with a width multiplier.
 
 Three stages of three basic blocks (16w, 32w, 64w channels), projection shortcuts (1x1 conv + norm)
-where the shape changes, global average pooling, one linear classifier. ``norm="batch"`` is the usual
-model; ``norm="layer"`` uses a per-sample LayerNorm over (C, H, W) with per-channel affine
+where the shape changes, global average pooling, one linear classifier. ``norm="batch"`` is the
+usual model; ``norm="layer"`` uses a per-sample LayerNorm over (C, H, W) with per-channel affine
 (``GroupNorm(1, C)``), the variant Git Re-Basin aligns without BN statistics.
 """
 

@@ -71,7 +71,7 @@ def test_statistics_are_additive_over_clients():
 
 
 def test_cross_moment_criterion_and_bad_criterion():
-    spec, a, b, planted = _planted("mlp", hidden=[16])
+    spec, a, b, _ = _planted("mlp", hidden=[16])
     stats = activation_statistics(spec, a, b, torch.randn(300, 784))
     perms = permutations_from_statistics(stats, criterion="cross_moment")
     assert perms["layers.0"].shape == (16,)
@@ -81,7 +81,7 @@ def test_cross_moment_criterion_and_bad_criterion():
 
 @pytest.mark.parametrize("loss", ["l2", "l1", "cosine"])
 def test_sinkhorn_rebasin_recovers_a_planted_permutation_without_data(loss):
-    spec, a, b, planted = _planted("mlp", hidden=[32, 32])
+    spec, a, b, _ = _planted("mlp", hidden=[32, 32])
     perms = sinkhorn_rebasin(spec, a.state_dict(), b.state_dict(), loss=loss)
     back = apply_permutation(spec, perms, b.state_dict())
     assert all(torch.equal(back[k], a.state_dict()[k]) for k in back)

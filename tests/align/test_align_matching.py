@@ -154,8 +154,8 @@ def test_merge_many_of_permuted_copies_is_the_same_network_with_bn_buffers():
         and merged["bn1.num_batches_tracked"].dtype == torch.long
     )
     aligned = [apply_permutation(spec, p, c) for p, c in zip(perms, copies)]
-    for k in base:
-        if base[k].is_floating_point():
+    for k, v in base.items():
+        if v.is_floating_point():
             assert all(torch.allclose(a[k], aligned[0][k], atol=1e-6) for a in aligned[1:]), k
     x = torch.rand(4, 1, 28, 28)
     before = model(x)

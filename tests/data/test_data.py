@@ -27,7 +27,10 @@ from fedalign.data.text import VOCAB_SIZE, decode, encode
 FMNIST = fashion_mnist.DEBIAN_DIR
 needs_fmnist = pytest.mark.skipif(
     not all((FMNIST / n).is_file() for n in fashion_mnist.FILES.values()),
-    reason=f"Debian's dataset-fashion-mnist is not installed in {FMNIST} (apt install dataset-fashion-mnist)",
+    reason=(
+        f"Debian's dataset-fashion-mnist is not installed in {FMNIST} "
+        "(apt install dataset-fashion-mnist)"
+    ),
 )
 needs_fortunes = pytest.mark.skipif(
     not text.FORTUNES_DIR.is_dir(), reason=f"Debian's fortunes corpus is not in {text.FORTUNES_DIR}"

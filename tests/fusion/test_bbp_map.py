@@ -145,7 +145,8 @@ def test_sinkhorn_solver_finds_the_same_matching():
 def test_popularity_term_weight_decides_a_borderline_match():
     """Two identical neurons, J=4, gamma=2 (s = s0 = 1, mu0 = 0, x = 0): joining scores c log(1/3),
     opening one scores 2 log(2/4). The reference's c=1 joins them (-1.10 > -1.39); the consistent
-    c=2 keeps them apart (-2.20 < -1.39). Two far neurons open their own global neurons either way."""
+    c=2 keeps them apart (-2.20 < -1.39). Two far neurons open their own global neurons either
+    way."""
     clients = [
         torch.zeros(1, 1),
         torch.zeros(1, 1),

@@ -9,7 +9,8 @@ from tests.helpers import seeded_model, tiny_net
 
 
 def _loop_fisher(model, X, weight_of):
-    """Hand loop over examples and classes: sum_n sum_c weight_of(n, c, p) * grad log p_c(x_n)^2 / N."""
+    """Hand loop over examples and classes: sum_n sum_c weight_of(n, c, p) * grad log p_c(x_n)^2
+    / N."""
     expected = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
     for n, x in enumerate(X):
         p = torch.softmax(model(x[None]), -1)[0].detach()

@@ -1,4 +1,5 @@
-"""PFNM fusion of MLPs (top-down layer matching, class-share weighted classifier) and its grid search."""
+"""PFNM fusion of MLPs (top-down layer matching, class-share weighted classifier) and its grid
+search."""
 
 import pytest
 import torch

@@ -69,7 +69,8 @@ def _wait_for_nodes(address: str, count: int, timeout: float = 90.0) -> None:
         "import ray, sys, time\n"
         f"ray.init(address='{address}', include_dashboard=False, logging_level='ERROR')\n"
         f"deadline = time.time() + {timeout}\n"
-        f"while sum(n['Alive'] for n in ray.nodes()) < {count} and time.time() < deadline: time.sleep(1)\n"
+        f"while sum(n['Alive'] for n in ray.nodes()) < {count} and time.time() < deadline: "
+        "time.sleep(1)\n"
         f"sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) >= {count} else 1)\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=timeout + 60)

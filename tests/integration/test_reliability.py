@@ -25,9 +25,11 @@ def test_faulty_clients_are_rejected_with_reasons_and_the_run_finishes(tmp_path)
             "data.num_clients=6",
             "strategy.rounds=3",
             "strategy.max_update_norm=1000.0",
-            "faults=[{round: 2, client: 0, kind: raise}, {round: 2, client: 1, kind: nan},"
-            " {round: 2, client: 2, kind: wrong-shape}, {round: 3, client: 3, kind: scale},"
-            " {round: 3, client: 4, kind: missing-key}]",
+            (
+                "faults=[{round: 2, client: 0, kind: raise}, {round: 2, client: 1, kind: nan},"
+                " {round: 2, client: 2, kind: wrong-shape}, {round: 3, client: 3, kind: scale},"
+                " {round: 3, client: 4, kind: missing-key}]"
+            ),
         ],
     )
     outcome = run(cfg, output_dir=tmp_path, progress=False)
@@ -75,31 +77,31 @@ def test_too_few_valid_replies_retries_then_stops_keeping_finished_rounds(tmp_pa
 def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, caplog):
     args = ["--set", "strategy.rounds=6", "--set", "name=kill"]
     killed_out = tmp_path / "killed"
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedalign.cli",
-            "run",
-            str(DIGITS),
-            "--output",
-            str(killed_out),
-            "--no-progress",
-            *args,
-        ],
-        start_new_session=True,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.time() + 300
-        while not glob.glob(f"{killed_out}/*/checkpoints/round-000003.json"):
-            assert time.time() < deadline and proc.poll() is None, "run did not reach round 3"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray processes it started
-        proc.wait()
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedalign.cli",
+                "run",
+                str(DIGITS),
+                "--output",
+                str(killed_out),
+                "--no-progress",
+                *args,
+            ],
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + 300
+            while not glob.glob(f"{killed_out}/*/checkpoints/round-000003.json"):
+                assert time.time() < deadline and proc.poll() is None, "run did not reach round 3"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray processes it started
+            proc.wait()
     (run_dir,) = killed_out.iterdir()
     assert not (run_dir / "summary.json").exists()  # it really died mid-run
 

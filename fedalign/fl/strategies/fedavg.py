@@ -51,7 +51,8 @@ class FedAvg(Strategy):
         return partitions if self.cfg.aggregation.own_init and rnd.number == 1 else []
 
     def check(self, rnd: Round, update: ClientUpdate) -> str | None:
-        """The pipeline's train-phase statistics are there (PFNM as the align step: class counts)."""
+        """The pipeline's train-phase statistics are there (PFNM as the align step: class
+        counts)."""
         if self.plan.fuses_in_alignment:
             return class_counts_problem(update, rnd.reference)
         missing = set(self.plan.train_statistics()) - set(update.statistics or {})
