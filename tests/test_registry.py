@@ -162,3 +162,12 @@ def test_a_plugin_file_registers_in_this_process_and_in_a_worker(tmp_path):
         assert worker.stdout.strip() == "True", worker.stderr[-2000:]
     finally:
         fedalign.MODELS.unregister("wide-plugin")
+
+
+def test_cli_plugin_must_be_a_python_file(tmp_path, capsys):
+    from fedalign.cli import main
+
+    not_python = tmp_path / "rules.txt"
+    not_python.write_text("print('never run')\n")
+    assert main(["run", "--plugin", str(not_python), str(ROOT / "configs/quickstart.yaml")]) == 2
+    assert "--plugin" in capsys.readouterr().err
