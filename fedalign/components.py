@@ -6,6 +6,8 @@ run sees the same partition and the same architecture.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from torch import nn
 from fedalign.config import DataConfig, RunConfig
 from fedalign.data import Federation, federation
 from fedalign.models import build_model, fit_to_state, model_options
+from fedalign.training import OBJECTIVES, TrainStats, train_local
 
 
 def partition_options(data: DataConfig) -> dict[str, object]:
@@ -81,3 +84,46 @@ def server_device(cfg: RunConfig) -> torch.device:
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def local_init_seed(cfg: RunConfig, partition_id: int) -> int:
+    """Each client's own initialisation (PFNM and FedMA clients start from different inits)."""
+    return int(np.random.SeedSequence([cfg.resolved_seeds.init, partition_id]).generate_state(1)[0])
+
+
+def shuffle_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
+    """A data-shuffling seed per (run, round, client): reruns repeat, clients differ."""
+    words = np.random.SeedSequence([cfg.resolved_seeds.shuffle, server_round, partition_id])
+    return int(words.generate_state(1)[0])
+
+
+def train_client(
+    cfg: RunConfig,
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    server_round: int,
+    partition_id: int,
+    frozen: Collection[str] = (),
+    device: str | torch.device = "cpu",
+) -> TrainStats:
+    """One client's local training as the run's config says (optimizer, client objective, seeded
+    shuffling): the ClientApp, the mock clients of the strategy tests and the plain-loop
+    benchmark all train through this, so they train identically."""
+    t = cfg.train
+    return train_local(
+        model,
+        X,
+        y,
+        epochs=t.local_epochs,
+        batch_size=t.batch_size,
+        optimizer=t.optimizer,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        objective=cfg.objective,
+        objective_options=OBJECTIVES.get(cfg.objective).resolve(vars(t)),
+        seed=shuffle_seed(cfg, server_round, partition_id),
+        device=device,
+        frozen=frozen,
+    )

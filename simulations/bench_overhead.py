@@ -2,11 +2,11 @@
 against a plain sequential PyTorch loop doing identical training, measured in the same run.
 
 The plain loop reproduces the run exactly: the same partition (``run_federation``), the same
-initial model (the run's init seed), the same clients per round (``sample_partitions``), the same
-shuffling seeds, ``train_local`` with the same settings, the same weighted mean and the same
-test-set evaluation every round; one torch thread, as each fedalign client uses with
-``client_cpus: 1``. Final accuracies are printed side by side as the check that the work is the
-same.
+initial model (the run's init seed), the same clients per round (``sample_partitions``), the
+clients' own training (``components.train_client``: optimizer, objective, shuffling seeds), the
+same weighted mean and the same test-set evaluation every round; one torch thread, as each
+fedalign client uses with ``client_cpus: 1``. Final accuracies are printed side by side as the
+check that the work is the same.
 
 - B1 (overhead): logistic regression 784->10, 1000 clients, Dirichlet(0.5), 10 sampled per round,
   1 local epoch, batch 32; compute is tiny, so the time is overhead.
@@ -33,15 +33,14 @@ from typing import Self
 
 import torch
 
-from fedalign.components import run_federation, run_model
+from fedalign.components import run_federation, run_model, train_client
 from fedalign.config import RunConfig, load_config
-from fedalign.fl.client_app import shuffle_seed
 from fedalign.fl.engine import sample_partitions
 from fedalign.results import read_rows
 from fedalign.runner import run
 from fedalign.studies import write_json
 from fedalign.tensors import weighted_average
-from fedalign.training import evaluate, train_local
+from fedalign.training import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -131,7 +130,7 @@ def plain_loop(cfg: RunConfig) -> dict:
     X_test, y_test = fed.test
     state = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init).state_dict()
     partitions = list(range(cfg.data.num_clients))
-    t, s = cfg.train, cfg.strategy
+    s = cfg.strategy
     seconds, accuracy = [], None
     for server_round in range(1, s.rounds + 1):
         t0 = time.perf_counter()
@@ -145,18 +144,7 @@ def plain_loop(cfg: RunConfig) -> dict:
         ):
             data = fed.client(pid)
             model = run_model(cfg, fed, state=state)
-            stats = train_local(
-                model,
-                data.X_train,
-                data.y_train,
-                epochs=t.local_epochs,
-                batch_size=t.batch_size,
-                optimizer=t.optimizer,
-                lr=t.lr,
-                momentum=t.momentum,
-                weight_decay=t.weight_decay,
-                seed=shuffle_seed(cfg, server_round, pid),
-            )
+            stats = train_client(cfg, model, data.X_train, data.y_train, server_round, pid)
             states.append(model.state_dict())
             sizes.append(stats.num_examples)
         state = weighted_average(states, sizes)

@@ -19,13 +19,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedalign.components import run_federation, run_model
+from fedalign.components import (
+    local_init_seed,
+    run_federation,
+    run_model,
+    shuffle_seed,
+    train_client,
+)
 from fedalign.config import RunConfig, from_dict
 from fedalign.fl.faults import apply_fault, fault_for
 from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
 from fedalign.plugins import load_from_environment
 from fedalign.stats import StatContext, client_statistics, flatten, unflatten
-from fedalign.training import OBJECTIVES, evaluate, train_local
+from fedalign.training import evaluate
 
 app = ClientApp()
 log = logging.getLogger("fedalign")
@@ -56,11 +62,6 @@ def _received_model(msg: Message, cfg: RunConfig, fed) -> torch.nn.Module:
     return run_model(cfg, fed, state=to_state_dict(msg.content["arrays"]))
 
 
-def local_init_seed(cfg: RunConfig, partition_id: int) -> int:
-    """Each client's own initialisation (PFNM and FedMA clients start from different inits)."""
-    return int(np.random.SeedSequence([cfg.resolved_seeds.init, partition_id]).generate_state(1)[0])
-
-
 def client_device(cfg: RunConfig) -> torch.device:
     """The GPU when the run asks for one and this worker sees one, else the CPU (logged once per
     worker process, with the reason when a GPU was asked for and none is visible)."""
@@ -86,12 +87,6 @@ def ray_node_metric() -> dict[str, int]:
     return {"ray-node": int(ray.get_runtime_context().get_node_id()[:12], 16)}
 
 
-def shuffle_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
-    """A data-shuffling seed per (run, round, client): reruns repeat, clients differ."""
-    words = np.random.SeedSequence([cfg.resolved_seeds.shuffle, server_round, partition_id])
-    return int(words.generate_state(1)[0])
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, config, partition_id, fed = _setup(msg, context)
@@ -101,22 +96,16 @@ def train(msg: Message, context: Context) -> Message:
     else:
         model = _received_model(msg, cfg, fed)
     server_round = int(config.get("server-round", 0))
-    t = cfg.train
-    stats = train_local(
+    frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
+    stats = train_client(
+        cfg,
         model,
         data.X_train,
         data.y_train,
-        epochs=t.local_epochs,
-        batch_size=t.batch_size,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        objective=cfg.objective,
-        objective_options=OBJECTIVES.get(cfg.objective).resolve(vars(t)),
-        seed=shuffle_seed(cfg, server_round, partition_id),
-        device=client_device(cfg),
-        frozen=[k for k in str(config.get("frozen", "")).split(",") if k],
+        server_round,
+        partition_id,
+        frozen,
+        client_device(cfg),
     )
     metrics = MetricRecord(
         {

@@ -30,14 +30,14 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedalign.components import run_model
+from fedalign.components import local_init_seed, run_model, train_client
 from fedalign.config import FaultConfig, RunConfig
 from fedalign.data.federation import ClientData
-from fedalign.fl.client_app import _kinds, _run_config, _statistics, local_init_seed, shuffle_seed
+from fedalign.fl.client_app import _kinds, _run_config, _statistics
 from fedalign.fl.faults import apply_fault
 from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
 from fedalign.stats import unflatten
-from fedalign.training import OBJECTIVES, evaluate, train_local
+from fedalign.training import evaluate
 from fedalign.types import ClientStats, StateDict
 
 Targets = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # REPAIR's (mean, std) per layer
@@ -245,21 +245,9 @@ class MockClient:
         else:
             model = self.model(cfg, to_state_dict(msg.content["arrays"]))
         server_round = int(config.get("server-round", 0))
-        t = cfg.train
-        stats = train_local(
-            model,
-            self.data.X_train,
-            self.data.y_train,
-            epochs=t.local_epochs,
-            batch_size=t.batch_size,
-            optimizer=t.optimizer,
-            lr=t.lr,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-            objective=cfg.objective,
-            objective_options=OBJECTIVES.get(cfg.objective).resolve(vars(t)),
-            seed=shuffle_seed(cfg, server_round, pid),
-            frozen=[k for k in str(config.get("frozen", "")).split(",") if k],
+        frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
+        stats = train_client(
+            cfg, model, self.data.X_train, self.data.y_train, server_round, pid, frozen
         )
         counts = np.bincount(self.data.y_train, minlength=NUM_CLASSES).tolist()
         if fault == "bad-counts":
