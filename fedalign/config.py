@@ -125,11 +125,6 @@ class AggregationConfig:
     own_init: bool = False
     workers: int = Plan.workers
 
-    @property
-    def active(self) -> bool:
-        """Whether the pipeline does more than FedAvg's weighted mean."""
-        return (self.align, self.fuse, self.repair) != ("none", "mean", "none")
-
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -362,7 +357,7 @@ def _validate_aggregation(
         ("solver", SOLVERS, a.solver),
     ):
         _check(need, f"aggregation.{key}", registry, value)
-    if not (a.active or a.own_init):
+    if not (cfg.to_plan().active or a.own_init):
         return cfg
     strategy = STRATEGIES.get(cfg.strategy.name)
     need(

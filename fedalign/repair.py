@@ -220,9 +220,7 @@ def _bn(model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext
 def _preact_cross(
     model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext
 ) -> Stats:
-    if context.reference is None:
-        raise ValueError("cross-moments need a reference model")
-    return preactivation_cross_moments(context.reference, model, X)
+    return preactivation_cross_moments(context.reference_model(), model, X)
 
 
 STATISTICS.register("moments", _moments, permute=permute_moments)

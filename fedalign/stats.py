@@ -399,6 +399,12 @@ class StatContext:
     targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     seed: int = 0
 
+    def reference_model(self) -> nn.Module:
+        """The broadcast reference, which statistics relating two models cannot do without."""
+        if self.reference is None:
+            raise ValueError("cross-moments need a reference model")
+        return self.reference
+
 
 STATISTICS = Registry("statistic")
 """Statistic name -> ``compute(model, X, y, context, **options) -> values``; ``meta["permute"]``

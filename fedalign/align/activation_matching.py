@@ -162,9 +162,7 @@ def permutations_from_statistics(
 def _cross_statistic(
     model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext
 ) -> Stats:
-    if context.reference is None:
-        raise ValueError("cross-moments need a reference model")
-    return cross_moments(context.reference, model, X)
+    return cross_moments(context.reference_model(), model, X)
 
 
 STATISTICS.register("cross", _cross_statistic, permute=None)

@@ -77,7 +77,11 @@ class RoundLog:
     phase_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def fail(self, partition_id: int | None, node_id: int, reason: str) -> None:
+    def fail(
+        self, partition_id: int | None, node_id: int, reason: str, phase: str = "train"
+    ) -> None:
+        """Count a client's failure; reasons from phases after ``train`` name their phase."""
+        reason = reason if phase == "train" else f"{phase}: {reason}"
         self.clients_failed += 1
         self.failures.append({"partition": partition_id, "node": node_id, "reason": reason})
         log.warning("round %d: client %s rejected: %s", self.round, partition_id, reason)
@@ -206,9 +210,7 @@ class Round:
             if problem is None and check is not None:
                 problem = check(update)
             if problem is not None:
-                self.log.fail(
-                    pid, update.node_id, problem if phase == "train" else f"{phase}: {problem}"
-                )
+                self.log.fail(pid, update.node_id, problem, phase)
                 continue
             updates.append(update)
         self.log.clients_ok += len(updates)
@@ -229,7 +231,7 @@ class Round:
             try:
                 answers[pid] = unflatten(to_state_dict(reply.content["statistics"]))
             except (KeyError, TypeError, ValueError) as exc:
-                self.log.fail(pid, self.node(pid), f"{phase}: malformed statistics: {exc!r}")
+                self.log.fail(pid, self.node(pid), f"malformed statistics: {exc!r}", phase)
         return answers
 
     def score(
@@ -457,17 +459,19 @@ class RoundEngine:
         totals["down"] += down
         totals["up"] += up
         rnd.log.timed(phase, t0)
-        prefix = "" if phase == "train" else f"{phase}: "
         answered: dict[int, Message] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             pid = self.partition_of_node.get(node)
             if pid not in records:
-                rnd.log.fail(pid, node, f"{prefix}reply from a client that was not asked")
+                rnd.log.fail(pid, node, "reply from a client that was not asked", phase)
             elif reply.has_error():
                 if count_failures:
                     rnd.log.fail(
-                        pid, node, f"{prefix}client error: {error_summary(reply.error.reason)}"
+                        pid,
+                        node,
+                        f"client error: {error_summary(reply.error.reason)}",
+                        phase,
                     )
             else:
                 answered[pid] = reply
@@ -478,7 +482,8 @@ class RoundEngine:
                 rnd.log.fail(
                     pid,
                     self.node_of_partition[pid],
-                    f"{prefix}no reply within strategy.timeout={self.cfg.strategy.timeout:g} s",
+                    f"no reply within strategy.timeout={self.cfg.strategy.timeout:g} s",
+                    phase,
                 )
         return dict(sorted(answered.items()))
 
@@ -493,8 +498,7 @@ class RoundEngine:
                 unflatten(to_state_dict(content["statistics"])) if "statistics" in content else None
             )
         except (KeyError, TypeError, ValueError) as exc:
-            prefix = "" if phase == "train" else f"{phase}: "
-            rnd.log.fail(pid, reply.metadata.src_node_id, f"{prefix}malformed reply: {exc!r}")
+            rnd.log.fail(pid, reply.metadata.src_node_id, f"malformed reply: {exc!r}", phase)
             return None
         return ClientUpdate(
             pid, reply.metadata.src_node_id, state, num_examples, metrics, statistics

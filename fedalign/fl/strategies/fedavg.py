@@ -70,23 +70,23 @@ class FedAvg(Strategy):
         return self._pipeline(rnd, updates)
 
     def _pipeline(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
-        plan, usable = self.plan, updates
-        kept = {u.partition_id for u in usable}  # the clients still in the fusion
+        plan = self.plan
+        kept = {u.partition_id for u in updates}  # the clients still in the fusion
 
         def ask_cross(ref: int, others: list[int]) -> dict[int, ClientStats]:
             records = {
-                usable[j].partition_id: {
-                    "arrays": usable[j].state_dict,
-                    "reference": usable[ref].state_dict,
+                updates[j].partition_id: {
+                    "arrays": updates[j].state_dict,
+                    "reference": updates[ref].state_dict,
                 }
                 for j in others
             }
             answers = rnd.query("align", plan.align_statistics(), records)
             kept.difference_update(records.keys() - answers.keys())
             return {
-                j: answers[usable[j].partition_id]
+                j: answers[updates[j].partition_id]
                 for j in others
-                if usable[j].partition_id in answers
+                if updates[j].partition_id in answers
             }
 
         def ask_fused(fused: OrderedDict, targets: dict | None) -> list[ClientStats]:
@@ -104,16 +104,16 @@ class FedAvg(Strategy):
         outcome = aggregate(
             plan,
             self.spec,
-            [u.state_dict for u in usable],
-            [float(u.num_examples) for u in usable],
-            [u.statistics or {} for u in usable],
+            [u.state_dict for u in updates],
+            [float(u.num_examples) for u in updates],
+            [u.statistics or {} for u in updates],
             ask_cross,
             ask_fused,
             seed=self.cfg.resolved_seeds.sampling + rnd.number,
         )
-        rnd.log.clients_ok -= len(usable) - len(outcome.kept)
+        rnd.log.clients_ok -= len(updates) - len(outcome.kept)
         if "repair_skipped" in outcome.info:
             rnd.log.extra["repair_skipped"] = outcome.info.pop("repair_skipped")
-        reference = usable[outcome.info.pop("reference")].partition_id
+        reference = updates[outcome.info.pop("reference")].partition_id
         rnd.log.extra["aggregation"] = {**outcome.info, "reference_partition": reference}
         return outcome.state
