@@ -99,6 +99,9 @@ class StrategyConfig:
     timeout: float = 3600.0
     round_retries: int = 1
     max_update_norm: float | None = None
+    max_client_examples: int | None = None
+    max_stat_ratio: float | None = 1e4
+    max_fused_ratio: float | None = 10.0
     matching: MatchingConfig = field(default_factory=MatchingConfig)
 
 
@@ -466,6 +469,9 @@ def _validate(cfg: RunConfig) -> RunConfig:
         "strategy.max_update_norm",
         "must be > 0 (or null for no bound)",
     )
+    for key in ("max_client_examples", "max_stat_ratio", "max_fused_ratio"):
+        value = getattr(s, key)
+        need(value is None or value >= 1, f"strategy.{key}", "must be >= 1 (or null for no bound)")
     o = cfg.output
     need(o.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: no checkpoints)")
     need(o.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")

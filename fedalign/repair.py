@@ -47,6 +47,7 @@ from fedalign.stats import (
 )
 from fedalign.tensors import normalised_weights
 from fedalign.types import ClientStats, StateDict, Stats
+from fedalign.validation import cross_problem, moments_problem
 
 Targets = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -223,9 +224,49 @@ def _preact_cross(
     return preactivation_cross_moments(context.reference_model(), model, X)
 
 
-STATISTICS.register("moments", _moments, permute=permute_moments)
-STATISTICS.register("bn", _bn, permute=None)
-STATISTICS.register("preact-cross", _preact_cross, permute=None)
+def _channels(state: StateDict, layer: str, entry: str) -> int:
+    """The channels of ``layer`` by its ``entry`` (KeyError: the model has no such layer)."""
+    if f"{layer}.{entry}" not in state:
+        raise KeyError(f"the model has no entry {layer}.{entry}")
+    return int(state[f"{layer}.{entry}"].shape[0])
+
+
+def check_moments(moments: Stats, state: StateDict, examples: int) -> str | None:
+    """Per layer, moments of as many channels as the layer has outputs."""
+    return next(
+        (
+            p
+            for layer, m in moments.items()
+            if (p := moments_problem(layer, m, _channels(state, layer, "weight"), examples))
+        ),
+        None,
+    )
+
+
+def check_bn(moments: Stats, state: StateDict, examples: int) -> str | None:
+    """Per BatchNorm, moments of as many channels as its running statistics."""
+    return next(
+        (
+            p
+            for layer, m in moments.items()
+            if (p := moments_problem(layer, m, _channels(state, layer, "running_mean"), examples))
+        ),
+        None,
+    )
+
+
+def check_preact_cross(cross: Stats, state: StateDict, examples: int) -> str | None:
+    """Per layer, cross sums of the reference's and the model's outputs, unit by unit."""
+    for layer, c in cross.items():
+        units = _channels(state, layer, "weight")
+        if (problem := cross_problem(layer, c, (units, units), examples)) is not None:
+            return problem
+    return None
+
+
+STATISTICS.register("moments", _moments, permute=permute_moments, check=check_moments)
+STATISTICS.register("bn", _bn, permute=None, check=check_bn)
+STATISTICS.register("preact-cross", _preact_cross, permute=None, check=check_preact_cross)
 
 
 def matched_correlations(

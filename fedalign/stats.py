@@ -408,7 +408,10 @@ class StatContext:
 
 STATISTICS = Registry("statistic")
 """Statistic name -> ``compute(model, X, y, context, **options) -> values``; ``meta["permute"]``
-is ``(spec, perms, values, state) -> values`` in the aligned basis (None: never moved). Each is
+is ``(spec, perms, values, state) -> values`` in the aligned basis (None: never moved);
+``meta["check"]`` is ``(values, state, examples) -> reason | None``, why values a client sent are
+unusable with a model shaped like ``state`` (``fedalign.validation``), and ``meta["scale"]``
+``values -> {part: magnitude per row}``, compared across a round's clients. Each is
 registered by the algorithm that consumes it (``fusion.regmean`` the Grams, ``repair`` the
 moments, ``align.activation_matching`` the cross-moments)."""
 

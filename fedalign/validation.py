@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import torch
 
+from fedalign.stats import STATISTICS, flatten
+
 
 def update_problem(
     reference: Mapping[str, torch.Tensor],
@@ -44,3 +46,198 @@ def update_problem(
         if squares**0.5 > max_norm:
             return f"update norm {squares**0.5:.4g} exceeds max_update_norm={max_norm:g}"
     return None
+
+
+def fused_problem(
+    fused: Mapping[str, torch.Tensor],
+    inputs: list[Mapping[str, torch.Tensor]],
+    max_ratio: float | None,
+) -> str | None:
+    """Why a fused model must not be broadcast: a non-finite entry, or (``max_ratio``) an L2
+    norm more than ``max_ratio`` times the largest of the ``inputs``' (the previous global model
+    and the validated updates; a mean of them is never larger than the largest)."""
+    for key, value in fused.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"fused model: {key} contains NaN or Inf"
+    if max_ratio is None:
+        return None
+
+    def norm(state: Mapping[str, torch.Tensor]) -> float:
+        floats = (v for v in state.values() if v.is_floating_point())
+        return sum(float(v.double().square().sum()) for v in floats) ** 0.5
+
+    bound = max_ratio * max(norm(s) for s in inputs)
+    if norm(fused) > bound:
+        return (
+            f"fused model norm {norm(fused):.4g} exceeds max_fused_ratio={max_ratio:g} times the "
+            f"largest input norm"
+        )
+    return None
+
+
+# ---- client statistics ---------------------------------------------------------------------------
+#
+# Every statistic a client sends is checked before any rule reads it, by the check its producer
+# declares beside it (``STATISTICS.register(kind, compute, check=..., scale=...)``): the helpers
+# below are what those checks share. A check returns why the values are unusable, or None.
+
+SYMMETRY_TOLERANCE = 1e-6
+"""Largest ``|G - G^T|`` of a Gram relative to its largest entry (float64 sums are symmetric to
+rounding, far below this)."""
+PSD_JITTER = 1e-6
+"""A Gram is positive semi-definite within tolerance when ``G + jitter * mean(diag G) * I`` has a
+Cholesky factor (rounding makes an honest singular Gram's least eigenvalues slightly negative)."""
+
+
+def finite_problem(name: str, value: object) -> str | None:
+    """``value`` must be a floating-point tensor without NaN or Inf."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return f"{name}: not a floating-point tensor"
+    if not torch.isfinite(value).all():
+        return f"{name}: contains NaN or Inf"
+    return None
+
+
+def count_problem(name: str, count: object, examples: int) -> str | None:
+    """A statistic's row count must be a whole positive multiple of the examples it was computed
+    on (one row per example, or per example and position: a conv's positions, a sequence's steps):
+    a count that is not says the sums were scaled or come from other data."""
+    if (problem := finite_problem(name, count)) is not None:
+        return problem
+    if count.numel() != 1:
+        return f"{name}: a count must be one number, got shape {tuple(count.shape)}"
+    value = float(count)
+    rows_per_example = value / max(examples, 1)
+    if value < 1 or abs(rows_per_example - round(rows_per_example)) > 1e-6 * rows_per_example:
+        return f"{name}: count {value:g} is not a positive multiple of its {examples} examples"
+    return None
+
+
+def gram_problem(name: str, gram: object, sizes: tuple[int, ...], examples: int) -> str | None:
+    """A Gram from ``stats.gram_matrices``: square of one of ``sizes``, finite, symmetric and
+    positive semi-definite within tolerance, its constant column's diagonal entry a count
+    consistent with ``examples``."""
+    if (problem := finite_problem(name, gram)) is not None:
+        return problem
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] not in sizes:
+        return f"{name}: shape {tuple(gram.shape)}, expected a square of size {sizes}"
+    G = gram.double()
+    scale = float(G.abs().max())
+    if float((G - G.T).abs().max()) > SYMMETRY_TOLERANCE * scale:
+        return f"{name}: not symmetric"
+    jitter = PSD_JITTER * float(torch.diagonal(G).abs().mean()) + 1e-12
+    if int(torch.linalg.cholesky_ex(G + jitter * torch.eye(len(G), dtype=G.dtype)).info) != 0:
+        return f"{name}: not positive semi-definite"
+    return count_problem(f"{name} count", G[-1, -1], examples)
+
+
+def nonnegative_problem(name: str, value: object, shape: tuple[int, ...]) -> str | None:
+    """A finite, non-negative tensor of ``shape`` (a Fisher, sums of squares)."""
+    if (problem := finite_problem(name, value)) is not None:
+        return problem
+    if tuple(value.shape) != shape:
+        return f"{name}: shape {tuple(value.shape)}, expected {shape}"
+    if (value < 0).any():
+        return f"{name}: negative entries"
+    return None
+
+
+def moments_problem(name: str, moments: object, channels: int, examples: int) -> str | None:
+    """Count, sum and sum of squares of ``channels`` channels (``stats.activation_moments``):
+    finite, the squares non-negative, a variance that is not negative, a consistent count."""
+    if not isinstance(moments, Mapping) or set(moments) != {"count", "sum", "sumsq"}:
+        return f"{name}: expected count, sum and sumsq"
+    if (problem := count_problem(f"{name} count", moments["count"], examples)) is not None:
+        return problem
+    if (problem := finite_problem(f"{name} sum", moments["sum"])) is not None:
+        return problem
+    if tuple(moments["sum"].shape) != (channels,):
+        return f"{name} sum: shape {tuple(moments['sum'].shape)}, expected ({channels},)"
+    sumsq = moments["sumsq"]
+    if (problem := nonnegative_problem(f"{name} sumsq", sumsq, (channels,))) is not None:
+        return problem
+    n = float(moments["count"])
+    mean = moments["sum"].double() / n
+    if ((sumsq.double() / n - mean**2) < -1e-6 * (sumsq.double() / n + 1e-12)).any():
+        return f"{name}: negative variance"
+    return None
+
+
+def cross_problem(
+    name: str, cross: object, sizes: tuple[int | None, int | None], examples: int
+) -> str | None:
+    """Sums relating two models' activations (``stats.cross_sums``): finite, consistent shapes
+    (``sizes``: the reference's and the model's units where known), non-negative squares, the
+    cross sums within Cauchy-Schwarz of the squares, a consistent count."""
+    keys = {"count", "sum_ref", "sum", "sq_ref", "sq", "cross"}
+    if not isinstance(cross, Mapping) or set(cross) != keys:
+        return f"{name}: expected {', '.join(sorted(keys))}"
+    if (problem := count_problem(f"{name} count", cross["count"], examples)) is not None:
+        return problem
+    for key in ("sum_ref", "sum", "cross"):
+        if (problem := finite_problem(f"{name} {key}", cross[key])) is not None:
+            return problem
+    d_ref, d = (known or len(cross[key]) for known, key in zip(sizes, ("sum_ref", "sum")))
+    for key, shape in (("sum_ref", (d_ref,)), ("sum", (d,)), ("cross", (d_ref, d))):
+        if tuple(cross[key].shape) != shape:
+            return f"{name} {key}: shape {tuple(cross[key].shape)}, expected {shape}"
+    for key, shape in (("sq_ref", (d_ref,)), ("sq", (d,))):
+        if (problem := nonnegative_problem(f"{name} {key}", cross[key], shape)) is not None:
+            return problem
+    bound = torch.outer(cross["sq_ref"].double(), cross["sq"].double()).sqrt()
+    if (cross["cross"].double().abs() > bound * (1 + 1e-6) + 1e-9).any():
+        return f"{name}: cross sums exceed what the squares allow"
+    return None
+
+
+def statistics_problem(
+    stats: Mapping[str, object], state: Mapping[str, torch.Tensor], examples: int
+) -> str | None:
+    """Why a client's statistics (kind -> values) are unusable with a model shaped like
+    ``state``, computed on ``examples`` examples (None: they are usable), by each kind's
+    registered check; a kind registered without one must at least be finite tensors."""
+    for kind, values in stats.items():
+        if kind not in STATISTICS:
+            return f"unknown statistic {kind!r}"
+        check = STATISTICS.get(kind).meta.get("check")
+        if check is None:
+            problems = (
+                finite_problem(f"{kind}/{k}", v)
+                for k, v in flatten(values if isinstance(values, Mapping) else {"": values}).items()
+            )
+            problem = next((p for p in problems if p is not None), None)
+        else:
+            try:
+                problem = check(values, state, examples)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                problem = f"malformed: {exc!r}"
+        if problem is not None:
+            return f"{kind}: {problem}"
+    return None
+
+
+def scale_outliers(stats: list[Mapping[str, object]], max_ratio: float | None) -> dict[int, str]:
+    """Clients whose statistics are far larger than the others': per kind with a registered
+    ``scale`` (values -> {part: magnitude per row}), a client whose magnitude of a part exceeds
+    ``max_ratio`` times the median of the *other* clients' (so one attacker among honest clients
+    cannot move the median it is compared with). Index -> reason."""
+    if max_ratio is None or len(stats) < 2:
+        return {}
+    found: dict[int, str] = {}
+    kinds = set.intersection(*(set(s) for s in stats))
+    for kind in sorted(kinds):
+        scale = STATISTICS.get(kind).meta.get("scale") if kind in STATISTICS else None
+        if scale is None:
+            continue
+        magnitudes = [scale(s[kind]) for s in stats]
+        for part in sorted(set.intersection(*(set(m) for m in magnitudes))):
+            values = torch.tensor([float(m[part]) for m in magnitudes], dtype=torch.float64)
+            for j in range(len(values)):
+                others = torch.cat([values[:j], values[j + 1 :]])
+                median = float(others.median())
+                if j not in found and median > 0 and float(values[j]) > max_ratio * median:
+                    found[j] = (
+                        f"{kind}/{part}: {float(values[j]):.3g} per row, more than "
+                        f"max_stat_ratio={max_ratio:g} times the other clients' median {median:.3g}"
+                    )
+    return found

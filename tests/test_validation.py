@@ -1,10 +1,27 @@
-"""Client updates are checked before fusion: keys, shapes, dtypes, finiteness, norm."""
+"""Client updates and statistics are checked before fusion: keys, shapes, dtypes, finiteness, norm;
+Grams symmetric and PSD, squares non-negative, counts consistent, no client far above the rest."""
 
 from collections import OrderedDict
 
+import pytest
 import torch
 
-from fedalign.validation import update_problem
+import fedalign.pipeline  # noqa: F401 - registers every built-in statistic
+from fedalign.stats import (
+    STATISTICS,
+    StatContext,
+    client_statistics,
+    cross_sums,
+    gram_matrices,
+)
+from fedalign.validation import (
+    cross_problem,
+    gram_problem,
+    moments_problem,
+    scale_outliers,
+    statistics_problem,
+    update_problem,
+)
 
 REF = OrderedDict(w=torch.zeros(3, 2), b=torch.zeros(3), n=torch.tensor(0))
 
@@ -36,3 +53,76 @@ def test_norm_bound():
     update = _update(w=torch.full((3, 2), 2.0))  # ||delta|| = sqrt(6 * 4) ~ 4.9
     assert update_problem(REF, update, max_norm=5.0) is None
     assert "exceeds max_update_norm=4" in update_problem(REF, update, max_norm=4.0)
+
+
+# ---- client statistics ---------------------------------------------------------------------------
+
+
+def _conv_bn_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 3),
+    )
+
+
+def test_honest_statistics_of_every_kind_pass_their_checks(one_thread):
+    model, reference = _conv_bn_net(0), _conv_bn_net(1)
+    model.train()(torch.randn(16, 1, 28, 28))  # BatchNorm running statistics, not the init's
+    X, y = torch.randn(12, 1, 28, 28), torch.randint(0, 3, (12,))
+    stats = client_statistics(list(STATISTICS), model, X, y, StatContext(reference=reference))
+    assert set(stats) == {"grams", "fisher", "moments", "bn", "cross", "preact-cross"}
+    state = model.state_dict()
+    assert statistics_problem(stats, state, examples=12) is None
+    channel = {"grams": gram_matrices(model, X, conv="channel")}  # the conv's (C+1)^2 Gram
+    assert statistics_problem(channel, state, examples=12) is None
+    # the counts say 12 examples (times the positions of a conv), which no multiple of 5 makes
+    assert "is not a positive multiple of its 5 examples" in statistics_problem(stats, state, 5)
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    rows = torch.cat([rows.double(), torch.ones(len(rows), 1, dtype=torch.float64)], dim=1)
+    return rows.T @ rows
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda G: G + torch.triu(torch.ones_like(G), 1), "g: not symmetric"),
+        (lambda G: G - 100 * torch.eye(len(G), dtype=G.dtype), "g: not positive semi-definite"),
+        (lambda G: G * 2.5, "g count: count 25 is not a positive multiple of its 10 examples"),
+        (lambda G: G[:-1, :-1], "g: shape (3, 3), expected a square of size (4,)"),
+        (lambda G: G.float().half(), None),  # any float precision is usable
+    ],
+)
+def test_each_gram_defect_is_named(change, reason):
+    G = _gram(torch.randn(10, 3))
+    assert gram_problem("g", G, (4,), 10) is None
+    assert gram_problem("g", change(G), (4,), 10) == reason
+
+
+def test_moments_and_cross_sums_must_be_consistent():
+    a, b = torch.randn(10, 2).double(), torch.randn(10, 3).double()
+    m = {"count": torch.tensor(10.0), "sum": b.sum(0), "sumsq": (b * b).sum(0)}
+    assert moments_problem("l", m, 3, 10) is None
+    assert moments_problem("l", {**m, "sumsq": m["sumsq"] * 0}, 3, 10) == "l: negative variance"
+    assert moments_problem("l", m, 4, 10) == "l sum: shape (3,), expected (4,)"
+    c = cross_sums(a, b)
+    assert cross_problem("g", c, (2, 3), 10) is None
+    assert cross_problem("g", {**c, "cross": c["cross"] * 1e3}, (2, 3), 10) == (
+        "g: cross sums exceed what the squares allow"
+    )
+
+
+def test_one_client_far_above_the_others_median_is_an_outlier():
+    fishers = [{"fisher": {"w": torch.full((2,), v)}} for v in (1.0, 2.0, 1.5, 1e12)]
+    (reason,) = scale_outliers(fishers, 1e4).values()
+    assert list(scale_outliers(fishers, 1e4)) == [3]
+    assert reason.startswith("fisher/total: 2e+12 per row, more than max_stat_ratio=10000")
+    assert scale_outliers(fishers[:2], 1e4) == {}  # honest clients differ by far less
+    assert scale_outliers(fishers, None) == {}

@@ -29,7 +29,8 @@ from fedalign.stats import (
     cross_sums,
     evaluation,
 )
-from fedalign.types import Stats
+from fedalign.types import StateDict, Stats
+from fedalign.validation import cross_problem
 
 from .solvers import solve_assignment
 from .spec import Perms, PermutationSpec
@@ -165,4 +166,13 @@ def _cross_statistic(
     return cross_moments(context.reference_model(), model, X)
 
 
-STATISTICS.register("cross", _cross_statistic, permute=None)
+def check_cross(cross: Stats, state: StateDict, examples: int) -> str | None:
+    """Per permutation group, consistent cross sums (the groups' widths are the spec's, which
+    the aligner checks against the model)."""
+    for group, c in cross.items():
+        if (problem := cross_problem(group, c, (None, None), examples)) is not None:
+            return problem
+    return None
+
+
+STATISTICS.register("cross", _cross_statistic, permute=None, check=check_cross)

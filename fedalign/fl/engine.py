@@ -36,8 +36,14 @@ from fedalign.config import RunConfig
 from fedalign.errors import RoundFailedError
 from fedalign.fl.records import config_record, message_bytes, to_arrays, to_state_dict
 from fedalign.stats import unflatten
+from fedalign.tensors import weighted_average
 from fedalign.types import ClientStats, StateDict
-from fedalign.validation import update_problem
+from fedalign.validation import (
+    fused_problem,
+    scale_outliers,
+    statistics_problem,
+    update_problem,
+)
 
 log = logging.getLogger("fedalign")
 
@@ -207,14 +213,52 @@ class Round:
             problem = update_problem(sent[pid], update.state_dict, bound)
             if problem is None and update.num_examples <= 0:
                 problem = f"num-examples is {update.num_examples}"
+            if problem is None:
+                update.num_examples = self._clip_examples(pid, update.num_examples)
+            if problem is None and update.statistics:
+                problem = statistics_problem(
+                    update.statistics,
+                    update.state_dict,
+                    self._engine.statistics_examples(update.num_examples),
+                )
             if problem is None and check is not None:
                 problem = check(update)
             if problem is not None:
                 self.log.fail(pid, update.node_id, problem, phase)
                 continue
             updates.append(update)
+        updates = self._drop_outliers(
+            phase, updates, [u.statistics or {} for u in updates], lambda u: u.partition_id
+        )
         self.log.clients_ok += len(updates)
         return sorted(updates, key=lambda u: u.partition_id)
+
+    def _clip_examples(self, pid: int, reported: int) -> int:
+        """A client's example count (its weight in every rule) bounded by what its partition
+        holds and ``strategy.max_client_examples``; a clipped count is recorded."""
+        bound = self._engine.example_bound(pid)
+        if bound is None or reported <= bound:
+            return reported
+        self.log.extra.setdefault("examples_clipped", {})[str(pid)] = reported
+        log.warning(
+            "round %d: client %d reported %d examples, clipped to %d",
+            self.number,
+            pid,
+            reported,
+            bound,
+        )
+        return bound
+
+    def _drop_outliers(
+        self, phase: str, items: list, stats: list[ClientStats], partition: Callable[[Any], int]
+    ) -> list:
+        """``items`` without those whose statistics are far larger than the other clients'
+        (``validation.scale_outliers``), each dropped with its reason."""
+        outliers = scale_outliers(stats, self.cfg.strategy.max_stat_ratio)
+        for j, reason in outliers.items():
+            pid = partition(items[j])
+            self.log.fail(pid, self.node(pid), reason, phase)
+        return [item for j, item in enumerate(items) if j not in outliers]
 
     def query(
         self, phase: str, kinds: Iterable[str], records: Mapping[int, Mapping[str, StateDict]]
@@ -229,10 +273,19 @@ class Round:
         answers = {}
         for pid, reply in replies.items():
             try:
-                answers[pid] = unflatten(to_state_dict(reply.content["statistics"]))
+                stats = unflatten(to_state_dict(reply.content["statistics"]))
+                reported = int(reply.content["metrics"]["num-examples"])
             except (KeyError, TypeError, ValueError) as exc:
                 self.log.fail(pid, self.node(pid), f"malformed statistics: {exc!r}", phase)
-        return answers
+                continue
+            examples = self._engine.statistics_examples(self._clip_examples(pid, reported))
+            problem = statistics_problem(stats, records[pid]["arrays"], examples)
+            if problem is not None:
+                self.log.fail(pid, self.node(pid), problem, phase)
+                continue
+            answers[pid] = stats
+        kept = self._drop_outliers(phase, list(answers), list(answers.values()), int)
+        return {pid: answers[pid] for pid in kept}
 
     def score(
         self, phase: str, state: StateDict, partitions: Iterable[int], split: str = "train"
@@ -316,7 +369,7 @@ class Strategy:
             nodes = {u.metrics["ray-node"] for u in updates if "ray-node" in u.metrics}
             if nodes:
                 rnd.log.extra["ray_nodes"] = [f"{int(n):012x}" for n in sorted(nodes)]
-            fused = self.aggregate(rnd, updates)
+            fused = self.checked_aggregate(rnd, updates)
             rnd.log.timed("aggregate", t0)
             rnd.log.extra["attempts"] = attempt + 1
             return fused
@@ -325,6 +378,29 @@ class Strategy:
             f"in {s.round_retries + 1} attempt(s); last failures: "
             + "; ".join(f"client {f['partition']}: {f['reason']}" for f in rnd.log.failures[-3:])
         )
+
+    def checked_aggregate(
+        self, rnd: Round, updates: list[ClientUpdate]
+    ) -> OrderedDict[str, torch.Tensor]:
+        """``aggregate``, its result checked before it is broadcast (finite, its norm at most
+        ``strategy.max_fused_ratio`` times the largest of the previous global's and the updates');
+        a fusion that fails or fails the check falls back to the weighted mean of the validated
+        updates, with the reason recorded (``fusion_fallback``)."""
+        states = [u.state_dict for u in updates]
+        try:
+            fused = self.aggregate(rnd, updates)
+            problem = fused_problem(
+                fused, [rnd.reference, *states], self.cfg.strategy.max_fused_ratio
+            )
+        except RoundFailedError:
+            raise
+        except (RuntimeError, ValueError, ArithmeticError) as exc:
+            problem = f"fusion failed: {exc}"
+        if problem is None:
+            return fused
+        log.warning("round %d: %s; using the weighted mean of the updates", rnd.number, problem)
+        rnd.log.extra["fusion_fallback"] = problem
+        return weighted_average(states, [u.num_examples for u in updates])
 
     def state(self) -> dict[str, Any]:
         """JSON-serialisable strategy state for checkpoints."""
@@ -344,8 +420,10 @@ class RoundEngine:
         evaluate_fn: EvaluateFn | None = None,
         on_round: RoundCallback | None = None,
         on_round_end: RoundEndCallback | None = None,
+        example_limits: Mapping[int, int] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.example_limits = dict(example_limits or {})
         self.strategy = strategy
         self.evaluate_fn = evaluate_fn
         self.on_round = on_round
@@ -404,6 +482,18 @@ class RoundEngine:
                 )
             time.sleep(0.05)
         return nodes
+
+    def example_bound(self, partition: int) -> int | None:
+        """The most examples ``partition`` can claim: what it holds (known in a simulation, where
+        the server partitions the data) and ``strategy.max_client_examples`` (None: unbounded)."""
+        bounds = [self.example_limits.get(partition), self.cfg.strategy.max_client_examples]
+        return min((b for b in bounds if b is not None), default=None)
+
+    def statistics_examples(self, num_examples: int) -> int:
+        """The examples a client computes its statistics on (``aggregation.stats_samples`` of
+        them at most): every statistic's row count is a multiple of it."""
+        cap = self.cfg.aggregation.stats_samples
+        return min(num_examples, cap) if cap > 0 else num_examples
 
     def sample(
         self,

@@ -79,7 +79,12 @@ def run_server(
     if resume is not None:
         strategy.load_state(resume.state)
     engine = RoundEngine(
-        cfg, strategy, evaluate_fn=evaluate_fn, on_round=record, on_round_end=checkpoint
+        cfg,
+        strategy,
+        evaluate_fn=evaluate_fn,
+        on_round=record,
+        on_round_end=checkpoint,
+        example_limits={i: fed.client(i).num_train for i in range(fed.num_clients)},
     )
     final = engine.run(
         grid, OrderedDict(model.state_dict()), first_round=1 if resume is None else resume.round + 1

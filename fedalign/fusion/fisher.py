@@ -19,6 +19,7 @@ from fedalign.align.spec import Perms, PermutationSpec, apply_permutation
 from fedalign.stats import FISHER_MODES, STATISTICS, StatContext, diagonal_fisher
 from fedalign.tensors import normalised_weights, weighted_average
 from fedalign.types import ClientStats, StateDict
+from fedalign.validation import nonnegative_problem
 
 from .rules import FUSE_RULES
 
@@ -86,7 +87,25 @@ def _permute_fisher(
     return apply_permutation(spec, perms, fisher)
 
 
-STATISTICS.register("fisher", _fisher, permute=_permute_fisher)
+def check_fisher(fisher: Mapping[str, torch.Tensor], state: StateDict, examples: int) -> str | None:
+    """A Fisher is one finite, non-negative tensor per parameter, shaped like it."""
+    for key, value in fisher.items():
+        if key not in state:
+            return f"{key}: not an entry of the model"
+        if (problem := nonnegative_problem(key, value, tuple(state[key].shape))) is not None:
+            return problem
+    return None
+
+
+def fisher_scale(fisher: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The Fisher's total (it is a mean over examples already): a client that scales its Fisher
+    by 1e12 would make the fused model its own."""
+    return {"total": sum(float(v.double().sum()) for v in fisher.values())}
+
+
+STATISTICS.register(
+    "fisher", _fisher, permute=_permute_fisher, check=check_fisher, scale=fisher_scale
+)
 
 
 @FUSE_RULES.register("fisher", needs={"train": ("fisher",)})

@@ -25,6 +25,7 @@ from fedalign.align.spec import AxisRef, Perms, PermutationSpec, expand_index
 from fedalign.stats import STATISTICS, StatContext, gram_matrices
 from fedalign.tensors import weighted_average
 from fedalign.types import ClientStats, StateDict
+from fedalign.validation import gram_problem
 
 from .rules import FUSE_RULES, no_recurrent_layers
 
@@ -184,7 +185,25 @@ def _grams(
     return gram_matrices(model, X, conv=gram_conv)
 
 
-STATISTICS.register("grams", _grams, permute=permute_grams)
+def check_grams(grams: Mapping[str, torch.Tensor], state: StateDict, examples: int) -> str | None:
+    """Each Gram is one of a layer of the model, of the full or (conv) channel size, and a Gram
+    (``validation.gram_problem``): a negative-definite or NaN one would wreck the solve."""
+    for name, gram in grams.items():
+        if f"{name}.weight" not in state:
+            return f"{name}: the model has no entry {name}.weight"
+        weight = state[f"{name}.weight"]
+        sizes = (weight[0].numel() + 1, *((weight.shape[1] + 1,) if weight.dim() > 2 else ()))
+        if (problem := gram_problem(name, gram, sizes, examples)) is not None:
+            return problem
+    return None
+
+
+def gram_scale(grams: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer, the mean squared input norm (plus 1, the constant column): the trace per row."""
+    return {name: float(torch.diagonal(G).sum() / G[-1, -1]) for name, G in grams.items()}
+
+
+STATISTICS.register("grams", _grams, permute=permute_grams, check=check_grams, scale=gram_scale)
 
 
 @FUSE_RULES.register("regmean", needs={"train": ("grams",)}, supports=no_recurrent_layers)

@@ -36,7 +36,7 @@ from fedalign.data.federation import ClientData
 from fedalign.fl.client_app import _kinds, _run_config, _statistics
 from fedalign.fl.faults import apply_fault
 from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
-from fedalign.stats import unflatten
+from fedalign.stats import flatten, unflatten
 from fedalign.training import evaluate
 from fedalign.types import ClientStats, StateDict
 
@@ -45,7 +45,16 @@ Handler = Callable[[Message], RecordDict | None]
 """Answers one message: a reply's content, None for no reply (a timeout), or raises (an error
 reply carrying the exception's message)."""
 
-MISBEHAVIOURS = ("nan", "wrong-shape", "bad-counts", "short-counts", "raise", "silent")
+MISBEHAVIOURS = (
+    "nan",
+    "wrong-shape",
+    "bad-counts",
+    "short-counts",
+    "raise",
+    "silent",
+    *("inflated-counts", "inflated-class-counts"),  # claims far more data than it holds
+    *("negative-gram", "nan-gram", "wrong-shape-gram", "nan-fisher", "scaled-fisher"),
+)
 IN_FEATURES, NUM_CLASSES = 8, 3  # the synthetic data: what the tests' MLP takes and predicts
 
 
@@ -146,7 +155,9 @@ class MockClient:
 
     ``misbehave`` (one of ``MISBEHAVIOURS``) corrupts its train replies: NaN weights, a
     wrong-shaped first weight (the real fault injection of ``fedalign.fl.faults``), negative class
-    counts, class counts without the last class, an exception, or no reply at all;
+    counts, class counts without the last class, an exception, no reply at all, an example count
+    or class counts 1000 times what it holds, or poisoned statistics (every Gram made negative
+    definite, NaN or one row too large; a Fisher NaN or scaled by 1e12);
     ``misbehave_times`` limits that to its first train messages (None: all of them). Every train
     reply is kept in ``trained``.
     """
@@ -254,8 +265,10 @@ class MockClient:
             counts = [-1] * len(counts)
         elif fault == "short-counts":
             counts = counts[:-1]
+        elif fault == "inflated-class-counts":
+            counts = [1000 * c for c in counts]
         metrics = {
-            "num-examples": stats.num_examples,
+            "num-examples": stats.num_examples * (1000 if fault == "inflated-counts" else 1),
             "train-loss": stats.loss,
             "partition-id": pid,
             "class-counts": counts,
@@ -264,6 +277,9 @@ class MockClient:
         kinds = _kinds(config)
         if kinds:
             content["statistics"] = _statistics(cfg, kinds, model, self.data, pid)
+            if fault in POISONS:
+                poisoned = POISONS[fault](unflatten(to_state_dict(content["statistics"])))
+                content["statistics"] = to_arrays(flatten(poisoned))
         state = OrderedDict(model.state_dict())
         if fault in ("nan", "wrong-shape"):
             state = apply_fault(FaultConfig(round=server_round, client=pid, kind=fault), state)
@@ -305,6 +321,22 @@ class MockClient:
             "partition-id": self.partition_id,
         }
         return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _map(stats: ClientStats, kind: str, f: Callable[[torch.Tensor], torch.Tensor]) -> ClientStats:
+    return {**stats, kind: {k: f(v) for k, v in stats[kind].items()}}
+
+
+POISONS: dict[str, Callable[[ClientStats], ClientStats]] = {
+    "negative-gram": lambda s: _map(s, "grams", lambda G: -4 * G + 1e-3 * torch.eye(len(G))),
+    "nan-gram": lambda s: _map(s, "grams", lambda G: torch.full_like(G, float("nan"))),
+    "wrong-shape-gram": lambda s: _map(
+        s, "grams", lambda G: torch.eye(len(G) + 1, dtype=G.dtype) * G[-1, -1]
+    ),
+    "nan-fisher": lambda s: _map(s, "fisher", lambda F: torch.full_like(F, float("nan"))),
+    "scaled-fisher": lambda s: _map(s, "fisher", lambda F: F * 1e12),
+}
+"""How a poisoning client rewrites its statistics before sending them."""
 
 
 def mock_clients(

@@ -120,7 +120,14 @@ def run(
         after[number] = (OrderedDict(state), json.dumps(strategy.state()))
 
     grid = mock_grid(clients)
-    engine = RoundEngine(cfg, strategy, on_round=rows.append, on_round_end=snapshot)
+    engine = RoundEngine(
+        cfg,
+        strategy,
+        on_round=rows.append,
+        on_round_end=snapshot,
+        # what the server knows of each partition in a simulation (server_app passes the same)
+        example_limits={c.partition_id: len(c.data.y_train) for c in clients},
+    )
     final = engine.run(grid, OrderedDict(start), first_round=first_round)
     return Run(final, rows, strategy, grid, clients, model, start, after)
 

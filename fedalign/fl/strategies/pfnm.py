@@ -48,11 +48,13 @@ def matching_options(cfg: RunConfig, seed: int, algorithm: Callable[..., Any]) -
 
 def class_counts_problem(update: ClientUpdate, reference: StateDict) -> str | None:
     """Why the update's class counts are unusable: they must be one non-negative number per class
-    of the model (its last layer's outputs)."""
+    of the model (its last layer's outputs), together no more than its (bounded) example count."""
     classes = reference[[k for k in reference if k.endswith(".weight")][-1]].shape[0]
     counts = update.metrics.get("class-counts")
     if not isinstance(counts, list) or len(counts) != classes or any(c < 0 for c in counts):
         return "malformed class-counts"
+    if sum(counts) > update.num_examples:
+        return f"class-counts sum to {sum(counts)}, more than its {update.num_examples} examples"
     return None
 
 
