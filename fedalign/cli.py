@@ -8,7 +8,6 @@ The simulation modules (Flower, Ray) are imported only by the commands that simu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import numpy as np
 from fedalign.checkpoint import CheckpointError
 from fedalign.config import load_config
 from fedalign.data import DataError, format_histogram
-from fedalign.errors import ConfigError, RoundFailedError
+from fedalign.errors import ConfigError, RoundFailedError, RunFolderError
 from fedalign.plugins import load_plugin
-from fedalign.results import markdown_table, plot_runs, read_rows
+from fedalign.results import markdown_table, plot_runs, read_json, read_rows
 
 EXIT_USAGE = 2
 
@@ -93,14 +92,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_partition(args: argparse.Namespace) -> int:
     path = Path(args.run) / "partition.json"
-    if not path.is_file():
-        raise ConfigError(f"{args.run}: no partition.json (is it a run folder?)")
-    summary = json.loads(path.read_text())
+    summary = read_json(path, "partition.json")
+    histogram = summary.get("label_histogram") if isinstance(summary, dict) else None
+    try:
+        counts = np.asarray(histogram, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        counts = np.zeros(0)
+    if counts.ndim != 2 or counts.size == 0 or (counts < 0).any():
+        raise RunFolderError(
+            f"{path}: no label_histogram (a table of counts, one row per client) in it"
+        )
     print(
         f"{summary.get('dataset')} / {summary.get('scheme')} {summary.get('options', {})}, "
         f"seed {summary.get('seed')}"
     )
-    print(format_histogram(np.asarray(summary["label_histogram"])))
+    print(format_histogram(counts))
     return 0
 
 
@@ -179,15 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedalign: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, DataError, CheckpointError) as exc:
+    except (FileNotFoundError, DataError, CheckpointError, RunFolderError) as exc:
         print(f"fedalign: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RoundFailedError as exc:
-        print(
-            f"fedalign: run stopped: {exc}\nFinished rounds are in the run folder; "
-            "continue with `fedalign run --resume RUN_DIR`.",
-            file=sys.stderr,
+        where = exc.run_dir or "RUN_DIR"
+        advice = (
+            f"Finished rounds are in the run folder; continue with `fedalign run --resume {where}`."
+            if exc.resumable
+            else f"No round finished with a checkpoint in {where}: start the run afresh."
         )
+        print(f"fedalign: run stopped: {exc}\n{advice}", file=sys.stderr)
         return 1
 
 

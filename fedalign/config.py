@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -266,6 +268,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -390,6 +394,11 @@ def _validate_aggregation(
     return dataclasses.replace(cfg, aggregation=dataclasses.replace(a, options=resolved))
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A run name is one path component of safe characters: ``../x`` or ``/abs`` would escape the
+output folder."""
+
+
 def _validate(cfg: RunConfig) -> RunConfig:
     """Checks of values (types were checked while building); returns ``cfg`` with the options of
     the pipeline's steps resolved."""
@@ -399,6 +408,12 @@ def _validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: {message}")
 
     d, t, s, sim = cfg.data, cfg.train, cfg.strategy, cfg.simulation
+    need(
+        RUN_NAME.fullmatch(cfg.name) is not None,
+        "name",
+        f"{cfg.name!r} is not a run name: letters, digits, '.', '_' and '-', starting with a "
+        "letter or digit, at most 100 characters (it names a folder under output.dir)",
+    )
     _check(need, "data.dataset", DATASETS, d.dataset)
     need(
         d.partition in partition_schemes(),

@@ -10,4 +10,13 @@ class ConfigError(ValueError):
 
 
 class RoundFailedError(RuntimeError):
-    """A round could not gather enough valid replies, even after its retries."""
+    """A round could not gather enough valid replies, even after its retries. The runner sets
+    ``run_dir`` and whether a checkpoint there can be resumed from (``resumable``)."""
+
+    run_dir = None
+    resumable = True
+
+
+class RunFolderError(ValueError):
+    """A file of a run folder that cannot be read: missing, truncated, binary, not the JSON it
+    should be, or without the keys it should have."""

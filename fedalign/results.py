@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from fedalign.errors import RunFolderError
 from fedalign.plots import Curve, accuracy_plot
 
 CSV_COLUMNS = [
@@ -107,18 +108,52 @@ class RunRecorder:
         return summary
 
 
-def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_json(path: Path, what: str) -> Any:
+    """The JSON document at ``path`` (``what`` names it in errors), or ``RunFolderError``."""
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: {path.name} is missing")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+        raise RunFolderError(f"{path.parent} is not a run folder: {path.name} is missing")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path}: not text ({what} is UTF-8 JSON)") from None
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}: not valid JSON ({exc.msg}; truncated write?)") from None
+
+
+def parse_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a metrics.jsonl and the lines that are not (a last line torn by a kill during
+    its append is one), or ``RunFolderError`` for a file that is not text."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path}: not text (metrics.jsonl is UTF-8 JSON lines)") from None
+    rows, bad = [], []
+    for line in lines:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number}: not a JSON line (truncated write?)") from None
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows.append(row)
+        else:
+            bad.append(line)
+    return rows, bad
+
+
+def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The metrics rows of a run folder; a line that is not a JSON object with an integer
+    ``round`` is a ``RunFolderError`` naming it."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: {path.name} is missing")
+    rows, bad = parse_rows(path)
+    if bad:
+        raise RunFolderError(
+            f"{path}: {len(bad)} line(s) are not metrics rows (a JSON object with an integer "
+            f"round), e.g. {bad[0][:60]!r}"
+        )
     return rows
 
 

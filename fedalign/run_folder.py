@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedalign.config import RunConfig, to_yaml
+from fedalign.errors import ConfigError
 from fedalign.results import RunRecorder
 
 
@@ -21,7 +22,13 @@ def create_run_dir(output_dir: str | Path, name: str) -> Path:
     while path.exists():
         n += 1
         path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:  # the output is a file, read-only, on a full or missing disk
+        raise ConfigError(
+            f"output folder {str(output_dir)!r}: cannot create a run folder in it "
+            f"({exc.strerror or exc})"
+        ) from None
     return path
 
 

@@ -19,9 +19,10 @@ from flwr.simulation import run_simulation
 from tqdm.auto import tqdm
 
 from fedalign.checkpoint import CheckpointError, load_latest
-from fedalign.components import run_federation
+from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig
-from fedalign.errors import ConfigError
+from fedalign.data.federation import Federation
+from fedalign.errors import ConfigError, RoundFailedError
 from fedalign.fl.client_app import app as client_app
 from fedalign.fl.server_app import make_server_app
 from fedalign.plugins import plugin_environment
@@ -100,6 +101,16 @@ def check_resources(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
         )
 
 
+def check_model(cfg: RunConfig, fed: Federation) -> None:
+    """The model builds for the data's shapes (on the meta device: no memory, no init cost);
+    options that only fail there (LeNet on 8x8 digits) are a config error, not a crash later."""
+    try:
+        with torch.device("meta"):
+            run_model(cfg, fed)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
 def configure_logging(verbose: bool) -> None:
     """Flower's and Ray's logs stay quiet unless asked for; fedalign's warnings always show."""
     # Client failures are reported by fedalign in one line each; Flower's ERROR logs repeat them
@@ -131,8 +142,9 @@ def run(
     # models, datasets and rules, so those exist on every client too.
     os.environ.update(plugin_environment())
 
-    # Partition (and load) once here: a bad dataset or partition fails before Ray starts.
-    run_federation(cfg)
+    # Partition (and load) once here, and size the model for the data: a bad dataset, partition
+    # or model option fails before any folder or Ray exists.
+    check_model(cfg, run_federation(cfg))
     check_resources(
         cfg, node_resources(cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS"))
     )
@@ -141,7 +153,10 @@ def run(
         recorder = RunRecorder(resume_dir)
         resume = load_latest(recorder.dir / "checkpoints")
         if resume is None:
-            raise CheckpointError(f"{resume_dir}: no intact checkpoint to resume from")
+            raise CheckpointError(
+                f"{resume_dir}: no intact checkpoint to resume from (it stopped before its first "
+                "one); start the run afresh"
+            )
         recorder.truncate_after(resume.round)
         log.warning("resuming %s after round %d", recorder.dir, resume.round)
     else:
@@ -164,6 +179,10 @@ def run(
             backend_config=backend_config(cfg, verbose),
             verbose_logging=verbose,
         )
+    except RoundFailedError as exc:
+        exc.run_dir = recorder.dir
+        exc.resumable = load_latest(recorder.dir / "checkpoints") is not None
+        raise
     finally:
         if bar is not None:
             bar.close()

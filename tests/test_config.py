@@ -63,6 +63,13 @@ def test_resolved_config_round_trips_through_yaml():
         ({"strategy": {"name": "fedprox"}}, "train.proximal_mu"),
         ({"strategy": {"min_train_clients": 50}}, "strategy.min_train_clients"),
         ({"data": {"data_dir": "/no/such/dir"}}, "data.data_dir"),
+        ({"train": {"lr": float("inf")}}, "train.lr: expected a finite number, got inf"),
+        ({"data": {"alpha": float("nan")}}, "data.alpha: expected a finite number, got nan"),
+        ({"name": "../../escaped"}, "name: '../../escaped' is not a run name"),
+        ({"name": "/abs/path"}, "name: '/abs/path' is not a run name"),
+        ({"name": "a/b"}, "name: 'a/b' is not a run name"),
+        ({"name": ".."}, "name: '..' is not a run name"),
+        ({"name": ""}, "name: '' is not a run name"),
     ],
 )
 def test_bad_values_name_the_key(values, message):
@@ -103,3 +110,7 @@ def test_cli_unknown_override_key_exits_2(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown key 'strategy.roundz'" in proc.stderr
+
+
+def test_run_names_of_safe_characters_pass():
+    assert from_dict({"name": "fmnist-lenet_v2.1"}).name == "fmnist-lenet_v2.1"

@@ -183,6 +183,14 @@ def download(target: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
 
 def locate(data_dir: str | Path | None = None) -> Path:
     """The first directory holding all four files; downloads into the cache if none does."""
+    if data_dir is not None:  # chosen by the user: it holds the files, or it is an error
+        d = Path(data_dir).expanduser()
+        missing = [name for name in FILES.values() if _file_in(d, name) is None]
+        if missing:
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST: data_dir {str(data_dir)!r} lacks {', '.join(missing)}"
+            )
+        return d
     dirs = search_dirs(data_dir)
     for d in dirs:
         if all(_file_in(d, name) is not None for name in FILES.values()):

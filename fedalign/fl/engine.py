@@ -53,6 +53,7 @@ RoundEndCallback = Callable[[int, StateDict], None]
 Check = Callable[["ClientUpdate"], "str | None"]
 
 REPLY_POLL_SECONDS = 0.01
+INFO_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass
@@ -436,8 +437,11 @@ class RoundEngine:
     # ---- clients -------------------------------------------------------------------------------
 
     def discover(self, grid: Grid) -> None:
-        """Ask every node which partition it holds (one small query before round 1)."""
-        node_ids = self.wait_for_nodes(grid, self.cfg.strategy.timeout)
+        """Ask every node which partition it holds (one small query before round 1). It has its
+        own timeout, at least ``INFO_TIMEOUT_SECONDS``: the first message a node gets starts it
+        (imports, data), which a short ``strategy.timeout`` meant for training must not cut."""
+        timeout = max(self.cfg.strategy.timeout, INFO_TIMEOUT_SECONDS)
+        node_ids = self.wait_for_nodes(grid, timeout)
         messages = [
             Message(
                 RecordDict({"config": config_record(self.run_config_json)}),
@@ -447,7 +451,7 @@ class RoundEngine:
             for node_id in node_ids
         ]
         errors = []
-        for reply in grid.send_and_receive(messages, timeout=self.cfg.strategy.timeout):
+        for reply in grid.send_and_receive(messages, timeout=timeout):
             if reply.has_error():
                 errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 log.warning("info query failed on %s", errors[-1])
@@ -456,7 +460,10 @@ class RoundEngine:
             self.node_of_partition[pid] = reply.metadata.src_node_id
             self.partition_of_node[reply.metadata.src_node_id] = pid
         if not self.node_of_partition:
-            raise RuntimeError("no client answered the info query: " + "; ".join(errors[:3]))
+            raise RoundFailedError(
+                f"no client answered the info query within {timeout:g} s"
+                + (": " + "; ".join(errors[:3]) if errors else "")
+            )
 
     def wait_for_nodes(self, grid: Grid, timeout: float, patience: float = 60.0) -> list[int]:
         """Node ids once all ``num_clients`` nodes are connected (nodes register asynchronously);

@@ -227,15 +227,24 @@ def test_fashion_mnist_files_of_the_wrong_shape_are_reported(no_default_dirs):
 
 
 def test_missing_fashion_mnist_without_network_says_where_and_how(no_default_dirs):
-    (no_default_dirs / "given").mkdir()
-    (no_default_dirs / "given" / "train-images-idx3-ubyte.gz").write_bytes(b"only one file")
     with pytest.raises(DatasetNotFoundError, match="apt install dataset-fashion-mnist") as info:
-        load_dataset("fashion-mnist", data_dir=no_default_dirs / "given")
+        load_dataset("fashion-mnist")
     message = str(info.value)
-    for place in ("given", "debian", "cache/fedalign/fashion-mnist"):
+    for place in ("debian", "cache/fedalign/fashion-mnist"):
         assert str(no_default_dirs / place) in message
     assert "no network" in message and "data_dir" in message
     assert isinstance(info.value, DataError) and isinstance(info.value, ValueError)
+
+
+def test_an_incomplete_data_dir_names_the_missing_files_and_is_not_replaced(no_default_dirs):
+    """A data_dir the user chose is the data: it never silently falls back to another copy."""
+    (no_default_dirs / "given").mkdir()
+    (no_default_dirs / "given" / "train-images-idx3-ubyte.gz").write_bytes(b"only one file")
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion-mnist", data_dir=no_default_dirs / "given")
+    assert str(info.value).endswith(
+        "lacks train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
+    )
 
 
 def test_download_is_verified_before_use(no_default_dirs, monkeypatch):

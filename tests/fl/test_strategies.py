@@ -25,7 +25,13 @@ from fedalign.align import permutation_spec
 from fedalign.components import run_model
 from fedalign.config import RunConfig, from_dict
 from fedalign.errors import RoundFailedError
-from fedalign.fl.engine import REPLY_POLL_SECONDS, RoundEngine, Strategy, sample_partitions
+from fedalign.fl.engine import (
+    INFO_TIMEOUT_SECONDS,
+    REPLY_POLL_SECONDS,
+    RoundEngine,
+    Strategy,
+    sample_partitions,
+)
 from fedalign.fl.records import to_arrays
 from fedalign.fl.strategies import FedAvg, FedMA
 from fedalign.fusion.pfnm import pfnm
@@ -285,6 +291,26 @@ def test_a_client_failing_in_every_attempt_fails_once_per_attempt(kind: str) -> 
     assert r.row["attempts"] == 2
     assert sorted(f["partition"] for f in r.row["failures"]) == sorted([always, always, once])
     assert r.row["clients_ok"] + r.row["clients_failed"] == r.row["clients_sampled"] == 6
+
+
+def test_the_info_query_has_its_own_timeout() -> None:
+    """A node's first message starts it (imports, data): a short training timeout must not cut
+    the discovery before round 1."""
+    cfg = make_config(2, strategy={"timeout": 1.5})
+    grid = mock_grid(mock_clients(SIZES[:2]))
+    timeouts: list[float | None] = []
+    send = grid.send_and_receive
+
+    def recording(messages: Any, *, timeout: float | None = None) -> list:
+        timeouts.append(timeout)
+        return send(messages, timeout=timeout)
+
+    grid.send_and_receive = recording  # type: ignore[method-assign]
+    model = run_model(cfg, mock_clients(SIZES[:1])[0].shapes)
+    engine = RoundEngine(cfg, FedAvg(cfg, model))
+    engine.discover(grid)
+    assert timeouts == [INFO_TIMEOUT_SECONDS] and INFO_TIMEOUT_SECONDS > 1.5
+    assert engine.node_of_partition == {0: grid.get_node_ids()[0], 1: grid.get_node_ids()[1]}
 
 
 # ---- FedProx ------------------------------------------------------------------------------------
