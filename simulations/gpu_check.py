@@ -1,7 +1,9 @@
 """The GPU paths of fedalign's pure layer, timed against the CPU in the same run: client training
 (``train_local(device=...)``, what a client does when the run asks for GPUs and one is visible),
 the server's weight matching and the assignment solvers on CUDA tensors (issue 6, B4 on a GPU),
-and the aggregation pipeline with its alignment on the GPU (``Plan.device``).
+the aggregation pipeline with its alignment on the GPU (``Plan.device``), and PFNM's BBP-MAP
+matching on the GPU (``pfnm(..., device=)``, what strategies pfnm/fedma do with
+``simulation.server_device``).
 Results must agree with the CPU's: the same permutations, accuracies within noise.
 
     python simulations/gpu_check.py --data-npz PATH   # X_train, y_train, X_test, y_test arrays
@@ -22,6 +24,7 @@ from fedalign.align import (
     solve_assignment,
     weight_matching,
 )
+from fedalign.fusion.pfnm import pfnm
 from fedalign.models import build_model
 from fedalign.pipeline import Plan, aggregate
 from fedalign.stats import client_statistics
@@ -159,6 +162,33 @@ def main() -> None:
     )
     report["pipeline_same_on_both"] = same
     print(f"same fused model with alignment on CPU and on GPU: {same}", flush=True)
+    # PFNM's server matching (BBP-MAP cost matrices) on the GPU, as strategy pfnm/fedma run it
+    # with simulation.server_device: cuda
+    counts = [torch.bincount(y[2500 * j : 2500 * (j + 1)], minlength=10).tolist() for j in range(4)]
+    fused_pfnm = {}
+    for device in ("cpu", "cuda"):
+        (fused, assignment), seconds = timed(
+            torch.device(device), pfnm, models, counts, device=device
+        )
+        fused_pfnm[device] = fused.state_dict()
+        accuracy = evaluate(fused, Xt, yt)[1]
+        report[f"pfnm_{device}"] = {
+            "seconds": seconds,
+            "widths": assignment.widths,
+            "test_accuracy": accuracy,
+        }
+        print(
+            f"pfnm, 4 MLPs 784-256-256-10, matching on {device}: {seconds:.3f} s, widths "
+            f"{assignment.widths}, test acc {100 * accuracy:.2f}%",
+            flush=True,
+        )
+    same = fused_pfnm["cpu"].keys() == fused_pfnm["cuda"].keys() and all(
+        fused_pfnm["cpu"][k].shape == fused_pfnm["cuda"][k].shape
+        and torch.allclose(fused_pfnm["cpu"][k], fused_pfnm["cuda"][k], atol=1e-5)
+        for k in fused_pfnm["cpu"]
+    )
+    report["pfnm_same_on_both"] = same
+    print(f"same PFNM fusion on CPU and on GPU: {same}", flush=True)
     if args.out:
         write_json(args.out, report)
 

@@ -124,7 +124,9 @@ def solve_assignment(
     scores = torch.as_tensor(scores)
     if scores.dim() != 2 or scores.shape[0] > scores.shape[1]:
         raise ValueError(f"scores must be n x m with n <= m, got shape {tuple(scores.shape)}")
-    if not torch.isfinite(scores).all():
+    # the sum is finite unless an entry is NaN/Inf (or the sum overflows, then look entry-wise):
+    # one pass without an n x m boolean mask, which cost ~0.15 s at n = 4096
+    if not torch.isfinite(scores.sum()) and not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or Inf")
     if scores.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)

@@ -34,15 +34,34 @@ def group_scores(
 ) -> torch.Tensor:
     """(n, n) float64 score matrix ``S[i, j]``: the objective's gain from putting ``other``'s unit
     ``j`` at ``reference``'s unit ``i``, every other axis permuted by ``perms``."""
-    n = spec.sizes[group]
-    scores = torch.zeros(n, n, dtype=torch.float64, device=next(iter(reference.values())).device)
+    scores: torch.Tensor | None = None
     for ref in spec.objective_refs(group):
         a = units_first(reference[ref.key].double(), ref)
         b = units_first(
             permuted_entry(spec, perms, ref.key, other[ref.key], ref.axis).double(), ref
         )
-        scores += a @ b.T
+        # the first product is the buffer the others accumulate into (no zeroed n x n matrix)
+        scores = a @ b.T if scores is None else scores.addmm_(a, b.T)
+    if scores is None:
+        n = spec.sizes[group]
+        device = next(iter(reference.values())).device
+        return torch.zeros(n, n, dtype=torch.float64, device=device)
     return scores
+
+
+def score_dependencies(spec: PermutationSpec) -> dict[str, frozenset[str]]:
+    """Group -> the groups whose permutations enter its score matrix (``group_scores`` permutes
+    every other axis of the entries it reads; a group acting on two axes of one entry, like an
+    LSTM's hidden units on ``weight_hh``, depends on itself)."""
+    deps = {}
+    for group in spec.sizes:
+        found: set[str] = set()
+        for ref in spec.objective_refs(group):
+            for axis, (other, _) in spec.axes_of(ref.key).items():
+                if axis != ref.axis:
+                    found.add(other)
+        deps[group] = frozenset(found)
+    return deps
 
 
 def _objective_keys(spec: PermutationSpec) -> list[str]:
@@ -86,24 +105,37 @@ def _coordinate_ascent(
     generator: torch.Generator,
 ) -> MatchResult:
     """Sweeps over the groups in random order until a sweep changes nothing. The objective is
-    kept as per-entry terms so that a group's update only recomputes the entries it touches."""
+    kept as per-entry terms so that a group's update only recomputes the entries it touches.
+
+    A group whose score matrix cannot have changed since its last solve (none of the groups it
+    depends on moved since) is skipped: the solver is deterministic, so it would return the same
+    assignment, already accepted or already rejected. For a one-hidden-layer MLP this halves the
+    work (the confirming second sweep solved the same matrix again)."""
     groups = list(spec.sizes)
     touched = {g: sorted({ref.key for ref in spec.objective_refs(g)}) for g in groups}
+    depends = score_dependencies(spec)
     terms = {k: _term(spec, k, reference, other, perms) for k in _objective_keys(spec)}
     current = sum(terms.values())
     trace = [current]
+    step, solved_at, moved_at = 0, {}, dict.fromkeys(groups, 0)
     for _ in range(max_iter):
         improved = False
         for i in torch.randperm(len(groups), generator=generator).tolist():
             g = groups[i]
+            step += 1
+            if g in solved_at and all(moved_at[d] < solved_at[g] for d in depends[g]):
+                continue
+            solved_at[g] = step
             scores = group_scores(spec, g, reference, other, perms)
             candidate = {**perms, g: solve_assignment(scores, solver, **solver_options).cpu()}
+            del scores  # an n x n float64 matrix: free it before the terms are recomputed
             if torch.equal(candidate[g], perms[g]):
                 continue
             new_terms = {k: _term(spec, k, reference, other, candidate) for k in touched[g]}
             gain = sum(new_terms.values()) - sum(terms[k] for k in touched[g])
             if gain > 1e-12 * max(1.0, abs(current)):
                 perms, improved = candidate, True
+                moved_at[g] = step
                 terms.update(new_terms)
                 current = sum(terms.values())
         trace.append(current)

@@ -30,9 +30,9 @@ class BBPResult:
     popularity: torch.Tensor  # (W,) number of clients using each global neuron
 
 
-def _vector(value: float | torch.Tensor, dim: int) -> torch.Tensor:
-    v = torch.as_tensor(value, dtype=torch.float64)
-    return v.expand(dim).clone() if v.dim() == 0 else v.double()
+def _vector(value: float | torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
+    v = torch.as_tensor(value, dtype=torch.float64, device=device)
+    return v.expand(dim).clone() if v.dim() == 0 else v.double().to(device)
 
 
 def assignment_cost(
@@ -64,7 +64,7 @@ def assignment_cost(
     existing = existing + popularity_weight * torch.log(m / (num_clients - m).clamp_min(1e-12))
     inv0 = 1.0 / (precision + prior_precision)
     base = ((weights + prior_sum) ** 2 * inv0).sum(1) - (prior_sum**2 / prior_precision).sum()
-    t = torch.arange(1, new_columns + 1, dtype=torch.float64)
+    t = torch.arange(1, new_columns + 1, dtype=torch.float64, device=weights.device)
     new = base[:, None] - 2 * torch.log(t)[None, :] + 2 * math.log(gamma / num_clients)
     return torch.cat([existing, new], dim=1)
 
@@ -80,10 +80,10 @@ class _GlobalLayer:
 
     def __init__(self, prior_sum: torch.Tensor, prior_precision: torch.Tensor) -> None:
         self.prior_sum, self.prior_precision = prior_sum, prior_precision
-        dim = len(prior_sum)
-        self.sums = torch.zeros(0, dim, dtype=torch.float64)
-        self.precisions = torch.zeros(0, dim, dtype=torch.float64)
-        self.popularity = torch.zeros(0, dtype=torch.float64)
+        dim, device = len(prior_sum), prior_sum.device
+        self.sums = torch.zeros(0, dim, dtype=torch.float64, device=device)
+        self.precisions = torch.zeros(0, dim, dtype=torch.float64, device=device)
+        self.popularity = torch.zeros(0, dtype=torch.float64, device=device)
 
     @property
     def width(self) -> int:
@@ -95,7 +95,7 @@ class _GlobalLayer:
         if opened:
             self.sums = torch.cat([self.sums, self.prior_sum.expand(opened, -1)])
             self.precisions = torch.cat([self.precisions, self.prior_precision.expand(opened, -1)])
-            self.popularity = torch.cat([self.popularity, torch.zeros(opened, dtype=torch.float64)])
+            self.popularity = torch.cat([self.popularity, self.popularity.new_zeros(opened)])
         self.sums[targets] += weights
         self.precisions[targets] += precision
         self.popularity[targets] += 1
@@ -129,6 +129,7 @@ def bbp_map(
     max_width: int | None = None,
     popularity: str = "consistent",
     popularity_cap: float | None = None,
+    device: str | torch.device | None = None,
 ) -> BBPResult:
     """Match J clients' neurons (``neurons[j]``: (L_j, D) rows) into one global layer.
 
@@ -137,7 +138,9 @@ def bbp_map(
     Beta-Bernoulli mass (larger opens more neurons); ``iterations``: sweeps re-matching every
     client after the first pass; ``max_width``: never open neurons beyond this width (none by
     default: PFNM's reference silently caps at 700); ``popularity``: ``"consistent"`` (2 log) or
-    ``"reference"`` (1 log, as the reference code).
+    ``"reference"`` (1 log, as the reference code); ``device``: where the cost matrices are built
+    (default: the first client's; the server's GPU when it has one), the result comes back on the
+    CPU.
     """
     if popularity not in ("consistent", "reference"):
         raise ValueError(f"popularity must be 'consistent' or 'reference', got {popularity!r}")
@@ -149,10 +152,11 @@ def bbp_map(
         raise ValueError(
             f"every client's neurons must be (L_j, {dim}), got {[tuple(n.shape) for n in neurons]}"
         )
-    s = [_vector(p, dim) for p in precisions]
-    s0 = _vector(prior_precision, dim)
-    prior_sum = _vector(prior_mean, dim) * s0
-    scaled = [n.double() * sj for n, sj in zip(neurons, s)]
+    device = neurons[0].device if device is None else torch.device(device)
+    s = [_vector(p, dim, device) for p in precisions]
+    s0 = _vector(prior_precision, dim, device)
+    prior_sum = _vector(prior_mean, dim, device) * s0
+    scaled = [n.to(device, torch.float64) * sj for n, sj in zip(neurons, s)]
     weight = 2.0 if popularity == "consistent" else 1.0
     layer = _GlobalLayer(prior_sum, s0)
     assignments: list[torch.Tensor | None] = [None] * J
@@ -180,7 +184,7 @@ def bbp_map(
         # new-neuron columns are interchangeable: open them in order of first use
         is_new = columns >= layer.width
         targets = columns.clone()
-        targets[is_new] = layer.width + torch.arange(int(is_new.sum()))
+        targets[is_new] = layer.width + torch.arange(int(is_new.sum()), device=device)
         layer.add(scaled[j], s[j], targets)
         assignments[j] = targets
 
@@ -196,8 +200,8 @@ def bbp_map(
                     assignments[k] = remap[assignments[k]]
             match(j)
     return BBPResult(
-        mean=(layer.sums / layer.precisions).float(),
-        precision=layer.precisions.float(),
-        assignments=[a for a in assignments],
-        popularity=layer.popularity.round().long(),
+        mean=(layer.sums / layer.precisions).float().cpu(),
+        precision=layer.precisions.float().cpu(),
+        assignments=[a.cpu() for a in assignments],
+        popularity=layer.popularity.round().long().cpu(),
     )

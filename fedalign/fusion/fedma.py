@@ -99,9 +99,10 @@ def match_layer(
     seed: int = 0,
     solver: str = "hungarian",
     max_width: int | None = None,
+    device: str = "cpu",
 ) -> BBPResult:
     """BBP-MAP over the clients' units of ``layer`` (FedMA's defaults: sigma = sigma0 = 1,
-    gamma 7)."""
+    gamma 7), its cost matrices on ``device``."""
     rows = [neuron_rows(sd, layer).double() for sd in states]
     return bbp_map(
         rows,
@@ -113,6 +114,7 @@ def match_layer(
         seed,
         solver,
         max_width,
+        device=device,
     )
 
 

@@ -68,10 +68,12 @@ def pfnm(
     solver: str = "hungarian",
     max_width: int | None = None,
     popularity: str = "consistent",
+    device: str = "cpu",
 ) -> tuple[MLP, PFNMAssignments]:
     """Fuse ``models`` (same input and output sizes, any hidden widths) into one MLP.
 
-    ``class_counts[j][k]``: client j's number of training examples of class k.
+    ``class_counts[j][k]``: client j's number of training examples of class k; ``device``: where
+    BBP-MAP builds its cost matrices (the server's GPU when it has one).
     """
     J = len(models)
     layers = [
@@ -127,6 +129,7 @@ def pfnm(
             solver,
             max_width,
             popularity,
+            device=device,
         )
         mean = result.mean.double()
         if c == 0:

@@ -1,5 +1,7 @@
 """Assignment solvers and weight matching: planted permutations recovered, objective monotone."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,8 @@ from fedalign.align.weight_matching import (
 )
 from fedalign.models import build_model
 from tests.helpers import permuted_copies, seeded_model
+
+wm = importlib.import_module("fedalign.align.weight_matching")  # the module, not the function
 
 
 @pytest.mark.parametrize("n, m", [(5, 5), (32, 32), (64, 64), (100, 100), (128, 128), (20, 35)])
@@ -107,6 +111,44 @@ def test_objective_never_decreases_between_independent_models():
         assert len(result.trace) >= 2 and result.trace[-1] > result.trace[0]
         assert all(y >= x for x, y in zip(result.trace, result.trace[1:])), name
         assert objective(spec, a, b, result.perms) == pytest.approx(result.objective)
+
+
+def test_a_single_group_is_solved_once(monkeypatch):
+    """The sweep that confirms convergence does not solve an unchanged score matrix again."""
+    calls = []
+
+    def counting(scores, solver, **options):
+        calls.append(solver)
+        return solve_assignment(scores, solver, **options)
+
+    monkeypatch.setattr(wm, "solve_assignment", counting)
+    torch.manual_seed(0)
+    a, b = (build_model("mlp", hidden=[64]).state_dict() for _ in range(2))
+    spec = permutation_spec(build_model("mlp", hidden=[64]))
+    result = weight_matching_result(spec, a, b)
+    assert len(calls) == 1 and result.trace[-1] > result.trace[0]
+
+
+def test_score_dependencies_skip_nothing_that_matters(monkeypatch):
+    """Results equal those of solving every group again whenever any group moved: the skipped
+    solves would have returned the same assignment."""
+    lstm = wm.score_dependencies(permutation_spec(build_model("char_lstm", hidden=8)))
+    assert any(g in deps for g, deps in lstm.items())  # hidden units act on both axes of weight_hh
+    for name, kwargs in [
+        ("mlp", {"hidden": [32, 24, 16]}),
+        ("char_lstm", {"hidden": 24}),
+        ("vgg9", {"widths": (8, 8, 16, 16, 16, 16), "hidden": 32}),
+    ]:
+        torch.manual_seed(2)
+        a = build_model(name, **kwargs).state_dict()
+        b = build_model(name, **kwargs).state_dict()
+        spec = permutation_spec(build_model(name, **kwargs))
+        narrow = weight_matching_result(spec, a, b, restarts=2, seed=1)
+        with monkeypatch.context() as m:
+            m.setattr(wm, "score_dependencies", lambda s: {g: frozenset(s.sizes) for g in s.sizes})
+            everything = weight_matching_result(spec, a, b, restarts=2, seed=1)
+        assert narrow.trace == everything.trace, name
+        assert all(torch.equal(narrow.perms[g], everything.perms[g]) for g in spec.sizes), name
 
 
 def test_sinkhorn_solver_drives_weight_matching_too():

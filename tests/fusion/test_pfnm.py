@@ -42,6 +42,17 @@ def test_permuted_copies_fuse_back_to_the_model(hidden):
     torch.testing.assert_close(fused(X), base(X), atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pfnm_matches_the_same_on_the_gpu():
+    """The server's matching on its GPU (simulation.server_device) fuses the same model."""
+    _, models = _copies([16, 12], noise=0.05)
+    on_cpu, cpu_assignment = pfnm(models, COUNTS, sigma=0.1)
+    on_gpu, gpu_assignment = pfnm(models, COUNTS, sigma=0.1, device="cuda")
+    assert gpu_assignment.widths == cpu_assignment.widths
+    for key, value in on_cpu.state_dict().items():
+        torch.testing.assert_close(on_gpu.state_dict()[key], value, atol=1e-5, rtol=0)
+
+
 def test_unrelated_models_of_different_widths_grow_the_global_model():
     models = []
     for j, hidden in enumerate(([12, 6], [9, 6], [7, 5])):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedalign.components import server_device
 from fedalign.config import RunConfig
 from fedalign.fl.engine import ClientUpdate, Round, Strategy
 from fedalign.fusion.pfnm import pfnm, pfnm_grid_search
@@ -32,7 +33,8 @@ from fedalign.types import StateDict
 
 def matching_options(cfg: RunConfig, seed: int, algorithm: Callable[..., Any]) -> dict[str, Any]:
     """BBP-MAP's options from ``strategy.matching`` for ``algorithm`` (``pfnm`` or FedMA's
-    ``match_layer``); gamma, when unset, is the algorithm's own default (PFNM 1, FedMA 7)."""
+    ``match_layer``); gamma, when unset, is the algorithm's own default (PFNM 1, FedMA 7). The
+    matching runs on ``simulation.server_device``."""
     m = cfg.strategy.matching
     gamma = inspect.signature(algorithm).parameters["gamma"].default if m.gamma is None else m.gamma
     return {
@@ -43,6 +45,7 @@ def matching_options(cfg: RunConfig, seed: int, algorithm: Callable[..., Any]) -
         "seed": seed,
         "solver": m.solver,
         "max_width": m.max_width,
+        "device": str(server_device(cfg)),
     }
 
 
