@@ -6,7 +6,8 @@ run sees the same partition and the same architecture.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,10 +107,12 @@ def train_client(
     partition_id: int,
     frozen: Collection[str] = (),
     device: str | torch.device = "cpu",
+    objective_inputs: Mapping[str, Any] | None = None,
 ) -> TrainStats:
     """One client's local training as the run's config says (optimizer, client objective, seeded
-    shuffling): the ClientApp, the mock clients of the strategy tests and the plain-loop
-    benchmark all train through this, so they train identically."""
+    shuffling; ``objective_inputs``: what the server sent for the objective): the ClientApp, the
+    mock clients of the strategy tests and the plain-loop benchmark all train through this, so
+    they train identically."""
     t = cfg.train
     return train_local(
         model,
@@ -123,6 +126,7 @@ def train_client(
         weight_decay=t.weight_decay,
         objective=cfg.objective,
         objective_options=OBJECTIVES.get(cfg.objective).resolve(vars(t)),
+        objective_inputs=objective_inputs,
         seed=shuffle_seed(cfg, server_round, partition_id),
         device=device,
         frozen=frozen,

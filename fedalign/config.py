@@ -38,6 +38,7 @@ from fedalign.models import MODELS, build_model, model_options
 from fedalign.pipeline import Plan
 from fedalign.registry import STRATEGIES, Context, RegistryError
 from fedalign.repair import REPAIR_RULES
+from fedalign.server_opt import SERVER_OPTIMIZERS
 from fedalign.stats import STATISTICS
 from fedalign.training import OBJECTIVES, OPTIMIZERS
 
@@ -132,6 +133,18 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True)
+class ServerOptimizerConfig:
+    """The server's step from the global model towards the fused one (``fedalign.server_opt``):
+    ``sgd`` with ``lr: 1`` (the default) takes the fused model; ``momentum``, ``adam``, ``yogi``
+    and ``adagrad`` make FedAvgM, FedAdam, FedYogi and FedAdagrad of any strategy. Its options
+    (``lr``, ``momentum``, ``betas``, ``tau``, ``bias_correction``) may be written directly in the
+    section; the resolved config records those the chosen optimizer takes, with their values."""
+
+    name: str = "sgd"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
@@ -182,6 +195,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     faults: tuple[FaultConfig, ...] = ()
@@ -299,15 +313,18 @@ def _build(cls: type, values: Any, prefix: str = "") -> Any:
 _STEP_REGISTRIES = (ALIGNERS, FUSE_RULES, REPAIR_RULES)
 
 
-def _model_section(raw: Any) -> dict[str, Any]:
-    """Accept ``model: {name: mlp, hidden: [200]}``: every key but ``name`` is a model option."""
+def _named_section(key: str, raw: Any, default: str) -> dict[str, Any]:
+    """Accept ``model: {name: mlp, hidden: [200]}`` (or ``server_optimizer: {name: adam, lr:
+    0.1}``, or the name alone): every key but ``name`` is an option of the named thing."""
     if isinstance(raw, str):
         return {"name": raw, "options": {}}
     if not isinstance(raw, dict):
-        raise ConfigError(f"model: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
     raw = dict(raw)
-    name = raw.pop("name", ModelConfig.name)
+    name = raw.pop("name", default)
     options = raw.pop("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{key}.options: expected a mapping, got {options!r}")
     return {"name": name, "options": {**options, **raw}}
 
 
@@ -397,6 +414,26 @@ def _validate_aggregation(
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """A run name is one path component of safe characters: ``../x`` or ``/abs`` would escape the
 output folder."""
+
+
+def _validate_server_optimizer(cfg: RunConfig, need: Callable[[bool, str, str], None]) -> RunConfig:
+    """The server optimizer exists and takes the options given, with valid values; returns
+    ``cfg`` with its options resolved (every option it takes, with the value it uses)."""
+    o = cfg.server_optimizer
+    _check(need, "server_optimizer.name", SERVER_OPTIMIZERS, o.name)
+    entry = SERVER_OPTIMIZERS.get(o.name)
+    unknown = sorted(set(o.options) - set(entry.options))
+    need(
+        not unknown,
+        f"server_optimizer.{unknown[0] if unknown else ''}",
+        f"{o.name} takes no option {unknown[0] if unknown else ''!r}; "
+        f"it takes {', '.join(sorted(entry.options)) or 'none'}",
+    )
+    resolved = entry.resolve(o.options)
+    resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+    problem = entry.meta["check"](resolved)
+    need(problem is None, "server_optimizer", f"{o.name}: {problem}")
+    return dataclasses.replace(cfg, server_optimizer=dataclasses.replace(o, options=resolved))
 
 
 def _validate(cfg: RunConfig) -> RunConfig:
@@ -516,7 +553,21 @@ def _validate(cfg: RunConfig) -> RunConfig:
         "strategy.matching.grid_tolerance",
         f"an accuracy difference in [0, 1], got {m.grid_tolerance}",
     )
+    strategy_problem = STRATEGIES.get(s.name).meta.get("check", lambda c: None)(cfg)
+    need(strategy_problem is None, "strategy.name", f"{s.name}: {strategy_problem}")
+    wanted = OBJECTIVES.get(cfg.objective).meta.get("strategy")
+    need(
+        wanted in (None, s.name),
+        "train.objective",
+        f"the {cfg.objective} objective runs with strategy {wanted}, not {s.name!r}",
+    )
+    need(
+        STRATEGIES.get(s.name).meta.get("objective") != "scaffold" or cfg.objective == "scaffold",
+        "train.objective",
+        f"strategy {s.name} trains with its own objective (scaffold), not {cfg.objective!r}",
+    )
     cfg = _validate_aggregation(cfg, context, need)
+    cfg = _validate_server_optimizer(cfg, need)
     if cfg.objective == "proximal":
         need(t.proximal_mu > 0, "train.proximal_mu", f"strategy {s.name} needs proximal_mu > 0")
 
@@ -548,7 +599,11 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"config: expected a mapping at the top level, got {values!r}")
     values = dict(values)
     if "model" in values:
-        values["model"] = _model_section(values["model"])
+        values["model"] = _named_section("model", values["model"], ModelConfig.name)
+    if "server_optimizer" in values:
+        values["server_optimizer"] = _named_section(
+            "server_optimizer", values["server_optimizer"], ServerOptimizerConfig.name
+        )
     if "aggregation" in values:
         values["aggregation"] = _aggregation_section(values["aggregation"])
     seeds_given = values.pop("seeds", None) or {}

@@ -97,6 +97,10 @@ class Plan:
             for step, entry in zip(("align", "fuse", "repair"), self.steps())
             if (why := entry.problem(context))
         ]
+        for step, entry in zip(("align", "fuse", "repair"), self.steps()):
+            check = entry.meta.get("check")
+            if check is not None and (why := check(self.options_of(entry), context)):
+                found.append((step, f"{entry.name}: {why}"))
         if self.fuses_in_alignment and (fuse.name, repair.name) != ("mean", "none"):
             found.append(
                 (

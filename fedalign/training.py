@@ -97,6 +97,25 @@ def proximal_objective(model: nn.Module, *, proximal_mu: float = 0.0) -> Penalty
     return penalty
 
 
+@OBJECTIVES.register("scaffold", strategy="scaffold")
+def scaffold_objective(
+    model: nn.Module, correction: Mapping[str, torch.Tensor] | None = None
+) -> Penalty:
+    """SCAFFOLD (Karimireddy et al. 2020): every local step follows the gradient plus the
+    correction ``c - c_i`` (server minus client control variate, ``fedalign.drift``), as the
+    gradient of the penalty ``<c - c_i, w>``. ``correction`` comes with the server's message
+    (``train_local``'s ``objective_inputs``), not from the config; without one (no control variates
+    yet) it is plain cross-entropy."""
+    if not correction:
+        return lambda m: None
+    terms = {name: value.detach() for name, value in correction.items()}
+
+    def penalty(m: nn.Module) -> torch.Tensor:
+        return sum((p * terms[name]).sum() for name, p in m.named_parameters() if name in terms)
+
+    return penalty
+
+
 def train_local(
     model: nn.Module,
     X: np.ndarray | torch.Tensor,
@@ -110,13 +129,15 @@ def train_local(
     weight_decay: float = 0.0,
     objective: str = "plain",
     objective_options: Mapping[str, Any] | None = None,
+    objective_inputs: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     frozen: Collection[str] = (),
 ) -> TrainStats:
     """Train ``model`` in place with cross-entropy plus the penalty of the client ``objective``
-    (``OBJECTIVES``, built on ``model``'s weights on entry, the ones it received). Parameters
-    named in ``frozen`` are not trained (FedMA freezes the layers already matched).
+    (``OBJECTIVES``, built on ``model``'s weights on entry, the ones it received, and on
+    ``objective_inputs``, what the server sent for it: SCAFFOLD's correction). Parameters named in
+    ``frozen`` are not trained (FedMA freezes the layers already matched).
     """
     if len(y) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -127,7 +148,7 @@ def train_local(
     trainable = [p for name, p in model.named_parameters() if name not in frozen]
     opt = make_optimizer(trainable, optimizer, lr, momentum, weight_decay)
     entry = OBJECTIVES.get(objective)
-    penalty = entry.obj(model, **entry.resolve(objective_options or {}))
+    penalty = entry.obj(model, **entry.resolve(objective_options or {}), **(objective_inputs or {}))
     generator = torch.Generator().manual_seed(int(seed))
     steps, last_epoch_loss = 0, 0.0
     for _ in range(epochs):

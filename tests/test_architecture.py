@@ -17,10 +17,12 @@ ALGORITHMS = (
     "repair",
     "stats",
     "analysis",
+    "drift",
     "pipeline",
     "tensors",
     "types",
     "registry",
+    "server_opt",
     "studies",
     "plots",
 )

@@ -27,11 +27,20 @@ from fedalign.components import (
     train_client,
 )
 from fedalign.config import RunConfig, from_dict
+from fedalign.drift import client_control, zero_controls
 from fedalign.fl.faults import apply_fault, fault_for
-from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
+from fedalign.fl.records import (
+    CLIENT_CONTROL,
+    CONTROL,
+    CONTROL_DELTA,
+    RUN_CONFIG_KEY,
+    to_arrays,
+    to_state_dict,
+)
 from fedalign.plugins import load_from_environment
 from fedalign.stats import StatContext, client_statistics, flatten, unflatten
-from fedalign.training import evaluate
+from fedalign.training import TrainStats, evaluate
+from fedalign.types import StateDict
 
 app = ClientApp()
 log = logging.getLogger("fedalign")
@@ -87,6 +96,47 @@ def ray_node_metric() -> dict[str, int]:
     return {"ray-node": int(ray.get_runtime_context().get_node_id()[:12], 16)}
 
 
+class Controls:
+    """SCAFFOLD on the client: the server's control variate ``c`` (sent with every train message)
+    and this client's own ``c_i``, kept across rounds in the ClientApp's ``Context.state``. The
+    server sends ``c_i`` too when the client's copy cannot be trusted to match its own (after a
+    resume, which starts every node with an empty state, or after it rejected the client's last
+    reply); that copy then replaces the client's."""
+
+    def __init__(self, content: RecordDict, state: RecordDict) -> None:
+        self.sent = to_state_dict(content["arrays"])
+        self.server = to_state_dict(content[CONTROL])
+        if CLIENT_CONTROL in content:
+            self.own = to_state_dict(content[CLIENT_CONTROL])
+        elif CLIENT_CONTROL in state:
+            self.own = to_state_dict(state[CLIENT_CONTROL])
+        else:
+            self.own = zero_controls(self.sent, list(self.server))
+
+    def correction(self) -> dict[str, Any]:
+        """The client objective's input: ``c - c_i`` per parameter."""
+        return {"correction": {k: self.server[k] - self.own[k] for k in self.server}}
+
+    def update(
+        self, trained: StateDict, stats: TrainStats, lr: float, state: RecordDict
+    ) -> ArrayRecord:
+        """Store ``c_i+`` (option II) in ``state``; the change ``c_i+ - c_i`` for the reply."""
+        new = client_control(self.own, self.server, self.sent, trained, stats.steps, lr)
+        state[CLIENT_CONTROL] = to_arrays(new)
+        return to_arrays({k: new[k] - self.own[k] for k in new})
+
+
+def train_reply_metrics(stats: TrainStats, partition_id: int, counts: list[int]) -> dict[str, Any]:
+    """What every train reply reports besides its weights (FedNova reads ``local-steps``)."""
+    return {
+        "num-examples": stats.num_examples,
+        "train-loss": stats.loss,
+        "local-steps": stats.steps,
+        "partition-id": partition_id,
+        "class-counts": counts,
+    }
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, config, partition_id, fed = _setup(msg, context)
@@ -97,6 +147,7 @@ def train(msg: Message, context: Context) -> Message:
         model = _received_model(msg, cfg, fed)
     server_round = int(config.get("server-round", 0))
     frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
+    controls = Controls(msg.content, context.state) if CONTROL in msg.content else None
     stats = train_client(
         cfg,
         model,
@@ -106,17 +157,17 @@ def train(msg: Message, context: Context) -> Message:
         partition_id,
         frozen,
         client_device(cfg),
+        objective_inputs=None if controls is None else controls.correction(),
     )
+    counts = np.bincount(data.y_train, minlength=fed.num_classes).tolist()
     metrics = MetricRecord(
-        {
-            "num-examples": stats.num_examples,
-            "train-loss": stats.loss,
-            "partition-id": partition_id,
-            "class-counts": np.bincount(data.y_train, minlength=fed.num_classes).tolist(),
-            **ray_node_metric(),
-        }
+        {**train_reply_metrics(stats, partition_id, counts), **ray_node_metric()}
     )
     content = RecordDict({"metrics": metrics})
+    if controls is not None:
+        content[CONTROL_DELTA] = controls.update(
+            model.cpu().state_dict(), stats, cfg.train.lr, context.state
+        )
     kinds = _kinds(config)
     if kinds:  # what the server's pipeline needs of the trained model (before a fault corrupts it)
         content["statistics"] = _statistics(cfg, kinds, model, data, partition_id)

@@ -35,6 +35,7 @@ from torch import nn
 from fedalign.config import RunConfig
 from fedalign.errors import RoundFailedError
 from fedalign.fl.records import config_record, message_bytes, to_arrays, to_state_dict
+from fedalign.server_opt import OptimizerState, is_identity, server_step
 from fedalign.stats import unflatten
 from fedalign.tensors import weighted_average
 from fedalign.types import ClientStats, StateDict
@@ -66,6 +67,8 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, Any]
     statistics: dict[str, Any] | None = None  # what the strategy asked for, unflattened
+    records: dict[str, OrderedDict[str, torch.Tensor]] = field(default_factory=dict)
+    """The reply's other array records by name (SCAFFOLD's ``control-delta``)."""
 
 
 @dataclass
@@ -193,18 +196,20 @@ class Round:
         *,
         local_init: Iterable[int] = (),
         check: Check | None = None,
+        extra: Mapping[int, Mapping[str, StateDict]] | None = None,
     ) -> list[ClientUpdate]:
         """Send each partition in ``sent`` its model to train, with ``config`` (and
-        ``client-init=local`` for those in ``local_init``, which train from their own init), and
-        return the valid replies in partition order. A reply is checked against the model it was
+        ``client-init=local`` for those in ``local_init``, which train from their own init) and
+        the array records ``extra[partition]`` (SCAFFOLD's control variates), and return the
+        valid replies in partition order. A reply is checked against the model it was
         sent (the shapes only for a local init, which is no update of it) and by ``check``; the
         rest are logged as failures."""
         local = set(local_init)
         base = {"server-round": self.number, "attempt": self.attempt, **(config or {})}
         configs = {p: {**base, "client-init": "local"} if p in local else base for p in sent}
-        replies = self._engine.exchange(
-            self, phase, MessageType.TRAIN, {p: {"arrays": sent[p]} for p in sent}, configs
-        )
+        extra = extra or {}
+        records = {p: {"arrays": sent[p], **extra.get(p, {})} for p in sent}
+        replies = self._engine.exchange(self, phase, MessageType.TRAIN, records, configs)
         updates = []
         for pid, reply in replies.items():
             update = self._engine.parse_update(self, phase, pid, reply)
@@ -325,6 +330,7 @@ class Strategy:
     def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
         self.cfg = cfg
         self.model = model
+        self.optimizer_state: OptimizerState = {}
 
     def train_config(self, rnd: Round) -> dict[str, Any]:
         return {}
@@ -337,6 +343,11 @@ class Strategy:
         """Why the strategy cannot use ``update`` (None: it can); checked with the engine's own
         checks, before the round counts its valid replies."""
         return None
+
+    def extra_records(self, rnd: Round, partitions: list[int]) -> dict[int, dict[str, StateDict]]:
+        """Array records sent with each partition's model beside it (SCAFFOLD's control
+        variates); none by default."""
+        return {}
 
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         raise NotImplementedError
@@ -356,6 +367,7 @@ class Strategy:
                 self.train_config(rnd),
                 local_init=self.local_init(rnd, partitions),
                 check=lambda update: self.check(rnd, update),
+                extra=self.extra_records(rnd, partitions),
             )
             if len(updates) < s.min_train_clients:
                 log.warning(
@@ -403,12 +415,43 @@ class Strategy:
         rnd.log.extra["fusion_fallback"] = problem
         return weighted_average(states, [u.num_examples for u in updates])
 
+    def keeps_basis(self, rnd: Round) -> bool:
+        """Whether this round's fused model is a step from ``rnd.reference`` in its neurons' order
+        (the clients trained from it); when not, the server optimizer's state is reset."""
+        return not self.local_init(rnd, [0])
+
+    def server_update(
+        self, rnd: Round, fused: OrderedDict[str, torch.Tensor]
+    ) -> OrderedDict[str, torch.Tensor]:
+        """The server optimizer's step (``fedalign.server_opt``) from the round's global model
+        towards the fused one; the metrics row records the optimizer and whether its state was
+        kept or reset (nothing is recorded for the identity step, SGD with ``lr: 1``)."""
+        o = self.cfg.server_optimizer
+        if is_identity(o.name, o.options):
+            return fused
+        new, self.optimizer_state, what = server_step(
+            o.name, o.options, rnd.reference, fused, self.optimizer_state, self.keeps_basis(rnd)
+        )
+        rnd.log.extra["server_optimizer"] = {"name": o.name, "state": what}
+        return new
+
     def state(self) -> dict[str, Any]:
         """JSON-serialisable strategy state for checkpoints."""
         return {}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what ``state`` returned."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The strategy's tensor state for checkpoints (the server optimizer's moments)."""
+        return {f"server_opt/{k}": v for k, v in self.optimizer_state.items()}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore what ``tensors`` returned."""
+        prefix = "server_opt/"
+        self.optimizer_state = {
+            k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
+        }
 
 
 class RoundEngine:
@@ -594,11 +637,16 @@ class RoundEngine:
             statistics = (
                 unflatten(to_state_dict(content["statistics"])) if "statistics" in content else None
             )
+            records = {
+                name: to_state_dict(record)
+                for name, record in content.array_records.items()
+                if name not in ("arrays", "statistics")
+            }
         except (KeyError, TypeError, ValueError) as exc:
             rnd.log.fail(pid, reply.metadata.src_node_id, f"malformed reply: {exc!r}", phase)
             return None
         return ClientUpdate(
-            pid, reply.metadata.src_node_id, state, num_examples, metrics, statistics
+            pid, reply.metadata.src_node_id, state, num_examples, metrics, statistics, records
         )
 
     # ---- the run -------------------------------------------------------------------------------
@@ -649,7 +697,7 @@ class RoundEngine:
         for number in range(first_round, self.cfg.strategy.rounds + 1):
             rnd = Round(self, number, state, RoundLog(number))
             t_round = time.perf_counter()
-            state = self.strategy.run_round(rnd)
+            state = self.strategy.server_update(rnd, self.strategy.run_round(rnd))
             metrics = self.evaluate(rnd, state) if self.should_evaluate(number) else {}
             rnd.log.seconds["total"] = time.perf_counter() - t_round
             self._emit(rnd.log, metrics)

@@ -71,13 +71,14 @@ def run_server(
         if every and (server_round % every == 0 or server_round == cfg.strategy.rounds):
             save_checkpoint(
                 recorder.dir / "checkpoints",
-                Checkpoint(server_round, OrderedDict(state), strategy.state()),
+                Checkpoint(server_round, OrderedDict(state), strategy.state(), strategy.tensors()),
                 keep=cfg.output.keep_checkpoints,
             )
 
     strategy = make_strategy(cfg, run_model(cfg, fed))
     if resume is not None:
         strategy.load_state(resume.state)
+        strategy.load_tensors(resume.tensors)
     engine = RoundEngine(
         cfg,
         strategy,

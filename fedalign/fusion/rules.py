@@ -4,7 +4,9 @@ Every rule has one signature, ``(states, weights, stats, **options) -> fused sta
 are the clients' aligned state dicts, ``weights`` their example counts, ``stats[j]`` the
 statistics client ``j`` reported (already in the aligned basis), holding at least the kinds the
 rule declares in ``needs={"train": (...)}``. Its keyword-only parameters are its options, and
-their defaults are the defaults a config gets.
+their defaults are the defaults a config gets. ``meta["check"]``, when registered, is
+``(options, context) -> reason | None``: why the rule cannot run with these option values in this
+federation (the config reports it as one line before anything runs).
 """
 
 from __future__ import annotations

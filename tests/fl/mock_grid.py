@@ -33,9 +33,15 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedalign.components import local_init_seed, run_model, train_client
 from fedalign.config import FaultConfig, RunConfig
 from fedalign.data.federation import ClientData
-from fedalign.fl.client_app import _kinds, _run_config, _statistics
+from fedalign.fl.client_app import (
+    Controls,
+    _kinds,
+    _run_config,
+    _statistics,
+    train_reply_metrics,
+)
 from fedalign.fl.faults import apply_fault
-from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
+from fedalign.fl.records import CONTROL, CONTROL_DELTA, RUN_CONFIG_KEY, to_arrays, to_state_dict
 from fedalign.stats import flatten, unflatten
 from fedalign.training import evaluate
 from fedalign.types import ClientStats, StateDict
@@ -48,8 +54,11 @@ reply carrying the exception's message)."""
 MISBEHAVIOURS = (
     "nan",
     "wrong-shape",
+    "scale",
     "bad-counts",
     "short-counts",
+    "bad-steps",
+    "bad-control",
     "raise",
     "silent",
     *("inflated-counts", "inflated-class-counts"),  # claims far more data than it holds
@@ -154,12 +163,15 @@ class MockClient:
     ``query.statistics`` and ``evaluate`` as ``fedalign.fl.client_app`` does.
 
     ``misbehave`` (one of ``MISBEHAVIOURS``) corrupts its train replies: NaN weights, a
-    wrong-shaped first weight (the real fault injection of ``fedalign.fl.faults``), negative class
-    counts, class counts without the last class, an exception, no reply at all, an example count
-    or class counts 1000 times what it holds, or poisoned statistics (every Gram made negative
-    definite, NaN or one row too large; a Fisher NaN or scaled by 1e12);
+    wrong-shaped first weight, every weight scaled by 1e6 (a well-formed Byzantine reply; these
+    three are the real fault injection of ``fedalign.fl.faults``), negative class counts, class
+    counts without the last class, a million local steps, a SCAFFOLD control change ten times what
+    its update implies, an exception, no reply at all, an example count or class counts 1000
+    times what it holds, or poisoned statistics (every Gram made negative definite, NaN or one row
+    too large; a Fisher NaN or scaled by 1e12);
     ``misbehave_times`` limits that to its first train messages (None: all of them). Every train
-    reply is kept in ``trained``.
+    reply is kept in ``trained``; ``context_state`` is its ``Context.state`` (where SCAFFOLD's
+    control variate lives across rounds).
     """
 
     partition_id: int
@@ -169,6 +181,7 @@ class MockClient:
     misbehave: str | None = None
     misbehave_times: int | None = None
     trained: list[TrainReply] = field(default_factory=list)
+    context_state: RecordDict = field(default_factory=RecordDict)  # the ClientApp's Context.state
 
     def __post_init__(self) -> None:
         if self.misbehave is not None and self.misbehave not in MISBEHAVIOURS:
@@ -257,8 +270,16 @@ class MockClient:
             model = self.model(cfg, to_state_dict(msg.content["arrays"]))
         server_round = int(config.get("server-round", 0))
         frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
+        controls = Controls(msg.content, self.context_state) if CONTROL in msg.content else None
         stats = train_client(
-            cfg, model, self.data.X_train, self.data.y_train, server_round, pid, frozen
+            cfg,
+            model,
+            self.data.X_train,
+            self.data.y_train,
+            server_round,
+            pid,
+            frozen,
+            objective_inputs=None if controls is None else controls.correction(),
         )
         counts = np.bincount(self.data.y_train, minlength=NUM_CLASSES).tolist()
         if fault == "bad-counts":
@@ -267,13 +288,20 @@ class MockClient:
             counts = counts[:-1]
         elif fault == "inflated-class-counts":
             counts = [1000 * c for c in counts]
-        metrics = {
-            "num-examples": stats.num_examples * (1000 if fault == "inflated-counts" else 1),
-            "train-loss": stats.loss,
-            "partition-id": pid,
-            "class-counts": counts,
-        }
+        metrics = train_reply_metrics(stats, pid, counts)
+        if fault == "inflated-counts":
+            metrics["num-examples"] *= 1000
+        if fault == "bad-steps":
+            metrics["local-steps"] = 10**6
         content = RecordDict({"metrics": MetricRecord(metrics)})
+        if controls is not None:
+            content[CONTROL_DELTA] = controls.update(
+                model.state_dict(), stats, cfg.train.lr, self.context_state
+            )
+            if fault == "bad-control":
+                content[CONTROL_DELTA] = to_arrays(
+                    {k: v * 10 for k, v in to_state_dict(content[CONTROL_DELTA]).items()}
+                )
         kinds = _kinds(config)
         if kinds:
             content["statistics"] = _statistics(cfg, kinds, model, self.data, pid)
@@ -281,7 +309,7 @@ class MockClient:
                 poisoned = POISONS[fault](unflatten(to_state_dict(content["statistics"])))
                 content["statistics"] = to_arrays(flatten(poisoned))
         state = OrderedDict(model.state_dict())
-        if fault in ("nan", "wrong-shape"):
+        if fault in ("nan", "wrong-shape", "scale"):
             state = apply_fault(FaultConfig(round=server_round, client=pid, kind=fault), state)
         content["arrays"] = to_arrays(state)
         statistics = unflatten(to_state_dict(content["statistics"])) if kinds else None

@@ -80,6 +80,10 @@ class FedMA(Strategy):
             for p, groups in state.get("assignments", {}).items()
         }
 
+    def keeps_basis(self, rnd: Round) -> bool:
+        """Every round matches the layers anew, into an order unrelated to the last global's."""
+        return False
+
     def _phase(
         self,
         rnd: Round,
