@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,20 @@ class Plan:
 
     def repair_statistics(self) -> tuple[str, ...]:
         return self.statistics("repair")
+
+    def for_round(self, number: int) -> Plan:
+        """The plan round ``number`` runs: with ``stats_every: k`` (an option of the fuse rules
+        that need statistics), the fuse rule's statistics are asked for and used in rounds 1,
+        1 + k, ... only; the rounds between fuse the aligned models by their weighted mean.
+        Why: RegMean's Grams cost several models' bytes, and what they fix (models from
+        independent inits, or far apart) is largest in the first rounds; the weight matching
+        itself needs no statistics."""
+        every = int(self.options_of(FUSE_RULES.get(self.fuse)).get("stats_every", 1))
+        if every < 1:
+            raise ValueError(f"stats_every must be >= 1, got {every}")
+        if every == 1 or (number - 1) % every == 0:
+            return self
+        return replace(self, fuse="mean")
 
     def options_of(self, entry: Entry) -> dict[str, Any]:
         return entry.resolve(self.options)

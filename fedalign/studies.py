@@ -168,3 +168,72 @@ def write_json(path: Path, payload: Any) -> None:
     """``payload`` as indented JSON, folders created; numpy scalars are written as numbers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def pipeline_rounds(
+    plan: Any,
+    build: Callable[[], nn.Module],
+    datasets: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    test: tuple[torch.Tensor, torch.Tensor],
+    rounds: int,
+    *,
+    own_init: bool = True,
+    seed: int = 0,
+    **train_options: Any,
+) -> list[dict[str, float]]:
+    """``rounds`` rounds of FedAvg-style training whose server step is ``pipeline.aggregate``
+    under ``plan`` (a ``pipeline.Plan``), without Flower: every client trains from the global
+    model (round 1: from its own init when ``own_init``) and answers the pipeline's queries
+    directly, as the strategy's clients do (``plan.for_round`` decides each round's steps).
+    Returns per round the global model's test loss and accuracy and the values each round's
+    clients sent up (weights plus statistics), so stability and bytes are read off one run.
+    """
+    from fedalign.align import permutation_spec
+    from fedalign.models import fit_to_state
+    from fedalign.pipeline import aggregate
+    from fedalign.stats import StatContext, client_statistics
+
+    torch.manual_seed(seed)
+    global_model = build()
+    spec = permutation_spec(global_model)
+    weights = [float(len(y)) for _, y in datasets]
+    history = []
+    for rnd in range(1, rounds + 1):
+        step = plan.for_round(rnd)
+        models = []
+        for j, (X, y) in enumerate(datasets):
+            if rnd == 1 and own_init:
+                torch.manual_seed(seed + 1000 + j)
+                model = build()
+            else:
+                model = fit_to_state(build(), global_model.state_dict())
+            train_local(model, X, y, seed=seed + 100 * rnd + j, **train_options)
+            models.append(model.eval())
+        stats = [
+            client_statistics(step.train_statistics(), m, X, y, options=step.options)
+            for m, (X, y) in zip(models, datasets)
+        ]
+        states = [m.state_dict() for m in models]
+        sent = sum(t.numel() for tree in [*states, *stats] for t in _tensors(tree))
+
+        def ask_cross(ref: int, others: list[int], models: list = models, step: Any = step) -> dict:
+            context = StatContext(reference=models[ref])
+            kinds = step.align_statistics()
+            return {j: client_statistics(kinds, models[j], *datasets[j], context) for j in others}
+
+        def ask_fused(state: dict, targets: dict | None, step: Any = step) -> list:
+            fused, context = fit_to_state(build(), state), StatContext(targets=targets)
+            kinds = step.repair_statistics()
+            return [client_statistics(kinds, fused, X, y, context) for X, y in datasets]
+
+        outcome = aggregate(step, spec, states, weights, stats, ask_cross, ask_fused, seed=rnd)
+        global_model = fit_to_state(build(), outcome.state)
+        loss, accuracy = evaluate(global_model, *test)
+        history.append({"round": rnd, "loss": loss, "accuracy": accuracy, "values_up": sent})
+    return history
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [t for value in tree.values() for t in _tensors(value)]

@@ -116,9 +116,11 @@ def fisher_rule(
     *,
     fisher_floor: float = 1e-6,
     fisher_normalise: bool = False,
+    stats_every: int = 1,
 ) -> OrderedDict[str, torch.Tensor]:
     """Fisher-weighted averaging (``fisher_floor``: the Fishers' floor, ``fisher_normalise``:
-    divide each client's Fisher by its total first)."""
+    divide each client's Fisher by its total first; ``stats_every``: the rounds that ask for
+    Fishers, see ``pipeline.Plan.for_round``; a Fisher costs one model's bytes)."""
     if fisher_floor < 0:
         raise ValueError(f"fisher_floor must be >= 0, got {fisher_floor}")
     return fisher_average(

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from fedalign.align.spec import AxisRef, Perms, PermutationSpec, expand_index
-from fedalign.stats import STATISTICS, StatContext, gram_matrices
+from fedalign.align.trace import permutation_spec
+from fedalign.stats import STATISTICS, StatContext, gram_matrices, linear_layers
 from fedalign.tensors import weighted_average
 from fedalign.types import ClientStats, StateDict
 from fedalign.validation import gram_problem
@@ -32,7 +33,12 @@ from .rules import FUSE_RULES, no_recurrent_layers
 ALPHA = 0.9
 """Off-diagonal scaling of the Grams (the paper's recommended range; 1 is exact least squares)."""
 RIDGE = 1e-2
-"""Ridge relative to the mean diagonal: 1e-4 diverged over rounds on LeNet (docs/benchmarks.md)."""
+"""Ridge relative to the mean diagonal. Over rounds, what diverged (docs/benchmarks.md at 1e-4, and
+at any ridge on skewed clients, docs/fidelity.md) was the output layer: see ``regmean_output``."""
+STATS_EVERY = 5
+"""Rounds between two rounds with Grams: a 785 x 785 input Gram in float32 is 7.8 MLP-784-100-10
+models, so every round would cost 5-10x FedAvg's bytes; one in five keeps RegMean's accuracy on
+skewed clients at under 2x (docs/fidelity.md)."""
 
 
 def _augmented(state: StateDict, name: str, with_bias: bool) -> torch.Tensor:
@@ -170,6 +176,23 @@ def permute_grams(
     return out
 
 
+_OUTPUT_LAYERS: dict[tuple, frozenset[str]] = {}
+
+
+def output_layers(model: nn.Module) -> frozenset[str]:
+    """The Linear/Conv2d modules whose outputs no permutation acts on: the model's outputs
+    (from its traced permutation spec, remembered per architecture: a client computes Grams
+    every round and tracing costs more than a small model's Grams)."""
+    layers = linear_layers(model)
+    key = (type(model).__qualname__, *((n, tuple(m.weight.shape)) for n, m in layers.items()))
+    if key not in _OUTPUT_LAYERS:
+        spec = permutation_spec(model)
+        _OUTPUT_LAYERS[key] = frozenset(
+            name for name in layers if 0 not in spec.axes_of(f"{name}.weight")
+        )
+    return _OUTPUT_LAYERS[key]
+
+
 def _grams(
     model: nn.Module,
     X: torch.Tensor,
@@ -177,12 +200,27 @@ def _grams(
     context: StatContext,
     *,
     gram_conv: str = "full",
+    regmean_output: str = "mean",
 ) -> dict[str, torch.Tensor]:
-    """Layer-input Grams; ``gram_conv="channel"`` keeps only channel-by-channel blocks of large
-    convs (``G_c (x) I_k``)."""
+    """Layer-input Grams, accumulated in float64 and sent in float32 (half the bytes; the solve
+    runs in float64 with a ridge far above float32's rounding). ``gram_conv="channel"`` keeps only
+    channel-by-channel blocks of large convs (``G_c (x) I_k``).
+
+    ``regmean_output="mean"`` (the default) sends none for the output layer, which the server then
+    averages. Why: on label-skewed clients the output layer's least-squares fit to the clients'
+    own logits has large weights along the directions that separate the clients' hidden features
+    (the clients disagree most there), and training from it every round compounds that: the test
+    loss of weight matching + RegMean grew threefold in 10 rounds on digits, and 10-100x on
+    Fashion-MNIST at ridge 1e-4 and 1e-2 alike, while with the output layer averaged it kept
+    falling (docs/fidelity.md). ``"regmean"`` solves it too (the one-shot studies' setting, where
+    it carries most of RegMean's gain from independent inits)."""
     if gram_conv not in ("full", "channel"):
         raise ValueError(f"gram_conv must be 'full' or 'channel', got {gram_conv!r}")
-    return gram_matrices(model, X, conv=gram_conv)
+    if regmean_output not in ("mean", "regmean"):
+        raise ValueError(f"regmean_output must be 'mean' or 'regmean', got {regmean_output!r}")
+    grams = gram_matrices(model, X, conv=gram_conv)
+    skip = output_layers(model) if regmean_output == "mean" else set()
+    return {name: G.float() for name, G in grams.items() if name not in skip}
 
 
 def check_grams(grams: Mapping[str, torch.Tensor], state: StateDict, examples: int) -> str | None:
@@ -214,9 +252,10 @@ def regmean_rule(
     *,
     regmean_alpha: float = ALPHA,
     ridge: float = RIDGE,
+    stats_every: int = STATS_EVERY,
 ) -> OrderedDict[str, torch.Tensor]:
     """RegMean on the clients' Grams (``regmean_alpha``: off-diagonal scaling, ``ridge``: relative
-    ridge)."""
+    ridge; ``stats_every``: the rounds that ask for Grams, see ``pipeline.Plan.for_round``)."""
     if not 0.0 <= regmean_alpha <= 1.0:
         raise ValueError(f"regmean_alpha must be in [0, 1], got {regmean_alpha}")
     if ridge < 0:

@@ -29,7 +29,16 @@ def _run(tmp_path, name, overrides):
 
 def test_train_phase_only_weight_matching_and_regmean(tmp_path):
     plain = _run(tmp_path, "plain", [])  # one-shot average of independent inits
-    row = _run(tmp_path, "wm-regmean", ["aggregation.align=weight", "aggregation.fuse=regmean"])
+    # one-shot from independent inits: the output layer solved too (RegMean's one-shot setting)
+    row = _run(
+        tmp_path,
+        "wm-regmean",
+        [
+            "aggregation.align=weight",
+            "aggregation.fuse=regmean",
+            "aggregation.regmean_output=regmean",
+        ],
+    )
     assert row["aggregation"]["fuse"] == "regmean" and row["clients_ok"] == 4
     assert set(row["bytes_by_phase"]) == {"train"}
     # the Grams travel up with the weights: more bytes up than down

@@ -44,7 +44,7 @@ class FedAvg(Strategy):
         self.spec = permutation_spec(model) if permutes else None
 
     def train_config(self, rnd: Round) -> dict[str, Any]:
-        kinds = self.plan.train_statistics()
+        kinds = self.plan.for_round(rnd.number).train_statistics()
         return {"statistics": ",".join(kinds)} if kinds else {}
 
     def local_init(self, rnd: Round, partitions: list[int]) -> list[int]:
@@ -55,7 +55,9 @@ class FedAvg(Strategy):
         counts)."""
         if self.plan.fuses_in_alignment:
             return class_counts_problem(update, rnd.reference)
-        missing = set(self.plan.train_statistics()) - set(update.statistics or {})
+        missing = set(self.plan.for_round(rnd.number).train_statistics()) - set(
+            update.statistics or {}
+        )
         return f"train: statistics {sorted(missing)} missing" if missing else None
 
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
@@ -70,7 +72,7 @@ class FedAvg(Strategy):
         return self._pipeline(rnd, updates)
 
     def _pipeline(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
-        plan = self.plan
+        plan = self.plan.for_round(rnd.number)
         kept = {u.partition_id for u in updates}  # the clients still in the fusion
 
         def ask_cross(ref: int, others: list[int]) -> dict[int, ClientStats]:
