@@ -69,8 +69,48 @@ def assignment_cost(
     return torch.cat([existing, new], dim=1)
 
 
+@dataclass(frozen=True)
+class _Blocks:
+    """Dimensions grouped by precision: within a block every client's precision and the prior's
+    are one number, so every global neuron's precision is too (a sum of them).
+
+    PFNM's rows have a handful of such blocks (the incoming weights and bias at 1/sigma, the
+    outgoing weights at 1/sigma or one block per class share), so the cost needs one matrix
+    product per block instead of two over all dimensions plus elementwise work on the whole
+    (W, D) precision matrix. Dimensions are reordered once so that each block is contiguous.
+    """
+
+    order: torch.Tensor  # (D,) new position -> dimension
+    bounds: list[tuple[int, int]]  # each block's [start, end) in the new order
+    position_block: torch.Tensor  # (D,) the block of each new position
+    client: torch.Tensor  # (J, B) each client's precision per block
+    prior: torch.Tensor  # (B,) the prior's precision per block
+
+    @classmethod
+    def of(cls, client: Sequence[torch.Tensor], prior: torch.Tensor) -> _Blocks:
+        keys, block = torch.unique(torch.stack([*client, prior]), dim=1, return_inverse=True)
+        order = torch.argsort(block, stable=True)
+        ends = torch.cumsum(torch.bincount(block, minlength=keys.shape[1]), 0).tolist()
+        bounds = list(zip([0, *ends[:-1]], ends))
+        return cls(order, bounds, block[order], keys[:-1], keys[-1])
+
+    def norms(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, B): squared norm of each row's part in each block."""
+        squared = rows**2
+        return torch.stack([squared[:, a:b].sum(1) for a, b in self.bounds], dim=1)
+
+    def cross(self, rows: torch.Tensor, sums: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(L, W): ``sum_b scale[i, b] * <rows_lb, sums_ib>``."""
+        out = rows.new_zeros(len(rows), len(sums))
+        for k, (a, b) in enumerate(self.bounds):
+            out += (rows[:, a:b] @ sums[:, a:b].T) * scale[:, k]
+        return out
+
+
 class _GlobalLayer:
-    """The running global layer: precision-weighted sums, precisions, popularity.
+    """The running global layer: precision-weighted sums (W, D), precisions per block (W, B) and
+    popularity (W,), in buffers that grow by doubling (a neuron opens in most matches of the
+    first pass) and compact only when a removal empties a neuron.
 
     ``targets`` are one client's assignment, so its indices are distinct and plain indexed updates
     suffice. (``index_add`` would do the same, but on CPU it opens a parallel region per call even
@@ -78,42 +118,61 @@ class _GlobalLayer:
     made a small fusion 100x slower.)
     """
 
-    def __init__(self, prior_sum: torch.Tensor, prior_precision: torch.Tensor) -> None:
-        self.prior_sum, self.prior_precision = prior_sum, prior_precision
-        dim, device = len(prior_sum), prior_sum.device
-        self.sums = torch.zeros(0, dim, dtype=torch.float64, device=device)
-        self.precisions = torch.zeros(0, dim, dtype=torch.float64, device=device)
-        self.popularity = torch.zeros(0, dtype=torch.float64, device=device)
+    def __init__(self, prior_sum: torch.Tensor, blocks: _Blocks) -> None:
+        self.prior_sum, self.blocks = prior_sum, blocks
+        self.width = 0
+        self._sums = prior_sum.new_zeros(0, len(prior_sum))
+        self._precisions = prior_sum.new_zeros(0, len(blocks.prior))
+        self._popularity = prior_sum.new_zeros(0)
 
     @property
-    def width(self) -> int:
-        return len(self.popularity)
+    def sums(self) -> torch.Tensor:
+        return self._sums[: self.width]
+
+    @property
+    def precisions(self) -> torch.Tensor:
+        return self._precisions[: self.width]
+
+    @property
+    def popularity(self) -> torch.Tensor:
+        return self._popularity[: self.width]
 
     def add(self, weights: torch.Tensor, precision: torch.Tensor, targets: torch.Tensor) -> None:
         """Add rows to global neurons ``targets`` (indices >= width open new neurons, in order)."""
-        opened = int((targets >= self.width).sum())
-        if opened:
-            self.sums = torch.cat([self.sums, self.prior_sum.expand(opened, -1)])
-            self.precisions = torch.cat([self.precisions, self.prior_precision.expand(opened, -1)])
-            self.popularity = torch.cat([self.popularity, self.popularity.new_zeros(opened)])
-        self.sums[targets] += weights
-        self.precisions[targets] += precision
-        self.popularity[targets] += 1
+        width = max(self.width, int(targets.max()) + 1) if len(targets) else self.width
+        if width > len(self._popularity):
+            grow = max(width, 2 * len(self._popularity)) - len(self._popularity)
+            self._sums = torch.cat([self._sums, self._sums.new_zeros(grow, self._sums.shape[1])])
+            self._precisions = torch.cat(
+                [self._precisions, self._precisions.new_zeros(grow, self._precisions.shape[1])]
+            )
+            self._popularity = torch.cat([self._popularity, self._popularity.new_zeros(grow)])
+        if width > self.width:
+            self._sums[self.width : width] = self.prior_sum
+            self._precisions[self.width : width] = self.blocks.prior
+            self._popularity[self.width : width] = 0
+            self.width = width
+        self._sums[targets] += weights
+        self._precisions[targets] += precision
+        self._popularity[targets] += 1
 
     def remove(
         self, weights: torch.Tensor, precision: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """Take rows out; drop neurons nobody uses any more. Returns old index -> new index."""
-        self.sums[targets] -= weights
-        self.precisions[targets] -= precision
-        self.popularity[targets] -= 1
+    ) -> torch.Tensor | None:
+        """Take rows out; drop neurons nobody uses any more. Returns old index -> new index, or
+        None when no neuron was dropped."""
+        self._sums[targets] -= weights
+        self._precisions[targets] -= precision
+        self._popularity[targets] -= 1
         keep = self.popularity > 0.5
+        if bool(keep.all()):
+            return None
         remap = torch.cumsum(keep.long(), 0) - 1
-        self.sums, self.precisions, self.popularity = (
-            self.sums[keep],
-            self.precisions[keep],
-            self.popularity[keep],
-        )
+        kept = int(keep.sum())
+        self._sums[:kept] = self.sums[keep]
+        self._precisions[:kept] = self.precisions[keep]
+        self._popularity[:kept] = self.popularity[keep]
+        self.width = kept
         return remap
 
 
@@ -155,10 +214,15 @@ def bbp_map(
     device = neurons[0].device if device is None else torch.device(device)
     s = [_vector(p, dim, device) for p in precisions]
     s0 = _vector(prior_precision, dim, device)
-    prior_sum = _vector(prior_mean, dim, device) * s0
-    scaled = [n.to(device, torch.float64) * sj for n, sj in zip(neurons, s)]
+    blocks = _Blocks.of(s, s0)
+    prior_sum = (_vector(prior_mean, dim, device) * s0)[blocks.order]
+    scaled = [(n.to(device, torch.float64) * sj)[:, blocks.order] for n, sj in zip(neurons, s)]
+    norms = [blocks.norms(w) for w in scaled]
+    open_base = [
+        _open_cost(w, n, c, blocks, prior_sum) for w, n, c in zip(scaled, norms, blocks.client)
+    ]
     weight = 2.0 if popularity == "consistent" else 1.0
-    layer = _GlobalLayer(prior_sum, s0)
+    layer = _GlobalLayer(prior_sum, blocks)
     assignments: list[torch.Tensor | None] = [None] * J
 
     def match(j: int) -> None:
@@ -166,14 +230,12 @@ def bbp_map(
         room = L if max_width is None else max(0, min(L, max_width - layer.width))
         if layer.width + room < L:
             raise ValueError(f"max_width={max_width} is smaller than client {j}'s {L} neurons")
-        cost = assignment_cost(
+        cost = _block_cost(
             scaled[j],
-            s[j],
-            layer.sums,
-            layer.precisions,
-            layer.popularity,
-            prior_sum,
-            s0,
+            norms[j],
+            blocks.client[j],
+            layer,
+            open_base[j],
             gamma,
             J,
             room,
@@ -185,7 +247,7 @@ def bbp_map(
         is_new = columns >= layer.width
         targets = columns.clone()
         targets[is_new] = layer.width + torch.arange(int(is_new.sum()), device=device)
-        layer.add(scaled[j], s[j], targets)
+        layer.add(scaled[j], blocks.client[j], targets)
         assignments[j] = targets
 
     order = sorted(range(J), key=lambda j: -len(neurons[j]))
@@ -194,14 +256,61 @@ def bbp_map(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
         for j in torch.randperm(J, generator=generator).tolist():
-            remap = layer.remove(scaled[j], s[j], assignments[j])
-            for k in range(J):
-                if k != j:
-                    assignments[k] = remap[assignments[k]]
+            remap = layer.remove(scaled[j], blocks.client[j], assignments[j])
+            if remap is not None:
+                for k in range(J):
+                    if k != j:
+                        assignments[k] = remap[assignments[k]]
             match(j)
+    restore = torch.argsort(blocks.order)
+    precision = layer.precisions[:, blocks.position_block][:, restore]
     return BBPResult(
-        mean=(layer.sums / layer.precisions).float().cpu(),
-        precision=layer.precisions.float().cpu(),
+        mean=(layer.sums[:, restore] / precision).float().cpu(),
+        precision=precision.float().cpu(),
         assignments=[a.cpu() for a in assignments],
         popularity=layer.popularity.round().long().cpu(),
     )
+
+
+def _open_cost(
+    weights: torch.Tensor,
+    norms: torch.Tensor,
+    precision: torch.Tensor,
+    blocks: _Blocks,
+    prior_sum: torch.Tensor,
+) -> torch.Tensor:
+    """(L,): the data part of opening a new neuron for each row, ``sum_b ||w_b + p_b||^2 /
+    (s_b + s0_b) - ||p_b||^2 / s0_b`` (``p``: the prior's precision-weighted mean)."""
+    inv = 1.0 / (precision + blocks.prior)
+    cross = blocks.cross(weights, prior_sum[None, :], inv[None, :])[:, 0]
+    prior_norms = blocks.norms(prior_sum[None, :])[0]
+    return norms @ inv + 2 * cross + (prior_norms * (inv - 1.0 / blocks.prior)).sum()
+
+
+def _block_cost(
+    weights: torch.Tensor,  # (L, D) client rows, precision-scaled, in block order
+    norms: torch.Tensor,  # (L, B) their squared norms per block
+    precision: torch.Tensor,  # (B,) the client's precision per block
+    layer: _GlobalLayer,
+    open_base: torch.Tensor,  # (L,) the data part of opening a neuron
+    gamma: float,
+    num_clients: int,
+    new_columns: int,
+    popularity_weight: float,
+    popularity_cap: float | None,
+) -> torch.Tensor:
+    """``assignment_cost`` with precisions constant within blocks (tested equal to it): per
+    existing neuron ``sum_b (||w_b||^2 + 2 <w_b, g_ib> + ||g_ib||^2) / (s_b + S_ib) -
+    ||g_ib||^2 / S_ib``."""
+    sums, S = layer.sums, layer.precisions
+    inv = 1.0 / (precision[None, :] + S)  # (W, B)
+    global_norms = layer.blocks.norms(sums)  # (W, B)
+    existing = norms @ inv.T + 2 * layer.blocks.cross(weights, sums, inv)
+    existing += (global_norms * (inv - 1.0 / S)).sum(1)[None, :]
+    m = layer.popularity
+    if popularity_cap is not None:
+        m = m.clamp(max=popularity_cap)
+    existing += popularity_weight * torch.log(m / (num_clients - m).clamp_min(1e-12))
+    t = torch.arange(1, new_columns + 1, dtype=torch.float64, device=weights.device)
+    new = open_base[:, None] - 2 * torch.log(t)[None, :] + 2 * math.log(gamma / num_clients)
+    return torch.cat([existing, new], dim=1)

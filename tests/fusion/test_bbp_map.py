@@ -166,3 +166,37 @@ def test_bad_inputs_are_named():
         bbp_map([torch.zeros(2, 3), torch.zeros(2, 4)], [1.0, 1.0])
     with pytest.raises(ValueError, match="at least one client"):
         bbp_map([], [])
+
+
+def test_block_cost_equals_the_per_dimension_cost():
+    """bbp_map's cost groups dimensions of equal precision; it must equal ``assignment_cost``."""
+    from fedalign.fusion.bbp_map import _block_cost, _Blocks, _GlobalLayer, _open_cost
+
+    g = torch.Generator().manual_seed(3)
+    D, J, L = 9, 3, 4
+    pattern = torch.tensor([0, 0, 1, 0, 2, 2, 1, 0, 2])  # three precision blocks
+    client = [torch.rand(3, generator=g, dtype=torch.float64)[pattern] + 0.5 for _ in range(J)]
+    s0 = torch.rand(3, generator=g, dtype=torch.float64)[pattern] + 0.2
+    prior = torch.randn(D, generator=g, dtype=torch.float64) * s0
+    blocks = _Blocks.of(client, s0)
+    layer = _GlobalLayer(prior[blocks.order], blocks)
+    rows = [torch.randn(L, D, generator=g, dtype=torch.float64) * c for c in client]
+    layer.add(rows[0][:, blocks.order], blocks.client[0], torch.arange(L))
+    layer.add(rows[1][:, blocks.order], blocks.client[1], torch.tensor([0, 2, 4, 5]))
+    restore = torch.argsort(blocks.order)
+    w = rows[2][:, blocks.order]
+    base = _open_cost(w, blocks.norms(w), blocks.client[2], blocks, layer.prior_sum)
+    fast = _block_cost(w, blocks.norms(w), blocks.client[2], layer, base, 2.0, J, 3, 2.0, None)
+    direct = assignment_cost(
+        rows[2],
+        client[2],
+        layer.sums[:, restore],
+        layer.precisions[:, blocks.position_block][:, restore],
+        layer.popularity,
+        prior,
+        s0,
+        2.0,
+        J,
+        3,
+    )
+    torch.testing.assert_close(fast, direct)
