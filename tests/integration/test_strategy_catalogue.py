@@ -4,8 +4,9 @@
   gives the global model ``fedalign run`` gives with ``server_optimizer: adam`` (float tolerance:
   Flower steps in float64, samples the nodes in another order). The other Flower strategies are
   compared without Ray in ``tests/fl/test_flower_strategies.py``.
-- SCAFFOLD with FedAdam on the server, stopped after round 2 and resumed in a new simulation
-  (whose nodes start with empty ``Context.state``), repeats the uninterrupted run bit for bit.
+- SCAFFOLD with FedAdam on the server, 3 rounds, stopped after round 2 and resumed in a new
+  simulation (whose nodes start with empty ``Context.state``), repeats the uninterrupted run bit
+  for bit.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def test_flowers_fedadam_server_app_gives_fedaligns_fedadam_model(tmp_path):
 
 def test_scaffold_with_fedadam_resumes_bitwise_in_a_new_simulation(tmp_path):
     cfg = load_config(
-        DIGITS, ["name=scaffold", "strategy.name=scaffold", "strategy.rounds=4", *ADAM]
+        DIGITS, ["name=scaffold", "strategy.name=scaffold", "strategy.rounds=3", *ADAM]
     )
     whole = run(cfg, output_dir=tmp_path / "whole", progress=False).run_dir
     half = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, rounds=2))
@@ -89,7 +90,6 @@ def test_scaffold_with_fedadam_resumes_bitwise_in_a_new_simulation(tmp_path):
     final = load_file(str(whole / "model.safetensors"))
     model_bytes = sum(len(a.data) for a in to_arrays(final).values())  # as Flower serialises it
     assert got[3]["bytes_down"] == want[3]["bytes_down"] + 4 * model_bytes
-    assert got[4]["bytes_down"] == want[4]["bytes_down"]
     a, b = (
         load_file(str(stopped / "model.safetensors")),
         load_file(str(whole / "model.safetensors")),
