@@ -7,8 +7,8 @@ config can name them::
     import fedalign
 
     fedalign.register_model("tiny", TinyNet)                 # any nn.Module builder
-    fedalign.register_fuse_rule("median", median_rule)       # (states, weights, stats) -> state
-    cfg = fedalign.load_config("my.yaml", ["model.name=tiny", "aggregation.fuse=median"])
+    fedalign.register_fuse_rule("geomedian", geomedian)      # (states, weights, stats) -> state
+    cfg = fedalign.load_config("my.yaml", ["model.name=tiny", "aggregation.fuse=geomedian"])
     outcome = fedalign.run(cfg)                              # a Flower simulation on Ray
 
 A config file names only registered things, never import paths, so running someone's shared config
@@ -35,6 +35,7 @@ from fedalign.pipeline import Outcome, Plan, aggregate
 from fedalign.plugins import load_plugin
 from fedalign.registry import STRATEGIES, Context, Registry, RegistryError, Supports
 from fedalign.repair import REPAIR_RULES, RepairInputs
+from fedalign.server_opt import SERVER_OPTIMIZERS, options_problem
 from fedalign.stats import STATISTICS, StatContext
 from fedalign.training import OBJECTIVES, OPTIMIZERS
 
@@ -106,6 +107,20 @@ def register_repair_rule(
     )
 
 
+def register_server_optimizer(
+    name: str,
+    step: Callable[..., Any],
+    *,
+    check: Callable[[Mapping[str, Any]], str | None] | None = None,
+    replace: bool = False,
+) -> Callable[..., Any]:
+    """A server optimizer (``server_optimizer.name``): ``step(reference, fused, state,
+    **options)`` returns ``(new global state dict, optimizer state)``, the state a flat dict of
+    tensors (checkpointed); ``check(options)`` says why option values are invalid (default: the
+    built-ins' check of ``lr``, ``momentum``, ``betas``, ``tau``)."""
+    return SERVER_OPTIMIZERS.register(name, step, check=check or options_problem, replace=replace)
+
+
 def register_statistic(
     name: str,
     compute: Callable[..., Any],
@@ -160,6 +175,7 @@ __all__ = [
     "OBJECTIVES",
     "OPTIMIZERS",
     "REPAIR_RULES",
+    "SERVER_OPTIMIZERS",
     "SOLVERS",
     "STATISTICS",
     "STRATEGIES",
@@ -185,6 +201,7 @@ __all__ = [
     "register_fuse_rule",
     "register_model",
     "register_repair_rule",
+    "register_server_optimizer",
     "register_statistic",
     "register_strategy",
     "run",

@@ -108,3 +108,24 @@ def test_cli_rejects_an_invalid_server_optimizer_with_one_line_exit_2(capsys) ->
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.splitlines() == [err] and "server_optimizer: sgd: lr must be a number > 0" in err
+
+
+def test_a_registered_server_optimizer_is_a_config_choice() -> None:
+    """A user's rule (here: a step of a fixed size 0.5, as ``sgd`` with ``lr: 0.5``) is checked
+    like the built-ins and runs as they do."""
+    import fedalign
+
+    def half(reference, fused, state, *, lr: float = 0.5):
+        return server_step("sgd", {"lr": lr}, reference, fused, state)[:2]
+
+    fedalign.register_server_optimizer("half-step", half)
+    try:
+        cfg = from_dict({"server_optimizer": {"name": "half-step"}})
+        assert cfg.server_optimizer.options == {"lr": 0.5}
+        with pytest.raises(ConfigError, match="lr must be a number > 0"):
+            from_dict({"server_optimizer": {"name": "half-step", "lr": -2}})
+        reference, fused = states()
+        new, _, _ = server_step("half-step", {}, reference, fused, {})
+        torch.testing.assert_close(new["w"], (reference["w"] + fused["w"]) / 2)
+    finally:
+        SERVER_OPTIMIZERS.unregister("half-step")
