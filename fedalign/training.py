@@ -108,7 +108,12 @@ def scaffold_objective(
     yet) it is plain cross-entropy."""
     if not correction:
         return lambda m: None
-    terms = {name: value.detach() for name, value in correction.items()}
+    # on the device the model trains on (train_local moves it there before building the penalty)
+    terms = {
+        name: correction[name].detach().to(p.device)
+        for name, p in model.named_parameters()
+        if name in correction
+    }
 
     def penalty(m: nn.Module) -> torch.Tensor:
         return sum((p * terms[name]).sum() for name, p in m.named_parameters() if name in terms)
