@@ -1,4 +1,4 @@
-"""``fedalign run | bench | report | partition``: the command line.
+"""``fedalign run | bench | report | config | partition``: the command line.
 
 ``--plugin FILE.py`` runs a Python file the user chose before the config is read, so the models,
 datasets and rules it registers can be named in the config (a config itself never names code).
@@ -8,13 +8,14 @@ The simulation modules (Flower, Ray) are imported only by the commands that simu
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from fedalign.checkpoint import CheckpointError
-from fedalign.config import load_config
+from fedalign.config import load_config, to_yaml
 from fedalign.data import DataError, format_histogram
 from fedalign.errors import ConfigError, RoundFailedError, RunFolderError
 from fedalign.plugins import load_plugin
@@ -87,6 +88,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_suite(suite, verbose=args.verbose, progress=not args.no_progress)
     summarise_suite(suite)
     print(f"wrote {suite.output / 'summary.md'}, summary.csv and the accuracy plots")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from fedalign.config_reference import defaults_yaml, json_schema
+
+    _load_plugins(args)
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2))
+    elif args.config:
+        print(to_yaml(load_config(args.config, args.set)), end="")
+    else:
+        print(defaults_yaml(), end="")
     return 0
 
 
@@ -171,6 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run folders")
     report.add_argument("--out", help="folder for report.md and comparison.png")
     report.set_defaults(func=_cmd_report)
+
+    config = sub.add_parser(
+        "config",
+        help="print the default config with a comment per key, a JSON Schema, or a config resolved",
+    )
+    config.add_argument("config", nargs="?", help="a YAML config to validate and print resolved")
+    config.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config entry"
+    )
+    shown = config.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--defaults", action="store_true", help="the full default config, commented (the default)"
+    )
+    shown.add_argument("--schema", action="store_true", help="a JSON Schema of the config")
+    config.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="run this Python file first (its registered names become choices)",
+    )
+    config.set_defaults(func=_cmd_config)
 
     part = sub.add_parser("partition", help="print a run's per-client label histogram")
     part.add_argument("run", help="run folder")

@@ -1,8 +1,12 @@
 """The validated run configuration.
 
-A run is described by one YAML file (plus ``--set key=value`` overrides). It is loaded into frozen
-dataclasses, so a typo or an impossible value stops the run before Ray starts, with one message that
-names the key (``ConfigError``), instead of a traceback twenty seconds into a simulation.
+A run is described by one YAML file (plus ``--set key=value`` overrides). Every key is declared
+once, below, as a dataclass field ``name: type = key(default, "comment", choices=..., bounds)``:
+the loader checks its type, choices and bounds from that declaration, and
+``fedalign.config_reference`` renders the commented default YAML, the README's reference and a
+JSON Schema from it. A config is loaded into those frozen dataclasses, so a typo or an impossible
+value stops the run before Ray starts, with one message that names the key (``ConfigError``),
+instead of a traceback twenty seconds into a simulation.
 
 One ``seed`` derives the separate seeds of partitioning, model init, client sampling and data
 shuffling; the resolved config written to the run folder records them all, so any run can be
@@ -16,13 +20,15 @@ config turns into the pipeline's ``Plan`` (``to_plan``), never the reverse.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import operator
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,94 +48,160 @@ from fedalign.server_opt import SERVER_OPTIMIZERS
 from fedalign.stats import STATISTICS
 from fedalign.training import OBJECTIVES, OPTIMIZERS
 
+# --------------------------------------------------------------------------------------------------
+# The schema: every key declared once, with its default, its one-line comment and its checks
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Names a key accepts that no registry owns (a registry, having ``kind`` and iterating its
+    names, serves as a key's choices directly)."""
+
+    kind: str
+    names: Callable[[], Iterable[str]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def key(
+    default: Any,
+    doc: str,
+    *,
+    choices: Iterable[str] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config key: its default (``REQUIRED``: none; a dataclass: a section), its one-line
+    comment (``fedalign config --defaults``, the README's reference and the JSON Schema print it),
+    the names it accepts (a registry or :class:`Choices`) and its bounds, which the loader checks
+    for every config. Adding a key is one line: a field whose default is ``key(...)``."""
+    meta = {"doc": doc, "choices": choices, "bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt}}
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+REQUIRED: Any = dataclasses.MISSING
+"""The default of a key that must be given (in a list item such as a fault)."""
+FAULT_KINDS = ("raise", "nan", "wrong-shape", "missing-key", "scale", "crash")
+
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    num_clients: int = 10
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    min_partition_size: int = 10
-    val_fraction: float = 0.1
+    """The dataset and how it is split across the clients."""
+
+    dataset: str = key("fashion-mnist", "the dataset", choices=DATASETS)
+    data_dir: str | None = key(None, "its folder; null: FEDALIGN_DATA_DIR or the defaults")
+    num_clients: int = key(10, "clients in the federation", ge=1)
+    partition: str = key("dirichlet", "label split", choices=Choices("scheme", partition_schemes))
+    alpha: float = key(0.5, "Dirichlet concentration: smaller is more skewed", gt=0)
+    classes_per_client: int = key(2, "labels per client (shards, pathological)", ge=1)
+    min_partition_size: int = key(10, "resample a partition until every client has this many", ge=0)
+    val_fraction: float = key(0.1, "each client's local validation split", ge=0, lt=1)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"
-    options: dict[str, Any] = field(default_factory=dict)
+    """The model; every key of the section but ``name`` is one of its options."""
+
+    name: str = key("mlp", "the model", choices=MODELS)
+    options: dict[str, Any] = key(
+        {}, "its options (keyword arguments), also writable in the section"
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_epochs: int = 1
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    objective: str | None = None  # the client objective; None: the strategy's (fedprox: proximal)
-    proximal_mu: float = 0.0
+    """The clients' local training."""
+
+    local_epochs: int = key(1, "epochs over the local data per round", ge=1)
+    batch_size: int = key(32, "local minibatch size", ge=1)
+    optimizer: str = key("sgd", "local optimizer", choices=OPTIMIZERS)
+    lr: float = key(0.05, "local learning rate", gt=0)
+    momentum: float = key(0.0, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = key(0.0, "L2 weight decay", ge=0)
+    objective: str | None = key(None, "local objective; null: the strategy's", choices=OBJECTIVES)
+    proximal_mu: float = key(0.0, "FedProx's mu (objective proximal)", ge=0)
 
 
 @dataclass(frozen=True)
 class MatchingConfig:
-    """BBP-MAP's hyperparameters for PFNM and FedMA. ``gamma`` defaults to each method's reference
-    value (PFNM 1, FedMA 7); ``grid: true`` (PFNM) lets the clients pick sigma, sigma0 and gamma
-    from the reference's grid by their training accuracy, keeping the smallest model within
-    ``grid_tolerance`` of the best score (0: the best, as the reference does)."""
+    """BBP-MAP's hyperparameters for PFNM and FedMA. ``grid: true`` (PFNM) lets the clients pick
+    sigma, sigma0 and gamma from the reference's grid by their training accuracy, keeping the
+    smallest model within ``grid_tolerance`` of the best score (0: the best, as the reference
+    does)."""
 
-    sigma: float = 1.0
-    sigma0: float = 1.0
-    gamma: float | None = None
-    iterations: int = 5
-    solver: str = "hungarian"
-    max_width: int | None = None
-    popularity: str = "consistent"
-    grid: bool = False
-    grid_tolerance: float = 0.0
+    sigma: float = key(1.0, "noise of a client's neuron around its global neuron", gt=0)
+    sigma0: float = key(1.0, "prior spread of global neurons", gt=0)
+    gamma: float | None = key(None, "new-neuron rate; null: the method's (PFNM 1, FedMA 7)", gt=0)
+    iterations: int = key(5, "BBP-MAP passes over the clients", ge=0)
+    solver: str = key("hungarian", "assignment solver", choices=SOLVERS)
+    max_width: int | None = key(None, "cap on the global widths; null: none", ge=1)
+    popularity: str = key(
+        "consistent",
+        "popularity weight: 2 log, 1 (PFNM code)",
+        choices=Choices("popularity", lambda: ("consistent", "reference")),
+    )
+    grid: bool = key(False, "pfnm: clients score the reference's (sigma, sigma0, gamma) grid")
+    grid_tolerance: float = key(
+        0.0, "pfnm grid: keep the smallest model within this accuracy of the best", ge=0, le=1
+    )
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = "fedavg"
-    rounds: int = 10
-    fraction_train: float = 1.0
-    min_train_clients: int = 2
-    fraction_evaluate: float = 0.0
-    eval_every: int = 1
-    timeout: float = 3600.0
-    round_retries: int = 1
-    max_update_norm: float | None = None
-    max_client_examples: int | None = None
-    max_stat_ratio: float | None = 1e4
-    max_fused_ratio: float | None = 10.0
-    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    """The server's strategy and its rounds."""
+
+    name: str = key("fedavg", "the strategy", choices=STRATEGIES)
+    rounds: int = key(10, "federated rounds", ge=1)
+    fraction_train: float = key(
+        1.0, "clients sampled per round (seeded), at least min_train_clients", gt=0, le=1
+    )
+    min_train_clients: int = key(2, "fewest valid replies a round needs", ge=1)
+    fraction_evaluate: float = key(
+        0.0, "> 0: federated evaluation on the clients' validation splits", ge=0, le=1
+    )
+    eval_every: int = key(1, "test-set evaluation every k rounds (and the last)", ge=1)
+    timeout: float = key(3600.0, "seconds a round waits for its clients", gt=0)
+    round_retries: int = key(1, "resamples of a round with too few valid replies", ge=0)
+    max_update_norm: float | None = key(
+        None, "reject updates whose norm exceeds this; null: no bound", gt=0
+    )
+    max_client_examples: int | None = key(
+        None, "clip self-reported example counts to this; null: no bound", ge=1
+    )
+    max_stat_ratio: float | None = key(
+        1e4, "drop a client whose Gram/Fisher scale exceeds this x the median", ge=1
+    )
+    max_fused_ratio: float | None = key(
+        10.0, "fall back to the mean if the fused norm exceeds this x the inputs'", ge=1
+    )
+    matching: MatchingConfig = key(MatchingConfig, "pfnm / fedma: BBP-MAP hyperparameters")
 
 
 @dataclass(frozen=True)
 class AggregationConfig:
     """The server's align -> fuse -> repair pipeline (strategies that take it: fedavg, fedprox).
 
-    ``align``, ``fuse`` and ``repair`` name registered steps; ``options`` holds their options
-    (e.g. ``regmean_alpha``, ``ridge``, ``gram_conv``, ``fisher_labels``, ``fisher_floor``), which
-    may also be written directly in the section; the resolved config records every option the
-    chosen steps take, with its value. Steps that need data get it from the clients as statistics
-    (see ``fedalign.pipeline``). ``stats_samples`` caps the examples each client uses for them
-    (0: all of its training data). ``own_init``: in round 1 every client trains from its own
-    initialisation (one-shot fusion of independent models). ``workers``: processes that align
-    clients to the reference in parallel (Sinkhorn re-basin).
+    ``align``, ``fuse`` and ``repair`` name registered steps; ``options`` holds their options,
+    which may also be written directly in the section; the resolved config records every option
+    the chosen steps take, with its value. Steps that need data get it from the clients as
+    statistics (see ``fedalign.pipeline``).
     """
 
-    align: str = Plan.align
-    solver: str = Plan.solver
-    fuse: str = Plan.fuse
-    repair: str = Plan.repair
-    options: dict[str, Any] = field(default_factory=dict)
-    stats_samples: int = 2000
-    own_init: bool = False
-    workers: int = Plan.workers
+    align: str = key(Plan.align, "matching", choices=ALIGNERS)
+    solver: str = key(Plan.solver, "assignment solver", choices=SOLVERS)
+    fuse: str = key(Plan.fuse, "fusion rule", choices=FUSE_RULES)
+    repair: str = key(Plan.repair, "fused-model fix", choices=REPAIR_RULES)
+    options: dict[str, Any] = key({}, "the steps' options (below), also writable in the section")
+    stats_samples: int = key(2000, "examples per client for the statistics (0: all)", ge=0)
+    own_init: bool = key(False, "round 1 from each client's own init (one-shot fusion studies)")
+    workers: int = key(Plan.workers, "processes aligning clients in parallel", ge=1)
 
 
 @dataclass(frozen=True)
@@ -140,66 +212,75 @@ class ServerOptimizerConfig:
     (``lr``, ``momentum``, ``betas``, ``tau``, ``bias_correction``) may be written directly in the
     section; the resolved config records those the chosen optimizer takes, with their values."""
 
-    name: str = "sgd"
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = key("sgd", "the server optimizer", choices=SERVER_OPTIMIZERS)
+    options: dict[str, Any] = key({}, "its options (below), also writable in the section")
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    client_cpus: float = 1.0
-    client_gpus: float = 0.0
-    ray_address: str | None = None
-    server_device: str = "cpu"
+    """Where the clients run: Flower's simulation engine on Ray."""
+
+    client_cpus: float = key(1.0, "Ray CPUs per client; 0.5 runs two clients per core", gt=0)
+    client_gpus: float = key(0.0, "Ray GPUs per client; fractions share a GPU", ge=0)
+    ray_address: str | None = key(None, "attach to an existing Ray cluster (or set RAY_ADDRESS)")
+    server_device: str = key(
+        "cpu",
+        "the server's evaluation and alignment",
+        choices=Choices("device", lambda: ("cpu", "cuda", "auto")),
+    )
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = "runs"
-    save_model: bool = True
-    plot: bool = True
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 2
+    """What a run writes into its folder."""
 
-
-FAULT_KINDS = ("raise", "nan", "wrong-shape", "missing-key", "scale", "crash")
+    dir: str = key("runs", "parent folder of the run folders")
+    save_model: bool = key(True, "write the final model.safetensors")
+    plot: bool = key(True, "draw accuracy.png")
+    checkpoint_every: int = key(1, "checkpoint every k rounds (0: none)", ge=0)
+    keep_checkpoints: int = key(2, "newest checkpoints kept", ge=1)
 
 
 @dataclass(frozen=True)
 class FaultConfig:
-    """An injected client fault, for testing a federation's robustness: in ``round``, client
-    ``client`` raises, returns NaN weights, a wrong shape, a missing key, its update scaled by
-    ``factor``, or kills its worker process (``crash``)."""
+    """An injected client fault, for testing a federation's robustness."""
 
-    round: int
-    client: int
-    kind: str
-    factor: float = 1e6
+    round: int = key(REQUIRED, "the round it happens in", ge=1)
+    client: int = key(REQUIRED, "the client (index) that misbehaves", ge=0)
+    kind: str = key(REQUIRED, "the fault", choices=Choices("fault", lambda: FAULT_KINDS))
+    factor: float = key(1e6, "scale: the factor its update is multiplied by")
 
 
 @dataclass(frozen=True)
 class Seeds:
     """Seeds derived from the run seed; each may be pinned in the config."""
 
-    partition: int
-    init: int
-    sampling: int
-    shuffle: int
+    partition: int = key(REQUIRED, "the partition of the data")
+    init: int = key(REQUIRED, "the global model's initialisation")
+    sampling: int = key(REQUIRED, "the clients sampled per round")
+    shuffle: int = key(REQUIRED, "the clients' data shuffling")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    faults: tuple[FaultConfig, ...] = ()
-    seeds: Seeds | None = None
+    """A run: every section below."""
+
+    name: str = key("run", "the run folder's prefix")
+    seed: int = key(0, "derives the partition, init, sampling and shuffling seeds")
+    data: DataConfig = key(DataConfig, "the dataset and its partition")
+    model: ModelConfig = key(ModelConfig, "the model; other keys are its options")
+    train: TrainConfig = key(TrainConfig, "the clients' local training")
+    strategy: StrategyConfig = key(StrategyConfig, "the server's strategy")
+    aggregation: AggregationConfig = key(
+        AggregationConfig, "fedavg / fedprox: the server's align -> fuse -> repair pipeline"
+    )
+    server_optimizer: ServerOptimizerConfig = key(
+        ServerOptimizerConfig, "the server's step towards the fused model (FedAvgM, FedAdam, ...)"
+    )
+    simulation: SimulationConfig = key(SimulationConfig, "where clients run (Ray)")
+    output: OutputConfig = key(OutputConfig, "what the run folder gets")
+    faults: tuple[FaultConfig, ...] = key((), "injected client faults, to test robustness")
+    seeds: Seeds | None = key(None, "pin derived seeds; the run folder's config records all four")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -292,22 +373,65 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # programming error
 
 
+def _check_declared(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """The choices and bounds a key declares (``key(...)``); None passes (a nullable key)."""
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"{key}: unknown {choices.kind} {value!r}; choose one of {', '.join(choices)}"
+        )
+    bounds = {op: b for op, b in meta.get("bounds", {}).items() if b is not None}
+    if any(not _COMPARE[op](value, b) for op, b in bounds.items()):
+        raise ConfigError(f"{key}: must be {_bounds_text(bounds)}, got {value!r}")
+
+
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    "ge": operator.ge,
+    "gt": operator.gt,
+    "le": operator.le,
+    "lt": operator.lt,
+}
+
+
+def _bounds_text(bounds: Mapping[str, float]) -> str:
+    """``{"ge": 0, "lt": 1}`` -> ``"in [0, 1)"``; ``{"gt": 0}`` -> ``"> 0"``."""
+    low = [(op, b) for op, b in bounds.items() if op in ("ge", "gt")]
+    high = [(op, b) for op, b in bounds.items() if op in ("le", "lt")]
+    if low and high:
+        (lo, a), (hi, b) = low[0], high[0]
+        return f"in {'[' if lo == 'ge' else '('}{a:g}, {b:g}{']' if hi == 'le' else ')'}"
+    op, b = (low or high)[0]
+    return f"{ {'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'}[op] } {b:g}"
+
+
 def _build(cls: type, values: Any, prefix: str = "") -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+            f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
         )
-    kwargs = {
-        name: _check_type(f"{prefix}.{name}" if prefix else name, value, hints[name])
-        for name, value in values.items()
-    }
+    missing = [n for n, f in fields.items() if _required(f) and n not in values]
+    if missing:
+        raise ConfigError(
+            f"{prefix}.{missing[0]}: required" if prefix else f"{missing[0]}: required"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        where = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _check_type(where, value, hints[name])
+        _check_declared(where, kwargs[name], fields[name].metadata)
     return cls(**kwargs)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 _STEP_REGISTRIES = (ALIGNERS, FUSE_RULES, REPAIR_RULES)
@@ -354,14 +478,6 @@ def _aggregation_section(raw: Any) -> Any:
     return {**{k: v for k, v in raw.items() if k not in moved}, "options": {**options, **moved}}
 
 
-def _check(need: Callable[[bool, str, str], None], key: str, registry: Any, name: str) -> None:
-    need(
-        name in registry,
-        key,
-        f"unknown {registry.kind} {name!r}; choose one of {', '.join(registry)}",
-    )
-
-
 def clients_per_round(cfg: RunConfig) -> int:
     s = cfg.strategy
     return max(round(s.fraction_train * cfg.data.num_clients), s.min_train_clients)
@@ -374,13 +490,12 @@ def _validate_aggregation(
     options of the chosen steps resolved (options of steps not chosen are dropped, as a run folder
     of an earlier version records every step's)."""
     a = cfg.aggregation
-    for key, registry, value in (
-        ("align", ALIGNERS, a.align),
-        ("fuse", FUSE_RULES, a.fuse),
-        ("repair", REPAIR_RULES, a.repair),
-        ("solver", SOLVERS, a.solver),
-    ):
-        _check(need, f"aggregation.{key}", registry, value)
+    unknown = sorted(set(a.options) - _step_options())
+    need(
+        not unknown,
+        "aggregation.options",
+        f"no registered step takes {unknown[0]!r}" if unknown else "",
+    )
     if not (cfg.to_plan().active or a.own_init):
         return cfg
     strategy = STRATEGIES.get(cfg.strategy.name)
@@ -390,14 +505,6 @@ def _validate_aggregation(
         f"the align/fuse/repair pipeline runs with strategy "
         f"{' or '.join(n for n in STRATEGIES if STRATEGIES.get(n).meta.get('pipeline'))}, "
         f"not {cfg.strategy.name!r} ({cfg.strategy.name} fuses by its own matching)",
-    )
-    need(a.stats_samples >= 0, "aggregation.stats_samples", f"must be >= 0, got {a.stats_samples}")
-    need(a.workers >= 1, "aggregation.workers", f"must be >= 1, got {a.workers}")
-    unknown = sorted(set(a.options) - _step_options())
-    need(
-        not unknown,
-        "aggregation.options",
-        f"no registered step takes {unknown[0]!r}" if unknown else "",
     )
     plan = cfg.to_plan()
     for step, problem in plan.problems(context):
@@ -411,16 +518,10 @@ def _validate_aggregation(
     return dataclasses.replace(cfg, aggregation=dataclasses.replace(a, options=resolved))
 
 
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-"""A run name is one path component of safe characters: ``../x`` or ``/abs`` would escape the
-output folder."""
-
-
 def _validate_server_optimizer(cfg: RunConfig, need: Callable[[bool, str, str], None]) -> RunConfig:
-    """The server optimizer exists and takes the options given, with valid values; returns
-    ``cfg`` with its options resolved (every option it takes, with the value it uses)."""
+    """The server optimizer takes the options given, with valid values; returns ``cfg`` with its
+    options resolved (every option it takes, with the value it uses)."""
     o = cfg.server_optimizer
-    _check(need, "server_optimizer.name", SERVER_OPTIMIZERS, o.name)
     entry = SERVER_OPTIMIZERS.get(o.name)
     unknown = sorted(set(o.options) - set(entry.options))
     need(
@@ -436,46 +537,33 @@ def _validate_server_optimizer(cfg: RunConfig, need: Callable[[bool, str, str], 
     return dataclasses.replace(cfg, server_optimizer=dataclasses.replace(o, options=resolved))
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A run name is one path component of safe characters: ``../x`` or ``/abs`` would escape the
+output folder."""
+
+
 def _validate(cfg: RunConfig) -> RunConfig:
-    """Checks of values (types were checked while building); returns ``cfg`` with the options of
-    the pipeline's steps resolved."""
+    """Checks that involve more than one key or the registries' own checks (each key's type,
+    choices and bounds were checked while building); returns ``cfg`` with the options of the
+    pipeline's steps resolved."""
 
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {message}")
 
-    d, t, s, sim = cfg.data, cfg.train, cfg.strategy, cfg.simulation
+    d, s = cfg.data, cfg.strategy
     need(
         RUN_NAME.fullmatch(cfg.name) is not None,
         "name",
         f"{cfg.name!r} is not a run name: letters, digits, '.', '_' and '-', starting with a "
         "letter or digit, at most 100 characters (it names a folder under output.dir)",
     )
-    _check(need, "data.dataset", DATASETS, d.dataset)
-    need(
-        d.partition in partition_schemes(),
-        "data.partition",
-        f"unknown scheme {d.partition!r}; choose one of {', '.join(partition_schemes())}",
-    )
-    need(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
-    need(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
-    need(
-        d.classes_per_client >= 1,
-        "data.classes_per_client",
-        f"must be >= 1, got {d.classes_per_client}",
-    )
-    need(
-        0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"
-    )
-    need(d.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
     if d.data_dir is not None:
         need(
             Path(d.data_dir).expanduser().is_dir(),
             "data.data_dir",
             f"directory {d.data_dir!r} does not exist",
         )
-
-    _check(need, "model.name", MODELS, cfg.model.name)
     options = model_options(cfg.model.name)
     unknown = sorted(set(cfg.model.options) - set(options))
     need(
@@ -484,49 +572,11 @@ def _validate(cfg: RunConfig) -> RunConfig:
         f"model {cfg.model.name!r} takes no option {unknown[0] if unknown else ''!r}; "
         f"it takes {', '.join(sorted(options))}",
     )
-
-    need(t.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {t.local_epochs}")
-    need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    _check(need, "train.optimizer", OPTIMIZERS, t.optimizer)
-    if t.objective is not None:
-        _check(need, "train.objective", OBJECTIVES, t.objective)
-    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    need(0.0 <= t.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {t.momentum}")
-    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(t.proximal_mu >= 0, "train.proximal_mu", f"must be >= 0, got {t.proximal_mu}")
-
-    _check(need, "strategy.name", STRATEGIES, s.name)
-    need(s.rounds >= 1, "strategy.rounds", f"must be >= 1, got {s.rounds}")
-    need(
-        0.0 < s.fraction_train <= 1.0,
-        "strategy.fraction_train",
-        f"must be in (0, 1], got {s.fraction_train}",
-    )
-    need(
-        0.0 <= s.fraction_evaluate <= 1.0,
-        "strategy.fraction_evaluate",
-        f"must be in [0, 1], got {s.fraction_evaluate}",
-    )
-    need(1 <= s.min_train_clients, "strategy.min_train_clients", "must be >= 1")
     need(
         s.min_train_clients <= d.num_clients,
         "strategy.min_train_clients",
         f"{s.min_train_clients} is more than data.num_clients ({d.num_clients})",
     )
-    need(s.eval_every >= 1, "strategy.eval_every", f"must be >= 1, got {s.eval_every}")
-    need(s.timeout > 0, "strategy.timeout", "must be > 0")
-    need(s.round_retries >= 0, "strategy.round_retries", "must be >= 0")
-    need(
-        s.max_update_norm is None or s.max_update_norm > 0,
-        "strategy.max_update_norm",
-        "must be > 0 (or null for no bound)",
-    )
-    for key in ("max_client_examples", "max_stat_ratio", "max_fused_ratio"):
-        value = getattr(s, key)
-        need(value is None or value >= 1, f"strategy.{key}", "must be >= 1 (or null for no bound)")
-    o = cfg.output
-    need(o.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: no checkpoints)")
-    need(o.keep_checkpoints >= 1, "output.keep_checkpoints", "must be >= 1")
     try:
         model = build_model(cfg.model.name, **cfg.model.options)
     except (TypeError, ValueError) as exc:
@@ -534,25 +584,6 @@ def _validate(cfg: RunConfig) -> RunConfig:
     context = Context(model, clients_per_round(cfg))
     problem = STRATEGIES.get(s.name).problem(context)
     need(problem is None, "strategy.name", f"{s.name}: {problem}")
-    m = s.matching
-    need(
-        m.sigma > 0 and m.sigma0 > 0 and (m.gamma is None or m.gamma > 0),
-        "strategy.matching",
-        "sigma, sigma0 and gamma must be > 0",
-    )
-    need(m.iterations >= 0, "strategy.matching.iterations", "must be >= 0")
-    _check(need, "strategy.matching.solver", SOLVERS, m.solver)
-    need(
-        m.popularity in ("consistent", "reference"),
-        "strategy.matching.popularity",
-        "consistent or reference",
-    )
-    need(m.max_width is None or m.max_width >= 1, "strategy.matching.max_width", "must be >= 1")
-    need(
-        0 <= m.grid_tolerance <= 1,
-        "strategy.matching.grid_tolerance",
-        f"an accuracy difference in [0, 1], got {m.grid_tolerance}",
-    )
     strategy_problem = STRATEGIES.get(s.name).meta.get("check", lambda c: None)(cfg)
     need(strategy_problem is None, "strategy.name", f"{s.name}: {strategy_problem}")
     wanted = OBJECTIVES.get(cfg.objective).meta.get("strategy")
@@ -569,27 +600,17 @@ def _validate(cfg: RunConfig) -> RunConfig:
     cfg = _validate_aggregation(cfg, context, need)
     cfg = _validate_server_optimizer(cfg, need)
     if cfg.objective == "proximal":
-        need(t.proximal_mu > 0, "train.proximal_mu", f"strategy {s.name} needs proximal_mu > 0")
-
+        need(
+            cfg.train.proximal_mu > 0,
+            "train.proximal_mu",
+            f"strategy {s.name} needs proximal_mu > 0",
+        )
     for i, fault in enumerate(cfg.faults):
         need(
-            fault.kind in FAULT_KINDS,
-            f"faults[{i}].kind",
-            f"unknown fault {fault.kind!r}; choose one of {', '.join(FAULT_KINDS)}",
-        )
-        need(
-            0 <= fault.client < d.num_clients,
+            fault.client < d.num_clients,
             f"faults[{i}].client",
             f"no client {fault.client} among {d.num_clients}",
         )
-        need(fault.round >= 1, f"faults[{i}].round", "must be >= 1")
-    need(sim.client_cpus > 0, "simulation.client_cpus", f"must be > 0, got {sim.client_cpus}")
-    need(sim.client_gpus >= 0, "simulation.client_gpus", f"must be >= 0, got {sim.client_gpus}")
-    need(
-        sim.server_device in ("cpu", "cuda", "auto"),
-        "simulation.server_device",
-        "must be cpu, cuda or auto",
-    )
     return cfg
 
 
@@ -599,10 +620,10 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"config: expected a mapping at the top level, got {values!r}")
     values = dict(values)
     if "model" in values:
-        values["model"] = _named_section("model", values["model"], ModelConfig.name)
+        values["model"] = _named_section("model", values["model"], ModelConfig().name)
     if "server_optimizer" in values:
         values["server_optimizer"] = _named_section(
-            "server_optimizer", values["server_optimizer"], ServerOptimizerConfig.name
+            "server_optimizer", values["server_optimizer"], ServerOptimizerConfig().name
         )
     if "aggregation" in values:
         values["aggregation"] = _aggregation_section(values["aggregation"])

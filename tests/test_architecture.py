@@ -26,7 +26,17 @@ ALGORITHMS = (
     "studies",
     "plots",
 )
-ABOVE_ALGORITHMS = ("config", "fl", "runner", "cli", "bench", "components", "run_folder", "plugins")
+ABOVE_ALGORITHMS = (
+    "config",
+    "config_reference",
+    "fl",
+    "runner",
+    "cli",
+    "bench",
+    "components",
+    "run_folder",
+    "plugins",
+)
 
 
 def module_name(path: Path) -> str:
