@@ -10,6 +10,8 @@ config can name them::
     fedalign.register_fuse_rule("geomedian", geomedian)      # (states, weights, stats) -> state
     cfg = fedalign.load_config("my.yaml", ["model.name=tiny", "aggregation.fuse=geomedian"])
     outcome = fedalign.run(cfg)                              # a Flower simulation on Ray
+    merged = fedalign.aggregate_local(fedalign.Plan(align="weight"), model, states, weights,
+                                      samples)                # the server's pipeline, offline
 
 A config file names only registered things, never import paths, so running someone's shared config
 runs no code of theirs; registering is code the user runs (or a file given to ``--plugin``).
@@ -31,7 +33,7 @@ from fedalign.data import DATASETS, Arrays
 from fedalign.errors import ConfigError, RoundFailedError
 from fedalign.fusion import FUSE_RULES
 from fedalign.models import MODELS
-from fedalign.pipeline import Outcome, Plan, aggregate
+from fedalign.pipeline import Outcome, Plan, aggregate, aggregate_local
 from fedalign.plugins import load_plugin
 from fedalign.registry import STRATEGIES, Context, Registry, RegistryError, Supports
 from fedalign.repair import REPAIR_RULES, RepairInputs
@@ -192,6 +194,7 @@ __all__ = [
     "RunConfig",
     "StatContext",
     "aggregate",
+    "aggregate_local",
     "from_dict",
     "load_config",
     "load_plugin",

@@ -1,4 +1,4 @@
-"""``fedalign run | bench | report | config | partition``: the command line.
+"""``fedalign run | bench | report | config | merge | partition``: the command line.
 
 ``--plugin FILE.py`` runs a Python file the user chose before the config is read, so the models,
 datasets and rules it registers can be named in the config (a config itself never names code).
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedalign.checkpoint import CheckpointError
-from fedalign.config import load_config, to_yaml
+from fedalign.config import load_config, parse_override, to_yaml
 from fedalign.data import DataError, format_histogram
 from fedalign.errors import ConfigError, RoundFailedError, RunFolderError
 from fedalign.plugins import load_plugin
@@ -102,6 +102,47 @@ def _cmd_config(args: argparse.Namespace) -> int:
     else:
         print(defaults_yaml(), end="")
     return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from fedalign.merge import MergeRequest, merge, write_state
+
+    _load_plugins(args)
+    steps = {k: getattr(args, k) for k in ("align", "solver", "fuse", "repair")}
+    request = MergeRequest(
+        paths=args.checkpoints,
+        model=args.model,
+        model_options=_key_values(args.model_opt, "--model-opt"),
+        aggregation={
+            **{k: v for k, v in steps.items() if v is not None},
+            "options": _key_values(args.opt, "--opt"),
+        },
+        data=args.data,
+        data_dir=args.data_dir,
+        samples=args.samples,
+        weights=args.weights,
+        seed=args.seed,
+    )
+    state, outcome = merge(request)
+    write_state(state, args.out)
+    info = outcome.info
+    print(
+        f"merged {len(args.checkpoints)} checkpoints (align {info['align']}, fuse "
+        f"{info['fuse']}, repair {info['repair']}, reference {args.checkpoints[info['reference']]})"
+        f" -> {args.out}"
+    )
+    return 0
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, object]:
+    """``["hidden=[200]", "ridge=0.1"]`` -> ``{"hidden": [200], "ridge": 0.1}`` (YAML values)."""
+    values = {}
+    for text in items:
+        path, value = parse_override(text)
+        if len(path) != 1:
+            raise ConfigError(f"{flag} {text!r}: expected NAME=VALUE")
+        values[path[0]] = value
+    return values
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
@@ -207,6 +248,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="run this Python file first (its registered names become choices)",
     )
     config.set_defaults(func=_cmd_config)
+
+    merge = sub.add_parser(
+        "merge",
+        help="align and fuse saved models (safetensors) with the server's pipeline, offline",
+    )
+    merge.add_argument("checkpoints", nargs="+", help="two or more .safetensors state dicts")
+    merge.add_argument("--model", required=True, help="the registered model they are")
+    merge.add_argument(
+        "--model-opt", action="append", default=[], metavar="K=V", help="a model option"
+    )
+    for step in ("align", "solver", "fuse", "repair"):
+        merge.add_argument(f"--{step}", help=f"aggregation.{step} (default: the config's)")
+    merge.add_argument(
+        "--opt", action="append", default=[], metavar="K=V", help="a step's option, e.g. ridge=0.1"
+    )
+    merge.add_argument("--data", help="dataset for the statistics the steps need")
+    merge.add_argument("--data-dir", help="its folder (default: the dataset's)")
+    merge.add_argument("--samples", type=int, default=500, help="examples for the statistics")
+    merge.add_argument("--weights", type=float, nargs="+", help="one weight per checkpoint")
+    merge.add_argument("--seed", type=int, default=0, help="seeds alignment and sampling")
+    merge.add_argument("--out", required=True, help="the merged .safetensors file")
+    merge.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="run this Python file first (it may register models, datasets, rules)",
+    )
+    merge.set_defaults(func=_cmd_merge)
 
     part = sub.add_parser("partition", help="print a run's per-client label histogram")
     part.add_argument("run", help="run folder")

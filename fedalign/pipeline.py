@@ -12,11 +12,13 @@ and in which phase, follows from what those entries declare:
 
 Statistics arrive in each client's own basis; each statistic's registered ``permute`` moves it into
 the aligned basis with the same permutations as the weights. ``aggregate`` reaches the clients only
-through two query callables: Flower messages in a federation, direct calls in a study.
+through two query callables: Flower messages in a federation, direct calls in a study or an
+offline merge of saved models (``aggregate_local``, behind ``fedalign merge``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,12 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from fedalign.align import ALIGNERS, Perms, PermutationSpec, apply_permutation
+from fedalign.align import ALIGNERS, Perms, PermutationSpec, apply_permutation, permutation_spec
 from fedalign.fusion import FUSE_RULES
+from fedalign.models import fit_to_state
 from fedalign.registry import Context, Entry
-from fedalign.repair import REPAIR_RULES, FusedQuery, RepairInputs
-from fedalign.stats import STATISTICS
+from fedalign.repair import REPAIR_RULES, FusedQuery, RepairInputs, Targets
+from fedalign.stats import STATISTICS, StatContext, client_statistics
 from fedalign.types import ClientStats, StateDict, Stats
 
 PHASES = ("train", "align", "repair")
@@ -247,3 +251,43 @@ def aggregate(
         **extra,
     }
     return Outcome(fused, kept, info)
+
+
+Sample = tuple[torch.Tensor, torch.Tensor]
+
+
+def aggregate_local(
+    plan: Plan,
+    model: nn.Module,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    samples: Sequence[Sample],
+    seed: int = 0,
+) -> Outcome:
+    """``aggregate`` with the clients' answers computed here: client ``j``'s statistics of its
+    state on ``samples[j]`` (``(X, y)``), as a Flower client computes them on its data. For
+    studies and offline merges of saved models; ``model`` gives the architecture, fitted to each
+    state's widths (``models.fit_to_state``)."""
+    template = copy.deepcopy(model)
+
+    def loaded(state: StateDict) -> nn.Module:
+        return fit_to_state(copy.deepcopy(template), dict(state))
+
+    def measure(kinds: Sequence[str], state: StateDict, j: int, **context: Any) -> ClientStats:
+        X, y = samples[j]
+        return client_statistics(
+            kinds, loaded(state), X, y, StatContext(seed=seed + j, **context), options=plan.options
+        )
+
+    def ask_cross(ref: int, others: list[int]) -> dict[int, ClientStats]:
+        reference = loaded(states[ref])
+        kinds = plan.align_statistics()
+        return {j: measure(kinds, states[j], j, reference=reference) for j in others}
+
+    def ask_fused(fused: OrderedDict, targets: Targets | None) -> list[ClientStats]:
+        kinds = plan.repair_statistics()
+        return [measure(kinds, fused, j, targets=targets) for j in range(len(states))]
+
+    stats = [measure(plan.train_statistics(), s, j) for j, s in enumerate(states)]
+    spec = permutation_spec(loaded(states[0]))
+    return aggregate(plan, spec, states, weights, stats, ask_cross, ask_fused, seed=seed)

@@ -36,6 +36,7 @@ ABOVE_ALGORITHMS = (
     "components",
     "run_folder",
     "plugins",
+    "merge",
 )
 
 
