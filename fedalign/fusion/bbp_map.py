@@ -156,6 +156,17 @@ class _GlobalLayer:
         self._precisions[targets] += precision
         self._popularity[targets] += 1
 
+    def keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """Drop the neurons not in ``keep`` with everything assigned to them. Returns old index
+        -> new index, -1 for a dropped neuron."""
+        remap = torch.where(keep, torch.cumsum(keep.long(), 0) - 1, -1)
+        kept = int(keep.sum())
+        self._sums[:kept] = self.sums[keep]
+        self._precisions[:kept] = self.precisions[keep]
+        self._popularity[:kept] = self.popularity[keep]
+        self.width = kept
+        return remap
+
     def remove(
         self, weights: torch.Tensor, precision: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor | None:
@@ -165,15 +176,7 @@ class _GlobalLayer:
         self._precisions[targets] -= precision
         self._popularity[targets] -= 1
         keep = self.popularity > 0.5
-        if bool(keep.all()):
-            return None
-        remap = torch.cumsum(keep.long(), 0) - 1
-        kept = int(keep.sum())
-        self._sums[:kept] = self.sums[keep]
-        self._precisions[:kept] = self.precisions[keep]
-        self._popularity[:kept] = self.popularity[keep]
-        self.width = kept
-        return remap
+        return None if bool(keep.all()) else self.keep(keep)
 
 
 def bbp_map(
@@ -195,11 +198,12 @@ def bbp_map(
     ``precisions[j]``: client j's noise precision 1/sigma, a scalar or per dimension (D,);
     ``prior_mean`` / ``prior_precision`` (1/sigma0): the prior of a global neuron; ``gamma``: the
     Beta-Bernoulli mass (larger opens more neurons); ``iterations``: sweeps re-matching every
-    client after the first pass; ``max_width``: never open neurons beyond this width (none by
-    default: PFNM's reference silently caps at 700); ``popularity``: ``"consistent"`` (2 log) or
-    ``"reference"`` (1 log, as the reference code); ``device``: where the cost matrices are built
-    (default: the first client's; the server's GPU when it has one), the result comes back on the
-    CPU.
+    client after the first pass; ``max_width``: at most this width: the uncapped MAP is found
+    first, its ``max_width`` most popular neurons kept and every client re-matched under the cap
+    (none by default: PFNM's reference silently caps at 700, while matching); ``popularity``:
+    ``"consistent"`` (2 log) or ``"reference"`` (1 log, as the reference code); ``device``:
+    where the cost matrices are built (default: the first client's; the server's GPU when it has
+    one), the result comes back on the CPU.
     """
     if popularity not in ("consistent", "reference"):
         raise ValueError(f"popularity must be 'consistent' or 'reference', got {popularity!r}")
@@ -225,11 +229,11 @@ def bbp_map(
     layer = _GlobalLayer(prior_sum, blocks)
     assignments: list[torch.Tensor | None] = [None] * J
 
+    cap: int | None = None  # the width cap while matching: none until the uncapped MAP is found
+
     def match(j: int) -> None:
         L = len(scaled[j])
-        room = L if max_width is None else max(0, min(L, max_width - layer.width))
-        if layer.width + room < L:
-            raise ValueError(f"max_width={max_width} is smaller than client {j}'s {L} neurons")
+        room = L if cap is None else max(0, min(L, cap - layer.width))
         cost = _block_cost(
             scaled[j],
             norms[j],
@@ -250,18 +254,39 @@ def bbp_map(
         layer.add(scaled[j], blocks.client[j], targets)
         assignments[j] = targets
 
+    def rematch(j: int) -> None:
+        held = assignments[j] >= 0  # rows whose neuron a cap dropped are held nowhere
+        remap = layer.remove(scaled[j][held], blocks.client[j], assignments[j][held])
+        if remap is not None:
+            _renumber(assignments, remap, skip=j)
+        match(j)
+
+    if max_width is not None and max(len(n) for n in neurons) > max_width:
+        raise ValueError(
+            f"max_width={max_width} is smaller than a client's {max(len(n) for n in neurons)} "
+            "neurons"
+        )
     order = sorted(range(J), key=lambda j: -len(neurons[j]))
     for j in order:
         match(j)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
         for j in torch.randperm(J, generator=generator).tolist():
-            remap = layer.remove(scaled[j], blocks.client[j], assignments[j])
-            if remap is not None:
-                for k in range(J):
-                    if k != j:
-                        assignments[k] = remap[assignments[k]]
-            match(j)
+            rematch(j)
+    if max_width is not None and layer.width > max_width:
+        # Keep the max_width most popular neurons of the uncapped MAP and re-match every client
+        # under the cap. Capping while the first pass runs (the reference's way) fills the
+        # budget with the first clients' neurons and force-matches the later clients into them,
+        # which then look popular, and the sweeps shrink the layer far below the cap.
+        keep = torch.zeros(layer.width, dtype=torch.bool, device=device)
+        keep[torch.argsort(layer.popularity, descending=True, stable=True)[:max_width]] = True
+        _renumber(assignments, layer.keep(keep))
+        cap = max_width
+        for j in order:
+            rematch(j)
+        for _ in range(iterations):
+            for j in torch.randperm(J, generator=generator).tolist():
+                rematch(j)
     restore = torch.argsort(blocks.order)
     precision = layer.precisions[:, blocks.position_block][:, restore]
     return BBPResult(
@@ -270,6 +295,13 @@ def bbp_map(
         assignments=[a.cpu() for a in assignments],
         popularity=layer.popularity.round().long().cpu(),
     )
+
+
+def _renumber(assignments: list, remap: torch.Tensor, skip: int | None = None) -> None:
+    """Every client's (but ``skip``'s) assignment through ``remap``; -1 (held nowhere) stays."""
+    for k, a in enumerate(assignments):
+        if k != skip:
+            assignments[k] = torch.where(a >= 0, remap[a.clamp_min(0)], a)
 
 
 def _open_cost(
