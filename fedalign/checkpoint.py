@@ -36,10 +36,41 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
+    """One round's global model and strategy state; ``config`` is the resolved config the run was
+    started with (``--resume`` refuses a config.yaml edited since) and ``wall_seconds`` the run's
+    time so far (a resumed run's summary counts every segment)."""
+
     round: int
     model: OrderedDict[str, torch.Tensor]
     state: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    wall_seconds: float = 0.0
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key where two JSON-like values differ, with both values (None: equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = first_difference(
+                a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}{key}."
+            )
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def config_mismatch(checkpoint: Checkpoint, config: dict[str, Any]) -> str | None:
+    """Why ``config`` (a resolved config as JSON) is not the one ``checkpoint`` was written with
+    (None: it is, or the checkpoint predates recording it)."""
+    if checkpoint.config is None:
+        return None
+    found = first_difference(checkpoint.config, config)
+    if found is None:
+        return None
+    key, was, now = found
+    return f"{key} was {was!r} when round {checkpoint.round} was checkpointed, is now {now!r}"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -86,6 +117,8 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int = 2
         "sha256": _sha256(tensor_path),
         "model_keys": list(checkpoint.model),
         "state": checkpoint.state,
+        "config": checkpoint.config,
+        "wall_seconds": checkpoint.wall_seconds,
     }
     _atomic_write(directory / f"{stem}.json", json.dumps(manifest, indent=1).encode())
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
@@ -128,7 +161,14 @@ def read_checkpoint(manifest_path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{tensor_path.name}: not a valid safetensors file ({exc})") from None
     model = OrderedDict((k, payload[f"model/{k}"]) for k in manifest["model_keys"])
     tensors = {k[len("state/") :]: v for k, v in payload.items() if k.startswith("state/")}
-    return Checkpoint(round_, model, manifest.get("state", {}), tensors)
+    return Checkpoint(
+        round_,
+        model,
+        manifest.get("state", {}),
+        tensors,
+        manifest.get("config"),
+        float(manifest.get("wall_seconds", 0.0)),
+    )
 
 
 def load_latest(directory: str | Path) -> Checkpoint | None:

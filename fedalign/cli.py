@@ -17,7 +17,8 @@ import numpy as np
 from fedalign.checkpoint import CheckpointError
 from fedalign.config import load_config, parse_override, to_yaml
 from fedalign.data import DataError, format_histogram
-from fedalign.errors import ConfigError, RoundFailedError, RunFolderError
+from fedalign.errors import ConfigError, RoundFailedError, RunFolderError, RunInterrupted
+from fedalign.interrupts import EXIT_CODES, resume_advice
 from fedalign.plugins import load_plugin
 from fedalign.results import markdown_table, plot_runs, read_json, read_rows
 
@@ -51,6 +52,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         resume_dir=args.resume,
     )
     s = outcome.summary
+    if outcome.already_finished:
+        print(
+            f"fedalign: {outcome.run_dir} already finished all {s.get('rounds')} rounds; "
+            "nothing to resume",
+            file=sys.stderr,
+        )
     if "final_accuracy" in s:
         print(
             f"final test accuracy: {100 * s['final_accuracy']:.2f}% "
@@ -295,14 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedalign: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RoundFailedError as exc:
-        where = exc.run_dir or "RUN_DIR"
-        advice = (
-            f"Finished rounds are in the run folder; continue with `fedalign run --resume {where}`."
-            if exc.resumable
-            else f"No round finished with a checkpoint in {where}: start the run afresh."
-        )
-        print(f"fedalign: run stopped: {exc}\n{advice}", file=sys.stderr)
+        advice = resume_advice(exc.run_dir or Path("RUN_DIR"), exc.resumable)
+        print(f"fedalign: run stopped: {exc}\nFinished rounds are kept; {advice}.", file=sys.stderr)
         return 1
+    except RunInterrupted as exc:
+        advice = resume_advice(exc.run_dir or Path("RUN_DIR"), exc.resumable)
+        print(f"fedalign: {exc}; {advice}", file=sys.stderr)
+        return EXIT_CODES.get(exc.signal, 130)
 
 
 if __name__ == "__main__":

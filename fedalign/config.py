@@ -88,7 +88,7 @@ def key(
 
 REQUIRED: Any = dataclasses.MISSING
 """The default of a key that must be given (in a list item such as a fault)."""
-FAULT_KINDS = ("raise", "nan", "wrong-shape", "missing-key", "scale", "crash")
+FAULT_KINDS = ("raise", "nan", "wrong-shape", "missing-key", "scale", "crash", "slow")
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,11 @@ class SimulationConfig:
         "the server's evaluation and alignment",
         choices=Choices("device", lambda: ("cpu", "cuda", "auto")),
     )
+    max_restarts: int = key(
+        2,
+        "restarts from the last checkpoint on a fresh actor pool after a client worker dies",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,7 @@ class FaultConfig:
     client: int = key(REQUIRED, "the client (index) that misbehaves", ge=0)
     kind: str = key(REQUIRED, "the fault", choices=Choices("fault", lambda: FAULT_KINDS))
     factor: float = key(1e6, "scale: the factor its update is multiplied by")
+    seconds: float = key(0.0, "slow: how late its (honest) reply comes", ge=0)
 
 
 @dataclass(frozen=True)

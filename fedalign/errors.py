@@ -20,3 +20,17 @@ class RoundFailedError(RuntimeError):
 class RunFolderError(ValueError):
     """A file of a run folder that cannot be read: missing, truncated, binary, not the JSON it
     should be, or without the keys it should have."""
+
+
+class RunInterrupted(Exception):
+    """The user asked a run to stop (SIGINT, SIGTERM); raised after an exchange with the clients.
+    The runner sets the run folder, whether it can be resumed and the signal."""
+
+    run_dir = None
+    resumable = False
+    signal = None
+
+
+class ActorPoolBroken(RuntimeError):
+    """A client's Ray worker process died (a crash, an OOM kill): Flower keeps routing messages to
+    the dead actor, so the simulation is restarted from the last checkpoint on a fresh pool."""

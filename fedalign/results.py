@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,30 @@ class RunRecorder:
             )
 
     def truncate_after(self, last_round: int) -> None:
-        """Drop rows of rounds after ``last_round`` (a resumed run redoes them)."""
-        self.rows = [r for r in read_rows(self.dir) if r["round"] <= last_round]
+        """Keep the rows of rounds up to ``last_round`` (a resumed run redoes the later ones) and
+        drop a last line torn by a kill during its append. The files are rewritten beside the old
+        ones and renamed over them, so a kill in here leaves the old rows or the new, never a
+        folder without metrics."""
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file():
+            raise RunFolderError(f"{self.dir} is not a run folder: {path.name} is missing")
+        rows, bad = parse_rows(path)
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if bad and (len(bad) > 1 or bad[0] != lines[-1]):
+            raise RunFolderError(f"{path}: a line before the last is not a metrics row: {bad[0]!r}")
+        scratch = RunRecorder(self.dir / ".rewrite")
         for name in ("metrics.jsonl", "metrics.csv"):
-            (self.dir / name).unlink(missing_ok=True)
-        kept, self.rows = self.rows, []
-        for row in kept:
-            self.record(row)
+            (scratch.dir / name).unlink(missing_ok=True)
+        for row in rows:
+            if row["round"] <= last_round:
+                scratch.record(row)
+        for name in ("metrics.csv", "metrics.jsonl"):  # the rows' source of truth last
+            if (scratch.dir / name).exists():
+                os.replace(scratch.dir / name, self.dir / name)
+            else:
+                (self.dir / name).unlink(missing_ok=True)
+        scratch.dir.rmdir()
+        self.rows = scratch.rows
 
     def _csv_header(self) -> list[str]:
         with open(self.dir / "metrics.csv", newline="") as f:

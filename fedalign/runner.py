@@ -6,27 +6,38 @@ one), so it is wrapped here, behind one function: if Flower moves, only this mod
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray._private.services as ray_services
 import torch
 from flwr.simulation import run_simulation
 from tqdm.auto import tqdm
 
-from fedalign.checkpoint import CheckpointError, load_latest
+from fedalign.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    config_mismatch,
+    list_checkpoints,
+    load_latest,
+)
 from fedalign.components import run_federation, run_model
 from fedalign.config import RunConfig
 from fedalign.data.federation import Federation
-from fedalign.errors import ConfigError, RoundFailedError
+from fedalign.errors import ActorPoolBroken, ConfigError, RoundFailedError, RunInterrupted
 from fedalign.fl.client_app import app as client_app
 from fedalign.fl.server_app import make_server_app
+from fedalign.interrupts import stop_on_signals
 from fedalign.plugins import plugin_environment
-from fedalign.results import RunRecorder
+from fedalign.results import RunRecorder, read_json
 from fedalign.run_folder import new_run
 
 log = logging.getLogger("fedalign")
@@ -46,6 +57,7 @@ QUIET_ENV = {
 class RunOutcome:
     run_dir: Path
     summary: dict[str, Any]
+    already_finished: bool = False  # a --resume of a run with nothing left to simulate
 
 
 def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
@@ -60,10 +72,36 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     address = sim.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         init_args["address"] = address
+    else:  # the Ray this run starts listens on the loopback interface only (see loopback_ray)
+        init_args["_node_ip_address"] = LOOPBACK
     return {
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
         "init_args": init_args,
     }
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_ray(local: bool) -> Iterator[None]:
+    """While a local run starts Ray, keep its node address on the loopback interface.
+
+    Ray has no authentication: whoever reaches its ports can run code. Its servers listen on the
+    loopback interface only when the node address is 127.0.0.1, but ``ray.init`` replaces that
+    address by the machine's (``services.resolve_ip_for_localhost``, so that other nodes could
+    join); a local simulation has no other nodes, so that replacement is switched off here. Runs
+    attaching to a cluster (``simulation.ray_address``) are left as they are.
+    """
+    if not local:
+        yield
+        return
+    original = ray_services.resolve_ip_for_localhost
+    ray_services.resolve_ip_for_localhost = lambda host: host
+    try:
+        yield
+    finally:
+        ray_services.resolve_ip_for_localhost = original
 
 
 def node_resources(address: str | None) -> list[dict[str, float]]:
@@ -142,21 +180,17 @@ def run(
     # models, datasets and rules, so those exist on every client too.
     os.environ.update(plugin_environment())
 
+    resume = None if resume_dir is None else resumable(cfg, resume_dir)
+    if resume is not None and resume.round >= cfg.strategy.rounds:
+        return finished(cfg, Path(resume_dir), resume)
     # Partition (and load) once here, and size the model for the data: a bad dataset, partition
     # or model option fails before any folder or Ray exists.
     check_model(cfg, run_federation(cfg))
     check_resources(
         cfg, node_resources(cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS"))
     )
-    resume = None
-    if resume_dir is not None:
+    if resume is not None:
         recorder = RunRecorder(resume_dir)
-        resume = load_latest(recorder.dir / "checkpoints")
-        if resume is None:
-            raise CheckpointError(
-                f"{resume_dir}: no intact checkpoint to resume from (it stopped before its first "
-                "one); start the run afresh"
-            )
         recorder.truncate_after(resume.round)
         log.warning("resuming %s after round %d", recorder.dir, resume.round)
     else:
@@ -171,23 +205,101 @@ def run(
                 bar.set_postfix(acc=f"{100 * row['test_accuracy']:.2f}%", refresh=False)
 
     t0 = time.perf_counter()
+    backend = backend_config(cfg, verbose)
+
+    def has_checkpoint() -> bool:
+        return bool(list_checkpoints(recorder.dir / "checkpoints"))
+
+    restarts = 0
     try:
-        run_simulation(
-            server_app=make_server_app(cfg, recorder, on_round, outcome, resume),
-            client_app=client_app,
-            num_supernodes=cfg.data.num_clients,
-            backend_config=backend_config(cfg, verbose),
-            verbose_logging=verbose,
-        )
-    except RoundFailedError as exc:
+        with (
+            loopback_ray("address" not in backend["init_args"]),
+            stop_on_signals(recorder.dir, has_checkpoint) as stop,
+        ):
+            while True:
+                try:
+                    run_simulation(
+                        server_app=make_server_app(cfg, recorder, on_round, outcome, resume, stop),
+                        client_app=client_app,
+                        num_supernodes=cfg.data.num_clients,
+                        backend_config=backend,
+                        verbose_logging=verbose,
+                    )
+                    break
+                except ActorPoolBroken as exc:
+                    resume = restart_point(cfg, recorder, exc, restarts)
+                    restarts += 1
+                    if bar is not None:
+                        bar.n = resume.round
+    except (RoundFailedError, RunInterrupted) as exc:
         exc.run_dir = recorder.dir
         exc.resumable = load_latest(recorder.dir / "checkpoints") is not None
+        if isinstance(exc, RunInterrupted):
+            exc.signal = stop.signal
         raise
     finally:
         if bar is not None:
             bar.close()
     outcome.setdefault("wall_seconds", round(time.perf_counter() - t0, 2))
+    if restarts:
+        outcome["restarts"] = restarts
     return RunOutcome(recorder.dir, outcome)
+
+
+def restart_point(
+    cfg: RunConfig, recorder: RunRecorder, broken: ActorPoolBroken, restarts: int
+) -> Checkpoint:
+    """Where a simulation whose actor pool lost a worker starts again, in this process and on a
+    fresh pool: its last checkpoint, its rows cut back to it (``simulation.max_restarts`` times at
+    most; then, or without a checkpoint, the run stops as a failed round does)."""
+    checkpoint = load_latest(recorder.dir / "checkpoints")
+    if checkpoint is None or restarts >= cfg.simulation.max_restarts:
+        raise RoundFailedError(
+            f"{broken} (simulation restarted {restarts} time(s), "
+            f"simulation.max_restarts={cfg.simulation.max_restarts}"
+            f"{'' if checkpoint else ', no checkpoint to restart from'})"
+        ) from broken
+    log.warning(
+        "%s: restarting the simulation from round %d on a fresh actor pool (%d of %d)",
+        broken,
+        checkpoint.round,
+        restarts + 1,
+        cfg.simulation.max_restarts,
+    )
+    recorder.truncate_after(checkpoint.round)
+    return checkpoint
+
+
+def resumable(cfg: RunConfig, run_dir: str | Path) -> Checkpoint:
+    """The checkpoint ``run_dir`` continues from, once its config.yaml is known to be the config
+    the checkpoint was written with (an edited one would make a hybrid run)."""
+    checkpoint = load_latest(Path(run_dir) / "checkpoints")
+    if checkpoint is None:
+        raise CheckpointError(
+            f"{run_dir}: no intact checkpoint to resume from (it stopped before its first one); "
+            "start the run afresh"
+        )
+    mismatch = config_mismatch(checkpoint, json.loads(cfg.to_json()))
+    if mismatch is not None:
+        raise ConfigError(
+            f"{run_dir}/config.yaml is not the config this run was checkpointed with: {mismatch}; "
+            "restore it, or start a new run"
+        )
+    return checkpoint
+
+
+def finished(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint) -> RunOutcome:
+    """A run whose last round is checkpointed: nothing to simulate. Its summary is the one it
+    wrote, or (killed between its last checkpoint and its summary) written now from its rows."""
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        return RunOutcome(run_dir, read_json(summary_path, "summary.json"), True)
+    recorder = RunRecorder(run_dir)
+    recorder.truncate_after(checkpoint.round)
+    if cfg.output.save_model:
+        recorder.save_model(checkpoint.model)
+    summary = recorder.finish(checkpoint.wall_seconds, plot=cfg.output.plot)
+    return RunOutcome(run_dir, summary, True)
 
 
 def _progress_bar(cfg: RunConfig, done: int = 0):

@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedalign.config import RunConfig
-from fedalign.errors import RoundFailedError
+from fedalign.errors import ActorPoolBroken, RoundFailedError, RunInterrupted
 from fedalign.fl.records import config_record, message_bytes, to_arrays, to_state_dict
 from fedalign.server_opt import OptimizerState, is_identity, server_step
 from fedalign.stats import unflatten
@@ -54,6 +54,8 @@ RoundEndCallback = Callable[[int, StateDict], None]
 Check = Callable[["ClientUpdate"], "str | None"]
 
 REPLY_POLL_SECONDS = 0.01
+DEAD_ACTOR = "actor is dead"
+"""What Ray's error says when the worker process behind a client's actor has died."""
 INFO_TIMEOUT_SECONDS = 120.0
 
 
@@ -465,9 +467,11 @@ class RoundEngine:
         on_round: RoundCallback | None = None,
         on_round_end: RoundEndCallback | None = None,
         example_limits: Mapping[int, int] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg = cfg
         self.example_limits = dict(example_limits or {})
+        self.should_stop = should_stop
         self.strategy = strategy
         self.evaluate_fn = evaluate_fn
         self.on_round = on_round
@@ -599,6 +603,7 @@ class RoundEngine:
         totals["down"] += down
         totals["up"] += up
         rnd.log.timed(phase, t0)
+        self.check_stop(rnd.number)
         answered: dict[int, Message] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -649,6 +654,12 @@ class RoundEngine:
             pid, reply.metadata.src_node_id, state, num_examples, metrics, statistics, records
         )
 
+    def check_stop(self, server_round: int) -> None:
+        """Stop here (``RunInterrupted``) if the user asked to: after an exchange, before the next
+        round; finished rounds are checkpointed already."""
+        if self.should_stop is not None and self.should_stop():
+            raise RunInterrupted(f"stopped on request in round {server_round}")
+
     # ---- the run -------------------------------------------------------------------------------
 
     def should_evaluate(self, server_round: int) -> bool:
@@ -695,19 +706,33 @@ class RoundEngine:
             rnd = Round(self, 0, state, RoundLog(0))
             self._emit(rnd.log, self.evaluate(rnd, state))
         for number in range(first_round, self.cfg.strategy.rounds + 1):
+            self.check_stop(number)
             rnd = Round(self, number, state, RoundLog(number))
             t_round = time.perf_counter()
-            state = self.strategy.server_update(rnd, self.strategy.run_round(rnd))
+            try:
+                state = self.strategy.server_update(rnd, self.strategy.run_round(rnd))
+            except RoundFailedError as exc:
+                if lost_actor(rnd.log):
+                    raise ActorPoolBroken(f"round {number}: {exc}") from exc
+                raise
             metrics = self.evaluate(rnd, state) if self.should_evaluate(number) else {}
             rnd.log.seconds["total"] = time.perf_counter() - t_round
             self._emit(rnd.log, metrics)
             if self.on_round_end is not None:
                 self.on_round_end(number, state)
+            if lost_actor(rnd.log) and number < self.cfg.strategy.rounds:
+                raise ActorPoolBroken(f"a client's Ray worker died in round {number}")
         return state
 
     def _emit(self, rlog: RoundLog, metrics: dict[str, float]) -> None:
         if self.on_round is not None:
             self.on_round(rlog.row(metrics))
+
+
+def lost_actor(rlog: RoundLog) -> bool:
+    """Whether a client's Ray worker died in this round: the round completes with the others, but
+    the actor pool keeps the dead actor, so the next round needs a fresh pool."""
+    return any(DEAD_ACTOR in f["reason"] for f in rlog.failures)
 
 
 def federated_metrics(replies: Iterable[Message]) -> dict[str, float]:

@@ -7,6 +7,7 @@ the server must reject the update, count it with its reason, and finish the roun
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 
 import torch
@@ -33,6 +34,9 @@ def apply_fault(
         raise InjectedFault(f"injected failure in round {fault.round}")
     if fault.kind == "crash":
         os._exit(17)  # the worker process dies, as on an OOM kill
+    if fault.kind == "slow":
+        time.sleep(fault.seconds)  # an honest reply, too late (past strategy.timeout)
+        return state
     state = OrderedDict((k, v.clone()) for k, v in state.items())
     first = next(k for k, v in state.items() if v.is_floating_point())
     if fault.kind == "nan":

@@ -7,9 +7,11 @@ since ``run_simulation`` leaves ``context.run_config`` empty). The module-level 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,14 @@ def run_server(
     recorder: RunRecorder,
     on_round: RoundCallback | None = None,
     resume: Checkpoint | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run the configured strategy to the end; write metrics, checkpoints, the final model and
-    the summary. With ``resume``, continue after that checkpoint's round."""
+    the summary. With ``resume``, continue after that checkpoint's round (the wall time counts
+    the earlier segments too)."""
     t0 = time.perf_counter()
+    earlier = 0.0 if resume is None else resume.wall_seconds
+    config = json.loads(cfg.to_json())
     fed = run_federation(cfg)
     recorder.write_json("partition.json", fed.summary())
     model = run_model(
@@ -71,7 +77,14 @@ def run_server(
         if every and (server_round % every == 0 or server_round == cfg.strategy.rounds):
             save_checkpoint(
                 recorder.dir / "checkpoints",
-                Checkpoint(server_round, OrderedDict(state), strategy.state(), strategy.tensors()),
+                Checkpoint(
+                    server_round,
+                    OrderedDict(state),
+                    strategy.state(),
+                    strategy.tensors(),
+                    config=config,
+                    wall_seconds=round(earlier + time.perf_counter() - t0, 2),
+                ),
                 keep=cfg.output.keep_checkpoints,
             )
 
@@ -86,13 +99,14 @@ def run_server(
         on_round=record,
         on_round_end=checkpoint,
         example_limits={i: fed.client(i).num_train for i in range(fed.num_clients)},
+        should_stop=should_stop,
     )
     final = engine.run(
         grid, OrderedDict(model.state_dict()), first_round=1 if resume is None else resume.round + 1
     )
     if cfg.output.save_model:
         recorder.save_model(final)
-    return recorder.finish(time.perf_counter() - t0, plot=cfg.output.plot)
+    return recorder.finish(earlier + time.perf_counter() - t0, plot=cfg.output.plot)
 
 
 def make_server_app(
@@ -101,13 +115,15 @@ def make_server_app(
     on_round: RoundCallback | None = None,
     outcome: dict[str, Any] | None = None,
     resume: Checkpoint | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to one run; its summary is put into ``outcome`` when given."""
+    """A ServerApp bound to one run; its summary is put into ``outcome`` when given;
+    ``should_stop`` is read after every exchange (a Ctrl-C)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_server(grid, cfg, recorder, on_round, resume)
+        summary = run_server(grid, cfg, recorder, on_round, resume, should_stop)
         if outcome is not None:
             outcome.update(summary)
 

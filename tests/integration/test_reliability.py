@@ -1,6 +1,7 @@
 """Fault injection and kill/resume through real Flower simulations on Ray (digits)."""
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from fedalign.checkpoint import read_checkpoint
 from fedalign.cli import main
 from fedalign.config import load_config
 from fedalign.results import read_rows
@@ -44,6 +46,21 @@ def test_faulty_clients_are_rejected_with_reasons_and_the_run_finishes(tmp_path)
     # The global model was never poisoned: accuracy is finite and keeps rising.
     accuracies = [r["test_accuracy"] for r in rows]
     assert accuracies[3] > accuracies[1] > 0.2
+
+
+def test_a_client_slower_than_the_timeout_is_dropped_and_the_round_finishes(tmp_path):
+    cfg = load_config(
+        DIGITS,
+        [
+            "strategy.rounds=2",
+            "strategy.timeout=8",
+            "faults=[{round: 2, client: 0, kind: slow, seconds: 10}]",
+        ],
+    )
+    rows = read_rows(run(cfg, output_dir=tmp_path, progress=False).run_dir)
+    assert [(r["clients_ok"], r["clients_failed"]) for r in rows[1:]] == [(4, 0), (3, 1)]
+    assert rows[2]["failures"][0]["reason"] == "no reply within strategy.timeout=8 s"
+    assert rows[2]["failures"][0]["partition"] == 0
 
 
 def test_too_few_valid_replies_retries_then_stops_keeping_finished_rounds(tmp_path, capsys):
@@ -106,8 +123,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, caplog):
     assert not (run_dir / "summary.json").exists()  # it really died mid-run
 
     # the resumed half runs in this process: rounds 1-3 came from the killed process, 4-6 from here
+    killed_seconds = read_checkpoint(run_dir / "checkpoints" / "round-000003.json").wall_seconds
     assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
     assert f"resuming {run_dir} after round 3" in caplog.text
+    # the summary's wall time counts the killed segment too, not only the resumed one
+    resumed_rounds = sum(r["seconds_total"] for r in read_rows(run_dir) if r["round"] > 3)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert killed_seconds > 0 and summary["wall_seconds"] >= killed_seconds + resumed_rounds
 
     reference = run(
         load_config(DIGITS, ["strategy.rounds=6", "name=kill"]),
@@ -124,3 +146,30 @@ def test_resume_refuses_a_folder_without_checkpoints(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(DIGITS.read_text())
     assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "no intact checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_a_dead_client_worker_restarts_the_pool_and_the_run_finishes_every_round(tmp_path):
+    # its own process, so its own Ray: the crash kills a worker of the pool the tests share
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "fedalign.cli", "run", str(DIGITS), "--output", str(out)),
+            *("--no-progress", "--set", "strategy.rounds=3"),
+            *("--set", "faults=[{round: 2, client: 1, kind: crash}]"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "restarting the simulation from round 2 on a fresh actor pool" in proc.stderr
+    (run_dir,) = out.iterdir()
+    rows = read_rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert (rows[1]["clients_ok"], rows[3]["clients_ok"]) == (4, 4)  # round 3: a working pool
+    # round 2 finished with the survivors (others queued on the dying worker may fail with it)
+    failures = rows[2]["failures"]
+    assert 1 in {f["partition"] for f in failures} and rows[2]["clients_ok"] >= 2
+    assert all("worker process has died" in f["reason"] for f in failures)
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3

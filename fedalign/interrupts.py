@@ -1,0 +1,104 @@
+"""Ctrl-C and SIGTERM during a run: stop cleanly after the current exchange, or at once.
+
+The first SIGINT or SIGTERM sets a flag the round engine reads after every exchange with the
+clients: the run stops there (``RunInterrupted``), Flower shuts its actors and Ray down, every
+finished checkpoint stays, and the CLI prints how to resume and exits 130 (SIGINT) or 143
+(SIGTERM). A second signal stops at once: the processes this run started (Ray's) are killed and
+the process exits with the same code. Ray's driver would otherwise replace the SIGTERM handler with
+its own ``sys.exit``; that replacement is switched off for the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopRequest:
+    """Whether (and by which signal) the user asked the run to stop."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal: int | None = None
+        self.started: list[psutil.Process] = []  # this run's processes when the signal came
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self, signum: int) -> None:
+        self.signal = signum
+        self.started = psutil.Process().children(recursive=True)
+        self._event.set()
+
+    def reap(self, grace: float = 5.0) -> None:
+        """Kill what is left of the processes running when the signal came: Ray's workers outlive
+        its shutdown by seconds, orphaned (no longer this process's descendants)."""
+        _, alive = psutil.wait_procs(self.started, timeout=grace)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def resume_advice(run_dir: Path, resumable: bool) -> str:
+    """What to do with a stopped run's folder."""
+    if resumable:
+        return f"continue with `fedalign run --resume {run_dir}`"
+    return f"no round finished with a checkpoint in {run_dir}: start the run afresh"
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started (Ray's GCS, raylet and workers on a local run)."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+@contextlib.contextmanager
+def stop_on_signals(run_dir: Path, resumable: Callable) -> Iterator[StopRequest]:
+    """SIGINT/SIGTERM handlers for the duration of a run (main thread only; elsewhere the request
+    is never set). ``resumable()`` says whether a checkpoint exists when a second signal comes."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if request():
+            print(
+                f"fedalign: {name} again: stopped at once; {resume_advice(run_dir, resumable())}",
+                file=sys.stderr,
+                flush=True,
+            )
+            kill_descendants()
+            os._exit(EXIT_CODES.get(signum, 1))
+        request.set(signum)
+        print(
+            f"fedalign: {name}: stopping after the current exchange with the clients "
+            f"({name} again stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    import ray._private.utils as ray_utils  # here: the CLI's other commands never import Ray
+
+    previous = {sig: signal.signal(sig, handle) for sig in EXIT_CODES}
+    keep_sigterm = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield request
+    finally:
+        ray_utils.set_sigterm_handler = keep_sigterm
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if request():
+            request.reap()
