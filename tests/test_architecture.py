@@ -37,6 +37,7 @@ ABOVE_ALGORITHMS = (
     "run_folder",
     "plugins",
     "merge",
+    "interrupts",
 )
 
 
