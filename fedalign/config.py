@@ -167,6 +167,9 @@ class StrategyConfig:
         0.0, "> 0: federated evaluation on the clients' validation splits", ge=0, le=1
     )
     eval_every: int = key(1, "test-set evaluation every k rounds (and the last)", ge=1)
+    overlap_evaluation: bool = key(
+        False, "true: round r's test-set pass runs while round r+1 trains (same rows)"
+    )
     timeout: float = key(3600.0, "seconds a round waits for its clients", gt=0)
     round_retries: int = key(1, "resamples of a round with too few valid replies", ge=0)
     max_update_norm: float | None = key(
@@ -232,6 +235,9 @@ class SimulationConfig:
         2,
         "restarts from the last checkpoint on a fresh actor pool after a client worker dies",
         ge=0,
+    )
+    fast_dispatch: bool = key(
+        True, "message dispatch in O(messages), no info query (fedalign/fl/dispatch.py)"
     )
 
 

@@ -23,6 +23,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import nn
 
 from fedalign.config import RunConfig
 from fedalign.errors import ActorPoolBroken, RoundFailedError, RunInterrupted
+from fedalign.fl.dispatch import registered_partitions
 from fedalign.fl.records import config_record, message_bytes, to_arrays, to_state_dict
 from fedalign.server_opt import OptimizerState, is_identity, server_step
 from fedalign.stats import unflatten
@@ -50,7 +52,20 @@ log = logging.getLogger("fedalign")
 
 EvaluateFn = Callable[[int, StateDict], dict[str, float]]
 RoundCallback = Callable[[dict[str, Any]], None]
-RoundEndCallback = Callable[[int, StateDict], None]
+
+
+@dataclass(frozen=True)
+class StrategySnapshot:
+    """The strategy's checkpointable state at the end of a round: ``Strategy.state()`` (JSON) and
+    ``Strategy.tensors()``."""
+
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+RoundEndCallback = Callable[[int, StateDict, StrategySnapshot], None]
+"""``(round, global model, the strategy's state at the end of that round)``: what a checkpoint
+holds."""
 Check = Callable[["ClientUpdate"], "str | None"]
 
 REPLY_POLL_SECONDS = 0.01
@@ -214,9 +229,12 @@ class Round:
         replies = self._engine.exchange(self, phase, MessageType.TRAIN, records, configs)
         updates = []
         for pid, reply in replies.items():
+            t0 = time.perf_counter()
             update = self._engine.parse_update(self, phase, pid, reply)
+            self.log.timed("parse", t0)
             if update is None:
                 continue
+            t0 = time.perf_counter()
             bound = None if pid in local else self.cfg.strategy.max_update_norm
             problem = update_problem(sent[pid], update.state_dict, bound)
             if problem is None and update.num_examples <= 0:
@@ -231,6 +249,7 @@ class Round:
                 )
             if problem is None and check is not None:
                 problem = check(update)
+            self.log.timed("validate", t0)
             if problem is not None:
                 self.log.fail(pid, update.node_id, problem, phase)
                 continue
@@ -484,11 +503,18 @@ class RoundEngine:
     # ---- clients -------------------------------------------------------------------------------
 
     def discover(self, grid: Grid) -> None:
-        """Ask every node which partition it holds (one small query before round 1). It has its
-        own timeout, at least ``INFO_TIMEOUT_SECONDS``: the first message a node gets starts it
+        """Map nodes to partitions: from the simulation's own registration when
+        ``fedalign.fl.dispatch`` recorded it, else by asking every node (one small query before
+        round 1; in deployment, or with ``simulation.fast_dispatch`` off). The query has its own
+        timeout, at least ``INFO_TIMEOUT_SECONDS``: the first message a node gets starts it
         (imports, data), which a short ``strategy.timeout`` meant for training must not cut."""
         timeout = max(self.cfg.strategy.timeout, INFO_TIMEOUT_SECONDS)
         node_ids = self.wait_for_nodes(grid, timeout)
+        known = registered_partitions()
+        if known is not None and set(node_ids) <= known.keys():
+            self.node_of_partition = {known[n]: n for n in node_ids}
+            self.partition_of_node = {n: known[n] for n in node_ids}
+            return
         messages = [
             Message(
                 RecordDict({"config": config_record(self.run_config_json)}),
@@ -595,6 +621,7 @@ class RoundEngine:
                 Message(record, dst_node_id=self.node_of_partition[pid], message_type=message_type)
             )
         down = message_bytes(messages)
+        rnd.log.timed("build", t0)
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.timeout))
         up = message_bytes([r for r in replies if not r.has_error()])
         rnd.log.bytes_down += down
@@ -666,11 +693,20 @@ class RoundEngine:
         s = self.cfg.strategy
         return server_round % s.eval_every == 0 or server_round == s.rounds
 
-    def evaluate(self, rnd: Round, state: OrderedDict[str, torch.Tensor]) -> dict[str, float]:
-        """The server's evaluation of ``state`` and, when configured, the clients' (federated)."""
+    def evaluate(
+        self,
+        rnd: Round,
+        state: OrderedDict[str, torch.Tensor],
+        server: Future | None = None,
+    ) -> dict[str, float]:
+        """The server's evaluation of ``state`` and, when configured, the clients' (federated).
+        ``server``: the server's evaluation already started elsewhere (overlapped with the next
+        round's training); its result is waited for here."""
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
-        if self.evaluate_fn is not None:
+        if server is not None:
+            metrics.update(server.result() or {})
+        elif self.evaluate_fn is not None:
             metrics.update(self.evaluate_fn(rnd.number, state) or {})
         s = self.cfg.strategy
         if rnd.number > 0 and s.fraction_evaluate > 0:
@@ -705,24 +741,72 @@ class RoundEngine:
         if first_round == 1:
             rnd = Round(self, 0, state, RoundLog(0))
             self._emit(rnd.log, self.evaluate(rnd, state))
-        for number in range(first_round, self.cfg.strategy.rounds + 1):
-            self.check_stop(number)
-            rnd = Round(self, number, state, RoundLog(number))
-            t_round = time.perf_counter()
+        overlap = self.cfg.strategy.overlap_evaluation and self.evaluate_fn is not None
+        pending: tuple[Round, OrderedDict, StrategySnapshot, Future | None] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="fedalign-evaluate") as pool:
             try:
-                state = self.strategy.server_update(rnd, self.strategy.run_round(rnd))
-            except RoundFailedError as exc:
-                if lost_actor(rnd.log):
-                    raise ActorPoolBroken(f"round {number}: {exc}") from exc
+                for number in range(first_round, self.cfg.strategy.rounds + 1):
+                    self.check_stop(number)
+                    rnd = Round(self, number, state, RoundLog(number))
+                    t_round = time.perf_counter()
+                    try:
+                        state = self.strategy.server_update(rnd, self.strategy.run_round(rnd))
+                    except RoundFailedError as exc:
+                        if lost_actor(rnd.log):
+                            raise ActorPoolBroken(f"round {number}: {exc}") from exc
+                        raise
+                    rnd.log.seconds["total"] = time.perf_counter() - t_round
+                    if pending is not None:
+                        finished, pending = pending, None
+                        self._finish(*finished)
+                    server = None
+                    if overlap and self.should_evaluate(number):
+                        # the server's test-set pass of this round runs while the next one
+                        # trains, on a copy (a strategy may update its global state in place)
+                        frozen = OrderedDict((k, v.detach().clone()) for k, v in state.items())
+                        server = pool.submit(self.evaluate_fn, number, frozen)
+                    pending = (rnd, state, self._snapshot(copy=overlap), server)
+                    if not overlap or lost_actor(rnd.log):
+                        finished, pending = pending, None
+                        self._finish(*finished)
+                    if lost_actor(rnd.log) and number < self.cfg.strategy.rounds:
+                        raise ActorPoolBroken(f"a client's Ray worker died in round {number}")
+                if pending is not None:
+                    finished, pending = pending, None
+                    self._finish(*finished)
+            except BaseException:
+                if pending is not None:  # a finished round keeps its row and its checkpoint
+                    self._finish(*pending)
                 raise
-            metrics = self.evaluate(rnd, state) if self.should_evaluate(number) else {}
-            rnd.log.seconds["total"] = time.perf_counter() - t_round
-            self._emit(rnd.log, metrics)
-            if self.on_round_end is not None:
-                self.on_round_end(number, state)
-            if lost_actor(rnd.log) and number < self.cfg.strategy.rounds:
-                raise ActorPoolBroken(f"a client's Ray worker died in round {number}")
         return state
+
+    def _snapshot(self, copy: bool) -> StrategySnapshot:
+        """The strategy's state and tensors as the round left them (tensors cloned when the next
+        round runs before they are checkpointed)."""
+        tensors = self.strategy.tensors()
+        if copy:
+            tensors = {k: v.detach().clone() for k, v in tensors.items()}
+        return StrategySnapshot(self.strategy.state(), tensors)
+
+    def _finish(
+        self,
+        rnd: Round,
+        state: OrderedDict,
+        strategy_state: StrategySnapshot,
+        server: Future | None,
+    ) -> None:
+        """Evaluate round ``rnd`` (or collect its overlapped evaluation), then report it and call
+        ``on_round_end`` with the strategy's state as the round left it: a checkpoint is never
+        ahead of its metrics row. With overlap, the round's ``seconds_total`` is its training and
+        aggregation; ``seconds_evaluate`` what evaluation added after the next round's
+        training."""
+        t0 = time.perf_counter()
+        metrics = self.evaluate(rnd, state, server) if self.should_evaluate(rnd.number) else {}
+        if server is None:
+            rnd.log.seconds["total"] += time.perf_counter() - t0
+        self._emit(rnd.log, metrics)
+        if self.on_round_end is not None:
+            self.on_round_end(rnd.number, state, strategy_state)
 
     def _emit(self, rlog: RoundLog, metrics: dict[str, float]) -> None:
         if self.on_round is not None:

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedalign.checkpoint import Checkpoint, save_checkpoint
 from fedalign.components import run_federation, run_model, server_device
 from fedalign.config import RunConfig, load_config
-from fedalign.fl.engine import RoundCallback, RoundEngine, Strategy
+from fedalign.fl.engine import RoundCallback, RoundEngine, Strategy, StrategySnapshot
 from fedalign.registry import STRATEGIES
 from fedalign.results import RunRecorder
 from fedalign.run_folder import new_run
@@ -73,15 +73,15 @@ def run_server(
 
     every = cfg.output.checkpoint_every
 
-    def checkpoint(server_round: int, state: StateDict) -> None:
+    def checkpoint(server_round: int, state: StateDict, snapshot: StrategySnapshot) -> None:
         if every and (server_round % every == 0 or server_round == cfg.strategy.rounds):
             save_checkpoint(
                 recorder.dir / "checkpoints",
                 Checkpoint(
                     server_round,
                     OrderedDict(state),
-                    strategy.state(),
-                    strategy.tensors(),
+                    snapshot.state,
+                    snapshot.tensors,
                     config=config,
                     wall_seconds=round(earlier + time.perf_counter() - t0, 2),
                 ),

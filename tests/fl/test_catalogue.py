@@ -23,7 +23,7 @@ from fedalign.checkpoint import Checkpoint, load_latest, save_checkpoint
 from fedalign.components import run_model
 from fedalign.config import ConfigError, RunConfig, from_dict
 from fedalign.data.federation import ClientData
-from fedalign.fl.engine import RoundEngine
+from fedalign.fl.engine import RoundEngine, StrategySnapshot
 from fedalign.registry import STRATEGIES
 from fedalign.types import StateDict
 from tests.fl.mock_grid import (
@@ -62,9 +62,9 @@ def checkpointed_run(
         initial, first = latest.model, latest.round + 1
     rows: list[dict[str, Any]] = []
 
-    def checkpoint(number: int, state: OrderedDict) -> None:
+    def checkpoint(number: int, state: OrderedDict, snapshot: StrategySnapshot) -> None:
         save_checkpoint(
-            folder, Checkpoint(number, OrderedDict(state), strategy.state(), strategy.tensors())
+            folder, Checkpoint(number, OrderedDict(state), snapshot.state, snapshot.tensors)
         )
 
     engine = RoundEngine(cfg, strategy, on_round=rows.append, on_round_end=checkpoint)

@@ -28,8 +28,10 @@ from fedalign.errors import RoundFailedError
 from fedalign.fl.engine import (
     INFO_TIMEOUT_SECONDS,
     REPLY_POLL_SECONDS,
+    EvaluateFn,
     RoundEngine,
     Strategy,
+    StrategySnapshot,
     sample_partitions,
 )
 from fedalign.fl.records import to_arrays
@@ -50,6 +52,7 @@ from tests.fl.mock_grid import (
     TrainReply,
     mock_clients,
     mock_grid,
+    synthetic_data,
     task_identity,
 )
 
@@ -113,22 +116,24 @@ def run(
     strategy: Strategy | None = None,
     initial: StateDict | None = None,
     first_round: int = 1,
+    evaluate_fn: EvaluateFn | None = None,
 ) -> Run:
     """The real engine and the registered strategy (built as ``server_app.make_strategy`` does)
-    on the mock clients."""
+    on the mock clients, with the server's test-set evaluation ``evaluate_fn`` when given."""
     model = run_model(cfg, clients[0].shapes, init_seed=cfg.resolved_seeds.init)
     strategy = strategy or STRATEGIES.get(cfg.strategy.name).obj(cfg, copy.deepcopy(model))
     start = OrderedDict((k, v.clone()) for k, v in (initial or model.state_dict()).items())
     rows: list[dict[str, Any]] = []
     after: dict[int, tuple[StateDict, str]] = {}
 
-    def snapshot(number: int, state: StateDict) -> None:
-        after[number] = (OrderedDict(state), json.dumps(strategy.state()))
+    def snapshot(number: int, state: StateDict, strategy: StrategySnapshot) -> None:
+        after[number] = (OrderedDict(state), json.dumps(strategy.state))
 
     grid = mock_grid(clients)
     engine = RoundEngine(
         cfg,
         strategy,
+        evaluate_fn=evaluate_fn,
         on_round=rows.append,
         on_round_end=snapshot,
         # what the server knows of each partition in a simulation (server_app passes the same)
@@ -497,3 +502,35 @@ def test_fedma_resumes_from_its_state(fedma: Run) -> None:
     )
     assert_same_state(resumed.final, fedma.final)
     assert [row["round"] for row in resumed.rows] == [2]
+
+
+def test_overlapped_evaluation_gives_the_sequential_rows_and_checkpoints():
+    """strategy.overlap_evaluation runs the server's test-set pass of round r while round r+1
+    trains: the metrics rows (all but the seconds) and what each round end hands the checkpoint
+    are those of the sequential run, in the same order."""
+    test = synthetic_data(99, 200)
+
+    def evaluate_fn(number: int, state: StateDict) -> dict[str, float]:
+        model = fit_to_state(run_model(make_config(4), mock_clients([8])[0].shapes), state)
+        loss, accuracy = evaluate(model, test.X_train, test.y_train)
+        return {"test-loss": loss, "test-accuracy": accuracy}
+
+    runs = {}
+    for overlap in (False, True):
+        cfg = make_config(
+            4,
+            strategy={"rounds": 3, "eval_every": 2, "overlap_evaluation": overlap},
+            train={"local_epochs": 1, "batch_size": 8, "lr": 0.1, "momentum": 0.9},
+        )
+        runs[overlap] = run(cfg, mock_clients(SIZES), evaluate_fn=evaluate_fn)
+    rows = {
+        overlap: [{k: v for k, v in row.items() if not k.startswith("seconds")} for row in r.rows]
+        for overlap, r in runs.items()
+    }
+    assert rows[True] == rows[False]
+    assert [row["test_accuracy"] is not None for row in rows[True]] == [True, False, True, True]
+    assert rows[True][-1]["test_accuracy"] > rows[True][0]["test_accuracy"]
+    assert runs[True].after_round.keys() == runs[False].after_round.keys() == {1, 2, 3}
+    for number, (state, strategy_state) in runs[False].after_round.items():
+        assert_same_state(runs[True].after_round[number][0], state)
+        assert runs[True].after_round[number][1] == strategy_state

@@ -86,6 +86,18 @@ def test_same_config_and_seed_repeat_the_metrics(cli_run, tmp_path):
     assert first == again
 
 
+def test_flowers_own_dispatch_gives_the_same_metrics(cli_run, tmp_path):
+    """simulation.fast_dispatch (on in the CLI run) changes how messages reach the actors and
+    skips the info query, not what the clients compute."""
+    _, first_dir = cli_run
+    cfg = load_config(first_dir / "config.yaml", ["simulation.fast_dispatch=false"])
+    outcome = run(cfg, output_dir=tmp_path, progress=False)
+    keys = ("test_accuracy", "test_loss", "train_loss", "clients_ok", "bytes_down", "bytes_up")
+    first = [{k: r[k] for k in keys} for r in read_rows(first_dir)]
+    again = [{k: r[k] for k in keys} for r in read_rows(outcome.run_dir)]
+    assert first == again
+
+
 def test_fedprox_with_client_sampling(tmp_path):
     cfg = load_config(
         DIGITS,
