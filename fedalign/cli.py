@@ -1,4 +1,4 @@
-"""``fedalign run | bench | report | config | merge | partition``: the command line.
+"""``fedalign run | bench | report | config | merge | partition | data prepare``: the command line.
 
 ``--plugin FILE.py`` runs a Python file the user chose before the config is read, so the models,
 datasets and rules it registers can be named in the config (a config itself never names code).
@@ -172,6 +172,17 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from fedalign.data.hub import prepare
+
+    target = prepare(args.name, args.to)
+    print(
+        f"{args.name}: stored in {target}; runs find it with data.data_dir={args.to} "
+        f"or FEDALIGN_DATA_DIR={args.to}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="print a run's per-client label histogram")
     part.add_argument("run", help="run folder")
     part.set_defaults(func=_cmd_partition)
+
+    data = sub.add_parser("data", help="prepare datasets for machines without a network")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_sub.add_parser(
+        "prepare",
+        help="download a hub dataset (cifar10, femnist, shakespeare, hf:<org>/<name>) once "
+        "and store it in DIR/NAME",
+    )
+    prepare.add_argument("name", help="dataset name")
+    prepare.add_argument("--to", required=True, metavar="DIR", help="parent folder of the copy")
+    prepare.set_defaults(func=_cmd_data_prepare)
     return parser
 
 

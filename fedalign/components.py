@@ -38,6 +38,7 @@ def run_federation(cfg: RunConfig) -> Federation:
         seed=cfg.resolved_seeds.partition,
         val_fraction=d.val_fraction,
         data_dir=d.data_dir,
+        dataset_options=d.options,
         **partition_options(d),
     )
 

@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from fedalign.align import ALIGNERS, SOLVERS
-from fedalign.data import DATASETS, partition_schemes
+from fedalign.data import DATASETS, dataset_options, is_dataset, partition_schemes
 from fedalign.errors import ConfigError
 from fedalign.fusion import FUSE_RULES
 from fedalign.models import MODELS, build_model, model_options
@@ -59,9 +59,15 @@ class Choices:
 
     kind: str
     names: Callable[[], Iterable[str]]
+    accepts: Callable[[str], bool] | None = None  # names beyond ``names`` (hf:<org>/<name>)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+    def __contains__(self, value: object) -> bool:
+        if self.accepts is not None:
+            return isinstance(value, str) and self.accepts(value)
+        return value in self.names()
 
 
 def key(
@@ -95,8 +101,13 @@ FAULT_KINDS = ("raise", "nan", "wrong-shape", "missing-key", "scale", "crash", "
 class DataConfig:
     """The dataset and how it is split across the clients."""
 
-    dataset: str = key("fashion-mnist", "the dataset", choices=DATASETS)
+    dataset: str = key(
+        "fashion-mnist",
+        "the dataset (or hf:<org>/<name>, a hub image dataset)",
+        choices=Choices("dataset", lambda: tuple(DATASETS), accepts=is_dataset),
+    )
     data_dir: str | None = key(None, "its folder; null: FEDALIGN_DATA_DIR or the defaults")
+    options: dict[str, Any] = key({}, "the dataset loader's options (fortunes: seq_len; hf:...)")
     num_clients: int = key(10, "clients in the federation", ge=1)
     partition: str = key("dirichlet", "label split", choices=Choices("scheme", partition_schemes))
     alpha: float = key(0.5, "Dirichlet concentration: smaller is more skewed", gt=0)
@@ -569,6 +580,14 @@ def _validate(cfg: RunConfig) -> RunConfig:
         "name",
         f"{cfg.name!r} is not a run name: letters, digits, '.', '_' and '-', starting with a "
         "letter or digit, at most 100 characters (it names a folder under output.dir)",
+    )
+    loader_options = dataset_options(d.dataset)
+    unknown_options = sorted(set(d.options) - set(loader_options))
+    need(
+        not unknown_options,
+        "data.options",
+        f"dataset {d.dataset!r} takes no option {next(iter(unknown_options), '')!r} "
+        f"(it takes: {', '.join(loader_options) or 'none'})",
     )
     if d.data_dir is not None:
         need(

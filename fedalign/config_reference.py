@@ -168,7 +168,7 @@ def _field_schema(f: dataclasses.Field, annotation: Any) -> dict[str, Any]:
     schema = _type_schema(annotation)
     schema["description"] = f.metadata.get("doc", "")
     choices = f.metadata.get("choices")
-    if choices is not None:
+    if choices is not None and getattr(choices, "accepts", None) is None:  # open sets: no enum
         names = list(choices)
         target = next((s for s in schema.get("anyOf", []) if s.get("type") == "string"), schema)
         target["enum"] = names

@@ -1,10 +1,13 @@
-"""Datasets (Fashion-MNIST, digits, fortunes), partitioning and per-client views.
+"""Datasets (Fashion-MNIST, digits, fortunes; CIFAR-10, FEMNIST, Shakespeare and ``hf:<repo>``
+from local copies of Hugging Face datasets), partitioning and per-client views.
 
 Loaders find local files and download only where a network exists; every failure is a
 ``DataError`` (a ``ValueError``) naming the file, dataset or option at fault. Loads and
 federations are cached per process because Ray workers build them once per client message.
 
-Modules: ``idx`` (IDX parser), ``fashion_mnist``, ``digits``, ``text`` (fortunes), ``registry``
+Modules: ``idx`` (IDX parser), ``fashion_mnist``, ``digits``, ``text`` (fortunes), ``hub`` (the
+hub datasets' declarations), ``local_copy`` (finding, reading, downloading their copies),
+``modality`` (image and character preprocessing), ``registry``
 (``dataset_arrays``/``load_dataset``), ``partition`` (flwr-datasets partitioners, histograms),
 ``federation`` (per-client views). Nothing here imports Flower itself, only ``flwr_datasets``.
 """
@@ -19,7 +22,15 @@ from .partition import (
     partition_schemes,
     split_train_val,
 )
-from .registry import DATASETS, Arrays, dataset_arrays, dataset_names, dataset_options, load_dataset
+from .registry import (
+    DATASETS,
+    Arrays,
+    dataset_arrays,
+    dataset_names,
+    dataset_options,
+    is_dataset,
+    load_dataset,
+)
 from .text import VOCAB_SIZE
 
 __all__ = [
@@ -36,6 +47,7 @@ __all__ = [
     "dataset_options",
     "federation",
     "format_histogram",
+    "is_dataset",
     "label_histogram",
     "load_dataset",
     "partition",

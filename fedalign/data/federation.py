@@ -164,7 +164,8 @@ def _federation(
         if train.groups is None:
             raise DataError(
                 f"partition 'natural' needs a dataset with natural groups; {dataset!r} "
-                "has none (fortunes has one per category)"
+                "has none (fortunes: one per category, femnist: per writer, shakespeare: per "
+                "speaking role)"
             )
         parts = partition(train.y, num_clients, scheme, seed, groups=train.groups, **opts)
     else:

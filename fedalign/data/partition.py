@@ -171,7 +171,7 @@ def _natural_mask(groups: Any, n: int, num_clients: int) -> np.ndarray:
     if groups is None:
         raise DataError(
             "partition scheme 'natural' needs option groups (a group id per sample; "
-            "datasets with natural clients: fortunes)"
+            "datasets with natural clients: fortunes, femnist, shakespeare)"
         )
     groups = np.asarray(groups)
     if groups.shape != (n,):

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from fedalign.registry import Registry
+from fedalign.registry import Registry, keyword_defaults
 
-from . import digits, fashion_mnist, text
+from . import digits, fashion_mnist, hub, text
 from .errors import DataError
 
 SPLITS = ("train", "test")
@@ -66,16 +66,47 @@ def _fortunes(
     return Arrays(X, y, num_classes=text.VOCAB_SIZE, groups=groups, group_names=names)
 
 
+def _hub(name: str) -> Callable[..., Arrays]:
+    """The loader of hub dataset ``name`` (``hub.BUILTIN`` or ``hf:<repo>``, whose options
+    ``hub.generic`` takes)."""
+
+    def load(split: str, data_dir: str | Path | None, **options: Any) -> Arrays:
+        s = hub.split_arrays(name, split, data_dir, **options)
+        return Arrays(s.X, s.y, s.num_classes, groups=s.groups, group_names=s.group_names)
+
+    return load
+
+
 DATASETS = Registry("dataset")
-"""Dataset name -> loader ``(split, data_dir, **options) -> Arrays`` (``split``: train or test)."""
+"""Dataset name -> loader ``(split, data_dir, **options) -> Arrays`` (``split``: train or test).
+
+Besides these names, ``hf:<org>/<name>`` loads any image-classification dataset of the hub."""
 DATASETS.register("fashion-mnist", _fashion_mnist, options={})
 DATASETS.register("digits", _digits, options={})
 DATASETS.register("fortunes", _fortunes, options={})
+for _name, _source in hub.BUILTIN.items():
+    DATASETS.register(_name, _hub(_name), options={}, source=_source)
+
+
+def is_dataset(name: str) -> bool:
+    """Whether ``name`` is a registered dataset or an ``hf:<org>/<name>`` hub dataset."""
+    if isinstance(name, str) and name.startswith(hub.HF_PREFIX):
+        try:
+            hub.hf_repo(name)
+        except DataError:
+            return False
+        return True
+    return name in DATASETS
 
 
 def _loader(name: str) -> Callable[..., Arrays]:
+    if isinstance(name, str) and name.startswith(hub.HF_PREFIX):
+        hub.hf_repo(name)  # one clear error for a malformed name
+        return _hub(name)
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DataError(
+            f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or hf:<org>/<name>"
+        )
     return DATASETS.get(name).obj
 
 
@@ -86,8 +117,12 @@ def dataset_names() -> tuple[str, ...]:
 
 def dataset_options(name: str) -> tuple[str, ...]:
     """The loader options dataset ``name`` takes (e.g. fortunes: seq_len, stride)."""
-    params = list(inspect.signature(_loader(name)).parameters)
-    return tuple(params[2:])
+    loader = _loader(name)
+    if isinstance(name, str) and name.startswith(hub.HF_PREFIX):
+        return tuple(keyword_defaults(hub.generic))
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = [p for p in inspect.signature(loader).parameters.values() if p.kind in named]
+    return tuple(p.name for p in params[2:])
 
 
 def dataset_arrays(
