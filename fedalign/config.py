@@ -103,7 +103,7 @@ class DataConfig:
 
     dataset: str = key(
         "fashion-mnist",
-        "the dataset (or hf:<org>/<name>, a hub image dataset)",
+        "the dataset, or hf:<org>/<name>",
         choices=Choices("dataset", lambda: tuple(DATASETS), accepts=is_dataset),
     )
     data_dir: str | None = key(None, "its folder; null: FEDALIGN_DATA_DIR or the defaults")

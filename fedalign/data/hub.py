@@ -246,6 +246,7 @@ def generic(
     )
 
 
+@functools.lru_cache(maxsize=4)
 def resolve_generic(name: str, source: HubDataset, data_dir: str | None) -> HubDataset:
     """``source`` with its empty image/label column names found from the copy's features: the
     single ``Image`` and the single ``ClassLabel`` column (else an error asking for the option)."""

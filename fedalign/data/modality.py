@@ -143,24 +143,30 @@ class Characters:
         ascii_only = bool(
             np.array_equal(pc.binary_length(array).to_numpy(zero_copy_only=False), lengths)
         )
-        codes = _ascii_codes(array) if ascii_only else _codes(array)
-        lookup = np.full(max(map(ord, self.charset)) + 1, len(self.charset) - 1, dtype=np.int64)
-        lookup[[ord(c) for c in self.charset]] = np.arange(len(self.charset))
-        inside = codes < len(lookup)
-        ids = np.where(inside, lookup[np.where(inside, codes, 0)], len(self.charset) - 1)
+        unknown = len(self.charset) - 1
+        if ascii_only and len(self.charset) <= 256:  # one byte -> id table, by bytes.translate
+            table = np.full(256, unknown, dtype=np.uint8)
+            for i, c in enumerate(self.charset):
+                if ord(c) < 256:
+                    table[ord(c)] = i
+            translated = _ascii_bytes(array).translate(table.tobytes())
+            ids = np.frombuffer(translated, dtype=np.uint8).astype(np.int64)
+        else:  # code points up to the charset's largest, one more slot for everything above
+            lookup = np.full(max(map(ord, self.charset)) + 2, unknown, dtype=np.int64)
+            lookup[[ord(c) for c in self.charset]] = np.arange(len(self.charset))
+            ids = lookup[np.minimum(_codes(array), len(lookup) - 1)]
         return ids.reshape(len(array), length)
 
 
-def _ascii_codes(array: pa.Array) -> np.ndarray:
-    """The bytes of an all-ASCII string array, read from its Arrow buffer in one go."""
+def _ascii_bytes(array: pa.Array) -> bytes:
+    """The characters of an all-ASCII string array, read from its Arrow buffer in one go."""
     offset_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
     offsets = np.frombuffer(array.buffers()[1], dtype=offset_type)
     offsets = offsets[array.offset : array.offset + len(array) + 1]
-    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
-    return data[offsets[0] : offsets[-1]].astype(np.int64)
+    return array.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]]
 
 
 def _codes(array: pa.Array) -> np.ndarray:
     """Unicode code points of the concatenated strings (any text)."""
     text = "".join(array.to_pylist())
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
