@@ -37,7 +37,8 @@ import numpy as np
 import yaml
 
 from fedalign.align import ALIGNERS, SOLVERS
-from fedalign.data import DATASETS, dataset_options, is_dataset, partition_schemes
+from fedalign.data import DATASETS, dataset_options, partition_schemes
+from fedalign.data.hub import HF_NAME_PATTERN
 from fedalign.errors import ConfigError
 from fedalign.fusion import FUSE_RULES
 from fedalign.models import MODELS, build_model, model_options
@@ -59,14 +60,18 @@ class Choices:
 
     kind: str
     names: Callable[[], Iterable[str]]
-    accepts: Callable[[str], bool] | None = None  # names beyond ``names`` (hf:<org>/<name>)
+    pattern: str | None = None  # a regex for names beyond ``names`` (hf:<org>/<name>)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __contains__(self, value: object) -> bool:
-        if self.accepts is not None:
-            return isinstance(value, str) and self.accepts(value)
+        if (
+            self.pattern is not None
+            and isinstance(value, str)
+            and re.fullmatch(self.pattern, value)
+        ):
+            return True
         return value in self.names()
 
 
@@ -104,7 +109,7 @@ class DataConfig:
     dataset: str = key(
         "fashion-mnist",
         "the dataset, or hf:<org>/<name>",
-        choices=Choices("dataset", lambda: tuple(DATASETS), accepts=is_dataset),
+        choices=Choices("dataset", lambda: tuple(DATASETS), pattern=HF_NAME_PATTERN),
     )
     data_dir: str | None = key(None, "its folder; null: FEDALIGN_DATA_DIR or the defaults")
     options: dict[str, Any] = key({}, "the dataset loader's options (fortunes: seq_len; hf:...)")

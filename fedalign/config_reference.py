@@ -168,10 +168,14 @@ def _field_schema(f: dataclasses.Field, annotation: Any) -> dict[str, Any]:
     schema = _type_schema(annotation)
     schema["description"] = f.metadata.get("doc", "")
     choices = f.metadata.get("choices")
-    if choices is not None and getattr(choices, "accepts", None) is None:  # open sets: no enum
+    if choices is not None:
         names = list(choices)
         target = next((s for s in schema.get("anyOf", []) if s.get("type") == "string"), schema)
-        target["enum"] = names
+        pattern = getattr(choices, "pattern", None)  # names beyond the list (hf:<org>/<name>)
+        if pattern is None:
+            target["enum"] = names
+        else:
+            target["anyOf"] = [{"enum": names}, {"pattern": pattern}]
     for op, bound in f.metadata.get("bounds", {}).items():
         if bound is not None:
             numeric = [

@@ -23,6 +23,7 @@ cached per process with both splits, since a Ray worker builds every client from
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from .errors import DataError
 from .modality import Characters, Images
 
 HF_PREFIX = "hf:"
+#: A hub dataset's name: ``hf:<repo-id>``, the id one or two non-empty parts.
+HF_NAME_PATTERN = r"^hf:[^/\s]+(/[^/\s]+)?$"
 #: FedMA's reference normalisation for CIFAR-10 (``transforms.Normalize`` of its data loader).
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -118,11 +121,9 @@ def folder_name(name: str) -> str:
 
 def hf_repo(name: str) -> str:
     """The repository of an ``hf:<repo-id>`` name (one clear error when it has none)."""
-    repo = name.removeprefix(HF_PREFIX)
-    parts = repo.split("/")
-    if not name.startswith(HF_PREFIX) or len(parts) > 2 or not all(parts):
+    if re.fullmatch(HF_NAME_PATTERN, name) is None:
         raise DataError(f"dataset {name!r}: write a hub dataset as hf:<org>/<name>")
-    return repo
+    return name.removeprefix(HF_PREFIX)
 
 
 @dataclass(frozen=True)
