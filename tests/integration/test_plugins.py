@@ -23,7 +23,7 @@ def toy_plugin():
     yield module
     fedalign.DATASETS.unregister("toy-blobs")
     fedalign.MODELS.unregister("toy-net")
-    fedalign.FUSE_RULES.unregister("trimmed-mean")
+    fedalign.FUSE_RULES.unregister("toy-trimmed-mean")
     sys.modules.pop(PLUGIN)
 
 
@@ -41,7 +41,7 @@ def test_a_users_dataset_model_and_fuse_rule_run_through_a_config(tmp_path, toy_
             "model": {"name": "toy-net", "hidden": 12},
             "train": {"local_epochs": 2, "lr": 0.1},
             "strategy": {"name": "fedavg", "rounds": 2, "min_train_clients": 5},
-            "aggregation": {"fuse": "trimmed-mean", "trim": 1},
+            "aggregation": {"fuse": "toy-trimmed-mean", "trim": 1},
             "output": {"plot": False, "checkpoint_every": 0},
         }
     )
@@ -53,7 +53,7 @@ def test_a_users_dataset_model_and_fuse_rule_run_through_a_config(tmp_path, toy_
     assert toy_plugin.CALLS == [{"clients": 5, "trim": 1}] * 2  # the server used the rule
     assert [r["clients_ok"] for r in rows[1:]] == [5, 5]  # every client ran the toy model
     assert rows[-1]["test_accuracy"] > 0.5  # 0.80 measured on the toy data (chance: 0.25)
-    assert rows[-1]["aggregation"]["fuse"] == "trimmed-mean"
+    assert rows[-1]["aggregation"]["fuse"] == "toy-trimmed-mean"
     from safetensors.torch import load_file
 
     state = load_file(outcome.run_dir / "model.safetensors")

@@ -49,4 +49,4 @@ def trimmed_mean(states, weights, stats, *, trim: int = 0):
 
 fedalign.register_dataset("toy-blobs", blobs, replace=True)
 fedalign.register_model("toy-net", TinyNet, replace=True)
-fedalign.register_fuse_rule("trimmed-mean", trimmed_mean, replace=True)
+fedalign.register_fuse_rule("toy-trimmed-mean", trimmed_mean, replace=True)
