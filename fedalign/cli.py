@@ -30,6 +30,12 @@ def _load_plugins(args: argparse.Namespace) -> None:
         load_plugin(path)
 
 
+def _show_bar(args: argparse.Namespace) -> bool:
+    """A progress bar on a terminal only: in a log file (nohup, Slurm, CI) its redraws are noise,
+    and the one line per round says everything it does."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     _load_plugins(args)
     if args.resume:
@@ -48,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg,
         output_dir=args.output,
         verbose=args.verbose,
-        progress=not args.no_progress,
+        progress=_show_bar(args),
         resume_dir=args.resume,
     )
     s = outcome.summary
@@ -92,7 +98,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, args.output, args.set, args.seeds)
     print(f"suite {suite.name}: {len(suite.runs)} runs into {suite.output}", flush=True)
     if not args.summary_only:
-        run_suite(suite, verbose=args.verbose, progress=not args.no_progress)
+        run_suite(suite, verbose=args.verbose, progress=_show_bar(args))
     summarise_suite(suite)
     print(f"wrote {suite.output / 'summary.md'}, summary.csv and the accuracy plots")
     return 0
@@ -202,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config entry, e.g. --set strategy.rounds=5 (repeatable)",
     )
     run.add_argument("--output", help="parent folder of the run folder (default: output.dir)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none off a terminal); one line per round still shows",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.add_argument(
         "--plugin",

@@ -255,6 +255,9 @@ class SimulationConfig:
     fast_dispatch: bool = key(
         True, "message dispatch in O(messages), no info query (fedalign/fl/dispatch.py)"
     )
+    ray_dashboard: bool = key(
+        False, "Ray's dashboard for this run (needs fedalign[dashboard], i.e. ray[default])"
+    )
 
 
 @dataclass(frozen=True)

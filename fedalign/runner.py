@@ -20,7 +20,6 @@ import ray
 import ray._private.services as ray_services
 import torch
 from flwr.simulation import run_simulation
-from tqdm.auto import tqdm
 
 from fedalign.checkpoint import (
     Checkpoint,
@@ -38,6 +37,7 @@ from fedalign.fl.dispatch import fast_dispatch
 from fedalign.fl.server_app import make_server_app
 from fedalign.interrupts import stop_on_signals
 from fedalign.plugins import plugin_environment
+from fedalign.progress import round_output
 from fedalign.results import RunRecorder, read_json
 from fedalign.run_folder import new_run
 
@@ -65,7 +65,7 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     """Flower's Ray backend settings: client resources and how Ray starts or attaches."""
     sim = cfg.simulation
     init_args: dict[str, Any] = {
-        "include_dashboard": False,
+        "include_dashboard": sim.ray_dashboard,
         "ignore_reinit_error": True,
         "log_to_driver": verbose,
         "logging_level": logging.INFO if verbose else logging.ERROR,
@@ -150,6 +150,19 @@ def check_model(cfg: RunConfig, fed: Federation) -> None:
         raise ConfigError(f"model: {exc}") from None
 
 
+def check_dashboard(cfg: RunConfig) -> None:
+    """``simulation.ray_dashboard: true`` needs Ray's dashboard packages (``ray[default]``); say so
+    before Ray starts rather than let ``ray.init`` fail inside Flower."""
+    if not cfg.simulation.ray_dashboard:
+        return
+    missing = getattr(ray._private.utils, "get_dashboard_dependency_error", lambda: None)()
+    if missing is not None:
+        raise ConfigError(
+            f"simulation.ray_dashboard: Ray's dashboard needs ray[default] "
+            f"(pip install 'fedalign[dashboard]'): {missing}"
+        )
+
+
 def configure_logging(verbose: bool) -> None:
     """Flower's and Ray's logs stay quiet unless asked for; fedalign's warnings always show."""
     # Client failures are reported by fedalign in one line each; Flower's ERROR logs repeat them
@@ -187,28 +200,18 @@ def run(
     # Partition (and load) once here, and size the model for the data: a bad dataset, partition
     # or model option fails before any folder or Ray exists.
     check_model(cfg, run_federation(cfg))
-    check_resources(
-        cfg, node_resources(cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS"))
-    )
+    address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:  # an existing cluster has its own dashboard, or none
+        check_dashboard(cfg)
+    check_resources(cfg, node_resources(address))
     if resume is not None:
         recorder = RunRecorder(resume_dir)
         recorder.truncate_after(resume.round)
         log.warning("resuming %s after round %d", recorder.dir, resume.round)
     else:
         recorder = new_run(cfg, output_dir or cfg.output.dir)
-    bar = _progress_bar(cfg, 0 if resume is None else resume.round) if progress else None
     outcome: dict[str, Any] = {}
     t0 = time.perf_counter()
-
-    def on_round(row: dict[str, Any]) -> None:
-        if row["round"] > 0 and "first_round_end_s" not in outcome:
-            # start-up as users feel it: Ray, the actors, discovery and the first round
-            outcome["first_round_end_s"] = round(time.perf_counter() - t0, 2)
-        if bar is not None and row["round"] > 0:
-            bar.update(1)
-            if row.get("test_accuracy") is not None:
-                bar.set_postfix(acc=f"{100 * row['test_accuracy']:.2f}%", refresh=False)
-
     backend = backend_config(cfg, verbose)
 
     def has_checkpoint() -> bool:
@@ -217,10 +220,25 @@ def run(
     restarts = 0
     try:
         with (
+            round_output(
+                cfg.strategy.rounds,
+                bar=progress,
+                desc=f"{cfg.name} [{cfg.strategy.name}]",
+                done=0 if resume is None else resume.round,
+            ) as printer,
             loopback_ray("address" not in backend["init_args"]),
             stop_on_signals(recorder.dir, has_checkpoint) as stop,
             fast_dispatch(cfg.simulation.fast_dispatch),
         ):
+
+            def on_round(row: dict[str, Any]) -> None:
+                if row["round"] > 0 and "first_round_end_s" not in outcome:
+                    # start-up as users feel it: Ray, the actors, discovery and the first round
+                    outcome["first_round_end_s"] = round(time.perf_counter() - t0, 2)
+                if cfg.simulation.ray_dashboard and not printer.rows and ray.is_initialized():
+                    printer.write(f"Ray dashboard: http://{ray.get_dashboard_url()}")
+                printer(row)
+
             while True:
                 try:
                     run_simulation(
@@ -234,17 +252,14 @@ def run(
                 except ActorPoolBroken as exc:
                     resume = restart_point(cfg, recorder, exc, restarts)
                     restarts += 1
-                    if bar is not None:
-                        bar.n = resume.round
+                    if printer.bar is not None:
+                        printer.bar.n = resume.round
     except (RoundFailedError, RunInterrupted) as exc:
         exc.run_dir = recorder.dir
         exc.resumable = load_latest(recorder.dir / "checkpoints") is not None
         if isinstance(exc, RunInterrupted):
             exc.signal = stop.signal
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     outcome.setdefault("wall_seconds", round(time.perf_counter() - t0, 2))
     if restarts:
         outcome["restarts"] = restarts
@@ -305,12 +320,3 @@ def finished(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint) -> RunOutcom
         recorder.save_model(checkpoint.model)
     summary = recorder.finish(checkpoint.wall_seconds, plot=cfg.output.plot)
     return RunOutcome(run_dir, summary, True)
-
-
-def _progress_bar(cfg: RunConfig, done: int = 0):
-    return tqdm(
-        total=cfg.strategy.rounds,
-        initial=done,
-        desc=f"{cfg.name} [{cfg.strategy.name}]",
-        unit="round",
-    )

@@ -23,6 +23,7 @@ from fedalign.checkpoint import Checkpoint, save_checkpoint
 from fedalign.components import run_federation, run_model, server_device
 from fedalign.config import RunConfig, load_config
 from fedalign.fl.engine import RoundCallback, RoundEngine, Strategy, StrategySnapshot
+from fedalign.progress import RoundPrinter, stderr_writer
 from fedalign.registry import STRATEGIES
 from fedalign.results import RunRecorder
 from fedalign.run_folder import new_run
@@ -151,5 +152,6 @@ def main(grid: Grid, context: Context) -> None:
     overrides = [s.strip() for s in str(run_config.get("overrides", "")).split(",") if s.strip()]
     cfg = load_config(_resolve(str(run_config.get("config", "configs/quickstart.yaml"))), overrides)
     recorder = new_run(cfg, _resolve(str(run_config.get("output-dir", cfg.output.dir))))
-    summary = run_server(grid, cfg, recorder)
+    # no progress bar in Flower's log stream: one line per round, on stderr, which it streams
+    summary = run_server(grid, cfg, recorder, RoundPrinter(cfg.strategy.rounds, stderr_writer()))
     log.warning("fedalign run finished: %s -> %s", summary, recorder.dir)

@@ -4,11 +4,12 @@ node are a config error before Ray starts."""
 import logging
 
 import pytest
+import ray
 import torch
 
 from fedalign.config import ConfigError, load_config
 from fedalign.fl.client_app import _log_device, client_device
-from fedalign.runner import check_resources
+from fedalign.runner import backend_config, check_dashboard, check_resources
 from tests.helpers import DIGITS
 
 CONFIG = DIGITS
@@ -32,3 +33,19 @@ def test_resources_that_fit_no_node_name_the_setting():
     ):
         check_resources(cfg, [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 1.0}])
     check_resources(cfg, [{"CPU": 2.0}, {"CPU": 4.0, "GPU": 1.0}])  # the second node fits
+
+
+def test_the_ray_dashboard_is_off_unless_asked_for_and_needs_its_packages(monkeypatch):
+    assert backend_config(load_config(CONFIG))["init_args"]["include_dashboard"] is False
+    cfg = load_config(CONFIG, ["simulation.ray_dashboard=true"])
+    assert backend_config(cfg)["init_args"]["include_dashboard"] is True
+    monkeypatch.setattr(
+        ray._private.utils,
+        "get_dashboard_dependency_error",
+        lambda: ModuleNotFoundError("No module named 'aiohttp_cors'"),
+    )
+    with pytest.raises(ConfigError, match=r"ray_dashboard: .*ray\[default\].*aiohttp_cors"):
+        check_dashboard(cfg)
+    check_dashboard(load_config(CONFIG))  # off: nothing to check
+    monkeypatch.setattr(ray._private.utils, "get_dashboard_dependency_error", lambda: None)
+    check_dashboard(cfg)

@@ -2,6 +2,7 @@
 runner."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,15 @@ def test_cli_writes_a_complete_run_folder(cli_run):
     ):
         assert (run_dir / name).is_file(), name
     assert "final test accuracy" in proc.stdout
+    # one log line per round on stderr, though the bar is off (--no-progress, and no terminal)
+    lines = [line for line in proc.stderr.splitlines() if re.match(r"round \d+/3", line)]
+    assert [line.split(":")[0] for line in lines] == [
+        "round 0/3 (initial model)",
+        "round 1/3",
+        "round 2/3",
+        "round 3/3",
+    ]
+    assert "\r" not in proc.stderr
     rows = read_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:

@@ -1,0 +1,70 @@
+"""Integration: the ServerApp that ``flwr run .`` starts (``fedalign.fl.server_app.app``), run
+in-process on Flower's simulation engine over the shared Ray.
+
+A real ``flwr run .`` starts a SuperLink, builds and installs the app into ``FLWR_HOME`` and starts
+its own Ray: a minute or more per run on our two cores, too slow for the suite (it was checked by
+hand; see the README). What ``flwr run`` adds before our code runs is the run config (the
+``[tool.flwr.app.config]`` table, fused with ``-c``) in ``context.run_config``; this test hands the
+module-level ``main`` exactly such a context, so everything after it is the ``flwr run`` path.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from fedalign.config import load_config
+from fedalign.fl import server_app
+from fedalign.fl.client_app import app as client_app
+from fedalign.results import read_rows
+from fedalign.runner import backend_config
+from tests.helpers import DIGITS
+
+pytestmark = pytest.mark.integration
+
+
+def run_as_flwr_run(run_config: dict, num_supernodes: int) -> None:
+    """Simulate ``flwr run .`` with ``run_config`` and a federation of ``num_supernodes``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server_app.main(
+            grid,
+            Context(
+                run_id=context.run_id,
+                node_id=0,
+                node_config={},
+                state=RecordDict(),
+                run_config=run_config,
+            ),
+        )
+
+    run_simulation(
+        server_app=app,
+        client_app=client_app,
+        num_supernodes=num_supernodes,
+        backend_config=backend_config(load_config(DIGITS)),
+    )
+
+
+def test_the_flwr_run_server_app_prints_one_line_per_round(tmp_path, capfd):
+    run_as_flwr_run(
+        {"config": str(DIGITS), "overrides": "strategy.rounds=2", "output-dir": str(tmp_path)},
+        num_supernodes=4,
+    )
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if re.match(r"round \d+/2", line)]
+    assert [line.split(":")[0] for line in lines] == [
+        "round 0/2 (initial model)",
+        "round 1/2",
+        "round 2/2",
+    ]
+    assert "clients 4 ok 0 failed" in lines[-1]
+    (run_dir,) = tmp_path.iterdir()
+    rows = read_rows(run_dir)
+    assert f"test acc {100 * rows[-1]['test_accuracy']:.2f}%" in lines[-1]
