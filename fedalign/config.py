@@ -47,6 +47,7 @@ from fedalign.registry import STRATEGIES, Context, RegistryError
 from fedalign.repair import REPAIR_RULES
 from fedalign.server_opt import SERVER_OPTIMIZERS
 from fedalign.stats import STATISTICS
+from fedalign.trackers import TRACKERS
 from fedalign.training import OBJECTIVES, OPTIMIZERS
 
 # --------------------------------------------------------------------------------------------------
@@ -269,6 +270,9 @@ class OutputConfig:
     plot: bool = key(True, "draw accuracy.png")
     checkpoint_every: int = key(1, "checkpoint every k rounds (0: none)", ge=0)
     keep_checkpoints: int = key(2, "newest checkpoints kept", ge=1)
+    trackers: tuple[str, ...] = key(
+        (), "copies of metrics.jsonl for tensorboard | mlflow (optional extras)"
+    )
 
 
 @dataclass(frozen=True)
@@ -650,6 +654,14 @@ def _validate(cfg: RunConfig) -> RunConfig:
             f"faults[{i}].client",
             f"no client {fault.client} among {d.num_clients}",
         )
+    trackers = cfg.output.trackers
+    for i, tracker in enumerate(trackers):
+        need(
+            tracker in TRACKERS,
+            f"output.trackers[{i}]",
+            f"unknown tracker {tracker!r}; choose one of {', '.join(TRACKERS)}",
+        )
+    need(len(set(trackers)) == len(trackers), "output.trackers", "a tracker is named twice")
     return cfg
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from fedalign.errors import RunFolderError
 from fedalign.plots import Curve, accuracy_plot
+from fedalign.trackers import TrackerSet
 
 CSV_COLUMNS = [
     "round",
@@ -48,12 +49,15 @@ CSV_COLUMNS = [
 
 
 class RunRecorder:
-    """Writes a run folder incrementally."""
+    """Writes a run folder incrementally; every row goes to metrics.jsonl, metrics.csv and the
+    run's trackers (``open_trackers``)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
+        self.trackers = TrackerSet({})
+        self._csv_columns: list[str] = []
 
     def write_json(self, name: str, payload: Any) -> None:
         (self.dir / name).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
@@ -61,24 +65,37 @@ class RunRecorder:
     def write_text(self, name: str, text: str) -> None:
         (self.dir / name).write_text(text)
 
+    def open_trackers(
+        self, names: Sequence[str], config: Mapping[str, Any], resume_after: int | None = None
+    ) -> None:
+        """Start the trackers ``names`` (``output.trackers``); rows recorded from now on reach
+        them too."""
+        self.trackers = TrackerSet.open(names, self.dir, config, resume_after)
+
     def record(self, row: Mapping[str, Any]) -> None:
         row = dict(row)
         self.rows.append(row)
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        new = not (self.dir / "metrics.csv").exists()
-        columns = CSV_COLUMNS + sorted(
-            k for k in row if k not in CSV_COLUMNS and not isinstance(row[k], (dict, list))
-        )
-        with open(self.dir / "metrics.csv", "a", newline="") as f:
-            writer = csv.DictWriter(
-                f, fieldnames=columns if new else self._csv_header(), extrasaction="ignore"
-            )
-            if new:
-                writer.writeheader()
-            writer.writerow(
-                {k: ("" if row.get(k) is None else row.get(k)) for k in writer.fieldnames}
-            )
+        self._write_csv(row)
+        self.trackers.log(row)
+
+    def _write_csv(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` to metrics.csv; when it brings a column the header lacks (a phase that
+        first ran this round, a strategy's own number), rewrite the file with every column."""
+        columns = csv_columns(self.rows)
+        path = self.dir / "metrics.csv"
+        if columns == self._csv_columns and path.is_file():
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=columns).writerow(_csv_row(row, columns))
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(_csv_row(r, columns) for r in self.rows)
+        os.replace(tmp, path)  # a reader never sees half a rewrite
+        self._csv_columns = columns
 
     def truncate_after(self, last_round: int) -> None:
         """Keep the rows of rounds up to ``last_round`` (a resumed run redoes the later ones) and
@@ -104,11 +121,7 @@ class RunRecorder:
             else:
                 (self.dir / name).unlink(missing_ok=True)
         scratch.dir.rmdir()
-        self.rows = scratch.rows
-
-    def _csv_header(self) -> list[str]:
-        with open(self.dir / "metrics.csv", newline="") as f:
-            return next(csv.reader(f))
+        self.rows, self._csv_columns = scratch.rows, scratch._csv_columns
 
     def save_model(
         self, state_dict: Mapping[str, torch.Tensor], name: str = "model.safetensors"
@@ -117,13 +130,34 @@ class RunRecorder:
             {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(self.dir / name)
         )
 
+    def close(self, failed: bool = False) -> None:
+        """End the trackers' runs (``failed``: the run stopped before its last round)."""
+        self.trackers.close(failed)
+
     def finish(self, wall_seconds: float, plot: bool = True) -> dict[str, Any]:
+        self.close()
         summary = summarise(self.rows)
         summary["wall_seconds"] = round(wall_seconds, 2)
         self.write_json("summary.json", summary)
         if plot and self.rows:
             plot_runs({self.dir.name: self.rows}, self.dir / "accuracy.png")
         return summary
+
+
+def csv_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """metrics.csv's header: the main columns, then every other key some row has a scalar under
+    (sorted); nested values (failures, bytes by phase, widths) are in metrics.jsonl only."""
+    extra = {
+        k
+        for r in rows
+        for k, v in r.items()
+        if k not in CSV_COLUMNS and not isinstance(v, (dict, list))
+    }
+    return CSV_COLUMNS + sorted(extra)
+
+
+def _csv_row(row: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    return {k: "" if row.get(k) is None else row[k] for k in columns}
 
 
 def read_json(path: Path, what: str) -> Any:

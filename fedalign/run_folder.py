@@ -33,7 +33,9 @@ def create_run_dir(output_dir: str | Path, name: str) -> Path:
 
 
 def new_run(cfg: RunConfig, output_dir: str | Path) -> RunRecorder:
-    """A recorder on a new folder for ``cfg`` under ``output_dir``, its resolved config written."""
+    """A recorder on a new folder for ``cfg`` under ``output_dir``, its resolved config written
+    and its trackers (``output.trackers``) started."""
     recorder = RunRecorder(create_run_dir(output_dir, cfg.name))
     recorder.write_text("config.yaml", to_yaml(cfg))
+    recorder.open_trackers(cfg.output.trackers, cfg.to_dict())
     return recorder

@@ -40,6 +40,7 @@ from fedalign.plugins import plugin_environment
 from fedalign.progress import round_output
 from fedalign.results import RunRecorder, read_json
 from fedalign.run_folder import new_run
+from fedalign.trackers import missing_package
 
 log = logging.getLogger("fedalign")
 
@@ -167,7 +168,7 @@ def configure_logging(verbose: bool) -> None:
     """Flower's and Ray's logs stay quiet unless asked for; fedalign's warnings always show."""
     # Client failures are reported by fedalign in one line each; Flower's ERROR logs repeat them
     # with full Ray tracebacks, so they show only with -v.
-    for name in ("flwr", "ray", "filelock", "datasets"):
+    for name in ("flwr", "ray", "filelock", "datasets", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     logging.getLogger("fedalign").setLevel(logging.INFO if verbose else logging.WARNING)
     if not logging.getLogger().handlers:
@@ -203,10 +204,14 @@ def run(
     address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:  # an existing cluster has its own dashboard, or none
         check_dashboard(cfg)
+    for name in cfg.output.trackers:
+        if (problem := missing_package(name)) is not None:
+            raise ConfigError(f"output.trackers: {problem}")
     check_resources(cfg, node_resources(address))
     if resume is not None:
         recorder = RunRecorder(resume_dir)
         recorder.truncate_after(resume.round)
+        recorder.open_trackers(cfg.output.trackers, cfg.to_dict(), resume_after=resume.round)
         log.warning("resuming %s after round %d", recorder.dir, resume.round)
     else:
         recorder = new_run(cfg, output_dir or cfg.output.dir)

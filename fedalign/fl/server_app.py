@@ -21,7 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedalign.checkpoint import Checkpoint, save_checkpoint
 from fedalign.components import run_federation, run_model, server_device
-from fedalign.config import RunConfig, load_config
+from fedalign.config import RunConfig
+from fedalign.data import DataError
+from fedalign.errors import ConfigError
+from fedalign.fl.app_config import load_app_config, resolve
 from fedalign.fl.engine import RoundCallback, RoundEngine, Strategy, StrategySnapshot
 from fedalign.progress import RoundPrinter, stderr_writer
 from fedalign.registry import STRATEGIES
@@ -102,9 +105,15 @@ def run_server(
         example_limits={i: fed.client(i).num_train for i in range(fed.num_clients)},
         should_stop=should_stop,
     )
-    final = engine.run(
-        grid, OrderedDict(model.state_dict()), first_round=1 if resume is None else resume.round + 1
-    )
+    try:
+        final = engine.run(
+            grid,
+            OrderedDict(model.state_dict()),
+            first_round=1 if resume is None else resume.round + 1,
+        )
+    except BaseException:
+        recorder.close(failed=True)  # the trackers' runs end as failed; the folder keeps the rows
+        raise
     if cfg.output.save_model:
         recorder.save_model(final)
     return recorder.finish(earlier + time.perf_counter() - t0, plot=cfg.output.plot)
@@ -138,20 +147,49 @@ APP_DIR = Path(__file__).resolve().parents[2]
 app = ServerApp()
 
 
-def _resolve(path: str) -> Path:
-    """A path as given, else relative to the app directory (where pyproject.toml is)."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute() or candidate.exists():
-        return candidate
-    return APP_DIR / candidate
+def federation_size(grid: Grid, settle: float = 1.0, timeout: float = 120.0) -> int | None:
+    """The number of SuperNodes of a simulated federation (``num-supernodes``), or None when
+    ``grid`` is not a simulation's. The simulation engine registers all its SuperNodes at once, in
+    one loop, just after the ServerApp starts: the count that holds still for ``settle`` seconds."""
+    if type(grid).__name__ != "InMemoryGrid":  # a deployment's nodes join when they join
+        return None
+    t0 = time.monotonic()
+    count, since = 0, time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        now = len(grid.get_node_ids())
+        if now != count:
+            count, since = now, time.monotonic()
+        elif count and time.monotonic() - since >= settle:
+            break
+        time.sleep(0.05)
+    return count
+
+
+def check_federation(grid: Grid, cfg: RunConfig) -> None:
+    """``num-supernodes`` (Flower's federation config) must equal ``data.num_clients``: with fewer
+    nodes the server would wait for the rest, then train a subset; with more, nodes would hold
+    partitions that do not exist."""
+    size = federation_size(grid)
+    if size is not None and size != cfg.data.num_clients:
+        raise ConfigError(
+            f"the federation has num-supernodes={size} but data.num_clients="
+            f"{cfg.data.num_clients}: pass --federation-config "
+            f"'num-supernodes={cfg.data.num_clients}' "
+            f"(or -c \"overrides='data.num_clients={size}'\")"
+        )
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_config = context.run_config
-    overrides = [s.strip() for s in str(run_config.get("overrides", "")).split(",") if s.strip()]
-    cfg = load_config(_resolve(str(run_config.get("config", "configs/quickstart.yaml"))), overrides)
-    recorder = new_run(cfg, _resolve(str(run_config.get("output-dir", cfg.output.dir))))
+    try:
+        cfg = load_app_config(context.run_config, APP_DIR)
+        check_federation(grid, cfg)
+        output = resolve(str(context.run_config.get("output-dir", cfg.output.dir)), APP_DIR)
+        recorder = new_run(cfg, output)
+    except (ConfigError, DataError) as exc:
+        # one line in the log flwr streams, as `fedalign run` prints it, instead of a traceback
+        stderr_writer()(f"fedalign: config error: {exc}")
+        return
     # no progress bar in Flower's log stream: one line per round, on stderr, which it streams
     summary = run_server(grid, cfg, recorder, RoundPrinter(cfg.strategy.rounds, stderr_writer()))
     log.warning("fedalign run finished: %s -> %s", summary, recorder.dir)

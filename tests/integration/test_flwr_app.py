@@ -52,9 +52,14 @@ def run_as_flwr_run(run_config: dict, num_supernodes: int) -> None:
     )
 
 
-def test_the_flwr_run_server_app_prints_one_line_per_round(tmp_path, capfd):
+def test_the_flwr_run_server_app_maps_flower_keys_and_prints_one_line_per_round(tmp_path, capfd):
     run_as_flwr_run(
-        {"config": str(DIGITS), "overrides": "strategy.rounds=2", "output-dir": str(tmp_path)},
+        {
+            "config": str(DIGITS),
+            "num-server-rounds": 2,
+            "overrides": "model.hidden=[32,16],data.partition=iid",
+            "output-dir": str(tmp_path),
+        },
         num_supernodes=4,
     )
     err = capfd.readouterr().err
@@ -68,3 +73,18 @@ def test_the_flwr_run_server_app_prints_one_line_per_round(tmp_path, capfd):
     (run_dir,) = tmp_path.iterdir()
     rows = read_rows(run_dir)
     assert f"test acc {100 * rows[-1]['test_accuracy']:.2f}%" in lines[-1]
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.strategy.rounds == 2 and cfg.model.options["hidden"] == [32, 16]
+
+
+def test_num_supernodes_other_than_num_clients_is_one_line_and_no_run(tmp_path, capfd):
+    run_as_flwr_run({"config": str(DIGITS), "output-dir": str(tmp_path)}, num_supernodes=3)
+    err = capfd.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("fedalign:")]
+    assert line == (
+        "fedalign: config error: the federation has num-supernodes=3 but data.num_clients=4: "
+        "pass --federation-config 'num-supernodes=4' "
+        "(or -c \"overrides='data.num_clients=3'\")"
+    )
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # stopped before the run folder

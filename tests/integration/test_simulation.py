@@ -1,6 +1,7 @@
 """Integration: real Flower simulations on Ray (digits, a few rounds), through the CLI and
 runner."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -144,3 +145,31 @@ def test_report_and_partition_commands(cli_run, tmp_path, capsys):
     assert "total" in out and "digits / iid" in out
     assert main(["report", str(tmp_path)]) == 2
     assert "metrics.jsonl is missing" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("mlflow") is None,
+    reason="needs the tensorboard and mlflow extras (pip install 'fedalign[tensorboard,mlflow]')",
+)
+def test_tensorboard_and_mlflow_receive_the_curves_of_a_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    cfg = load_config(DIGITS, ["strategy.rounds=2", "output.trackers=[tensorboard, mlflow]"])
+    outcome = run(cfg, output_dir=tmp_path / "runs", progress=False)
+    accuracy = [(r["round"], r["test_accuracy"]) for r in read_rows(outcome.run_dir)]
+    assert len(accuracy) == 3
+
+    events = EventAccumulator(str(outcome.run_dir / "tensorboard"))
+    events.Reload()
+    board = [(e.step, e.value) for e in events.Scalars("test_accuracy")]
+    assert board == [(step, pytest.approx(value)) for step, value in accuracy]  # float32
+
+    client = MlflowClient()
+    (tracked,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
+    assert tracked.info.run_name == outcome.run_dir.name
+    assert tracked.info.status == "FINISHED"
+    history = client.get_metric_history(tracked.info.run_id, "test_accuracy")
+    assert [(m.step, m.value) for m in history] == accuracy
