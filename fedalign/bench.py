@@ -261,6 +261,11 @@ def summarise_suite(suite: Suite) -> list[dict[str, Any]]:
             groups.setdefault((cell.model, cell.partition, cell.strategy), []).append(
                 run_metrics(run_dir, suite.target_accuracy)
             )
+    if not groups:  # an empty table and no plot would only hide that nothing ran
+        raise FileNotFoundError(
+            f"{suite.output}: no finished run of suite {suite.name} to summarise "
+            f"(run the suite without --summary-only first)"
+        )
     target = "target" if suite.target_accuracy is None else f"{100 * suite.target_accuracy:g}%"
     header = [
         "model",

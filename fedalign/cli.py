@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedalign.bundled import resolve_config
 from fedalign.checkpoint import CheckpointError
 from fedalign.config import load_config, parse_override, to_yaml
 from fedalign.data import DataError, format_histogram
@@ -47,7 +48,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif not args.config:
         raise ConfigError("give a CONFIG file (or --resume RUN_DIR)")
     else:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(resolve_config(args.config), args.set)
     from fedalign.runner import run
 
     outcome = run(
@@ -95,9 +96,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fedalign.bench import load_suite, run_suite, summarise_suite
 
     _load_plugins(args)
-    suite = load_suite(args.suite, args.output, args.set, args.seeds)
-    print(f"suite {suite.name}: {len(suite.runs)} runs into {suite.output}", flush=True)
+    suite = load_suite(resolve_config(args.suite), args.output, args.set, args.seeds)
     if not args.summary_only:
+        print(f"suite {suite.name}: {len(suite.runs)} runs into {suite.output}", flush=True)
         run_suite(suite, verbose=args.verbose, progress=_show_bar(args))
     summarise_suite(suite)
     print(f"wrote {suite.output / 'summary.md'}, summary.csv and the accuracy plots")
@@ -194,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated simulation from a YAML config")
-    run.add_argument("config", nargs="?", help="path of the YAML config")
+    run.add_argument(
+        "config", nargs="?", help="path of the YAML config, or a shipped one's name (quickstart)"
+    )
     run.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -226,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="run a suite (strategies x partitions x seeds) and summarise it"
     )
-    bench.add_argument("suite", help="path of the suite YAML")
+    bench.add_argument("suite", help="path of the suite YAML, or a shipped one's name")
     bench.add_argument("--output", help="suite folder (default: the suite's output)")
     bench.add_argument(
         "--set",

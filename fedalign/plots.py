@@ -5,6 +5,8 @@ all show the same two panels, so one function draws them and a change of style r
 them. Callers turn their rows into ``Curve``s (they know what counts as a round and whether
 seeds are averaged); nothing here reads run folders. matplotlib is imported when a figure is
 drawn, not with the module: the server records runs without ever plotting in most processes.
+Figures are made with matplotlib's object API (``Figure``, no pyplot), so drawing one needs no
+display and never switches the backend of a notebook or script that imports fedalign.
 """
 
 from __future__ import annotations
@@ -43,12 +45,10 @@ def accuracy_plot(
 ) -> None:
     """Write ``path``: accuracy by ``x`` (left, with the legend) and by MiB (right), one line per
     label of ``curves``."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_x, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    by_x, by_bytes = fig.subplots(1, 2)
     for label, curve in curves.items():
         by_x.plot(curve.x, curve.accuracy, marker="o", markersize=3, label=label)
         by_bytes.plot(curve.mib, curve.accuracy, marker="o", markersize=3, label=label)
@@ -61,5 +61,4 @@ def accuracy_plot(
     if title is not None:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)  # a PNG through Agg's canvas, whatever the session's backend

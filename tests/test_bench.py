@@ -44,3 +44,20 @@ def test_bad_suites_name_the_problem(tmp_path):
         load_suite(bad)
     assert main(["bench", str(bad), "--output", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_summary_only_without_finished_runs_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "suite"
+    assert (
+        main(
+            ["bench", str(ROOT / "configs/bench_tiny.yaml"), "--output", str(out), "--summary-only"]
+        )
+        == 2
+    )
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"fedalign: {out}: no finished run of suite tiny to summarise "
+        "(run the suite without --summary-only first)\n"
+    )
+    assert not out.exists()

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedalign.bundled import resolve_config
 from fedalign.config import RunConfig, load_config
 from fedalign.errors import ConfigError
 
@@ -86,7 +87,7 @@ def app_overrides(run_config: Mapping[str, Any]) -> list[str]:
 
 def load_app_config(run_config: Mapping[str, Any], app_dir: Path) -> RunConfig:
     """The fedalign config ``run_config`` describes (paths relative to ``app_dir``)."""
-    path = resolve(str(run_config.get("config", "configs/quickstart.yaml")), app_dir)
+    path = resolve_app_config(str(run_config.get("config", "configs/quickstart.yaml")), app_dir)
     return load_config(path, app_overrides(run_config))
 
 
@@ -96,3 +97,9 @@ def resolve(path: str, app_dir: Path) -> Path:
     if candidate.is_absolute() or candidate.exists():
         return candidate
     return app_dir / candidate
+
+
+def resolve_app_config(path: str, app_dir: Path) -> Path:
+    """The ``config`` key's file: a path (as ``resolve`` finds it), else a shipped config's name."""
+    found = resolve(path, app_dir)
+    return found if found.is_file() else resolve_config(path)
