@@ -47,9 +47,10 @@ $(STAMP): pyproject.toml
 	  { echo "fedalign needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) -V 2>&1) (set PYTHON=python3.11)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@# set up before with another build or spec: remove that torch (pip keeps a 2.13.0+cpu for a
-	@# TORCH=cuda torch==2.13.0, as it satisfies the spec)
-	if [ ! -e $@ ] && ls $(VENV)/.installed* >/dev/null 2>&1; then \
+	@# a torch of the other build is replaced (pip would keep 2.13.0+cpu for TORCH=cuda's
+	@# torch==2.13.0, as it satisfies the spec); the CPU index's builds are the "+cpu" versions
+	if $(PY) -c 'import importlib.metadata as m, sys; v = m.version("torch"); \
+	    sys.exit(("+cpu" in v) == ("$(TORCH)" == "cpu"))' 2>/dev/null; then \
 	  $(PY) -m pip uninstall --quiet --yes torch; fi
 	rm -f $(VENV)/.installed*
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX_$(TORCH))
