@@ -61,12 +61,21 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] |
     return None if a == b else (prefix.rstrip("."), a, b)
 
 
+EXTENDABLE = ("strategy", "rounds")
+"""The one key a resumed run may change: the number of rounds. No round's seeds, sampling or
+updates depend on it, so a run stopped at round r and resumed with more rounds is the run that
+had them from the start (tests/integration/test_strategy_catalogue.py checks it bitwise)."""
+
+
 def config_mismatch(checkpoint: Checkpoint, config: dict[str, Any]) -> str | None:
     """Why ``config`` (a resolved config as JSON) is not the one ``checkpoint`` was written with
-    (None: it is, or the checkpoint predates recording it)."""
+    (None: it is, or the checkpoint predates recording it); ``strategy.rounds`` may differ."""
     if checkpoint.config is None:
         return None
-    found = first_difference(checkpoint.config, config)
+    section, key = EXTENDABLE
+    then = {**checkpoint.config, section: {**checkpoint.config.get(section, {}), key: None}}
+    now = {**config, section: {**config.get(section, {}), key: None}}
+    found = first_difference(then, now)
     if found is None:
         return None
     key, was, now = found
