@@ -142,6 +142,8 @@ def _check_fit(
                 f"{path}: differs from {first} at {key[0]!r} "
                 f"({tuple(other.get(key[0], ()))} vs {tuple(shapes.get(key[0], ()))})"
             )
+    if request.model_options:
+        _check_options_match(model, shapes, request)
     try:
         fitted = fit_to_state(copy.deepcopy(model), dict(states[0]))
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -158,6 +160,22 @@ def _check_fit(
                 f"--data {request.data}: the checkpoints' model does not take its inputs "
                 f"({str(exc).splitlines()[0]})"
             ) from None
+
+
+def _check_options_match(
+    model: torch.nn.Module, shapes: Mapping[str, torch.Size], request: MergeRequest
+) -> None:
+    """Options given with --model-opt must describe the checkpoints: without them the model's
+    widths are read from the checkpoints, but a given ``hidden=[100]`` that the checkpoints
+    contradict is a mistake to name, not to override silently."""
+    built = {k: v.shape for k, v in model.state_dict().items()}
+    key = next((k for k in built if k in shapes and shapes[k] != built[k]), None)
+    if key is not None:
+        raise ConfigError(
+            f"{request.paths[0]}: {key} is {tuple(shapes[key])} but --model-opt "
+            f"{dict(request.model_options)} builds {tuple(built[key])}; "
+            "drop --model-opt to take the widths from the checkpoints"
+        )
 
 
 def write_state(state: StateDict, path: str | Path) -> None:

@@ -104,8 +104,12 @@ def bad_inputs(checkpoints, tmp_path):
     other = tmp_path / "wide.safetensors"
     wide = seeded_model("mlp", in_features=64, hidden=[32]).state_dict()
     save_file({k: v.contiguous() for k, v in wide.items()}, other)
+    alien = [tmp_path / f"alien{j}.safetensors" for j in range(2)]
+    for path in alien:
+        save_file({"encoder.weight": torch.zeros(3, 3)}, path)
     a, b = map(str, checkpoints)
     return [
+        ([*map(str, alien)], "alien0.safetensors does not fit model mlp"),
         ([a, str(text)], "notes.safetensors: not a readable safetensors file"),
         ([a, str(pickled)], "model.safetensors: not a readable safetensors file"),
         ([a, str(tmp_path / "missing.safetensors")], "missing.safetensors: no such file"),
@@ -115,7 +119,8 @@ def bad_inputs(checkpoints, tmp_path):
         ([a, b, "--fuse", "no-such-rule"], "aggregation.fuse: unknown fuse rule 'no-such-rule'"),
         ([a, b, "--align", "pfnm"], "merge takes a permutation aligner"),
         ([a, b, "--opt", "rigde=1"], "no registered step takes 'rigde'"),
-        ([a, b, "--model-opt", "hidden=[7, 7]"], "does not fit model mlp"),
+        ([a, b, "--model-opt", "hidden=[7, 7]"], "but --model-opt {'hidden': [7, 7]} builds"),
+        ([a, b, "--model-opt", "hidden=[7]"], "layers.0.weight is (24, 64) but --model-opt"),
         ([a, b, "--align", "activation", "--data", "fashion-mnist"], "does not take its inputs"),
     ]
 
