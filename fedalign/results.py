@@ -122,6 +122,7 @@ class RunRecorder:
                 (self.dir / name).unlink(missing_ok=True)
         scratch.dir.rmdir()
         self.rows, self._csv_columns = scratch.rows, scratch._csv_columns
+        self.trackers.rewind(last_round)
 
     def save_model(
         self, state_dict: Mapping[str, torch.Tensor], name: str = "model.safetensors"

@@ -10,11 +10,12 @@ Every number of a row is logged under its metrics.jsonl name at step = the round
 nested numbers are flattened with ``/`` (``bytes_by_phase/train/down``). Where they go:
 
 - ``tensorboard``: event files in ``RUN_DIR/tensorboard/`` (``tensorboard --logdir runs``), the
-  resolved config as text; a resumed run drops the steps it redoes (``purge_step``).
+  resolved config as text; a resumed or restarted run drops the steps it redoes (``purge_step``).
 - ``mlflow``: a run named after the run folder, in the experiment named by the config (or
   ``MLFLOW_EXPERIMENT_NAME``), in MLflow's tracking store (``MLFLOW_TRACKING_URI``, else MLflow's
   default, ``./mlflow.db``); the config's keys as params. ``RUN_DIR/mlflow.json`` keeps the run's
-  id, so a resumed run continues the same MLflow run.
+  id, so a resumed run continues the same MLflow run. MLflow cannot delete logged points: a
+  redone round's step holds both values in the metric's history, the redone one last.
 
 A tracker that fails (a tracking server gone) is dropped with one warning; the run goes on.
 """
@@ -166,8 +167,14 @@ TRACKERS.register("mlflow", MlflowTracker, options={}, package="mlflow", extra="
 class TrackerSet:
     """The trackers of one run; a tracker that raises is dropped with one warning."""
 
-    def __init__(self, trackers: Mapping[str, Tracker]) -> None:
+    def __init__(
+        self,
+        trackers: Mapping[str, Tracker],
+        run_dir: Path | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.trackers = dict(trackers)
+        self.run_dir, self.config = run_dir, config
 
     @classmethod
     def open(
@@ -183,7 +190,17 @@ class TrackerSet:
                 opened[name] = TRACKERS.get(name).obj(run_dir, config, resume_after=resume_after)
             except Exception as exc:  # noqa: BLE001  a tracker never stops a run
                 log.warning("tracker %s not started: %s", name, _one_line(exc))
-        return cls(opened)
+        return cls(opened, run_dir, config)
+
+    def rewind(self, last_round: int) -> None:
+        """Reopen the trackers as a run resumed after ``last_round`` opens them: a simulation
+        restarted in the same process redoes the later rounds, and TensorBoard must drop their
+        first values (``purge_step``) as it does on ``--resume``."""
+        if not self.trackers or self.run_dir is None or self.config is None:
+            return
+        names = list(self.trackers)
+        self.close(failed=True)
+        self.trackers = TrackerSet.open(names, self.run_dir, self.config, last_round).trackers
 
     def log(self, row: Mapping[str, Any]) -> None:
         for name, tracker in list(self.trackers.items()):

@@ -141,6 +141,29 @@ def test_tensorboard_gets_every_curve_and_a_resume_replaces_the_redone_steps(tmp
     assert "val_accuracy" not in events.Tags()["scalars"]  # null: not a number
 
 
+@needs_tensorboard
+def test_a_restart_in_the_same_run_replaces_the_redone_steps(tmp_path):
+    """A simulation restarted on a fresh actor pool (``runner.restart_point``) cuts the rows back
+    to its checkpoint in the same recorder, whose trackers are open: TensorBoard must hold each
+    redone round once, with its new value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recorder = RunRecorder(tmp_path)
+    recorder.open_trackers(["tensorboard"], {"name": "tb"})
+    for row in rows(3):
+        recorder.record(row)
+    recorder.truncate_after(1)
+    redone = [dict(r, test_accuracy=r["test_accuracy"] / 2) for r in rows(3)[2:]]
+    for row in redone:
+        recorder.record(row)
+    recorder.finish(1.0, plot=False)
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    accuracy = [(e.step, round(e.value, 6)) for e in events.Scalars("test_accuracy")]
+    assert accuracy == [(r["round"], round(r["test_accuracy"], 6)) for r in rows(3)[:2] + redone]
+
+
 @needs_mlflow
 def test_mlflow_gets_every_curve_and_the_config_and_a_resume_continues_the_run(
     tmp_path, monkeypatch
