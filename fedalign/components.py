@@ -6,6 +6,7 @@ run sees the same partition and the same architecture.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -99,6 +100,23 @@ def shuffle_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
     return int(words.generate_state(1)[0])
 
 
+PHASE_ENTRIES = {
+    "epochs": ("local_epochs", int),
+    "lr": ("lr", float),
+    "weight-decay": ("weight_decay", float),
+    "proximal-mu": ("proximal_mu", float),
+}
+"""Train message entries that override ``train`` for one exchange, and the keys they replace."""
+
+
+def phase_training(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A train message's overrides of ``train`` (a phase of a schedule such as
+    ``strategy.fedma.protocol: reference``), keyed as ``TrainConfig``'s fields."""
+    return {
+        key: kind(config[entry]) for entry, (key, kind) in PHASE_ENTRIES.items() if entry in config
+    }
+
+
 def train_client(
     cfg: RunConfig,
     model: nn.Module,
@@ -109,12 +127,14 @@ def train_client(
     frozen: Collection[str] = (),
     device: str | torch.device = "cpu",
     objective_inputs: Mapping[str, Any] | None = None,
+    phase: Mapping[str, Any] | None = None,
 ) -> TrainStats:
     """One client's local training as the run's config says (optimizer, client objective, seeded
-    shuffling; ``objective_inputs``: what the server sent for the objective): the ClientApp, the
-    mock clients of the strategy tests and the plain-loop benchmark all train through this, so
-    they train identically."""
-    t = cfg.train
+    shuffling; ``objective_inputs``: what the server sent for the objective; ``phase``: the
+    server's overrides of ``train`` for this exchange, ``phase_training``): the
+    ClientApp, the mock clients of the strategy tests and the plain-loop benchmark all train
+    through this, so they train identically."""
+    t = dataclasses.replace(cfg.train, **(phase or {}))
     return train_local(
         model,
         X,

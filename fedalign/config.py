@@ -170,6 +170,35 @@ class MatchingConfig:
     )
 
 
+FEDMA_PROTOCOLS = ("fedalign", "reference")
+REFERENCE_BASELINES = ("fedavg", "fedprox", "fedma")
+"""The strategies ``strategy.fedma.protocol: reference`` schedules (FedMA and its baselines)."""
+
+
+@dataclass(frozen=True)
+class FedMAConfig:
+    """FedMA's training schedule (``docs/fidelity.md``). ``fedalign``: every phase trains
+    ``train.local_epochs`` at ``train.lr``. ``reference``: IBM/FedMA's comparison (its
+    ``main.py``): round 1 trains ``train.local_epochs`` from each client's own init; every later
+    training (FedMA's layer phases and later rounds, the baselines' rounds) ``retrain_epochs`` at
+    ``retrain_lr``; FedMA's phase that retrains only the output layer 3x as long at a tenth of
+    ``retrain_lr`` with weight decay 1e-4, the baselines' rounds with weight decay 1e-4; FedMA
+    matches with ``matching.gamma`` (7) in round 1 and ``round_gamma`` later. fedavg and fedprox
+    take it too: round 1 from the clients' own inits, so round 2 starts from the plain average of
+    the locally trained models, as the reference's baselines do."""
+
+    protocol: str = key(
+        "fedalign",
+        "reference: IBM/FedMA's schedule, for fedma, fedavg, fedprox",
+        choices=Choices("protocol", lambda: FEDMA_PROTOCOLS),
+    )
+    retrain_epochs: int | None = key(
+        None, "reference: epochs of each training after round 1's; null: local_epochs", ge=1
+    )
+    retrain_lr: float | None = key(None, "reference: their learning rate; null: train.lr", gt=0)
+    round_gamma: float = key(5.0, "reference: FedMA's gamma after round 1", gt=0)
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """The server's strategy and its rounds."""
@@ -202,6 +231,7 @@ class StrategyConfig:
         10.0, "fall back to the mean if the fused norm exceeds this x the inputs'", ge=1
     )
     matching: MatchingConfig = key(MatchingConfig, "pfnm / fedma: BBP-MAP hyperparameters")
+    fedma: FedMAConfig = key(FedMAConfig, "fedma's schedule (and its baselines')")
 
 
 @dataclass(frozen=True)
@@ -639,6 +669,12 @@ def _validate(cfg: RunConfig) -> RunConfig:
         STRATEGIES.get(s.name).meta.get("objective") != "scaffold" or cfg.objective == "scaffold",
         "train.objective",
         f"strategy {s.name} trains with its own objective (scaffold), not {cfg.objective!r}",
+    )
+    need(
+        s.fedma.protocol == "fedalign" or s.name in REFERENCE_BASELINES,
+        "strategy.fedma.protocol",
+        f"the reference schedule runs fedma and its baselines "
+        f"({', '.join(REFERENCE_BASELINES)}), not {s.name!r}",
     )
     cfg = _validate_aggregation(cfg, context, need)
     cfg = _validate_server_optimizer(cfg, need)

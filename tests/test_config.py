@@ -70,6 +70,11 @@ def test_resolved_config_round_trips_through_yaml():
         ({"name": "a/b"}, "name: 'a/b' is not a run name"),
         ({"name": ".."}, "name: '..' is not a run name"),
         ({"name": ""}, "name: '' is not a run name"),
+        (
+            {"strategy": {"name": "pfnm", "fedma": {"protocol": "reference"}}},
+            "strategy.fedma.protocol: the reference schedule runs fedma and its baselines",
+        ),
+        ({"strategy": {"fedma": {"protocol": "paper"}}}, "strategy.fedma.protocol: unknown"),
     ],
 )
 def test_bad_values_name_the_key(values, message):

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fedalign.components import (
     local_init_seed,
+    phase_training,
     run_federation,
     run_model,
     shuffle_seed,
@@ -158,6 +159,7 @@ def train(msg: Message, context: Context) -> Message:
         frozen,
         client_device(cfg),
         objective_inputs=None if controls is None else controls.correction(),
+        phase=phase_training(config),
     )
     counts = np.bincount(data.y_train, minlength=fed.num_classes).tolist()
     metrics = MetricRecord(

@@ -99,10 +99,11 @@ def match_layer(
     seed: int = 0,
     solver: str = "hungarian",
     max_width: int | None = None,
+    popularity: str = "consistent",
     device: str = "cpu",
 ) -> BBPResult:
     """BBP-MAP over the clients' units of ``layer`` (FedMA's defaults: sigma = sigma0 = 1,
-    gamma 7), its cost matrices on ``device``."""
+    gamma 7; ``popularity``: ``bbp_map``'s), its cost matrices on ``device``."""
     rows = [neuron_rows(sd, layer).double() for sd in states]
     return bbp_map(
         rows,
@@ -114,6 +115,7 @@ def match_layer(
         seed,
         solver,
         max_width,
+        popularity,
         device=device,
     )
 

@@ -30,7 +30,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedalign.components import local_init_seed, run_model, train_client
+from fedalign.components import local_init_seed, phase_training, run_model, train_client
 from fedalign.config import FaultConfig, RunConfig
 from fedalign.data.federation import ClientData
 from fedalign.fl.client_app import (
@@ -155,6 +155,7 @@ class TrainReply:
     loss: float
     statistics: ClientStats | None
     misbehaved: str | None
+    steps: int  # local optimizer steps it reported
 
 
 @dataclass
@@ -280,6 +281,7 @@ class MockClient:
             pid,
             frozen,
             objective_inputs=None if controls is None else controls.correction(),
+            phase=phase_training(config),
         )
         counts = np.bincount(self.data.y_train, minlength=NUM_CLASSES).tolist()
         if fault == "bad-counts":
@@ -314,7 +316,9 @@ class MockClient:
         content["arrays"] = to_arrays(state)
         statistics = unflatten(to_state_dict(content["statistics"])) if kinds else None
         self.trained.append(
-            TrainReply(dict(config), state, stats.num_examples, stats.loss, statistics, fault)
+            TrainReply(
+                dict(config), state, stats.num_examples, stats.loss, statistics, fault, stats.steps
+            )
         )
         return content
 

@@ -504,6 +504,90 @@ def test_fedma_resumes_from_its_state(fedma: Run) -> None:
     assert [row["round"] for row in resumed.rows] == [2]
 
 
+REFERENCE = {"protocol": "reference", "retrain_epochs": 2, "retrain_lr": 0.05, "round_gamma": 5.0}
+
+
+def reference_config(name: str, rounds: int = 2, **train: Any) -> RunConfig:
+    """IBM/FedMA's schedule: 3 local epochs at lr 0.1 in round 1, then 2 epochs at 0.05."""
+    return make_config(
+        3,
+        model=TWO_HIDDEN,
+        train={"local_epochs": 3, **train},
+        strategy={"name": name, "rounds": rounds, "fedma": REFERENCE},
+    )
+
+
+def steps(reply: TrainReply, epochs: int) -> int:
+    """Optimizer steps of ``epochs`` over the client's data in batches of 8."""
+    return epochs * -(-reply.num_examples // 8)
+
+
+def test_fedma_reference_protocol_trains_each_phase_as_the_reference_does() -> None:
+    """Round 1: own inits, 3 epochs at lr 0.1, gamma 7; then every phase 2 epochs at 0.05, the
+    phase training only the output layer 6 epochs at 0.005 with weight decay 1e-4; gamma 5 in
+    round 2. The clients did train that long (their step counts), and the rows record it."""
+    r = run(reference_config("fedma"), mock_clients(SIZES[:3]))
+    layer, output = "layer:layers.0", "layer:layers.1"  # the last matched layer: output phase
+    expected = {
+        1: {"train": (3, 0.1, 0.0), layer: (2, 0.05, 0.0), output: (6, 0.005, 1e-4)},
+        2: {"train": (2, 0.05, 0.0), layer: (2, 0.05, 0.0), output: (6, 0.005, 1e-4)},
+    }
+    for row in r.rows[1:]:
+        recorded = {
+            phase: (t["epochs"], pytest.approx(t["lr"]), t["weight_decay"])
+            for phase, t in row["training"].items()
+        }
+        assert recorded == expected[row["round"]]
+        assert row["fedma"]["protocol"] == "reference"
+    assert [row["fedma"]["gamma"] for row in r.rows[1:]] == [7.0, 5.0]
+    for client in r.clients:
+        replies = client.trained
+        assert len(replies) == 6  # 2 rounds x (train + 2 layer phases)
+        assert replies[0].config.get("client-init") == "local"
+        assert "epochs" not in replies[0].config  # round 1 trains as train says
+        ran = [reply.steps for reply in replies]
+        assert ran == [steps(replies[0], e) for e in (3, 2, 6, 2, 2, 6)]
+        assert [reply.config.get("weight-decay") for reply in replies] == [
+            *(None, None, 1e-4),
+            *(None, None, 1e-4),
+        ]
+
+
+def test_fedma_reference_protocol_matches_with_its_own_gamma_after_round_1() -> None:
+    """A larger gamma after round 1 opens more global neurons in round 2's matching than the
+    same run with gamma 7 throughout (the config's round_gamma reaches the matching)."""
+    widths = {}
+    for gamma in (7.0, 1e6):
+        cfg = make_config(
+            3,
+            model=TWO_HIDDEN,
+            strategy={"name": "fedma", "rounds": 2, "fedma": {**REFERENCE, "round_gamma": gamma}},
+        )
+        row = run(cfg, mock_clients(SIZES[:3])).row
+        widths[gamma] = sum(row["fedma"]["widths"].values())
+    assert widths[1e6] > widths[7.0]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_reference_baselines_start_from_the_average_of_the_locally_trained_models(
+    name: str,
+) -> None:
+    """The baselines' round 1 is FedMA's round-1 training (own inits, same epochs and seeds),
+    averaged; round 2 retrains 2 epochs at 0.05 with weight decay 1e-4 from that average."""
+    fedma = run(reference_config("fedma", rounds=1), mock_clients(SIZES[:3]))
+    local = [c.trained[0] for c in fedma.clients]  # each client's round-1 "train" phase
+    cfg = reference_config(name, **({"proximal_mu": 0.01} if name == "fedprox" else {}))
+    baseline = run(cfg, mock_clients(SIZES[:3]))
+    for client, reply in zip(baseline.clients, local):
+        first, second = client.trained
+        assert first.config.get("client-init") == "local"
+        assert_same_state(first.state, reply.state)
+        assert second.steps == steps(second, 2) and second.config["weight-decay"] == 1e-4
+        assert second.config["lr"] == pytest.approx(0.05)
+    assert_same_state(baseline.after_round[1][0], mean_of(local))
+    assert baseline.rows[2]["training"]["train"]["epochs"] == 2
+
+
 def test_overlapped_evaluation_gives_the_sequential_rows_and_checkpoints():
     """strategy.overlap_evaluation runs the server's test-set pass of round r while round r+1
     trains: the metrics rows (all but the seconds) and what each round end hands the checkpoint

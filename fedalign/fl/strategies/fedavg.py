@@ -32,6 +32,7 @@ from fedalign.tensors import weighted_average
 from fedalign.types import ClientStats
 
 from .pfnm import class_counts_problem, pfnm_fuse
+from .protocol import baseline_round, effective, is_reference
 
 
 class FedAvg(Strategy):
@@ -44,11 +45,19 @@ class FedAvg(Strategy):
         self.spec = permutation_spec(model) if permutes else None
 
     def train_config(self, rnd: Round) -> dict[str, Any]:
+        """The pipeline's statistics and, under ``strategy.fedma.protocol: reference``, the
+        round's epochs and learning rate (``protocol.baseline_round``)."""
         kinds = self.plan.for_round(rnd.number).train_statistics()
-        return {"statistics": ",".join(kinds)} if kinds else {}
+        training = baseline_round(self.cfg, rnd.number)
+        if is_reference(self.cfg):
+            rnd.log.extra["training"] = {"train": effective(self.cfg, training)}
+        return {**training, **({"statistics": ",".join(kinds)} if kinds else {})}
 
     def local_init(self, rnd: Round, partitions: list[int]) -> list[int]:
-        return partitions if self.cfg.aggregation.own_init and rnd.number == 1 else []
+        """Round 1 from the clients' own inits with ``aggregation.own_init`` or the reference
+        schedule (whose baselines start from the average of the locally trained models)."""
+        own = self.cfg.aggregation.own_init or is_reference(self.cfg)
+        return partitions if own and rnd.number == 1 else []
 
     def check(self, rnd: Round, update: ClientUpdate) -> str | None:
         """The pipeline's train-phase statistics are there (PFNM as the align step: class

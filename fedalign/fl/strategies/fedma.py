@@ -42,6 +42,7 @@ from fedalign.fusion.fedma import (
 from fedalign.registry import Context
 
 from .pfnm import class_counts_problem, matching_options
+from .protocol import effective, fedma_phase, is_reference
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -90,14 +91,17 @@ class FedMA(Strategy):
         phase: str,
         sent: dict[int, Any],
         frozen: list[str],
+        training: dict[str, Any],
         local_init: set[int] = frozenset(),
     ) -> dict[int, ClientUpdate]:
-        """One train exchange; too few valid replies end the round (no retry: the matched layers
-        so far belong to these clients)."""
+        """One train exchange (``training``: the schedule's entries, ``protocol.fedma_phase``);
+        too few valid replies end the round (no retry: the matched layers so far belong to these
+        clients)."""
+        rnd.log.extra.setdefault("training", {})[phase] = effective(self.cfg, training)
         updates = rnd.train(
             phase,
             sent,
-            {"frozen": ",".join(frozen)},
+            {"frozen": ",".join(frozen), **training},
             local_init=local_init,
             check=lambda update: class_counts_problem(update, rnd.reference),
         )
@@ -121,12 +125,19 @@ class FedMA(Strategy):
             else slice_to_client(rnd.reference, self.spec, self.assignments[p])
             for p in partitions
         }
-        updates = self._phase(rnd, "train", sent, [], fresh)
+        updates = self._phase(
+            rnd, "train", sent, [], fedma_phase(self.cfg, rnd.number, "train"), fresh
+        )
         frozen: list[str] = []
         assignments: dict[int, dict[str, torch.Tensor]] = {p: {} for p in updates}
-        options = matching_options(
-            self.cfg, self.cfg.resolved_seeds.sampling + rnd.number, match_layer
-        )
+        options = {
+            **matching_options(
+                self.cfg, self.cfg.resolved_seeds.sampling + rnd.number, match_layer
+            ),
+            "popularity": self.cfg.strategy.matching.popularity,
+        }
+        if is_reference(self.cfg) and rnd.number > 1:
+            options["gamma"] = self.cfg.strategy.fedma.round_gamma
         widths: dict[str, int] = {}
         matched: dict[str, torch.Tensor] = {}  # the server's own global layers, not a client's copy
         for layer in self.layers:
@@ -142,7 +153,11 @@ class FedMA(Strategy):
             matched.update(glob.entries)
             rnd.log.timed("match", t0)
             frozen += layer.keys
-            updates = self._phase(rnd, f"layer:{layer.group}", hybrids, frozen)
+            # after the last matched layer only the output layer trains (the reference: longer,
+            # slower, with weight decay)
+            kind = "output" if layer is self.layers[-1] else "layer"
+            training = fedma_phase(self.cfg, rnd.number, kind)
+            updates = self._phase(rnd, f"layer:{layer.group}", hybrids, frozen, training)
         survivors = list(updates)
         keys = classifier_keys(self.layers, updates[survivors[0]].state_dict)
         fused = {**updates[survivors[0]].state_dict, **matched}
@@ -156,5 +171,10 @@ class FedMA(Strategy):
         self.assignments.update({p: assignments[p] for p in survivors})
         rnd.log.clients_ok = len(survivors)  # each phase counted its replies; a client counts once
         rnd.log.train_loss = weighted_train_loss(updates.values())
-        rnd.log.extra["fedma"] = {"widths": widths, "phases": 1 + len(self.layers)}
+        rnd.log.extra["fedma"] = {
+            "widths": widths,
+            "phases": 1 + len(self.layers),
+            "protocol": self.cfg.strategy.fedma.protocol,
+            "gamma": options["gamma"],
+        }
         return OrderedDict(fused)
