@@ -33,7 +33,7 @@ from fedalign.fusion import FUSE_RULES
 from fedalign.models import fit_to_state
 from fedalign.registry import Context, Entry
 from fedalign.repair import REPAIR_RULES, FusedQuery, RepairInputs, Targets
-from fedalign.stats import STATISTICS, StatContext, client_statistics
+from fedalign.stats import STATISTICS, StatContext, client_statistics, received_statistics
 from fedalign.types import ClientStats, StateDict, Stats
 
 PHASES = ("train", "align", "repair")
@@ -119,6 +119,11 @@ class Plan:
             check = entry.meta.get("check")
             if check is not None and (why := check(self.options_of(entry), context)):
                 found.append((step, f"{entry.name}: {why}"))
+        for kind in dict.fromkeys(k for phase in PHASES for k in self.statistics(phase)):
+            entry = STATISTICS.get(kind)
+            check = entry.meta.get("options_problem")
+            if check is not None and (why := check(self.options_of(entry))):
+                found.append(("options", f"statistic {kind}: {why}"))
         if self.fuses_in_alignment and (fuse.name, repair.name) != ("mean", "none"):
             found.append(
                 (
@@ -275,9 +280,10 @@ def aggregate_local(
 
     def measure(kinds: Sequence[str], state: StateDict, j: int, **context: Any) -> ClientStats:
         X, y = samples[j]
-        return client_statistics(
+        sent = client_statistics(
             kinds, loaded(state), X, y, StatContext(seed=seed + j, **context), options=plan.options
         )
+        return received_statistics(sent, state)
 
     def ask_cross(ref: int, others: list[int]) -> dict[int, ClientStats]:
         reference = loaded(states[ref])

@@ -409,6 +409,10 @@ class StatContext:
 STATISTICS = Registry("statistic")
 """Statistic name -> ``compute(model, X, y, context, **options) -> values``; ``meta["permute"]``
 is ``(spec, perms, values, state) -> values`` in the aligned basis (None: never moved);
+``meta["decode"]`` ``(values, state) -> values`` turns the compact form a client sends (a Gram's
+packed triangle or low-rank factor) into what the rules read, raising ValueError on a form that
+does not fit a model shaped like ``state`` (None: sent as they are read);
+``meta["options_problem"]`` ``(options) -> reason | None`` checks its options when a config loads;
 ``meta["check"]`` is ``(values, state, examples) -> reason | None``, why values a client sent are
 unusable with a model shaped like ``state`` (``fedalign.validation``), and ``meta["scale"]``
 ``values -> {part: magnitude per row}``, compared across a round's clients. Each is
@@ -429,6 +433,23 @@ def client_statistics(
     statistic does not take are ignored)."""
     entries = [STATISTICS.get(kind) for kind in kinds]
     return {e.name: e.obj(model, X, y, context, **e.resolve(options or {})) for e in entries}
+
+
+def received_statistics(stats: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict:
+    """Statistics as the server reads them from what a client sent (``client_statistics``): each
+    kind's registered ``decode`` applied (unknown kinds left to the checks). Raises ValueError
+    naming the kind and the problem when a compact form does not fit the model ``state``."""
+    out = {}
+    for kind, values in stats.items():
+        decode = STATISTICS.get(kind).meta.get("decode") if kind in STATISTICS else None
+        if decode is None:
+            out[kind] = values
+            continue
+        try:
+            out[kind] = decode(values, state)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+            raise ValueError(f"{kind}: {exc}") from exc
+    return out
 
 
 def flatten(stats: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:

@@ -185,13 +185,15 @@ def pipeline_rounds(
     under ``plan`` (a ``pipeline.Plan``), without Flower: every client trains from the global
     model (round 1: from its own init when ``own_init``) and answers the pipeline's queries
     directly, as the strategy's clients do (``plan.for_round`` decides each round's steps).
-    Returns per round the global model's test loss and accuracy and the values each round's
-    clients sent up (weights plus statistics), so stability and bytes are read off one run.
+    Statistics are read as the server reads what a client sent (``stats.received_statistics``:
+    packed Grams unpacked). Returns per round the global model's test loss and accuracy and the
+    values each round's clients sent up in the train phase (weights plus statistics as sent), so
+    stability and bytes are read off one run.
     """
     from fedalign.align import permutation_spec
     from fedalign.models import fit_to_state
     from fedalign.pipeline import aggregate
-    from fedalign.stats import StatContext, client_statistics
+    from fedalign.stats import StatContext, client_statistics, received_statistics
 
     torch.manual_seed(seed)
     global_model = build()
@@ -209,22 +211,33 @@ def pipeline_rounds(
                 model = fit_to_state(build(), global_model.state_dict())
             train_local(model, X, y, seed=seed + 100 * rnd + j, **train_options)
             models.append(model.eval())
-        stats = [
+        sent_stats = [
             client_statistics(step.train_statistics(), m, X, y, options=step.options)
             for m, (X, y) in zip(models, datasets)
         ]
         states = [m.state_dict() for m in models]
-        sent = sum(t.numel() for tree in [*states, *stats] for t in _tensors(tree))
+        sent = sum(t.numel() for tree in [*states, *sent_stats] for t in _tensors(tree))
+        stats = [received_statistics(s, sd) for s, sd in zip(sent_stats, states)]
 
-        def ask_cross(ref: int, others: list[int], models: list = models, step: Any = step) -> dict:
+        def ask_cross(
+            ref: int, others: list[int], models: list = models, states: list = states, step=step
+        ) -> dict:
             context = StatContext(reference=models[ref])
             kinds = step.align_statistics()
-            return {j: client_statistics(kinds, models[j], *datasets[j], context) for j in others}
+            return {
+                j: received_statistics(
+                    client_statistics(kinds, models[j], *datasets[j], context), states[j]
+                )
+                for j in others
+            }
 
         def ask_fused(state: dict, targets: dict | None, step: Any = step) -> list:
             fused, context = fit_to_state(build(), state), StatContext(targets=targets)
             kinds = step.repair_statistics()
-            return [client_statistics(kinds, fused, X, y, context) for X, y in datasets]
+            return [
+                received_statistics(client_statistics(kinds, fused, X, y, context), state)
+                for X, y in datasets
+            ]
 
         outcome = aggregate(step, spec, states, weights, stats, ask_cross, ask_fused, seed=rnd)
         global_model = fit_to_state(build(), outcome.state)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedalign.stats import STATISTICS, flatten
+from fedalign.stats import STATISTICS, flatten, received_statistics
 
 
 def update_problem(
@@ -214,6 +214,20 @@ def statistics_problem(
         if problem is not None:
             return f"{kind}: {problem}"
     return None
+
+
+def received_problem(
+    stats: Mapping[str, object], state: Mapping[str, torch.Tensor], examples: int
+) -> tuple[dict[str, object], str | None]:
+    """A client's statistics as sent, read the way the server uses them: decoded from their
+    compact forms (``stats.received_statistics``) and checked (``statistics_problem``). Returns
+    ``(decoded, None)``, or ``({}, reason)`` when they are unusable."""
+    try:
+        decoded = received_statistics(stats, state)
+    except ValueError as exc:
+        return {}, str(exc)
+    problem = statistics_problem(decoded, state, examples)
+    return ({}, problem) if problem is not None else (decoded, None)
 
 
 def scale_outliers(stats: list[Mapping[str, object]], max_ratio: float | None) -> dict[int, str]:

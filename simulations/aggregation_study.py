@@ -31,7 +31,7 @@ from fedalign.data import federation
 from fedalign.models import build_model, fit_to_state
 from fedalign.pipeline import Plan, aggregate
 from fedalign.repair import repair_with_data
-from fedalign.stats import StatContext, client_statistics
+from fedalign.stats import StatContext, client_statistics, received_statistics
 from fedalign.studies import (
     barrier_row,
     baseline_rows,
@@ -108,8 +108,8 @@ def one_shot(args: argparse.Namespace, partition: str) -> dict:
             widths[name] = assignment.widths
             continue
         stats = [
-            client_statistics(plan.train_statistics(), m, X, y)
-            for m, (X, y) in zip(models, samples)
+            received_statistics(client_statistics(plan.train_statistics(), m, X, y), sd)
+            for m, sd, (X, y) in zip(models, states, samples)
         ]
 
         def ask_cross(ref: int, others: list[int], plan: Plan = plan) -> dict:

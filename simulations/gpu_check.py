@@ -27,7 +27,7 @@ from fedalign.align import (
 from fedalign.fusion.pfnm import pfnm
 from fedalign.models import build_model
 from fedalign.pipeline import Plan, aggregate
-from fedalign.stats import client_statistics
+from fedalign.stats import client_statistics, received_statistics
 from fedalign.studies import load_fashion_mnist, write_json
 from fedalign.training import evaluate, train_local
 
@@ -129,7 +129,10 @@ def main() -> None:
         )
         models.append(model.eval())
     states = [m.state_dict() for m in models]
-    stats = [client_statistics(("grams",), m, X[:1000], y[:1000]) for m in models]
+    stats = [
+        received_statistics(client_statistics(("grams",), m, X[:1000], y[:1000]), sd)
+        for m, sd in zip(models, states)
+    ]
     outcomes = {}
     for device in ("cpu", "cuda"):
         plan = Plan(align="weight", fuse="regmean", device=device)

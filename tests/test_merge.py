@@ -12,7 +12,7 @@ from fedalign.align import permutation_spec
 from fedalign.cli import main
 from fedalign.data import dataset_arrays
 from fedalign.pipeline import Plan, aggregate
-from fedalign.stats import StatContext, client_statistics
+from fedalign.stats import StatContext, client_statistics, received_statistics
 from fedalign.tensors import weighted_average
 from fedalign.training import train_local
 from tests.fl.test_strategies import assert_same_state
@@ -49,9 +49,10 @@ def expected_fusion(paths, plan: Plan, seed: int) -> dict:
     models = [with_state(model, s) for s in states]
 
     def measure(kinds, j, state, **context):
-        return client_statistics(
+        sent = client_statistics(
             kinds, with_state(model, state), X, y, StatContext(seed=seed + j, **context)
         )
+        return received_statistics(sent, state)
 
     outcome = aggregate(
         plan,

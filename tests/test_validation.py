@@ -13,6 +13,7 @@ from fedalign.stats import (
     client_statistics,
     cross_sums,
     gram_matrices,
+    received_statistics,
 )
 from fedalign.validation import (
     cross_problem,
@@ -75,9 +76,10 @@ def test_honest_statistics_of_every_kind_pass_their_checks(one_thread):
     model, reference = _conv_bn_net(0), _conv_bn_net(1)
     model.train()(torch.randn(16, 1, 28, 28))  # BatchNorm running statistics, not the init's
     X, y = torch.randn(12, 1, 28, 28), torch.randint(0, 3, (12,))
-    stats = client_statistics(list(STATISTICS), model, X, y, StatContext(reference=reference))
-    assert set(stats) == {"grams", "fisher", "moments", "bn", "cross", "preact-cross"}
+    sent = client_statistics(list(STATISTICS), model, X, y, StatContext(reference=reference))
+    assert set(sent) == {"grams", "fisher", "moments", "bn", "cross", "preact-cross"}
     state = model.state_dict()
+    stats = received_statistics(sent, state)  # the Grams unpacked as the server reads them
     assert statistics_problem(stats, state, examples=12) is None
     channel = {"grams": gram_matrices(model, X, conv="channel")}  # the conv's (C+1)^2 Gram
     assert statistics_problem(channel, state, examples=12) is None

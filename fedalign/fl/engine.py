@@ -43,8 +43,8 @@ from fedalign.tensors import weighted_average
 from fedalign.types import ClientStats, StateDict
 from fedalign.validation import (
     fused_problem,
+    received_problem,
     scale_outliers,
-    statistics_problem,
     update_problem,
 )
 
@@ -242,7 +242,7 @@ class Round:
             if problem is None:
                 update.num_examples = self._clip_examples(pid, update.num_examples)
             if problem is None and update.statistics:
-                problem = statistics_problem(
+                update.statistics, problem = received_problem(
                     update.statistics,
                     update.state_dict,
                     self._engine.statistics_examples(update.num_examples),
@@ -306,7 +306,7 @@ class Round:
                 self.log.fail(pid, self.node(pid), f"malformed statistics: {exc!r}", phase)
                 continue
             examples = self._engine.statistics_examples(self._clip_examples(pid, reported))
-            problem = statistics_problem(stats, records[pid]["arrays"], examples)
+            stats, problem = received_problem(stats, records[pid]["arrays"], examples)
             if problem is not None:
                 self.log.fail(pid, self.node(pid), problem, phase)
                 continue

@@ -28,6 +28,7 @@ from fedalign.tensors import weighted_average
 from fedalign.types import ClientStats, StateDict
 from fedalign.validation import gram_problem
 
+from .gram_transport import pack, unpack
 from .rules import FUSE_RULES, no_recurrent_layers
 
 ALPHA = 0.9
@@ -35,6 +36,10 @@ ALPHA = 0.9
 RIDGE = 1e-2
 """Ridge relative to the mean diagonal. Over rounds, what diverged (docs/benchmarks.md at 1e-4, and
 at any ridge on skewed clients, docs/fidelity.md) was the output layer: see ``regmean_output``."""
+GRAM_BUDGET = 0.5
+"""Values a client sends for a layer's Gram per value of the layer's weight (``gram_transport``):
+the 785 x 785 input Gram of an MLP 784-100-10 goes as a rank-48 factor and its diagonal, and a
+round with Grams costs at most 1.25x FedAvg's bytes (1.75x with REPAIR's phase) instead of 4.9x."""
 STATS_EVERY = 5
 """Rounds between two rounds with Grams: a 785 x 785 input Gram in float32 is 7.8 MLP-784-100-10
 models, so every round would cost 5-10x FedAvg's bytes; one in five keeps RegMean's accuracy on
@@ -193,6 +198,21 @@ def output_layers(model: nn.Module) -> frozenset[str]:
     return _OUTPUT_LAYERS[key]
 
 
+def grams_options_problem(options: Mapping[str, object]) -> str | None:
+    """Why the Grams' options are unusable (None: usable): checked when a config is loaded, so a
+    bad value stops the run before round 1 instead of failing every client in it."""
+    if options["gram_conv"] not in ("full", "channel"):
+        return f"gram_conv must be 'full' or 'channel', got {options['gram_conv']!r}"
+    if options["regmean_output"] not in ("mean", "regmean"):
+        return f"regmean_output must be 'mean' or 'regmean', got {options['regmean_output']!r}"
+    budget = options["gram_budget"]
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
+    ):
+        return f"gram_budget must be a number > 0 or null, got {budget!r}"
+    return None
+
+
 def _grams(
     model: nn.Module,
     X: torch.Tensor,
@@ -201,10 +221,14 @@ def _grams(
     *,
     gram_conv: str = "full",
     regmean_output: str = "mean",
-) -> dict[str, torch.Tensor]:
+    gram_budget: float | None = GRAM_BUDGET,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Layer-input Grams, accumulated in float64 and sent in float32 (half the bytes; the solve
-    runs in float64 with a ridge far above float32's rounding). ``gram_conv="channel"`` keeps only
-    channel-by-channel blocks of large convs (``G_c (x) I_k``).
+    runs in float64 with a ridge far above float32's rounding), each packed by
+    ``gram_transport.pack``: its upper triangle, or a low-rank factor and its diagonal when the
+    triangle holds more than ``gram_budget`` values per value of the layer's weight (None: always
+    the triangle). ``gram_conv="channel"`` keeps only channel-by-channel blocks of large convs
+    (``G_c (x) I_k``).
 
     ``regmean_output="mean"`` (the default) sends none for the output layer, which the server then
     averages. Why: on label-skewed clients the output layer's least-squares fit to the clients'
@@ -214,23 +238,45 @@ def _grams(
     Fashion-MNIST at ridge 1e-4 and 1e-2 alike, while with the output layer averaged it kept
     falling (docs/fidelity.md). ``"regmean"`` solves it too (the one-shot studies' setting, where
     it carries most of RegMean's gain from independent inits)."""
-    if gram_conv not in ("full", "channel"):
-        raise ValueError(f"gram_conv must be 'full' or 'channel', got {gram_conv!r}")
-    if regmean_output not in ("mean", "regmean"):
-        raise ValueError(f"regmean_output must be 'mean' or 'regmean', got {regmean_output!r}")
+    options = {"gram_conv": gram_conv, "regmean_output": regmean_output, "gram_budget": gram_budget}
+    if (problem := grams_options_problem(options)) is not None:
+        raise ValueError(problem)
     grams = gram_matrices(model, X, conv=gram_conv)
     skip = output_layers(model) if regmean_output == "mean" else set()
-    return {name: G.float() for name, G in grams.items() if name not in skip}
+    layers = linear_layers(model)
+    return {
+        name: pack(G, layers[name].weight.numel(), gram_budget)
+        for name, G in grams.items()
+        if name not in skip
+    }
+
+
+def gram_sizes(state: StateDict, name: str) -> tuple[int, ...]:
+    """The sizes a Gram of layer ``name`` may have: full (its inputs plus the constant column),
+    and for a conv the channel Gram's. Raises ValueError when the model has no such layer."""
+    if f"{name}.weight" not in state:
+        raise ValueError(f"{name}: the model has no entry {name}.weight")
+    weight = state[f"{name}.weight"]
+    return (weight[0].numel() + 1, *((weight.shape[1] + 1,) if weight.dim() > 2 else ()))
+
+
+def unpack_grams(packed: Mapping[str, object], state: StateDict) -> dict[str, torch.Tensor]:
+    """The Grams a client sent (``_grams``), unpacked for a model shaped like ``state``; every size
+    checked against the layer before anything is built (``gram_transport.unpack``)."""
+    if not isinstance(packed, Mapping):
+        raise TypeError(f"expected Grams per layer, got {type(packed).__name__}")
+    return {name: unpack(name, value, gram_sizes(state, name)) for name, value in packed.items()}
 
 
 def check_grams(grams: Mapping[str, torch.Tensor], state: StateDict, examples: int) -> str | None:
-    """Each Gram is one of a layer of the model, of the full or (conv) channel size, and a Gram
-    (``validation.gram_problem``): a negative-definite or NaN one would wreck the solve."""
+    """Each Gram (unpacked) is one of a layer of the model, of the full or (conv) channel size,
+    and a Gram (``validation.gram_problem``): a negative-definite or NaN one would wreck the
+    solve."""
     for name, gram in grams.items():
-        if f"{name}.weight" not in state:
-            return f"{name}: the model has no entry {name}.weight"
-        weight = state[f"{name}.weight"]
-        sizes = (weight[0].numel() + 1, *((weight.shape[1] + 1,) if weight.dim() > 2 else ()))
+        try:
+            sizes = gram_sizes(state, name)
+        except ValueError as exc:
+            return str(exc)
         if (problem := gram_problem(name, gram, sizes, examples)) is not None:
             return problem
     return None
@@ -241,7 +287,15 @@ def gram_scale(grams: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {name: float(torch.diagonal(G).sum() / G[-1, -1]) for name, G in grams.items()}
 
 
-STATISTICS.register("grams", _grams, permute=permute_grams, check=check_grams, scale=gram_scale)
+STATISTICS.register(
+    "grams",
+    _grams,
+    decode=unpack_grams,
+    options_problem=grams_options_problem,
+    permute=permute_grams,
+    check=check_grams,
+    scale=gram_scale,
+)
 
 
 @FUSE_RULES.register("regmean", needs={"train": ("grams",)}, supports=no_recurrent_layers)

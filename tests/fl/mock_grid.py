@@ -11,6 +11,7 @@ able to misbehave on demand so the engine's rejection paths can be exercised.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ from fedalign.fl.client_app import (
 )
 from fedalign.fl.faults import apply_fault
 from fedalign.fl.records import CONTROL, CONTROL_DELTA, RUN_CONFIG_KEY, to_arrays, to_state_dict
-from fedalign.stats import flatten, unflatten
+from fedalign.fusion.gram_transport import unpack, upper_triangle
+from fedalign.stats import flatten, received_statistics, unflatten
 from fedalign.training import evaluate
 from fedalign.types import ClientStats, StateDict
 
@@ -63,6 +65,7 @@ MISBEHAVIOURS = (
     "silent",
     *("inflated-counts", "inflated-class-counts"),  # claims far more data than it holds
     *("negative-gram", "nan-gram", "wrong-shape-gram", "nan-fisher", "scaled-fisher"),
+    *("odd-length-gram", "huge-factor-gram", "unpacked-gram"),
 )
 IN_FEATURES, NUM_CLASSES = 8, 3  # the synthetic data: what the tests' MLP takes and predicts
 
@@ -234,9 +237,10 @@ class MockClient:
         reference: StateDict | None = None,
         targets: Targets | None = None,
     ) -> ClientStats:
-        """``measure`` as the server reads it (unflattened): for tests that query a client
-        directly, as ``fedalign.pipeline.aggregate``'s callables do in a study."""
-        return unflatten(to_state_dict(self.measure(cfg, kinds, state, reference, targets)))
+        """``measure`` as the server reads it (unflattened, packed Grams unpacked): for tests that
+        query a client directly, as ``fedalign.pipeline.aggregate``'s callables do in a study."""
+        sent = unflatten(to_state_dict(self.measure(cfg, kinds, state, reference, targets)))
+        return received_statistics(sent, state)
 
     def _misbehaviour(self) -> str | None:
         if self.misbehave is None or self.misbehave_times == 0:
@@ -359,12 +363,33 @@ def _map(stats: ClientStats, kind: str, f: Callable[[torch.Tensor], torch.Tensor
     return {**stats, kind: {k: f(v) for k, v in stats[kind].items()}}
 
 
+def _gram_size(packed: Mapping[str, torch.Tensor]) -> int:
+    if "factor" in packed:
+        return len(packed["factor"])
+    return (math.isqrt(8 * packed["triangle"].numel() + 1) - 1) // 2
+
+
+def _map_grams(f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[ClientStats], ClientStats]:
+    """A poison of each Gram as the client computed it, sent packed as its upper triangle (the
+    form the server reads whatever it holds)."""
+
+    def poison(packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        gram = unpack("g", packed, (_gram_size(packed),))
+        return {"triangle": upper_triangle(f(gram.float()))}
+
+    return lambda s: _map(s, "grams", poison)
+
+
 POISONS: dict[str, Callable[[ClientStats], ClientStats]] = {
-    "negative-gram": lambda s: _map(s, "grams", lambda G: -4 * G + 1e-3 * torch.eye(len(G))),
-    "nan-gram": lambda s: _map(s, "grams", lambda G: torch.full_like(G, float("nan"))),
-    "wrong-shape-gram": lambda s: _map(
-        s, "grams", lambda G: torch.eye(len(G) + 1, dtype=G.dtype) * G[-1, -1]
+    "negative-gram": _map_grams(lambda G: -4 * G + 1e-3 * torch.eye(len(G))),
+    "nan-gram": _map_grams(lambda G: torch.full_like(G, float("nan"))),
+    "wrong-shape-gram": _map_grams(lambda G: torch.eye(len(G) + 1, dtype=G.dtype) * G[-1, -1]),
+    # packed forms that do not fit: the server must name them without building the Gram
+    "odd-length-gram": lambda s: _map(s, "grams", lambda _: {"triangle": torch.ones(7)}),
+    "huge-factor-gram": lambda s: _map(
+        s, "grams", lambda _: {"factor": torch.ones(10**6, 1), "diagonal": torch.ones(10**6)}
     ),
+    "unpacked-gram": lambda s: _map(s, "grams", lambda _: {"full": torch.eye(9)}),
     "nan-fisher": lambda s: _map(s, "fisher", lambda F: torch.full_like(F, float("nan"))),
     "scaled-fisher": lambda s: _map(s, "fisher", lambda F: F * 1e12),
 }

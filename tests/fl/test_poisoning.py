@@ -19,6 +19,7 @@ import torch
 from fedalign.align import permutation_spec
 from fedalign.fusion import FUSE_RULES
 from fedalign.pipeline import aggregate
+from fedalign.stats import received_statistics
 from fedalign.types import StateDict
 from tests.fl.mock_grid import NUM_CLASSES, TrainReply, mock_clients, task_identity
 from tests.fl.test_strategies import SIZES, Run, assert_same_state, make_config, mean_of, run
@@ -42,7 +43,7 @@ def honest_fusion(r: Run, replies: Sequence[TrainReply]) -> OrderedDict[str, tor
         permutation_spec(r.model),
         [t.state for t in replies],
         [float(t.num_examples) for t in replies],
-        [t.statistics or {} for t in replies],
+        [received_statistics(t.statistics or {}, t.state) for t in replies],
         lambda ref, others: {},
         lambda fused, targets: [],
         seed=r.strategy.cfg.resolved_seeds.sampling + 1,
@@ -59,6 +60,9 @@ def largest_weight(state: StateDict) -> float:
         ("regmean", "negative-gram", "grams: layers.0: not positive semi-definite"),
         ("regmean", "nan-gram", "grams: layers.0: contains NaN or Inf"),
         ("regmean", "wrong-shape-gram", "grams: layers.0: shape (10, 10), expected"),
+        ("regmean", "odd-length-gram", "grams: layers.0: (7,) values are no square's upper"),
+        ("regmean", "huge-factor-gram", "grams: layers.0: shape (1000000, 1000000), expected"),
+        ("regmean", "unpacked-gram", "grams: layers.0: expected a triangle, or a factor"),
         ("fisher", "nan-fisher", "fisher: layers.0.weight: contains NaN or Inf"),
         ("fisher", "scaled-fisher", "fisher/total: "),
     ],

@@ -40,6 +40,7 @@ from fedalign.fusion.pfnm import pfnm
 from fedalign.models import fit_to_state
 from fedalign.pipeline import aggregate
 from fedalign.registry import STRATEGIES
+from fedalign.stats import received_statistics
 from fedalign.tensors import weighted_average
 from fedalign.training import evaluate
 from fedalign.types import ClientStats, StateDict
@@ -370,7 +371,7 @@ def test_the_pipeline_fuses_as_aggregate_does_on_the_same_replies(
         permutation_spec(r.model),
         states,
         weights,
-        [t.statistics or {} for t in replies],
+        [received_statistics(t.statistics or {}, t.state) for t in replies],
         ask_cross,
         ask_fused,
         seed=cfg.resolved_seeds.sampling + 1,
