@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedalign.config import DataConfig, RunConfig
-from fedalign.data import Federation, federation
+from fedalign.data import Federation, federation, federation_key
 from fedalign.models import build_model, fit_to_state, model_options
 from fedalign.training import OBJECTIVES, TrainStats, train_local
 
@@ -29,19 +29,28 @@ def partition_options(data: DataConfig) -> dict[str, object]:
     return {}
 
 
+def _federation_settings(cfg: RunConfig) -> tuple[tuple, dict[str, Any]]:
+    d = cfg.data
+    return (d.dataset, d.num_clients, d.partition), {
+        "seed": cfg.resolved_seeds.partition,
+        "val_fraction": d.val_fraction,
+        "data_dir": d.data_dir,
+        "dataset_options": d.options,
+        **partition_options(d),
+    }
+
+
 def run_federation(cfg: RunConfig) -> Federation:
     """The run's federated dataset (cached per process by ``fedalign.data.federation``)."""
-    d = cfg.data
-    return federation(
-        d.dataset,
-        d.num_clients,
-        d.partition,
-        seed=cfg.resolved_seeds.partition,
-        val_fraction=d.val_fraction,
-        data_dir=d.data_dir,
-        dataset_options=d.options,
-        **partition_options(d),
-    )
+    args, kwargs = _federation_settings(cfg)
+    return federation(*args, **kwargs)
+
+
+def run_federation_key(cfg: RunConfig) -> tuple:
+    """What determines the run's federation (``fedalign.data.federation_key``): a shared copy
+    of the data is used only by a run whose key it was written for."""
+    args, kwargs = _federation_settings(cfg)
+    return federation_key(*args, **kwargs)
 
 
 def shape_options(

@@ -286,6 +286,10 @@ class SimulationConfig:
     fast_dispatch: bool = key(
         True, "message dispatch in O(messages), no info query (fedalign/fl/dispatch.py)"
     )
+    shared_data: bool = key(
+        True,
+        "clients map one copy of the data written in the run folder (fedalign/data/shared.py)",
+    )
     ray_dashboard: bool = key(
         False, "Ray's dashboard for this run (needs fedalign[dashboard], i.e. ray[default])"
     )

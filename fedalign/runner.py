@@ -28,9 +28,10 @@ from fedalign.checkpoint import (
     list_checkpoints,
     load_latest,
 )
-from fedalign.components import run_federation, run_model
+from fedalign.components import run_federation, run_federation_key, run_model
 from fedalign.config import RunConfig
 from fedalign.data.federation import Federation
+from fedalign.data.shared import shared_copy
 from fedalign.errors import ActorPoolBroken, ConfigError, RoundFailedError, RunInterrupted
 from fedalign.fl.client_app import app as client_app
 from fedalign.fl.dispatch import fast_dispatch
@@ -83,6 +84,7 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
 
 
 LOOPBACK = "127.0.0.1"
+DATA_COPY = ".shared-data"
 
 
 @contextlib.contextmanager
@@ -200,7 +202,8 @@ def run(
         return finished(cfg, Path(resume_dir), resume)
     # Partition (and load) once here, and size the model for the data: a bad dataset, partition
     # or model option fails before any folder or Ray exists.
-    check_model(cfg, run_federation(cfg))
+    fed = run_federation(cfg)
+    check_model(cfg, fed)
     address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:  # an existing cluster has its own dashboard, or none
         check_dashboard(cfg)
@@ -234,6 +237,7 @@ def run(
             loopback_ray("address" not in backend["init_args"]),
             stop_on_signals(recorder.dir, has_checkpoint) as stop,
             fast_dispatch(cfg.simulation.fast_dispatch),
+            data_copy(cfg, fed, recorder.dir) as copy,
         ):
 
             def on_round(row: dict[str, Any]) -> None:
@@ -247,7 +251,9 @@ def run(
             while True:
                 try:
                     run_simulation(
-                        server_app=make_server_app(cfg, recorder, on_round, outcome, resume, stop),
+                        server_app=make_server_app(
+                            cfg, recorder, on_round, outcome, resume, stop, copy
+                        ),
                         client_app=client_app,
                         num_supernodes=cfg.data.num_clients,
                         backend_config=backend,
@@ -269,6 +275,18 @@ def run(
     if restarts:
         outcome["restarts"] = restarts
     return RunOutcome(recorder.dir, outcome)
+
+
+@contextlib.contextmanager
+def data_copy(cfg: RunConfig, fed: Federation, run_dir: Path) -> Iterator[str | None]:
+    """With ``simulation.shared_data``, the run's data written once into ``run_dir/DATA_COPY``
+    for its clients to map (``fedalign.data.shared``), removed when the run ends; its folder, or
+    None."""
+    if not cfg.simulation.shared_data:
+        yield None
+        return
+    with shared_copy(fed, run_dir / DATA_COPY, run_federation_key(cfg)) as path:
+        yield str(path.resolve())
 
 
 def restart_point(

@@ -9,11 +9,12 @@ Modules: ``idx`` (IDX parser), ``fashion_mnist``, ``digits``, ``text`` (fortunes
 hub datasets' declarations), ``local_copy`` (finding, reading, downloading their copies),
 ``modality`` (image and character preprocessing), ``registry``
 (``dataset_arrays``/``load_dataset``), ``partition`` (flwr-datasets partitioners, histograms),
-``federation`` (per-client views). Nothing here imports Flower itself, only ``flwr_datasets``.
+``federation`` (per-client views), ``shared`` (one memory-mapped copy of a federation for every
+process of a simulation). Nothing here imports Flower itself, only ``flwr_datasets``.
 """
 
 from .errors import DataError, DatasetNotFoundError
-from .federation import ClientData, Federation, federation
+from .federation import ClientData, Federation, federation, federation_key
 from .partition import (
     SCHEMES,
     format_histogram,
@@ -46,6 +47,7 @@ __all__ = [
     "dataset_names",
     "dataset_options",
     "federation",
+    "federation_key",
     "format_histogram",
     "is_dataset",
     "label_histogram",

@@ -49,6 +49,7 @@ class Federation:
         seed: int,
         scheme: str,
         options: dict[str, Any],
+        splits: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         self.dataset = dataset
         self._train = train
@@ -58,8 +59,13 @@ class Federation:
         self.seed = seed
         self.val_fraction = val_fraction
         self.parts = parts
-        # One seed per client, so a client's validation split does not depend on the others.
-        self.splits = [split_train_val(p, val_fraction, seed + 1 + i) for i, p in enumerate(parts)]
+        # One seed per client, so a client's validation split does not depend on the others
+        # (``splits`` given: computed so before, by the process that wrote a shared copy).
+        self.splits = (
+            splits
+            if splits is not None
+            else [split_train_val(p, val_fraction, seed + 1 + i) for i, p in enumerate(parts)]
+        )
 
     @property
     def num_clients(self) -> int:
@@ -82,6 +88,11 @@ class Federation:
     def test(self) -> tuple[np.ndarray, np.ndarray]:
         """The shared (server-side) test split ``(X, y)``."""
         return self._test.X, self._test.y
+
+    @property
+    def test_arrays(self) -> Arrays:
+        """The test split with its class count (what a shared copy writes)."""
+        return self._test
 
     def client_names(self) -> list[str]:
         """A name per client: its group for the natural scheme, else ``client-<i>``."""
@@ -173,6 +184,30 @@ def _federation(
     return Federation(dataset, train, test, parts, val_fraction, seed, scheme, opts)
 
 
+def federation_key(
+    dataset: str,
+    num_clients: int,
+    scheme: str,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    data_dir: str | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> tuple:
+    """Everything that determines a federation, normalised and hashable: ``federation``'s cache
+    key, and what a shared copy (``fedalign.data.shared``) records it was written for."""
+    return (
+        dataset,
+        int(num_clients),
+        scheme,
+        int(seed),
+        float(val_fraction),
+        None if data_dir is None else str(data_dir),
+        tuple(sorted((k, _hashable(v)) for k, v in options.items())),
+        tuple(sorted((k, _hashable(v)) for k, v in (dataset_options or {}).items())),
+    )
+
+
 def federation(
     dataset: str,
     num_clients: int,
@@ -189,12 +224,7 @@ def federation(
     fortunes' ``seq_len``). Equal settings return the same object.
     """
     return _federation(
-        dataset,
-        int(num_clients),
-        scheme,
-        int(seed),
-        float(val_fraction),
-        None if data_dir is None else str(data_dir),
-        tuple(sorted((k, _hashable(v)) for k, v in options.items())),
-        tuple(sorted((k, _hashable(v)) for k, v in (dataset_options or {}).items())),
+        *federation_key(
+            dataset, num_clients, scheme, seed, val_fraction, data_dir, dataset_options, **options
+        )
     )

@@ -3,7 +3,8 @@ statistics query of the aggregation pipeline (``fedalign.pipeline``).
 
 Every message carries the run config (JSON) in its ConfigRecord, so the same ClientApp serves our
 runner, ``flwr run`` and a deployed SuperNode without a run-config file on the node. The client's
-data partition comes from ``fedalign.data.federation``, cached per worker process.
+data partition comes from the run's shared data copy when the message names one
+(``fedalign.data.shared``), else from ``fedalign.data.federation``, cached per worker process.
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ from fedalign.components import (
     local_init_seed,
     phase_training,
     run_federation,
+    run_federation_key,
     run_model,
     shuffle_seed,
     train_client,
 )
 from fedalign.config import RunConfig, from_dict
+from fedalign.data import Federation
+from fedalign.data.shared import open_copy
 from fedalign.drift import client_control, zero_controls
 from fedalign.fl.faults import apply_fault, fault_for
 from fedalign.fl.records import (
     CLIENT_CONTROL,
     CONTROL,
     CONTROL_DELTA,
+    DATA_COPY_KEY,
     RUN_CONFIG_KEY,
     to_arrays,
     to_state_dict,
@@ -60,11 +65,21 @@ def _setup(msg: Message, context: Context):
     config: ConfigRecord = msg.content["config"]
     cfg = _run_config(str(config[RUN_CONFIG_KEY]))
     partition_id = int(context.node_config["partition-id"])
-    fed = run_federation(cfg)
+    fed = client_federation(cfg, config.get(DATA_COPY_KEY))
     threads = max(1, int(cfg.simulation.client_cpus))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return cfg, config, partition_id, fed
+
+
+def client_federation(cfg: RunConfig, data_copy: object | None) -> Federation:
+    """The run's federation: mapped from the shared copy the message names (one copy of the data
+    for every worker, ``fedalign.data.shared``), else loaded and partitioned in this process."""
+    if data_copy is not None:
+        fed = open_copy(str(data_copy), run_federation_key(cfg))
+        if fed is not None:
+            return fed
+    return run_federation(cfg)
 
 
 def _received_model(msg: Message, cfg: RunConfig, fed) -> torch.nn.Module:

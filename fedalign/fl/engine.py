@@ -36,7 +36,13 @@ from torch import nn
 from fedalign.config import RunConfig
 from fedalign.errors import ActorPoolBroken, RoundFailedError, RunInterrupted
 from fedalign.fl.dispatch import registered_partitions
-from fedalign.fl.records import config_record, message_bytes, to_arrays, to_state_dict
+from fedalign.fl.records import (
+    DATA_COPY_KEY,
+    config_record,
+    message_bytes,
+    to_arrays,
+    to_state_dict,
+)
 from fedalign.server_opt import OptimizerState, is_identity, server_step
 from fedalign.stats import unflatten
 from fedalign.tensors import weighted_average
@@ -487,8 +493,11 @@ class RoundEngine:
         on_round_end: RoundEndCallback | None = None,
         example_limits: Mapping[int, int] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        data_copy: str | None = None,
     ) -> None:
         self.cfg = cfg
+        # every message names the run's shared data copy, so clients map it instead of loading
+        self.message_config = {} if data_copy is None else {DATA_COPY_KEY: data_copy}
         self.example_limits = dict(example_limits or {})
         self.should_stop = should_stop
         self.strategy = strategy
@@ -517,7 +526,7 @@ class RoundEngine:
             return
         messages = [
             Message(
-                RecordDict({"config": config_record(self.run_config_json)}),
+                RecordDict({"config": config_record(self.run_config_json, **self.message_config)}),
                 dst_node_id=node_id,
                 message_type=f"{MessageType.QUERY}.info",
             )
@@ -616,7 +625,9 @@ class RoundEngine:
         messages = []
         for pid, content in records.items():
             record = RecordDict({key: arrays(value) for key, value in content.items()})
-            record["config"] = config_record(self.run_config_json, **configs[pid])
+            record["config"] = config_record(
+                self.run_config_json, **self.message_config, **configs[pid]
+            )
             messages.append(
                 Message(record, dst_node_id=self.node_of_partition[pid], message_type=message_type)
             )

@@ -49,10 +49,12 @@ def run_server(
     on_round: RoundCallback | None = None,
     resume: Checkpoint | None = None,
     should_stop: Callable[[], bool] | None = None,
+    data_copy: str | None = None,
 ) -> dict[str, Any]:
     """Run the configured strategy to the end; write metrics, checkpoints, the final model and
     the summary. With ``resume``, continue after that checkpoint's round (the wall time counts
-    the earlier segments too)."""
+    the earlier segments too). ``data_copy``: the folder of the run's shared data copy, which
+    every message names (``fedalign.data.shared``)."""
     t0 = time.perf_counter()
     earlier = 0.0 if resume is None else resume.wall_seconds
     config = json.loads(cfg.to_json())
@@ -104,6 +106,7 @@ def run_server(
         on_round_end=checkpoint,
         example_limits={i: fed.client(i).num_train for i in range(fed.num_clients)},
         should_stop=should_stop,
+        data_copy=data_copy,
     )
     try:
         final = engine.run(
@@ -126,14 +129,16 @@ def make_server_app(
     outcome: dict[str, Any] | None = None,
     resume: Checkpoint | None = None,
     should_stop: Callable[[], bool] | None = None,
+    data_copy: str | None = None,
 ) -> ServerApp:
     """A ServerApp bound to one run; its summary is put into ``outcome`` when given;
-    ``should_stop`` is read after every exchange (a Ctrl-C)."""
+    ``should_stop`` is read after every exchange (a Ctrl-C); ``data_copy`` as in
+    ``run_server``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_server(grid, cfg, recorder, on_round, resume, should_stop)
+        summary = run_server(grid, cfg, recorder, on_round, resume, should_stop, data_copy)
         if outcome is not None:
             outcome.update(summary)
 

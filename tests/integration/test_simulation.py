@@ -7,10 +7,14 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from fedalign import runner
 from fedalign.cli import main
 from fedalign.config import load_config
+from fedalign.data import Arrays, Federation
+from fedalign.data.shared import shared_copy
 from fedalign.results import read_rows
 from fedalign.runner import run
 from tests.helpers import DIGITS
@@ -107,6 +111,41 @@ def test_flowers_own_dispatch_gives_the_same_metrics(cli_run, tmp_path):
     first = [{k: r[k] for k in keys} for r in read_rows(first_dir)]
     again = [{k: r[k] for k in keys} for r in read_rows(outcome.run_dir)]
     assert first == again
+
+
+def test_clients_read_the_shared_data_copy_with_the_same_metrics(cli_run, tmp_path, monkeypatch):
+    """simulation.shared_data (on in the CLI run): the clients map the copy the driver writes into
+    the run folder; with it off they load and partition the data themselves, with the same
+    metrics. A copy whose labels are shifted changes what they train on, so they do read it."""
+    _, first_dir = cli_run
+    cfg = load_config(first_dir / "config.yaml", ["simulation.shared_data=false"])
+    outcome = run(cfg, output_dir=tmp_path / "off", progress=False)
+    keys = ("test_accuracy", "test_loss", "train_loss", "clients_ok", "bytes_down", "bytes_up")
+    first = [{k: r[k] for k in keys} for r in read_rows(first_dir)]
+    assert first == [{k: r[k] for k in keys} for r in read_rows(outcome.run_dir)]
+    assert not (first_dir / runner.DATA_COPY).exists()  # removed when the run ended
+
+    def shifted_copy(fed, directory, key):
+        y = (np.asarray(fed.train.y) + 1) % fed.num_classes
+        train = Arrays(fed.train.X, y, fed.num_classes)
+        shifted = Federation(
+            fed.dataset,
+            train,
+            fed.test_arrays,
+            fed.parts,
+            fed.val_fraction,
+            fed.seed,
+            fed.scheme,
+            fed.options,
+            splits=fed.splits,
+        )
+        return shared_copy(shifted, directory, key)
+
+    monkeypatch.setattr(runner, "shared_copy", shifted_copy)
+    cfg = load_config(first_dir / "config.yaml", ["strategy.rounds=1"])
+    shifted = read_rows(run(cfg, output_dir=tmp_path / "shifted", progress=False).run_dir)
+    assert shifted[1]["train_loss"] != first[1]["train_loss"]
+    assert shifted[1]["test_accuracy"] < 0.5 < first[1]["test_accuracy"]
 
 
 def test_fedprox_with_client_sampling(tmp_path):

@@ -1,0 +1,43 @@
+"""The shared data copy: what a worker maps is the federation the driver wrote, row for row."""
+
+import numpy as np
+
+from fedalign.data import federation, federation_key
+from fedalign.data.shared import open_copy, shared_copy, write_copy
+
+
+def _same_federation(a, b) -> None:
+    assert a.num_clients == b.num_clients and a.num_classes == b.num_classes
+    assert a.input_shape == b.input_shape and a.client_names() == b.client_names()
+    for i in range(a.num_clients):
+        x, y = a.client(i), b.client(i)
+        for name in ("X_train", "y_train", "X_val", "y_val"):
+            assert np.array_equal(getattr(x, name), getattr(y, name)), (i, name)
+            assert getattr(x, name).dtype == getattr(y, name).dtype
+    assert all(np.array_equal(p, q) for p, q in zip(a.test, b.test, strict=True))
+    assert a.summary() == b.summary()
+
+
+def test_a_copy_maps_the_same_clients_and_is_removed_after(tmp_path):
+    settings = ("digits", 5, "dirichlet", 3, 0.2)
+    fed = federation(*settings, alpha=0.5, min_partition_size=5)
+    key = federation_key(*settings, alpha=0.5, min_partition_size=5)
+    with shared_copy(fed, tmp_path / "copy", key) as path:
+        mapped = open_copy(path, key)
+        assert mapped is not None and mapped is not fed
+        assert isinstance(mapped.train.X, np.memmap)  # mapped, not read into this process
+        _same_federation(fed, mapped)
+        assert open_copy(path, key) is mapped  # cached per process
+        other = federation_key(*settings[:-1], 0.1, alpha=0.5, min_partition_size=5)
+        assert open_copy(path, other) is None  # written for other settings: not used
+    assert not path.exists()
+    assert open_copy(path, key) is None  # gone (or never visible here): not used
+
+
+def test_a_rewritten_copy_replaces_the_folder(tmp_path):
+    fed = federation("digits", 3, "iid", seed=0, val_fraction=0.0)
+    key = federation_key("digits", 3, "iid", seed=0, val_fraction=0.0)
+    path = write_copy(fed, tmp_path / "copy", key)
+    rewritten = write_copy(fed, tmp_path / "copy", key)  # replaces the folder in place
+    assert rewritten == path and not list(tmp_path.glob("*.partial-*"))
+    _same_federation(fed, open_copy(path, key))
