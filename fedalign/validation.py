@@ -6,7 +6,8 @@ reason; it never reaches the fused model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -23,6 +24,50 @@ def update_problem(
     ``max_norm`` bounds the L2 norm of the change ``update - reference`` over floating-point
     entries: a client whose update is far larger than any honest one is rejected.
     """
+    return update_problems([reference], [update], [max_norm])[0]
+
+
+def update_problems(
+    references: Sequence[Mapping[str, torch.Tensor]],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    max_norms: Sequence[float | None],
+) -> list[str | None]:
+    """``update_problem`` of each ``(reference, update, max_norm)``, with the tensor checks of all
+    updates batched: one ``torch._foreach_norm`` call gives every floating-point tensor's norm (a
+    NaN or Inf makes it non-finite) and one the norms of the bounded updates' changes.
+
+    Checking tensor by tensor costs a few torch calls per tensor, and each call releases the GIL
+    and waits to take it back from the simulation's polling threads in the driver: 100 updates of
+    the quickstart's MLP took 5-10 s that way beside one busy Python thread, 0.03 s batched. A
+    norm that is not finite although its entries are (it overflowed) is re-checked entry by entry.
+    """
+    problems = [_structure_problem(r, u) for r, u in zip(references, updates, strict=True)]
+    sound = [i for i, problem in enumerate(problems) if problem is None]
+    owners, tensors = _floats({i: updates[i] for i in sound})
+    for i in {i for i, n in zip(owners, _norms(tensors), strict=True) if not math.isfinite(n)}:
+        problems[i] = _nonfinite_problem(updates[i])
+    bounded = [i for i in sound if problems[i] is None and max_norms[i] is not None]
+    pairs = [(i, k) for i in bounded for k, r in references[i].items() if r.is_floating_point()]
+    changes = (
+        torch._foreach_sub([updates[i][k] for i, k in pairs], [references[i][k] for i, k in pairs])
+        if pairs
+        else []
+    )
+    squares = dict.fromkeys(bounded, 0.0)
+    for (i, _), n in zip(pairs, _norms(changes), strict=True):
+        squares[i] += n * n
+    for i in bounded:
+        if squares[i] ** 0.5 > max_norms[i]:
+            problems[i] = (
+                f"update norm {squares[i] ** 0.5:.4g} exceeds max_update_norm={max_norms[i]:g}"
+            )
+    return problems
+
+
+def _structure_problem(
+    reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Missing or extra keys, or a tensor of another shape or dtype than the reference's."""
     missing = [k for k in reference if k not in update]
     if missing:
         return f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}"
@@ -35,17 +80,35 @@ def update_problem(
             return f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
         if value.dtype != ref.dtype:
             return f"{key}: dtype {value.dtype}, expected {ref.dtype}"
+    return None
+
+
+def _nonfinite_problem(update: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor holding a NaN or Inf, checked entry by entry."""
+    for key, value in update.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"{key}: contains NaN or Inf"
-    if max_norm is not None:
-        squares = sum(
-            float(((update[k].double() - ref.double()) ** 2).sum())
-            for k, ref in reference.items()
-            if ref.is_floating_point()
-        )
-        if squares**0.5 > max_norm:
-            return f"update norm {squares**0.5:.4g} exceeds max_update_norm={max_norm:g}"
     return None
+
+
+def _floats(
+    states: Mapping[int, Mapping[str, torch.Tensor]],
+) -> tuple[list[int], list[torch.Tensor]]:
+    """The floating-point tensors of ``states``, each with the key of the state it belongs to."""
+    owners, tensors = [], []
+    for i, state in states.items():
+        for value in state.values():
+            if value.is_floating_point():
+                owners.append(i)
+                tensors.append(value)
+    return owners, tensors
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[float]:
+    """Each tensor's L2 norm, computed in float64, in one call."""
+    if not tensors:
+        return []
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).tolist()
 
 
 def fused_problem(
@@ -55,21 +118,21 @@ def fused_problem(
 ) -> str | None:
     """Why a fused model must not be broadcast: a non-finite entry, or (``max_ratio``) an L2
     norm more than ``max_ratio`` times the largest of the ``inputs``' (the previous global model
-    and the validated updates; a mean of them is never larger than the largest)."""
+    and the validated updates; a mean of them is never larger than the largest). The norms of
+    all the inputs' tensors are computed in one call (``update_problems`` says why)."""
     for key, value in fused.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"fused model: {key} contains NaN or Inf"
     if max_ratio is None:
         return None
-
-    def norm(state: Mapping[str, torch.Tensor]) -> float:
-        floats = (v for v in state.values() if v.is_floating_point())
-        return sum(float(v.double().square().sum()) for v in floats) ** 0.5
-
-    bound = max_ratio * max(norm(s) for s in inputs)
-    if norm(fused) > bound:
+    owners, tensors = _floats(dict(enumerate([fused, *inputs])))
+    squares = [0.0] * (len(inputs) + 1)
+    for i, n in zip(owners, _norms(tensors), strict=True):
+        squares[i] += n * n
+    norm, bound = squares[0] ** 0.5, max_ratio * max(s**0.5 for s in squares[1:])
+    if norm > bound:
         return (
-            f"fused model norm {norm(fused):.4g} exceeds max_fused_ratio={max_ratio:g} times the "
+            f"fused model norm {norm:.4g} exceeds max_fused_ratio={max_ratio:g} times the "
             f"largest input norm"
         )
     return None

@@ -185,54 +185,75 @@ def fedalign_run(cfg: RunConfig, out: Path) -> dict:
         "wall": wall,
         "startup": wall - sum(per_round),
         "bytes_per_round": rows[-1]["bytes_down"] + rows[-1]["bytes_up"],
+        # each phase's median over rounds 2..R (metrics.jsonl's seconds_*)
+        "phases": {
+            k: statistics.median(r.get(k, 0.0) for r in rows[1:])
+            for k in rows[-1]
+            if k.startswith("seconds_")
+        },
     }
 
 
 def measure(
-    label: str, base: str, overrides: list[str], rounds: int, cpus: float, out: Path
-) -> dict:
-    cfg = load_config(
-        ROOT / "configs" / base,
-        [
-            *overrides,
-            f"strategy.rounds={rounds}",
-            f"simulation.client_cpus={cpus}",
-            "output.checkpoint_every=0",
-            "output.plot=false",
-            "output.save_model=false",
-        ],
-    )
+    label: str,
+    base: str,
+    overrides: list[str],
+    rounds: int,
+    cpus: float,
+    out: Path,
+    extra: list[str] = (),
+    variants: list[str] = (),
+) -> list[dict]:
+    """The plain loop, then fedalign's run, then one fedalign run per override in ``variants``
+    (each against the same plain loop): one row each. ``extra``: overrides for both sides."""
+    common = [
+        *overrides,
+        *extra,
+        f"strategy.rounds={rounds}",
+        f"simulation.client_cpus={cpus}",
+        "output.checkpoint_every=0",
+        "output.plot=false",
+        "output.save_model=false",
+    ]
+    cfg = load_config(ROOT / "configs" / base, common)
     cohort = max(
         round(cfg.strategy.fraction_train * cfg.data.num_clients), cfg.strategy.min_train_clients
     )
     with PeakMemory() as mem_plain:
         plain = plain_loop(cfg)
-    with PeakMemory() as mem_fed:
-        fed = fedalign_run(cfg, out)
-    steady_fed = statistics.median(fed["seconds_per_round"][1:])
     steady_plain = statistics.median(plain["seconds_per_round"][1:])
-    row = {
-        "benchmark": label,
-        "client_cpus": cpus,
-        "rounds": rounds,
-        "cohort": cohort,
-        "startup_s": fed["startup"],
-        "fedalign_round_s": steady_fed,
-        "plain_round_s": steady_plain,
-        "ratio": steady_fed / steady_plain,
-        "fedalign_updates_per_s": cohort / steady_fed,
-        "plain_updates_per_s": cohort / steady_plain,
-        "fedalign_peak_mib": mem_fed.peak / 2**20,
-        "plain_peak_mib": mem_plain.peak / 2**20,
-        "fedalign_peak_rss_sum_mib": mem_fed.peak_rss / 2**20,
-        "plain_peak_rss_sum_mib": mem_plain.peak_rss / 2**20,
-        "fedalign_accuracy": fed["final_accuracy"],
-        "plain_accuracy": plain["final_accuracy"],
-        "fedalign_wall_s": fed["wall"],
-        "mib_per_round": fed["bytes_per_round"] / 2**20,
-    }
-    print(json.dumps(row), flush=True)
-    return row
+    rows = []
+    for variant in [None, *variants]:
+        more = [] if variant is None else [variant]
+        run_cfg = load_config(ROOT / "configs" / base, [*common, *more])
+        with PeakMemory() as mem_fed:
+            fed = fedalign_run(run_cfg, out)
+        steady_fed = statistics.median(fed["seconds_per_round"][1:])
+        row = {
+            "benchmark": label if variant is None else f"{label} + {variant}",
+            "client_cpus": cpus,
+            "rounds": rounds,
+            "cohort": cohort,
+            "startup_s": fed["startup"],
+            "fedalign_round_s": steady_fed,
+            "plain_round_s": steady_plain,
+            "ratio": steady_fed / steady_plain,
+            "fedalign_updates_per_s": cohort / steady_fed,
+            "plain_updates_per_s": cohort / steady_plain,
+            "fedalign_peak_mib": mem_fed.peak / 2**20,
+            "plain_peak_mib": mem_plain.peak / 2**20,
+            "fedalign_peak_rss_sum_mib": mem_fed.peak_rss / 2**20,
+            "plain_peak_rss_sum_mib": mem_plain.peak_rss / 2**20,
+            "fedalign_accuracy": fed["final_accuracy"],
+            "plain_accuracy": plain["final_accuracy"],
+            "fedalign_wall_s": fed["wall"],
+            "mib_per_round": fed["bytes_per_round"] / 2**20,
+            "fedalign_phases_s": fed["phases"],
+            "overrides": [*extra, *more],
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -247,6 +268,13 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], help="a config override for both sides"
     )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        help="an override for one more fedalign run against the same plain loop "
+        "(e.g. strategy.overlap_evaluation=true)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = []
@@ -257,7 +285,7 @@ def main() -> None:
         if args.only and label != args.only:
             continue
         for cpus in args.cpus:
-            rows.append(measure(label, base, [*overrides, *args.set], rounds, cpus, args.runs))
+            rows += measure(label, base, overrides, rounds, cpus, args.runs, args.set, args.compare)
     header = (
         "| benchmark | client_cpus | rounds | cohort | Ray start-up + discovery (s) "
         "| fedalign s/round | plain loop s/round | ratio | updates/s fedalign | updates/s plain "

@@ -22,6 +22,7 @@ from fedalign.validation import (
     scale_outliers,
     statistics_problem,
     update_problem,
+    update_problems,
 )
 
 REF = OrderedDict(w=torch.zeros(3, 2), b=torch.zeros(3), n=torch.tensor(0))
@@ -54,6 +55,29 @@ def test_norm_bound():
     update = _update(w=torch.full((3, 2), 2.0))  # ||delta|| = sqrt(6 * 4) ~ 4.9
     assert update_problem(REF, update, max_norm=5.0) is None
     assert "exceeds max_update_norm=4" in update_problem(REF, update, max_norm=4.0)
+
+
+def test_a_batch_of_updates_gets_each_its_own_answer():
+    """The batched checks (one norm call for all tensors) blame the right update and key."""
+    nan = torch.zeros(3)
+    nan[0] = float("nan")
+    big = OrderedDict(w=torch.full((3, 2), 1e200, dtype=torch.float64), b=torch.zeros(3))
+    reordered = OrderedDict(b=torch.ones(3), n=REF["n"], w=torch.ones(3, 2))  # key order aside
+    updates = [
+        _update(w=torch.ones(3, 2)),
+        _update(b=nan),
+        _update(w=torch.zeros(2, 3)),
+        _update(w=torch.full((3, 2), 2.0)),  # change norm ~4.9
+        reordered,  # change norm sqrt(9) = 3
+        big,  # finite, but its squares overflow float64: checked entry by entry
+    ]
+    references = [REF] * 5 + [OrderedDict(w=torch.zeros(3, 2, dtype=torch.float64), b=REF["b"])]
+    problems = update_problems(references, updates, [None, None, None, 4.0, 4.0, None])
+    assert problems[0] is None and problems[4] is None and problems[5] is None
+    assert problems[1] == "b: contains NaN or Inf"
+    assert problems[2] == "w: shape (2, 3), expected (3, 2)"
+    assert problems[3] == "update norm 4.899 exceeds max_update_norm=4"
+    assert update_problems([], [], []) == []
 
 
 # ---- client statistics ---------------------------------------------------------------------------

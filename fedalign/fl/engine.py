@@ -51,7 +51,7 @@ from fedalign.validation import (
     fused_problem,
     received_problem,
     scale_outliers,
-    update_problem,
+    update_problems,
 )
 
 log = logging.getLogger("fedalign")
@@ -233,16 +233,20 @@ class Round:
         extra = extra or {}
         records = {p: {"arrays": sent[p], **extra.get(p, {})} for p in sent}
         replies = self._engine.exchange(self, phase, MessageType.TRAIN, records, configs)
+        t0 = time.perf_counter()
+        parsed = [self._engine.parse_update(self, phase, pid, r) for pid, r in replies.items()]
+        parsed = [update for update in parsed if update is not None]
+        self.log.timed("parse", t0)
+        t0 = time.perf_counter()
+        bound = self.cfg.strategy.max_update_norm
+        problems = update_problems(  # every reply's tensors checked in one batch
+            [sent[u.partition_id] for u in parsed],
+            [u.state_dict for u in parsed],
+            [None if u.partition_id in local else bound for u in parsed],
+        )
         updates = []
-        for pid, reply in replies.items():
-            t0 = time.perf_counter()
-            update = self._engine.parse_update(self, phase, pid, reply)
-            self.log.timed("parse", t0)
-            if update is None:
-                continue
-            t0 = time.perf_counter()
-            bound = None if pid in local else self.cfg.strategy.max_update_norm
-            problem = update_problem(sent[pid], update.state_dict, bound)
+        for update, problem in zip(parsed, problems, strict=True):
+            pid = update.partition_id
             if problem is None and update.num_examples <= 0:
                 problem = f"num-examples is {update.num_examples}"
             if problem is None:
@@ -255,11 +259,11 @@ class Round:
                 )
             if problem is None and check is not None:
                 problem = check(update)
-            self.log.timed("validate", t0)
             if problem is not None:
                 self.log.fail(pid, update.node_id, problem, phase)
                 continue
             updates.append(update)
+        self.log.timed("validate", t0)
         updates = self._drop_outliers(
             phase, updates, [u.statistics or {} for u in updates], lambda u: u.partition_id
         )
