@@ -8,9 +8,17 @@ rounds, as the FedMA paper does, and by default gives FedMA as many FedMA rounds
 ``--rounds`` communication rounds. Defaults are scaled to a 2-core CPU: LeNet on Fashion-MNIST,
 J=10, Dirichlet(0.5), 2 local epochs per phase, 20 FedAvg/FedProx rounds against 4 FedMA rounds.
 
+``--protocol reference`` runs all three under IBM/FedMA's schedule (``strategy.fedma.protocol``):
+``--epochs`` local epochs from the clients' own inits in round 1 (so the baselines' round 2
+starts from the plain average of the locally trained models), ``--retrain-epochs`` in every later
+phase and round; ``--set`` overrides go to all three runs.
+
     .venv/bin/python simulations/fedma_vs_fedavg.py --out docs/results/fedma_vs_fedavg
     .venv/bin/python simulations/fedma_vs_fedavg.py --config configs/fortunes_char_lstm.yaml \
         --rounds 9 --epochs 1 --out docs/results/fedma_char_lstm
+    .venv/bin/python simulations/fedma_vs_fedavg.py --protocol reference --epochs 10 \
+        --retrain-epochs 2 --rounds 9 --set model.name=mlp --set 'model.hidden=[100, 100]' \
+        --out docs/results/fedma_reference_protocol
 """
 
 from __future__ import annotations
@@ -96,9 +104,26 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="extra overrides for the FedMA run, e.g. strategy.matching.gamma=1.0",
     )
+    parser.add_argument(
+        "--protocol", choices=("fedalign", "reference"), default="fedalign", help="see above"
+    )
+    parser.add_argument(
+        "--retrain-epochs", type=int, help="reference: epochs after round 1 (default --epochs)"
+    )
+    parser.add_argument("--retrain-lr", type=float, help="reference: their lr (default train.lr)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for all runs"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results/fedma_vs_fedavg"))
     args = parser.parse_args()
-    common = [f"train.local_epochs={args.epochs}", f"strategy.rounds={args.rounds}"]
+    common = [
+        f"train.local_epochs={args.epochs}",
+        f"strategy.rounds={args.rounds}",
+        f"strategy.fedma.protocol={args.protocol}",
+        *([f"strategy.fedma.retrain_epochs={args.retrain_epochs}"] if args.retrain_epochs else []),
+        *([f"strategy.fedma.retrain_lr={args.retrain_lr}"] if args.retrain_lr else []),
+        *args.set,
+    ]
     base = load_config(args.config, common)
     fedma_rounds = args.fedma_rounds or max(1, args.rounds // phases_per_fedma_round(base))
     runs = {
