@@ -9,8 +9,9 @@ Modules: ``idx`` (IDX parser), ``fashion_mnist``, ``digits``, ``text`` (fortunes
 hub datasets' declarations), ``local_copy`` (finding, reading, downloading their copies),
 ``modality`` (image and character preprocessing), ``registry``
 (``dataset_arrays``/``load_dataset``), ``partition`` (flwr-datasets partitioners, histograms),
-``federation`` (per-client views), ``shared`` (one memory-mapped copy of a federation for every
-process of a simulation). Nothing here imports Flower itself, only ``flwr_datasets``.
+``flwr_partitioners`` (imported only to partition), ``federation`` (per-client views), ``shared``
+(one memory-mapped copy of a federation for every process of a simulation). Nothing here imports
+Flower itself, only ``flwr_datasets``.
 """
 
 from .errors import DataError, DatasetNotFoundError

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from .errors import DataError
 
@@ -17,6 +15,10 @@ SPLIT_SEED = 0  # fixed: the train/test split is part of the dataset, not of an 
 
 @functools.lru_cache(maxsize=1)
 def _splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    # imported here: scikit-learn costs every process that imports fedalign.data a second
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     X = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]  # pixel values are 0..16
     y = digits.target.astype(np.int64)

@@ -30,23 +30,10 @@ Every scheme is deterministic given ``seed`` and returns disjoint sorted int64 i
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    PathologicalPartitioner,
-    ShardPartitioner,
-)
-from flwr_datasets.partitioner.partitioner import Partitioner
 
 from .errors import DataError
 
@@ -59,111 +46,11 @@ SCHEME_OPTIONS: dict[str, tuple[str, ...]] = {
     "pathological": ("classes_per_client", "class_assignment"),
     "natural": ("groups",),
 }
-CLASS_ASSIGNMENTS = ("first-deterministic", "random", "deterministic")
-
-
-class _LabelTable(Dataset):
-    """The ``datasets.Dataset`` of labels and row indices handed to the partitioners, made fast.
-
-    With datasets >= 4, ``ds["label"]`` is a lazy column that the partitioners turn into an array
-    row by row (about a second per 60,000 rows), and ``select`` fingerprints its index list by
-    pickling it element by element (seconds for lists of numpy integers). Here a column is read
-    in one go and a selection is fingerprinted by hashing its bytes; the partitions are the same.
-    """
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return _column(self, key)
-        return super().__getitem__(key)
-
-    def select(self, indices, *args, **kwargs):
-        if not args and kwargs.get("new_fingerprint") is None:
-            digest = hashlib.blake2b(
-                str(getattr(self, "_fingerprint", "")).encode(), digest_size=16
-            )
-            digest.update(np.asarray(indices, dtype=np.int64).tobytes())
-            kwargs["new_fingerprint"] = digest.hexdigest()
-        return super().select(indices, *args, **kwargs)
-
-
-def _column(ds: Dataset, key: str) -> np.ndarray:
-    """One column as a numpy array, read through Arrow (respects a selection's index mapping)."""
-    return np.asarray(Dataset.__getitem__(ds.with_format("arrow"), key).to_numpy())
 
 
 def partition_schemes() -> tuple[str, ...]:
     """Names accepted by ``partition`` (and the config's data.partition)."""
     return SCHEMES
-
-
-def _classes_per_client(options: dict[str, Any], num_classes: int) -> int:
-    k = options.get("classes_per_client", 2)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_classes:
-        raise DataError(
-            f"partition option classes_per_client must be an integer in [1, "
-            f"{num_classes}] (the number of classes present), got {k!r}"
-        )
-    return int(k)
-
-
-def _dirichlet(labels: np.ndarray, num_clients: int, seed: int, options: dict) -> Partitioner:
-    alpha = options.get("alpha", 0.5)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not alpha > 0:
-        raise DataError(f"partition option alpha must be a number > 0, got {alpha!r}")
-    min_size = options.get("min_partition_size", 10)
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise DataError(
-            f"partition option min_partition_size must be an integer >= 0, got {min_size!r}"
-        )
-    if num_clients * min_size > len(labels):
-        raise DataError(
-            f"partition option min_partition_size={min_size} is impossible: {num_clients} clients "
-            f"x {min_size} > {len(labels)} samples; lower min_partition_size or use fewer clients"
-        )
-    return DirichletPartitioner(
-        num_partitions=num_clients,
-        partition_by="label",
-        alpha=float(alpha),
-        min_partition_size=int(min_size),
-        self_balancing=bool(options.get("self_balancing", False)),
-        seed=seed,
-    )
-
-
-def _partitioner(
-    scheme: str, labels: np.ndarray, num_clients: int, seed: int, options: dict[str, Any]
-) -> Partitioner:
-    num_classes = len(np.unique(labels))
-    if scheme == "iid":
-        return IidPartitioner(num_partitions=num_clients)
-    if scheme == "dirichlet":
-        return _dirichlet(labels, num_clients, seed, options)
-    if scheme == "shards":
-        k = _classes_per_client(options, num_classes)
-        if num_clients * k > len(labels):
-            raise DataError(
-                f"partition 'shards': {num_clients} clients x classes_per_client={k} "
-                f"shards need at least {num_clients * k} samples, got {len(labels)}"
-            )
-        return ShardPartitioner(
-            num_partitions=num_clients, partition_by="label", num_shards_per_partition=k, seed=seed
-        )
-    if scheme == "pathological":
-        k = _classes_per_client(options, num_classes)
-        mode = options.get("class_assignment", "first-deterministic")
-        if mode not in CLASS_ASSIGNMENTS:
-            raise DataError(
-                f"partition option class_assignment must be one of "
-                f"{', '.join(CLASS_ASSIGNMENTS)}, got {mode!r}"
-            )
-        return PathologicalPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            num_classes_per_partition=k,
-            class_assignment_mode=mode,
-            seed=seed,
-        )
-    return NaturalIdPartitioner(partition_by="group")
 
 
 def _natural_mask(groups: Any, n: int, num_clients: int) -> np.ndarray:
@@ -186,32 +73,6 @@ def _natural_mask(groups: Any, n: int, num_clients: int) -> np.ndarray:
         )
     keep = ids[np.argsort(-sizes, kind="stable")[:num_clients]]
     return np.isin(groups, keep)
-
-
-def _run(partitioner: Partitioner, num_clients: int) -> list[np.ndarray]:
-    """Each client's ``index`` column, with the partitioners' chatter kept out of the logs
-    (Dirichlet resampling warnings, pyarrow deprecations, NaturalIdPartitioner's progress bar)."""
-    quiet = (
-        contextlib.redirect_stderr(io.StringIO())
-        if isinstance(partitioner, NaturalIdPartitioner)
-        else contextlib.nullcontext()
-    )
-    with warnings.catch_warnings(record=True) as caught, quiet:
-        warnings.simplefilter("always")
-        parts = [
-            np.sort(_column(partitioner.load_partition(i), "index").astype(np.int64))
-            for i in range(num_clients)
-        ]
-    for w in caught:
-        if "will NOT be used" in str(w.message):  # PathologicalPartitioner left classes out
-            warnings.warn(
-                f"partition 'pathological': {str(w.message).split(' will')[0]} are not "
-                "assigned to any client: num_clients x classes_per_client does not "
-                "reach every class (class_assignment='first-deterministic' covers every "
-                "class once num_clients >= number of classes)",
-                stacklevel=3,
-            )
-    return parts
 
 
 def partition(
@@ -258,10 +119,16 @@ def partition(
     if scheme in ("iid", "pathological"):  # both split rows in order: shuffle them by seed
         order = np.random.default_rng(seed).permutation(len(labels))
         columns = {k: v[order] for k, v in columns.items()}
-    partitioner = _partitioner(scheme, columns["label"], num_clients, seed, options)
-    partitioner.dataset = _LabelTable.from_dict(columns)
+    # here, not at the top: a process that only reads a partition made elsewhere (a Ray worker
+    # mapping the run's shared data copy) never imports datasets, pyarrow, pandas, matplotlib
+    from . import flwr_partitioners
+
+    partitioner = flwr_partitioners.partitioner(
+        scheme, columns["label"], num_clients, seed, options
+    )
+    partitioner.dataset = flwr_partitioners.LabelTable.from_dict(columns)
     try:
-        parts = _run(partitioner, num_clients)
+        parts = flwr_partitioners.run(partitioner, num_clients)
     except ValueError as exc:
         hint = (
             " (raise alpha, lower min_partition_size, or use fewer clients)"

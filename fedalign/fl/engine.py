@@ -234,7 +234,10 @@ class Round:
         records = {p: {"arrays": sent[p], **extra.get(p, {})} for p in sent}
         replies = self._engine.exchange(self, phase, MessageType.TRAIN, records, configs)
         t0 = time.perf_counter()
-        parsed = [self._engine.parse_update(self, phase, pid, r) for pid, r in replies.items()]
+        # each reply is dropped once parsed: the server never holds every update twice
+        parsed = [
+            self._engine.parse_update(self, phase, pid, replies.pop(pid)) for pid in list(replies)
+        ]
         parsed = [update for update in parsed if update is not None]
         self.log.timed("parse", t0)
         t0 = time.perf_counter()
