@@ -115,7 +115,8 @@ def solve_assignment(
     options ``reg``, ``tol``, ``max_iter``, ``scaling``, see ``sinkhorn_plan``).
     """
     fn = SOLVERS.get(solver).obj
-    accepted = list(inspect.signature(fn).parameters)[1:]
+    # (options only: reading the signature cost PFNM's ~60 small solves more than some solves)
+    accepted = list(inspect.signature(fn).parameters)[1:] if options else []
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(

@@ -179,19 +179,18 @@ def test_block_cost_equals_the_per_dimension_cost():
     s0 = torch.rand(3, generator=g, dtype=torch.float64)[pattern] + 0.2
     prior = torch.randn(D, generator=g, dtype=torch.float64) * s0
     blocks = _Blocks.of(client, s0)
-    layer = _GlobalLayer(prior[blocks.order], blocks)
+    layer = _GlobalLayer(prior, blocks)
     rows = [torch.randn(L, D, generator=g, dtype=torch.float64) * c for c in client]
-    layer.add(rows[0][:, blocks.order], blocks.client[0], torch.arange(L))
-    layer.add(rows[1][:, blocks.order], blocks.client[1], torch.tensor([0, 2, 4, 5]))
-    restore = torch.argsort(blocks.order)
-    w = rows[2][:, blocks.order]
+    layer.add(layer.pack(rows[0], blocks.client[0]), torch.arange(L))
+    layer.add(layer.pack(rows[1], blocks.client[1]), torch.tensor([0, 2, 4, 5]))
+    w = rows[2]
     base = _open_cost(w, blocks.norms(w), blocks.client[2], blocks, layer.prior_sum)
     fast = _block_cost(w, blocks.norms(w), blocks.client[2], layer, base, 2.0, J, 3, 2.0, None)
     direct = assignment_cost(
         rows[2],
         client[2],
-        layer.sums[:, restore],
-        layer.precisions[:, blocks.position_block][:, restore],
+        layer.sums,
+        layer.precisions[:, blocks.position_block],
         layer.popularity,
         prior,
         s0,
