@@ -170,7 +170,13 @@ def test_bad_inputs_are_named():
 
 def test_block_cost_equals_the_per_dimension_cost():
     """bbp_map's cost groups dimensions of equal precision; it must equal ``assignment_cost``."""
-    from fedalign.fusion.bbp_map import _block_cost, _Blocks, _GlobalLayer, _open_cost
+    from fedalign.fusion.bbp_map import (
+        _block_cost,
+        _Blocks,
+        _GlobalLayer,
+        _new_columns,
+        _open_cost,
+    )
 
     g = torch.Generator().manual_seed(3)
     D, J, L = 9, 3, 4
@@ -185,7 +191,8 @@ def test_block_cost_equals_the_per_dimension_cost():
     layer.add(layer.pack(rows[1], blocks.client[1]), torch.tensor([0, 2, 4, 5]))
     w = rows[2]
     base = _open_cost(w, blocks.norms(w), blocks.client[2], blocks, layer.prior_sum)
-    fast = _block_cost(w, blocks.norms(w), blocks.client[2], layer, base, 2.0, J, 3, 2.0, None)
+    existing = _block_cost(w, blocks.norms(w), blocks.client[2], layer, J, 2.0, None)
+    fast = torch.cat([existing, _new_columns(base, 2.0, J)[:, :3]], 1)
     direct = assignment_cost(
         rows[2],
         client[2],
@@ -199,3 +206,19 @@ def test_block_cost_equals_the_per_dimension_cost():
         3,
     )
     torch.testing.assert_close(fast, direct)
+
+
+def test_solving_over_the_first_new_columns_finds_the_full_optimum():
+    """_solve tries few new columns first; its answer must be the full matrix's, both when the
+    few suffice and when they do not (then it must fall back to all of them)."""
+    from fedalign.align.solvers import solve_assignment
+    from fedalign.fusion.bbp_map import _new_columns, _solve
+
+    g = torch.Generator().manual_seed(5)
+    L, W = 30, 25
+    for shift in (-8.0, 0.0, 8.0):  # few, some, many rows prefer a new neuron
+        existing = torch.randn(L, W, generator=g, dtype=torch.float64)
+        new = _new_columns(torch.randn(L, generator=g, dtype=torch.float64) + shift, 1.0, 4)
+        full = solve_assignment(torch.cat([existing, new], 1))
+        for opened in (0, 3, L):
+            assert torch.equal(_solve(existing, new, opened, "hungarian"), full)
