@@ -86,15 +86,22 @@ class Plan:
         """The plan round ``number`` runs: with ``stats_every: k`` (an option of the fuse rules
         that need statistics), the fuse rule's statistics are asked for and used in rounds 1,
         1 + k, ... only; the rounds between fuse the aligned models by their weighted mean.
-        Why: RegMean's Grams cost several models' bytes, and what they fix (models from
-        independent inits, or far apart) is largest in the first rounds; the weight matching
-        itself needs no statistics."""
+        Likewise ``repair_every: k`` (REPAIR's option) runs the repair step in those rounds only.
+        Why: RegMean's Grams cost several models' bytes and REPAIR's phase half a round, and what
+        they fix (models from independent inits, or far apart) is largest in the first rounds;
+        the weight matching itself needs no statistics."""
+        plan = self
         every = int(self.options_of(FUSE_RULES.get(self.fuse)).get("stats_every", 1))
         if every < 1:
             raise ValueError(f"stats_every must be >= 1, got {every}")
-        if every == 1 or (number - 1) % every == 0:
-            return self
-        return replace(self, fuse="mean")
+        if (number - 1) % every:
+            plan = replace(plan, fuse="mean")
+        every = int(self.options_of(REPAIR_RULES.get(self.repair)).get("repair_every", 1))
+        if every < 1:
+            raise ValueError(f"repair_every must be >= 1, got {every}")
+        if (number - 1) % every:
+            plan = replace(plan, repair="none")
+        return plan
 
     def options_of(self, entry: Entry) -> dict[str, Any]:
         return entry.resolve(self.options)

@@ -57,3 +57,16 @@ def test_plan_asks_for_grams_every_stats_every_rounds_and_averages_between():
     assert fused == ["regmean", "mean", "mean", "regmean", "mean", "mean", "regmean"]
     assert plan.for_round(2).train_statistics() == ()
     assert Plan(align="weight", fuse="fisher").for_round(2).fuse == "fisher"
+
+
+def test_repair_runs_every_repair_every_rounds_and_its_statistics_with_it():
+    plan = Plan(align="weight", fuse="regmean", repair="repair", options={"repair_every": 2})
+    steps = [(plan.for_round(r).fuse, plan.for_round(r).repair) for r in range(1, 7)]
+    assert [repair for _, repair in steps] == ["repair", "none"] * 3
+    # independent of the Grams' stats_every 5: round 5 repairs a mean, round 6 solves unrepaired
+    assert steps[4] == ("mean", "repair") and steps[5] == ("regmean", "none")
+    assert plan.for_round(2).repair_statistics() == ()
+    assert "moments" not in plan.for_round(2).train_statistics()
+    assert plan.for_round(3).train_statistics() == ("moments",)
+    assert Plan(align="weight", repair="repair").for_round(2).repair == "none"  # default 5
+    assert Plan(align="weight", repair="bn-reset").for_round(2).repair == "bn-reset"
