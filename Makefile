@@ -36,8 +36,8 @@ test: setup data
 
 # ruff (pinned in the test extra): lint and formatting, as CI runs them.
 lint: setup
-	$(VENV)/bin/ruff check fedalign tests simulations
-	$(VENV)/bin/ruff format --check fedalign tests simulations
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 setup: $(STAMP)
 
