@@ -17,9 +17,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from fedalign.align.solvers import solve_assignment
+from fedalign.align.solvers import hungarian_columns, solve_assignment
 
 
 @dataclass
@@ -150,10 +151,10 @@ class _GlobalLayer:
     def popularity(self) -> torch.Tensor:
         return self._data[: self.width, -1]
 
-    def add(self, rows: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add packed rows to global neurons ``targets`` (indices >= width open new neurons, in
-        order)."""
-        width = max(self.width, int(targets.max()) + 1) if len(targets) else self.width
+    def add(self, rows: torch.Tensor, targets: torch.Tensor, width: int) -> None:
+        """Add packed rows to global neurons ``targets``; the layer is then ``width`` wide
+        (indices >= the old width open new neurons, in order; the caller knows how many, which
+        spares reading the largest target back from the tensor)."""
         if width > len(self._data):
             grow = max(width, 2 * len(self._data)) - len(self._data)
             self._data = torch.cat([self._data, self._data.new_zeros(grow, self._data.shape[1])])
@@ -176,8 +177,10 @@ class _GlobalLayer:
         as much as the update); drop neurons nobody uses any more. Returns old index -> new
         index, or None when no neuron was dropped."""
         self._data.index_put_((targets,), negated, accumulate=True)
-        keep = self.popularity > 0.5
-        return None if bool(keep.all()) else self.keep(keep)
+        # (one reduction and read-back where a mask and its all() were two ops and a read-back)
+        if not self.width or float(self.popularity.min()) > 0.5:
+            return None
+        return self.keep(self.popularity > 0.5)
 
 
 def bbp_map(
@@ -227,7 +230,9 @@ def bbp_map(
         _new_columns(_open_cost(w, n, c, blocks, prior_sum), gamma, J)
         for w, n, c in zip(scaled, norms, blocks.client)
     ]
-    weight = 2.0 if popularity == "consistent" else 1.0
+    popularity_scores = _popularity_scores(
+        J, 2.0 if popularity == "consistent" else 1.0, popularity_cap, device
+    )
     layer = _GlobalLayer(prior_sum, blocks)
     packed = [layer.pack(w, c) for w, c in zip(scaled, blocks.client)]
     unpacked = [-p for p in packed]  # what removing a client adds (a + (-b) is a - b exactly)
@@ -239,22 +244,15 @@ def bbp_map(
     def match(j: int) -> None:
         L = len(scaled[j])
         room = L if cap is None else max(0, min(L, cap - layer.width))
-        cost = _block_cost(
-            scaled[j],
-            norms[j],
-            blocks.client[j],
-            layer,
-            J,
-            weight,
-            popularity_cap,
-        )
+        cost = _block_cost(scaled[j], norms[j], blocks.client[j], layer, popularity_scores)
         columns = _solve(cost, new_scores[j][:, :room], opened[j], solver)
-        # new-neuron columns are interchangeable: open them in order of first use
+        # new-neuron columns are interchangeable: open them in order of first use (in NumPy:
+        # a handful of integers, where each torch op cost more than the work)
         is_new = columns >= layer.width
-        targets = columns.clone()
-        targets[is_new] = layer.width + torch.arange(int(is_new.sum()), device=device)
-        layer.add(packed[j], targets)
-        assignments[j], opened[j] = targets, int(is_new.sum())
+        opened[j] = int(is_new.sum())
+        columns[is_new] = np.arange(layer.width, layer.width + opened[j])
+        assignments[j] = torch.from_numpy(columns).to(device)
+        layer.add(packed[j], assignments[j], layer.width + opened[j])
 
     def rematch(j: int) -> None:
         if cap is None:
@@ -301,9 +299,9 @@ def bbp_map(
     )
 
 
-def _solve(existing: torch.Tensor, new: torch.Tensor, opened: int, solver: str) -> torch.Tensor:
+def _solve(existing: torch.Tensor, new: torch.Tensor, opened: int, solver: str) -> np.ndarray:
     """The best assignment of rows to ``[existing | new]`` columns (scores of joining each
-    existing neuron, of opening the t-th new one).
+    existing neuron, of opening the t-th new one), as a NumPy array of each row's column.
 
     With the exact solver, first only the first ``2 * opened + 8`` new columns: a new column's
     score falls with its index in every row, so when the best assignment over fewer columns
@@ -313,13 +311,23 @@ def _solve(existing: torch.Tensor, new: torch.Tensor, opened: int, solver: str) 
     opens a handful of neurons per match, so the solver sees ~110 columns instead of ~200.
     """
     rows, width = existing.shape
-    if solver == "hungarian":
-        limit = max(2 * opened + 8, rows - width)
-        if limit < new.shape[1]:
-            found = solve_assignment(torch.cat([existing, new[:, :limit]], 1), solver)
-            if not bool((found == width + limit - 1).any()):
-                return found
-    return solve_assignment(torch.cat([existing, new], 1), solver)
+    if solver != "hungarian":
+        return solve_assignment(torch.cat([existing, new], 1), solver).cpu().numpy()
+    limit = max(2 * opened + 8, rows - width)
+    if limit < new.shape[1]:
+        found = _hungarian(torch.cat([existing, new[:, :limit]], 1))
+        if not (found == width + limit - 1).any():
+            return found
+    return _hungarian(torch.cat([existing, new], 1))
+
+
+def _hungarian(scores: torch.Tensor) -> np.ndarray:
+    """``solve_assignment(scores, "hungarian")`` in NumPy, with the same check of the scores:
+    without the tensor round trips (the scores' shape is right by construction)."""
+    scores = scores.cpu().numpy()
+    if not np.isfinite(scores.sum()) and not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or Inf")
+    return hungarian_columns(scores)
 
 
 def _renumber(assignments: list, remap: torch.Tensor, skip: int | None = None) -> None:
@@ -349,9 +357,7 @@ def _block_cost(
     norms: torch.Tensor,  # (L, B) their squared norms per block
     precision: torch.Tensor,  # (B,) the client's precision per block
     layer: _GlobalLayer,
-    num_clients: int,
-    popularity_weight: float,
-    popularity_cap: float | None,
+    popularity_scores: torch.Tensor,  # (J + 1,) see _popularity_scores
 ) -> torch.Tensor:
     """``assignment_cost`` with precisions constant within blocks (tested equal to it): per
     existing neuron ``sum_b (||w_b||^2 + 2 <w_b, g_ib> + ||g_ib||^2) / (s_b + S_ib) -
@@ -361,11 +367,21 @@ def _block_cost(
     global_norms = layer.blocks.norms(sums)  # (W, B)
     existing = norms @ inv.T + layer.blocks.cross(weights, sums, 2 * inv)  # 2x: exact either way
     existing += (global_norms * (inv - 1.0 / S)).sum(1)[None, :]
-    m = layer.popularity
-    if popularity_cap is not None:
-        m = m.clamp(max=popularity_cap)
-    existing += popularity_weight * torch.log(m / (num_clients - m).clamp_min(1e-12))
+    existing += popularity_scores[layer.popularity.long()]
     return existing
+
+
+def _popularity_scores(
+    num_clients: int, weight: float, cap: float | None, device: torch.device
+) -> torch.Tensor:
+    """(J + 1,): the popularity term ``weight * log(m / (J - m))`` of a neuron m clients use (m
+    capped at ``cap``). Popularities are whole numbers, so each match looks the term up instead of
+    computing it over the layer: two ops instead of six, and the same elementwise ops give the
+    same values."""
+    m = torch.arange(num_clients + 1, dtype=torch.float64, device=device)
+    if cap is not None:
+        m = m.clamp(max=cap)
+    return weight * torch.log(m / (num_clients - m).clamp_min(1e-12))
 
 
 def _new_columns(open_base: torch.Tensor, gamma: float, num_clients: int) -> torch.Tensor:

@@ -176,6 +176,7 @@ def test_block_cost_equals_the_per_dimension_cost():
         _GlobalLayer,
         _new_columns,
         _open_cost,
+        _popularity_scores,
     )
 
     g = torch.Generator().manual_seed(3)
@@ -187,11 +188,13 @@ def test_block_cost_equals_the_per_dimension_cost():
     blocks = _Blocks.of(client, s0)
     layer = _GlobalLayer(prior, blocks)
     rows = [torch.randn(L, D, generator=g, dtype=torch.float64) * c for c in client]
-    layer.add(layer.pack(rows[0], blocks.client[0]), torch.arange(L))
-    layer.add(layer.pack(rows[1], blocks.client[1]), torch.tensor([0, 2, 4, 5]))
+    layer.add(layer.pack(rows[0], blocks.client[0]), torch.arange(L), L)
+    layer.add(layer.pack(rows[1], blocks.client[1]), torch.tensor([0, 2, 4, 5]), 6)
     w = rows[2]
     base = _open_cost(w, blocks.norms(w), blocks.client[2], blocks, layer.prior_sum)
-    existing = _block_cost(w, blocks.norms(w), blocks.client[2], layer, J, 2.0, None)
+    existing = _block_cost(
+        w, blocks.norms(w), blocks.client[2], layer, _popularity_scores(J, 2.0, None, w.device)
+    )
     fast = torch.cat([existing, _new_columns(base, 2.0, J)[:, :3]], 1)
     direct = assignment_cost(
         rows[2],
@@ -221,4 +224,4 @@ def test_solving_over_the_first_new_columns_finds_the_full_optimum():
         new = _new_columns(torch.randn(L, generator=g, dtype=torch.float64) + shift, 1.0, 4)
         full = solve_assignment(torch.cat([existing, new], 1))
         for opened in (0, 3, L):
-            assert torch.equal(_solve(existing, new, opened, "hungarian"), full)
+            assert torch.equal(torch.from_numpy(_solve(existing, new, opened, "hungarian")), full)
