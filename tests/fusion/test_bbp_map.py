@@ -187,9 +187,10 @@ def test_block_cost_equals_the_per_dimension_cost():
     prior = torch.randn(D, generator=g, dtype=torch.float64) * s0
     blocks = _Blocks.of(client, s0)
     layer = _GlobalLayer(prior, blocks)
-    rows = [torch.randn(L, D, generator=g, dtype=torch.float64) * c for c in client]
-    layer.add(layer.pack(rows[0], blocks.client[0]), torch.arange(L), L)
-    layer.add(layer.pack(rows[1], blocks.client[1]), torch.tensor([0, 2, 4, 5]), 6)
+    raw = [torch.randn(L, D, generator=g, dtype=torch.float64) for _ in client]
+    rows = [r * c for r, c in zip(raw, client)]
+    layer.add(layer.pack(raw[0], client[0], blocks.client[0]), torch.arange(L), L)
+    layer.add(layer.pack(raw[1], client[1], blocks.client[1]), torch.tensor([0, 2, 4, 5]), 6)
     w = rows[2]
     base = _open_cost(w, blocks.norms(w), blocks.client[2], blocks, layer.prior_sum)
     existing = _block_cost(
