@@ -28,6 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 
 from fedalign.fl.dispatch import take_pending
+from fedalign.studies import write_json
 
 
 def link_state(nodes: int, messages: int) -> tuple[InMemoryLinkState, dict[int, int]]:
@@ -88,8 +89,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+        write_json(args.out, {"cores": os.cpu_count(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -147,8 +147,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+        from fedalign.studies import write_json  # after the runs: the parent stays light
+
+        write_json(args.out, {"cores": os.cpu_count(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from oneshot_pfnm import local_models  # this folder is the script's: on sys.path
 
 from fedalign.data import federation
 from fedalign.fusion import REFERENCE_GRID, pfnm
-from fedalign.models import MLP, build_model
-from fedalign.studies import train_from_own_inits, write_json
+from fedalign.models import MLP
+from fedalign.studies import write_json
 from fedalign.training import evaluate
 
 
@@ -103,19 +104,7 @@ def main() -> None:
     )
     clients = [fed.client(j) for j in range(args.clients)]
     counts = np.array([np.bincount(c.y_train, minlength=10) for c in clients])
-    models = train_from_own_inits(
-        lambda: build_model("mlp", hidden=[args.hidden]),
-        [(c.X_train, c.y_train) for c in clients],
-        [1000 + j for j in range(len(clients))],
-        range(len(clients)),
-        cache=args.cache,
-        key=f"fmnist-dirichlet-a{args.alpha}-J{args.clients}-h{args.hidden}-s{args.seed}",
-        epochs=args.epochs,
-        batch_size=64,
-        optimizer=args.optimizer,
-        lr={"sgd": 0.01, "adam": 1e-3}[args.optimizer],
-        momentum=0.9,
-    )
+    models, _ = local_models(args, clients)
     X_train = np.concatenate([c.X_train for c in clients])
     y_train = np.concatenate([c.y_train for c in clients])
     X_test, y_test = fed.test
