@@ -15,36 +15,84 @@ config can name them::
 
 A config file names only registered things, never import paths, so running someone's shared config
 runs no code of theirs; registering is code the user runs (or a file given to ``--plugin``).
-Layers (see docs/architecture.md): the algorithm packages (:mod:`fedalign.align`,
-:mod:`fedalign.fusion`, :mod:`fedalign.repair`, :mod:`fedalign.stats`, :mod:`fedalign.analysis`)
+Layers (see docs/architecture.md): the algorithm packages (:mod:`fedalign.algorithms.align`,
+:mod:`fedalign.algorithms.fusion`, :mod:`fedalign.algorithms.repair`,
+:mod:`fedalign.algorithms.stats`, :mod:`fedalign.algorithms.analysis`)
 are pure functions over tensors and state dicts and import neither Flower nor the config;
 :mod:`fedalign.fl` is the thin Flower layer over them.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedalign.align import ALIGNERS, SOLVERS, PermutationSpec, permutation_spec
-from fedalign.config import RunConfig, from_dict, load_config
-from fedalign.data import DATASETS, Arrays
-from fedalign.errors import ConfigError, RoundFailedError
-from fedalign.fusion import FUSE_RULES
-from fedalign.models import MODELS
-from fedalign.pipeline import Outcome, Plan, aggregate, aggregate_local
-from fedalign.plugins import load_plugin
-from fedalign.registry import STRATEGIES, Context, Registry, RegistryError, Supports
-from fedalign.repair import REPAIR_RULES, RepairInputs
-from fedalign.server_opt import SERVER_OPTIMIZERS, options_problem
-from fedalign.stats import STATISTICS, StatContext
-from fedalign.training import OBJECTIVES, OPTIMIZERS
-
 if TYPE_CHECKING:
-    from fedalign.runner import RunOutcome
+    from fedalign.algorithms.align import ALIGNERS, SOLVERS, PermutationSpec, permutation_spec
+    from fedalign.algorithms.fusion import FUSE_RULES
+    from fedalign.algorithms.pipeline import Outcome, Plan, aggregate, aggregate_local
+    from fedalign.algorithms.repair import REPAIR_RULES, RepairInputs
+    from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS
+    from fedalign.algorithms.stats import STATISTICS, StatContext
+    from fedalign.client.training import OBJECTIVES, OPTIMIZERS
+    from fedalign.config.schema import RunConfig, from_dict, load_config
+    from fedalign.core.errors import ConfigError, RoundFailedError
+    from fedalign.core.plugins import load_plugin
+    from fedalign.core.registry import STRATEGIES, Context, Registry, RegistryError, Supports
+    from fedalign.data import DATASETS, Arrays
+    from fedalign.models import MODELS
+    from fedalign.runs.runner import RunOutcome
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ALIGNERS": "fedalign.algorithms.align",
+    "SOLVERS": "fedalign.algorithms.align",
+    "PermutationSpec": "fedalign.algorithms.align",
+    "permutation_spec": "fedalign.algorithms.align",
+    "FUSE_RULES": "fedalign.algorithms.fusion",
+    "Outcome": "fedalign.algorithms.pipeline",
+    "Plan": "fedalign.algorithms.pipeline",
+    "aggregate": "fedalign.algorithms.pipeline",
+    "aggregate_local": "fedalign.algorithms.pipeline",
+    "REPAIR_RULES": "fedalign.algorithms.repair",
+    "RepairInputs": "fedalign.algorithms.repair",
+    "SERVER_OPTIMIZERS": "fedalign.algorithms.server_opt",
+    "STATISTICS": "fedalign.algorithms.stats",
+    "StatContext": "fedalign.algorithms.stats",
+    "OBJECTIVES": "fedalign.client.training",
+    "OPTIMIZERS": "fedalign.client.training",
+    "RunConfig": "fedalign.config.schema",
+    "from_dict": "fedalign.config.schema",
+    "load_config": "fedalign.config.schema",
+    "ConfigError": "fedalign.core.errors",
+    "RoundFailedError": "fedalign.core.errors",
+    "load_plugin": "fedalign.core.plugins",
+    "STRATEGIES": "fedalign.core.registry",
+    "Context": "fedalign.core.registry",
+    "Registry": "fedalign.core.registry",
+    "RegistryError": "fedalign.core.registry",
+    "DATASETS": "fedalign.data",
+    "Arrays": "fedalign.data",
+    "MODELS": "fedalign.models",
+}
+"""Public name -> the module that defines it, imported on first use: ``import fedalign`` loads
+neither torch's model zoo nor the config, Flower or Ray until a name needs them."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedalign' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def register_model(
@@ -53,6 +101,8 @@ def register_model(
     """A model a config can name (``model: {name: NAME, ...options}``): ``builder(**options)``
     returns an ``nn.Module``; the options a dataset implies (``in_features``, ``in_channels``,
     ``image_size``, ``num_classes``, ``vocab_size``) are passed when it takes them."""
+    from fedalign.models import MODELS
+
     return MODELS.register(name, builder, options={}, replace=replace)
 
 
@@ -61,6 +111,8 @@ def register_dataset(
 ) -> Callable[..., Arrays]:
     """A dataset a config can name (``data.dataset``): ``loader(split, data_dir, **options)``
     returns :class:`fedalign.data.Arrays` for ``split`` ``"train"`` or ``"test"``."""
+    from fedalign.data import DATASETS
+
     return DATASETS.register(name, loader, options={}, replace=replace)
 
 
@@ -75,6 +127,8 @@ def register_fuse_rule(
     """A fuse rule (``aggregation.fuse``): ``rule(states, weights, stats, **options)`` returns the
     fused state dict; ``needs`` names the client statistics it reads from ``stats[j]``; its
     keyword-only parameters are its options (``aggregation.options``)."""
+    from fedalign.algorithms.fusion import FUSE_RULES
+
     return FUSE_RULES.register(
         name, rule, needs={"train": needs}, supports=supports, replace=replace
     )
@@ -89,7 +143,9 @@ def register_aligner(
     replace: bool = False,
 ) -> Callable[..., Any]:
     """An alignment step (``aggregation.align``), with the signature of
-    ``fedalign.align.aligners``."""
+    ``fedalign.algorithms.align.aligners``."""
+    from fedalign.algorithms.align import ALIGNERS
+
     return ALIGNERS.register(name, aligner, needs=needs, supports=supports, replace=replace)
 
 
@@ -104,6 +160,8 @@ def register_repair_rule(
 ) -> Callable[..., Any]:
     """A repair step (``aggregation.repair``): ``rule(fused, inputs: RepairInputs, **options)``
     returns ``(state, info)``."""
+    from fedalign.algorithms.repair import REPAIR_RULES
+
     return REPAIR_RULES.register(
         name, rule, needs=needs, supports=supports, replace=replace, needs_alignment=needs_alignment
     )
@@ -120,6 +178,8 @@ def register_server_optimizer(
     **options)`` returns ``(new global state dict, optimizer state)``, the state a flat dict of
     tensors (checkpointed); ``check(options)`` says why option values are invalid (default: the
     built-ins' check of ``lr``, ``momentum``, ``betas``, ``tau``)."""
+    from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS, options_problem
+
     return SERVER_OPTIMIZERS.register(name, step, check=check or options_problem, replace=replace)
 
 
@@ -132,6 +192,8 @@ def register_statistic(
 ) -> Callable[..., Any]:
     """A client statistic: ``compute(model, X, y, context: StatContext, **options)``; ``permute``
     moves it into the aligned basis (None: it is never moved)."""
+    from fedalign.algorithms.stats import STATISTICS
+
     return STATISTICS.register(name, compute, permute=permute, replace=replace)
 
 
@@ -146,6 +208,8 @@ def register_strategy(
 ) -> type:
     """A strategy (``strategy.name``): a ``fedalign.fl.engine.Strategy`` subclass, the client
     ``objective`` it trains with, and whether it takes the align/fuse/repair pipeline."""
+    from fedalign.core.registry import STRATEGIES
+
     return STRATEGIES.register(
         name,
         strategy,
@@ -161,9 +225,10 @@ def run(
     config: RunConfig | str | Path, overrides: list[str] | None = None, **options: Any
 ) -> RunOutcome:
     """Simulate a run (a ``RunConfig``, or a YAML path with ``overrides``) on Flower and Ray;
-    ``options`` go to :func:`fedalign.runner.run` (``output_dir``, ``verbose``, ``progress``,
+    ``options`` go to :func:`fedalign.runs.runner.run` (``output_dir``, ``verbose``, ``progress``,
     ``resume_dir``). Returns the run folder and its summary."""
-    from fedalign import runner  # Flower and Ray load only when a simulation runs
+    from fedalign.config.schema import RunConfig, load_config
+    from fedalign.runs import runner  # Flower and Ray load only when a simulation runs
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     return runner.run(cfg, **options)

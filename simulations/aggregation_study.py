@@ -4,7 +4,8 @@ independently trained networks with and without REPAIR.
 
 One-shot: J clients, each trains an MLP from its own initialisation on its Fashion-MNIST partition
 (Dirichlet(alpha) and IID), then one aggregation. The pipelines run through
-``fedalign.pipeline.aggregate``, the function the Flower strategy calls, with the clients' answers
+``fedalign.algorithms.pipeline.aggregate``, the function the Flower strategy calls, with the
+clients' answers
 computed directly by ``stats.client_statistics`` on each client's own data (a seeded sample of
 ``--stats-samples``, the run config's default), so the numbers are what a federation computes
 without Ray's overhead. Barrier: two MLPs (no normalisation) trained on disjoint halves of the
@@ -25,14 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedalign.align import permutation_spec
-from fedalign.analysis import Correction
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.analysis import Correction
+from fedalign.algorithms.pipeline import Plan, aggregate
+from fedalign.algorithms.repair import repair_with_data
+from fedalign.algorithms.stats import StatContext, client_statistics, received_statistics
+from fedalign.client.training import evaluate
 from fedalign.data import federation
 from fedalign.models import build_model, fit_to_state
-from fedalign.pipeline import Plan, aggregate
-from fedalign.repair import repair_with_data
-from fedalign.stats import StatContext, client_statistics, received_statistics
-from fedalign.studies import (
+from fedalign.runs.studies import (
     barrier_row,
     baseline_rows,
     load_fashion_mnist,
@@ -41,7 +43,6 @@ from fedalign.studies import (
     weight_matched,
     write_json,
 )
-from fedalign.training import evaluate
 
 PIPELINES = [
     ("none", "mean", "none"),
@@ -100,7 +101,7 @@ def one_shot(args: argparse.Namespace, partition: str) -> dict:
         name = f"{align} / {fuse} / {repair}"
         t0 = time.perf_counter()
         if align == "pfnm":
-            from fedalign.fusion.pfnm import pfnm
+            from fedalign.algorithms.fusion.neural_matching import pfnm
 
             fused_model, assignment = pfnm(models, counts, sigma=0.1, sigma0=1.0, gamma=5.0)
             rows[name] = accuracy(fused_model)
@@ -208,8 +209,8 @@ def cnn_barriers(args: argparse.Namespace) -> dict:
     """Midpoint barriers of two independently trained CNNs: VGG-9 (no normalisation) with and
     without REPAIR, ResNet-20 (BatchNorm) with and without a BN reset, both after weight matching.
     Each model trains on its own half of ``--cnn-samples`` training examples."""
-    from fedalign.repair import bn_reset
-    from fedalign.stats import batchnorm_input_moments
+    from fedalign.algorithms.repair import bn_reset
+    from fedalign.algorithms.stats import batchnorm_input_moments
 
     X, y, X_test, y_test = load_fashion_mnist()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from fedalign.align import apply_permutation, permutation_spec, weight_matching
-from fedalign.analysis import BarrierResult, interpolation_barrier
+from fedalign.algorithms.align import apply_permutation, permutation_spec, weight_matching
+from fedalign.algorithms.analysis import BarrierResult, interpolation_barrier
+from fedalign.client.training import evaluate
 from fedalign.models import build_model
-from fedalign.studies import load_fashion_mnist, train_from_own_inits, write_json
-from fedalign.training import evaluate
+from fedalign.runs.studies import load_fashion_mnist, train_from_own_inits, write_json
 
 ACCEPTED_REDUCTION = 0.8
 

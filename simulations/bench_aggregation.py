@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from fedalign.align import apply_permutation, permutation_spec, solve_assignment
-from fedalign.align.weight_matching import group_scores
+from fedalign.algorithms.align import apply_permutation, permutation_spec, solve_assignment
+from fedalign.algorithms.align.weight_matching import group_scores
+from fedalign.client.training import train_local
+from fedalign.core.tensors import weighted_average
 from fedalign.data import load_dataset
 from fedalign.models import build_model
-from fedalign.studies import write_json
-from fedalign.tensors import weighted_average
-from fedalign.training import train_local
+from fedalign.runs.studies import write_json
 
 SOLVERS = ("hungarian", "sinkhorn")
 StateDict = dict[str, torch.Tensor]

@@ -28,7 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 
 from fedalign.fl.dispatch import take_pending
-from fedalign.studies import write_json
+from fedalign.runs.studies import write_json
 
 
 def link_state(nodes: int, messages: int) -> tuple[InMemoryLinkState, dict[int, int]]:

@@ -35,14 +35,14 @@ from typing import Self
 
 import torch
 
-from fedalign.components import run_federation, run_model, train_client
-from fedalign.config import RunConfig, load_config
+from fedalign.client.training import evaluate
+from fedalign.config.components import run_federation, run_model, train_client
+from fedalign.config.schema import RunConfig, load_config
+from fedalign.core.tensors import weighted_average
 from fedalign.fl.engine import sample_partitions
-from fedalign.results import read_rows
-from fedalign.runner import run
-from fedalign.studies import write_json
-from fedalign.tensors import weighted_average
-from fedalign.training import evaluate
+from fedalign.report.results import read_rows
+from fedalign.runs.runner import run
+from fedalign.runs.studies import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

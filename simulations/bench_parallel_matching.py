@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fedalign.align import permutation_spec
-from fedalign.align.parallel import match_all
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.align.parallel import match_all
 from fedalign.models import build_model
 
 CASES = (("weight", [512, 512], {"restarts": 3}), ("sinkhorn-rebasin", [100], {"steps": 100}))

@@ -38,11 +38,11 @@ def one_run(nodes: int, fast: bool, rounds: int, cohort: int, out: Path, extra: 
     from bench_overhead import PeakMemory
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    from fedalign.components import run_federation
-    from fedalign.config import load_config
+    from fedalign.config.components import run_federation
+    from fedalign.config.schema import load_config
     from fedalign.fl.engine import RoundEngine
-    from fedalign.results import read_rows
-    from fedalign.runner import run
+    from fedalign.report.results import read_rows
+    from fedalign.runs.runner import run
 
     phases: dict[str, float] = {}
 
@@ -147,7 +147,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
-        from fedalign.studies import write_json  # after the runs: the parent stays light
+        from fedalign.runs.studies import write_json  # after the runs: the parent stays light
 
         write_json(args.out, {"cores": os.cpu_count(), "rows": rows})
 

@@ -6,7 +6,8 @@ its score matrix (a float64 W x W product), the Hungarian solve, and the objecti
 The baseline is the J solves alone on one core, each on the score matrix of the identity start
 (built untimed, one at a time, so J matrices of W^2 float64 never sit in memory together); the
 baseline and the alignment alternate over chunks of ``--chunk`` clients, so that on a shared
-machine both see the same load. The alignment runs with ``fedalign.align.parallel.match_all`` on
+machine both see the same load. The alignment runs with
+``fedalign.algorithms.align.parallel.match_all`` on
 ``--workers`` processes (default: every core); ``--sequential`` also times it on one. The
 permutations must equal the solves' (for one group, weight matching's answer is that solve), which
 the script checks.
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from fedalign.align import identity_permutation, permutation_spec
-from fedalign.align.parallel import match_all
-from fedalign.align.solvers import hungarian
-from fedalign.align.weight_matching import group_scores
+from fedalign.algorithms.align import identity_permutation, permutation_spec
+from fedalign.algorithms.align.parallel import match_all
+from fedalign.algorithms.align.solvers import hungarian
+from fedalign.algorithms.align.weight_matching import group_scores
 from fedalign.models import build_model
 
 

@@ -42,9 +42,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedalign.align import permutation_spec
-from fedalign.data import federation
-from fedalign.fusion.fedma import (
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion.layer_matching import (
     class_weighted_classifier,
     classifier_keys,
     global_layer,
@@ -52,11 +51,12 @@ from fedalign.fusion.fedma import (
     match_layer,
     matched_layers,
 )
+from fedalign.client.training import evaluate, train_local
+from fedalign.core.tensors import weighted_average
+from fedalign.core.types import StateDict
+from fedalign.data import federation
 from fedalign.models import build_model, fit_to_state
-from fedalign.studies import train_from_own_inits, write_json
-from fedalign.tensors import weighted_average
-from fedalign.training import evaluate, train_local
-from fedalign.types import StateDict
+from fedalign.runs.studies import train_from_own_inits, write_json
 
 WIDTHS = ("conv1", "conv2", "fc1", "fc2")
 

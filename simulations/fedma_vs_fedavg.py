@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedalign.align import permutation_spec
-from fedalign.components import run_federation, run_model
-from fedalign.config import RunConfig, load_config
-from fedalign.fusion.fedma import matched_layers
-from fedalign.plots import Curve, accuracy_plot
-from fedalign.results import cumulative_bytes, read_rows
-from fedalign.runner import run
-from fedalign.studies import write_json
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion.layer_matching import matched_layers
+from fedalign.config.components import run_federation, run_model
+from fedalign.config.schema import RunConfig, load_config
+from fedalign.report.plots import Curve, accuracy_plot
+from fedalign.report.results import cumulative_bytes, read_rows
+from fedalign.runs.runner import run
+from fedalign.runs.studies import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

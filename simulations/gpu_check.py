@@ -17,19 +17,19 @@ from pathlib import Path
 
 import torch
 
-from fedalign.align import (
+from fedalign.algorithms.align import (
     apply_permutation,
     permutation_spec,
     random_permutation,
     solve_assignment,
     weight_matching,
 )
-from fedalign.fusion.pfnm import pfnm
+from fedalign.algorithms.fusion.neural_matching import pfnm
+from fedalign.algorithms.pipeline import Plan, aggregate
+from fedalign.algorithms.stats import client_statistics, received_statistics
+from fedalign.client.training import evaluate, train_local
 from fedalign.models import build_model
-from fedalign.pipeline import Plan, aggregate
-from fedalign.stats import client_statistics, received_statistics
-from fedalign.studies import load_fashion_mnist, write_json
-from fedalign.training import evaluate, train_local
+from fedalign.runs.studies import load_fashion_mnist, write_json
 
 
 def timed(on: torch.device, fn, *args, **kwargs):

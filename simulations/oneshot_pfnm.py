@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedalign.align import permutation_spec
-from fedalign.data import federation
-from fedalign.fusion import (
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion import (
     REFERENCE_GRID,
     PFNMAssignments,
     assignment_cost,
@@ -38,9 +37,10 @@ from fedalign.fusion import (
     select_candidate,
     weighted_average,
 )
+from fedalign.client.training import evaluate
+from fedalign.data import federation
 from fedalign.models import MLP, build_model
-from fedalign.studies import baseline_rows, train_from_own_inits, weight_matched, write_json
-from fedalign.training import evaluate
+from fedalign.runs.studies import baseline_rows, train_from_own_inits, weight_matched, write_json
 
 FINE_GAMMAS = (1.0, 5.0, 20.0, 50.0)  # the reference grid's gammas jump from 1 to 50
 

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from oneshot_pfnm import local_models  # this folder is the script's: on sys.path
 
+from fedalign.algorithms.fusion import REFERENCE_GRID, pfnm
+from fedalign.client.training import evaluate
 from fedalign.data import federation
-from fedalign.fusion import REFERENCE_GRID, pfnm
 from fedalign.models import MLP
-from fedalign.studies import write_json
-from fedalign.training import evaluate
+from fedalign.runs.studies import write_json
 
 
 def reference_fuse(module, models: list[MLP], counts: np.ndarray, sigma, sigma0, gamma, seed):

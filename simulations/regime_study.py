@@ -31,9 +31,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from fedalign.align import permutation_spec
-from fedalign.data import federation
-from fedalign.fusion.fedma import (
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion.layer_matching import (
     class_weighted_classifier,
     classifier_keys,
     global_layer,
@@ -42,11 +41,12 @@ from fedalign.fusion.fedma import (
     matched_layers,
     slice_to_client,
 )
-from fedalign.fusion.pfnm import pfnm
+from fedalign.algorithms.fusion.neural_matching import pfnm
+from fedalign.algorithms.pipeline import Plan
+from fedalign.client.training import evaluate, train_local
+from fedalign.data import federation
 from fedalign.models import build_model, fit_to_state
-from fedalign.pipeline import Plan
-from fedalign.studies import pipeline_rounds, write_json
-from fedalign.training import evaluate, train_local
+from fedalign.runs.studies import pipeline_rounds, write_json
 
 Data = tuple[torch.Tensor, torch.Tensor]
 CLASSES = 10

@@ -2,7 +2,8 @@ r"""How much of the midpoint loss barrier of weight-matched networks REPAIR remo
 
 Two networks of one architecture trained on Fashion-MNIST from different seeds; the second is
 aligned to the first by weight matching; the midpoint of the aligned pair is evaluated on the test
-set as it is and after REPAIR (``fedalign.repair.repair_with_data``: per-channel statistics of the
+set as it is and after REPAIR (``fedalign.algorithms.repair.repair_with_data``: per-channel
+statistics of the
 endpoints and of the fused model on ``--repair-samples`` training images, the correction folded
 into the layers). The barrier is the midpoint's test loss minus the mean of the endpoints' losses;
 the issue asks REPAIR to remove at least half of the barrier that alignment leaves.
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from fedalign.align import permutation_spec
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.repair import repair_with_data
 from fedalign.models import build_model
-from fedalign.repair import repair_with_data
-from fedalign.studies import (
+from fedalign.runs.studies import (
     load_fashion_mnist,
     midpoint_barrier,
     train_from_own_inits,

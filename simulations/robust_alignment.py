@@ -4,7 +4,8 @@ One-shot fusion of J MLPs trained from their own initialisations on digits (Diri
 partitions): each robust fuse rule (median, trimmed mean, Multi-Krum, Bulyan) and the mean, without
 alignment and after weight matching, with all clients honest and with one Byzantine client (a
 sign-flipping attacker: its weights times -10; a positive scale alone would leave a ReLU network's
-predictions as they are). The rules run through ``fedalign.pipeline.aggregate``, the function the
+predictions as they are). The rules run through ``fedalign.algorithms.pipeline.aggregate``, the
+function the
 strategies call. Without alignment, a coordinate-wise median of permuted networks mixes unrelated
 neurons; aligned first, it compares like with like.
 
@@ -19,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedalign.align import permutation_spec
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.pipeline import Plan, aggregate
+from fedalign.client.training import evaluate
 from fedalign.data import federation
 from fedalign.models import build_model, fit_to_state
-from fedalign.pipeline import Plan, aggregate
-from fedalign.studies import baseline_rows, train_from_own_inits, write_json
-from fedalign.training import evaluate
+from fedalign.runs.studies import baseline_rows, train_from_own_inits, write_json
 
 RULES = [
     ("mean", {}),

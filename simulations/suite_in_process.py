@@ -1,7 +1,7 @@
 """A benchmark suite run in this process: the same run folders, metrics and summary as
 ``fedalign bench SUITE.yaml``, with the Flower messages carried by a direct call instead of Ray.
 
-Each run is ``fedalign.fl.server_app.run_server`` (the round engine, the strategy, evaluation,
+Each run is ``fedalign.runs.server_app.run_server`` (the round engine, the strategy, evaluation,
 checkpoints, metrics) on a grid whose nodes are fedalign's ClientApp called in this process, each
 node with its own ``Context`` (partition id, ``Context.state`` kept across rounds, as Flower's
 simulation keeps it). Messages, reply checks and byte accounting are the engine's own; what is left
@@ -23,11 +23,11 @@ import torch
 from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedalign.bench import finished_run, load_suite, summarise_suite
-from fedalign.config import RunConfig
+from fedalign.config.schema import RunConfig
 from fedalign.fl.client_app import app as client_app
-from fedalign.fl.server_app import run_server
-from fedalign.run_folder import new_run
+from fedalign.runs.bench import finished_run, load_suite, summarise_suite
+from fedalign.runs.folder import new_run
+from fedalign.runs.server_app import run_server
 
 
 @contextlib.contextmanager

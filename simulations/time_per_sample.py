@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from fedalign.components import run_federation, run_model
-from fedalign.config import load_config
+from fedalign.config.components import run_federation, run_model
+from fedalign.config.schema import load_config
 
 
 def seconds_per_example(config: str, seconds: float) -> tuple[float, int]:

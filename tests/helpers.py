@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedalign.align import apply_permutation, random_permutation
+from fedalign.algorithms.align import apply_permutation, random_permutation
 from fedalign.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedalign.analysis import (
+from fedalign.algorithms.analysis import (
     interpolate,
     interpolation_barrier,
     linear_cka,

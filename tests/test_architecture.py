@@ -11,34 +11,24 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedalign"
-ALGORITHMS = (
-    "align",
-    "fusion",
-    "repair",
-    "stats",
-    "analysis",
-    "drift",
-    "pipeline",
-    "tensors",
-    "types",
-    "registry",
-    "server_opt",
-    "studies",
-    "plots",
-)
-ABOVE_ALGORITHMS = (
-    "config",
-    "config_reference",
-    "fl",
-    "runner",
-    "cli",
-    "bench",
-    "components",
-    "run_folder",
-    "plugins",
-    "merge",
-    "interrupts",
-)
+LAYERS: dict[str, set[str]] = {
+    "core": set(),
+    "data": {"core"},
+    "models": {"core"},
+    "client": {"core", "models"},
+    "algorithms": {"core", "models", "client"},
+    "report": {"core"},
+    "config": {"core", "data", "models", "client", "algorithms", "report"},
+    "fl": {"core", "data", "models", "client", "algorithms", "report", "config"},
+    "runs": {"core", "data", "models", "client", "algorithms", "report", "config", "fl"},
+    "cli": {"core", "data", "models", "client", "algorithms", "report", "config", "fl", "runs"},
+}
+"""Each folder of the package and the folders it may import (besides its own): the table of
+docs/architecture.md. The package's ``__init__`` (the public API) may import every layer."""
+WITHOUT_FLOWER = ("core", "data", "models", "client", "algorithms", "report", "config")
+"""Layers that import neither Flower nor Ray: usable from a notebook, a study, an offline merge."""
+ROOT_MODULES = 8
+"""At most this many modules at the package root: the public API, and little else."""
 
 
 def module_name(path: Path) -> str:
@@ -60,7 +50,18 @@ def imports_of(path: Path) -> set[str]:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parent, base] if base else parent)
             found |= {base} | {f"{base}.{a.name}" for a in node.names}
-    return {m for m in found if m.split(".")[0] in ("fedalign", "flwr")}
+    return {m for m in found if m.split(".")[0] == "fedalign"}
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Every absolute import of ``path`` outside fedalign, at any depth of the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return {m for m in found if m.split(".")[0] != "fedalign"}
 
 
 def module_graph() -> dict[str, set[str]]:
@@ -106,7 +107,7 @@ def cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
 
 
 def layer(module: str) -> str:
-    """``fedalign.align.spec`` -> ``align``; the package itself is ``fedalign``."""
+    """``fedalign.algorithms.align.spec`` -> ``algorithms``; the package itself is ``fedalign``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else parts[0]
 
@@ -120,25 +121,37 @@ def test_no_import_circle_between_modules():
     assert cycles(module_graph()) == []
 
 
-def test_no_import_circle_between_packages():
-    graph: dict[str, set[str]] = {}
+def test_every_module_sits_in_a_layer_folder():
+    """A module at the root or in a folder the table does not name would escape the rules."""
+    modules = [module_name(p) for p in PACKAGE.rglob("*.py")]
+    assert sorted({layer(m) for m in modules} - {"fedalign"} - LAYERS.keys()) == []
+    root = [p.name for p in PACKAGE.glob("*.py")]
+    assert len(root) <= ROOT_MODULES, root
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    offending = {}
     for module, targets in module_graph().items():
-        graph.setdefault(layer(module), set()).update(
-            layer(t) for t in targets if layer(t) != layer(module)
-        )
-    graph.pop("fedalign")  # the public API re-exports every layer; nothing imports it back
-    assert cycles(graph) == []
+        own = layer(module)
+        if own == "fedalign":
+            continue
+        bad = sorted(t for t in targets if layer(t) not in LAYERS[own] | {own})
+        if bad:
+            offending[module] = bad
+    assert offending == {}
 
 
-@pytest.mark.parametrize("package", ALGORITHMS)
-def test_algorithm_packages_import_no_config_flower_runner_or_cli(package):
+def test_the_layer_table_has_no_circle():
+    assert cycles(LAYERS) == []
+
+
+@pytest.mark.parametrize("package", WITHOUT_FLOWER)
+def test_lower_layers_import_no_flower_or_ray(package):
     offending = {}
     for path in PACKAGE.rglob("*.py"):
         if layer(module_name(path)) != package:
             continue
-        bad = sorted(
-            m for m in imports_of(path) if m.startswith("flwr") or layer(m) in ABOVE_ALGORITHMS
-        )
+        bad = sorted(m for m in third_party_imports(path) if m.split(".")[0] in ("flwr", "ray"))
         if bad:
             offending[module_name(path)] = bad
     assert offending == {}
@@ -146,4 +159,4 @@ def test_algorithm_packages_import_no_config_flower_runner_or_cli(package):
 
 def test_shared_types_are_defined_once():
     definitions = [p for p in PACKAGE.rglob("*.py") if "\nStateDict = " in p.read_text()]
-    assert [module_name(p) for p in definitions] == ["fedalign.types"]
+    assert [module_name(p) for p in definitions] == ["fedalign.core.types"]

@@ -5,9 +5,9 @@ import statistics
 
 import pytest
 
-from fedalign.bench import load_suite, mean_std, reach
 from fedalign.cli import main
-from fedalign.config import ConfigError
+from fedalign.config.schema import ConfigError
+from fedalign.runs.bench import load_suite, mean_std, reach
 from tests.helpers import ROOT
 
 

@@ -6,7 +6,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from fedalign.checkpoint import (
+from fedalign.runs.checkpoint import (
     Checkpoint,
     CheckpointError,
     list_checkpoints,

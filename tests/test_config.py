@@ -6,12 +6,12 @@ import sys
 import pytest
 import yaml
 
-from fedalign.config import ConfigError, derive_seeds, from_dict, load_config, to_yaml
+from fedalign.config.schema import ConfigError, derive_seeds, from_dict, load_config, to_yaml
 from tests.helpers import ROOT
 
 
 def test_every_shipped_config_and_suite_loads():
-    from fedalign.bench import load_suite
+    from fedalign.runs.bench import load_suite
 
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     suites = [p for p in configs if p.name.startswith("bench_")]

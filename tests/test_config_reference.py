@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from fedalign.cli import main
-from fedalign.config import ConfigError, RunConfig, from_dict, load_config
-from fedalign.config_reference import BEGIN, END, defaults_yaml, json_schema, readme_block
+from fedalign.config.reference import BEGIN, END, defaults_yaml, json_schema, readme_block
+from fedalign.config.schema import ConfigError, RunConfig, from_dict, load_config
 from tests.helpers import ROOT
 
 
@@ -32,7 +32,7 @@ def test_every_key_is_declared_with_a_comment():
     undocumented = [k for k, f in keys.items() if not f.metadata.get("doc")]
     assert not undocumented, (
         f"declare {undocumented} as `name: type = key(default, 'one-line comment', ...)` "
-        "in fedalign/config.py, then run `python -m fedalign.config_reference README.md`"
+        "in fedalign/config/schema.py, then run `python -m fedalign.config.reference README.md`"
     )
 
 
@@ -41,7 +41,7 @@ def test_readme_reference_is_the_generated_one():
     start, end = readme.index(BEGIN), readme.index(END) + len(END)
     assert readme[start:end] == readme_block(), (
         "README.md's config reference differs from `fedalign config --defaults`: "
-        "run `python -m fedalign.config_reference README.md` and commit README.md"
+        "run `python -m fedalign.config.reference README.md` and commit README.md"
     )
 
 

@@ -9,10 +9,10 @@ import signal
 
 import pytest
 
-from fedalign import runner
 from fedalign.cli import main
-from fedalign.errors import RunInterrupted
-from fedalign.interrupts import stop_on_signals
+from fedalign.core.errors import RunInterrupted
+from fedalign.runs import runner
+from fedalign.runs.interrupts import stop_on_signals
 from tests.helpers import DIGITS
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedalign.align import permutation_spec
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.pipeline import Plan, aggregate
+from fedalign.algorithms.stats import StatContext, client_statistics, received_statistics
 from fedalign.cli import main
+from fedalign.client.training import train_local
+from fedalign.core.tensors import weighted_average
 from fedalign.data import dataset_arrays
-from fedalign.pipeline import Plan, aggregate
-from fedalign.stats import StatContext, client_statistics, received_statistics
-from fedalign.tensors import weighted_average
-from fedalign.training import train_local
 from tests.fl.test_strategies import assert_same_state
 from tests.helpers import seeded_model, with_state
 

@@ -11,9 +11,9 @@ import zipfile
 
 import pytest
 
-from fedalign.bundled import bundled_names, resolve_config
 from fedalign.cli import main
-from fedalign.config import ConfigError
+from fedalign.config.bundled import bundled_names, resolve_config
+from fedalign.config.schema import ConfigError
 from tests.helpers import CONFIGS, ROOT
 
 
@@ -59,7 +59,8 @@ def test_the_wheel_ships_license_py_typed_and_configs_found_by_name(tmp_path):
     elsewhere = tmp_path / "elsewhere"  # no configs/ folder here
     elsewhere.mkdir()
     script = (
-        "from fedalign.bundled import resolve_config; from fedalign.config import load_config;"
+        "from fedalign.config.bundled import resolve_config; "
+        "from fedalign.config import load_config; "
         "p = resolve_config('quickstart'); print(p); print(load_config(p).name)"
     )
     found = subprocess.run(

@@ -1,4 +1,4 @@
-"""The shared accuracy figure (fedalign.plots) and the run folder's use of it."""
+"""The shared accuracy figure (fedalign.report.plots) and the run folder's use of it."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import matplotlib
 import pytest
 from matplotlib.figure import Figure
 
-from fedalign.plots import Curve, accuracy_plot
-from fedalign.results import plot_runs
+from fedalign.report.plots import Curve, accuracy_plot
+from fedalign.report.results import plot_runs
 
 
 @pytest.fixture

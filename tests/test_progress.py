@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from fedalign.fl.engine import RoundLog
-from fedalign.progress import RoundPrinter, round_line, round_output
+from fedalign.runs.progress import RoundPrinter, round_line, round_output
 
 
 def engine_row(number: int, accuracy: float | None = 0.8327) -> dict:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fedalign
-from fedalign.pipeline import Plan, aggregate
-from fedalign.registry import Context, Registry, RegistryError, keyword_defaults
+from fedalign.algorithms.pipeline import Plan, aggregate
+from fedalign.core.registry import Context, Registry, RegistryError, keyword_defaults
 from tests.helpers import ROOT
 
 
@@ -34,7 +34,7 @@ def test_entries_take_their_options_from_the_signature():
 
 def test_algorithm_defaults_live_with_the_algorithm():
     """The config's defaults are the algorithms' own (RegMean's were restated, and differed)."""
-    from fedalign.fusion.regmean import regmean
+    from fedalign.algorithms.fusion.regmean import regmean
 
     cfg = fedalign.load_config(ROOT / "configs/quickstart.yaml", ["aggregation.fuse=regmean"])
     defaults = keyword_defaults(fedalign.FUSE_RULES.get("regmean").obj)
@@ -144,7 +144,7 @@ def test_a_plugin_file_registers_in_this_process_and_in_a_worker(tmp_path):
     try:
         cfg = fedalign.from_dict({"model": {"name": "wide-plugin"}, "data": {"dataset": "digits"}})
         assert cfg.model.name == "wide-plugin"
-        env = fedalign.plugins.plugin_environment()
+        env = fedalign.core.plugins.plugin_environment()
         assert json.loads(env["FEDALIGN_PLUGINS"]) == [["fedalign_plugin_my_models", str(plugin)]]
         worker = subprocess.run(
             [

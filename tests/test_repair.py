@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 
-from fedalign.align import apply_permutation, permutation_spec, weight_matching
-from fedalign.analysis import interpolate, reset_bn_statistics
-from fedalign.data import load_dataset
-from fedalign.repair import (
+from fedalign.algorithms.align import apply_permutation, permutation_spec, weight_matching
+from fedalign.algorithms.analysis import interpolate, reset_bn_statistics
+from fedalign.algorithms.repair import (
     bn_reset_from_stats,
     fold_affine,
     hidden_layers,
@@ -17,9 +16,15 @@ from fedalign.repair import (
     repair_targets,
     repair_with_data,
 )
-from fedalign.stats import activation_moments, add_moments, batchnorm_input_moments, mean_std
-from fedalign.tensors import weighted_average
-from fedalign.training import evaluate, train_local
+from fedalign.algorithms.stats import (
+    activation_moments,
+    add_moments,
+    batchnorm_input_moments,
+    mean_std,
+)
+from fedalign.client.training import evaluate, train_local
+from fedalign.core.tensors import weighted_average
+from fedalign.data import load_dataset
 from tests.helpers import seeded_model, with_state
 
 

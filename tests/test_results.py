@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 
-from fedalign.results import CSV_COLUMNS, RunRecorder, read_rows
+from fedalign.report.results import CSV_COLUMNS, RunRecorder, read_rows
 
 
 def read_csv(path) -> tuple[list[str], list[dict[str, str]]]:

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from fedalign.checkpoint import Checkpoint, save_checkpoint
 from fedalign.cli import main
-from fedalign.config import load_config, to_yaml
-from fedalign.errors import RunFolderError
-from fedalign.results import RunRecorder, read_rows
+from fedalign.config.schema import load_config, to_yaml
+from fedalign.core.errors import RunFolderError
+from fedalign.report.results import RunRecorder, read_rows
+from fedalign.runs.checkpoint import Checkpoint, save_checkpoint
 from tests.helpers import DIGITS
 
 ROUNDS = 3

@@ -1,4 +1,5 @@
-"""Server optimizers (``fedalign.server_opt``) and the strategy catalogue's configuration: the
+"""Server optimizers (``fedalign.algorithms.server_opt``) and the strategy catalogue's
+configuration: the
 step's own rules (identity, reset), its state through a checkpoint, and one-line rejection of
 invalid parameters. The equality with Flower's FedAvgM/FedAdam/FedYogi/FedAdagrad is in
 ``tests/fl/test_flower_strategies.py``."""
@@ -10,9 +11,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS, server_step
 from fedalign.cli import main
-from fedalign.config import ConfigError, from_dict
-from fedalign.server_opt import SERVER_OPTIMIZERS, server_step
+from fedalign.config.schema import ConfigError, from_dict
 from tests.helpers import ROOT
 
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedalign.align import activation_statistics, cross_moments, permutation_spec
-from fedalign.models import build_model
-from fedalign.stats import (
+from fedalign.algorithms.align import activation_statistics, cross_moments, permutation_spec
+from fedalign.algorithms.stats import (
     activation_moments,
     add_moments,
     batchnorm_input_moments,
@@ -16,6 +15,7 @@ from fedalign.stats import (
     mean_std,
     preactivation_cross_moments,
 )
+from fedalign.models import build_model
 from tests.helpers import seeded_model
 
 

@@ -1,4 +1,4 @@
-"""The studies' shared helpers (fedalign.studies) and the barrier options they rely on
+"""The studies' shared helpers (fedalign.runs.studies) and the barrier options they rely on
 (``interpolation_barrier``'s ``reset_bn`` and ``correct``)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedalign import studies
-from fedalign.align import apply_permutation, permutation_spec, random_permutation
-from fedalign.analysis import interpolate, interpolation_barrier
+from fedalign.algorithms.align import apply_permutation, permutation_spec, random_permutation
+from fedalign.algorithms.analysis import interpolate, interpolation_barrier
+from fedalign.client.training import evaluate, predict_logits, train_local
 from fedalign.models import build_model
-from fedalign.training import evaluate, predict_logits, train_local
+from fedalign.runs import studies
 
 
 def _bn_net() -> nn.Sequential:

@@ -12,9 +12,9 @@ import logging
 
 import pytest
 
-from fedalign.config import ConfigError, load_config
-from fedalign.results import RunRecorder
-from fedalign.trackers import TRACKERS, flat_config, missing_package, scalars
+from fedalign.config.schema import ConfigError, load_config
+from fedalign.report.results import RunRecorder
+from fedalign.report.trackers import TRACKERS, flat_config, missing_package, scalars
 from tests.helpers import DIGITS
 
 needs_tensorboard = pytest.mark.skipif(

@@ -6,16 +6,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-import fedalign.pipeline  # noqa: F401 - registers every built-in statistic
-from fedalign.stats import (
-    STATISTICS,
-    StatContext,
-    client_statistics,
-    cross_sums,
-    gram_matrices,
-    received_statistics,
-)
-from fedalign.validation import (
+import fedalign.algorithms.pipeline  # noqa: F401 - registers every built-in statistic
+from fedalign.algorithms.checks import (
     cross_problem,
     gram_problem,
     moments_problem,
@@ -23,6 +15,14 @@ from fedalign.validation import (
     statistics_problem,
     update_problem,
     update_problems,
+)
+from fedalign.algorithms.stats import (
+    STATISTICS,
+    StatContext,
+    client_statistics,
+    cross_sums,
+    gram_matrices,
+    received_statistics,
 )
 
 REF = OrderedDict(w=torch.zeros(3, 2), b=torch.zeros(3), n=torch.tensor(0))

@@ -14,6 +14,15 @@ hub datasets' declarations), ``local_copy`` (finding, reading, downloading their
 Flower itself, only ``flwr_datasets``.
 """
 
+from .datasets import (
+    DATASETS,
+    Arrays,
+    dataset_arrays,
+    dataset_names,
+    dataset_options,
+    is_dataset,
+    load_dataset,
+)
 from .errors import DataError, DatasetNotFoundError
 from .federation import ClientData, Federation, federation, federation_key
 from .partition import (
@@ -23,15 +32,6 @@ from .partition import (
     partition,
     partition_schemes,
     split_train_val,
-)
-from .registry import (
-    DATASETS,
-    Arrays,
-    dataset_arrays,
-    dataset_names,
-    dataset_options,
-    is_dataset,
-    load_dataset,
 )
 from .text import VOCAB_SIZE
 

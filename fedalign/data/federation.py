@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .datasets import Arrays, dataset_arrays
 from .errors import DataError
 from .partition import label_histogram, partition, split_train_val
-from .registry import Arrays, dataset_arrays
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .datasets import Arrays
 from .federation import Federation, _plain
-from .registry import Arrays
 
 log = logging.getLogger("fedalign")
 

@@ -1,5 +1,5 @@
 """The fedalign ClientApp: local training, local evaluation, the client-info query and the
-statistics query of the aggregation pipeline (``fedalign.pipeline``).
+statistics query of the aggregation pipeline (``fedalign.algorithms.pipeline``).
 
 Every message carries the run config (JSON) in its ConfigRecord, so the same ClientApp serves our
 runner, ``flwr run`` and a deployed SuperNode without a run-config file on the node. The client's
@@ -20,7 +20,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedalign.components import (
+from fedalign.algorithms.drift import client_control, zero_controls
+from fedalign.algorithms.stats import StatContext, client_statistics, flatten, unflatten
+from fedalign.client.training import TrainStats, evaluate
+from fedalign.config.components import (
     local_init_seed,
     phase_training,
     run_federation,
@@ -29,10 +32,11 @@ from fedalign.components import (
     shuffle_seed,
     train_client,
 )
-from fedalign.config import RunConfig, from_dict
+from fedalign.config.schema import RunConfig, from_dict
+from fedalign.core.plugins import load_from_environment
+from fedalign.core.types import StateDict
 from fedalign.data import Federation
 from fedalign.data.shared import open_copy
-from fedalign.drift import client_control, zero_controls
 from fedalign.fl.faults import apply_fault, fault_for
 from fedalign.fl.records import (
     CLIENT_CONTROL,
@@ -43,10 +47,6 @@ from fedalign.fl.records import (
     to_arrays,
     to_state_dict,
 )
-from fedalign.plugins import load_from_environment
-from fedalign.stats import StatContext, client_statistics, flatten, unflatten
-from fedalign.training import TrainStats, evaluate
-from fedalign.types import StateDict
 
 app = ClientApp()
 log = logging.getLogger("fedalign")

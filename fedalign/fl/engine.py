@@ -11,7 +11,8 @@ It differs from Flower's own strategies where a research framework must:
 
 - client sampling is seeded (the run's sampling seed, the purpose, the round and the attempt) and
   addresses partitions, not the random node ids Flower assigns, so runs repeat exactly;
-- every reply is validated (``fedalign.validation``) and failures are counted with their reasons
+- every reply is validated (``fedalign.algorithms.checks``) and failures are counted with their
+reasons
   instead of aborting the round; too few valid replies retry the round with a fresh sample;
 - replies are handed to the strategy in partition order; each round's metrics (accuracy, losses,
   clients ok/failed, bytes down/up, seconds per phase) go to a callback as the run goes.
@@ -33,8 +34,18 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
-from fedalign.config import RunConfig
-from fedalign.errors import ActorPoolBroken, RoundFailedError, RunInterrupted
+from fedalign.algorithms.checks import (
+    fused_problem,
+    received_problem,
+    scale_outliers,
+    update_problems,
+)
+from fedalign.algorithms.server_opt import OptimizerState, is_identity, server_step
+from fedalign.algorithms.stats import unflatten
+from fedalign.config.schema import RunConfig
+from fedalign.core.errors import ActorPoolBroken, RoundFailedError, RunInterrupted
+from fedalign.core.tensors import weighted_average
+from fedalign.core.types import ClientStats, StateDict
 from fedalign.fl.dispatch import registered_partitions
 from fedalign.fl.records import (
     DATA_COPY_KEY,
@@ -42,16 +53,6 @@ from fedalign.fl.records import (
     message_bytes,
     to_arrays,
     to_state_dict,
-)
-from fedalign.server_opt import OptimizerState, is_identity, server_step
-from fedalign.stats import unflatten
-from fedalign.tensors import weighted_average
-from fedalign.types import ClientStats, StateDict
-from fedalign.validation import (
-    fused_problem,
-    received_problem,
-    scale_outliers,
-    update_problems,
 )
 
 log = logging.getLogger("fedalign")
@@ -457,7 +458,8 @@ class Strategy:
     def server_update(
         self, rnd: Round, fused: OrderedDict[str, torch.Tensor]
     ) -> OrderedDict[str, torch.Tensor]:
-        """The server optimizer's step (``fedalign.server_opt``) from the round's global model
+        """The server optimizer's step (``fedalign.algorithms.server_opt``) from the round's global
+        model
         towards the fused one; the metrics row records the optimizer and whether its state was
         kept or reset (nothing is recorded for the identity step, SGD with ``lr: 1``)."""
         o = self.cfg.server_optimizer

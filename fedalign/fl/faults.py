@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from fedalign.config import FaultConfig, RunConfig
+from fedalign.config.schema import FaultConfig, RunConfig
 
 
 class InjectedFault(RuntimeError):

@@ -12,7 +12,7 @@ import inspect
 
 from torch import nn
 
-from fedalign.registry import Registry
+from fedalign.core.registry import Registry
 
 from .cnn import VGG9, LeNet
 from .lstm import CharLSTM

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedalign.types import StateDict
+from fedalign.core.types import StateDict
 
 
 def _linear(m: nn.Linear, shape: dict[str, torch.Size]) -> nn.Module:

@@ -2,11 +2,11 @@
 
 import pytest
 
-from fedalign.align import apply_permutation, permutation_spec, weight_matching
-from fedalign.analysis import interpolation_barrier
+from fedalign.algorithms.align import apply_permutation, permutation_spec, weight_matching
+from fedalign.algorithms.analysis import interpolation_barrier
+from fedalign.client.training import train_local
 from fedalign.data import load_dataset
 from fedalign.data.fashion_mnist import DEBIAN_DIR
-from fedalign.training import train_local
 from tests.helpers import seeded_model
 
 

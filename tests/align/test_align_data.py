@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedalign.align import (
+from fedalign.algorithms.align import (
     activation_statistics,
     add_statistics,
     apply_permutation,
@@ -14,7 +14,7 @@ from fedalign.align import (
     random_permutation,
     sinkhorn_rebasin,
 )
-from fedalign.analysis import interpolate
+from fedalign.algorithms.analysis import interpolate
 from fedalign.models import build_model
 from tests.helpers import seeded_model
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedalign.align import (
+from fedalign.algorithms.align import (
     SOLVERS,
     apply_permutation,
     permutation_spec,
     random_permutation,
     solver_names,
 )
-from fedalign.align.solvers import sinkhorn_plan, solve_assignment
-from fedalign.align.weight_matching import (
+from fedalign.algorithms.align.solvers import sinkhorn_plan, solve_assignment
+from fedalign.algorithms.align.weight_matching import (
     match_to_reference,
     merge_many,
     objective,
@@ -25,7 +25,9 @@ from fedalign.align.weight_matching import (
 from fedalign.models import build_model
 from tests.helpers import permuted_copies, seeded_model
 
-wm = importlib.import_module("fedalign.align.weight_matching")  # the module, not the function
+wm = importlib.import_module(
+    "fedalign.algorithms.align.weight_matching"
+)  # the module, not the function
 
 
 @pytest.mark.parametrize("n, m", [(5, 5), (32, 32), (64, 64), (100, 100), (128, 128), (20, 35)])
@@ -213,7 +215,7 @@ def test_activation_statistics_leave_batchnorm_statistics_alone():
     """A train-mode pass would update BatchNorm running statistics: the models run in eval mode."""
     import torch
 
-    from fedalign.align import activation_statistics, permutation_spec
+    from fedalign.algorithms.align import activation_statistics, permutation_spec
     from fedalign.models import build_model
 
     torch.manual_seed(0)

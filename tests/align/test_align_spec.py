@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedalign.align import (
+from fedalign.algorithms.align import (
     AxisRef,
     PermutationSpec,
     UnsupportedModuleError,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fedalign.align import apply_permutation, permutation_spec, random_permutation
-from fedalign.align.parallel import match_all
+from fedalign.algorithms.align import apply_permutation, permutation_spec, random_permutation
+from fedalign.algorithms.align.parallel import match_all
 from tests.helpers import seeded_model
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from fedalign.align.spec import AxisRef, PermutationSpec
+from fedalign.algorithms.align.spec import AxisRef, PermutationSpec
 from fedalign.models import MLP, VGG9, CharLSTM, LeNet, ResNet20
 
 

@@ -10,7 +10,8 @@ import pytest
 from datasets import load_from_disk
 
 from fedalign.cli import main
-from fedalign.config import load_config
+from fedalign.config.schema import load_config
+from fedalign.core.errors import ConfigError
 from fedalign.data import (
     DataError,
     DatasetNotFoundError,
@@ -22,7 +23,6 @@ from fedalign.data import (
     local_copy,
 )
 from fedalign.data.modality import LEAF_LETTERS
-from fedalign.errors import ConfigError
 from tests.data import hub_copies
 from tests.helpers import CONFIGS
 

@@ -31,8 +31,12 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedalign.components import local_init_seed, phase_training, run_model, train_client
-from fedalign.config import FaultConfig, RunConfig
+from fedalign.algorithms.fusion.gram_transport import unpack, upper_triangle
+from fedalign.algorithms.stats import flatten, received_statistics, unflatten
+from fedalign.client.training import evaluate
+from fedalign.config.components import local_init_seed, phase_training, run_model, train_client
+from fedalign.config.schema import FaultConfig, RunConfig
+from fedalign.core.types import ClientStats, StateDict
 from fedalign.data.federation import ClientData
 from fedalign.fl.client_app import (
     Controls,
@@ -43,10 +47,6 @@ from fedalign.fl.client_app import (
 )
 from fedalign.fl.faults import apply_fault
 from fedalign.fl.records import CONTROL, CONTROL_DELTA, RUN_CONFIG_KEY, to_arrays, to_state_dict
-from fedalign.fusion.gram_transport import unpack, upper_triangle
-from fedalign.stats import flatten, received_statistics, unflatten
-from fedalign.training import evaluate
-from fedalign.types import ClientStats, StateDict
 
 Targets = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # REPAIR's (mean, std) per layer
 Handler = Callable[[Message], RecordDict | None]
@@ -238,7 +238,8 @@ class MockClient:
         targets: Targets | None = None,
     ) -> ClientStats:
         """``measure`` as the server reads it (unflattened, packed Grams unpacked): for tests that
-        query a client directly, as ``fedalign.pipeline.aggregate``'s callables do in a study."""
+        query a client directly, as ``fedalign.algorithms.pipeline.aggregate``'s callables do in a
+        study."""
         sent = unflatten(to_state_dict(self.measure(cfg, kinds, state, reference, targets)))
         return received_statistics(sent, state)
 

@@ -19,13 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedalign.checkpoint import Checkpoint, load_latest, save_checkpoint
-from fedalign.components import run_model
-from fedalign.config import ConfigError, RunConfig, from_dict
+from fedalign.config.components import run_model
+from fedalign.config.schema import ConfigError, RunConfig, from_dict
+from fedalign.core.registry import STRATEGIES
+from fedalign.core.types import StateDict
 from fedalign.data.federation import ClientData
 from fedalign.fl.engine import RoundEngine, StrategySnapshot
-from fedalign.registry import STRATEGIES
-from fedalign.types import StateDict
+from fedalign.runs.checkpoint import Checkpoint, load_latest, save_checkpoint
 from tests.fl.mock_grid import (
     IN_FEATURES,
     NUM_CLASSES,

@@ -10,11 +10,11 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from fedalign.components import run_federation, run_model
-from fedalign.config import load_config
+from fedalign.config.components import run_federation, run_model
+from fedalign.config.schema import load_config
+from fedalign.core.types import StateDict
 from fedalign.fl.client_app import app
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
-from fedalign.types import StateDict
 from tests.fl.mock_grid import task_identity
 from tests.helpers import DIGITS
 

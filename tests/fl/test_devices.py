@@ -7,9 +7,9 @@ import pytest
 import ray
 import torch
 
-from fedalign.config import ConfigError, load_config
+from fedalign.config.schema import ConfigError, load_config
 from fedalign.fl.client_app import _log_device, client_device
-from fedalign.runner import backend_config, check_dashboard, check_resources
+from fedalign.runs.runner import backend_config, check_dashboard, check_resources
 from tests.helpers import DIGITS
 
 CONFIG = DIGITS

@@ -29,8 +29,8 @@ from flwr.app import ArrayRecord
 from flwr.app.message import arrayrecord as flwr_arrayrecord
 from flwr.serverapp import strategy as flwr_strategy
 
+from fedalign.core.types import StateDict
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
-from fedalign.types import StateDict
 from tests.fl.mock_grid import mock_clients, mock_grid, task_identity
 from tests.fl.test_strategies import make_config, mean_of, run
 

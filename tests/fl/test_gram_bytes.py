@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedalign.fusion.regmean import GRAM_BUDGET
+from fedalign.algorithms.fusion.regmean import GRAM_BUDGET
 from tests.fl.mock_grid import IN_FEATURES, mock_clients, task_identity
 from tests.fl.test_strategies import MLP, SIZES, make_config, run
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedalign.align import permutation_spec
-from fedalign.fusion import FUSE_RULES
-from fedalign.pipeline import aggregate
-from fedalign.stats import received_statistics
-from fedalign.types import StateDict
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion import FUSE_RULES
+from fedalign.algorithms.pipeline import aggregate
+from fedalign.algorithms.stats import received_statistics
+from fedalign.core.types import StateDict
 from tests.fl.mock_grid import NUM_CLASSES, TrainReply, mock_clients, task_identity
 from tests.fl.test_strategies import SIZES, Run, assert_same_state, make_config, mean_of, run
 

@@ -21,10 +21,17 @@ import pytest
 import torch
 from torch import nn
 
-from fedalign.align import permutation_spec
-from fedalign.components import run_model
-from fedalign.config import RunConfig, from_dict
-from fedalign.errors import RoundFailedError
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion.neural_matching import pfnm
+from fedalign.algorithms.pipeline import aggregate
+from fedalign.algorithms.stats import received_statistics
+from fedalign.client.training import evaluate
+from fedalign.config.components import run_model
+from fedalign.config.schema import RunConfig, from_dict
+from fedalign.core.errors import RoundFailedError
+from fedalign.core.registry import STRATEGIES
+from fedalign.core.tensors import weighted_average
+from fedalign.core.types import ClientStats, StateDict
 from fedalign.fl.engine import (
     INFO_TIMEOUT_SECONDS,
     REPLY_POLL_SECONDS,
@@ -36,14 +43,7 @@ from fedalign.fl.engine import (
 )
 from fedalign.fl.records import to_arrays
 from fedalign.fl.strategies import FedAvg, FedMA
-from fedalign.fusion.pfnm import pfnm
 from fedalign.models import fit_to_state
-from fedalign.pipeline import aggregate
-from fedalign.registry import STRATEGIES
-from fedalign.stats import received_statistics
-from fedalign.tensors import weighted_average
-from fedalign.training import evaluate
-from fedalign.types import ClientStats, StateDict
 from tests.fl.mock_grid import (
     IN_FEATURES,
     NUM_CLASSES,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedalign.fusion import assignment_cost, bbp_map
+from fedalign.algorithms.fusion import assignment_cost, bbp_map
 
 
 def _clustered_clients(J: int, subset: int, seed: int = 0, noise: float = 0.05):
@@ -170,7 +170,7 @@ def test_bad_inputs_are_named():
 
 def test_block_cost_equals_the_per_dimension_cost():
     """bbp_map's cost groups dimensions of equal precision; it must equal ``assignment_cost``."""
-    from fedalign.fusion.bbp_map import (
+    from fedalign.algorithms.fusion.bbp_map import (
         _block_cost,
         _Blocks,
         _GlobalLayer,
@@ -215,8 +215,8 @@ def test_block_cost_equals_the_per_dimension_cost():
 def test_solving_over_the_first_new_columns_finds_the_full_optimum():
     """_solve tries few new columns first; its answer must be the full matrix's, both when the
     few suffice and when they do not (then it must fall back to all of them)."""
-    from fedalign.align.solvers import solve_assignment
-    from fedalign.fusion.bbp_map import _new_columns, _solve
+    from fedalign.algorithms.align.solvers import solve_assignment
+    from fedalign.algorithms.fusion.bbp_map import _new_columns, _solve
 
     g = torch.Generator().manual_seed(5)
     L, W = 30, 25

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fedalign.align import permutation_spec
-from fedalign.fusion.bbp_map import BBPResult
-from fedalign.fusion.fedma import (
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion.bbp_map import BBPResult
+from fedalign.algorithms.fusion.layer_matching import (
     class_weighted_classifier,
     classifier_keys,
     global_layer,
@@ -99,7 +99,7 @@ def test_scatter_puts_flatten_blocks_in_place():
     layer = next(l for l in matched_layers(permutation_spec(model), model) if l.group == "conv2")
     (consumer,) = layer.consumers
     assert consumer.key == "fc1.weight" and consumer.block == 16
-    from fedalign.fusion.fedma import scatter_axis
+    from fedalign.algorithms.fusion.layer_matching import scatter_axis
 
     value = torch.arange(2 * 3 * 16, dtype=torch.float32).reshape(2, 48)  # 3 channels x 16
     out = scatter_axis(value, torch.tensor([4, 0, 2]), consumer, width=5)

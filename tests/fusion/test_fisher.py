@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fedalign.fusion import fisher_average
-from fedalign.stats import diagonal_fisher
+from fedalign.algorithms.fusion import fisher_average
+from fedalign.algorithms.stats import diagonal_fisher
 from tests.helpers import seeded_model, tiny_net
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedalign.config import ConfigError, load_config
-from fedalign.fusion.gram_transport import pack, unpack, upper_triangle
-from fedalign.fusion.regmean import GRAM_BUDGET
+from fedalign.algorithms.checks import received_problem
+from fedalign.algorithms.fusion.gram_transport import pack, unpack, upper_triangle
+from fedalign.algorithms.fusion.regmean import GRAM_BUDGET
+from fedalign.algorithms.stats import client_statistics, received_statistics
+from fedalign.config.schema import ConfigError, load_config
 from fedalign.models import build_model
-from fedalign.stats import client_statistics, received_statistics
-from fedalign.validation import received_problem
 from tests.helpers import ROOT
 
 

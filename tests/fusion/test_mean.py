@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedalign.tensors import weighted_average
+from fedalign.core.tensors import weighted_average
 
 
 def test_weighted_mean_of_floats_and_max_of_counters():

@@ -4,8 +4,8 @@ search."""
 import pytest
 import torch
 
-from fedalign.align import apply_permutation, permutation_spec, random_permutation
-from fedalign.fusion import REFERENCE_GRID, pfnm, pfnm_grid_search, select_candidate
+from fedalign.algorithms.align import apply_permutation, permutation_spec, random_permutation
+from fedalign.algorithms.fusion import REFERENCE_GRID, pfnm, pfnm_grid_search, select_candidate
 from fedalign.models import build_model, fit_to_state
 from tests.helpers import seeded_model
 

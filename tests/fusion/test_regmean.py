@@ -4,15 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from fedalign.align import (
+from fedalign.algorithms.align import (
     apply_permutation,
     invert_permutation,
     permutation_spec,
     random_permutation,
 )
-from fedalign.fusion.regmean import expand_channel_gram, permute_grams, regmean
+from fedalign.algorithms.fusion.regmean import expand_channel_gram, permute_grams, regmean
+from fedalign.algorithms.stats import gram_matrices
 from fedalign.models import build_model
-from fedalign.stats import gram_matrices
 
 
 def _least_squares(X, Y):

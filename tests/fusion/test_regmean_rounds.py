@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from fedalign.algorithms.pipeline import Plan
+from fedalign.algorithms.stats import client_statistics
 from fedalign.data import federation
 from fedalign.models import build_model
-from fedalign.pipeline import Plan
-from fedalign.stats import client_statistics
-from fedalign.studies import pipeline_rounds
+from fedalign.runs.studies import pipeline_rounds
 
 
 def test_weight_matching_regmean_loss_does_not_blow_up_over_ten_rounds():

@@ -3,9 +3,9 @@ test per phase pattern: train only, train + align, train + repair."""
 
 import pytest
 
-from fedalign.config import load_config
-from fedalign.results import read_rows
-from fedalign.runner import run
+from fedalign.config.schema import load_config
+from fedalign.report.results import read_rows
+from fedalign.runs.runner import run
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration

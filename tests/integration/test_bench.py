@@ -6,9 +6,9 @@ import statistics
 
 import pytest
 
-from fedalign.bench import load_suite
 from fedalign.cli import main
-from fedalign.results import read_rows
+from fedalign.report.results import read_rows
+from fedalign.runs.bench import load_suite
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration

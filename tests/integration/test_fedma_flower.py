@@ -5,10 +5,10 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from fedalign.config import load_config
+from fedalign.config.schema import load_config
 from fedalign.data.text import FORTUNES_DIR
-from fedalign.results import read_rows
-from fedalign.runner import run
+from fedalign.report.results import read_rows
+from fedalign.runs.runner import run
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Integration: the ServerApp that ``flwr run .`` starts (``fedalign.fl.server_app.app``), run
+"""Integration: the ServerApp that ``flwr run .`` starts (``fedalign.runs.server_app.app``), run
 in-process on Flower's simulation engine over the shared Ray.
 
 A real ``flwr run .`` starts a SuperLink, builds and installs the app into ``FLWR_HOME`` and starts
@@ -17,11 +17,11 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fedalign.config import load_config
-from fedalign.fl import server_app
+from fedalign.config.schema import load_config
 from fedalign.fl.client_app import app as client_app
-from fedalign.results import read_rows
-from fedalign.runner import backend_config
+from fedalign.report.results import read_rows
+from fedalign.runs import server_app
+from fedalign.runs.runner import backend_config
 from tests.helpers import DIGITS
 
 pytestmark = pytest.mark.integration

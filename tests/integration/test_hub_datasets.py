@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from fedalign.config import load_config
-from fedalign.results import read_rows
-from fedalign.runner import run
+from fedalign.config.schema import load_config
+from fedalign.report.results import read_rows
+from fedalign.runs.runner import run
 from tests.data import hub_copies
 from tests.helpers import CONFIGS
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from fedalign.cli import main
-from fedalign.config import load_config
-from fedalign.results import read_rows
-from fedalign.runner import run
+from fedalign.config.schema import load_config
+from fedalign.report.results import read_rows
+from fedalign.runs.runner import run
 from tests.helpers import ROOT
 
 RAY = Path(sys.executable).with_name("ray")

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from fedalign.checkpoint import read_checkpoint
 from fedalign.cli import main
-from fedalign.config import load_config
-from fedalign.results import read_rows
-from fedalign.runner import run
+from fedalign.config.schema import load_config
+from fedalign.report.results import read_rows
+from fedalign.runs.checkpoint import read_checkpoint
+from fedalign.runs.runner import run
 from tests.helpers import DIGITS
 
 pytestmark = pytest.mark.integration

@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from fedalign import runner
 from fedalign.cli import main
-from fedalign.config import load_config
+from fedalign.config.schema import load_config
 from fedalign.data import Arrays, Federation
 from fedalign.data.shared import shared_copy
-from fedalign.results import read_rows
-from fedalign.runner import run
+from fedalign.report.results import read_rows
+from fedalign.runs import runner
+from fedalign.runs.runner import run
 from tests.helpers import DIGITS
 
 pytestmark = pytest.mark.integration
@@ -169,7 +169,7 @@ def test_fedprox_with_client_sampling(tmp_path):
 
 def test_report_and_partition_commands(cli_run, tmp_path, capsys):
     # ``fedalign report`` and ``partition`` in this process (``main`` returns the exit status);
-    # the ``python -m fedalign.cli`` entry point is the ``cli_run`` fixture's
+    # the ``python -m fedalign.cli.main`` entry point is the ``cli_run`` fixture's
     _, run_dir = cli_run
     capsys.readouterr()
     assert main(["report", str(run_dir), str(run_dir), "--out", str(tmp_path)]) == 0

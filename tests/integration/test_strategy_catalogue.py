@@ -21,12 +21,12 @@ from flwr.serverapp.strategy import FedAdam
 from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
-from fedalign.components import run_federation, run_model
-from fedalign.config import load_config
+from fedalign.config.components import run_federation, run_model
+from fedalign.config.schema import load_config
 from fedalign.fl.client_app import app as client_app
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
-from fedalign.results import read_rows
-from fedalign.runner import backend_config, run
+from fedalign.report.results import read_rows
+from fedalign.runs.runner import backend_config, run
 from tests.helpers import DIGITS
 
 pytestmark = pytest.mark.integration

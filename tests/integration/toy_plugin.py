@@ -1,7 +1,7 @@
 """A user's own dataset, model and fuse rule, registered from outside the package through the public
 API only (as a user's module or a ``--plugin`` file would); ``test_plugins`` runs them in a real
 Flower simulation. Registration happens at import, so Ray workers that import this module (told to
-by ``fedalign.plugins``) know the same names."""
+by ``fedalign.core.plugins``) know the same names."""
 
 from __future__ import annotations
 

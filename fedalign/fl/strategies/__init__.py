@@ -1,4 +1,4 @@
-"""The built-in strategies, registered in ``fedalign.registry.STRATEGIES``.
+"""The built-in strategies, registered in ``fedalign.core.registry.STRATEGIES``.
 
 ``fedavg`` and ``fedprox`` are one server rule (the align -> fuse -> repair pipeline, a weighted
 mean by default) with two client objectives; ``scaffold`` and ``fednova`` add a correction of
@@ -9,7 +9,7 @@ settings, not strategies). ``meta["check"]`` says why a config cannot run a stra
 
 from __future__ import annotations
 
-from fedalign.registry import STRATEGIES
+from fedalign.core.registry import STRATEGIES
 
 from .drift import FedNova, Scaffold
 from .fedavg import FedAvg

@@ -1,6 +1,6 @@
 """SCAFFOLD (Karimireddy et al. 2020) and FedNova (Wang et al. 2020) as strategies: FedAvg's
 server rule (the pipeline's fuse rule, then the server optimizer) with a correction of client drift
-(``fedalign.drift``).
+(``fedalign.algorithms.drift``).
 
 SCAFFOLD sends the server's control variate ``c`` with every model (as many bytes again down), and
 each client returns the change of its own ``c_i`` with its weights (as many bytes again up). The
@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedalign.config import RunConfig
-from fedalign.drift import (
+from fedalign.algorithms.drift import (
     client_control,
     control_problem,
     normalised_states,
@@ -32,9 +31,10 @@ from fedalign.drift import (
     steps_problem,
     zero_controls,
 )
+from fedalign.config.schema import RunConfig
+from fedalign.core.types import StateDict
 from fedalign.fl.engine import ClientUpdate, Round
 from fedalign.fl.records import CLIENT_CONTROL, CONTROL, CONTROL_DELTA
-from fedalign.types import StateDict
 
 from .fedavg import FedAvg
 

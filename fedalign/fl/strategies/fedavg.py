@@ -1,5 +1,6 @@
 """FedAvg (McMahan et al. 2017) and FedProx (Li et al. 2020): one server rule, the align -> fuse ->
-repair pipeline of ``fedalign.pipeline`` (by default a weighted mean by number of examples), with
+repair pipeline of ``fedalign.algorithms.pipeline`` (by default a weighted mean by number of
+examples), with
 the clients' objective (plain or proximal) chosen by the config, not by the server rule.
 
 A round has up to three phases, each one exchange through the engine:
@@ -22,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedalign.align import permutation_spec
-from fedalign.components import server_device
-from fedalign.config import RunConfig
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.pipeline import aggregate
+from fedalign.algorithms.stats import flatten
+from fedalign.config.components import server_device
+from fedalign.config.schema import RunConfig
+from fedalign.core.tensors import weighted_average
+from fedalign.core.types import ClientStats
 from fedalign.fl.engine import ClientUpdate, Round, Strategy
-from fedalign.pipeline import aggregate
-from fedalign.stats import flatten
-from fedalign.tensors import weighted_average
-from fedalign.types import ClientStats
 
 from .pfnm import class_counts_problem, pfnm_fuse
 from .protocol import baseline_round, effective, is_reference

@@ -26,11 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedalign.align import permutation_spec
-from fedalign.config import RunConfig
-from fedalign.errors import RoundFailedError
-from fedalign.fl.engine import ClientUpdate, Round, Strategy, weighted_train_loss
-from fedalign.fusion.fedma import (
+from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion.layer_matching import (
     class_weighted_classifier,
     classifier_keys,
     global_layer,
@@ -39,7 +36,10 @@ from fedalign.fusion.fedma import (
     matched_layers,
     slice_to_client,
 )
-from fedalign.registry import Context
+from fedalign.config.schema import RunConfig
+from fedalign.core.errors import RoundFailedError
+from fedalign.core.registry import Context
+from fedalign.fl.engine import ClientUpdate, Round, Strategy, weighted_train_loss
 
 from .pfnm import class_counts_problem, matching_options
 from .protocol import effective, fedma_phase, is_reference

@@ -1,5 +1,5 @@
 """PFNM as a strategy: one round of local training from each client's own init, then Bayesian
-nonparametric matching on the server (``fedalign.fusion.pfnm``).
+nonparametric matching on the server (``fedalign.algorithms.fusion.neural_matching``).
 
 Round 1 asks the clients to train from their own initialisations and report their class counts
 with their weights; the server fuses the MLPs into one whose hidden widths follow the matching.
@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedalign.components import server_device
-from fedalign.config import RunConfig
+from fedalign.algorithms.fusion.neural_matching import pfnm, pfnm_grid_search
+from fedalign.config.components import server_device
+from fedalign.config.schema import RunConfig
+from fedalign.core.registry import Context
+from fedalign.core.tensors import weighted_average
+from fedalign.core.types import StateDict
 from fedalign.fl.engine import ClientUpdate, Round, Strategy
-from fedalign.fusion.pfnm import pfnm, pfnm_grid_search
 from fedalign.models import MLP, fit_to_state
-from fedalign.registry import Context
-from fedalign.tensors import weighted_average
-from fedalign.types import StateDict
 
 
 def matching_options(cfg: RunConfig, seed: int, algorithm: Callable[..., Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedalign.config import RunConfig
+from fedalign.config.schema import RunConfig
 
 OUTPUT_LAYER_EPOCHS = 3  # x retrain_epochs
 OUTPUT_LAYER_LR = 0.1  # x retrain_lr

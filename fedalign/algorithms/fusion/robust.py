@@ -1,0 +1,192 @@
+"""Byzantine-robust fuse rules: coordinate-wise median and trimmed mean (Yin et al. 2018), Krum and
+Multi-Krum (Blanchard et al. 2017), Bulyan (El Mhamdi et al. 2018).
+
+They compute what Flower's ``FedMedian``, ``FedTrimmedAvg``, ``Krum``, ``MultiKrum`` and
+``Bulyan`` compute (``tests/fl/test_flower_strategies.py`` runs both on the same replies): the
+coordinate-wise rules are unweighted, as robust statistics are (a client's example count is its own
+claim), Krum and Multi-Krum average the clients they select weighted by example counts, and
+Bulyan selects ``n - 2f`` clients by Multi-Krum's scores, then averages per coordinate the
+``n - 4f`` selected values closest to their median.
+
+As fuse rules they run after alignment: a coordinate-wise median of clients whose hidden units are
+in different orders mixes unrelated neurons, aligned first it compares like with like.
+
+Integer buffers (BatchNorm's ``num_batches_tracked``) are counters: the fused model takes their
+maximum, as the weighted mean does.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedalign.core.errors import RoundFailedError
+from fedalign.core.registry import Context
+from fedalign.core.tensors import weighted_average
+from fedalign.core.types import ClientStats, StateDict
+
+from .rules import FUSE_RULES
+
+Coordinatewise = Callable[[torch.Tensor], torch.Tensor]
+"""``(clients, *shape) -> shape``: one rule applied to every entry's stacked client values."""
+
+
+def _coordinatewise(states: Sequence[StateDict], rule: Coordinatewise) -> OrderedDict:
+    fused: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, first in states[0].items():
+        stacked = torch.stack([sd[key] for sd in states])
+        fused[key] = rule(stacked) if first.is_floating_point() else stacked.max(0).values
+    return fused
+
+
+def _median(stacked: torch.Tensor) -> torch.Tensor:
+    """NumPy's median along the clients: the mean of the two middle values for an even count
+    (``torch.median`` returns the lower one)."""
+    ordered = stacked.sort(0).values
+    n = ordered.shape[0]
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def _needs(count: int, rule: str, n: int) -> None:
+    """A round fusing fewer clients than the rule needs stops the run with one line (the config
+    checks the number a round samples; failed clients can leave fewer)."""
+    if n < count:
+        raise RoundFailedError(f"{rule} needs at least {count} clients, got {n}")
+
+
+@FUSE_RULES.register("median")
+def median_rule(
+    states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats]
+) -> OrderedDict[str, torch.Tensor]:
+    """The coordinate-wise median of the clients' states (Flower's ``FedMedian``)."""
+    return _coordinatewise(states, _median)
+
+
+def _trim_check(options: Mapping[str, Any], context: Context) -> str | None:
+    beta = options["beta"]
+    if not isinstance(beta, (int, float)) or not 0 <= beta < 0.5:
+        return f"beta (the fraction cut at each end) must be in [0, 0.5), got {beta!r}"
+    return None
+
+
+@FUSE_RULES.register("trimmed-mean", check=_trim_check)
+def trimmed_mean_rule(
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    stats: Sequence[ClientStats],
+    *,
+    beta: float = 0.2,
+) -> OrderedDict[str, torch.Tensor]:
+    """Per coordinate, the mean of the clients' values without the ``int(beta * n)`` smallest and
+    largest (Flower's ``FedTrimmedAvg``, SciPy's ``trim_mean``)."""
+    n = len(states)
+    cut = int(beta * n)
+
+    def trimmed(stacked: torch.Tensor) -> torch.Tensor:
+        return stacked.sort(0).values[cut : n - cut].mean(0)
+
+    return _coordinatewise(states, trimmed)
+
+
+def krum_scores(states: Sequence[StateDict], num_byzantine: int) -> torch.Tensor:
+    """Krum's score of each client: the sum of squared distances (over every entry of its state)
+    to its ``n - f - 2`` nearest other clients (at least one)."""
+    flat = torch.stack(
+        [torch.cat([v.reshape(-1).to(torch.float64) for v in sd.values()]) for sd in states]
+    )
+    distances = torch.cdist(flat, flat).square()
+    nearest = max(1, len(states) - num_byzantine - 2)
+    # position 0 of each sorted row is the client itself (distance 0)
+    return distances.sort(1).values[:, 1 : nearest + 1].sum(1)
+
+
+def _select(states: Sequence[StateDict], num_byzantine: int, count: int) -> list[int]:
+    """The ``count`` clients with the lowest Krum scores, best first."""
+    return torch.argsort(krum_scores(states, num_byzantine), stable=True)[:count].tolist()
+
+
+def _byzantine_check(
+    minimum: Callable[[int], int], rule: str
+) -> Callable[[Mapping[str, Any], Context], str | None]:
+    def check(options: Mapping[str, Any], context: Context) -> str | None:
+        f = options["num_byzantine"]
+        if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+            return f"num_byzantine must be an integer >= 0, got {f!r}"
+        selected = options.get("num_selected", 0)
+        if not isinstance(selected, int) or isinstance(selected, bool) or selected < 0:
+            return f"num_selected must be an integer >= 0 (0: n - num_byzantine), got {selected!r}"
+        need = max(minimum(f), selected)
+        if context.clients_per_round < need:
+            return (
+                f"{rule} with num_byzantine={f} needs at least {need} clients a round, "
+                f"a round samples {context.clients_per_round}"
+            )
+        return None
+
+    return check
+
+
+def krum_minimum(f: int) -> int:
+    """Krum's condition on the number of clients: ``n > 2f + 2`` (Blanchard et al.)."""
+    return 2 * f + 3
+
+
+@FUSE_RULES.register("krum", check=_byzantine_check(krum_minimum, "krum"))
+def krum_rule(
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    stats: Sequence[ClientStats],
+    *,
+    num_byzantine: int = 0,
+) -> OrderedDict[str, torch.Tensor]:
+    """The one client with the lowest Krum score, tolerating ``num_byzantine`` (f) Byzantine
+    clients (Flower's ``Krum``)."""
+    _needs(krum_minimum(num_byzantine), "krum", len(states))
+    best = _select(states, num_byzantine, 1)[0]
+    return OrderedDict((k, v.clone()) for k, v in states[best].items())
+
+
+@FUSE_RULES.register("multi-krum", check=_byzantine_check(krum_minimum, "multi-krum"))
+def multi_krum_rule(
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    stats: Sequence[ClientStats],
+    *,
+    num_byzantine: int = 0,
+    num_selected: int = 0,
+) -> OrderedDict[str, torch.Tensor]:
+    """The weighted mean of the ``num_selected`` (m; 0: ``n - f``) clients with the lowest Krum
+    scores (Flower's ``MultiKrum``)."""
+    n = len(states)
+    count = num_selected or n - num_byzantine
+    _needs(max(krum_minimum(num_byzantine), count), "multi-krum", n)
+    chosen = _select(states, num_byzantine, count)
+    return weighted_average([states[i] for i in chosen], [weights[i] for i in chosen])
+
+
+@FUSE_RULES.register("bulyan", check=_byzantine_check(lambda f: 4 * f + 3, "bulyan"))
+def bulyan_rule(
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    stats: Sequence[ClientStats],
+    *,
+    num_byzantine: int = 0,
+) -> OrderedDict[str, torch.Tensor]:
+    """Bulyan (Flower's ``Bulyan`` with its default selection): Multi-Krum selects
+    ``theta = n - 2f`` clients; per coordinate, the mean of the ``theta - 2f`` selected values
+    closest to the selected clients' median. Needs ``n >= 4f + 3``."""
+    n, f = len(states), num_byzantine
+    _needs(4 * f + 3, "bulyan", n)
+    theta = n - 2 * f
+    chosen = [states[i] for i in _select(states, f, theta)]
+    keep = theta - 2 * f
+
+    def closest_to_median(stacked: torch.Tensor) -> torch.Tensor:
+        distance = (stacked - _median(stacked)).abs()
+        nearest = distance.topk(keep, dim=0, largest=False).indices
+        return stacked.gather(0, nearest).mean(0)
+
+    return _coordinatewise(chosen, closest_to_median)

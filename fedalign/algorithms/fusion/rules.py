@@ -1,0 +1,26 @@
+"""The registry of fuse rules: how the server combines aligned client models.
+
+Every rule has one signature, ``(states, weights, stats, **options) -> fused state``: ``states``
+are the clients' aligned state dicts, ``weights`` their example counts, ``stats[j]`` the
+statistics client ``j`` reported (already in the aligned basis), holding at least the kinds the
+rule declares in ``needs={"train": (...)}``. Its keyword-only parameters are its options, and
+their defaults are the defaults a config gets. ``meta["check"]``, when registered, is
+``(options, context) -> reason | None``: why the rule cannot run with these option values in this
+federation (the config reports it as one line before anything runs).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fedalign.core.registry import Context, Registry
+
+FUSE_RULES = Registry("fuse rule")
+
+
+def no_recurrent_layers(context: Context) -> str | None:
+    """Rules built on layer-input Grams cover Linear and Conv2d; an LSTM's recurrent weights have
+    no input Gram."""
+    if any(isinstance(m, nn.RNNBase) for m in context.model.modules()):
+        return "covers Linear and Conv2d layers; the LSTM's recurrent weights have no input Gram"
+    return None

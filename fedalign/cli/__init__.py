@@ -1,0 +1,5 @@
+"""The ``fedalign`` command: run, resume, bench, merge, config, data, report."""
+
+from fedalign.cli.main import main
+
+__all__ = ["main"]

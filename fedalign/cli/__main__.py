@@ -1,0 +1,5 @@
+"""``python -m fedalign.cli``: the ``fedalign`` command."""
+
+from fedalign.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The client side: local training loops, optimizers and client objectives."""

@@ -1,0 +1,6 @@
+"""The run configuration: the schema (each key declared once, with its default, comment, choices
+and bounds), loading and overrides, the generated reference, and a run's pieces built from it."""
+
+from fedalign.config.schema import RunConfig, from_dict, load_config
+
+__all__ = ["RunConfig", "from_dict", "load_config"]

@@ -1,0 +1,163 @@
+"""Build a run's pieces (federated data, model) from its config.
+
+The ClientApp, the ServerApp and the simulation scripts all go through these, so every part of a
+run sees the same partition and the same architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedalign.client.training import OBJECTIVES, TrainStats, train_local
+from fedalign.config.schema import DataConfig, RunConfig
+from fedalign.data import Federation, federation, federation_key
+from fedalign.models import build_model, fit_to_state, model_options
+
+
+def partition_options(data: DataConfig) -> dict[str, object]:
+    """The options of ``data.partition`` that the chosen scheme uses."""
+    if data.partition == "dirichlet":
+        return {"alpha": data.alpha, "min_partition_size": data.min_partition_size}
+    if data.partition in ("shards", "pathological"):
+        return {"classes_per_client": data.classes_per_client}
+    return {}
+
+
+def _federation_settings(cfg: RunConfig) -> tuple[tuple, dict[str, Any]]:
+    d = cfg.data
+    return (d.dataset, d.num_clients, d.partition), {
+        "seed": cfg.resolved_seeds.partition,
+        "val_fraction": d.val_fraction,
+        "data_dir": d.data_dir,
+        "dataset_options": d.options,
+        **partition_options(d),
+    }
+
+
+def run_federation(cfg: RunConfig) -> Federation:
+    """The run's federated dataset (cached per process by ``fedalign.data.federation``)."""
+    args, kwargs = _federation_settings(cfg)
+    return federation(*args, **kwargs)
+
+
+def run_federation_key(cfg: RunConfig) -> tuple:
+    """What determines the run's federation (``fedalign.data.federation_key``): a shared copy
+    of the data is used only by a run whose key it was written for."""
+    args, kwargs = _federation_settings(cfg)
+    return federation_key(*args, **kwargs)
+
+
+def shape_options(
+    model_name: str, input_shape: tuple[int, ...], num_classes: int
+) -> dict[str, int]:
+    """Model options implied by the data: input size, channels, image side, classes.
+
+    Only options the model takes are returned, so ``mlp`` on 8x8 digits gets ``in_features=64`` and
+    ``lenet`` on Fashion-MNIST gets ``in_channels=1, image_size=28``.
+    """
+    implied = {"num_classes": num_classes, "vocab_size": num_classes}
+    if len(input_shape) == 3:
+        implied.update(in_channels=input_shape[0], image_size=input_shape[-1])
+    if len(input_shape) >= 1:
+        implied["in_features"] = int(np.prod(input_shape))
+    accepted = model_options(model_name)
+    return {k: v for k, v in implied.items() if k in accepted}
+
+
+def run_model(
+    cfg: RunConfig, fed: Federation, init_seed: int | None = None, state: dict | None = None
+) -> nn.Module:
+    """The run's architecture sized for its data, with weights drawn from ``init_seed``.
+
+    Options written in the config win over those implied by the data; with ``state``, layers whose
+    widths matching changed are resized to it (``fedalign.models.fit_to_state``) and the weights
+    are loaded.
+    """
+    options = {
+        **shape_options(cfg.model.name, fed.input_shape, fed.num_classes),
+        **cfg.model.options,
+    }
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    model = build_model(cfg.model.name, **options)
+    return model if state is None else fit_to_state(model, state)
+
+
+def server_device(cfg: RunConfig) -> torch.device:
+    """Where the server aligns and evaluates: ``simulation.server_device`` (``auto``: the GPU when
+    there is one)."""
+    wanted = cfg.simulation.server_device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def local_init_seed(cfg: RunConfig, partition_id: int) -> int:
+    """Each client's own initialisation (PFNM and FedMA clients start from different inits)."""
+    return int(np.random.SeedSequence([cfg.resolved_seeds.init, partition_id]).generate_state(1)[0])
+
+
+def shuffle_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
+    """A data-shuffling seed per (run, round, client): reruns repeat, clients differ."""
+    words = np.random.SeedSequence([cfg.resolved_seeds.shuffle, server_round, partition_id])
+    return int(words.generate_state(1)[0])
+
+
+PHASE_ENTRIES = {
+    "epochs": ("local_epochs", int),
+    "lr": ("lr", float),
+    "weight-decay": ("weight_decay", float),
+    "proximal-mu": ("proximal_mu", float),
+}
+"""Train message entries that override ``train`` for one exchange, and the keys they replace."""
+
+
+def phase_training(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A train message's overrides of ``train`` (a phase of a schedule such as
+    ``strategy.fedma.protocol: reference``), keyed as ``TrainConfig``'s fields."""
+    return {
+        key: kind(config[entry]) for entry, (key, kind) in PHASE_ENTRIES.items() if entry in config
+    }
+
+
+def train_client(
+    cfg: RunConfig,
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    server_round: int,
+    partition_id: int,
+    frozen: Collection[str] = (),
+    device: str | torch.device = "cpu",
+    objective_inputs: Mapping[str, Any] | None = None,
+    phase: Mapping[str, Any] | None = None,
+) -> TrainStats:
+    """One client's local training as the run's config says (optimizer, client objective, seeded
+    shuffling; ``objective_inputs``: what the server sent for the objective; ``phase``: the
+    server's overrides of ``train`` for this exchange, ``phase_training``): the
+    ClientApp, the mock clients of the strategy tests and the plain-loop benchmark all train
+    through this, so they train identically."""
+    t = dataclasses.replace(cfg.train, **(phase or {}))
+    return train_local(
+        model,
+        X,
+        y,
+        epochs=t.local_epochs,
+        batch_size=t.batch_size,
+        optimizer=t.optimizer,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        objective=cfg.objective,
+        objective_options=OBJECTIVES.get(cfg.objective).resolve(vars(t)),
+        objective_inputs=objective_inputs,
+        seed=shuffle_seed(cfg, server_round, partition_id),
+        device=device,
+        frozen=frozen,
+    )

@@ -1,0 +1,1 @@
+"""The base every layer stands on: registries, shared types, errors, tensor helpers."""

@@ -1,0 +1,350 @@
+"""Run a configured federation on Flower's simulation engine (Ray), into a run folder.
+
+Flower's ``run_simulation`` is deprecated as a public entry point (``flwr run`` is the supported
+one), so it is wrapped here, behind one function: if Flower moves, only this module changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray._private.services as ray_services
+import torch
+from flwr.simulation import run_simulation
+
+from fedalign.config.components import run_federation, run_federation_key, run_model
+from fedalign.config.schema import RunConfig
+from fedalign.core.errors import (
+    ActorPoolBroken,
+    ConfigError,
+    RoundFailedError,
+    RunInterrupted,
+)
+from fedalign.core.plugins import plugin_environment
+from fedalign.data.federation import Federation
+from fedalign.data.shared import shared_copy
+from fedalign.fl.client_app import app as client_app
+from fedalign.fl.dispatch import fast_dispatch
+from fedalign.report.results import RunRecorder, read_json
+from fedalign.report.trackers import missing_package
+from fedalign.runs.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    config_mismatch,
+    list_checkpoints,
+    load_latest,
+)
+from fedalign.runs.folder import new_run
+from fedalign.runs.interrupts import stop_on_signals
+from fedalign.runs.progress import round_output
+from fedalign.runs.server_app import make_server_app
+
+log = logging.getLogger("fedalign")
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_DISABLE_IMPORT_WARNING": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_dir: Path
+    summary: dict[str, Any]
+    already_finished: bool = False  # a --resume of a run with nothing left to simulate
+
+
+def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
+    """Flower's Ray backend settings: client resources and how Ray starts or attaches."""
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {
+        "include_dashboard": sim.ray_dashboard,
+        "ignore_reinit_error": True,
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+    }
+    address = sim.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        init_args["address"] = address
+    else:  # the Ray this run starts listens on the loopback interface only (see loopback_ray)
+        init_args["_node_ip_address"] = LOOPBACK
+    return {
+        "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
+        "init_args": init_args,
+    }
+
+
+LOOPBACK = "127.0.0.1"
+DATA_COPY = ".shared-data"
+
+
+@contextlib.contextmanager
+def loopback_ray(local: bool) -> Iterator[None]:
+    """While a local run starts Ray, keep its node address on the loopback interface.
+
+    Ray has no authentication: whoever reaches its ports can run code. Its servers listen on the
+    loopback interface only when the node address is 127.0.0.1, but ``ray.init`` replaces that
+    address by the machine's (``services.resolve_ip_for_localhost``, so that other nodes could
+    join); a local simulation has no other nodes, so that replacement is switched off here. Runs
+    attaching to a cluster (``simulation.ray_address``) are left as they are.
+    """
+    if not local:
+        yield
+        return
+    original = ray_services.resolve_ip_for_localhost
+    ray_services.resolve_ip_for_localhost = lambda host: host
+    try:
+        yield
+    finally:
+        ray_services.resolve_ip_for_localhost = original
+
+
+def node_resources(address: str | None) -> list[dict[str, float]]:
+    """CPUs and GPUs of every alive node: of the cluster at ``address`` (attaching to it), or of
+    this machine, which Flower will start Ray on."""
+    if not address:
+        return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
+    """A clear error when no node can hold one client (Flower would fail later with "ActorPool is
+    empty")."""
+    sim = cfg.simulation
+    fits = [
+        n
+        for n in nodes
+        if n.get("CPU", 0.0) >= sim.client_cpus and n.get("GPU", 0.0) >= sim.client_gpus
+    ]
+    if not fits:
+        have = (
+            ", ".join(f"{n.get('CPU', 0):g} CPU / {n.get('GPU', 0):g} GPU" for n in nodes)
+            or "no alive node"
+        )
+        raise ConfigError(
+            f"simulation.client_cpus={sim.client_cpus:g}, client_gpus={sim.client_gpus:g}: "
+            f"no Ray node can run one client (nodes: {have})"
+        )
+
+
+def check_model(cfg: RunConfig, fed: Federation) -> None:
+    """The model builds for the data's shapes (on the meta device: no memory, no init cost);
+    options that only fail there (LeNet on 8x8 digits) are a config error, not a crash later."""
+    try:
+        with torch.device("meta"):
+            run_model(cfg, fed)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def check_dashboard(cfg: RunConfig) -> None:
+    """``simulation.ray_dashboard: true`` needs Ray's dashboard packages (``ray[default]``); say so
+    before Ray starts rather than let ``ray.init`` fail inside Flower."""
+    if not cfg.simulation.ray_dashboard:
+        return
+    missing = getattr(ray._private.utils, "get_dashboard_dependency_error", lambda: None)()
+    if missing is not None:
+        raise ConfigError(
+            f"simulation.ray_dashboard: Ray's dashboard needs ray[default] "
+            f"(pip install 'fedalign[dashboard]'): {missing}"
+        )
+
+
+def configure_logging(verbose: bool) -> None:
+    """Flower's and Ray's logs stay quiet unless asked for; fedalign's warnings always show."""
+    # Client failures are reported by fedalign in one line each; Flower's ERROR logs repeat them
+    # with full Ray tracebacks, so they show only with -v.
+    for name in ("flwr", "ray", "filelock", "datasets", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    logging.getLogger("fedalign").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    output_dir: str | Path | None = None,
+    verbose: bool = False,
+    progress: bool = True,
+    resume_dir: str | Path | None = None,
+) -> RunOutcome:
+    """Simulate the run described by ``cfg``; returns its folder and summary.
+
+    With ``resume_dir`` (a run folder), continue that run after its last intact checkpoint,
+    in the same folder.
+    """
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    configure_logging(verbose)
+    # Ray workers inherit the environment: they import the modules that registered the user's
+    # models, datasets and rules, so those exist on every client too.
+    os.environ.update(plugin_environment())
+
+    resume = None if resume_dir is None else resumable(cfg, resume_dir)
+    if resume is not None and resume.round >= cfg.strategy.rounds:
+        return finished(cfg, Path(resume_dir), resume)
+    # Partition (and load) once here, and size the model for the data: a bad dataset, partition
+    # or model option fails before any folder or Ray exists.
+    fed = run_federation(cfg)
+    check_model(cfg, fed)
+    address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:  # an existing cluster has its own dashboard, or none
+        check_dashboard(cfg)
+    for name in cfg.output.trackers:
+        if (problem := missing_package(name)) is not None:
+            raise ConfigError(f"output.trackers: {problem}")
+    check_resources(cfg, node_resources(address))
+    if resume is not None:
+        recorder = RunRecorder(resume_dir)
+        recorder.truncate_after(resume.round)
+        recorder.open_trackers(cfg.output.trackers, cfg.to_dict(), resume_after=resume.round)
+        log.warning("resuming %s after round %d", recorder.dir, resume.round)
+    else:
+        recorder = new_run(cfg, output_dir or cfg.output.dir)
+    outcome: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    backend = backend_config(cfg, verbose)
+
+    def has_checkpoint() -> bool:
+        return bool(list_checkpoints(recorder.dir / "checkpoints"))
+
+    restarts = 0
+    try:
+        with (
+            round_output(
+                cfg.strategy.rounds,
+                bar=progress,
+                desc=f"{cfg.name} [{cfg.strategy.name}]",
+                done=0 if resume is None else resume.round,
+            ) as printer,
+            loopback_ray("address" not in backend["init_args"]),
+            stop_on_signals(recorder.dir, has_checkpoint) as stop,
+            fast_dispatch(cfg.simulation.fast_dispatch),
+            data_copy(cfg, fed, recorder.dir) as copy,
+        ):
+
+            def on_round(row: dict[str, Any]) -> None:
+                if row["round"] > 0 and "first_round_end_s" not in outcome:
+                    # start-up as users feel it: Ray, the actors, discovery and the first round
+                    outcome["first_round_end_s"] = round(time.perf_counter() - t0, 2)
+                if cfg.simulation.ray_dashboard and not printer.rows and ray.is_initialized():
+                    printer.write(f"Ray dashboard: http://{ray.get_dashboard_url()}")
+                printer(row)
+
+            while True:
+                try:
+                    run_simulation(
+                        server_app=make_server_app(
+                            cfg, recorder, on_round, outcome, resume, stop, copy
+                        ),
+                        client_app=client_app,
+                        num_supernodes=cfg.data.num_clients,
+                        backend_config=backend,
+                        verbose_logging=verbose,
+                    )
+                    break
+                except ActorPoolBroken as exc:
+                    resume = restart_point(cfg, recorder, exc, restarts)
+                    restarts += 1
+                    if printer.bar is not None:
+                        printer.bar.n = resume.round
+    except (RoundFailedError, RunInterrupted) as exc:
+        exc.run_dir = recorder.dir
+        exc.resumable = load_latest(recorder.dir / "checkpoints") is not None
+        if isinstance(exc, RunInterrupted):
+            exc.signal = stop.signal
+        raise
+    outcome.setdefault("wall_seconds", round(time.perf_counter() - t0, 2))
+    if restarts:
+        outcome["restarts"] = restarts
+    return RunOutcome(recorder.dir, outcome)
+
+
+@contextlib.contextmanager
+def data_copy(cfg: RunConfig, fed: Federation, run_dir: Path) -> Iterator[str | None]:
+    """With ``simulation.shared_data``, the run's data written once into ``run_dir/DATA_COPY``
+    for its clients to map (``fedalign.data.shared``), removed when the run ends; its folder, or
+    None."""
+    if not cfg.simulation.shared_data:
+        yield None
+        return
+    with shared_copy(fed, run_dir / DATA_COPY, run_federation_key(cfg)) as path:
+        yield str(path.resolve())
+
+
+def restart_point(
+    cfg: RunConfig, recorder: RunRecorder, broken: ActorPoolBroken, restarts: int
+) -> Checkpoint:
+    """Where a simulation whose actor pool lost a worker starts again, in this process and on a
+    fresh pool: its last checkpoint, its rows cut back to it (``simulation.max_restarts`` times at
+    most; then, or without a checkpoint, the run stops as a failed round does)."""
+    checkpoint = load_latest(recorder.dir / "checkpoints")
+    if checkpoint is None or restarts >= cfg.simulation.max_restarts:
+        raise RoundFailedError(
+            f"{broken} (simulation restarted {restarts} time(s), "
+            f"simulation.max_restarts={cfg.simulation.max_restarts}"
+            f"{'' if checkpoint else ', no checkpoint to restart from'})"
+        ) from broken
+    log.warning(
+        "%s: restarting the simulation from round %d on a fresh actor pool (%d of %d)",
+        broken,
+        checkpoint.round,
+        restarts + 1,
+        cfg.simulation.max_restarts,
+    )
+    recorder.truncate_after(checkpoint.round)
+    return checkpoint
+
+
+def resumable(cfg: RunConfig, run_dir: str | Path) -> Checkpoint:
+    """The checkpoint ``run_dir`` continues from, once its config.yaml is known to be the config
+    the checkpoint was written with (an edited one would make a hybrid run)."""
+    checkpoint = load_latest(Path(run_dir) / "checkpoints")
+    if checkpoint is None:
+        raise CheckpointError(
+            f"{run_dir}: no intact checkpoint to resume from (it stopped before its first one); "
+            "start the run afresh"
+        )
+    mismatch = config_mismatch(checkpoint, json.loads(cfg.to_json()))
+    if mismatch is not None:
+        raise ConfigError(
+            f"{run_dir}/config.yaml is not the config this run was checkpointed with: {mismatch}; "
+            "restore it, or start a new run"
+        )
+    return checkpoint
+
+
+def finished(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint) -> RunOutcome:
+    """A run whose last round is checkpointed: nothing to simulate. Its summary is the one it
+    wrote, or (killed between its last checkpoint and its summary) written now from its rows."""
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        return RunOutcome(run_dir, read_json(summary_path, "summary.json"), True)
+    recorder = RunRecorder(run_dir)
+    recorder.truncate_after(checkpoint.round)
+    if cfg.output.save_model:
+        recorder.save_model(checkpoint.model)
+    summary = recorder.finish(checkpoint.wall_seconds, plot=cfg.output.plot)
+    return RunOutcome(run_dir, summary, True)
