@@ -171,3 +171,95 @@ def test_cli_plugin_must_be_a_python_file(tmp_path, capsys):
     not_python.write_text("print('never run')\n")
     assert main(["run", "--plugin", str(not_python), str(ROOT / "configs/quickstart.yaml")]) == 2
     assert "--plugin" in capsys.readouterr().err
+
+
+NOTEBOOK_DRIVER = """
+import json
+import threading
+
+import fedalign
+from fedalign.core.plugins import plugin_environment
+
+OFFSET = 3.0  # a global of __main__: it travels with the function that reads it
+
+
+def shifted(states, weights, stats, *, by: float = 1.0):
+    return {key: value + by + OFFSET for key, value in states[0].items()}
+
+
+fedalign.register_fuse_rule("nb-shifted", shifted, needs=("grams",))
+env = plugin_environment()
+
+LOCK = threading.Lock()
+
+
+def locked(states, weights, stats):
+    with LOCK:
+        return states[0]
+
+
+fedalign.register_fuse_rule("nb-locked", locked)
+try:
+    plugin_environment()
+    refusal = None
+except fedalign.ConfigError as exc:
+    refusal = str(exc)
+print(json.dumps({"env": env, "refusal": refusal}))
+"""
+
+NOTEBOOK_WORKER = """
+import json
+
+import torch
+
+from fedalign.core.plugins import load_from_environment
+
+load_from_environment()
+from fedalign.algorithms.fusion import FUSE_RULES
+
+entry = FUSE_RULES.get("nb-shifted")
+fused = entry.obj([{"w": torch.zeros(2)}], [1.0], [{}], by=2.0)
+print(json.dumps({
+    "options": entry.options,
+    "needs": entry.needs,
+    "fused": fused["w"].tolist(),
+    "locked": "nb-locked" in FUSE_RULES,
+}))
+"""
+
+
+def test_entries_defined_in_a_notebook_reach_a_worker_by_value(tmp_path):
+    """A ``__main__`` without a file (a notebook, a REPL, ``python -``) cannot be imported by a Ray
+    worker: its entries travel pickled by value, and a fresh process registers them with the same
+    options and needs. What cannot be pickled is refused in one line naming it, before Ray starts.
+    The driver is a real ``python -`` (its ``__file__`` is ``<stdin>``); the worker a fresh one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDALIGN_PLUGIN")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def python(script: str, extra: dict[str, str]) -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-"],
+            input=script,
+            env={**env, **extra},
+            cwd=tmp_path,  # nothing of the driver's is importable here
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    driver = python(NOTEBOOK_DRIVER, {})
+    shipped = driver["env"]
+    assert set(shipped) == {"FEDALIGN_PLUGIN_OBJECTS"}  # no module named: __main__ has no file
+    assert python(NOTEBOOK_WORKER, shipped) == {
+        "options": {"by": 1.0},
+        "needs": {"train": ["grams"]},
+        "fused": [5.0, 5.0],  # 0 + by + OFFSET: the function and its global arrived
+        "locked": False,  # registered after the environment was taken
+    }
+    refusal = driver["refusal"]
+    assert refusal is not None and "\n" not in refusal
+    assert refusal.startswith("fuse rule 'nb-locked', defined in an interactive session")
+    assert "cannot pickle" in refusal and "--plugin" in refusal
