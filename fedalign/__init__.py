@@ -30,43 +30,61 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedalign.algorithms.align import ALIGNERS, SOLVERS, PermutationSpec, permutation_spec
+    from fedalign.algorithms.align import (
+        ALIGNERS,
+        SOLVERS,
+        PermutationSpec,
+        apply_permutation,
+        permutation_spec,
+        weight_matching,
+    )
+    from fedalign.algorithms.analysis import interpolation_barrier
     from fedalign.algorithms.fusion import FUSE_RULES
     from fedalign.algorithms.pipeline import Outcome, Plan, aggregate, aggregate_local
     from fedalign.algorithms.repair import REPAIR_RULES, RepairInputs
     from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS
     from fedalign.algorithms.stats import STATISTICS, StatContext
-    from fedalign.client.training import OBJECTIVES, OPTIMIZERS
-    from fedalign.config.schema import RunConfig, from_dict, load_config
+    from fedalign.client.training import OBJECTIVES, OPTIMIZERS, train_local
+    from fedalign.config.load import from_dict, load_config
+    from fedalign.config.schema import RunConfig
     from fedalign.core.errors import ConfigError, RoundFailedError
     from fedalign.core.plugins import load_plugin
     from fedalign.core.registry import STRATEGIES, Context, Registry, RegistryError, Supports
-    from fedalign.data import DATASETS, Arrays
-    from fedalign.models import MODELS
+    from fedalign.data import DATASETS, Arrays, dataset_arrays
+    from fedalign.models import MODELS, build_model
+    from fedalign.runs.artifacts import evaluate, load_model
     from fedalign.runs.runner import RunOutcome
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ALIGNERS": "fedalign.algorithms.align",
+    "ALIGNERS": "fedalign.algorithms.pipeline",
     "SOLVERS": "fedalign.algorithms.align",
     "PermutationSpec": "fedalign.algorithms.align",
     "permutation_spec": "fedalign.algorithms.align",
-    "FUSE_RULES": "fedalign.algorithms.fusion",
+    "apply_permutation": "fedalign.algorithms.align",
+    "weight_matching": "fedalign.algorithms.align",
+    "interpolation_barrier": "fedalign.algorithms.analysis",
+    "train_local": "fedalign.client.training",
+    "dataset_arrays": "fedalign.data",
+    "build_model": "fedalign.models",
+    "FUSE_RULES": "fedalign.algorithms.pipeline",
     "Outcome": "fedalign.algorithms.pipeline",
     "Plan": "fedalign.algorithms.pipeline",
     "aggregate": "fedalign.algorithms.pipeline",
     "aggregate_local": "fedalign.algorithms.pipeline",
-    "REPAIR_RULES": "fedalign.algorithms.repair",
+    "REPAIR_RULES": "fedalign.algorithms.pipeline",
     "RepairInputs": "fedalign.algorithms.repair",
     "SERVER_OPTIMIZERS": "fedalign.algorithms.server_opt",
-    "STATISTICS": "fedalign.algorithms.stats",
+    "STATISTICS": "fedalign.algorithms.pipeline",
     "StatContext": "fedalign.algorithms.stats",
     "OBJECTIVES": "fedalign.client.training",
     "OPTIMIZERS": "fedalign.client.training",
     "RunConfig": "fedalign.config.schema",
-    "from_dict": "fedalign.config.schema",
-    "load_config": "fedalign.config.schema",
+    "from_dict": "fedalign.config.load",
+    "load_config": "fedalign.config.load",
+    "Strategy": "fedalign.fl.strategy",
+    "StrategyContext": "fedalign.config.components",
     "ConfigError": "fedalign.core.errors",
     "RoundFailedError": "fedalign.core.errors",
     "load_plugin": "fedalign.core.plugins",
@@ -77,9 +95,13 @@ _LAZY = {
     "DATASETS": "fedalign.data",
     "Arrays": "fedalign.data",
     "MODELS": "fedalign.models",
+    "load_model": "fedalign.runs.artifacts",
+    "evaluate": "fedalign.runs.artifacts",
 }
-"""Public name -> the module that defines it, imported on first use: ``import fedalign`` loads
-neither torch's model zoo nor the config, Flower or Ray until a name needs them."""
+"""Public name -> the module it is taken from, imported on first use: ``import fedalign`` loads
+neither torch nor the config, Flower or Ray until a name needs them. The algorithm registries come
+through the pipeline, which imports every built-in step and statistic (the ``pfnm`` aligner is
+registered in ``fusion``, statistics beside the rules that read them)."""
 
 
 def __getattr__(name: str) -> Any:
@@ -203,21 +225,17 @@ def register_strategy(
     *,
     objective: str = "plain",
     pipeline: bool = False,
-    supports: Supports | None = None,
     replace: bool = False,
 ) -> type:
-    """A strategy (``strategy.name``): a ``fedalign.fl.engine.Strategy`` subclass, the client
-    ``objective`` it trains with, and whether it takes the align/fuse/repair pipeline."""
+    """A strategy (``strategy.name``): a :class:`fedalign.Strategy` subclass, the client
+    ``objective`` it trains with, and whether it takes the align/fuse/repair pipeline. Its options
+    are its constructor's keyword-only parameters, with their defaults and annotations (a config
+    writes them in the ``strategy`` section; each value is checked against its annotation);
+    ``Strategy.problem`` says why a model or federation cannot run it."""
     from fedalign.core.registry import STRATEGIES
 
     return STRATEGIES.register(
-        name,
-        strategy,
-        options={},
-        objective=objective,
-        pipeline=pipeline,
-        supports=supports,
-        replace=replace,
+        name, strategy, objective=objective, pipeline=pipeline, replace=replace
     )
 
 
@@ -227,7 +245,8 @@ def run(
     """Simulate a run (a ``RunConfig``, or a YAML path with ``overrides``) on Flower and Ray;
     ``options`` go to :func:`fedalign.runs.runner.run` (``output_dir``, ``verbose``, ``progress``,
     ``resume_dir``). Returns the run folder and its summary."""
-    from fedalign.config.schema import RunConfig, load_config
+    from fedalign.config.load import load_config
+    from fedalign.config.schema import RunConfig
     from fedalign.runs import runner  # Flower and Ray load only when a simulation runs
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
@@ -258,10 +277,18 @@ __all__ = [
     "RoundFailedError",
     "RunConfig",
     "StatContext",
+    "Strategy",
+    "StrategyContext",
     "aggregate",
     "aggregate_local",
+    "apply_permutation",
+    "build_model",
+    "dataset_arrays",
+    "evaluate",
     "from_dict",
+    "interpolation_barrier",
     "load_config",
+    "load_model",
     "load_plugin",
     "permutation_spec",
     "register_aligner",
@@ -273,4 +300,6 @@ __all__ = [
     "register_statistic",
     "register_strategy",
     "run",
+    "train_local",
+    "weight_matching",
 ]

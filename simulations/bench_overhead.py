@@ -37,9 +37,10 @@ import torch
 
 from fedalign.client.training import evaluate
 from fedalign.config.components import run_federation, run_model, train_client
-from fedalign.config.schema import RunConfig, load_config
+from fedalign.config.load import load_config
+from fedalign.config.schema import RunConfig
 from fedalign.core.tensors import weighted_average
-from fedalign.fl.engine import sample_partitions
+from fedalign.fl.round import sample_partitions
 from fedalign.report.results import read_rows
 from fedalign.runs.runner import run
 from fedalign.runs.studies import write_json

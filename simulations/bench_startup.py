@@ -39,7 +39,7 @@ def one_run(nodes: int, fast: bool, rounds: int, cohort: int, out: Path, extra: 
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
     from fedalign.config.components import run_federation
-    from fedalign.config.schema import load_config
+    from fedalign.config.load import load_config
     from fedalign.fl.engine import RoundEngine
     from fedalign.report.results import read_rows
     from fedalign.runs.runner import run

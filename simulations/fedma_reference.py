@@ -174,7 +174,7 @@ def fedalign_fedma(
     args: argparse.Namespace,
 ) -> StateDict:
     """One FedMA pass by ``fusion.fedma``'s pieces, the clients retraining in this process as the
-    strategy's layer phases do (``strategy.fedma.protocol: reference``)."""
+    strategy's layer phases do (``strategy.protocol: reference``)."""
     template = build_model("lenet")
     spec = permutation_spec(template)
     layers = matched_layers(spec, template)

@@ -8,7 +8,7 @@ rounds, as the FedMA paper does, and by default gives FedMA as many FedMA rounds
 ``--rounds`` communication rounds. Defaults are scaled to a 2-core CPU: LeNet on Fashion-MNIST,
 J=10, Dirichlet(0.5), 2 local epochs per phase, 20 FedAvg/FedProx rounds against 4 FedMA rounds.
 
-``--protocol reference`` runs all three under IBM/FedMA's schedule (``strategy.fedma.protocol``):
+``--protocol reference`` runs all three under IBM/FedMA's schedule (``strategy.protocol``):
 ``--epochs`` local epochs from the clients' own inits in round 1 (so the baselines' round 2
 starts from the plain average of the locally trained models), ``--retrain-epochs`` in every later
 phase and round; ``--set`` overrides go to all three runs.
@@ -29,7 +29,8 @@ from pathlib import Path
 from fedalign.algorithms.align import permutation_spec
 from fedalign.algorithms.fusion.layer_matching import matched_layers
 from fedalign.config.components import run_federation, run_model
-from fedalign.config.schema import RunConfig, load_config
+from fedalign.config.load import load_config
+from fedalign.config.schema import RunConfig
 from fedalign.report.plots import Curve, accuracy_plot
 from fedalign.report.results import cumulative_bytes, read_rows
 from fedalign.runs.runner import run
@@ -102,7 +103,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra overrides for the FedMA run, e.g. strategy.matching.gamma=1.0",
+        help="extra overrides for the FedMA run, e.g. strategy.gamma=1.0",
     )
     parser.add_argument(
         "--protocol", choices=("fedalign", "reference"), default="fedalign", help="see above"
@@ -119,9 +120,9 @@ def main() -> None:
     common = [
         f"train.local_epochs={args.epochs}",
         f"strategy.rounds={args.rounds}",
-        f"strategy.fedma.protocol={args.protocol}",
-        *([f"strategy.fedma.retrain_epochs={args.retrain_epochs}"] if args.retrain_epochs else []),
-        *([f"strategy.fedma.retrain_lr={args.retrain_lr}"] if args.retrain_lr else []),
+        f"strategy.protocol={args.protocol}",
+        *([f"strategy.retrain_epochs={args.retrain_epochs}"] if args.retrain_epochs else []),
+        *([f"strategy.retrain_lr={args.retrain_lr}"] if args.retrain_lr else []),
         *args.set,
     ]
     base = load_config(args.config, common)

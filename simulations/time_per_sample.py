@@ -17,7 +17,7 @@ import time
 import torch
 
 from fedalign.config.components import run_federation, run_model
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 
 
 def seconds_per_example(config: str, seconds: float) -> tuple[float, int]:

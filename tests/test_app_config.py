@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from fedalign.config.schema import ConfigError
+from fedalign.core.errors import ConfigError
 from fedalign.runs.app_config import (
     APP_KEYS,
     FLOWER_KEYS,

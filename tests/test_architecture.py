@@ -5,6 +5,8 @@ runner nor the CLI (nor Flower itself), so they stay usable from a notebook or a
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -160,3 +162,17 @@ def test_lower_layers_import_no_flower_or_ray(package):
 def test_shared_types_are_defined_once():
     definitions = [p for p in PACKAGE.rglob("*.py") if "\nStateDict = " in p.read_text()]
     assert [module_name(p) for p in definitions] == ["fedalign.core.types"]
+
+
+def test_import_and_a_strategy_lookup_load_neither_flower_nor_ray():
+    """``import fedalign`` is cheap and a name lookup (a strategy, the Strategy base class) does
+    not start Flower: they load when a run starts."""
+    code = (
+        "import sys, fedalign; before = ('flwr' in sys.modules, 'ray' in sys.modules); "
+        "fedalign.STRATEGIES.get('pfnm'); fedalign.Strategy; fedalign.load_config; "
+        "print(before, 'flwr' in sys.modules, 'ray' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "(False, False) False False"

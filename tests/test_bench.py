@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from fedalign.cli import main
-from fedalign.config.schema import ConfigError
+from fedalign.core.errors import ConfigError
 from fedalign.runs.bench import load_suite, mean_std, reach
 from tests.helpers import ROOT
 

@@ -6,7 +6,9 @@ import sys
 import pytest
 import yaml
 
-from fedalign.config.schema import ConfigError, derive_seeds, from_dict, load_config, to_yaml
+from fedalign.config.load import from_dict, load_config, to_yaml
+from fedalign.config.schema import derive_seeds
+from fedalign.core.errors import ConfigError
 from tests.helpers import ROOT
 
 
@@ -71,10 +73,24 @@ def test_resolved_config_round_trips_through_yaml():
         ({"name": ".."}, "name: '..' is not a run name"),
         ({"name": ""}, "name: '' is not a run name"),
         (
-            {"strategy": {"name": "pfnm", "fedma": {"protocol": "reference"}}},
-            "strategy.fedma.protocol: the reference schedule runs fedma and its baselines",
+            {"strategy": {"name": "pfnm", "protocol": "reference"}},
+            "unknown key 'strategy.protocol': not an option of strategy pfnm",
         ),
-        ({"strategy": {"fedma": {"protocol": "paper"}}}, "strategy.fedma.protocol: unknown"),
+        ({"strategy": {"protocol": "paper"}}, "strategy: fedavg: protocol must be one of"),
+        (
+            {"strategy": {"matching": {"sigma": 0.3}}},
+            "unknown key 'strategy.matching': not an option of strategy fedavg",
+        ),
+        ({"strategy": {"name": "fedma", "sigma": "abc"}}, "strategy.sigma: expected a number"),
+        ({"strategy": {"name": "fedma", "sigma": -1}}, "strategy: fedma: sigma must be > 0"),
+        (
+            {"aggregation": {"fuse": "trimmed-mean", "beta": "x"}},
+            "aggregation.beta: expected a number",
+        ),
+        (
+            {"aggregation": {"ridge": 0.1}},
+            "unknown key 'aggregation.ridge': not an option of the chosen steps",
+        ),
     ],
 )
 def test_bad_values_name_the_key(values, message):

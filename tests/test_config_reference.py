@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from fedalign.cli import main
+from fedalign.config.load import from_dict, load_config
 from fedalign.config.reference import BEGIN, END, defaults_yaml, json_schema, readme_block
-from fedalign.config.schema import ConfigError, RunConfig, from_dict, load_config
+from fedalign.config.schema import RunConfig
+from fedalign.core.errors import ConfigError
 from tests.helpers import ROOT
 
 

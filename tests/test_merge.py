@@ -119,7 +119,7 @@ def bad_inputs(checkpoints, tmp_path):
         ([a, b, "--fuse", "regmean"], "give --data NAME"),
         ([a, b, "--fuse", "no-such-rule"], "aggregation.fuse: unknown fuse rule 'no-such-rule'"),
         ([a, b, "--align", "pfnm"], "merge takes a permutation aligner"),
-        ([a, b, "--opt", "rigde=1"], "no registered step takes 'rigde'"),
+        ([a, b, "--opt", "rigde=1"], "unknown key 'aggregation.rigde'"),
         ([a, b, "--model-opt", "hidden=[7, 7]"], "but --model-opt {'hidden': [7, 7]} builds"),
         ([a, b, "--model-opt", "hidden=[7]"], "layers.0.weight is (24, 64) but --model-opt"),
         ([a, b, "--align", "activation", "--data", "fashion-mnist"], "does not take its inputs"),

@@ -2,10 +2,13 @@
 hold (the interpolation barrier falls with alignment; ``fedalign merge`` exits 0) and their figures
 are drawn."""
 
+import re
+
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import fedalign
 from tests.helpers import ROOT
 
 NOTEBOOKS = sorted((ROOT / "docs").glob("*.ipynb"))
@@ -24,3 +27,15 @@ def test_notebook_runs_headless(path):
 
 def test_the_merging_notebook_is_there():
     assert "merging.ipynb" in [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_use_only_public_names(path):
+    """A notebook is what a user copies: it imports ``fedalign`` itself, never its modules, and
+    every ``fedalign.<name>`` it reads is in ``fedalign.__all__``."""
+    code = "\n".join(
+        cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
+    )
+    assert not re.findall(r"(?:from|import) fedalign\.", code)
+    used = set(re.findall(r"\bfedalign\.([A-Za-z_]+)", code)) - {"cli"}  # python -m fedalign.cli
+    assert used and used <= set(fedalign.__all__), used - set(fedalign.__all__)

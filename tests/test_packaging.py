@@ -13,7 +13,7 @@ import pytest
 
 from fedalign.cli import main
 from fedalign.config.bundled import bundled_names, resolve_config
-from fedalign.config.schema import ConfigError
+from fedalign.core.errors import ConfigError
 from tests.helpers import CONFIGS, ROOT
 
 

@@ -9,7 +9,7 @@ import re
 import sys
 import warnings
 
-from fedalign.fl.engine import RoundLog
+from fedalign.fl.round_log import RoundLog
 from fedalign.runs.progress import RoundPrinter, round_line, round_output
 
 

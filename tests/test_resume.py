@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from fedalign.cli import main
-from fedalign.config.schema import load_config, to_yaml
+from fedalign.config.load import load_config, to_yaml
 from fedalign.core.errors import RunFolderError
 from fedalign.report.results import RunRecorder, read_rows
 from fedalign.runs.checkpoint import Checkpoint, save_checkpoint

@@ -12,7 +12,8 @@ import logging
 
 import pytest
 
-from fedalign.config.schema import ConfigError, load_config
+from fedalign.config.load import load_config
+from fedalign.core.errors import ConfigError
 from fedalign.report.results import RunRecorder
 from fedalign.report.trackers import TRACKERS, flat_config, missing_package, scalars
 from tests.helpers import DIGITS

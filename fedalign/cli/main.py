@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedalign.config.bundled import resolve_config
-from fedalign.config.schema import load_config, parse_override, to_yaml
+from fedalign.config.load import load_config, parse_override, to_yaml
 from fedalign.core.errors import ConfigError, RoundFailedError, RunFolderError, RunInterrupted
 from fedalign.core.plugins import load_plugin
 from fedalign.data import DataError, format_histogram

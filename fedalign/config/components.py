@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedalign.algorithms.pipeline import Plan
 from fedalign.client.training import OBJECTIVES, TrainStats, train_local
-from fedalign.config.schema import DataConfig, RunConfig
+from fedalign.config.schema import DataConfig, RunConfig, TrainConfig, clients_per_round
 from fedalign.data import Federation, federation, federation_key
 from fedalign.models import build_model, fit_to_state, model_options
 
@@ -120,7 +122,7 @@ PHASE_ENTRIES = {
 
 def phase_training(config: Mapping[str, Any]) -> dict[str, Any]:
     """A train message's overrides of ``train`` (a phase of a schedule such as
-    ``strategy.fedma.protocol: reference``), keyed as ``TrainConfig``'s fields."""
+    ``strategy.protocol: reference``), keyed as ``TrainConfig``'s fields."""
     return {
         key: kind(config[entry]) for entry, (key, kind) in PHASE_ENTRIES.items() if entry in config
     }
@@ -160,4 +162,45 @@ def train_client(
         seed=shuffle_seed(cfg, server_round, partition_id),
         device=device,
         frozen=frozen,
+    )
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    """What a strategy is built with besides its options: never the whole run config.
+
+    ``model``: the run's architecture at its initial widths (strategies derive permutation specs
+    from it and never load data, so they are testable on mock replies); ``num_clients`` and
+    ``clients_per_round``: the federation; ``seed``: the run's sampling seed, from which a
+    strategy derives its own (matching, tie-breaks); ``train``: how the clients train (SCAFFOLD
+    and FedNova derive gradients from it, schedules scale it); ``device``: where the server
+    aligns and matches; ``server_optimizer``: the step towards the fused model (name, options);
+    ``plan``: the align -> fuse -> repair pipeline, for strategies that take it, and
+    ``own_init``: whether round 1 trains from the clients' own inits."""
+
+    model: nn.Module
+    num_clients: int = 2
+    clients_per_round: int = 2
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "cpu"
+    server_optimizer: tuple[str, Mapping[str, Any]] = ("sgd", {"lr": 1.0})
+    plan: Plan = field(default_factory=Plan)
+    own_init: bool = False
+
+
+def strategy_context(cfg: RunConfig, model: nn.Module) -> StrategyContext:
+    """What the run ``cfg`` gives a strategy besides its options."""
+    device = str(server_device(cfg))
+    o = cfg.server_optimizer
+    return StrategyContext(
+        model=model,
+        num_clients=cfg.data.num_clients,
+        clients_per_round=clients_per_round(cfg),
+        seed=cfg.resolved_seeds.sampling,
+        train=cfg.train,
+        device=device,
+        server_optimizer=(o.name, dict(o.options)),
+        plan=cfg.to_plan(device=device),
+        own_init=cfg.aggregation.own_init,
     )

@@ -32,7 +32,9 @@ from fedalign.config.schema import (
     ModelConfig,
     RunConfig,
     ServerOptimizerConfig,
+    StrategyConfig,
 )
+from fedalign.core.registry import STRATEGIES, Registry
 from fedalign.models import model_options
 
 COMMENT_COLUMN = 30
@@ -122,9 +124,18 @@ def _options_listed(cls: type, name: str) -> Iterator[tuple[str, Any, str]]:
     elif cls is AggregationConfig and name == "options":
         yield from _step_options()
     elif cls is ServerOptimizerConfig and name == "options":
-        for optimizer in SERVER_OPTIMIZERS:
-            options = {k: _plain(v) for k, v in SERVER_OPTIMIZERS.get(optimizer).options.items()}
-            yield optimizer, options, f"{optimizer}'s options"
+        yield from _named_options(SERVER_OPTIMIZERS)
+    elif cls is StrategyConfig and name == "options":
+        yield from _named_options(STRATEGIES)
+
+
+def _named_options(registry: Registry) -> Iterator[tuple[str, Any, str]]:
+    """``(name, its options with their defaults, comment)`` for every entry of ``registry``
+    that takes options."""
+    for name in registry:
+        options = {k: _plain(v) for k, v in registry.get(name).options.items()}
+        if options:
+            yield name, options, f"{name}'s options"
 
 
 def _type_name(annotation: Any) -> str:
@@ -218,6 +229,7 @@ def json_schema() -> dict[str, Any]:
         section["additionalProperties"] = True
         name = {"type": "string", "enum": section["properties"]["name"]["enum"]}
         props[key] = {"anyOf": [section, name], "description": section.pop("description")}
+    props["strategy"]["additionalProperties"] = True  # the strategy's options, checked at load
     aggregation = props["aggregation"]["properties"]
     for option, value, owner in _step_options():  # may be written directly in the section
         aggregation.setdefault(option, {"description": f"option of {owner}", "default": value})

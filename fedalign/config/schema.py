@@ -1,8 +1,9 @@
-"""The validated run configuration.
+"""The run configuration's schema: every key, its default, comment, choices and bounds.
 
 A run is described by one YAML file (plus ``--set key=value`` overrides). Every key is declared
 once, below, as a dataclass field ``name: type = key(default, "comment", choices=..., bounds)``:
-the loader checks its type, choices and bounds from that declaration, and
+the loader (``fedalign.config.load``) checks its type, choices and bounds from that declaration,
+and
 ``fedalign.config.reference`` renders the commented default YAML, the README's reference and a
 JSON Schema from it. A config is loaded into those frozen dataclasses, so a typo or an impossible
 value stops the run before Ray starts, with one message that names the key (``ConfigError``),
@@ -23,32 +24,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import operator
 import re
-import types
-import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from fedalign.algorithms.align import ALIGNERS, SOLVERS
 from fedalign.algorithms.fusion import FUSE_RULES
 from fedalign.algorithms.pipeline import Plan
 from fedalign.algorithms.repair import REPAIR_RULES
 from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS
-from fedalign.algorithms.stats import STATISTICS
 from fedalign.client.training import OBJECTIVES, OPTIMIZERS
-from fedalign.core.errors import ConfigError
-from fedalign.core.registry import STRATEGIES, Context, RegistryError
-from fedalign.data import DATASETS, dataset_options, partition_schemes
+from fedalign.core.registry import STRATEGIES
+from fedalign.data import DATASETS, partition_schemes
 from fedalign.data.hub import HF_NAME_PATTERN
-from fedalign.models import MODELS, build_model, model_options
-from fedalign.report.trackers import TRACKERS
+from fedalign.models import MODELS
 
 # --------------------------------------------------------------------------------------------------
 # The schema: every key declared once, with its default, its one-line comment and its checks
@@ -147,63 +139,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class MatchingConfig:
-    """BBP-MAP's hyperparameters for PFNM and FedMA. ``grid: true`` (PFNM) lets the clients pick
-    sigma, sigma0 and gamma from the reference's grid by their training accuracy, keeping the
-    smallest model within ``grid_tolerance`` of the best score (0: the best, as the reference
-    does)."""
-
-    sigma: float = key(1.0, "noise of a client's neuron around its global neuron", gt=0)
-    sigma0: float = key(1.0, "prior spread of global neurons", gt=0)
-    gamma: float | None = key(None, "new-neuron rate; null: the method's (PFNM 1, FedMA 7)", gt=0)
-    iterations: int = key(5, "BBP-MAP passes over the clients", ge=0)
-    solver: str = key("hungarian", "assignment solver", choices=SOLVERS)
-    max_width: int | None = key(None, "cap on the global widths; null: none", ge=1)
-    popularity: str = key(
-        "consistent",
-        "popularity weight: 2 log, 1 (PFNM code)",
-        choices=Choices("popularity", lambda: ("consistent", "reference")),
-    )
-    grid: bool = key(False, "pfnm: clients score the reference's (sigma, sigma0, gamma) grid")
-    grid_tolerance: float = key(
-        0.0, "pfnm grid: keep the smallest model within this accuracy of the best", ge=0, le=1
-    )
-
-
-FEDMA_PROTOCOLS = ("fedalign", "reference")
-REFERENCE_BASELINES = ("fedavg", "fedprox", "fedma")
-"""The strategies ``strategy.fedma.protocol: reference`` schedules (FedMA and its baselines)."""
-
-
-@dataclass(frozen=True)
-class FedMAConfig:
-    """FedMA's training schedule (``docs/fidelity.md``). ``fedalign``: every phase trains
-    ``train.local_epochs`` at ``train.lr``. ``reference``: IBM/FedMA's comparison (its
-    ``main.py``): round 1 trains ``train.local_epochs`` from each client's own init; every later
-    training (FedMA's layer phases and later rounds, the baselines' rounds) ``retrain_epochs`` at
-    ``retrain_lr``; FedMA's phase that retrains only the output layer 3x as long at a tenth of
-    ``retrain_lr`` with weight decay 1e-4, the baselines' rounds with weight decay 1e-4; FedMA
-    matches with ``matching.gamma`` (7) in round 1 and ``round_gamma`` later. fedavg and fedprox
-    take it too: round 1 from the clients' own inits, so round 2 starts from the plain average of
-    the locally trained models, as the reference's baselines do."""
-
-    protocol: str = key(
-        "fedalign",
-        "reference: IBM/FedMA's schedule, for fedma, fedavg, fedprox",
-        choices=Choices("protocol", lambda: FEDMA_PROTOCOLS),
-    )
-    retrain_epochs: int | None = key(
-        None, "reference: epochs of each training after round 1's; null: local_epochs", ge=1
-    )
-    retrain_lr: float | None = key(None, "reference: their learning rate; null: train.lr", gt=0)
-    round_gamma: float = key(5.0, "reference: FedMA's gamma after round 1", gt=0)
-
-
-@dataclass(frozen=True)
 class StrategyConfig:
-    """The server's strategy and its rounds."""
+    """The server's strategy, its options and the rounds the engine runs it for.
+
+    ``name`` names a registered strategy; ``options`` holds its options (its constructor's
+    keyword-only parameters, e.g. pfnm's ``sigma`` or fedma's ``protocol``), which may also be
+    written directly in the section; the resolved config records every option it takes, with its
+    value. The other keys are the round engine's, the same for every strategy.
+    """
 
     name: str = key("fedavg", "the strategy", choices=STRATEGIES)
+    options: dict[str, Any] = key({}, "its options (below), also writable in the section")
     rounds: int = key(10, "federated rounds", ge=1)
     fraction_train: float = key(
         1.0, "clients sampled per round (seeded), at least min_train_clients", gt=0, le=1
@@ -230,8 +176,6 @@ class StrategyConfig:
     max_fused_ratio: float | None = key(
         10.0, "fall back to the mean if the fused norm exceeds this x the inputs'", ge=1
     )
-    matching: MatchingConfig = key(MatchingConfig, "pfnm / fedma: BBP-MAP hyperparameters")
-    fedma: FedMAConfig = key(FedMAConfig, "fedma's schedule (and its baselines')")
 
 
 @dataclass(frozen=True)
@@ -391,392 +335,6 @@ def derive_seeds(seed: int) -> Seeds:
     return Seeds(*(int(w) & 0x7FFFFFFF for w in words))
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading: dict -> dataclasses, with type checks that name the key
-
-
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` converted to ``annotation`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(key, value, option)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, key)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(annotation)[:1]
-        return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # programming error
-
-
-def _check_declared(key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    """The choices and bounds a key declares (``key(...)``); None passes (a nullable key)."""
-    if value is None:
-        return
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(
-            f"{key}: unknown {choices.kind} {value!r}; choose one of {', '.join(choices)}"
-        )
-    bounds = {op: b for op, b in meta.get("bounds", {}).items() if b is not None}
-    if any(not _COMPARE[op](value, b) for op, b in bounds.items()):
-        raise ConfigError(f"{key}: must be {_bounds_text(bounds)}, got {value!r}")
-
-
-_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
-    "ge": operator.ge,
-    "gt": operator.gt,
-    "le": operator.le,
-    "lt": operator.lt,
-}
-
-
-def _bounds_text(bounds: Mapping[str, float]) -> str:
-    """``{"ge": 0, "lt": 1}`` -> ``"in [0, 1)"``; ``{"gt": 0}`` -> ``"> 0"``."""
-    low = [(op, b) for op, b in bounds.items() if op in ("ge", "gt")]
-    high = [(op, b) for op, b in bounds.items() if op in ("le", "lt")]
-    if low and high:
-        (lo, a), (hi, b) = low[0], high[0]
-        return f"in {'[' if lo == 'ge' else '('}{a:g}, {b:g}{']' if hi == 'le' else ')'}"
-    op, b = (low or high)[0]
-    return f"{ {'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'}[op] } {b:g}"
-
-
-def _build(cls: type, values: Any, prefix: str = "") -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
-        )
-    missing = [n for n, f in fields.items() if _required(f) and n not in values]
-    if missing:
-        raise ConfigError(
-            f"{prefix}.{missing[0]}: required" if prefix else f"{missing[0]}: required"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        where = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _check_type(where, value, hints[name])
-        _check_declared(where, kwargs[name], fields[name].metadata)
-    return cls(**kwargs)
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-_STEP_REGISTRIES = (ALIGNERS, FUSE_RULES, REPAIR_RULES)
-
-
-def _named_section(key: str, raw: Any, default: str) -> dict[str, Any]:
-    """Accept ``model: {name: mlp, hidden: [200]}`` (or ``server_optimizer: {name: adam, lr:
-    0.1}``, or the name alone): every key but ``name`` is an option of the named thing."""
-    if isinstance(raw, str):
-        return {"name": raw, "options": {}}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
-    raw = dict(raw)
-    name = raw.pop("name", default)
-    options = raw.pop("options", {})
-    if not isinstance(options, dict):
-        raise ConfigError(f"{key}.options: expected a mapping, got {options!r}")
-    return {"name": name, "options": {**options, **raw}}
-
-
-def _step_options() -> set[str]:
-    """Every option some registered pipeline step or statistic takes."""
-    return {
-        name
-        for registry in (*_STEP_REGISTRIES, STATISTICS)
-        for n in registry
-        for name in registry.get(n).options
-    }
-
-
-def _aggregation_section(raw: Any) -> Any:
-    """Options of the pipeline's steps may be written directly in the section
-    (``aggregation: {fuse: regmean, ridge: 0.01}``): they move into ``options``."""
-    if not isinstance(raw, dict):
-        return raw
-    fields = {f.name for f in dataclasses.fields(AggregationConfig)}
-    known = _step_options()
-    moved = {k: v for k, v in raw.items() if k not in fields and k in known}
-    if not moved:
-        return raw
-    options = raw.get("options") or {}
-    if not isinstance(options, dict):
-        raise ConfigError(f"aggregation.options: expected a mapping, got {options!r}")
-    return {**{k: v for k, v in raw.items() if k not in moved}, "options": {**options, **moved}}
-
-
 def clients_per_round(cfg: RunConfig) -> int:
     s = cfg.strategy
     return max(round(s.fraction_train * cfg.data.num_clients), s.min_train_clients)
-
-
-def _validate_aggregation(
-    cfg: RunConfig, context: Context, need: Callable[[bool, str, str], None]
-) -> RunConfig:
-    """The pipeline's steps exist, fit together and with the model; returns ``cfg`` with the
-    options of the chosen steps resolved (options of steps not chosen are dropped, as a run folder
-    of an earlier version records every step's)."""
-    a = cfg.aggregation
-    unknown = sorted(set(a.options) - _step_options())
-    need(
-        not unknown,
-        "aggregation.options",
-        f"no registered step takes {unknown[0]!r}" if unknown else "",
-    )
-    if not (cfg.to_plan().active or a.own_init):
-        return cfg
-    strategy = STRATEGIES.get(cfg.strategy.name)
-    need(
-        bool(strategy.meta.get("pipeline")),
-        "aggregation",
-        f"the align/fuse/repair pipeline runs with strategy "
-        f"{' or '.join(n for n in STRATEGIES if STRATEGIES.get(n).meta.get('pipeline'))}, "
-        f"not {cfg.strategy.name!r} ({cfg.strategy.name} fuses by its own matching)",
-    )
-    plan = cfg.to_plan()
-    for step, problem in plan.problems(context):
-        need(False, f"aggregation.{step}", problem)
-    try:
-        resolved = plan.resolved_options()
-        for entry in plan.steps():  # an option's value is checked by the step that takes it
-            entry.resolve(resolved)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"aggregation.options: {exc}") from None
-    return dataclasses.replace(cfg, aggregation=dataclasses.replace(a, options=resolved))
-
-
-def _validate_server_optimizer(cfg: RunConfig, need: Callable[[bool, str, str], None]) -> RunConfig:
-    """The server optimizer takes the options given, with valid values; returns ``cfg`` with its
-    options resolved (every option it takes, with the value it uses)."""
-    o = cfg.server_optimizer
-    entry = SERVER_OPTIMIZERS.get(o.name)
-    unknown = sorted(set(o.options) - set(entry.options))
-    need(
-        not unknown,
-        f"server_optimizer.{unknown[0] if unknown else ''}",
-        f"{o.name} takes no option {unknown[0] if unknown else ''!r}; "
-        f"it takes {', '.join(sorted(entry.options)) or 'none'}",
-    )
-    resolved = entry.resolve(o.options)
-    resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
-    problem = entry.meta["check"](resolved)
-    need(problem is None, "server_optimizer", f"{o.name}: {problem}")
-    return dataclasses.replace(cfg, server_optimizer=dataclasses.replace(o, options=resolved))
-
-
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-"""A run name is one path component of safe characters: ``../x`` or ``/abs`` would escape the
-output folder."""
-
-
-def _validate(cfg: RunConfig) -> RunConfig:
-    """Checks that involve more than one key or the registries' own checks (each key's type,
-    choices and bounds were checked while building); returns ``cfg`` with the options of the
-    pipeline's steps resolved."""
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
-
-    d, s = cfg.data, cfg.strategy
-    need(
-        RUN_NAME.fullmatch(cfg.name) is not None,
-        "name",
-        f"{cfg.name!r} is not a run name: letters, digits, '.', '_' and '-', starting with a "
-        "letter or digit, at most 100 characters (it names a folder under output.dir)",
-    )
-    loader_options = dataset_options(d.dataset)
-    unknown_options = sorted(set(d.options) - set(loader_options))
-    need(
-        not unknown_options,
-        "data.options",
-        f"dataset {d.dataset!r} takes no option {next(iter(unknown_options), '')!r} "
-        f"(it takes: {', '.join(loader_options) or 'none'})",
-    )
-    if d.data_dir is not None:
-        need(
-            Path(d.data_dir).expanduser().is_dir(),
-            "data.data_dir",
-            f"directory {d.data_dir!r} does not exist",
-        )
-    options = model_options(cfg.model.name)
-    unknown = sorted(set(cfg.model.options) - set(options))
-    need(
-        not unknown,
-        f"model.{unknown[0] if unknown else ''}",
-        f"model {cfg.model.name!r} takes no option {unknown[0] if unknown else ''!r}; "
-        f"it takes {', '.join(sorted(options))}",
-    )
-    need(
-        s.min_train_clients <= d.num_clients,
-        "strategy.min_train_clients",
-        f"{s.min_train_clients} is more than data.num_clients ({d.num_clients})",
-    )
-    try:
-        model = build_model(cfg.model.name, **cfg.model.options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model: {exc}") from None
-    context = Context(model, clients_per_round(cfg))
-    problem = STRATEGIES.get(s.name).problem(context)
-    need(problem is None, "strategy.name", f"{s.name}: {problem}")
-    strategy_problem = STRATEGIES.get(s.name).meta.get("check", lambda c: None)(cfg)
-    need(strategy_problem is None, "strategy.name", f"{s.name}: {strategy_problem}")
-    wanted = OBJECTIVES.get(cfg.objective).meta.get("strategy")
-    need(
-        wanted in (None, s.name),
-        "train.objective",
-        f"the {cfg.objective} objective runs with strategy {wanted}, not {s.name!r}",
-    )
-    need(
-        STRATEGIES.get(s.name).meta.get("objective") != "scaffold" or cfg.objective == "scaffold",
-        "train.objective",
-        f"strategy {s.name} trains with its own objective (scaffold), not {cfg.objective!r}",
-    )
-    need(
-        s.fedma.protocol == "fedalign" or s.name in REFERENCE_BASELINES,
-        "strategy.fedma.protocol",
-        f"the reference schedule runs fedma and its baselines "
-        f"({', '.join(REFERENCE_BASELINES)}), not {s.name!r}",
-    )
-    cfg = _validate_aggregation(cfg, context, need)
-    cfg = _validate_server_optimizer(cfg, need)
-    if cfg.objective == "proximal":
-        need(
-            cfg.train.proximal_mu > 0,
-            "train.proximal_mu",
-            f"strategy {s.name} needs proximal_mu > 0",
-        )
-    for i, fault in enumerate(cfg.faults):
-        need(
-            fault.client < d.num_clients,
-            f"faults[{i}].client",
-            f"no client {fault.client} among {d.num_clients}",
-        )
-    trackers = cfg.output.trackers
-    for i, tracker in enumerate(trackers):
-        need(
-            tracker in TRACKERS,
-            f"output.trackers[{i}]",
-            f"unknown tracker {tracker!r}; choose one of {', '.join(TRACKERS)}",
-        )
-    need(len(set(trackers)) == len(trackers), "output.trackers", "a tracker is named twice")
-    return cfg
-
-
-def from_dict(values: dict[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig; derives the seeds the config does not pin."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config: expected a mapping at the top level, got {values!r}")
-    values = dict(values)
-    if "model" in values:
-        values["model"] = _named_section("model", values["model"], ModelConfig().name)
-    if "server_optimizer" in values:
-        values["server_optimizer"] = _named_section(
-            "server_optimizer", values["server_optimizer"], ServerOptimizerConfig().name
-        )
-    if "aggregation" in values:
-        values["aggregation"] = _aggregation_section(values["aggregation"])
-    seeds_given = values.pop("seeds", None) or {}
-    cfg = _build(RunConfig, values)
-    seeds = dataclasses.asdict(derive_seeds(cfg.seed))
-    if not isinstance(seeds_given, dict):
-        raise ConfigError(f"seeds: expected a mapping, got {seeds_given!r}")
-    cfg = dataclasses.replace(cfg, seeds=_build(Seeds, {**seeds, **seeds_given}, "seeds"))
-    try:
-        cfg = _validate(cfg)
-    except RegistryError as exc:
-        raise ConfigError(str(exc)) from None
-    if cfg.data.data_dir is not None:
-        # the config travels to every client, on every node: a relative path would resolve
-        # against each worker's own working directory
-        data = dataclasses.replace(
-            cfg.data, data_dir=str(Path(cfg.data.data_dir).expanduser().resolve())
-        )
-        cfg = dataclasses.replace(cfg, data=data)
-    return cfg
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.lr=0.1"`` -> (["train", "lr"], 0.1); the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=0.1")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return key.strip().split("."), value
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``values`` with each ``key.path=value`` set."""
-    result = json.loads(json.dumps(values))
-    for text in overrides:
-        path, value = parse_override(text)
-        node = result
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{part}' is not a section")
-            node = child
-        node[path[-1]] = value
-    return result
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply ``key=value`` overrides and validate everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return from_dict(apply_overrides(values, overrides or []))
-
-
-def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import typing
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class Entry:
     needs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     supports: Supports | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    types: Mapping[str, Any] = field(default_factory=dict)
+    """Each option's annotation (from the same signatures as its default): the config checks
+    values against it (``fedalign.core.options.conform``)."""
 
     def problem(self, context: Context) -> str | None:
         """Why this entry cannot run in ``context`` (None: it can)."""
@@ -62,15 +66,39 @@ class Entry:
         return {k: given.get(k, v) for k, v in self.options.items()}
 
 
+def _option_sources(obj: Any) -> list[Any]:
+    """The callables whose keyword-only parameters are ``obj``'s options: ``obj`` itself (a class:
+    its ``__init__``) and those it lists in ``options_from``, whose options it passes on (the
+    PFNM strategy takes BBP-MAP's from ``pfnm``'s signature, where their defaults live)."""
+    own = obj.__init__ if inspect.isclass(obj) else obj
+    return [own, *getattr(obj, "options_from", ())]
+
+
 def keyword_defaults(obj: Any) -> dict[str, Any]:
-    """The keyword-only parameters of ``obj`` (a function, or a class's ``__init__``) with their
-    defaults: the options a registered algorithm takes."""
-    target = obj.__init__ if inspect.isclass(obj) else obj
-    return {
-        p.name: p.default
-        for p in inspect.signature(target).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
-    }
+    """The keyword-only parameters of ``obj`` (a function, or a class's ``__init__``, and the
+    callables it names in ``options_from``) with their defaults: the options a registered
+    algorithm takes."""
+    found: dict[str, Any] = {}
+    for target in _option_sources(obj):
+        for p in inspect.signature(target).parameters.values():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not p.empty:
+                found.setdefault(p.name, p.default)
+    return found
+
+
+def option_types(obj: Any, names: typing.Iterable[str]) -> dict[str, Any]:
+    """The annotations of ``obj``'s options ``names`` (an option whose annotation cannot be
+    resolved, or has none, is left out: any value passes it)."""
+    found: dict[str, Any] = {}
+    for target in _option_sources(obj):
+        try:
+            hints = typing.get_type_hints(target)
+        except (NameError, TypeError):  # a user's unresolvable annotation: no type check
+            hints = {}
+        for name in names:
+            if name in hints and name not in found:
+                found[name] = hints[name]
+    return found
 
 
 REGISTRIES: weakref.WeakValueDictionary[str, Registry] = weakref.WeakValueDictionary()
@@ -114,14 +142,16 @@ class Registry:
                 raise RegistryError(
                     f"{self.kind} {name!r} is already registered (pass replace=True to override it)"
                 )
+            given = dict(keyword_defaults(target) if options is None else options)
             self._entries[name] = Entry(
                 self.kind,
                 name,
                 target,
-                dict(keyword_defaults(target) if options is None else options),
+                given,
                 {phase: tuple(kinds) for phase, kinds in (needs or {}).items()},
                 supports,
                 dict(meta),
+                option_types(target, given),
             )
             return target
 
@@ -150,9 +180,11 @@ class Registry:
 
 
 STRATEGIES = Registry("strategy", builtins=("fedalign.fl.strategies",))
-"""Strategy name -> a ``fedalign.fl.engine.Strategy`` class; ``meta["objective"]`` is the client
-objective it trains with, ``meta["pipeline"]`` whether it takes the align/fuse/repair pipeline.
-Its entries are Flower code, above the config that names them, hence loaded on first lookup."""
+"""Strategy name -> a ``fedalign.Strategy`` subclass (``fedalign.fl.strategy``), its options read
+from its constructor; ``meta["objective"]`` is the client objective it trains with,
+``meta["pipeline"]`` whether it takes the align/fuse/repair pipeline. Its built-in entries live in
+the Flower layer (``fl/strategies``, which imports no Flower), above the config that names them,
+hence loaded on first lookup."""
 
 
 def user_modules() -> list[str]:

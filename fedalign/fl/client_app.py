@@ -20,8 +20,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedalign.algorithms.drift import client_control, zero_controls
 from fedalign.algorithms.stats import StatContext, client_statistics, flatten, unflatten
+from fedalign.client.state import ClientState
 from fedalign.client.training import TrainStats, evaluate
 from fedalign.config.components import (
     local_init_seed,
@@ -32,16 +32,14 @@ from fedalign.config.components import (
     shuffle_seed,
     train_client,
 )
-from fedalign.config.schema import RunConfig, from_dict
+from fedalign.config.load import from_dict
+from fedalign.config.schema import RunConfig
 from fedalign.core.plugins import load_from_environment
-from fedalign.core.types import StateDict
+from fedalign.core.registry import STRATEGIES
 from fedalign.data import Federation
 from fedalign.data.shared import open_copy
 from fedalign.fl.faults import apply_fault, fault_for
 from fedalign.fl.records import (
-    CLIENT_CONTROL,
-    CONTROL,
-    CONTROL_DELTA,
     DATA_COPY_KEY,
     RUN_CONFIG_KEY,
     to_arrays,
@@ -112,34 +110,27 @@ def ray_node_metric() -> dict[str, int]:
     return {"ray-node": int(ray.get_runtime_context().get_node_id()[:12], 16)}
 
 
-class Controls:
-    """SCAFFOLD on the client: the server's control variate ``c`` (sent with every train message)
-    and this client's own ``c_i``, kept across rounds in the ClientApp's ``Context.state``. The
-    server sends ``c_i`` too when the client's copy cannot be trusted to match its own (after a
-    resume, which starts every node with an empty state, or after it rejected the client's last
-    reply); that copy then replaces the client's."""
+def strategy_state(cfg: RunConfig, msg: Message, state: RecordDict) -> ClientState | None:
+    """The strategy's client-side hook for this train message (``Strategy.client_state``), built
+    from the message's extra array records and this node's stored ones (``state``: its
+    ``Context.state``); None when the strategy keeps no state on its clients or the message
+    carries none of it."""
+    hook = STRATEGIES.get(cfg.strategy.name).obj.client_state
+    received = {
+        name: to_state_dict(record)
+        for name, record in msg.content.array_records.items()
+        if name != "arrays"
+    }
+    if hook is None or not hook.applies(received):
+        return None
+    stored = {name: to_state_dict(record) for name, record in state.array_records.items()}
+    return hook(received, stored, to_state_dict(msg.content["arrays"]))
 
-    def __init__(self, content: RecordDict, state: RecordDict) -> None:
-        self.sent = to_state_dict(content["arrays"])
-        self.server = to_state_dict(content[CONTROL])
-        if CLIENT_CONTROL in content:
-            self.own = to_state_dict(content[CLIENT_CONTROL])
-        elif CLIENT_CONTROL in state:
-            self.own = to_state_dict(state[CLIENT_CONTROL])
-        else:
-            self.own = zero_controls(self.sent, list(self.server))
 
-    def correction(self) -> dict[str, Any]:
-        """The client objective's input: ``c - c_i`` per parameter."""
-        return {"correction": {k: self.server[k] - self.own[k] for k in self.server}}
-
-    def update(
-        self, trained: StateDict, stats: TrainStats, lr: float, state: RecordDict
-    ) -> ArrayRecord:
-        """Store ``c_i+`` (option II) in ``state``; the change ``c_i+ - c_i`` for the reply."""
-        new = client_control(self.own, self.server, self.sent, trained, stats.steps, lr)
-        state[CLIENT_CONTROL] = to_arrays(new)
-        return to_arrays({k: new[k] - self.own[k] for k in new})
+def store(hook: ClientState, state: RecordDict) -> None:
+    """Keep what the hook left in its stored records in the node's state for the next round."""
+    for name, stored in hook.stored.items():
+        state[name] = to_arrays(stored)
 
 
 def train_reply_metrics(stats: TrainStats, partition_id: int, counts: list[int]) -> dict[str, Any]:
@@ -163,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         model = _received_model(msg, cfg, fed)
     server_round = int(config.get("server-round", 0))
     frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
-    controls = Controls(msg.content, context.state) if CONTROL in msg.content else None
+    hook = strategy_state(cfg, msg, context.state)
     stats = train_client(
         cfg,
         model,
@@ -173,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
         partition_id,
         frozen,
         client_device(cfg),
-        objective_inputs=None if controls is None else controls.correction(),
+        objective_inputs=None if hook is None else hook.objective_inputs(),
         phase=phase_training(config),
     )
     counts = np.bincount(data.y_train, minlength=fed.num_classes).tolist()
@@ -181,10 +172,11 @@ def train(msg: Message, context: Context) -> Message:
         {**train_reply_metrics(stats, partition_id, counts), **ray_node_metric()}
     )
     content = RecordDict({"metrics": metrics})
-    if controls is not None:
-        content[CONTROL_DELTA] = controls.update(
-            model.cpu().state_dict(), stats, cfg.train.lr, context.state
-        )
+    if hook is not None:
+        replies = hook.after_train(model.cpu().state_dict(), stats, cfg.train.lr)
+        for name, state in replies.items():
+            content[name] = to_arrays(state)
+        store(hook, context.state)
     kinds = _kinds(config)
     if kinds:  # what the server's pipeline needs of the trained model (before a fault corrupts it)
         content["statistics"] = _statistics(cfg, kinds, model, data, partition_id)

@@ -2,10 +2,11 @@
 
 The engine owns node discovery, seeded sampling, building and sending messages, reply checks,
 timeouts, retries, byte and time accounting, the evaluation schedule and the metrics row. A
-strategy (``Strategy``) only says what to send and how to combine what comes back; it sees one
-``Round`` per round, a small typed context whose ``train``, ``query`` and ``score`` exchanges run
-through the engine, so a strategy with several phases a round (FedMA's layers, the pipeline's
-align and repair phases, PFNM's grid scores) gets the same checks and accounting as plain FedAvg.
+strategy (``fedalign.fl.strategy``) only says what to send and how to combine what comes back; it
+sees one ``Round`` per round (``fedalign.fl.round``), whose ``train``, ``query`` and ``score``
+exchanges run through the engine, so a strategy with several phases a round (FedMA's layers, the
+pipeline's align and repair phases, PFNM's grid scores) gets the same checks and accounting as
+plain FedAvg. This is the one module of the round that speaks Flower's messages.
 
 It differs from Flower's own strategies where a research framework must:
 
@@ -25,26 +26,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from torch import nn
 
-from fedalign.algorithms.checks import (
-    fused_problem,
-    received_problem,
-    scale_outliers,
-    update_problems,
-)
-from fedalign.algorithms.server_opt import OptimizerState, is_identity, server_step
 from fedalign.algorithms.stats import unflatten
 from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ActorPoolBroken, RoundFailedError, RunInterrupted
-from fedalign.core.tensors import weighted_average
 from fedalign.core.types import ClientStats, StateDict
 from fedalign.fl.dispatch import registered_partitions
 from fedalign.fl.records import (
@@ -54,6 +45,9 @@ from fedalign.fl.records import (
     to_arrays,
     to_state_dict,
 )
+from fedalign.fl.round import ClientUpdate, EngineSettings, Round, sample_partitions
+from fedalign.fl.round_log import RoundLog, error_summary
+from fedalign.fl.strategy import Strategy
 
 log = logging.getLogger("fedalign")
 
@@ -73,421 +67,41 @@ class StrategySnapshot:
 RoundEndCallback = Callable[[int, StateDict, StrategySnapshot], None]
 """``(round, global model, the strategy's state at the end of that round)``: what a checkpoint
 holds."""
-Check = Callable[["ClientUpdate"], "str | None"]
 
 REPLY_POLL_SECONDS = 0.01
 DEAD_ACTOR = "actor is dead"
 """What Ray's error says when the worker process behind a client's actor has died."""
 INFO_TIMEOUT_SECONDS = 120.0
 
-
-@dataclass
-class ClientUpdate:
-    """One client's accepted training reply."""
-
-    partition_id: int
-    node_id: int
-    state_dict: OrderedDict[str, torch.Tensor]
-    num_examples: int
-    metrics: dict[str, Any]
-    statistics: dict[str, Any] | None = None  # what the strategy asked for, unflattened
-    records: dict[str, OrderedDict[str, torch.Tensor]] = field(default_factory=dict)
-    """The reply's other array records by name (SCAFFOLD's ``control-delta``)."""
+MESSAGE_TYPES = {
+    "train": MessageType.TRAIN,
+    "evaluate": MessageType.EVALUATE,
+    "statistics": f"{MessageType.QUERY}.statistics",
+}
+"""A round's exchanges by purpose (``Round`` names them so; Flower's message type for each)."""
 
 
-@dataclass
-class RoundLog:
-    """What one round measured; becomes one line of metrics.jsonl."""
-
-    round: int
-    clients_sampled: int = 0
-    clients_ok: int = 0
-    clients_failed: int = 0
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    train_loss: float | None = None
-    bytes_down: int = 0
-    bytes_up: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-    phase_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def fail(
-        self, partition_id: int | None, node_id: int, reason: str, phase: str = "train"
-    ) -> None:
-        """Count a client's failure; reasons from phases after ``train`` name their phase."""
-        reason = reason if phase == "train" else f"{phase}: {reason}"
-        self.clients_failed += 1
-        self.failures.append({"partition": partition_id, "node": node_id, "reason": reason})
-        log.warning("round %d: client %s rejected: %s", self.round, partition_id, reason)
-
-    def timed(self, phase: str, t0: float) -> None:
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-
-    def row(self, metrics: Mapping[str, float]) -> dict[str, Any]:
-        """The metrics.jsonl line of this round."""
-        return {
-            "round": self.round,
-            "test_accuracy": metrics.get("test-accuracy"),
-            "test_loss": metrics.get("test-loss"),
-            "val_accuracy": metrics.get("val-accuracy"),
-            "train_loss": self.train_loss,
-            "clients_sampled": self.clients_sampled,
-            "clients_ok": self.clients_ok,
-            "clients_failed": self.clients_failed,
-            "bytes_down": self.bytes_down,
-            "bytes_up": self.bytes_up,
-            **{f"seconds_{k}": round(v, 4) for k, v in self.seconds.items()},
-            "bytes_by_phase": self.phase_bytes,
-            "failures": self.failures,
-            **self.extra,
-        }
-
-
-def error_summary(reason: str) -> str:
-    """The client's own exception message out of the Ray traceback Flower wraps it in."""
-    if "Message: " in reason:
-        reason = reason.rsplit("Message: ", 1)[1].strip().rstrip("'>").strip()
-    else:
-        lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else "unknown error"
-    first_sentence = reason.split(". ", 1)[0]
-    return first_sentence if len(first_sentence) >= 20 else reason[:200]
-
-
-def sample_partitions(
-    seed: int,
-    available: list[int],
-    server_round: int,
-    fraction: float,
-    minimum: int,
-    purpose: str = "train",
-    attempt: int = 0,
-) -> list[int]:
-    """The partitions a round addresses: ``max(round(fraction * n), minimum)`` of ``available``,
-    drawn from the sampling seed, the purpose, the round and the attempt (a plain loop that
-    reproduces a run draws the same clients with this)."""
-    size = min(len(available), max(round(fraction * len(available)), minimum))
-    stream = ("train", "evaluate").index(purpose)
-    rng = np.random.default_rng([seed, stream, server_round, attempt])
-    return sorted(rng.choice(available, size=size, replace=False).tolist())
-
-
-def weighted_train_loss(updates: Iterable[ClientUpdate]) -> float:
-    """The clients' training losses weighted by their example counts."""
-    updates = list(updates)
-    weights = np.array([u.num_examples for u in updates], dtype=float)
-    losses = np.array([u.metrics.get("train-loss", np.nan) for u in updates], dtype=float)
-    return float(np.sum(weights * losses) / weights.sum())
-
-
-class Round:
-    """What a strategy sees of one round: its number, the global model it started from, its log,
-    and the exchanges with the clients (each accounted to a named phase)."""
-
-    def __init__(
-        self,
-        engine: RoundEngine,
-        number: int,
-        reference: OrderedDict[str, torch.Tensor],
-        log_: RoundLog,
-    ) -> None:
-        self._engine = engine
-        self.number = number
-        self.reference = reference
-        self.log = log_
-        self.cfg = engine.cfg
-        self.attempt = 0
-
-    def sample(self, fraction: float | None = None, minimum: int | None = None) -> list[int]:
-        """The partitions this round (and attempt) trains (default: the config's fraction)."""
-        s = self.cfg.strategy
-        return self._engine.sample(
-            self.number,
-            s.fraction_train if fraction is None else fraction,
-            s.min_train_clients if minimum is None else minimum,
-            "train",
-            self.attempt,
-        )
-
-    def node(self, partition: int) -> int:
-        return self._engine.node_of_partition[partition]
-
-    def train(
-        self,
-        phase: str,
-        sent: Mapping[int, StateDict],
-        config: Mapping[str, Any] | None = None,
-        *,
-        local_init: Iterable[int] = (),
-        check: Check | None = None,
-        extra: Mapping[int, Mapping[str, StateDict]] | None = None,
-    ) -> list[ClientUpdate]:
-        """Send each partition in ``sent`` its model to train, with ``config`` (and
-        ``client-init=local`` for those in ``local_init``, which train from their own init) and
-        the array records ``extra[partition]`` (SCAFFOLD's control variates), and return the
-        valid replies in partition order. A reply is checked against the model it was
-        sent (the shapes only for a local init, which is no update of it) and by ``check``; the
-        rest are logged as failures."""
-        local = set(local_init)
-        base = {"server-round": self.number, "attempt": self.attempt, **(config or {})}
-        configs = {p: {**base, "client-init": "local"} if p in local else base for p in sent}
-        extra = extra or {}
-        records = {p: {"arrays": sent[p], **extra.get(p, {})} for p in sent}
-        replies = self._engine.exchange(self, phase, MessageType.TRAIN, records, configs)
-        t0 = time.perf_counter()
-        # each reply is dropped once parsed: the server never holds every update twice
-        parsed = [
-            self._engine.parse_update(self, phase, pid, replies.pop(pid)) for pid in list(replies)
-        ]
-        parsed = [update for update in parsed if update is not None]
-        self.log.timed("parse", t0)
-        t0 = time.perf_counter()
-        bound = self.cfg.strategy.max_update_norm
-        problems = update_problems(  # every reply's tensors checked in one batch
-            [sent[u.partition_id] for u in parsed],
-            [u.state_dict for u in parsed],
-            [None if u.partition_id in local else bound for u in parsed],
-        )
-        updates = []
-        for update, problem in zip(parsed, problems, strict=True):
-            pid = update.partition_id
-            if problem is None and update.num_examples <= 0:
-                problem = f"num-examples is {update.num_examples}"
-            if problem is None:
-                update.num_examples = self._clip_examples(pid, update.num_examples)
-            if problem is None and update.statistics:
-                update.statistics, problem = received_problem(
-                    update.statistics,
-                    update.state_dict,
-                    self._engine.statistics_examples(update.num_examples),
-                )
-            if problem is None and check is not None:
-                problem = check(update)
-            if problem is not None:
-                self.log.fail(pid, update.node_id, problem, phase)
-                continue
-            updates.append(update)
-        self.log.timed("validate", t0)
-        updates = self._drop_outliers(
-            phase, updates, [u.statistics or {} for u in updates], lambda u: u.partition_id
-        )
-        self.log.clients_ok += len(updates)
-        return sorted(updates, key=lambda u: u.partition_id)
-
-    def _clip_examples(self, pid: int, reported: int) -> int:
-        """A client's example count (its weight in every rule) bounded by what its partition
-        holds and ``strategy.max_client_examples``; a clipped count is recorded."""
-        bound = self._engine.example_bound(pid)
-        if bound is None or reported <= bound:
-            return reported
-        self.log.extra.setdefault("examples_clipped", {})[str(pid)] = reported
-        log.warning(
-            "round %d: client %d reported %d examples, clipped to %d",
-            self.number,
-            pid,
-            reported,
-            bound,
-        )
-        return bound
-
-    def _drop_outliers(
-        self, phase: str, items: list, stats: list[ClientStats], partition: Callable[[Any], int]
-    ) -> list:
-        """``items`` without those whose statistics are far larger than the other clients'
-        (``validation.scale_outliers``), each dropped with its reason."""
-        outliers = scale_outliers(stats, self.cfg.strategy.max_stat_ratio)
-        for j, reason in outliers.items():
-            pid = partition(items[j])
-            self.log.fail(pid, self.node(pid), reason, phase)
-        return [item for j, item in enumerate(items) if j not in outliers]
-
-    def query(
-        self, phase: str, kinds: Iterable[str], records: Mapping[int, Mapping[str, StateDict]]
-    ) -> dict[int, ClientStats]:
-        """Ask each partition in ``records`` for the statistics ``kinds`` of the models it is sent
-        (``arrays``, and ``reference`` / ``targets`` when given); the parsed statistics of those
-        that answered."""
-        config = {"statistics": ",".join(kinds)}
-        replies = self._engine.exchange(
-            self, phase, f"{MessageType.QUERY}.statistics", records, dict.fromkeys(records, config)
-        )
-        answers = {}
-        for pid, reply in replies.items():
-            try:
-                stats = unflatten(to_state_dict(reply.content["statistics"]))
-                reported = int(reply.content["metrics"]["num-examples"])
-            except (KeyError, TypeError, ValueError) as exc:
-                self.log.fail(pid, self.node(pid), f"malformed statistics: {exc!r}", phase)
-                continue
-            examples = self._engine.statistics_examples(self._clip_examples(pid, reported))
-            stats, problem = received_problem(stats, records[pid]["arrays"], examples)
-            if problem is not None:
-                self.log.fail(pid, self.node(pid), problem, phase)
-                continue
-            answers[pid] = stats
-        kept = self._drop_outliers(phase, list(answers), list(answers.values()), int)
-        return {pid: answers[pid] for pid in kept}
-
-    def score(
-        self, phase: str, state: StateDict, partitions: Iterable[int], split: str = "train"
-    ) -> float:
-        """The pooled accuracy of ``state`` on the partitions' own ``split`` (an evaluate
-        exchange)."""
-        partitions = list(partitions)
-        replies = self._engine.exchange(
-            self,
-            phase,
-            MessageType.EVALUATE,
-            # one dict shared by every partition on purpose: exchange only reads it
-            dict.fromkeys(partitions, {"arrays": state}),  # noqa: RUF024
-            dict.fromkeys(partitions, {"split": split}),  # noqa: RUF024
-            count_failures=False,
-        )
-        correct, total = 0.0, 0
-        for reply in replies.values():
-            m = reply.content["metrics"]
-            correct += float(m["val-accuracy"]) * int(m["num-examples"])
-            total += int(m["num-examples"])
-        return correct / total if total else 0.0
-
-
-class Strategy:
-    """A federated strategy: what to send and how to combine the replies.
-
-    Subclasses override ``train_config`` (entries of the train message's config),
-    ``aggregate`` (the server rule over the accepted updates) and, for several phases a round,
-    ``run_round``. ``model`` is the run's architecture at its initial widths: strategies derive
-    permutation specs from it and never load data, so they are testable on mock replies.
-    """
-
-    name = "strategy"
-
-    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
-        self.cfg = cfg
-        self.model = model
-        self.optimizer_state: OptimizerState = {}
-
-    def train_config(self, rnd: Round) -> dict[str, Any]:
-        return {}
-
-    def local_init(self, rnd: Round, partitions: list[int]) -> list[int]:
-        """The partitions that train from their own initialisation this round."""
-        return []
-
-    def check(self, rnd: Round, update: ClientUpdate) -> str | None:
-        """Why the strategy cannot use ``update`` (None: it can); checked with the engine's own
-        checks, before the round counts its valid replies."""
-        return None
-
-    def extra_records(self, rnd: Round, partitions: list[int]) -> dict[int, dict[str, StateDict]]:
-        """Array records sent with each partition's model beside it (SCAFFOLD's control
-        variates); none by default."""
-        return {}
-
-    def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def run_round(self, rnd: Round) -> OrderedDict[str, torch.Tensor]:
-        """Train the sampled clients, check, aggregate. With fewer than ``min_train_clients`` valid
-        replies the round is retried with a fresh sample up to ``round_retries`` times, then the run
-        stops (``RoundFailedError``); finished rounds stay in the run folder and its checkpoints."""
-        s = self.cfg.strategy
-        for attempt in range(s.round_retries + 1):
-            rnd.attempt = attempt
-            partitions = rnd.sample()
-            rnd.log.clients_sampled += len(partitions)
-            updates = rnd.train(
-                "train",
-                dict.fromkeys(partitions, rnd.reference),
-                self.train_config(rnd),
-                local_init=self.local_init(rnd, partitions),
-                check=lambda update: self.check(rnd, update),
-                extra=self.extra_records(rnd, partitions),
-            )
-            if len(updates) < s.min_train_clients:
-                log.warning(
-                    "round %d: %d valid replies, fewer than min_train_clients=%d",
-                    rnd.number,
-                    len(updates),
-                    s.min_train_clients,
-                )
-                continue
-            t0 = time.perf_counter()
-            rnd.log.train_loss = weighted_train_loss(updates)
-            nodes = {u.metrics["ray-node"] for u in updates if "ray-node" in u.metrics}
-            if nodes:
-                rnd.log.extra["ray_nodes"] = [f"{int(n):012x}" for n in sorted(nodes)]
-            fused = self.checked_aggregate(rnd, updates)
-            rnd.log.timed("aggregate", t0)
-            rnd.log.extra["attempts"] = attempt + 1
-            return fused
-        raise RoundFailedError(
-            f"round {rnd.number}: fewer than min_train_clients={s.min_train_clients} valid replies "
-            f"in {s.round_retries + 1} attempt(s); last failures: "
-            + "; ".join(f"client {f['partition']}: {f['reason']}" for f in rnd.log.failures[-3:])
-        )
-
-    def checked_aggregate(
-        self, rnd: Round, updates: list[ClientUpdate]
-    ) -> OrderedDict[str, torch.Tensor]:
-        """``aggregate``, its result checked before it is broadcast (finite, its norm at most
-        ``strategy.max_fused_ratio`` times the largest of the previous global's and the updates');
-        a fusion that fails or fails the check falls back to the weighted mean of the validated
-        updates, with the reason recorded (``fusion_fallback``)."""
-        states = [u.state_dict for u in updates]
-        try:
-            fused = self.aggregate(rnd, updates)
-            problem = fused_problem(
-                fused, [rnd.reference, *states], self.cfg.strategy.max_fused_ratio
-            )
-        except RoundFailedError:
-            raise
-        except (RuntimeError, ValueError, ArithmeticError) as exc:
-            problem = f"fusion failed: {exc}"
-        if problem is None:
-            return fused
-        log.warning("round %d: %s; using the weighted mean of the updates", rnd.number, problem)
-        rnd.log.extra["fusion_fallback"] = problem
-        return weighted_average(states, [u.num_examples for u in updates])
-
-    def keeps_basis(self, rnd: Round) -> bool:
-        """Whether this round's fused model is a step from ``rnd.reference`` in its neurons' order
-        (the clients trained from it); when not, the server optimizer's state is reset."""
-        return not self.local_init(rnd, [0])
-
-    def server_update(
-        self, rnd: Round, fused: OrderedDict[str, torch.Tensor]
-    ) -> OrderedDict[str, torch.Tensor]:
-        """The server optimizer's step (``fedalign.algorithms.server_opt``) from the round's global
-        model
-        towards the fused one; the metrics row records the optimizer and whether its state was
-        kept or reset (nothing is recorded for the identity step, SGD with ``lr: 1``)."""
-        o = self.cfg.server_optimizer
-        if is_identity(o.name, o.options):
-            return fused
-        new, self.optimizer_state, what = server_step(
-            o.name, o.options, rnd.reference, fused, self.optimizer_state, self.keeps_basis(rnd)
-        )
-        rnd.log.extra["server_optimizer"] = {"name": o.name, "state": what}
-        return new
-
-    def state(self) -> dict[str, Any]:
-        """JSON-serialisable strategy state for checkpoints."""
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore what ``state`` returned."""
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The strategy's tensor state for checkpoints (the server optimizer's moments)."""
-        return {f"server_opt/{k}": v for k, v in self.optimizer_state.items()}
-
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Restore what ``tensors`` returned."""
-        prefix = "server_opt/"
-        self.optimizer_state = {
-            k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
-        }
+def engine_settings(cfg: RunConfig) -> EngineSettings:
+    """What the engine reads of a run's config: the ``strategy`` section's round settings, the
+    federation's size, the statistics' sample size and the sampling seed."""
+    s = cfg.strategy
+    return EngineSettings(
+        num_clients=cfg.data.num_clients,
+        sampling_seed=cfg.resolved_seeds.sampling,
+        rounds=s.rounds,
+        fraction_train=s.fraction_train,
+        min_train_clients=s.min_train_clients,
+        fraction_evaluate=s.fraction_evaluate,
+        eval_every=s.eval_every,
+        overlap_evaluation=s.overlap_evaluation,
+        timeout=s.timeout,
+        round_retries=s.round_retries,
+        max_update_norm=s.max_update_norm,
+        max_client_examples=s.max_client_examples,
+        max_stat_ratio=s.max_stat_ratio,
+        max_fused_ratio=s.max_fused_ratio,
+        stats_samples=cfg.aggregation.stats_samples,
+    )
 
 
 class RoundEngine:
@@ -504,7 +118,7 @@ class RoundEngine:
         should_stop: Callable[[], bool] | None = None,
         data_copy: str | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.settings = engine_settings(cfg)
         # every message names the run's shared data copy, so clients map it instead of loading
         self.message_config = {} if data_copy is None else {DATA_COPY_KEY: data_copy}
         self.example_limits = dict(example_limits or {})
@@ -526,7 +140,7 @@ class RoundEngine:
         round 1; in deployment, or with ``simulation.fast_dispatch`` off). The query has its own
         timeout, at least ``INFO_TIMEOUT_SECONDS``: the first message a node gets starts it
         (imports, data), which a short ``strategy.timeout`` meant for training must not cut."""
-        timeout = max(self.cfg.strategy.timeout, INFO_TIMEOUT_SECONDS)
+        timeout = max(self.settings.timeout, INFO_TIMEOUT_SECONDS)
         node_ids = self.wait_for_nodes(grid, timeout)
         known = registered_partitions()
         if known is not None and set(node_ids) <= known.keys():
@@ -559,14 +173,11 @@ class RoundEngine:
     def wait_for_nodes(self, grid: Grid, timeout: float, patience: float = 60.0) -> list[int]:
         """Node ids once all ``num_clients`` nodes are connected (nodes register asynchronously);
         after ``patience`` seconds, those connected if they are enough to train."""
-        expected = self.cfg.data.num_clients
+        expected = self.settings.num_clients
         t0 = time.monotonic()
         while len(nodes := sorted(grid.get_node_ids())) < expected:
             waited = time.monotonic() - t0
-            if (
-                waited > min(patience, timeout)
-                and len(nodes) >= self.cfg.strategy.min_train_clients
-            ):
+            if waited > min(patience, timeout) and len(nodes) >= self.settings.min_train_clients:
                 log.warning(
                     "%d of %d nodes connected after %.0f s; starting with those",
                     len(nodes),
@@ -584,13 +195,13 @@ class RoundEngine:
     def example_bound(self, partition: int) -> int | None:
         """The most examples ``partition`` can claim: what it holds (known in a simulation, where
         the server partitions the data) and ``strategy.max_client_examples`` (None: unbounded)."""
-        bounds = [self.example_limits.get(partition), self.cfg.strategy.max_client_examples]
+        bounds = [self.example_limits.get(partition), self.settings.max_client_examples]
         return min((b for b in bounds if b is not None), default=None)
 
     def statistics_examples(self, num_examples: int) -> int:
         """The examples a client computes its statistics on (``aggregation.stats_samples`` of
         them at most): every statistic's row count is a multiple of it."""
-        cap = self.cfg.aggregation.stats_samples
+        cap = self.settings.stats_samples
         return min(num_examples, cap) if cap > 0 else num_examples
 
     def sample(
@@ -602,7 +213,7 @@ class RoundEngine:
         attempt: int = 0,
     ) -> list[int]:
         return sample_partitions(
-            self.cfg.resolved_seeds.sampling,
+            self.settings.sampling_seed,
             sorted(self.node_of_partition),
             server_round,
             fraction,
@@ -615,12 +226,13 @@ class RoundEngine:
         self,
         rnd: Round,
         phase: str,
-        message_type: str,
+        purpose: str,
         records: Mapping[int, Mapping[str, Any]],
         configs: Mapping[int, Mapping[str, Any]],
         count_failures: bool = True,
     ) -> dict[int, Message]:
-        """Send each partition its records (state dicts, or nested statistics) and config; return
+        """Send each partition its records (state dicts, or nested statistics) and config in a
+        message of ``purpose`` (``MESSAGE_TYPES``); return
         the replies without an error by partition. Bytes and seconds go to ``phase``; errors and
         missing replies are logged as failures (unless ``count_failures`` is off)."""
         t0 = time.perf_counter()
@@ -638,11 +250,15 @@ class RoundEngine:
                 self.run_config_json, **self.message_config, **configs[pid]
             )
             messages.append(
-                Message(record, dst_node_id=self.node_of_partition[pid], message_type=message_type)
+                Message(
+                    record,
+                    dst_node_id=self.node_of_partition[pid],
+                    message_type=MESSAGE_TYPES[purpose],
+                )
             )
         down = message_bytes(messages)
         rnd.log.timed("build", t0)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.timeout))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.settings.timeout))
         up = message_bytes([r for r in replies if not r.has_error()])
         rnd.log.bytes_down += down
         rnd.log.bytes_up += up
@@ -674,7 +290,7 @@ class RoundEngine:
                 rnd.log.fail(
                     pid,
                     self.node_of_partition[pid],
-                    f"no reply within strategy.timeout={self.cfg.strategy.timeout:g} s",
+                    f"no reply within strategy.timeout={self.settings.timeout:g} s",
                     phase,
                 )
         return dict(sorted(answered.items()))
@@ -701,6 +317,22 @@ class RoundEngine:
             pid, reply.metadata.src_node_id, state, num_examples, metrics, statistics, records
         )
 
+    @staticmethod
+    def parse_statistics(reply: Message) -> tuple[ClientStats, int]:
+        """A statistics reply's statistics (unflattened) and the example count it reports."""
+        stats = unflatten(to_state_dict(reply.content["statistics"]))
+        return stats, int(reply.content["metrics"]["num-examples"])
+
+    @staticmethod
+    def pooled_accuracy(replies: Iterable[Message]) -> float:
+        """The accuracy of evaluate replies pooled over their examples (0 when none)."""
+        correct, total = 0.0, 0
+        for reply in replies:
+            m = reply.content["metrics"]
+            correct += float(m["val-accuracy"]) * int(m["num-examples"])
+            total += int(m["num-examples"])
+        return correct / total if total else 0.0
+
     def check_stop(self, server_round: int) -> None:
         """Stop here (``RunInterrupted``) if the user asked to: after an exchange, before the next
         round; finished rounds are checkpointed already."""
@@ -710,7 +342,7 @@ class RoundEngine:
     # ---- the run -------------------------------------------------------------------------------
 
     def should_evaluate(self, server_round: int) -> bool:
-        s = self.cfg.strategy
+        s = self.settings
         return server_round % s.eval_every == 0 or server_round == s.rounds
 
     def evaluate(
@@ -728,13 +360,13 @@ class RoundEngine:
             metrics.update(server.result() or {})
         elif self.evaluate_fn is not None:
             metrics.update(self.evaluate_fn(rnd.number, state) or {})
-        s = self.cfg.strategy
+        s = self.settings
         if rnd.number > 0 and s.fraction_evaluate > 0:
             partitions = self.sample(rnd.number, s.fraction_evaluate, 1, purpose="evaluate")
             replies = self.exchange(
                 rnd,
                 "federated_evaluate",
-                MessageType.EVALUATE,
+                "evaluate",
                 # one dict shared by every partition on purpose: exchange only reads it
                 dict.fromkeys(partitions, {"arrays": state}),  # noqa: RUF024
                 dict.fromkeys(partitions, {}),  # noqa: RUF024
@@ -761,11 +393,11 @@ class RoundEngine:
         if first_round == 1:
             rnd = Round(self, 0, state, RoundLog(0))
             self._emit(rnd.log, self.evaluate(rnd, state))
-        overlap = self.cfg.strategy.overlap_evaluation and self.evaluate_fn is not None
+        overlap = self.settings.overlap_evaluation and self.evaluate_fn is not None
         pending: tuple[Round, OrderedDict, StrategySnapshot, Future | None] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="fedalign-evaluate") as pool:
             try:
-                for number in range(first_round, self.cfg.strategy.rounds + 1):
+                for number in range(first_round, self.settings.rounds + 1):
                     self.check_stop(number)
                     rnd = Round(self, number, state, RoundLog(number))
                     t_round = time.perf_counter()
@@ -789,7 +421,7 @@ class RoundEngine:
                     if not overlap or lost_actor(rnd.log):
                         finished, pending = pending, None
                         self._finish(*finished)
-                    if lost_actor(rnd.log) and number < self.cfg.strategy.rounds:
+                    if lost_actor(rnd.log) and number < self.settings.rounds:
                         raise ActorPoolBroken(f"a client's Ray worker died in round {number}")
                 if pending is not None:
                     finished, pending = pending, None

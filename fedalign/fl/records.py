@@ -12,9 +12,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 RUN_CONFIG_KEY = "fedalign-run"  # ConfigRecord entry carrying the run config as JSON
 # ConfigRecord entry naming the folder of the run's shared data copy (fedalign.data.shared)
 DATA_COPY_KEY = "fedalign-data-copy"
-# SCAFFOLD's array records: the server's control variate (down), a client's own (down, to restore
-# it; and the key of the client's copy in its Context.state), the client's change of it (up)
-CONTROL, CLIENT_CONTROL, CONTROL_DELTA = "control", "client-control", "control-delta"
 
 
 def to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:

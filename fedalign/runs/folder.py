@@ -9,7 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from fedalign.config.schema import RunConfig, to_yaml
+from fedalign.config.schema import RunConfig
+from fedalign.config.load import to_yaml
 from fedalign.core.errors import ConfigError
 from fedalign.report.results import RunRecorder
 

@@ -26,7 +26,8 @@ from fedalign.core.errors import ConfigError
 from fedalign.core.registry import STRATEGIES
 from fedalign.core.types import StateDict
 from fedalign.data import DataError
-from fedalign.fl.engine import RoundCallback, RoundEngine, Strategy, StrategySnapshot
+from fedalign.fl.engine import RoundCallback, RoundEngine, StrategySnapshot
+from fedalign.fl.strategy import build_strategy
 from fedalign.report.results import RunRecorder
 from fedalign.runs.app_config import load_app_config, resolve
 from fedalign.runs.checkpoint import Checkpoint, save_checkpoint
@@ -34,12 +35,6 @@ from fedalign.runs.folder import new_run
 from fedalign.runs.progress import RoundPrinter, stderr_writer
 
 log = logging.getLogger("fedalign")
-
-
-def make_strategy(cfg: RunConfig, model: torch.nn.Module) -> Strategy:
-    """The registered strategy the config names, for ``model`` (the run's architecture at its
-    initial widths)."""
-    return STRATEGIES.get(cfg.strategy.name).obj(cfg, model)
 
 
 def run_server(
@@ -94,7 +89,7 @@ def run_server(
                 keep=cfg.output.keep_checkpoints,
             )
 
-    strategy = make_strategy(cfg, run_model(cfg, fed))
+    strategy = build_strategy(cfg, run_model(cfg, fed))
     if resume is not None:
         strategy.load_state(resume.state)
         strategy.load_tensors(resume.tensors)

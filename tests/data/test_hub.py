@@ -10,7 +10,7 @@ import pytest
 from datasets import load_from_disk
 
 from fedalign.cli import main
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.core.errors import ConfigError
 from fedalign.data import (
     DataError,

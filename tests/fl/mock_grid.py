@@ -39,14 +39,16 @@ from fedalign.config.schema import FaultConfig, RunConfig
 from fedalign.core.types import ClientStats, StateDict
 from fedalign.data.federation import ClientData
 from fedalign.fl.client_app import (
-    Controls,
     _kinds,
     _run_config,
     _statistics,
+    store,
+    strategy_state,
     train_reply_metrics,
 )
 from fedalign.fl.faults import apply_fault
-from fedalign.fl.records import CONTROL, CONTROL_DELTA, RUN_CONFIG_KEY, to_arrays, to_state_dict
+from fedalign.fl.records import RUN_CONFIG_KEY, to_arrays, to_state_dict
+from fedalign.fl.strategies.scaffold import CONTROL_DELTA
 
 Targets = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # REPAIR's (mean, std) per layer
 Handler = Callable[[Message], RecordDict | None]
@@ -276,7 +278,7 @@ class MockClient:
             model = self.model(cfg, to_state_dict(msg.content["arrays"]))
         server_round = int(config.get("server-round", 0))
         frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
-        controls = Controls(msg.content, self.context_state) if CONTROL in msg.content else None
+        hook = strategy_state(cfg, msg, self.context_state)
         stats = train_client(
             cfg,
             model,
@@ -285,7 +287,7 @@ class MockClient:
             server_round,
             pid,
             frozen,
-            objective_inputs=None if controls is None else controls.correction(),
+            objective_inputs=None if hook is None else hook.objective_inputs(),
             phase=phase_training(config),
         )
         counts = np.bincount(self.data.y_train, minlength=NUM_CLASSES).tolist()
@@ -301,10 +303,10 @@ class MockClient:
         if fault == "bad-steps":
             metrics["local-steps"] = 10**6
         content = RecordDict({"metrics": MetricRecord(metrics)})
-        if controls is not None:
-            content[CONTROL_DELTA] = controls.update(
-                model.state_dict(), stats, cfg.train.lr, self.context_state
-            )
+        if hook is not None:
+            for name, state in hook.after_train(model.state_dict(), stats, cfg.train.lr).items():
+                content[name] = to_arrays(state)
+            store(hook, self.context_state)
             if fault == "bad-control":
                 content[CONTROL_DELTA] = to_arrays(
                     {k: v * 10 for k, v in to_state_dict(content[CONTROL_DELTA]).items()}

@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from fedalign.config.components import run_model
-from fedalign.config.schema import ConfigError, RunConfig, from_dict
-from fedalign.core.registry import STRATEGIES
+from fedalign.config.load import from_dict
+from fedalign.config.schema import RunConfig
+from fedalign.core.errors import ConfigError
 from fedalign.core.types import StateDict
 from fedalign.data.federation import ClientData
 from fedalign.fl.engine import RoundEngine, StrategySnapshot
+from fedalign.fl.strategy import build_strategy
 from fedalign.runs.checkpoint import Checkpoint, load_latest, save_checkpoint
 from tests.fl.mock_grid import (
     IN_FEATURES,
@@ -52,7 +54,7 @@ def checkpointed_run(
     state) after every round into ``folder``; with ``resume``, a fresh strategy loaded from the
     newest checkpoint there continues after its round."""
     model = run_model(cfg, clients[0].shapes, init_seed=cfg.resolved_seeds.init)
-    strategy = STRATEGIES.get(cfg.strategy.name).obj(cfg, copy.deepcopy(model))
+    strategy = build_strategy(cfg, copy.deepcopy(model))
     initial, first = OrderedDict(model.state_dict()), 1
     if resume:
         latest = load_latest(folder)
@@ -97,7 +99,7 @@ def test_pfnm_one_shot_round_resets_the_server_optimizer_and_fine_tuning_keeps_i
     the initial model; round 2 is FedAvg fine-tuning of the fused model, a step kept."""
     cfg = make_config(
         4,
-        strategy={"name": "pfnm", "rounds": 2, "matching": {"sigma": 0.2}},
+        strategy={"name": "pfnm", "rounds": 2, "sigma": 0.2},
         server_optimizer={"name": "adam", "lr": 0.05},
     )
     r = run(cfg, mock_clients(SIZES))

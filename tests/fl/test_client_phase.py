@@ -1,5 +1,5 @@
 """fedalign's ClientApp trains as long and as fast as a train message's schedule entries say
-(``strategy.fedma.protocol: reference`` sends them per phase), called as Flower calls it, without
+(``strategy.protocol: reference`` sends them per phase), called as Flower calls it, without
 Ray."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from fedalign.config.components import run_federation, run_model
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.core.types import StateDict
 from fedalign.fl.client_app import app
 from fedalign.fl.records import config_record, to_arrays, to_state_dict

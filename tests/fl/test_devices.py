@@ -7,7 +7,8 @@ import pytest
 import ray
 import torch
 
-from fedalign.config.schema import ConfigError, load_config
+from fedalign.config.load import load_config
+from fedalign.core.errors import ConfigError
 from fedalign.fl.client_app import _log_device, client_device
 from fedalign.runs.runner import backend_config, check_dashboard, check_resources
 from tests.helpers import DIGITS

@@ -37,7 +37,7 @@ def _flower_identity() -> Iterator[None]:
 
 def honest_fusion(r: Run, replies: Sequence[TrainReply]) -> OrderedDict[str, torch.Tensor]:
     """What the run's pipeline makes of ``replies`` alone (train-phase statistics only)."""
-    plan = r.strategy.cfg.to_plan()
+    plan = r.strategy.plan
     return aggregate(
         plan,
         permutation_spec(r.model),
@@ -46,7 +46,7 @@ def honest_fusion(r: Run, replies: Sequence[TrainReply]) -> OrderedDict[str, tor
         [received_statistics(t.statistics or {}, t.state) for t in replies],
         lambda ref, others: {},
         lambda fused, targets: [],
-        seed=r.strategy.cfg.resolved_seeds.sampling + 1,
+        seed=r.strategy.context.seed + 1,
     ).state
 
 
@@ -92,7 +92,7 @@ def test_an_inflated_example_count_is_clipped_to_what_the_partition_holds() -> N
 
 
 def test_inflated_class_counts_drop_their_client_from_pfnm() -> None:
-    cfg = make_config(4, strategy={"name": "pfnm", "matching": {"sigma": 0.2}})
+    cfg = make_config(4, strategy={"name": "pfnm", "sigma": 0.2})
     r = run(cfg, mock_clients(SIZES, misbehave={POISONER: "inflated-class-counts"}))
     (failure,) = r.row["failures"]
     held = SIZES[POISONER]

@@ -27,9 +27,9 @@ from fedalign.algorithms.pipeline import aggregate
 from fedalign.algorithms.stats import received_statistics
 from fedalign.client.training import evaluate
 from fedalign.config.components import run_model
-from fedalign.config.schema import RunConfig, from_dict
+from fedalign.config.load import from_dict
+from fedalign.config.schema import RunConfig
 from fedalign.core.errors import RoundFailedError
-from fedalign.core.registry import STRATEGIES
 from fedalign.core.tensors import weighted_average
 from fedalign.core.types import ClientStats, StateDict
 from fedalign.fl.engine import (
@@ -37,12 +37,12 @@ from fedalign.fl.engine import (
     REPLY_POLL_SECONDS,
     EvaluateFn,
     RoundEngine,
-    Strategy,
     StrategySnapshot,
-    sample_partitions,
 )
 from fedalign.fl.records import to_arrays
-from fedalign.fl.strategies import FedAvg, FedMA
+from fedalign.fl.round import sample_partitions
+from fedalign.fl.strategies import FedAvg
+from fedalign.fl.strategy import Strategy, build_strategy
 from fedalign.models import fit_to_state
 from tests.fl.mock_grid import (
     IN_FEATURES,
@@ -119,10 +119,10 @@ def run(
     first_round: int = 1,
     evaluate_fn: EvaluateFn | None = None,
 ) -> Run:
-    """The real engine and the registered strategy (built as ``server_app.make_strategy`` does)
+    """The real engine and the registered strategy (built as ``fl.strategy.build_strategy`` does)
     on the mock clients, with the server's test-set evaluation ``evaluate_fn`` when given."""
     model = run_model(cfg, clients[0].shapes, init_seed=cfg.resolved_seeds.init)
-    strategy = strategy or STRATEGIES.get(cfg.strategy.name).obj(cfg, copy.deepcopy(model))
+    strategy = strategy or build_strategy(cfg, copy.deepcopy(model))
     start = OrderedDict((k, v.clone()) for k, v in (initial or model.state_dict()).items())
     rows: list[dict[str, Any]] = []
     after: dict[int, tuple[StateDict, str]] = {}
@@ -313,7 +313,7 @@ def test_the_info_query_has_its_own_timeout() -> None:
 
     grid.send_and_receive = recording  # type: ignore[method-assign]
     model = run_model(cfg, mock_clients(SIZES[:1])[0].shapes)
-    engine = RoundEngine(cfg, FedAvg(cfg, model))
+    engine = RoundEngine(cfg, build_strategy(cfg, model))
     engine.discover(grid)
     assert timeouts == [INFO_TIMEOUT_SECONDS] and INFO_TIMEOUT_SECONDS > 1.5
     assert engine.node_of_partition == {0: grid.get_node_ids()[0], 1: grid.get_node_ids()[1]}
@@ -399,7 +399,7 @@ def test_the_pipeline_fuses_as_aggregate_does_on_the_same_replies(
 
 def test_pfnm_matches_the_accepted_clients_as_fusion_pfnm_does() -> None:
     # below the default sigma of 1, the clients' own-init neurons are too far apart to all match
-    pfnm_strategy = {"name": "pfnm", "fraction_evaluate": 1.0, "matching": {"sigma": 0.2}}
+    pfnm_strategy = {"name": "pfnm", "fraction_evaluate": 1.0, "sigma": 0.2}
     cfg = make_config(4, strategy=pfnm_strategy)
     r = run(cfg, mock_clients(SIZES, misbehave={1: "bad-counts"}))
     row = r.row
@@ -413,18 +413,13 @@ def test_pfnm_matches_the_accepted_clients_as_fusion_pfnm_does() -> None:
     counts = [
         np.bincount(r.clients[p].data.y_train, minlength=NUM_CLASSES).tolist() for p in (0, 2, 3)
     ]
-    m = cfg.strategy.matching
+    m = cfg.strategy.options  # the resolved options: every one pfnm takes, with its value
+    assert m["gamma"] == 1.0  # PFNM's own default, not FedMA's
     fused, assignment = pfnm(
         models,
         counts,
-        sigma=m.sigma,
-        sigma0=m.sigma0,
-        gamma=1.0,
-        iterations=m.iterations,
         seed=cfg.resolved_seeds.sampling,
-        solver=m.solver,
-        max_width=m.max_width,
-        popularity=m.popularity,
+        **{k: v for k, v in m.items() if k not in ("grid", "grid_tolerance")},
     )
     assert_same_state(r.final, fused.state_dict())
     assert row["pfnm"]["gamma"] == 1.0  # PFNM's own default, not FedMA's
@@ -495,7 +490,7 @@ def test_fedma_resumes_from_its_state(fedma: Run) -> None:
     it) reproduces the uninterrupted run."""
     cfg = fedma_config()
     model_after_1, state_after_1 = fedma.after_round[1]
-    restored = FedMA(cfg, copy.deepcopy(fedma.model))
+    restored = build_strategy(cfg, copy.deepcopy(fedma.model))
     restored.load_state(json.loads(state_after_1))
     assert json.dumps(restored.state()) == state_after_1
     resumed = run(
@@ -505,7 +500,7 @@ def test_fedma_resumes_from_its_state(fedma: Run) -> None:
     assert [row["round"] for row in resumed.rows] == [2]
 
 
-REFERENCE = {"protocol": "reference", "retrain_epochs": 2, "retrain_lr": 0.05, "round_gamma": 5.0}
+REFERENCE = {"protocol": "reference", "retrain_epochs": 2, "retrain_lr": 0.05}
 
 
 def reference_config(name: str, rounds: int = 2, **train: Any) -> RunConfig:
@@ -514,7 +509,7 @@ def reference_config(name: str, rounds: int = 2, **train: Any) -> RunConfig:
         3,
         model=TWO_HIDDEN,
         train={"local_epochs": 3, **train},
-        strategy={"name": name, "rounds": rounds, "fedma": REFERENCE},
+        strategy={"name": name, "rounds": rounds, **REFERENCE},
     )
 
 
@@ -562,7 +557,7 @@ def test_fedma_reference_protocol_matches_with_its_own_gamma_after_round_1() -> 
         cfg = make_config(
             3,
             model=TWO_HIDDEN,
-            strategy={"name": "fedma", "rounds": 2, "fedma": {**REFERENCE, "round_gamma": gamma}},
+            strategy={"name": "fedma", "rounds": 2, **REFERENCE, "round_gamma": gamma},
         )
         row = run(cfg, mock_clients(SIZES[:3])).row
         widths[gamma] = sum(row["fedma"]["widths"].values())

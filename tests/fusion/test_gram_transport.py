@@ -10,7 +10,8 @@ from fedalign.algorithms.checks import received_problem
 from fedalign.algorithms.fusion.gram_transport import pack, unpack, upper_triangle
 from fedalign.algorithms.fusion.regmean import GRAM_BUDGET
 from fedalign.algorithms.stats import client_statistics, received_statistics
-from fedalign.config.schema import ConfigError, load_config
+from fedalign.config.load import load_config
+from fedalign.core.errors import ConfigError
 from fedalign.models import build_model
 from tests.helpers import ROOT
 

@@ -3,7 +3,7 @@ test per phase pattern: train only, train + align, train + repair."""
 
 import pytest
 
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.report.results import read_rows
 from fedalign.runs.runner import run
 from tests.helpers import ROOT

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.data.text import FORTUNES_DIR
 from fedalign.report.results import read_rows
 from fedalign.runs.runner import run

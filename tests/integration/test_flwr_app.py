@@ -17,7 +17,7 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.fl.client_app import app as client_app
 from fedalign.report.results import read_rows
 from fedalign.runs import server_app

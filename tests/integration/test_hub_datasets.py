@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.report.results import read_rows
 from fedalign.runs.runner import run
 from tests.data import hub_copies

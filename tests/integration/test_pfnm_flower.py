@@ -3,7 +3,7 @@
 import pytest
 from safetensors.torch import load_file
 
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.report.results import read_rows
 from fedalign.runs.runner import run
 from tests.helpers import ROOT
@@ -24,7 +24,7 @@ PFNM = [
 def test_one_shot_pfnm_grows_the_global_model(tmp_path):
     cfg = load_config(
         ROOT / "configs/digits_mlp.yaml",
-        PFNM + ["strategy.rounds=1", "strategy.matching.sigma=0.3", "strategy.matching.gamma=5.0"],
+        PFNM + ["strategy.rounds=1", "strategy.sigma=0.3", "strategy.gamma=5.0"],
     )
     outcome = run(cfg, output_dir=tmp_path, progress=False)
     rows = read_rows(outcome.run_dir)
@@ -42,9 +42,9 @@ def test_pfnm_grid_scored_by_clients_then_fedavg_rounds(tmp_path):
         PFNM
         + [
             "strategy.rounds=2",
-            "strategy.matching.grid=true",
+            "strategy.grid=true",
             "train.local_epochs=2",
-            "strategy.matching.grid_tolerance=0.02",
+            "strategy.grid_tolerance=0.02",
         ],
     )
     outcome = run(cfg, output_dir=tmp_path, progress=False)

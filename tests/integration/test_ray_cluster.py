@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedalign.cli import main
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.report.results import read_rows
 from fedalign.runs.runner import run
 from tests.helpers import ROOT

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from fedalign.cli import main
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.report.results import read_rows
 from fedalign.runs.checkpoint import read_checkpoint
 from fedalign.runs.runner import run

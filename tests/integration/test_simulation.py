@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedalign.cli import main
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.data import Arrays, Federation
 from fedalign.data.shared import shared_copy
 from fedalign.report.results import read_rows

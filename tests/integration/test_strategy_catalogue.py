@@ -22,7 +22,7 @@ from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
 from fedalign.config.components import run_federation, run_model
-from fedalign.config.schema import load_config
+from fedalign.config.load import load_config
 from fedalign.fl.client_app import app as client_app
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
 from fedalign.report.results import read_rows

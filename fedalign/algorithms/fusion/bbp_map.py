@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedalign.algorithms.align.solvers import hungarian_columns, solve_assignment
+from fedalign.algorithms.align.solvers import SOLVERS, hungarian_columns, solve_assignment
 
 
 @dataclass
@@ -192,6 +192,35 @@ class _GlobalLayer:
         return self.keep(self.popularity > 0.5)
 
 
+POPULARITY = ("consistent", "reference")
+
+
+def matching_problem(
+    *,
+    sigma: float,
+    sigma0: float,
+    gamma: float,
+    iterations: int,
+    max_width: int | None,
+    popularity: str,
+    solver: str = "hungarian",
+) -> str | None:
+    """Why BBP-MAP's options are invalid (None: they are valid): PFNM and FedMA check theirs
+    with this when a config is loaded, before any client trains."""
+    for name, value in (("sigma", sigma), ("sigma0", sigma0), ("gamma", gamma)):
+        if not value > 0:
+            return f"{name} must be > 0, got {value}"
+    if iterations < 0:
+        return f"iterations must be >= 0, got {iterations}"
+    if max_width is not None and max_width < 1:
+        return f"max_width must be >= 1, got {max_width}"
+    if popularity not in POPULARITY:
+        return f"popularity must be one of {', '.join(POPULARITY)}, got {popularity!r}"
+    if solver not in SOLVERS:
+        return f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}"
+    return None
+
+
 def bbp_map(
     neurons: Sequence[torch.Tensor],
     precisions: Sequence[float | torch.Tensor],
@@ -218,7 +247,7 @@ def bbp_map(
     where the cost matrices are built (default: the first client's; the server's GPU when it has
     one), the result comes back on the CPU.
     """
-    if popularity not in ("consistent", "reference"):
+    if popularity not in POPULARITY:
         raise ValueError(f"popularity must be 'consistent' or 'reference', got {popularity!r}")
     J = len(neurons)
     if J == 0:

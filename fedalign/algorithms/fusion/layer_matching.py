@@ -34,7 +34,7 @@ from fedalign.algorithms.align.spec import (
 )
 from fedalign.core.types import StateDict
 
-from .bbp_map import BBPResult, bbp_map
+from .bbp_map import BBPResult, bbp_map, matching_problem
 
 
 @dataclass(frozen=True)
@@ -98,18 +98,31 @@ def neuron_rows(state: StateDict, layer: MatchedLayer) -> torch.Tensor:
 def match_layer(
     states: Sequence[StateDict],
     layer: MatchedLayer,
+    seed: int = 0,
+    device: str = "cpu",
+    *,
     sigma: float = 1.0,
     sigma0: float = 1.0,
     gamma: float = 7.0,
     iterations: int = 5,
-    seed: int = 0,
     solver: str = "hungarian",
     max_width: int | None = None,
     popularity: str = "consistent",
-    device: str = "cpu",
 ) -> BBPResult:
-    """BBP-MAP over the clients' units of ``layer`` (FedMA's defaults: sigma = sigma0 = 1,
-    gamma 7; ``popularity``: ``bbp_map``'s), its cost matrices on ``device``."""
+    """BBP-MAP over the clients' units of ``layer``, its cost matrices on ``device``. The
+    keyword-only parameters are BBP-MAP's options with FedMA's defaults (sigma = sigma0 = 1,
+    gamma 7), the one place they live: the ``fedma`` strategy reads them from here."""
+    problem = matching_problem(
+        sigma=sigma,
+        sigma0=sigma0,
+        gamma=gamma,
+        iterations=iterations,
+        max_width=max_width,
+        popularity=popularity,
+        solver=solver,
+    )
+    if problem is not None:
+        raise ValueError(problem)
     rows = [neuron_rows(sd, layer).double() for sd in states]
     return bbp_map(
         rows,

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from fedalign.algorithms.align.aligners import ALIGNERS
-from fedalign.core.registry import Context
+from fedalign.core.registry import Context, keyword_defaults
 from fedalign.models import MLP
 
-from .bbp_map import bbp_map
+from .bbp_map import bbp_map, matching_problem
 
 MU0_BIAS = 0.1  # the reference's prior mean of biases
 # The reference's hyperparameter grid (18 fusions), searched by the clients' training accuracy.
@@ -60,21 +60,35 @@ def _scatter_columns(W: torch.Tensor, assignment: torch.Tensor, width: int) -> t
 def pfnm(
     models: Sequence[MLP],
     class_counts: Sequence[Sequence[float]],
+    seed: int = 0,
+    device: str = "cpu",
+    *,
     sigma: float = 1.0,
     sigma0: float = 1.0,
     gamma: float = 1.0,
     iterations: int = 5,
-    seed: int = 0,
     solver: str = "hungarian",
     max_width: int | None = None,
     popularity: str = "consistent",
-    device: str = "cpu",
 ) -> tuple[MLP, PFNMAssignments]:
     """Fuse ``models`` (same input and output sizes, any hidden widths) into one MLP.
 
     ``class_counts[j][k]``: client j's number of training examples of class k; ``device``: where
-    BBP-MAP builds its cost matrices (the server's GPU when it has one).
+    BBP-MAP builds its cost matrices (the server's GPU when it has one). The keyword-only
+    parameters are BBP-MAP's options (``bbp_map``), the one place their PFNM defaults live: the
+    ``pfnm`` aligner and the ``pfnm`` strategy read them from here.
     """
+    problem = matching_problem(
+        sigma=sigma,
+        sigma0=sigma0,
+        gamma=gamma,
+        iterations=iterations,
+        max_width=max_width,
+        popularity=popularity,
+        solver=solver,
+    )
+    if problem is not None:
+        raise ValueError(problem)
     J = len(models)
     layers = [
         [(lin.weight.detach().double(), lin.bias.detach().double()) for lin in _linears(m)]
@@ -223,6 +237,18 @@ def _mlps_only(context: Context) -> str | None:
     return None
 
 
+def _pfnm_options_problem(options: dict[str, Any], context: Context) -> str | None:
+    return matching_problem(**options)
+
+
 # PFNM aligns and fuses in one step and changes the widths: as the pipeline's align step it
-# replaces fusion and repair (``fuses``), and needs the clients' class counts.
-ALIGNERS.register("pfnm", pfnm, options={}, supports=_mlps_only, fuses=True)
+# replaces fusion and repair (``fuses``), and needs the clients' class counts. Its options are
+# pfnm's own (the assignment solver is the pipeline's ``solver``).
+ALIGNERS.register(
+    "pfnm",
+    pfnm,
+    options={k: v for k, v in keyword_defaults(pfnm).items() if k != "solver"},
+    supports=_mlps_only,
+    fuses=True,
+    check=_pfnm_options_problem,
+)

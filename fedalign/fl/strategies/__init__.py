@@ -4,32 +4,26 @@
 mean by default) with two client objectives; ``scaffold`` and ``fednova`` add a correction of
 client drift to it; ``pfnm`` and ``fedma`` fuse by neuron matching. Every one of them ends with the
 config's server optimizer (FedAvgM, FedAdam, FedYogi, FedAdagrad are ``server_optimizer``
-settings, not strategies). ``meta["check"]`` says why a config cannot run a strategy.
+settings, not strategies). Each strategy's options are its constructor's keyword-only parameters
+(and those of the callables it lists in ``options_from``); ``Strategy.problem`` says why a
+context cannot run it. Nothing here imports Flower: looking a strategy up does not load it.
 """
 
 from __future__ import annotations
 
 from fedalign.core.registry import STRATEGIES
 
-from .drift import FedNova, Scaffold
 from .fedavg import FedAvg
 from .fedma import FedMA
+from .fednova import FedNova
 from .pfnm import PFNM
+from .scaffold import Scaffold
 
-STRATEGIES.register("fedavg", FedAvg, options={}, objective="plain", pipeline=True)
-STRATEGIES.register("fedprox", FedAvg, options={}, objective="proximal", pipeline=True)
-STRATEGIES.register(
-    "scaffold",
-    Scaffold,
-    options={},
-    objective="scaffold",
-    pipeline=True,
-    check=Scaffold.config_problem,
-)
-STRATEGIES.register(
-    "fednova", FedNova, options={}, objective="plain", pipeline=True, check=FedNova.config_problem
-)
-STRATEGIES.register("pfnm", PFNM, options={}, supports=PFNM.supports, objective="plain")
-STRATEGIES.register("fedma", FedMA, options={}, supports=FedMA.supports, objective="plain")
+STRATEGIES.register("fedavg", FedAvg, objective="plain", pipeline=True)
+STRATEGIES.register("fedprox", FedAvg, objective="proximal", pipeline=True)
+STRATEGIES.register("scaffold", Scaffold, objective="scaffold", pipeline=True)
+STRATEGIES.register("fednova", FedNova, objective="plain", pipeline=True)
+STRATEGIES.register("pfnm", PFNM, objective="plain")
+STRATEGIES.register("fedma", FedMA, objective="plain")
 
 __all__ = ["PFNM", "FedAvg", "FedMA", "FedNova", "Scaffold"]

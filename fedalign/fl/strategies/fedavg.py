@@ -17,47 +17,53 @@ phase, from the fusion). The server never sees data, only sums over it.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Any
 
 import torch
-from torch import nn
 
-from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.align import ALIGNERS, permutation_spec
+from fedalign.algorithms.fusion import pfnm
 from fedalign.algorithms.pipeline import aggregate
 from fedalign.algorithms.stats import flatten
-from fedalign.config.components import server_device
-from fedalign.config.schema import RunConfig
 from fedalign.core.tensors import weighted_average
 from fedalign.core.types import ClientStats
-from fedalign.fl.engine import ClientUpdate, Round, Strategy
+from fedalign.fl.round import ClientUpdate, Round
+from fedalign.fl.strategy import Strategy, StrategyContext
+from fedalign.models import fit_to_state
 
-from .pfnm import class_counts_problem, pfnm_fuse
-from .protocol import baseline_round, effective, is_reference
+from .class_counts import class_counts, class_counts_problem
+from .protocol import reference_schedule
 
 
 class FedAvg(Strategy):
-    name = "fedavg"
+    """The pipeline's rule over the clients' updates (a weighted mean by default); its options
+    are the training schedule's (``protocol``, ``retrain_epochs``, ``retrain_lr``)."""
 
-    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
-        super().__init__(cfg, model)
-        self.plan = cfg.to_plan(device=str(server_device(cfg)))
+    name = "fedavg"
+    options_from = (reference_schedule,)
+
+    def __init__(self, context: StrategyContext, **schedule: Any) -> None:
+        super().__init__(context)
+        self.schedule = reference_schedule(context.train, **schedule)
+        self.plan = context.plan
         permutes = self.plan.active and not self.plan.fuses_in_alignment
-        self.spec = permutation_spec(model) if permutes else None
+        self.spec = permutation_spec(context.model) if permutes else None
 
     def train_config(self, rnd: Round) -> dict[str, Any]:
-        """The pipeline's statistics and, under ``strategy.fedma.protocol: reference``, the
-        round's epochs and learning rate (``protocol.baseline_round``)."""
+        """The pipeline's statistics and, under ``protocol: reference``, the round's epochs and
+        learning rate (``protocol.Schedule.baseline_round``)."""
         kinds = self.plan.for_round(rnd.number).train_statistics()
-        training = baseline_round(self.cfg, rnd.number)
-        if is_reference(self.cfg):
-            rnd.log.extra["training"] = {"train": effective(self.cfg, training)}
+        training = self.schedule.baseline_round(rnd.number)
+        if self.schedule.is_reference:
+            rnd.log.extra["training"] = {"train": self.schedule.effective(training)}
         return {**training, **({"statistics": ",".join(kinds)} if kinds else {})}
 
     def local_init(self, rnd: Round, partitions: list[int]) -> list[int]:
         """Round 1 from the clients' own inits with ``aggregation.own_init`` or the reference
         schedule (whose baselines start from the average of the locally trained models)."""
-        own = self.cfg.aggregation.own_init or is_reference(self.cfg)
+        own = self.context.own_init or self.schedule.is_reference
         return partitions if own and rnd.number == 1 else []
 
     def check(self, rnd: Round, update: ClientUpdate) -> str | None:
@@ -76,10 +82,27 @@ class FedAvg(Strategy):
                 [u.state_dict for u in updates], [u.num_examples for u in updates]
             )
         if self.plan.fuses_in_alignment:
-            fused = pfnm_fuse(self.cfg, self.model, rnd, updates, solver=self.plan.solver)
-            rnd.log.extra["aggregation"] = {"align": self.plan.align, **rnd.log.extra.pop("pfnm")}
-            return fused
+            return self._pfnm(rnd, updates)
         return self._pipeline(rnd, updates)
+
+    def _pfnm(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
+        """PFNM as the align step: it fuses by itself, with the ``pfnm`` aligner's options."""
+        options = self.plan.options_of(ALIGNERS.get("pfnm"))
+        models = [fit_to_state(copy.deepcopy(self.model), u.state_dict) for u in updates]
+        fused, assignment = pfnm(
+            models,
+            class_counts(updates),
+            seed=self.context.seed,
+            device=self.context.device,
+            solver=self.plan.solver,
+            **options,
+        )
+        rnd.log.extra["aggregation"] = {
+            "align": self.plan.align,
+            **{k: options[k] for k in ("sigma", "sigma0", "gamma")},
+            "widths": assignment.widths,
+        }
+        return OrderedDict(fused.state_dict())
 
     def _pipeline(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         plan = self.plan.for_round(rnd.number)
@@ -121,7 +144,7 @@ class FedAvg(Strategy):
             [u.statistics or {} for u in updates],
             ask_cross,
             ask_fused,
-            seed=self.cfg.resolved_seeds.sampling + rnd.number,
+            seed=self.context.seed + rnd.number,
         )
         rnd.log.clients_ok -= len(updates) - len(outcome.kept)
         if "repair_skipped" in outcome.info:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fedalign.algorithms.align import permutation_spec
+from fedalign.algorithms.fusion.bbp_map import matching_problem
 from fedalign.algorithms.fusion.layer_matching import (
     class_weighted_classifier,
     classifier_keys,
@@ -36,22 +37,46 @@ from fedalign.algorithms.fusion.layer_matching import (
     matched_layers,
     slice_to_client,
 )
-from fedalign.config.schema import RunConfig
 from fedalign.core.errors import RoundFailedError
-from fedalign.core.registry import Context
-from fedalign.fl.engine import ClientUpdate, Round, Strategy, weighted_train_loss
+from fedalign.core.registry import keyword_defaults
+from fedalign.fl.round import ClientUpdate, Round, weighted_train_loss
+from fedalign.fl.strategy import Strategy, StrategyContext
 
-from .pfnm import class_counts_problem, matching_options
-from .protocol import effective, fedma_phase, is_reference
+from .class_counts import class_counts_problem
+from .protocol import reference_schedule
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 class FedMA(Strategy):
-    name = "fedma"
+    """Its options: BBP-MAP's (``match_layer``'s signature, FedMA's defaults), the training
+    schedule's (``protocol``, ``retrain_epochs``, ``retrain_lr``) and ``round_gamma``."""
 
-    @staticmethod
-    def supports(context: Context) -> str | None:
+    name = "fedma"
+    options_from = (match_layer, reference_schedule)
+
+    def __init__(self, context: StrategyContext, *, round_gamma: float = 5.0, **options: Any):
+        super().__init__(context)
+        if not round_gamma > 0:
+            raise ValueError(f"round_gamma must be > 0, got {round_gamma}")
+        schedule_keys = keyword_defaults(reference_schedule).keys()
+        self.schedule = reference_schedule(
+            context.train, **{k: v for k, v in options.items() if k in schedule_keys}
+        )
+        self.matching = {
+            **keyword_defaults(match_layer),
+            **{k: v for k, v in options.items() if k not in schedule_keys},
+        }
+        problem = matching_problem(**self.matching)
+        if problem is not None:
+            raise ValueError(problem)
+        self.round_gamma = round_gamma
+        self.assignments: dict[int, dict[str, torch.Tensor]] = {}
+        self.spec = permutation_spec(context.model)
+        self.layers = matched_layers(self.spec, context.model)
+
+    @classmethod
+    def problem(cls, context: StrategyContext) -> str | None:
         """Networks without normalisation whose groups FedMA can match one after another."""
         if any(isinstance(m, NORMS) for m in context.model.modules()):
             return "fedma covers networks without normalisation layers, as the reference does"
@@ -60,12 +85,6 @@ class FedMA(Strategy):
         except Exception as exc:  # noqa: BLE001 - any tracing or matching limit is the reason
             return f"fedma cannot match this model's layers: {exc}"
         return None
-
-    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
-        super().__init__(cfg, model)
-        self.assignments: dict[int, dict[str, torch.Tensor]] = {}
-        self.spec = permutation_spec(model)
-        self.layers = matched_layers(self.spec, model)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -97,7 +116,7 @@ class FedMA(Strategy):
         """One train exchange (``training``: the schedule's entries, ``protocol.fedma_phase``);
         too few valid replies end the round (no retry: the matched layers so far belong to these
         clients)."""
-        rnd.log.extra.setdefault("training", {})[phase] = effective(self.cfg, training)
+        rnd.log.extra.setdefault("training", {})[phase] = self.schedule.effective(training)
         updates = rnd.train(
             phase,
             sent,
@@ -105,10 +124,10 @@ class FedMA(Strategy):
             local_init=local_init,
             check=lambda update: class_counts_problem(update, rnd.reference),
         )
-        if len(updates) < self.cfg.strategy.min_train_clients:
+        if len(updates) < rnd.settings.min_train_clients:
             raise RoundFailedError(
                 f"round {rnd.number}, phase {phase}: only {len(updates)} valid replies "
-                f"(min_train_clients={self.cfg.strategy.min_train_clients})"
+                f"(min_train_clients={rnd.settings.min_train_clients})"
             )
         return {u.partition_id: u for u in updates}
 
@@ -126,18 +145,17 @@ class FedMA(Strategy):
             for p in partitions
         }
         updates = self._phase(
-            rnd, "train", sent, [], fedma_phase(self.cfg, rnd.number, "train"), fresh
+            rnd, "train", sent, [], self.schedule.fedma_phase(rnd.number, "train"), fresh
         )
         frozen: list[str] = []
         assignments: dict[int, dict[str, torch.Tensor]] = {p: {} for p in updates}
         options = {
-            **matching_options(
-                self.cfg, self.cfg.resolved_seeds.sampling + rnd.number, match_layer
-            ),
-            "popularity": self.cfg.strategy.matching.popularity,
+            **self.matching,
+            "seed": self.context.seed + rnd.number,
+            "device": self.context.device,
         }
-        if is_reference(self.cfg) and rnd.number > 1:
-            options["gamma"] = self.cfg.strategy.fedma.round_gamma
+        if self.schedule.is_reference and rnd.number > 1:
+            options["gamma"] = self.round_gamma
         widths: dict[str, int] = {}
         matched: dict[str, torch.Tensor] = {}  # the server's own global layers, not a client's copy
         for layer in self.layers:
@@ -156,7 +174,7 @@ class FedMA(Strategy):
             # after the last matched layer only the output layer trains (the reference: longer,
             # slower, with weight decay)
             kind = "output" if layer is self.layers[-1] else "layer"
-            training = fedma_phase(self.cfg, rnd.number, kind)
+            training = self.schedule.fedma_phase(rnd.number, kind)
             updates = self._phase(rnd, f"layer:{layer.group}", hybrids, frozen, training)
         survivors = list(updates)
         keys = classifier_keys(self.layers, updates[survivors[0]].state_dict)
@@ -174,7 +192,7 @@ class FedMA(Strategy):
         rnd.log.extra["fedma"] = {
             "widths": widths,
             "phases": 1 + len(self.layers),
-            "protocol": self.cfg.strategy.fedma.protocol,
+            "protocol": self.schedule.protocol,
             "gamma": options["gamma"],
         }
         return OrderedDict(fused)

@@ -1,97 +1,90 @@
-"""SCAFFOLD (Karimireddy et al. 2020) and FedNova (Wang et al. 2020) as strategies: FedAvg's
-server rule (the pipeline's fuse rule, then the server optimizer) with a correction of client drift
-(``fedalign.algorithms.drift``).
+"""SCAFFOLD (Karimireddy et al. 2020) as a strategy: FedAvg's server rule (the pipeline's fuse
+rule, then the server optimizer) with the clients' drift corrected by control variates
+(``fedalign.algorithms.drift``), and the client side of it as a hook beside the strategy.
 
 SCAFFOLD sends the server's control variate ``c`` with every model (as many bytes again down), and
 each client returns the change of its own ``c_i`` with its weights (as many bytes again up). The
-client keeps ``c_i`` in its ``Context.state``; the server keeps a copy of every ``c_i``, computed
+client keeps ``c_i`` between rounds (``ScaffoldClient``, the strategy's ``client_state``: the
+ClientApp stores it in the node's state); the server keeps a copy of every ``c_i``, computed
 with the same function from the client's own reply, for two reasons: a checkpoint holds it (a
 resumed simulation starts its nodes with empty states, so the server sends each client its copy
 the first time it samples it again, and the run continues bit for bit), and it checks what the
 client reports against it. A client whose reply is rejected has already moved its own ``c_i``: it
 gets the server's copy with its next message too.
-
-FedNova reads the ``local-steps`` every client reports (bounded by what its data allows) and
-rescales the clients' updates to a common number of effective steps before the fuse rule.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from fedalign.algorithms.drift import (
     client_control,
     control_problem,
-    normalised_states,
     server_control,
-    steps_problem,
     zero_controls,
 )
-from fedalign.config.schema import RunConfig
+from fedalign.client.state import ClientState
+from fedalign.client.training import TrainStats
 from fedalign.core.types import StateDict
-from fedalign.fl.engine import ClientUpdate, Round
-from fedalign.fl.records import CLIENT_CONTROL, CONTROL, CONTROL_DELTA
+from fedalign.fl.round import ClientUpdate, Round
+from fedalign.fl.strategy import StrategyContext
 
 from .fedavg import FedAvg
+from .fednova import plain_sgd_problem, reported_steps
+
+# The array records: the server's control variate (down), a client's own (down, to restore it;
+# and the name of the client's stored copy), the client's change of it (up)
+CONTROL, CLIENT_CONTROL, CONTROL_DELTA = "control", "client-control", "control-delta"
 
 
-def plain_sgd_problem(cfg: RunConfig, name: str, momentum: bool) -> str | None:
-    """Both rules derive the clients' gradients from their updates under local SGD."""
-    t = cfg.train
-    if t.optimizer != "sgd":
-        return f"{name} assumes local SGD (train.optimizer: sgd), got {t.optimizer!r}"
-    if not momentum and t.momentum != 0:
-        return f"{name} assumes local SGD without momentum (train.momentum: 0), got {t.momentum}"
-    a = cfg.aggregation
-    if a.align != "none" or a.own_init:
-        return f"{name} corrects updates of the global model: use aggregation.align: none"
-    return None
+class ScaffoldClient(ClientState):
+    """SCAFFOLD on the client: the server's ``c`` (sent with every train message) and this
+    client's own ``c_i``, kept across rounds in the node's stored records. The server sends
+    ``c_i`` too when the client's copy cannot be trusted to match its own (after a resume, which
+    starts every node with an empty state, or after it rejected the client's last reply); that
+    copy then replaces the client's."""
 
+    @classmethod
+    def applies(cls, received: Mapping[str, StateDict]) -> bool:
+        return CONTROL in received
 
-def reported_steps(rnd: Round, update: ClientUpdate) -> str | None:
-    t = rnd.cfg.train
-    return steps_problem(
-        update.metrics.get("local-steps"), update.num_examples, t.local_epochs, t.batch_size
-    )
+    def __init__(self, received, stored, sent) -> None:
+        super().__init__(received, stored, sent)
+        self.server = received[CONTROL]
+        if CLIENT_CONTROL in received:
+            self.own = received[CLIENT_CONTROL]
+        elif CLIENT_CONTROL in stored:
+            self.own = stored[CLIENT_CONTROL]
+        else:
+            self.own = zero_controls(sent, list(self.server))
 
+    def objective_inputs(self) -> dict[str, Any]:
+        """The client objective's input: ``c - c_i`` per parameter."""
+        return {"correction": {k: self.server[k] - self.own[k] for k in self.server}}
 
-class FedNova(FedAvg):
-    name = "fednova"
-
-    @staticmethod
-    def config_problem(cfg: RunConfig) -> str | None:
-        return plain_sgd_problem(cfg, "fednova", momentum=True)
-
-    def check(self, rnd: Round, update: ClientUpdate) -> str | None:
-        return super().check(rnd, update) or reported_steps(rnd, update)
-
-    def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
-        states, tau = normalised_states(
-            rnd.reference,
-            [u.state_dict for u in updates],
-            [float(u.num_examples) for u in updates],
-            [int(u.metrics["local-steps"]) for u in updates],
-            self.cfg.train.momentum,
-        )
-        for update, state in zip(updates, states):
-            update.state_dict = OrderedDict(state)
-        rnd.log.extra["fednova"] = {"tau_eff": tau}
-        return super().aggregate(rnd, updates)
+    def after_train(self, trained: StateDict, stats: TrainStats, lr: float) -> dict[str, StateDict]:
+        """Store ``c_i+`` (option II); reply with the change ``c_i+ - c_i``."""
+        new = client_control(self.own, self.server, self.sent, trained, stats.steps, lr)
+        self.stored[CLIENT_CONTROL] = new
+        return {CONTROL_DELTA: OrderedDict((k, new[k] - self.own[k]) for k in new)}
 
 
 class Scaffold(FedAvg):
     name = "scaffold"
+    options_from = ()
+    client_state = ScaffoldClient
 
-    @staticmethod
-    def config_problem(cfg: RunConfig) -> str | None:
-        return plain_sgd_problem(cfg, "scaffold", momentum=False)
+    @classmethod
+    def problem(cls, context: StrategyContext) -> str | None:
+        return plain_sgd_problem(context, "scaffold", momentum=False)
 
-    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
-        super().__init__(cfg, model)
+    def __init__(self, context: StrategyContext) -> None:
+        super().__init__(context)
+        model = context.model
         self.keys = [name for name, _ in model.named_parameters()]
         self.control = zero_controls(model.state_dict(), self.keys)
         self.clients: dict[int, OrderedDict[str, torch.Tensor]] = {}  # the server's copy of c_i
@@ -113,7 +106,7 @@ class Scaffold(FedAvg):
     def check(self, rnd: Round, update: ClientUpdate) -> str | None:
         """The step count is possible and the control change is the one the client's own update
         implies (the server recomputes ``c_i+`` from the model it sent and the one it got)."""
-        problem = super().check(rnd, update) or reported_steps(rnd, update)
+        problem = super().check(rnd, update) or reported_steps(self.context, update)
         if problem is not None:
             return problem
         pid = update.partition_id
@@ -124,7 +117,7 @@ class Scaffold(FedAvg):
             rnd.reference,
             update.state_dict,
             int(update.metrics["local-steps"]),
-            self.cfg.train.lr,
+            self.context.train.lr,
         )
         problem = control_problem(
             update.records.get(CONTROL_DELTA), OrderedDict((k, new[k] - own[k]) for k in new)
@@ -140,7 +133,7 @@ class Scaffold(FedAvg):
             OrderedDict((k, self.expected[p][k] - self.own(p)[k]) for k in self.keys)
             for p in accepted
         ]
-        self.control = server_control(self.control, changes, self.cfg.data.num_clients)
+        self.control = server_control(self.control, changes, self.context.num_clients)
         self.clients.update({p: self.expected[p] for p in accepted})
         self.restore = (self.restore | self.sampled) - set(accepted)
         self.sampled, self.expected = set(), {}
