@@ -428,6 +428,21 @@ def test_pfnm_matches_the_accepted_clients_as_fusion_pfnm_does() -> None:
     assert row["val_accuracy"] is not None  # the clients evaluate the grown model
 
 
+def test_pfnm_as_the_align_step_takes_its_options_from_aggregation_as_the_strategy_does() -> None:
+    """BBP-MAP's options have one home (``pfnm``'s signature): the ``pfnm`` aligner under fedavg
+    reads them from ``aggregation``, the ``pfnm`` strategy from ``strategy``, and on the same
+    clients with the same options both fuse to the same model."""
+    aligner = make_config(
+        3, aggregation={"align": "pfnm", "own_init": True, "sigma": 0.2, "gamma": 2.0}
+    )
+    strategy = make_config(3, strategy={"name": "pfnm", "sigma": 0.2, "gamma": 2.0})
+    assert aligner.aggregation.options["sigma"] == strategy.strategy.options["sigma"] == 0.2
+    by_aligner = run(aligner, mock_clients(SIZES[:3]))
+    by_strategy = run(strategy, mock_clients(SIZES[:3]))
+    assert by_aligner.row["aggregation"]["gamma"] == by_strategy.row["pfnm"]["gamma"] == 2.0
+    assert_same_state(by_aligner.final, by_strategy.final)
+
+
 def test_pfnm_counts_rejected_class_counts_against_the_minimum() -> None:
     cfg = make_config(4, strategy={"name": "pfnm", "min_train_clients": 2, "round_retries": 0})
     with pytest.raises(RoundFailedError):

@@ -34,7 +34,7 @@ from fedalign.algorithms.align.spec import (
 )
 from fedalign.core.types import StateDict
 
-from .bbp_map import BBPResult, bbp_map, matching_problem
+from .bbp_map import BBPResult, bbp_map
 
 
 @dataclass(frozen=True)
@@ -112,17 +112,6 @@ def match_layer(
     """BBP-MAP over the clients' units of ``layer``, its cost matrices on ``device``. The
     keyword-only parameters are BBP-MAP's options with FedMA's defaults (sigma = sigma0 = 1,
     gamma 7), the one place they live: the ``fedma`` strategy reads them from here."""
-    problem = matching_problem(
-        sigma=sigma,
-        sigma0=sigma0,
-        gamma=gamma,
-        iterations=iterations,
-        max_width=max_width,
-        popularity=popularity,
-        solver=solver,
-    )
-    if problem is not None:
-        raise ValueError(problem)
     rows = [neuron_rows(sd, layer).double() for sd in states]
     return bbp_map(
         rows,

@@ -78,17 +78,6 @@ def pfnm(
     parameters are BBP-MAP's options (``bbp_map``), the one place their PFNM defaults live: the
     ``pfnm`` aligner and the ``pfnm`` strategy read them from here.
     """
-    problem = matching_problem(
-        sigma=sigma,
-        sigma0=sigma0,
-        gamma=gamma,
-        iterations=iterations,
-        max_width=max_width,
-        popularity=popularity,
-        solver=solver,
-    )
-    if problem is not None:
-        raise ValueError(problem)
     J = len(models)
     layers = [
         [(lin.weight.detach().double(), lin.bias.detach().double()) for lin in _linears(m)]
