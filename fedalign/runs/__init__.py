@@ -1,0 +1,2 @@
+"""A run's life: the runner, run folders, checkpoints, interrupts, progress, plugins,
+benchmarks, offline merges and studies."""
