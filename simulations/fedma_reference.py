@@ -173,8 +173,8 @@ def fedalign_fedma(
     counts: np.ndarray,
     args: argparse.Namespace,
 ) -> StateDict:
-    """One FedMA pass by ``fusion.fedma``'s pieces, the clients retraining in this process as the
-    strategy's layer phases do (``strategy.protocol: reference``)."""
+    """One FedMA pass by ``fusion.layer_matching``'s pieces, the clients retraining in this process
+    as the strategy's layer phases do (``strategy.protocol: reference``)."""
     template = build_model("lenet")
     spec = permutation_spec(template)
     layers = matched_layers(spec, template)

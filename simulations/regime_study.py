@@ -4,7 +4,8 @@ FedAvg, FedProx, the weight- and activation-aligned pipelines, FedMA and one-sho
 same Fashion-MNIST clients, over local epochs ``E`` and Dirichlet ``alpha``, with the clients
 starting round 1 from their own random inits or from one common init. Everything runs in this
 process without Flower or Ray (``studies.pipeline_rounds`` for the pipelines; FedMA's round and
-PFNM's fusion from ``fusion.fedma`` / ``fusion.pfnm`` directly), so a 2-core machine runs the grid.
+PFNM's fusion from ``fusion.layer_matching`` / ``fusion.neural_matching`` directly), so a 2-core
+machine runs the grid.
 
 Two budgets are read off each run's per-round history:
 
