@@ -1,9 +1,11 @@
-"""A user's own dataset, model and fuse rule, registered from outside the package through the public
-API only (as a user's module or a ``--plugin`` file would); ``test_plugins`` runs them in a real
-Flower simulation. Registration happens at import, so Ray workers that import this module (told to
-by ``fedalign.core.plugins``) know the same names."""
+"""A user's own dataset, model, fuse rule and strategy, registered from outside the package through
+the public API only (as a user's module or a ``--plugin`` file would); ``test_plugins`` runs them
+in a real Flower simulation. Registration happens at import, so Ray workers that import this
+module (told to by ``fedalign.core.plugins``) know the same names."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -47,6 +49,25 @@ def trimmed_mean(states, weights, stats, *, trim: int = 0):
     return fused
 
 
+class BoostAvg(fedalign.Strategy):
+    """FedAvg's weighted mean, with the step from the global model towards it scaled by
+    ``boost`` (a server learning rate): a strategy with an option, as a user writes one."""
+
+    def __init__(self, *args, boost: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.boost = boost
+
+    def aggregate(self, rnd, updates) -> OrderedDict[str, torch.Tensor]:
+        total = sum(u.num_examples for u in updates)
+        fused = OrderedDict()
+        for key, start in rnd.reference.items():
+            mean = sum(u.state_dict[key].double() * u.num_examples for u in updates) / total
+            fused[key] = (start + self.boost * (mean - start)).to(start.dtype)
+        rnd.log.extra["boost"] = self.boost  # the option the strategy was built with, per round
+        return fused
+
+
 fedalign.register_dataset("toy-blobs", blobs, replace=True)
 fedalign.register_model("toy-net", TinyNet, replace=True)
 fedalign.register_fuse_rule("toy-trimmed-mean", trimmed_mean, replace=True)
+fedalign.register_strategy("boost-avg", BoostAvg, replace=True)
