@@ -17,9 +17,10 @@ A config file names only registered things, never import paths, so running someo
 runs no code of theirs; registering is code the user runs (or a file given to ``--plugin``).
 Layers (see docs/architecture.md): the algorithm packages (:mod:`fedalign.algorithms.align`,
 :mod:`fedalign.algorithms.fusion`, :mod:`fedalign.algorithms.repair`,
-:mod:`fedalign.algorithms.stats`, :mod:`fedalign.algorithms.analysis`)
-are pure functions over tensors and state dicts and import neither Flower nor the config;
-:mod:`fedalign.fl` is the thin Flower layer over them.
+:mod:`fedalign.algorithms.stats`, :mod:`fedalign.algorithms.analysis`) are pure functions over
+tensors and state dicts and import neither Flower nor the config; :mod:`fedalign.fl` is the thin
+Flower layer over them. Nothing here loads before a name is used: ``import fedalign`` starts no
+Flower, no Ray, not even torch.
 """
 
 from __future__ import annotations
@@ -232,8 +233,20 @@ def register_strategy(
     are its constructor's keyword-only parameters, with their defaults and annotations (a config
     writes them in the ``strategy`` section; each value is checked against its annotation);
     ``Strategy.problem`` says why a model or federation cannot run it."""
-    from fedalign.core.registry import STRATEGIES
+    import inspect
 
+    from fedalign.core.registry import STRATEGIES, RegistryError
+    from fedalign.fl.strategy import Strategy
+
+    if not (inspect.isclass(strategy) and issubclass(strategy, Strategy)):
+        raise RegistryError(f"strategy {name!r}: {strategy!r} is not a fedalign.Strategy subclass")
+    required = [
+        p.name
+        for p in inspect.signature(strategy.__init__).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+    ]
+    if required:  # a config could not leave it out, and nothing would say so until a run
+        raise RegistryError(f"strategy {name!r}: option {required[0]!r} needs a default")
     return STRATEGIES.register(
         name, strategy, objective=objective, pipeline=pipeline, replace=replace
     )

@@ -5,12 +5,11 @@ independently trained networks with and without REPAIR.
 One-shot: J clients, each trains an MLP from its own initialisation on its Fashion-MNIST partition
 (Dirichlet(alpha) and IID), then one aggregation. The pipelines run through
 ``fedalign.algorithms.pipeline.aggregate``, the function the Flower strategy calls, with the
-clients' answers
-computed directly by ``stats.client_statistics`` on each client's own data (a seeded sample of
-``--stats-samples``, the run config's default), so the numbers are what a federation computes
-without Ray's overhead. Barrier: two MLPs (no normalisation) trained on disjoint halves of the
-training set from different inits, aligned by weight matching; loss at the midpoint against the
-endpoints' mean, with and without REPAIR (statistics on 5,000 training examples).
+clients' answers computed directly by ``stats.client_statistics`` on each client's own data (a
+seeded sample of ``--stats-samples``, the run config's default), so the numbers are what a
+federation computes without Ray's overhead. Barrier: two MLPs (no normalisation) trained on disjoint
+halves of the training set from different inits, aligned by weight matching; loss at the midpoint
+against the endpoints' mean, with and without REPAIR (statistics on 5,000 training examples).
 
     .venv/bin/python simulations/aggregation_study.py --out docs/results/aggregation_study.json
 """

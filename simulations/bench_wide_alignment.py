@@ -1,16 +1,14 @@
 r"""Server-side alignment at scale (issue 17): J wide clients (MLP 784-W-10) weight-matched to one
 reference, against the J Hungarian solves that alignment cannot avoid, in the same run.
 
-A single hidden layer has one permutation group, so weight matching needs one solve per client:
-its score matrix (a float64 W x W product), the Hungarian solve, and the objective bookkeeping.
-The baseline is the J solves alone on one core, each on the score matrix of the identity start
-(built untimed, one at a time, so J matrices of W^2 float64 never sit in memory together); the
-baseline and the alignment alternate over chunks of ``--chunk`` clients, so that on a shared
-machine both see the same load. The alignment runs with
-``fedalign.algorithms.align.parallel.match_all`` on
-``--workers`` processes (default: every core); ``--sequential`` also times it on one. The
-permutations must equal the solves' (for one group, weight matching's answer is that solve), which
-the script checks.
+A single hidden layer has one permutation group, so weight matching needs one solve per client: its
+score matrix (a float64 W x W product), the Hungarian solve, and the objective bookkeeping. The
+baseline is the J solves alone on one core, each on the score matrix of the identity start (built
+untimed, one at a time, so J matrices of W^2 float64 never sit in memory together); the baseline and
+the alignment alternate over chunks of ``--chunk`` clients, so that on a shared machine both see the
+same load. The alignment runs with ``fedalign.algorithms.align.parallel.match_all`` on ``--workers``
+processes (default: every core); ``--sequential`` also times it on one. The permutations must equal
+the solves' (for one group, weight matching's answer is that solve), which the script checks.
 
     .venv/bin/python simulations/bench_wide_alignment.py --clients 32 --width 4096 \
         --out docs/results/bench_wide_alignment.json

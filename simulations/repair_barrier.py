@@ -3,10 +3,10 @@ r"""How much of the midpoint loss barrier of weight-matched networks REPAIR remo
 Two networks of one architecture trained on Fashion-MNIST from different seeds; the second is
 aligned to the first by weight matching; the midpoint of the aligned pair is evaluated on the test
 set as it is and after REPAIR (``fedalign.algorithms.repair.repair_with_data``: per-channel
-statistics of the
-endpoints and of the fused model on ``--repair-samples`` training images, the correction folded
-into the layers). The barrier is the midpoint's test loss minus the mean of the endpoints' losses;
-the issue asks REPAIR to remove at least half of the barrier that alignment leaves.
+statistics of the endpoints and of the fused model on ``--repair-samples`` training images, the
+correction folded into the layers). The barrier is the midpoint's test loss minus the mean of the
+endpoints' losses; the issue asks REPAIR to remove at least half of the barrier that alignment
+leaves.
 
     .venv/bin/python simulations/repair_barrier.py --models mlp mlp-deep vgg9 \
         --out docs/results/repair_barrier.json

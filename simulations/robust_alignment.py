@@ -5,9 +5,8 @@ partitions): each robust fuse rule (median, trimmed mean, Multi-Krum, Bulyan) an
 alignment and after weight matching, with all clients honest and with one Byzantine client (a
 sign-flipping attacker: its weights times -10; a positive scale alone would leave a ReLU network's
 predictions as they are). The rules run through ``fedalign.algorithms.pipeline.aggregate``, the
-function the
-strategies call. Without alignment, a coordinate-wise median of permuted networks mixes unrelated
-neurons; aligned first, it compares like with like.
+function the strategies call. Without alignment, a coordinate-wise median of permuted networks mixes
+unrelated neurons; aligned first, it compares like with like.
 
     .venv/bin/python simulations/robust_alignment.py --out docs/results/robust_alignment.json
 """

@@ -1,7 +1,6 @@
 """Server optimizers (``fedalign.algorithms.server_opt``) and the strategy catalogue's
-configuration: the
-step's own rules (identity, reset), its state through a checkpoint, and one-line rejection of
-invalid parameters. The equality with Flower's FedAvgM/FedAdam/FedYogi/FedAdagrad is in
+configuration: the step's own rules (identity, reset), its state through a checkpoint, and one-line
+rejection of invalid parameters. The equality with Flower's FedAvgM/FedAdam/FedYogi/FedAdagrad is in
 ``tests/fl/test_flower_strategies.py``."""
 
 from __future__ import annotations

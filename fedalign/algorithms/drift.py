@@ -6,10 +6,10 @@ FedAvg's fixed point is not the federation's optimum.
 - SCAFFOLD (Karimireddy et al. 2020) corrects every local step by ``c - c_i``: the server's control
   variate ``c`` estimates the federation's gradient, the client's own ``c_i`` its local gradient
   (the client objective ``scaffold`` in ``fedalign.client.training`` adds the correction). After
-  ``K``
-  local steps of rate ``lr``, option II of the paper sets ``c_i+ = c_i - c + (x - y_i) / (K lr)``
-  (``client_control``) and the server adds the clients' changes, ``c + sum(c_i+ - c_i) / N``
-  (``server_control``), uniformly over the ``N`` clients as in the paper.
+  ``K`` local steps of rate ``lr``, option II of the paper sets
+  ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (``client_control``) and the server adds the clients'
+  changes, ``c + sum(c_i+ - c_i) / N`` (``server_control``), uniformly over the ``N`` clients as
+  in the paper.
 - FedNova (Wang et al. 2020) divides each client's update by its number of effective local steps
   ``a_i`` (``effective_steps``: the steps themselves for plain SGD, more with momentum) and
   rescales by their weighted mean ``tau_eff``: ``x - tau_eff sum_i p_i (x - y_i) / a_i``. Written

@@ -103,8 +103,7 @@ def scaffold_objective(
 ) -> Penalty:
     """SCAFFOLD (Karimireddy et al. 2020): every local step follows the gradient plus the
     correction ``c - c_i`` (server minus client control variate, ``fedalign.algorithms.drift``), as
-    the
-    gradient of the penalty ``<c - c_i, w>``. ``correction`` comes with the server's message
+    the gradient of the penalty ``<c - c_i, w>``. ``correction`` comes with the server's message
     (``train_local``'s ``objective_inputs``), not from the config; without one (no control variates
     yet) it is plain cross-entropy."""
     if not correction:

@@ -202,14 +202,8 @@ def _validate_aggregation(cfg: RunConfig, context: Context, need: Need) -> RunCo
     plan = cfg.to_plan()
     for step, problem in plan.problems(context):
         need(False, f"aggregation.{step}", problem)
-    try:
-        resolved = plan.resolved_options()
-        for entry in plan.steps():  # an option's value is checked by the step that takes it
-            entry.resolve(resolved)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"aggregation.options: {exc}") from None
     return dataclasses.replace(
-        cfg, aggregation=dataclasses.replace(cfg.aggregation, options=resolved)
+        cfg, aggregation=dataclasses.replace(cfg.aggregation, options=plan.resolved_options())
     )
 
 
@@ -227,9 +221,10 @@ def _validate_strategy(cfg: RunConfig, model: Any, need: Need) -> RunConfig:
     problem = entry.obj.problem(context)
     need(problem is None, "strategy.name", f"{s.name}: {problem}")
     try:
-        entry.obj(context, **resolved)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"strategy: {s.name}: {exc}") from None
+        entry.obj(context, **given)
+    except Exception as exc:  # noqa: BLE001 - a user's constructor may raise anything: one line
+        reason = str(exc) if isinstance(exc, (TypeError, ValueError)) else repr(exc)
+        raise ConfigError(f"strategy: {s.name}: {reason}") from None
     return cfg
 
 

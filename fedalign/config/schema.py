@@ -201,11 +201,11 @@ class AggregationConfig:
 @dataclass(frozen=True)
 class ServerOptimizerConfig:
     """The server's step from the global model towards the fused one
-    (``fedalign.algorithms.server_opt``):
-    ``sgd`` with ``lr: 1`` (the default) takes the fused model; ``momentum``, ``adam``, ``yogi``
-    and ``adagrad`` make FedAvgM, FedAdam, FedYogi and FedAdagrad of any strategy. Its options
-    (``lr``, ``momentum``, ``betas``, ``tau``, ``bias_correction``) may be written directly in the
-    section; the resolved config records those the chosen optimizer takes, with their values."""
+    (``fedalign.algorithms.server_opt``): ``sgd`` with ``lr: 1`` (the default) takes the fused
+    model; ``momentum``, ``adam``, ``yogi`` and ``adagrad`` make FedAvgM, FedAdam, FedYogi and
+    FedAdagrad of any strategy. Its options (``lr``, ``momentum``, ``betas``, ``tau``,
+    ``bias_correction``) may be written directly in the section; the resolved config records those
+    the chosen optimizer takes, with their values."""
 
     name: str = key("sgd", "the server optimizer", choices=SERVER_OPTIMIZERS)
     options: dict[str, Any] = key({}, "its options (below), also writable in the section")

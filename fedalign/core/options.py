@@ -49,8 +49,12 @@ def conform(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         args = typing.get_args(annotation)
-        item = args[0] if args else Any
-        items = [conform(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        # tuple[int, str]: each item its own type; tuple[int, ...] and list[int]: one for all
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        if fixed and len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+        kinds = args if fixed else [args[0] if args else Any] * len(value)
+        items = [conform(f"{key}[{i}]", v, kind) for i, (v, kind) in enumerate(zip(value, kinds))]
         return tuple(items) if origin is tuple or annotation is tuple else items
     if origin in _MAPPINGS or annotation in (dict,):
         if not isinstance(value, dict):

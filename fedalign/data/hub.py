@@ -128,7 +128,7 @@ def hf_repo(name: str) -> str:
 
 @dataclass(frozen=True)
 class Split:
-    """One split as arrays (what ``registry.Arrays`` is built from)."""
+    """One split as arrays (what ``datasets.Arrays`` is built from)."""
 
     X: np.ndarray
     y: np.ndarray

@@ -155,6 +155,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))
     frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
     hook = strategy_state(cfg, msg, context.state)
+    phase = phase_training(config)  # the server's overrides of train for this exchange
     stats = train_client(
         cfg,
         model,
@@ -165,7 +166,7 @@ def train(msg: Message, context: Context) -> Message:
         frozen,
         client_device(cfg),
         objective_inputs=None if hook is None else hook.objective_inputs(),
-        phase=phase_training(config),
+        phase=phase,
     )
     counts = np.bincount(data.y_train, minlength=fed.num_classes).tolist()
     metrics = MetricRecord(
@@ -173,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({"metrics": metrics})
     if hook is not None:
-        replies = hook.after_train(model.cpu().state_dict(), stats, cfg.train.lr)
+        replies = hook.after_train(model.cpu().state_dict(), stats, phase.get("lr", cfg.train.lr))
         for name, state in replies.items():
             content[name] = to_arrays(state)
         store(hook, context.state)

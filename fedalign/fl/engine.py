@@ -13,8 +13,7 @@ It differs from Flower's own strategies where a research framework must:
 - client sampling is seeded (the run's sampling seed, the purpose, the round and the attempt) and
   addresses partitions, not the random node ids Flower assigns, so runs repeat exactly;
 - every reply is validated (``fedalign.algorithms.checks``) and failures are counted with their
-reasons
-  instead of aborting the round; too few valid replies retry the round with a fresh sample;
+  reasons instead of aborting the round; too few valid replies retry the round with a fresh sample;
 - replies are handed to the strategy in partition order; each round's metrics (accuracy, losses,
   clients ok/failed, bytes down/up, seconds per phase) go to a callback as the run goes.
 """

@@ -237,7 +237,7 @@ class Round:
         self, phase: str, items: list, stats: list[ClientStats], partition: Callable[[Any], int]
     ) -> list:
         """``items`` without those whose statistics are far larger than the other clients'
-        (``validation.scale_outliers``), each dropped with its reason."""
+        (``algorithms.checks.scale_outliers``), each dropped with its reason."""
         outliers = scale_outliers(stats, self.settings.max_stat_ratio)
         for j, reason in outliers.items():
             pid = partition(items[j])

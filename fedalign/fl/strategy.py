@@ -3,10 +3,9 @@
 A strategy says what to send and how to combine what comes back; the engine does the rest. It is
 built from a ``StrategyContext`` (``fedalign.config.components``: the model, the federation's
 facts, its seed, the clients' training settings, the server optimizer, the pipeline) and its own
-options, the keyword-only
-parameters of its constructor: the strategy registry reads them, with their defaults and
-annotations, from that signature, as it reads a fuse rule's, so a user's strategy has options
-without any change to the config::
+options, the keyword-only parameters of its constructor: the strategy registry reads them, with
+their defaults and annotations, from that signature, as it reads a fuse rule's, so a user's
+strategy has options without any change to the config::
 
     class BoostAvg(fedalign.Strategy):
         def __init__(self, *args, boost: float = 1.0, **kwargs):
@@ -37,6 +36,7 @@ from fedalign.client.state import ClientState
 from fedalign.config.components import StrategyContext, strategy_context
 from fedalign.config.schema import RunConfig
 from fedalign.core.errors import RoundFailedError
+from fedalign.core.options import conform
 from fedalign.core.registry import STRATEGIES
 from fedalign.core.tensors import weighted_average
 from fedalign.core.types import StateDict
@@ -161,9 +161,8 @@ class Strategy:
         self, rnd: Round, fused: OrderedDict[str, torch.Tensor]
     ) -> OrderedDict[str, torch.Tensor]:
         """The server optimizer's step (``fedalign.algorithms.server_opt``) from the round's global
-        model
-        towards the fused one; the metrics row records the optimizer and whether its state was
-        kept or reset (nothing is recorded for the identity step, SGD with ``lr: 1``)."""
+        model towards the fused one; the metrics row records the optimizer and whether its state
+        was kept or reset (nothing is recorded for the identity step, SGD with ``lr: 1``)."""
         name, options = self.context.server_optimizer
         if is_identity(name, options):
             return fused
@@ -196,4 +195,8 @@ def build_strategy(cfg: RunConfig, model: nn.Module) -> Strategy:
     """The registered strategy ``cfg`` names, for ``model`` (the run's architecture at its
     initial widths), with the options the config gives it."""
     entry = STRATEGIES.get(cfg.strategy.name)
-    return entry.obj(strategy_context(cfg, model), **cfg.strategy.options)
+    options = {  # the resolved config holds lists where an option takes a tuple
+        k: conform(f"strategy.{k}", v, entry.types.get(k, Any))
+        for k, v in cfg.strategy.options.items()
+    }
+    return entry.obj(strategy_context(cfg, model), **options)

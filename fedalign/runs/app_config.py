@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fedalign.config.bundled import resolve_config
-from fedalign.config.schema import RunConfig
 from fedalign.config.load import load_config
+from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 
 FLOWER_KEYS = {

@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from fedalign.config.schema import RunConfig
 from fedalign.config.load import load_config
+from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 from fedalign.report.plots import Curve, accuracy_plot
 from fedalign.report.results import cumulative_bytes, read_rows

@@ -1,7 +1,7 @@
 """Creating a run folder: the one place a run's directory is made and its config written.
 
-``fedalign run`` (through ``fedalign.runs.runner``), ``flwr run .`` (the ServerApp's own entry point)
-and the bench all start a run here, so every run folder begins the same way.
+``fedalign run`` (through ``fedalign.runs.runner``), ``flwr run .`` (the ServerApp's own entry
+point) and the bench all start a run here, so every run folder begins the same way.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from fedalign.config.schema import RunConfig
 from fedalign.config.load import to_yaml
+from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 from fedalign.report.results import RunRecorder
 

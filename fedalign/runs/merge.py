@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from fedalign.algorithms.pipeline import Outcome, aggregate_local
 from fedalign.config.components import shape_options
-from fedalign.config.schema import RunConfig
 from fedalign.config.load import from_dict
+from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 from fedalign.core.types import StateDict
 from fedalign.data import dataset_arrays

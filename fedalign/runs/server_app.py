@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,7 +22,6 @@ from fedalign.client.training import evaluate
 from fedalign.config.components import run_federation, run_model, server_device
 from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
-from fedalign.core.registry import STRATEGIES
 from fedalign.core.types import StateDict
 from fedalign.data import DataError
 from fedalign.fl.engine import RoundCallback, RoundEngine, StrategySnapshot

@@ -240,8 +240,8 @@ class MockClient:
         targets: Targets | None = None,
     ) -> ClientStats:
         """``measure`` as the server reads it (unflattened, packed Grams unpacked): for tests that
-        query a client directly, as ``fedalign.algorithms.pipeline.aggregate``'s callables do in a
-        study."""
+        query a client directly, as the callables of ``fedalign.algorithms.pipeline.aggregate``
+        do in a study."""
         sent = unflatten(to_state_dict(self.measure(cfg, kinds, state, reference, targets)))
         return received_statistics(sent, state)
 
@@ -279,6 +279,7 @@ class MockClient:
         server_round = int(config.get("server-round", 0))
         frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
         hook = strategy_state(cfg, msg, self.context_state)
+        phase = phase_training(config)  # the server's overrides of train for this exchange
         stats = train_client(
             cfg,
             model,
@@ -288,7 +289,7 @@ class MockClient:
             pid,
             frozen,
             objective_inputs=None if hook is None else hook.objective_inputs(),
-            phase=phase_training(config),
+            phase=phase,
         )
         counts = np.bincount(self.data.y_train, minlength=NUM_CLASSES).tolist()
         if fault == "bad-counts":
@@ -304,7 +305,9 @@ class MockClient:
             metrics["local-steps"] = 10**6
         content = RecordDict({"metrics": MetricRecord(metrics)})
         if hook is not None:
-            for name, state in hook.after_train(model.state_dict(), stats, cfg.train.lr).items():
+            for name, state in hook.after_train(
+                model.state_dict(), stats, phase.get("lr", cfg.train.lr)
+            ).items():
                 content[name] = to_arrays(state)
             store(hook, self.context_state)
             if fault == "bad-control":

@@ -1,9 +1,8 @@
 """The permutation spec: which permutation group acts on which axis of which state-dict entry.
 
-Every alignment method (weight matching, activation matching, Sinkhorn re-basin) and every
-matched fusion rule works through this one structure, so supporting a new architecture means
-deriving its spec (``fedalign.algorithms.align.trace``) or writing it by hand (as
-``tests/align/zoo_specs.py``
+Every alignment method (weight matching, activation matching, Sinkhorn re-basin) and every matched
+fusion rule works through this one structure, so supporting a new architecture means deriving its
+spec (``fedalign.algorithms.align.trace``) or writing it by hand (as ``tests/align/zoo_specs.py``
 does), nothing else.
 
 A group of ``n`` units acts on an axis of length ``repeat * n * block``: the axis holds ``repeat``

@@ -59,7 +59,7 @@ def unpack(name: str, packed: object, sizes: tuple[int, ...]) -> torch.Tensor:
     """The Gram a client sent in ``pack``'s form, for a layer whose Gram has one of ``sizes``
     (full, or a conv's channel Gram). Raises ValueError naming the problem (the form, a size that
     is not the layer's, a factor of full rank); the values themselves (finite, PSD, the count) are
-    checked afterwards on the Gram (``validation.gram_problem``)."""
+    checked afterwards on the Gram (``algorithms.checks.gram_problem``)."""
     if not isinstance(packed, Mapping) or set(packed) not in ({"triangle"}, {"factor", "diagonal"}):
         found = sorted(packed) if isinstance(packed, Mapping) else type(packed).__name__
         raise ValueError(f"{name}: expected a triangle, or a factor and a diagonal, got {found}")

@@ -3,16 +3,13 @@
 For a layer with inputs ``X_i`` on client ``i``, the fused weight minimises
 ``sum_i ||X_i W - X_i W_i||^2``, so ``W^T = (sum_i G_i)^-1 sum_i G_i W_i^T`` with
 ``G_i = X_i^T X_i`` (``fedalign.algorithms.stats.gram_matrices``): the clients send Gram matrices,
-never
-data. Each ``G_i``'s off-diagonal entries are scaled by ``alpha`` (``alpha = 1``: exact least
+never data. Each ``G_i``'s off-diagonal entries are scaled by ``alpha`` (``alpha = 1``: exact least
 squares; smaller values pull towards a per-input-weighted mean, which the paper found more robust
-across non-IID clients).
-The system is solved by Cholesky with a ridge relative to the mean diagonal (dead inputs make the
-sum singular), never by an explicit inverse. Grams carry a constant-1 input column last (its
-diagonal entry is the count): for a layer with a bias it is the bias's input, so weight and bias
-are solved together; for a layer without one it is dropped. Every entry without a Gram (norms,
-buffers, the biases of layers without one) is averaged with ``weights``.
-"""
+across non-IID clients). The system is solved by Cholesky with a ridge relative to the mean diagonal
+(dead inputs make the sum singular), never by an explicit inverse. Grams carry a constant-1 input
+column last (its diagonal entry is the count): for a layer with a bias it is the bias's input, so
+weight and bias are solved together; for a layer without one it is dropped. Every entry without a
+Gram (norms, buffers, the biases of layers without one) is averaged with ``weights``."""
 
 from __future__ import annotations
 
@@ -271,7 +268,7 @@ def unpack_grams(packed: Mapping[str, object], state: StateDict) -> dict[str, to
 
 def check_grams(grams: Mapping[str, torch.Tensor], state: StateDict, examples: int) -> str | None:
     """Each Gram (unpacked) is one of a layer of the model, of the full or (conv) channel size,
-    and a Gram (``validation.gram_problem``): a negative-definite or NaN one would wreck the
+    and a Gram (``algorithms.checks.gram_problem``): a negative-definite or NaN one would wreck the
     solve."""
     for name, gram in grams.items():
         try:

@@ -1,7 +1,7 @@
 """FedAvg (McMahan et al. 2017) and FedProx (Li et al. 2020): one server rule, the align -> fuse ->
 repair pipeline of ``fedalign.algorithms.pipeline`` (by default a weighted mean by number of
-examples), with
-the clients' objective (plain or proximal) chosen by the config, not by the server rule.
+examples), with the clients' objective (plain or proximal) chosen by the config, not by the server
+rule.
 
 A round has up to three phases, each one exchange through the engine:
 
@@ -17,23 +17,20 @@ phase, from the fusion). The server never sees data, only sums over it.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from fedalign.algorithms.align import ALIGNERS, permutation_spec
-from fedalign.algorithms.fusion import pfnm
 from fedalign.algorithms.pipeline import aggregate
 from fedalign.algorithms.stats import flatten
 from fedalign.core.tensors import weighted_average
 from fedalign.core.types import ClientStats
 from fedalign.fl.round import ClientUpdate, Round
 from fedalign.fl.strategy import Strategy, StrategyContext
-from fedalign.models import fit_to_state
 
-from .class_counts import class_counts, class_counts_problem
+from .matched import class_counts_problem, pfnm_fusion
 from .protocol import reference_schedule
 
 
@@ -87,22 +84,16 @@ class FedAvg(Strategy):
 
     def _pfnm(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         """PFNM as the align step: it fuses by itself, with the ``pfnm`` aligner's options."""
-        options = self.plan.options_of(ALIGNERS.get("pfnm"))
-        models = [fit_to_state(copy.deepcopy(self.model), u.state_dict) for u in updates]
-        fused, assignment = pfnm(
-            models,
-            class_counts(updates),
-            seed=self.context.seed,
-            device=self.context.device,
+        fused, record = pfnm_fusion(
+            self.model,
+            updates,
+            self.context.seed,
+            self.context.device,
             solver=self.plan.solver,
-            **options,
+            **self.plan.options_of(ALIGNERS.get("pfnm")),
         )
-        rnd.log.extra["aggregation"] = {
-            "align": self.plan.align,
-            **{k: options[k] for k in ("sigma", "sigma0", "gamma")},
-            "widths": assignment.widths,
-        }
-        return OrderedDict(fused.state_dict())
+        rnd.log.extra["aggregation"] = {"align": self.plan.align, **record}
+        return fused
 
     def _pipeline(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         plan = self.plan.for_round(rnd.number)

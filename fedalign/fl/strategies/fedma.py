@@ -11,9 +11,9 @@ exchange through the engine:
    with the matched ones frozen;
 3. the classifier is averaged with the clients' class shares.
 
-Layers come from the model's permutation spec (``fusion.fedma.matched_layers``): MLPs, CNNs
-without normalisation and the char-LSTM (embedding dimensions, then LSTM hidden units matched on
-their gate rows). A round costs 1 + (number of hidden layers) communication rounds. The
+Layers come from the model's permutation spec (``algorithms.fusion.layer_matching.matched_layers``):
+MLPs, CNNs without normalisation and the char-LSTM (embedding dimensions, then LSTM hidden units
+matched on their gate rows). A round costs 1 + (number of hidden layers) communication rounds. The
 assignments are the strategy's state and go into checkpoints.
 """
 
@@ -42,7 +42,7 @@ from fedalign.core.registry import keyword_defaults
 from fedalign.fl.round import ClientUpdate, Round, weighted_train_loss
 from fedalign.fl.strategy import Strategy, StrategyContext
 
-from .class_counts import class_counts_problem
+from .matched import class_counts_problem
 from .protocol import reference_schedule
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)

@@ -13,7 +13,6 @@ grown architecture from the weights they receive).
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Any
 
@@ -25,9 +24,9 @@ from fedalign.core.registry import keyword_defaults
 from fedalign.core.tensors import weighted_average
 from fedalign.fl.round import ClientUpdate, Round
 from fedalign.fl.strategy import Strategy, StrategyContext
-from fedalign.models import MLP, fit_to_state
+from fedalign.models import MLP
 
-from .class_counts import class_counts, class_counts_problem
+from .matched import class_counts, class_counts_problem, client_models, pfnm_fusion
 
 GRID_FIXED = ("sigma", "sigma0", "gamma")
 """The options the grid chooses (the others hold for every candidate)."""
@@ -69,18 +68,15 @@ class PFNM(Strategy):
             return weighted_average(
                 [u.state_dict for u in updates], [u.num_examples for u in updates]
             )
-        models = [fit_to_state(copy.deepcopy(self.model), u.state_dict) for u in updates]
         where = {"seed": self.context.seed, "device": self.context.device}
         if not self.grid:
-            fused, assignment = pfnm(models, class_counts(updates), **where, **self.matching)
-            rnd.log.extra["pfnm"] = {
-                **{k: self.matching[k] for k in GRID_FIXED},
-                "widths": assignment.widths,
-            }
-            return OrderedDict(fused.state_dict())
+            fused, rnd.log.extra["pfnm"] = pfnm_fusion(
+                self.model, updates, **where, **self.matching
+            )
+            return fused
         partitions = [u.partition_id for u in updates]
         fused, _, chosen = pfnm_grid_search(
-            models,
+            client_models(self.model, updates),
             class_counts(updates),
             lambda model: rnd.score("score", model.state_dict(), partitions),
             tolerance=self.grid_tolerance,
