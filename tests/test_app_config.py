@@ -4,9 +4,12 @@ whose lists keep their commas, one-line errors; and pyproject.toml declares exac
 
 from __future__ import annotations
 
+import importlib
 import tomllib
 
 import pytest
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 
 from fedalign.core.errors import ConfigError
 from fedalign.runs.app_config import (
@@ -77,3 +80,14 @@ def test_pyproject_declares_exactly_the_keys_the_server_app_takes():
     assert set(table) == {*APP_KEYS, *FLOWER_KEYS}
     assert all(table[key] == "" for key in FLOWER_KEYS)  # "": as the YAML config says
     assert app_overrides(table) == []
+
+
+def test_pyproject_names_the_apps_where_they_are():
+    """``flwr run .`` imports the ServerApp and ClientApp pyproject.toml names: after a move of
+    the modules, a stale path fails here rather than in a user's ``flwr run``."""
+    components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "components"
+    ]
+    for key, kind in (("serverapp", ServerApp), ("clientapp", ClientApp)):
+        module, _, attribute = components[key].partition(":")
+        assert isinstance(getattr(importlib.import_module(module), attribute), kind), key
