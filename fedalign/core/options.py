@@ -56,7 +56,7 @@ def conform(key: str, value: Any, annotation: Any) -> Any:
         kinds = args if fixed else [args[0] if args else Any] * len(value)
         items = [conform(f"{key}[{i}]", v, kind) for i, (v, kind) in enumerate(zip(value, kinds))]
         return tuple(items) if origin is tuple or annotation is tuple else items
-    if origin in _MAPPINGS or annotation in (dict,):
+    if origin in _MAPPINGS or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)

@@ -116,12 +116,14 @@ def strategy_state(cfg: RunConfig, msg: Message, state: RecordDict) -> ClientSta
     ``Context.state``); None when the strategy keeps no state on its clients or the message
     carries none of it."""
     hook = STRATEGIES.get(cfg.strategy.name).obj.client_state
+    if hook is None:  # most strategies: nothing to convert
+        return None
     received = {
         name: to_state_dict(record)
         for name, record in msg.content.array_records.items()
         if name != "arrays"
     }
-    if hook is None or not hook.applies(received):
+    if not hook.applies(received):
         return None
     stored = {name: to_state_dict(record) for name, record in state.array_records.items()}
     return hook(received, stored, to_state_dict(msg.content["arrays"]))

@@ -39,10 +39,7 @@ def reported_steps(context: StrategyContext, update: ClientUpdate) -> str | None
 
 class FedNova(FedAvg):
     name = "fednova"
-    options_from = ()
-
-    def __init__(self, context: StrategyContext) -> None:
-        super().__init__(context)
+    options_from = ()  # FedAvg's schedule options are not FedNova's
 
     @classmethod
     def problem(cls, context: StrategyContext) -> str | None:

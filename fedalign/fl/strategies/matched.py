@@ -39,6 +39,10 @@ def class_counts(updates: list[ClientUpdate]) -> list[list[float]]:
     return [[float(c) for c in u.metrics["class-counts"]] for u in updates]
 
 
+RECORDED = ("sigma", "sigma0", "gamma")
+"""The BBP-MAP options a round's record names (those PFNM's grid chooses)."""
+
+
 def client_models(template: nn.Module, updates: list[ClientUpdate]) -> list[nn.Module]:
     """Each update's weights in the run's architecture, at the widths they have."""
     return [fit_to_state(copy.deepcopy(template), u.state_dict) for u in updates]
@@ -52,5 +56,5 @@ def pfnm_fusion(
     fused, assignment = pfnm(
         client_models(template, updates), class_counts(updates), seed, device, **options
     )
-    record = {**{k: options[k] for k in ("sigma", "sigma0", "gamma")}, "widths": assignment.widths}
+    record = {**{k: options[k] for k in RECORDED}, "widths": assignment.widths}
     return OrderedDict(fused.state_dict()), record

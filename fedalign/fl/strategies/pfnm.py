@@ -26,10 +26,13 @@ from fedalign.fl.round import ClientUpdate, Round
 from fedalign.fl.strategy import Strategy, StrategyContext
 from fedalign.models import MLP
 
-from .matched import class_counts, class_counts_problem, client_models, pfnm_fusion
-
-GRID_FIXED = ("sigma", "sigma0", "gamma")
-"""The options the grid chooses (the others hold for every candidate)."""
+from .matched import (
+    RECORDED,
+    class_counts,
+    class_counts_problem,
+    client_models,
+    pfnm_fusion,
+)
 
 
 class PFNM(Strategy):
@@ -81,7 +84,7 @@ class PFNM(Strategy):
             lambda model: rnd.score("score", model.state_dict(), partitions),
             tolerance=self.grid_tolerance,
             **where,
-            **{k: v for k, v in self.matching.items() if k not in GRID_FIXED},
+            **{k: v for k, v in self.matching.items() if k not in RECORDED},
         )
         rnd.log.extra["pfnm"] = {
             **{k: v for k, v in chosen.items() if k != "score"},
