@@ -57,7 +57,7 @@ def _needs(count: int, rule: str, n: int) -> None:
         raise RoundFailedError(f"{rule} needs at least {count} clients, got {n}")
 
 
-@FUSE_RULES.register("median")
+@FUSE_RULES.register("median", robust=True)
 def median_rule(
     states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats]
 ) -> OrderedDict[str, torch.Tensor]:
@@ -72,7 +72,7 @@ def _trim_check(options: Mapping[str, Any], context: Context) -> str | None:
     return None
 
 
-@FUSE_RULES.register("trimmed-mean", check=_trim_check)
+@FUSE_RULES.register("trimmed-mean", check=_trim_check, robust=True)
 def trimmed_mean_rule(
     states: Sequence[StateDict],
     weights: Sequence[float],
@@ -134,7 +134,7 @@ def krum_minimum(f: int) -> int:
     return 2 * f + 3
 
 
-@FUSE_RULES.register("krum", check=_byzantine_check(krum_minimum, "krum"))
+@FUSE_RULES.register("krum", check=_byzantine_check(krum_minimum, "krum"), robust=True)
 def krum_rule(
     states: Sequence[StateDict],
     weights: Sequence[float],
@@ -149,7 +149,7 @@ def krum_rule(
     return OrderedDict((k, v.clone()) for k, v in states[best].items())
 
 
-@FUSE_RULES.register("multi-krum", check=_byzantine_check(krum_minimum, "multi-krum"))
+@FUSE_RULES.register("multi-krum", check=_byzantine_check(krum_minimum, "multi-krum"), robust=True)
 def multi_krum_rule(
     states: Sequence[StateDict],
     weights: Sequence[float],
@@ -167,7 +167,7 @@ def multi_krum_rule(
     return weighted_average([states[i] for i in chosen], [weights[i] for i in chosen])
 
 
-@FUSE_RULES.register("bulyan", check=_byzantine_check(lambda f: 4 * f + 3, "bulyan"))
+@FUSE_RULES.register("bulyan", check=_byzantine_check(lambda f: 4 * f + 3, "bulyan"), robust=True)
 def bulyan_rule(
     states: Sequence[StateDict],
     weights: Sequence[float],

@@ -6,7 +6,10 @@ statistics client ``j`` reported (already in the aligned basis), holding at leas
 rule declares in ``needs={"train": (...)}``. Its keyword-only parameters are its options, and
 their defaults are the defaults a config gets. ``meta["check"]``, when registered, is
 ``(options, context) -> reason | None``: why the rule cannot run with these option values in this
-federation (the config reports it as one line before anything runs).
+federation (the config reports it as one line before anything runs). ``meta["robust"]`` declares
+a Byzantine-robust rule (a minority of clients cannot steer its result): the pipeline then aligns
+to a robust reference too (the aligners' ``reference: robust``): an alignment a minority steers
+would hand that minority the basis the robust rule compares in.
 """
 
 from __future__ import annotations
