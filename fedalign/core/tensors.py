@@ -45,3 +45,12 @@ def weighted_average(
         else:
             fused[key] = torch.stack([sd[key] for sd in state_dicts]).max(0).values
     return fused
+
+
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """The median along the first axis (the clients) as NumPy computes it: the mean of the two
+    middle values for an even count (``torch.median`` returns the lower one). Robust fusion and
+    robust alignment both take it."""
+    ordered = stacked.sort(0).values
+    n = ordered.shape[0]
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2

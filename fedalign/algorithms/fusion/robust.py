@@ -25,7 +25,7 @@ import torch
 
 from fedalign.core.errors import RoundFailedError
 from fedalign.core.registry import Context
-from fedalign.core.tensors import weighted_average
+from fedalign.core.tensors import coordinate_median, weighted_average
 from fedalign.core.types import ClientStats, StateDict
 
 from .rules import FUSE_RULES
@@ -42,14 +42,6 @@ def _coordinatewise(states: Sequence[StateDict], rule: Coordinatewise) -> Ordere
     return fused
 
 
-def _median(stacked: torch.Tensor) -> torch.Tensor:
-    """NumPy's median along the clients: the mean of the two middle values for an even count
-    (``torch.median`` returns the lower one)."""
-    ordered = stacked.sort(0).values
-    n = ordered.shape[0]
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-
-
 def _needs(count: int, rule: str, n: int) -> None:
     """A round fusing fewer clients than the rule needs stops the run with one line (the config
     checks the number a round samples; failed clients can leave fewer)."""
@@ -62,7 +54,7 @@ def median_rule(
     states: Sequence[StateDict], weights: Sequence[float], stats: Sequence[ClientStats]
 ) -> OrderedDict[str, torch.Tensor]:
     """The coordinate-wise median of the clients' states (Flower's ``FedMedian``)."""
-    return _coordinatewise(states, _median)
+    return _coordinatewise(states, coordinate_median)
 
 
 def _trim_check(options: Mapping[str, Any], context: Context) -> str | None:
@@ -185,7 +177,7 @@ def bulyan_rule(
     keep = theta - 2 * f
 
     def closest_to_median(stacked: torch.Tensor) -> torch.Tensor:
-        distance = (stacked - _median(stacked)).abs()
+        distance = (stacked - coordinate_median(stacked)).abs()
         nearest = distance.topk(keep, dim=0, largest=False).indices
         return stacked.gather(0, nearest).mean(0)
 
