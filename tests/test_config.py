@@ -91,6 +91,24 @@ def test_resolved_config_round_trips_through_yaml():
             {"aggregation": {"ridge": 0.1}},
             "unknown key 'aggregation.ridge': not an option of the chosen steps",
         ),
+        ({"aggregation": {"fuse": "regmean", "ridge": -1}}, "aggregation.ridge: must be >= 0"),
+        (
+            {"aggregation": {"fuse": "regmean", "regmean_alpha": 2}},
+            "aggregation.regmean_alpha: must be in [0, 1]",
+        ),
+        (
+            {"aggregation": {"fuse": "fisher", "fisher_floor": -1}},
+            "aggregation.fisher_floor: must be >= 0",
+        ),
+        (
+            {"aggregation": {"fuse": "regmean", "stats_every": 0}},
+            "aggregation.stats_every: must be >= 1",
+        ),
+        (
+            {"aggregation": {"align": "weight", "repair": "repair", "repair_every": 0}},
+            "aggregation.repair_every: must be >= 1",
+        ),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_bad_values_name_the_key(values, message):

@@ -123,14 +123,19 @@ def bad_inputs(checkpoints, tmp_path):
         ([a, b, "--model-opt", "hidden=[7, 7]"], "but --model-opt {'hidden': [7, 7]} builds"),
         ([a, b, "--model-opt", "hidden=[7]"], "layers.0.weight is (24, 64) but --model-opt"),
         ([a, b, "--align", "activation", "--data", "fashion-mnist"], "does not take its inputs"),
+        ([a, b, "--out", a], "is one of the checkpoints being merged"),
+        ([a, b, "--out", str(tmp_path)], "is a folder"),
+        ([a, b, "--opt", "ridge=-1", "--fuse", "regmean", "--data", "digits"], "ridge"),
     ]
 
 
 def test_bad_input_is_one_line_and_exit_2(checkpoints, tmp_path, capsys):
+    before = [p.read_bytes() for p in checkpoints]
     for args, message in bad_inputs(checkpoints, tmp_path):
         out = tmp_path / "out.safetensors"
-        code = main(["merge", *args, "--model", "mlp", "--out", str(out)])
+        code = main(["merge", "--out", str(out), *args, "--model", "mlp"])
         err = capsys.readouterr().err
         assert code == 2, (args, err)
         assert message in err and err.count("\n") == 1, (args, err)
         assert not out.exists()
+    assert [p.read_bytes() for p in checkpoints] == before

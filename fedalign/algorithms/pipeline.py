@@ -33,6 +33,7 @@ from fedalign.algorithms.align import (
     Perms,
     PermutationSpec,
     apply_permutation,
+    medoid,
     permutation_spec,
 )
 from fedalign.algorithms.fusion import FUSE_RULES
@@ -103,16 +104,22 @@ class Plan:
         the weight matching itself needs no statistics."""
         plan = self
         every = int(self.options_of(FUSE_RULES.get(self.fuse)).get("stats_every", 1))
-        if every < 1:
-            raise ValueError(f"stats_every must be >= 1, got {every}")
         if (number - 1) % every:
             plan = replace(plan, fuse="mean")
         every = int(self.options_of(REPAIR_RULES.get(self.repair)).get("repair_every", 1))
-        if every < 1:
-            raise ValueError(f"repair_every must be >= 1, got {every}")
         if (number - 1) % every:
             plan = replace(plan, repair="none")
         return plan
+
+    def align_target(self) -> str | None:
+        """What the aligner aligns the clients to (its ``align_target`` option; None for an
+        aligner without one): ``auto`` is ``robust`` when the fuse rule declares ``robust``, so
+        that a minority the rule outvotes cannot choose the basis it compares in either, else
+        ``weighted``."""
+        target = self.options_of(ALIGNERS.get(self.align)).get("align_target")
+        if target == "auto":
+            return "robust" if FUSE_RULES.get(self.fuse).meta.get("robust") else "weighted"
+        return target
 
     def options_of(self, entry: Entry) -> dict[str, Any]:
         return entry.resolve(self.options)
@@ -185,6 +192,9 @@ def align(
             [_to(dict(sd), device) for sd in states],
             [_to(dict(c), device) for c in cross],
         )
+    options = plan.options_of(entry)
+    if "align_target" in options:
+        options["align_target"] = plan.align_target()
     perms = entry.obj(
         spec,
         states,
@@ -194,7 +204,7 @@ def align(
         solver=plan.solver,
         seed=seed,
         workers=plan.workers,
-        **plan.options_of(entry),
+        **options,
     )
     return perms if device.type == "cpu" else [{g: p.cpu() for g, p in pm.items()} for pm in perms]
 
@@ -245,9 +255,12 @@ def aggregate(
 ) -> Outcome:
     """One server aggregation: align (asking the clients for cross-moments when the plan needs
     them), move the statistics into the aligned basis, fuse, repair (asking for statistics of the
-    fused candidate when needed). The reference is the client with the largest weight."""
+    fused candidate when needed). The reference is the client with the largest weight, or when
+    the alignment is robust (``Plan.align_target``) the medoid under a permutation-invariant
+    distance (``align.medoid``): an example count is the client's own claim."""
     kept = list(range(len(states)))
-    ref = int(np.argmax(weights))
+    target = plan.align_target()
+    ref = medoid(spec, states) if target == "robust" else int(np.argmax(weights))
     cross: dict[int, ClientStats] = {}
     if plan.align_statistics():
         cross = ask_cross(ref, [j for j in kept if j != ref])
@@ -271,6 +284,7 @@ def aggregate(
         "fuse": plan.fuse,
         "repair": plan.repair,
         "reference": ref,
+        **({"align_target": target} if target else {}),
         **extra,
     }
     return Outcome(fused, kept, info)

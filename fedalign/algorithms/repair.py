@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from fedalign.algorithms.stats import (
     mean_std,
     preactivation_cross_moments,
 )
+from fedalign.core.options import Range
 from fedalign.core.registry import Context, Registry
 from fedalign.core.tensors import normalised_weights
 from fedalign.core.types import ClientStats, StateDict, Stats
@@ -366,7 +367,10 @@ def bn_reset_rule(fused: OrderedDict, inputs: RepairInputs) -> tuple[OrderedDict
     needs_alignment=True,
 )
 def repair_rule(
-    fused: OrderedDict, inputs: RepairInputs, *, repair_every: int = REPAIR_EVERY
+    fused: OrderedDict,
+    inputs: RepairInputs,
+    *,
+    repair_every: Annotated[int, Range(low=1)] = REPAIR_EVERY,
 ) -> tuple[OrderedDict, dict[str, Any]]:
     """REPAIR: targets from the clients' own models, the fused model measured by the clients
     (``repair_every``: the rounds that run it, see ``pipeline.Plan.for_round``)."""

@@ -96,7 +96,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fedalign.runs.bench import load_suite, run_suite, summarise_suite
 
     _load_plugins(args)
-    suite = load_suite(resolve_config(args.suite), args.output, args.set, args.seeds)
+    suite = load_suite(resolve_config(args.suite), args.output, args.set, args.seeds, args.baseline)
     if not args.summary_only:
         print(f"suite {suite.name}: {len(suite.runs)} runs into {suite.output}", flush=True)
         run_suite(suite, verbose=args.verbose, progress=_show_bar(args))
@@ -136,6 +136,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         samples=args.samples,
         weights=args.weights,
         seed=args.seed,
+        out=args.out,
     )
     state, outcome = merge(request)
     write_state(state, args.out)
@@ -238,7 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config entry in every run (after the suite's own overrides)",
     )
-    bench.add_argument("--seeds", type=int, nargs="+", help="replace the suite's seeds")
+    bench.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="run every cell with seeds 0..N-1 instead of the suite's seeds (a suite without: 3)",
+    )
+    bench.add_argument(
+        "--baseline",
+        metavar="STRATEGY",
+        help="compare every strategy with this one, seed by seed (default: the suite's baseline)",
+    )
     bench.add_argument(
         "--summary-only", action="store_true", help="rebuild the summary from finished runs"
     )

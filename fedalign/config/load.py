@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import operator
 import re
 import types
 import typing
@@ -38,7 +37,7 @@ from fedalign.config.schema import (
     derive_seeds,
 )
 from fedalign.core.errors import ConfigError
-from fedalign.core.options import conform
+from fedalign.core.options import Range, conform
 from fedalign.core.registry import STRATEGIES, Context, Entry, RegistryError
 from fedalign.data import dataset_options
 from fedalign.models import build_model, model_options
@@ -76,28 +75,16 @@ def _check_declared(key: str, value: Any, meta: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"{key}: unknown {choices.kind} {value!r}; choose one of {', '.join(choices)}"
         )
-    bounds = {op: b for op, b in meta.get("bounds", {}).items() if b is not None}
-    if any(not _COMPARE[op](value, b) for op, b in bounds.items()):
-        raise ConfigError(f"{key}: must be {_bounds_text(bounds)}, got {value!r}")
+    bounds = meta.get("bounds", {})
+    low, high = _first(bounds, "ge", "gt"), _first(bounds, "le", "lt")
+    declared = Range(low[1], high[1], open_low=low[0] == "gt", open_high=high[0] == "lt")
+    if (problem := declared.problem(value)) is not None:
+        raise ConfigError(f"{key}: {problem}, got {value!r}")
 
 
-_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
-    "ge": operator.ge,
-    "gt": operator.gt,
-    "le": operator.le,
-    "lt": operator.lt,
-}
-
-
-def _bounds_text(bounds: Mapping[str, float]) -> str:
-    """``{"ge": 0, "lt": 1}`` -> ``"in [0, 1)"``; ``{"gt": 0}`` -> ``"> 0"``."""
-    low = [(op, b) for op, b in bounds.items() if op in ("ge", "gt")]
-    high = [(op, b) for op, b in bounds.items() if op in ("le", "lt")]
-    if low and high:
-        (lo, a), (hi, b) = low[0], high[0]
-        return f"in {'[' if lo == 'ge' else '('}{a:g}, {b:g}{']' if hi == 'le' else ')'}"
-    op, b = (low or high)[0]
-    return f"{ {'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'}[op] } {b:g}"
+def _first(bounds: Mapping[str, float | None], *ops: str) -> tuple[str | None, float | None]:
+    """The first of ``ops`` that ``bounds`` sets, with its bound (``(None, None)``: none)."""
+    return next(((op, bounds[op]) for op in ops if bounds.get(op) is not None), (None, None))
 
 
 def _build(cls: type, values: Any, prefix: str = "") -> Any:

@@ -269,10 +269,10 @@ class FaultConfig:
 class Seeds:
     """Seeds derived from the run seed; each may be pinned in the config."""
 
-    partition: int = key(REQUIRED, "the partition of the data")
-    init: int = key(REQUIRED, "the global model's initialisation")
-    sampling: int = key(REQUIRED, "the clients sampled per round")
-    shuffle: int = key(REQUIRED, "the clients' data shuffling")
+    partition: int = key(REQUIRED, "the partition of the data", ge=0)
+    init: int = key(REQUIRED, "the global model's initialisation", ge=0)
+    sampling: int = key(REQUIRED, "the clients sampled per round", ge=0)
+    shuffle: int = key(REQUIRED, "the clients' data shuffling", ge=0)
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ class RunConfig:
     """A run: every section below."""
 
     name: str = key("run", "the run folder's prefix")
-    seed: int = key(0, "derives the partition, init, sampling and shuffling seeds")
+    seed: int = key(0, "derives the partition, init, sampling and shuffling seeds", ge=0)
     data: DataConfig = key(DataConfig, "the dataset and its partition")
     model: ModelConfig = key(ModelConfig, "the model; other keys are its options")
     train: TrainConfig = key(TrainConfig, "the clients' local training")

@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import nn
 
+from fedalign.core.options import conform
+
 
 class RegistryError(ValueError):
     """An unknown name, or a name registered twice."""
@@ -62,8 +64,13 @@ class Entry:
         return None if self.supports is None else self.supports(context)
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Its options: the defaults, overridden by those of ``given`` that it takes."""
-        return {k: given.get(k, v) for k, v in self.options.items()}
+        """Its options: the defaults, overridden by those of ``given`` that it takes, each given
+        value checked against the option's annotation (type and declared ``Range``), so a
+        plan built in Python is held to the same rules as a config file."""
+        return {
+            k: conform(k, given[k], self.types.get(k, Any)) if k in given else v
+            for k, v in self.options.items()
+        }
 
 
 def _option_sources(obj: Any) -> list[Any]:
@@ -92,7 +99,7 @@ def option_types(obj: Any, names: typing.Iterable[str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for target in _option_sources(obj):
         try:
-            hints = typing.get_type_hints(target)
+            hints = typing.get_type_hints(target, include_extras=True)
         except (NameError, TypeError):  # a user's unresolvable annotation: no type check
             hints = {}
         for name in names:

@@ -16,21 +16,28 @@ from fedalign.report.results import RunRecorder
 
 
 def create_run_dir(output_dir: str | Path, name: str) -> Path:
-    """A new folder ``<output_dir>/<name>-<timestamp>`` (suffixed if it exists)."""
+    """A new folder ``<output_dir>/<name>-<timestamp>``, suffixed ``-2``, ``-3``... when taken.
+
+    The folder is claimed by ``mkdir`` itself (which fails if the name exists), not by a check
+    before it: several processes starting a run of the same name in the same second (a seed
+    sweep, an array job) each get their own folder."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(output_dir) / f"{name}-{stamp}"
     path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
     try:
-        path.mkdir(parents=True)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
     except OSError as exc:  # the output is a file, read-only, on a full or missing disk
         raise ConfigError(
             f"output folder {str(output_dir)!r}: cannot create a run folder in it "
             f"({exc.strerror or exc})"
         ) from None
-    return path
 
 
 def new_run(cfg: RunConfig, output_dir: str | Path) -> RunRecorder:

@@ -63,6 +63,7 @@ class MergeRequest:
     samples: int = 500
     weights: Sequence[float] | None = None
     seed: int = 0
+    out: str | None = None
 
 
 def check(request: MergeRequest) -> RunConfig:
@@ -77,6 +78,8 @@ def check(request: MergeRequest) -> RunConfig:
         raise ConfigError("--weights: every weight must be > 0")
     if request.samples < 1:
         raise ConfigError(f"--samples: must be >= 1, got {request.samples}")
+    if request.out is not None:
+        _check_out(Path(request.out), request.paths)
     values: dict[str, Any] = {
         "seed": request.seed,
         "model": {"name": request.model, **request.model_options},
@@ -180,7 +183,20 @@ def _check_options_match(
         )
 
 
+def _check_out(out: Path, inputs: Sequence[str]) -> None:
+    """Refuse an output that is a folder or one of the inputs, before any work: a merge that
+    overwrote its own input would lose it."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give the merged .safetensors file's path")
+    if out.exists() and any(out.samefile(p) for p in inputs if Path(p).exists()):
+        raise ConfigError(f"--out {out}: is one of the checkpoints being merged; choose a new file")
+
+
 def write_state(state: StateDict, path: str | Path) -> None:
+    """Write ``state`` to ``path`` through a temporary file renamed into place, so that a merge
+    that fails halfway leaves no torn file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, partial)
+    partial.replace(path)

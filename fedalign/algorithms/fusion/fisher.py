@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from fedalign.algorithms.align.spec import Perms, PermutationSpec, apply_permutation
 from fedalign.algorithms.checks import nonnegative_problem
 from fedalign.algorithms.stats import FISHER_MODES, STATISTICS, StatContext, diagonal_fisher
+from fedalign.core.options import Range
 from fedalign.core.tensors import normalised_weights, weighted_average
 from fedalign.core.types import ClientStats, StateDict
 
@@ -114,15 +116,13 @@ def fisher_rule(
     weights: Sequence[float],
     stats: Sequence[ClientStats],
     *,
-    fisher_floor: float = 1e-6,
+    fisher_floor: Annotated[float, Range(low=0)] = 1e-6,
     fisher_normalise: bool = False,
-    stats_every: int = 1,
+    stats_every: Annotated[int, Range(low=1)] = 1,
 ) -> OrderedDict[str, torch.Tensor]:
     """Fisher-weighted averaging (``fisher_floor``: the Fishers' floor, ``fisher_normalise``:
     divide each client's Fisher by its total first; ``stats_every``: the rounds that ask for
     Fishers, see ``pipeline.Plan.for_round``; a Fisher costs one model's bytes)."""
-    if fisher_floor < 0:
-        raise ValueError(f"fisher_floor must be >= 0, got {fisher_floor}")
     return fisher_average(
         states,
         [s["fisher"] for s in stats],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from fedalign.algorithms.align.spec import AxisRef, Perms, PermutationSpec, expa
 from fedalign.algorithms.align.trace import permutation_spec
 from fedalign.algorithms.checks import gram_problem
 from fedalign.algorithms.stats import STATISTICS, StatContext, gram_matrices, linear_layers
+from fedalign.core.options import Range
 from fedalign.core.tensors import weighted_average
 from fedalign.core.types import ClientStats, StateDict
 
@@ -302,16 +304,12 @@ def regmean_rule(
     weights: Sequence[float],
     stats: Sequence[ClientStats],
     *,
-    regmean_alpha: float = ALPHA,
-    ridge: float = RIDGE,
-    stats_every: int = STATS_EVERY,
+    regmean_alpha: Annotated[float, Range(0, 1)] = ALPHA,
+    ridge: Annotated[float, Range(low=0)] = RIDGE,
+    stats_every: Annotated[int, Range(low=1)] = STATS_EVERY,
 ) -> OrderedDict[str, torch.Tensor]:
     """RegMean on the clients' Grams (``regmean_alpha``: off-diagonal scaling, ``ridge``: relative
     ridge; ``stats_every``: the rounds that ask for Grams, see ``pipeline.Plan.for_round``)."""
-    if not 0.0 <= regmean_alpha <= 1.0:
-        raise ValueError(f"regmean_alpha must be in [0, 1], got {regmean_alpha}")
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
     return regmean(
         states, [s["grams"] for s in stats], alpha=regmean_alpha, weights=weights, ridge=ridge
     )
