@@ -14,22 +14,36 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
 class Curve:
     """One line in both panels: ``x`` (rounds, or communication rounds), the MiB communicated by
-    then, and the test accuracy in percent, point for point."""
+    then, and the test accuracy in percent, point for point; ``low`` and ``high``, where given,
+    bound a band around the accuracy (a suite's interval over seeds), drawn in the line's colour."""
 
     x: Sequence[float]
     mib: Sequence[float]
     accuracy: Sequence[float]
+    low: Sequence[float] | None = None
+    high: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         if not len(self.x) == len(self.mib) == len(self.accuracy):
             raise ValueError(
                 f"a curve needs as many x, MiB and accuracy values, got "
                 f"{len(self.x)}, {len(self.mib)} and {len(self.accuracy)}"
+            )
+        if (self.low is None) != (self.high is None):
+            raise ValueError("a band needs both its low and its high bound")
+        if self.low is not None and not len(self.low) == len(self.high) == len(self.x):
+            raise ValueError(
+                f"a band needs a low and a high value per point ({len(self.x)}), got "
+                f"{len(self.low)} and {len(self.high)}"
             )
 
 
@@ -42,16 +56,18 @@ def accuracy_plot(
     title: str | None = None,
     legend_fontsize: float | None = None,
     dpi: int = 120,
-) -> None:
+) -> Figure:
     """Write ``path``: accuracy by ``x`` (left, with the legend) and by MiB (right), one line per
-    label of ``curves``."""
+    label of ``curves``, with its band where the curve has one; returns the figure."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))
     by_x, by_bytes = fig.subplots(1, 2)
     for label, curve in curves.items():
-        by_x.plot(curve.x, curve.accuracy, marker="o", markersize=3, label=label)
-        by_bytes.plot(curve.mib, curve.accuracy, marker="o", markersize=3, label=label)
+        for ax, x in ((by_x, curve.x), (by_bytes, curve.mib)):
+            (line,) = ax.plot(x, curve.accuracy, marker="o", markersize=3, label=label)
+            if curve.low is not None:
+                ax.fill_between(x, curve.low, curve.high, color=line.get_color(), alpha=0.2)
     by_x.set_xlabel(x_label)
     by_bytes.set_xlabel("MiB communicated (down + up)")
     for ax in (by_x, by_bytes):
@@ -62,3 +78,4 @@ def accuracy_plot(
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)  # a PNG through Agg's canvas, whatever the session's backend
+    return fig

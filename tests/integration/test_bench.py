@@ -29,19 +29,26 @@ def test_tiny_suite_runs_resumes_and_summarises(tmp_path, capsys):
     with open(out / "summary.csv") as f:
         records = {(r["partition"], r["strategy"]): r for r in csv.DictReader(f)}
     assert set(records) == {(p, s) for p in ("iid", "dirichlet-0.5") for s in ("fedavg", "fedprox")}
-    finals = [
-        read_rows(p.parent)[-1]["test_accuracy"]
-        for p in sorted(out.glob("runs/*/iid/fedavg/*/*/summary.json"))
-    ]
-    assert len(finals) == 2 and finals[0] != finals[1]  # seeds differ
-    assert float(records[("iid", "fedavg")]["final_accuracy_mean"]) == pytest.approx(
-        statistics.fmean(finals)
+    finals = {
+        strategy: [
+            read_rows(p.parent)[-1]["test_accuracy"]
+            for p in sorted(out.glob(f"runs/mlp/iid/{strategy}/seed-*/*/summary.json"))
+        ]
+        for strategy in ("fedavg", "fedprox")
+    }
+    assert len(finals["fedavg"]) == 2 and finals["fedavg"][0] != finals["fedavg"][1]  # seeds differ
+    fedavg, fedprox = records[("iid", "fedavg")], records[("iid", "fedprox")]
+    assert float(fedavg["final_accuracy_mean"]) == pytest.approx(statistics.fmean(finals["fedavg"]))
+    assert float(fedavg["final_accuracy_std"]) == pytest.approx(statistics.stdev(finals["fedavg"]))
+    # the paired comparison against the suite's baseline (fedavg), seed by seed
+    differences = [p - a for p, a in zip(finals["fedprox"], finals["fedavg"])]
+    assert fedprox["baseline"] == "fedavg" and fedprox["paired_seeds"] == "2"
+    assert float(fedprox["final_accuracy_diff_mean"]) == pytest.approx(
+        statistics.fmean(differences)
     )
-    assert float(records[("iid", "fedavg")]["final_accuracy_std"]) == pytest.approx(
-        statistics.stdev(finals)
-    )
-    assert "| default | iid | fedavg | 2 |" in (out / "summary.md").read_text()
-    assert (out / "accuracy-default-iid.png").stat().st_size > 10_000
+    assert float(fedprox["mib_total_mean"]) > 0 and float(fedprox["seconds_per_round_mean"]) > 0
+    assert "| mlp | iid | fedavg | 2 |" in (out / "summary.md").read_text()
+    assert (out / "accuracy-mlp-iid.png").stat().st_size > 10_000
     # a second invocation finds every run finished and starts none
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl")}
     capsys.readouterr()
