@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     )
     from fedalign.algorithms.analysis import interpolation_barrier
     from fedalign.algorithms.fusion import FUSE_RULES
+    from fedalign.algorithms.lora import LORA_RULES, lora_update
     from fedalign.algorithms.pipeline import Outcome, Plan, aggregate, aggregate_local
     from fedalign.algorithms.repair import REPAIR_RULES, RepairInputs
     from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS
@@ -70,6 +71,8 @@ _LAZY = {
     "dataset_arrays": "fedalign.data",
     "build_model": "fedalign.models",
     "FUSE_RULES": "fedalign.algorithms.pipeline",
+    "LORA_RULES": "fedalign.algorithms.lora",
+    "lora_update": "fedalign.algorithms.lora",
     "Outcome": "fedalign.algorithms.pipeline",
     "Plan": "fedalign.algorithms.pipeline",
     "aggregate": "fedalign.algorithms.pipeline",
@@ -270,6 +273,7 @@ __all__ = [
     "ALIGNERS",
     "DATASETS",
     "FUSE_RULES",
+    "LORA_RULES",
     "MODELS",
     "OBJECTIVES",
     "OPTIMIZERS",
@@ -303,6 +307,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_plugin",
+    "lora_update",
     "permutation_spec",
     "register_aligner",
     "register_dataset",

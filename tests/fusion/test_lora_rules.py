@@ -244,3 +244,10 @@ def test_rule_options_are_their_signatures_keyword_defaults():
     }
     assert LORA_RULES.get("flora").options == {"rank": 0}
     assert LORA_RULES.get("fedit").options == {}
+
+
+def test_lora_update_is_public():
+    import fedalign
+
+    assert fedalign.lora_update is lora_update and fedalign.LORA_RULES is LORA_RULES
+    assert {"lora_update", "LORA_RULES"} <= set(fedalign.__all__)
