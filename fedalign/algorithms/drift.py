@@ -7,9 +7,11 @@ FedAvg's fixed point is not the federation's optimum.
   variate ``c`` estimates the federation's gradient, the client's own ``c_i`` its local gradient
   (the client objective ``scaffold`` in ``fedalign.client.training`` adds the correction). After
   ``K`` local steps of rate ``lr``, option II of the paper sets
-  ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (``client_control``) and the server adds the clients'
-  changes, ``c + sum(c_i+ - c_i) / N`` (``server_control``), uniformly over the ``N`` clients as
-  in the paper.
+  ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (``client_control``). The server keeps ``c`` the
+  weighted mean of all ``N`` clients' ``c_i`` with the weights the model is averaged with
+  (``server_control``): uniform weights give the paper's Algorithm 1,
+  ``c + (|S|/N) mean_S(c_i+ - c_i)``; example counts give its example-weighted analogue. Weighting
+  ``c`` and the model alike is what makes the fixed point the optimum of one objective.
 - FedNova (Wang et al. 2020) divides each client's update by its number of effective local steps
   ``a_i`` (``effective_steps``: the steps themselves for plain SGD, more with momentum) and
   rescales by their weighted mean ``tau_eff``: ``x - tau_eff sum_i p_i (x - y_i) / a_i``. Written
@@ -51,12 +53,38 @@ def client_control(
 
 
 def server_control(
-    server: StateDict, changes: Sequence[StateDict], num_clients: int
+    server: StateDict, changes: Sequence[StateDict], total: float, previous_total: float
 ) -> OrderedDict[str, torch.Tensor]:
-    """``c + sum_i (c_i+ - c_i) / N`` over the participating clients' changes."""
+    """SCAFFOLD's server step for ``c``, keeping ``c = sum_i w_i c_i / W`` over all ``N`` clients:
+    ``c+ = (W_prev c + sum_S (w_i+ c_i+ - w_i c_i)) / W`` with ``changes`` the participants'
+    ``w_i+ c_i+ - w_i c_i`` (``weighted_control_change``), ``total`` the clients' weight ``W`` after
+    the round and ``previous_total`` before it.
+
+    With weight 1 a client (``W = N``) this is the paper's ``c + sum_S (c_i+ - c_i) / N``
+    bit for bit. With example counts, ``W`` is the clients' total count, known once every client
+    has been seen and estimated until then (``control_total``): rescaling ``c`` when it changes
+    keeps the invariant, so the fixed point (``c = 0``, ``c_i`` the clients' gradients) is the
+    optimum of the example-weighted objective also when clients are sampled. (Multiplying the
+    sampled clients' weighted mean by ``|S|/N`` instead keeps it only with full participation.)"""
+    keep = previous_total / total
     return OrderedDict(
-        (k, server[k] + torch.stack([d[k] for d in changes]).sum(0) / num_clients) for k in server
+        (k, server[k] * keep + torch.stack([d[k] for d in changes]).sum(0) / total) for k in server
     )
+
+
+def weighted_control_change(
+    new: StateDict, new_weight: float, old: StateDict, old_weight: float
+) -> OrderedDict[str, torch.Tensor]:
+    """One client's term of ``server_control``: ``w_i+ c_i+ - w_i c_i`` (``c_i+ - c_i`` for weight
+    1; the weight a client's stored ``c_i`` carries changes only if its reported count does)."""
+    return OrderedDict((k, new[k] * new_weight - old[k] * old_weight) for k in new)
+
+
+def control_total(weights: Sequence[float], num_clients: int) -> float:
+    """``W``, the weight of all ``num_clients`` clients, from the ``weights`` of those seen so far:
+    their mean times ``N`` (``N`` for weight 1 each; the total example count once every client
+    has been seen)."""
+    return num_clients * math.fsum(weights) / len(weights)
 
 
 def control_problem(

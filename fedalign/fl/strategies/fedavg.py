@@ -73,11 +73,14 @@ class FedAvg(Strategy):
         )
         return f"train: statistics {sorted(missing)} missing" if missing else None
 
+    def fusion_weights(self, updates: list[ClientUpdate]) -> list[float]:
+        """The clients' weights in the fuse rule: their example counts (SCAFFOLD may declare
+        uniform ones)."""
+        return [float(u.num_examples) for u in updates]
+
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         if not self.plan.active:
-            return weighted_average(
-                [u.state_dict for u in updates], [u.num_examples for u in updates]
-            )
+            return weighted_average([u.state_dict for u in updates], self.fusion_weights(updates))
         if self.plan.fuses_in_alignment:
             return self._pfnm(rnd, updates)
         return self._pipeline(rnd, updates)
@@ -131,7 +134,7 @@ class FedAvg(Strategy):
             plan,
             self.spec,
             [u.state_dict for u in updates],
-            [float(u.num_examples) for u in updates],
+            self.fusion_weights(updates),
             [u.statistics or {} for u in updates],
             ask_cross,
             ask_fused,

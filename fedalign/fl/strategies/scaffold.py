@@ -11,20 +11,33 @@ resumed simulation starts its nodes with empty states, so the server sends each 
 the first time it samples it again, and the run continues bit for bit), and it checks what the
 client reports against it. A client whose reply is rejected has already moved its own ``c_i``: it
 gets the server's copy with its next message too.
+
+``weighting`` declares the objective. The server step is Algorithm 1's, ``x += eta_g mean_S(dy_i)``
+(the fuse rule, then the server optimizer as ``eta_g``) and ``c += (|S|/N) mean_S(dc_i)``, with the
+clients weighted alike in both. ``uniform``: plain means, as in the paper; the fixed point
+minimises the plain mean of the client losses, ``sum_i f_i / N``. ``examples`` (the default): both
+weighted by the clients' example counts, ``c`` kept the example-weighted mean of all ``N`` clients'
+``c_i`` (``drift.server_control``, which is ``(|S|/N)`` times the sampled clients' weighted mean
+when every client takes part); the fixed point minimises the example-weighted loss
+``sum_i n_i f_i / n``. That is the objective FedAvg, FedProx and FedNova optimise here, so the
+default makes a comparison of SCAFFOLD with them one of methods, not of objectives; with equal
+client sizes the two weightings are one. docs/aggregation.md shows both on federated least squares.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from fedalign.algorithms.drift import (
     client_control,
     control_problem,
+    control_total,
     server_control,
+    weighted_control_change,
     zero_controls,
 )
 from fedalign.client.state import ClientState
@@ -74,6 +87,9 @@ class ScaffoldClient(ClientState):
 
 
 class Scaffold(FedAvg):
+    """SCAFFOLD's server: control variates beside FedAvg's rule; ``weighting`` (``examples`` or the
+    paper's ``uniform``) weights the model and ``c`` alike and so declares the objective."""
+
     name = "scaffold"
     options_from = ()
     client_state = ScaffoldClient
@@ -82,15 +98,28 @@ class Scaffold(FedAvg):
     def problem(cls, context: StrategyContext) -> str | None:
         return plain_sgd_problem(context, "scaffold", momentum=False)
 
-    def __init__(self, context: StrategyContext) -> None:
+    def __init__(
+        self, context: StrategyContext, *, weighting: Literal["uniform", "examples"] = "examples"
+    ) -> None:
         super().__init__(context)
+        if weighting not in ("uniform", "examples"):
+            raise ValueError(f"weighting must be 'uniform' or 'examples', got {weighting!r}")
+        self.weighting = weighting
         model = context.model
         self.keys = [name for name, _ in model.named_parameters()]
         self.control = zero_controls(model.state_dict(), self.keys)
         self.clients: dict[int, OrderedDict[str, torch.Tensor]] = {}  # the server's copy of c_i
+        self.weights: dict[int, float] = {}  # the weight each copy carries in c
         self.restore: set[int] = set()  # partitions whose own c_i must be sent with their model
         self.sampled: set[int] = set()
         self.expected: dict[int, OrderedDict[str, torch.Tensor]] = {}  # this round's c_i+
+
+    def weight(self, update: ClientUpdate) -> float:
+        """A client's weight in both means: 1, or its (engine-clipped) example count."""
+        return 1.0 if self.weighting == "uniform" else float(update.num_examples)
+
+    def fusion_weights(self, updates: list[ClientUpdate]) -> list[float]:
+        return [self.weight(u) for u in updates]
 
     def own(self, partition: int) -> StateDict:
         return self.clients.get(partition) or zero_controls(self.control, self.keys)
@@ -129,15 +158,25 @@ class Scaffold(FedAvg):
     def aggregate(self, rnd: Round, updates: list[ClientUpdate]) -> OrderedDict[str, torch.Tensor]:
         fused = super().aggregate(rnd, updates)
         accepted = [u.partition_id for u in updates]
+        weights = {u.partition_id: self.weight(u) for u in updates}
         changes = [
-            OrderedDict((k, self.expected[p][k] - self.own(p)[k]) for k in self.keys)
+            weighted_control_change(
+                self.expected[p], weights[p], self.own(p), self.weights.get(p, 0.0)
+            )
             for p in accepted
         ]
-        self.control = server_control(self.control, changes, self.context.num_clients)
+        before = self.total()
+        self.weights.update(weights)
+        self.control = server_control(self.control, changes, self.total(), before)
         self.clients.update({p: self.expected[p] for p in accepted})
         self.restore = (self.restore | self.sampled) - set(accepted)
         self.sampled, self.expected = set(), {}
         return fused
+
+    def total(self) -> float:
+        """``W``, the weight of all ``N`` clients ``c`` averages over (``drift.control_total``)."""
+        weights = list(self.weights.values())
+        return control_total(weights, self.context.num_clients) if weights else 0.0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -151,10 +190,14 @@ class Scaffold(FedAvg):
         }
 
     def state(self) -> dict[str, Any]:
-        return {"scaffold_restore": sorted(self.restore)}
+        return {
+            "scaffold_restore": sorted(self.restore),
+            "scaffold_weights": {str(p): w for p, w in sorted(self.weights.items())},
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.restore = {int(p) for p in state.get("scaffold_restore", [])}
+        self.weights = {int(p): float(w) for p, w in state.get("scaffold_weights", {}).items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore ``c`` and the copies of every ``c_i``; a resumed simulation's nodes start with
