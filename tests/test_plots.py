@@ -76,3 +76,22 @@ def test_run_plot_shows_evaluated_rounds_at_the_bytes_spent_by_then(tmp_path, dr
     assert _lines(by_round) == {"run": ([0, 2], [25.0, 50.0])}
     assert _lines(by_bytes) == {"run": ([0.0, 3.5], [25.0, 50.0])}
     assert by_round.get_legend().get_texts()[0].get_fontsize() == 8 and kwargs["dpi"] == 120
+
+
+def test_a_band_needs_both_bounds_with_one_value_per_point(tmp_path, drawn):
+    with pytest.raises(ValueError, match="both its low and its high"):
+        Curve([0, 1], [0.0, 1.0], [1.0, 2.0], low=[0.5, 1.5])
+    with pytest.raises(ValueError, match=r"per point \(2\), got 1 and 2"):
+        Curve([0, 1], [0.0, 1.0], [1.0, 2.0], low=[0.5], high=[1.5, 2.5])
+    band = Curve([0, 1], [0.0, 1.0], [1.0, 2.0], low=[0.5, 1.5], high=[1.5, 2.5])
+    accuracy_plot(
+        {"banded": band, "plain": Curve([0, 1], [0.0, 1.0], [3.0, 4.0])}, tmp_path / "b.png"
+    )
+    ((fig, _),) = drawn
+    for ax in fig.axes:  # the banded curve's band, in its line's colour, in both panels
+        (collection,) = ax.collections
+        (line, _) = ax.lines
+        assert collection.get_paths()[0].get_extents().y0 == pytest.approx(0.5)
+        assert list(collection.get_facecolor()[0][:3]) == pytest.approx(
+            list(matplotlib.colors.to_rgb(line.get_color()))
+        )
