@@ -57,6 +57,29 @@ def test_adam_second_step_uses_its_moments() -> None:
     assert two["w"].item() == pytest.approx(one["w"].item() + eta * m / v**0.5)
 
 
+def test_fedavgm_defaults_to_flowers_momentum_0_and_accumulates_when_set() -> None:
+    """Flower's ``FedAvgM`` defaults to server momentum 0: a config naming only ``momentum`` takes
+    plain server steps of size ``lr``, as ``sgd`` does. With momentum set, hand-computed: the
+    buffer is the first pseudo-gradient, then ``beta b + g``."""
+    ref = OrderedDict(w=torch.tensor([0.0]))
+    fused = OrderedDict(w=torch.tensor([1.0]))
+    assert from_dict({"server_optimizer": {"name": "momentum"}}).server_optimizer.options == {
+        "lr": 1.0,
+        "momentum": 0.0,
+    }
+    state: dict = {}
+    current = ref
+    for _ in range(3):  # no memory: each step is sgd's
+        stepped, state, _ = server_step("momentum", {"lr": 0.5}, current, fused, state)
+        plain, _, _ = server_step("sgd", {"lr": 0.5}, current, fused, {})
+        assert torch.equal(stepped["w"], plain["w"])
+        current = stepped
+    one, state, _ = server_step("momentum", {"lr": 0.5, "momentum": 0.9}, ref, fused, {})
+    assert one["w"].item() == pytest.approx(0.5)  # b = g = -1
+    two, _, _ = server_step("momentum", {"lr": 0.5, "momentum": 0.9}, one, fused, state)
+    assert two["w"].item() == pytest.approx(0.5 + 0.5 * (0.9 * 1.0 + 0.5))  # b = 0.9 (-1) - 0.5
+
+
 def test_changed_widths_or_an_unrelated_basis_reset_the_state() -> None:
     reference, _ = states(3)
     _, wider = states(5)
@@ -96,6 +119,10 @@ def test_the_resolved_config_records_the_optimizer_options() -> None:
             "bulyan with num_byzantine=1 needs at least 7 clients a round, a round samples 4",
         ),
         ({"aggregation": {"fuse": "krum", "num_byzantine": -1}}, "num_byzantine must be an int"),
+        (
+            {"aggregation": {"fuse": "bulyan", "selection": "greedy"}},
+            "aggregation.selection: expected one of 'recursive', 'one-shot', got 'greedy'",
+        ),
         (
             {"strategy": {"name": "pfnm"}, "aggregation": {"fuse": "median"}},
             "the align/fuse/repair pipeline runs with strategy",

@@ -9,12 +9,16 @@ FedAvgM (Hsu et al. 2019), ``adam``, ``yogi`` and ``adagrad`` are FedAdam, FedYo
 Every rule is a pure function ``(reference, fused, state, **options) -> (new global, new state)``
 registered in ``SERVER_OPTIMIZERS``; its keyword-only parameters are its options and their
 defaults (those of Flower's ``flwr.serverapp.strategy`` classes, so a config naming only the rule
-gets what Flower's strategy of that name does). The state is a flat ``name -> tensor`` dict (the
-moments per parameter, the step count), so a checkpoint stores it as it stores the model and a
-resumed run continues bit for bit. Flower's conventions are followed where the papers leave a
-choice: FedAvgM's momentum buffer starts at the first pseudo-gradient (PyTorch's SGD), FedAdam's
-step size is bias-corrected with ``t + 1`` for step ``t`` (``bias_correction: false`` gives Reddi et
-al.'s Algorithm 2, without the correction), FedAdagrad has no first-moment decay.
+gets what Flower's strategy of that name does; ``tests/fl/test_flower_strategies.py`` checks each
+default against Flower's). The state is a flat ``name -> tensor`` dict (the moments per parameter,
+the step count), so a checkpoint stores it as it stores the model and a resumed run continues bit
+for bit. Where Flower's strategies and the papers differ, fedalign follows Flower
+(``docs/aggregation.md``, "Where fedalign follows Flower", lists each place): FedAvgM's momentum
+buffer starts at the first pseudo-gradient (PyTorch's SGD; Hsu et al.'s zero buffer gives the same
+first step); FedAdam's step size is bias-corrected with ``t + 1`` at step ``t``
+(``bias_correction: false`` gives Reddi et al.'s Algorithm 2, without the correction); the second
+moments start at zero (Reddi et al.: at least ``tau^2``); FedAdagrad has no first moment
+(``m = delta``; the paper's Algorithm 2 decays it with ``beta1`` as FedAdam's).
 
 Floating-point entries are stepped; integer buffers (BatchNorm's ``num_batches_tracked``) are the
 fused model's.
@@ -110,10 +114,12 @@ def momentum(
     state: OptimizerState,
     *,
     lr: float = 1.0,
-    momentum: float = 0.9,
+    momentum: float = 0.0,
 ) -> tuple[OrderedDict[str, torch.Tensor], OptimizerState]:
     """FedAvgM: heavy-ball momentum on the pseudo-gradient ``g = global - fused``:
-    ``b = momentum * b + g`` (``b = g`` on the first step), ``global - lr * b``."""
+    ``b = momentum * b + g`` (``b = g`` on the first step), ``global - lr * b``. The defaults are
+    Flower's ``FedAvgM``'s (momentum 0: a plain server step of size ``lr``); FedAvgM proper needs
+    ``momentum > 0``, which a config sets (the bench configs set 0.9)."""
     new: OptimizerState = {}
     change = {}
     for k in _floats(fused):

@@ -174,7 +174,9 @@ class StrategyConfig:
         1e4, "drop a client whose Gram/Fisher scale exceeds this x the median", ge=1
     )
     max_fused_ratio: float | None = key(
-        10.0, "fall back to the mean if the fused norm exceeds this x the inputs'", ge=1
+        10.0,
+        "fall back to the mean (robust rules: median) if the fused norm exceeds this x the inputs'",
+        ge=1,
     )
 
 

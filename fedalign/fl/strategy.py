@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fedalign.algorithms.checks import fused_problem
+from fedalign.algorithms.fusion import FUSE_RULES, fallback_rule
 from fedalign.algorithms.server_opt import OptimizerState, is_identity, server_step
 from fedalign.client.state import ClientState
 from fedalign.config.components import StrategyContext, strategy_context
@@ -38,7 +39,6 @@ from fedalign.config.schema import RunConfig
 from fedalign.core.errors import RoundFailedError
 from fedalign.core.options import conform
 from fedalign.core.registry import STRATEGIES
-from fedalign.core.tensors import weighted_average
 from fedalign.core.types import StateDict
 from fedalign.fl.round import ClientUpdate, Round, weighted_train_loss
 
@@ -137,7 +137,9 @@ class Strategy:
         """``aggregate``, its result checked before it is broadcast (finite, its norm at most
         ``strategy.max_fused_ratio`` times the largest of the previous global's and the updates');
         a fusion that fails or fails the check falls back to the weighted mean of the validated
-        updates, with the reason recorded (``fusion_fallback``)."""
+        updates, or, when the pipeline's fuse rule is robust, to their coordinate-wise median (the
+        weighted mean would let the attackers the rule was chosen against back in). The round's
+        record says why and which (``fusion_fallback``, ``fallback_rule``)."""
         states = [u.state_dict for u in updates]
         try:
             fused = self.aggregate(rnd, updates)
@@ -148,9 +150,15 @@ class Strategy:
             problem = f"fusion failed: {exc}"
         if problem is None:
             return fused
-        log.warning("round %d: %s; using the weighted mean of the updates", rnd.number, problem)
+        fallback = fallback_rule(self.context.plan.fuse)
+        log.warning(
+            "round %d: %s; falling back to the %s of the updates", rnd.number, problem, fallback
+        )
         rnd.log.extra["fusion_fallback"] = problem
-        return weighted_average(states, [u.num_examples for u in updates])
+        rnd.log.extra["fallback_rule"] = fallback
+        return FUSE_RULES.get(fallback).obj(
+            states, [float(u.num_examples) for u in updates], [u.statistics or {} for u in updates]
+        )
 
     def keeps_basis(self, rnd: Round) -> bool:
         """Whether this round's fused model is a step from ``rnd.reference`` in its neurons' order

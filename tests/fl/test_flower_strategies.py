@@ -23,12 +23,16 @@ import types
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
 from flwr.app.message import arrayrecord as flwr_arrayrecord
+from flwr.server.strategy import aggregate as legacy
 from flwr.serverapp import strategy as flwr_strategy
 
+from fedalign.algorithms.fusion import FUSE_RULES
+from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS
 from fedalign.core.types import StateDict
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
 from tests.fl.mock_grid import mock_clients, mock_grid, task_identity
@@ -79,9 +83,9 @@ CASES: dict[str, tuple[Any, dict[str, Any], bool]] = {
         {"aggregation": {"fuse": "multi-krum", "num_byzantine": 1, "num_selected": 3}},
         True,
     ),
-    "Bulyan": (
+    "Bulyan": (  # Flower's Bulyan selects by Multi-Krum in one shot (the paper: recursively)
         flwr_strategy.Bulyan(num_malicious_nodes=1),
-        {"aggregation": {"fuse": "bulyan", "num_byzantine": 1}},
+        {"aggregation": {"fuse": "bulyan", "num_byzantine": 1, "selection": "one-shot"}},
         True,
     ),
 }
@@ -172,3 +176,67 @@ def test_the_default_server_step_returns_the_fused_model_bit_for_bit() -> None:
     assert all(torch.equal(r.final[k], expected[k]) for k in expected)
     assert "server_optimizer" not in r.row
     assert OrderedDict(r.strategy.tensors()) == OrderedDict()
+
+
+def test_recursive_bulyan_equals_flowers_legacy_aggregate_bulyan() -> None:
+    """Flower's legacy ``aggregate_bulyan`` (``flwr.server.strategy``) selects as the paper does,
+    Krum run again on the clients left; fedalign's default ``selection: recursive`` must agree with
+    it on random arrays (and the one-shot selection of the ServerApp's ``Bulyan`` must not, on
+    some of them)."""
+    rng = np.random.default_rng(0)
+    one_shot_differs = 0
+    for n, f in [(7, 1), (8, 1), (11, 2), (12, 2), (15, 3)] * 4:
+        arrays = [
+            [rng.normal(size=(3, 2)) * s, rng.normal(size=4) * s]
+            for s in rng.choice([1.0, 1.0, 1.0, 20.0], size=n)
+        ]
+        theirs = legacy.aggregate_bulyan(
+            [(a, 10) for a in arrays], f, legacy.aggregate_krum, to_keep=0
+        )
+        states = [OrderedDict(w=torch.from_numpy(a[0]), b=torch.from_numpy(a[1])) for a in arrays]
+        rule = FUSE_RULES.get("bulyan").obj
+        ours = rule(states, [10.0] * n, [{}] * n, num_byzantine=f)
+        for mine, flowers in zip(ours.values(), theirs, strict=True):
+            np.testing.assert_allclose(mine.numpy(), flowers, rtol=1e-12, atol=1e-12)
+        one_shot = rule(states, [10.0] * n, [{}] * n, num_byzantine=f, selection="one-shot")
+        one_shot_differs += not all(
+            np.allclose(a.numpy(), b) for a, b in zip(one_shot.values(), theirs, strict=True)
+        )
+    assert one_shot_differs > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "flower", "names"),
+    [
+        (
+            "momentum",
+            flwr_strategy.FedAvgM(),
+            {"lr": "server_learning_rate", "momentum": "server_momentum"},
+        ),
+        (
+            "adam",
+            flwr_strategy.FedAdam(),
+            {"lr": "eta", "betas": ("beta_1", "beta_2"), "tau": "tau"},
+        ),
+        (
+            "yogi",
+            flwr_strategy.FedYogi(),
+            {"lr": "eta", "betas": ("beta_1", "beta_2"), "tau": "tau"},
+        ),
+        ("adagrad", flwr_strategy.FedAdagrad(), {"lr": "eta", "tau": "tau"}),
+    ],
+)
+def test_server_optimizer_defaults_are_flowers(
+    name: str, flower: Any, names: dict[str, Any]
+) -> None:
+    """``server_opt`` says a config naming only the rule gets Flower's strategy of that name: each
+    default equals the attribute Flower's default-constructed strategy holds."""
+    defaults = SERVER_OPTIMIZERS.get(name).options
+    for option, attribute in names.items():
+        expected = (
+            tuple(getattr(flower, a) for a in attribute)
+            if isinstance(attribute, tuple)
+            else getattr(flower, attribute)
+        )
+        given = tuple(defaults[option]) if isinstance(attribute, tuple) else defaults[option]
+        assert given == expected, (name, option)

@@ -3,7 +3,8 @@
 One client of four sends statistics or counts crafted to take over the fused model; the server must
 drop it from the round with its reason (as it drops a bad update) and fuse the honest clients
 exactly as ``pipeline.aggregate`` does on their replies alone. A fusion whose result is unusable
-falls back to the weighted mean of the validated updates, with the reason recorded.
+falls back to the weighted mean of the validated updates (their coordinate-wise median when the
+fuse rule is robust), with the reason and the fallback recorded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from fedalign.algorithms.align import permutation_spec
-from fedalign.algorithms.fusion import FUSE_RULES
+from fedalign.algorithms.fusion import FUSE_RULES, fallback_rule
 from fedalign.algorithms.pipeline import aggregate
 from fedalign.algorithms.stats import received_statistics
 from fedalign.core.types import StateDict
@@ -116,6 +117,15 @@ def _failing(
     raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
 
 
+def median_of(replies: Sequence[TrainReply]) -> OrderedDict[str, torch.Tensor]:
+    """NumPy's coordinate-wise median of the replies' states (unweighted)."""
+    return OrderedDict(
+        (k, torch.from_numpy(np.median(np.stack([t.state[k].numpy() for t in replies]), axis=0)))
+        for k in replies[0].state
+    )
+
+
+@pytest.mark.parametrize(("robust", "fallback"), [(False, "mean"), (True, "median")])
 @pytest.mark.parametrize(
     ("rule", "reason"),
     [
@@ -123,11 +133,40 @@ def _failing(
         (_failing, "fusion failed: linalg.cholesky"),
     ],
 )
-def test_an_unusable_fusion_falls_back_to_the_weighted_mean(rule: Any, reason: str) -> None:
-    FUSE_RULES.register("toy-broken", rule)
+def test_an_unusable_fusion_falls_back_to_the_mean_or_for_a_robust_rule_the_median(
+    rule: Any, reason: str, robust: bool, fallback: str
+) -> None:
+    """The fallback is read from the rule's registry entry (``robust=True``), not its name."""
+    FUSE_RULES.register("toy-broken", rule, robust=robust)
     try:
         r = run(make_config(3, aggregation={"fuse": "toy-broken"}), mock_clients(SIZES[:3]))
     finally:
         FUSE_RULES.unregister("toy-broken")
     assert r.row["fusion_fallback"].startswith(reason)
-    assert_same_state(r.final, mean_of(r.replies()))
+    assert r.row["fallback_rule"] == fallback
+    expected = median_of(r.replies()) if robust else mean_of(r.replies())
+    assert_same_state(
+        r.final, OrderedDict((k, v.to(r.final[k].dtype)) for k, v in expected.items())
+    )
+
+
+def test_a_robust_rules_fallback_is_not_steered_by_a_byzantine_client() -> None:
+    """One client of five sends every weight scaled by 1e6 and the robust rule fails: the median
+    fallback stays with the honest clients, where the weighted mean (the fallback before issue 23)
+    is the attacker's."""
+    FUSE_RULES.register("toy-broken", _failing, robust=True)
+    try:
+        cfg = make_config(5, aggregation={"fuse": "toy-broken"})
+        r = run(cfg, mock_clients((*SIZES, 36), misbehave={POISONER: "scale"}))
+    finally:
+        FUSE_RULES.unregister("toy-broken")
+    assert r.row["fallback_rule"] == "median" and r.row["failures"] == []
+    honest = r.replies([p for p in range(5) if p != POISONER])
+    assert largest_weight(r.final) <= max(largest_weight(t.state) for t in honest)
+    assert largest_weight(mean_of(r.replies())) > 1e4 * largest_weight(r.final)
+
+
+def test_every_builtin_robust_rule_falls_back_to_the_median() -> None:
+    robust = {"median", "trimmed-mean", "krum", "multi-krum", "bulyan"}
+    for name in FUSE_RULES:
+        assert fallback_rule(name) == ("median" if name in robust else "mean"), name

@@ -21,7 +21,7 @@ from .robust import (
     multi_krum_rule,
     trimmed_mean_rule,
 )
-from .rules import FUSE_RULES
+from .rules import FUSE_RULES, fallback_rule
 
 __all__ = [
     "FUSE_RULES",
@@ -31,6 +31,7 @@ __all__ = [
     "assignment_cost",
     "bbp_map",
     "bulyan_rule",
+    "fallback_rule",
     "fisher_average",
     "fisher_rule",
     "krum_rule",

@@ -1,12 +1,18 @@
 """Byzantine-robust fuse rules: coordinate-wise median and trimmed mean (Yin et al. 2018), Krum and
 Multi-Krum (Blanchard et al. 2017), Bulyan (El Mhamdi et al. 2018).
 
-They compute what Flower's ``FedMedian``, ``FedTrimmedAvg``, ``Krum``, ``MultiKrum`` and
-``Bulyan`` compute (``tests/fl/test_flower_strategies.py`` runs both on the same replies): the
-coordinate-wise rules are unweighted, as robust statistics are (a client's example count is its own
-claim), Krum and Multi-Krum average the clients they select weighted by example counts, and
-Bulyan selects ``n - 2f`` clients by Multi-Krum's scores, then averages per coordinate the
-``n - 4f`` selected values closest to their median.
+Each computes its paper's definition (``tests/fusion/test_robust.py`` checks every rule against
+an implementation written from the paper, on random inputs) and what Flower's ``FedMedian``,
+``FedTrimmedAvg``, ``Krum``, ``MultiKrum`` and ``Bulyan`` compute
+(``tests/fl/test_flower_strategies.py`` runs both on the same replies). Where the two differ,
+fedalign says which it follows (``docs/aggregation.md``, "Where fedalign follows Flower"):
+the coordinate-wise rules are unweighted, as robust statistics are (a client's example count is
+its own claim); Multi-Krum averages the clients it selects weighted by example counts (Flower; the
+paper's mean is unweighted, which equal counts give); Bulyan selects its ``n - 2f`` clients
+recursively, Krum re-run on the clients not yet selected (the paper, ``selection: recursive``, the
+default), or in one shot, the ``n - 2f`` lowest Multi-Krum scores (Flower's ``Bulyan``,
+``selection: one-shot``), then averages per coordinate the ``n - 4f`` selected values closest to
+their median.
 
 As fuse rules they run after alignment: a coordinate-wise median of clients whose hidden units are
 in different orders mixes unrelated neurons, aligned first it compares like with like.
@@ -17,9 +23,10 @@ maximum, as the weighted mean does.
 
 from __future__ import annotations
 
+import typing
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -83,21 +90,45 @@ def trimmed_mean_rule(
     return _coordinatewise(states, trimmed)
 
 
-def krum_scores(states: Sequence[StateDict], num_byzantine: int) -> torch.Tensor:
-    """Krum's score of each client: the sum of squared distances (over every entry of its state)
-    to its ``n - f - 2`` nearest other clients (at least one)."""
+def _squared_distances(states: Sequence[StateDict]) -> torch.Tensor:
+    """``(n, n)``: the squared L2 distance between every two clients' states (all entries), in
+    float64."""
     flat = torch.stack(
         [torch.cat([v.reshape(-1).to(torch.float64) for v in sd.values()]) for sd in states]
     )
-    distances = torch.cdist(flat, flat).square()
-    nearest = max(1, len(states) - num_byzantine - 2)
+    return torch.cdist(flat, flat).square()
+
+
+def _scores(distances: torch.Tensor, num_byzantine: int) -> torch.Tensor:
+    """Krum's scores from the clients' squared distances: each client's sum over its
+    ``n - f - 2`` nearest others (at least one, as Flower takes it where ``n - f - 2 < 1``)."""
+    nearest = max(1, distances.shape[0] - num_byzantine - 2)
     # position 0 of each sorted row is the client itself (distance 0)
     return distances.sort(1).values[:, 1 : nearest + 1].sum(1)
 
 
-def _select(states: Sequence[StateDict], num_byzantine: int, count: int) -> list[int]:
-    """The ``count`` clients with the lowest Krum scores, best first."""
-    return torch.argsort(krum_scores(states, num_byzantine), stable=True)[:count].tolist()
+def krum_scores(states: Sequence[StateDict], num_byzantine: int) -> torch.Tensor:
+    """Krum's score of each client: the sum of squared distances (over every entry of its state)
+    to its ``n - f - 2`` nearest other clients (at least one)."""
+    return _scores(_squared_distances(states), num_byzantine)
+
+
+def _select(
+    states: Sequence[StateDict], num_byzantine: int, count: int, recursive: bool = False
+) -> list[int]:
+    """``count`` clients by Krum, in the order chosen. One shot: the ``count`` lowest scores
+    (Multi-Krum). Recursive (Bulyan's selection): Krum picks one client, which leaves the set,
+    and Krum runs again on the clients left (scores over their own ``n' - f - 2`` nearest)."""
+    distances = _squared_distances(states)
+    if not recursive:
+        return torch.argsort(_scores(distances, num_byzantine), stable=True)[:count].tolist()
+    remaining = list(range(len(states)))
+    chosen: list[int] = []
+    while len(chosen) < count:
+        left = torch.tensor(remaining)
+        best = int(torch.argsort(_scores(distances[left][:, left], num_byzantine), stable=True)[0])
+        chosen.append(remaining.pop(best))
+    return chosen
 
 
 def _byzantine_check(
@@ -159,21 +190,36 @@ def multi_krum_rule(
     return weighted_average([states[i] for i in chosen], [weights[i] for i in chosen])
 
 
-@FUSE_RULES.register("bulyan", check=_byzantine_check(lambda f: 4 * f + 3, "bulyan"), robust=True)
+BulyanSelection = Literal["recursive", "one-shot"]
+"""How Bulyan selects its ``n - 2f`` clients: ``recursive`` (El Mhamdi et al. 2018: Krum, again and
+again on the clients left) or ``one-shot`` (Flower's ``Bulyan``: the lowest Multi-Krum scores)."""
+
+
+def bulyan_minimum(f: int) -> int:
+    """Bulyan's condition on the number of clients: ``n >= 4f + 3`` (El Mhamdi et al.)."""
+    return 4 * f + 3
+
+
+@FUSE_RULES.register("bulyan", check=_byzantine_check(bulyan_minimum, "bulyan"), robust=True)
 def bulyan_rule(
     states: Sequence[StateDict],
     weights: Sequence[float],
     stats: Sequence[ClientStats],
     *,
     num_byzantine: int = 0,
+    selection: BulyanSelection = "recursive",
 ) -> OrderedDict[str, torch.Tensor]:
-    """Bulyan (Flower's ``Bulyan`` with its default selection): Multi-Krum selects
-    ``theta = n - 2f`` clients; per coordinate, the mean of the ``theta - 2f`` selected values
-    closest to the selected clients' median. Needs ``n >= 4f + 3``."""
+    """Bulyan (El Mhamdi et al. 2018): select ``theta = n - 2f`` clients by Krum (``selection``:
+    ``recursive``, the paper's, or ``one-shot``, Flower's); per coordinate, the mean of the
+    ``beta = theta - 2f`` selected values closest to the selected clients' median. Needs
+    ``n >= 4f + 3``."""
+    if selection not in typing.get_args(BulyanSelection):
+        raise ValueError(f"bulyan: selection must be recursive or one-shot, got {selection!r}")
     n, f = len(states), num_byzantine
-    _needs(4 * f + 3, "bulyan", n)
+    _needs(bulyan_minimum(f), "bulyan", n)
     theta = n - 2 * f
-    chosen = [states[i] for i in _select(states, f, theta)]
+    recursive = selection == "recursive"
+    chosen = [states[i] for i in _select(states, f, theta, recursive)]
     keep = theta - 2 * f
 
     def closest_to_median(stacked: torch.Tensor) -> torch.Tensor:
