@@ -126,7 +126,8 @@ def register_model(
 ) -> Callable[..., Any]:
     """A model a config can name (``model: {name: NAME, ...options}``): ``builder(**options)``
     returns an ``nn.Module``; the options a dataset implies (``in_features``, ``in_channels``,
-    ``image_size``, ``num_classes``, ``vocab_size``) are passed when it takes them."""
+    ``image_size``, ``num_classes``, ``vocab_size``, a text window's ``context``) are passed when
+    it takes them."""
     from fedalign.models import MODELS
 
     return MODELS.register(name, builder, options={}, replace=replace)

@@ -60,12 +60,15 @@ def shape_options(
 ) -> dict[str, int]:
     """Model options implied by the data: input size, channels, image side, classes.
 
-    Only options the model takes are returned, so ``mlp`` on 8x8 digits gets ``in_features=64`` and
-    ``lenet`` on Fashion-MNIST gets ``in_channels=1, image_size=28``.
+    Only options the model takes are returned, so ``mlp`` on 8x8 digits gets ``in_features=64``,
+    ``lenet`` on Fashion-MNIST gets ``in_channels=1, image_size=28`` and ``char_transformer`` on
+    fortunes' 80-character windows ``context=80``.
     """
     implied = {"num_classes": num_classes, "vocab_size": num_classes}
     if len(input_shape) == 3:
         implied.update(in_channels=input_shape[0], image_size=input_shape[-1])
+    if len(input_shape) == 1:  # a text window: a transformer needs as many learned positions
+        implied["context"] = input_shape[0]
     if len(input_shape) >= 1:
         implied["in_features"] = int(np.prod(input_shape))
     accepted = model_options(model_name)

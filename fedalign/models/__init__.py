@@ -1,9 +1,10 @@
 """The model zoo, buildable by name from a config (``MODELS``, a registry users extend).
 
 Every model takes float inputs of shape ``(n, C, H, W)`` (or int64 token ids of shape ``(n, T)`` for
-``char_lstm``) and returns class logits ``(n, num_classes)``. A model's constructor options are its
-keyword arguments; those a dataset implies (``in_features``, ``in_channels``, ``image_size``,
-``num_classes``, ``vocab_size``) are filled in from the data when the model takes them.
+``char_lstm`` and ``char_transformer``) and returns class logits ``(n, num_classes)``. A model's
+constructor options are its keyword arguments; those a dataset implies (``in_features``,
+``in_channels``, ``image_size``, ``num_classes``, ``vocab_size``, and a text dataset's window
+length as ``context``) are filled in from the data when the model takes them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .lstm import CharLSTM
 from .mlp import MLP
 from .resize import fit_to_state
 from .resnet import ResNet20
+from .transformer import CharTransformer, ViT
 
 MODELS = Registry("model")
 """Model name -> a callable building an ``nn.Module`` from keyword options."""
@@ -28,6 +30,8 @@ for _name, _builder in (
     ("vgg9", VGG9),
     ("resnet20", ResNet20),
     ("char_lstm", CharLSTM),
+    ("char_transformer", CharTransformer),
+    ("vit", ViT),
 ):
     MODELS.register(_name, _builder, options={})
 
@@ -52,8 +56,10 @@ __all__ = [
     "MODELS",
     "VGG9",
     "CharLSTM",
+    "CharTransformer",
     "LeNet",
     "ResNet20",
+    "ViT",
     "build_model",
     "fit_to_state",
     "model_options",

@@ -60,4 +60,12 @@ def test_unknown_model_and_option_are_named():
         build_model("nope")
     with pytest.raises(ValueError, match="does not take \\['depth'\\]"):
         build_model("mlp", depth=3)
-    assert set(MODELS) == {"mlp", "lenet", "vgg9", "resnet20", "char_lstm"}
+    assert set(MODELS) == {
+        "mlp",
+        "lenet",
+        "vgg9",
+        "resnet20",
+        "char_lstm",
+        "char_transformer",
+        "vit",
+    }
