@@ -8,6 +8,7 @@ matrix (``n <= m``) and return, for each row, its column.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -140,3 +141,39 @@ def solve_assignment(
     if scores.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
     return fn(scores, **options)
+
+
+def solve_heads(
+    scores: Mapping[str, torch.Tensor],
+    count: int,
+    move: bool = True,
+    solver: str = "hungarian",
+    **options,
+) -> dict[str, torch.Tensor]:
+    """Assignments of a head set's groups (``spec.HeadSet``) that keep the ``count`` heads
+    together, maximising the total score of ``scores`` (group -> n x n, the groups' units in
+    heads of ``n // count``).
+
+    Inside a head the groups are independent (query/key dimensions, value dimensions), so the
+    best way to put head ``k`` at head ``i`` is the sum over the groups of the best assignment
+    of ``k``'s units to ``i``'s (one small assignment per group and pair); with ``move`` the heads
+    are then assigned on those sums, which gives the exact optimum over every head order and
+    every within-head order at once. Without ``move`` every head stays in place and only its
+    units are assigned. The result indexes units as any assignment: unit ``p[i]`` of the other
+    model lands at ``i``."""
+    pairs = [(i, k) for i in range(count) for k in (range(count) if move else (i,))]
+    best: dict[tuple[str, int, int], torch.Tensor] = {}
+    value = torch.zeros(count, count, dtype=torch.float64)
+    for g, s in scores.items():
+        d = s.shape[0] // count
+        for i, k in pairs:
+            block = s[i * d : (i + 1) * d, k * d : (k + 1) * d]
+            best[g, i, k] = solve_assignment(block, solver, **options)
+            value[i, k] += float(block[torch.arange(d, device=block.device), best[g, i, k]].sum())
+    order = solve_assignment(value, solver, **options).cpu() if move else torch.arange(count)
+    return {
+        g: torch.cat(
+            [int(k) * (s.shape[0] // count) + best[g, i, int(k)].cpu() for i, k in enumerate(order)]
+        )
+        for g, s in scores.items()
+    }

@@ -11,6 +11,21 @@ consecutive entries (the ``H*W`` columns a conv channel becomes after a flatten)
 group moves the runs, identically inside every copy. Viewing the axis as ``(repeat, n, block)``
 and moving ``n`` to the front gives the ``(n, rest)`` matrix every matching cost is built from.
 
+A ref may cover part of an axis, from ``offset`` on: ``nn.MultiheadAttention`` packs the query,
+key and value rows into one ``in_proj_weight``, and the query/key group acts on its first two
+thirds while the value group acts on the last. The refs on one axis must tile it exactly.
+
+Attention heads: a multi-head attention's query/key dimensions form one group and its
+value/output dimensions another, ``heads`` runs of ``d_head`` consecutive units each. Only
+permutations that keep every run together preserve the function: a :class:`HeadSet` names the
+groups that obey this, how many runs they have, and whether the runs (heads) may move (then all the
+set's groups move their runs alike: a head's queries, keys, values and output columns travel
+together) or stay in place (only the dimensions inside each head are permuted). A permutation of
+such a group is still one index over its units (the head move and the within-head moves composed),
+so applying, inverting and composing permutations need nothing special; drawing and solving do
+(``random_permutation``, ``solvers.solve_heads``). With heads matched as blocks only, a head is an
+ordinary unit of ``block = d_head`` and needs no HeadSet.
+
 Two views of the same information::
 
     spec.groups["fc1"]          # (AxisRef("fc1.weight", 0), AxisRef("fc1.bias", 0),
@@ -34,12 +49,32 @@ Perms = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class AxisRef:
     """Group action on axis ``axis`` of state-dict entry ``key`` (``repeat`` copies of ``n`` runs
-    of ``block`` entries)."""
+    of ``block`` entries, starting at entry ``offset`` of the axis)."""
 
     key: str
     axis: int
     block: int = 1
     repeat: int = 1
+    offset: int = 0
+
+    def extent(self, units: int) -> int:
+        """How many entries of the axis the group covers with ``units`` units."""
+        return self.repeat * units * self.block
+
+
+@dataclass(frozen=True)
+class HeadSet:
+    """Groups of attention dimensions that come in ``count`` runs (heads) of consecutive units:
+    their permutations keep each run together; with ``move`` the runs may move, alike in every
+    group of the set, else each run stays where it is."""
+
+    groups: tuple[str, ...]
+    count: int
+    move: bool = True
+
+    def runs(self, units: int) -> int:
+        """Units per head of a group of ``units`` units."""
+        return units // self.count
 
 
 @dataclass(frozen=True)
@@ -54,9 +89,11 @@ class PermutationSpec:
       statistics).
     - ``activations``: group name -> the traced node whose output carries the group's units
       (the input of the group's first consumer), where activation statistics are taken.
+    - ``heads``: the groups whose permutations must keep attention heads together.
 
-    Construction checks that every axis a group acts on has length ``repeat * n * block`` and that
-    no axis is claimed by two groups.
+    Construction checks that the refs on every permuted axis tile it (each covers
+    ``repeat * n * block`` entries from its offset, none overlap, none is left over), so no entry
+    is claimed by two groups, and that head sets name groups that split into their heads.
     """
 
     groups: Mapping[str, tuple[AxisRef, ...]]
@@ -64,58 +101,118 @@ class PermutationSpec:
     shapes: Mapping[str, tuple[int, ...]]
     buffers: frozenset[str] = frozenset()
     activations: Mapping[str, str] = field(default_factory=dict)
+    heads: tuple[HeadSet, ...] = ()
 
     def __post_init__(self) -> None:
         if set(self.groups) != set(self.sizes):
             raise ValueError(f"groups {sorted(self.groups)} and sizes {sorted(self.sizes)} differ")
-        claimed: dict[tuple[str, int], str] = {}
+        slots: dict[tuple[str, int], list[tuple[str, AxisRef]]] = {}
         for group, refs in self.groups.items():
             for ref in refs:
                 if ref.key not in self.shapes:
                     raise ValueError(f"group {group!r} acts on {ref.key!r}, which is not in shapes")
-                shape = self.shapes[ref.key]
-                expected = ref.repeat * self.sizes[group] * ref.block
-                if not 0 <= ref.axis < len(shape) or shape[ref.axis] != expected:
-                    raise ValueError(
-                        f"group {group!r} ({self.sizes[group]} units) does not fit axis "
-                        f"{ref.axis} of {ref.key!r} {tuple(shape)} with block {ref.block} "
-                        f"and repeat {ref.repeat}"
-                    )
-                slot = (ref.key, ref.axis)
-                if claimed.setdefault(slot, group) != group:
-                    raise ValueError(
-                        f"axis {slot[1]} of {ref.key!r} is claimed by groups "
-                        f"{claimed[slot]!r} and {group!r}"
-                    )
+                if not 0 <= ref.axis < len(self.shapes[ref.key]):
+                    raise ValueError(self._misfit(group, ref))
+                slots.setdefault((ref.key, ref.axis), []).append((group, ref))
+        for (key, axis), claims in slots.items():
+            self._check_tiling(key, axis, claims)
         unknown = self.buffers - set(self.shapes)
         if unknown:
             raise ValueError(f"buffers {sorted(unknown)} are not entries of the model")
+        in_sets = [g for head_set in self.heads for g in head_set.groups]
+        for head_set in self.heads:
+            for g in head_set.groups:
+                if g not in self.sizes:
+                    raise ValueError(f"head set names group {g!r}, which the spec does not have")
+                if head_set.count < 1 or self.sizes[g] % head_set.count:
+                    raise ValueError(
+                        f"group {g!r} ({self.sizes[g]} units) does not split into "
+                        f"{head_set.count} heads"
+                    )
+                if in_sets.count(g) > 1:
+                    raise ValueError(f"group {g!r} is in two head sets")
+
+    def _misfit(self, group: str, ref: AxisRef) -> str:
+        shape = tuple(self.shapes[ref.key])
+        where = f" from offset {ref.offset}" if ref.offset else ""
+        return (
+            f"group {group!r} ({self.sizes[group]} units) does not fit axis {ref.axis} of "
+            f"{ref.key!r} {shape} with block {ref.block} and repeat {ref.repeat}{where}"
+        )
+
+    def _check_tiling(self, key: str, axis: int, claims: list[tuple[str, AxisRef]]) -> None:
+        """The refs on one axis cover it exactly once, in consecutive ranges."""
+        end, last = 0, claims[0]
+        for group, ref in sorted(claims, key=lambda c: c[1].offset):
+            if ref.offset < end:
+                raise ValueError(
+                    f"axis {axis} of {key!r} is claimed by groups {last[0]!r} and {group!r}"
+                )
+            if ref.offset > end:
+                raise ValueError(self._misfit(group, ref))
+            end, last = ref.offset + ref.extent(self.sizes[group]), (group, ref)
+        if end != self.shapes[key][axis]:
+            raise ValueError(self._misfit(*last))
 
     @cached_property
     def parameters(self) -> dict[str, tuple[str | None, ...]]:
-        """Entry -> the group acting on each of its axes (None where unpermuted)."""
+        """Entry -> the group acting on each of its axes (None where unpermuted; groups sharing a
+        packed axis joined by ``+`` in the order of their offsets)."""
         out = {key: [None] * len(shape) for key, shape in self.shapes.items()}
-        for group, refs in self.groups.items():
-            for ref in refs:
-                out[ref.key][ref.axis] = group
+        for key, refs in self._refs.items():
+            for axis in sorted({ref.axis for _, ref in refs}):
+                out[key][axis] = "+".join(g for g, ref in refs if ref.axis == axis)
         return {key: tuple(axes) for key, axes in out.items()}
 
     @cached_property
-    def _axes(self) -> dict[str, dict[int, tuple[str, AxisRef]]]:
-        out: dict[str, dict[int, tuple[str, AxisRef]]] = {}
+    def _refs(self) -> dict[str, tuple[tuple[str, AxisRef], ...]]:
+        out: dict[str, list[tuple[str, AxisRef]]] = {}
         for group, refs in self.groups.items():
             for ref in refs:
-                out.setdefault(ref.key, {})[ref.axis] = (group, ref)
-        return out
+                out.setdefault(ref.key, []).append((group, ref))
+        return {
+            key: tuple(sorted(refs, key=lambda r: (r[1].axis, r[1].offset)))
+            for key, refs in out.items()
+        }
+
+    def refs_of(self, key: str) -> tuple[tuple[str, AxisRef], ...]:
+        """Every group action on one entry, ``(group, reference)``, by axis and offset (an axis
+        packing several groups, as ``in_proj_weight``, appears once per group); empty if none."""
+        return self._refs.get(key, ())
 
     def axes_of(self, key: str) -> dict[int, tuple[str, AxisRef]]:
-        """Permuted axes of one entry: axis -> (group, reference); empty if none."""
-        return self._axes.get(key, {})
+        """Permuted axes of one entry: axis -> (group, reference); empty if none. For methods
+        that take one group per axis: a packed axis (``refs_of``) is refused with one line."""
+        out: dict[int, tuple[str, AxisRef]] = {}
+        for group, ref in self.refs_of(key):
+            if ref.axis in out:
+                raise ValueError(
+                    f"axis {ref.axis} of {key!r} packs groups {out[ref.axis][0]!r} and "
+                    f"{group!r} (query/key/value in one matrix): this method takes one group "
+                    "per axis"
+                )
+            out[ref.axis] = (group, ref)
+        return out
 
     @property
     def keys(self) -> set[str]:
         """Entries with at least one permuted axis (parameters and buffers)."""
-        return set(self._axes)
+        return set(self._refs)
+
+    @cached_property
+    def head_sets(self) -> dict[str, HeadSet]:
+        """Group -> the head set it belongs to (groups free of head constraints are absent)."""
+        return {g: head_set for head_set in self.heads for g in head_set.groups}
+
+    def require_free_groups(self, method: str) -> None:
+        """Refuse, in one line, a spec with head constraints for a method that would permute
+        every group's units freely (and break the attention heads apart)."""
+        if self.heads:
+            raise ValueError(
+                f"{method} permutes every unit of a group freely, which would split attention "
+                f"heads ({', '.join(self.head_sets)}); derive the spec with "
+                "permutation_spec(..., heads='blocks') or align by weight matching"
+            )
 
     def objective_refs(self, group: str) -> Iterator[AxisRef]:
         """The axes of ``group`` that count in matching objectives (parameters, not buffers)."""
@@ -138,10 +235,15 @@ def expand_index(perm: torch.Tensor, ref: AxisRef, units: int | None = None) -> 
     return idx.reshape(-1)
 
 
-def units_first(tensor: torch.Tensor, ref: AxisRef) -> torch.Tensor:
+def units_first(tensor: torch.Tensor, ref: AxisRef, units: int | None = None) -> torch.Tensor:
     """(n, rest): the group's units as rows, their blocks and repeats folded into the columns
-    (the matrix every matching cost is built from)."""
+    (the matrix every matching cost is built from). ``units`` (the group's size) is needed when
+    ``ref`` covers only part of its axis (a packed ``in_proj_weight``)."""
     t = tensor.movedim(ref.axis, 0)
+    if units is not None:
+        t = t[ref.offset : ref.offset + ref.extent(units)]
+    elif ref.offset:
+        raise ValueError(f"{ref.key!r}: a ref from offset {ref.offset} needs its group's size")
     t = t.reshape(ref.repeat, -1, ref.block, *t.shape[1:]).movedim(1, 0)
     return t.reshape(t.shape[0], -1)
 
@@ -155,7 +257,14 @@ def units_restore(rows: torch.Tensor, ref: AxisRef, shape: tuple[int, ...]) -> t
 
 
 def permute_axis(tensor: torch.Tensor, perm: torch.Tensor, ref: AxisRef) -> torch.Tensor:
-    return torch.index_select(tensor, ref.axis, expand_index(perm, ref).to(tensor.device))
+    """``tensor`` with the part of axis ``ref.axis`` that ``ref`` covers permuted by ``perm``."""
+    index = expand_index(perm, ref).to(tensor.device)
+    length = tensor.shape[ref.axis]
+    if len(index) != length:  # a packed axis: the rest stays where it is
+        full = torch.arange(length, device=tensor.device)
+        full[ref.offset : ref.offset + len(index)] = index + ref.offset
+        index = full
+    return torch.index_select(tensor, ref.axis, index)
 
 
 def permuted_entry(
@@ -167,8 +276,8 @@ def permuted_entry(
 ) -> torch.Tensor:
     """``value`` with every permuted axis but ``except_axis`` permuted by ``perms`` (groups
     missing from ``perms`` are left alone)."""
-    for axis, (group, ref) in spec.axes_of(key).items():
-        if axis != except_axis and group in perms:
+    for group, ref in spec.refs_of(key):
+        if ref.axis != except_axis and group in perms:
             value = permute_axis(value, perms[group], ref)
     return value
 
@@ -189,8 +298,19 @@ def identity_permutation(spec: PermutationSpec) -> Perms:
 
 
 def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> Perms:
-    """A uniformly random permutation of every group."""
-    return {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
+    """A uniformly random permutation of every group, among those the spec allows: a head
+    set's groups move their heads by one shared random order (when the set moves heads) and
+    permute the units inside each head at random."""
+    perms = {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
+    for head_set in spec.heads:
+        count = head_set.count
+        order = torch.randperm(count, generator=generator) if head_set.move else torch.arange(count)
+        for g in head_set.groups:
+            d = head_set.runs(spec.sizes[g])
+            perms[g] = torch.cat(
+                [int(h) * d + torch.randperm(d, generator=generator) for h in order]
+            )
+    return perms
 
 
 def invert_permutation(perms: Perms) -> Perms:

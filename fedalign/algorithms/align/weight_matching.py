@@ -6,6 +6,11 @@ linear in its permutation, and the score matrix is a sum of matrix products over
 acts on. A group's update is kept only when the objective rises (a group acting on two axes of one
 entry, like an LSTM's hidden units on ``weight_hh``, makes the per-group problem quadratic, so the
 linear solution is checked), hence the objective never decreases.
+
+The groups of a head set (attention's query/key and value/output dimensions, ``spec.HeadSet``)
+are updated together, in one step that solves the heads and the dimensions inside them jointly
+(``solvers.solve_heads``): a head's cost against another is the best within-head match of every
+group summed, so the step is exact as an ordinary group's is.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import torch
 from fedalign.core.tensors import normalised_weights, weighted_average
 from fedalign.core.types import StateDict
 
-from .solvers import solve_assignment
+from .solvers import solve_assignment, solve_heads
 from .spec import (
     Perms,
     PermutationSpec,
     apply_permutation,
     identity_permutation,
     permuted_entry,
+    random_permutation,
     units_first,
 )
 
@@ -35,15 +41,15 @@ def group_scores(
     """(n, n) float64 score matrix ``S[i, j]``: the objective's gain from putting ``other``'s unit
     ``j`` at ``reference``'s unit ``i``, every other axis permuted by ``perms``."""
     scores: torch.Tensor | None = None
+    n = spec.sizes[group]
     for ref in spec.objective_refs(group):
-        a = units_first(reference[ref.key].double(), ref)
+        a = units_first(reference[ref.key].double(), ref, n)
         b = units_first(
-            permuted_entry(spec, perms, ref.key, other[ref.key], ref.axis).double(), ref
+            permuted_entry(spec, perms, ref.key, other[ref.key], ref.axis).double(), ref, n
         )
         # the first product is the buffer the others accumulate into (no zeroed n x n matrix)
         scores = a @ b.T if scores is None else scores.addmm_(a, b.T)
     if scores is None:
-        n = spec.sizes[group]
         device = next(iter(reference.values())).device
         return torch.zeros(n, n, dtype=torch.float64, device=device)
     return scores
@@ -57,8 +63,8 @@ def score_dependencies(spec: PermutationSpec) -> dict[str, frozenset[str]]:
     for group in spec.sizes:
         found: set[str] = set()
         for ref in spec.objective_refs(group):
-            for axis, (other, _) in spec.axes_of(ref.key).items():
-                if axis != ref.axis:
+            for other, other_ref in spec.refs_of(ref.key):
+                if other_ref.axis != ref.axis:
                     found.add(other)
         deps[group] = frozenset(found)
     return deps
@@ -94,6 +100,38 @@ class MatchResult:
     trace: list[float] = field(default_factory=list)
 
 
+def update_steps(spec: PermutationSpec) -> list[tuple[str, ...]]:
+    """The groups coordinate ascent updates together, in the spec's order: every head set is one
+    step, every other group a step of its own."""
+    steps, seen = [], set()
+    for group in spec.sizes:
+        if group not in seen:
+            head_set = spec.head_sets.get(group)
+            step = head_set.groups if head_set is not None else (group,)
+            steps.append(step)
+            seen.update(step)
+    return steps
+
+
+def solve_step(
+    spec: PermutationSpec,
+    step: tuple[str, ...],
+    reference: StateDict,
+    other: StateDict,
+    perms: Perms,
+    solver: str,
+    solver_options: Mapping,
+) -> Perms:
+    """The best permutations of ``step``'s groups with every other group fixed (a head set's
+    groups keep their heads together)."""
+    head_set = spec.head_sets.get(step[0])
+    if head_set is None:
+        scores = group_scores(spec, step[0], reference, other, perms)
+        return {step[0]: solve_assignment(scores, solver, **solver_options).cpu()}
+    scores = {g: group_scores(spec, g, reference, other, perms) for g in step}
+    return solve_heads(scores, head_set.count, head_set.move, solver, **solver_options)
+
+
 def _coordinate_ascent(
     spec: PermutationSpec,
     reference: StateDict,
@@ -111,31 +149,34 @@ def _coordinate_ascent(
     depends on moved since) is skipped: the solver is deterministic, so it would return the same
     assignment, already accepted or already rejected. For a one-hidden-layer MLP this halves the
     work (the confirming second sweep solved the same matrix again)."""
-    groups = list(spec.sizes)
-    touched = {g: sorted({ref.key for ref in spec.objective_refs(g)}) for g in groups}
-    depends = score_dependencies(spec)
+    steps = update_steps(spec)
+    touched = {s: sorted({ref.key for g in s for ref in spec.objective_refs(g)}) for s in steps}
+    group_depends = score_dependencies(spec)
+    depends = {s: frozenset().union(*(group_depends[g] for g in s)) for s in steps}
     terms = {k: _term(spec, k, reference, other, perms) for k in _objective_keys(spec)}
     current = sum(terms.values())
     trace = [current]
-    step, solved_at, moved_at = 0, {}, dict.fromkeys(groups, 0)
+    count, solved_at, moved_at = 0, {}, dict.fromkeys(spec.sizes, 0)
     for _ in range(max_iter):
         improved = False
-        for i in torch.randperm(len(groups), generator=generator).tolist():
-            g = groups[i]
-            step += 1
-            if g in solved_at and all(moved_at[d] < solved_at[g] for d in depends[g]):
+        for i in torch.randperm(len(steps), generator=generator).tolist():
+            s = steps[i]
+            count += 1
+            if s in solved_at and all(moved_at[d] < solved_at[s] for d in depends[s]):
                 continue
-            solved_at[g] = step
-            scores = group_scores(spec, g, reference, other, perms)
-            candidate = {**perms, g: solve_assignment(scores, solver, **solver_options).cpu()}
-            del scores  # an n x n float64 matrix: free it before the terms are recomputed
-            if torch.equal(candidate[g], perms[g]):
+            solved_at[s] = count
+            # the step's n x n float64 scores are freed before the terms are recomputed
+            candidate = {
+                **perms,
+                **solve_step(spec, s, reference, other, perms, solver, solver_options),
+            }
+            if all(torch.equal(candidate[g], perms[g]) for g in s):
                 continue
-            new_terms = {k: _term(spec, k, reference, other, candidate) for k in touched[g]}
-            gain = sum(new_terms.values()) - sum(terms[k] for k in touched[g])
+            new_terms = {k: _term(spec, k, reference, other, candidate) for k in touched[s]}
+            gain = sum(new_terms.values()) - sum(terms[k] for k in touched[s])
             if gain > 1e-12 * max(1.0, abs(current)):
                 perms, improved = candidate, True
-                moved_at[g] = step
+                moved_at.update(dict.fromkeys(s, count))
                 terms.update(new_terms)
                 current = sum(terms.values())
         trace.append(current)
@@ -169,7 +210,7 @@ def weight_matching_result(
         if r == 0:
             start = dict(init) if init is not None else identity_permutation(spec)
         else:
-            start = {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
+            start = random_permutation(spec, generator)
         result = _coordinate_ascent(
             spec, reference, other, start, solver, solver_options or {}, max_iter, generator
         )
