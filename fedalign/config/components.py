@@ -147,7 +147,9 @@ def train_client(
     shuffling; ``objective_inputs``: what the server sent for the objective; ``phase``: the
     server's overrides of ``train`` for this exchange, ``phase_training``): the
     ClientApp, the mock clients of the strategy tests and the plain-loop benchmark all train
-    through this, so they train identically."""
+    through this, so they train identically. The objective's options come from ``train``
+    (``proximal_mu``) and, for an objective made for one strategy, from the strategy's section
+    (FedDyn's ``alpha``, MOON's ``mu``: the strategy lists the objective in ``options_from``)."""
     t = dataclasses.replace(cfg.train, **(phase or {}))
     return train_local(
         model,
@@ -160,7 +162,9 @@ def train_client(
         momentum=t.momentum,
         weight_decay=t.weight_decay,
         objective=cfg.objective,
-        objective_options=OBJECTIVES.get(cfg.objective).resolve(vars(t)),
+        objective_options=OBJECTIVES.get(cfg.objective).resolve(
+            {**vars(t), **cfg.strategy.options}
+        ),
         objective_inputs=objective_inputs,
         seed=shuffle_seed(cfg, server_round, partition_id),
         device=device,
