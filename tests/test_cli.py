@@ -76,3 +76,59 @@ def test_partition_on_an_unreadable_file_is_one_line(tmp_path, capsys, content, 
 
 def test_partition_of_a_folder_without_one_is_one_line(tmp_path, capsys):
     assert "partition.json is missing" in one_line_error(capsys, main(["partition", str(tmp_path)]))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("model.in_features=10", "model: mlp does not take digits's examples (shape (1, 8, 8))"),
+        ("model.num_classes=3", "digits has 10 classes"),
+        ("model.name=vgg9", "model.hidden: expected an integer, got [64]"),
+    ],
+)
+def test_a_model_that_does_not_fit_the_data_is_one_line_before_any_folder(
+    tmp_path, capsys, setting, message
+):
+    code = run_digits(tmp_path, setting)
+    assert message in one_line_error(capsys, code)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "the config file is empty"),
+        (b"# only a comment\n", "the config file is empty"),
+        (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a config file (not UTF-8 text)"),
+        (b"data: [1\n", "not valid YAML at line 2"),
+        (b"- 1\n- 2\n", "a config is a mapping of sections"),
+    ],
+)
+def test_an_unusable_config_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    code = main(["run", str(path), "--output", str(tmp_path / "out"), "--no-progress"])
+    assert message in one_line_error(capsys, code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_misspelled_key_or_name_gets_a_suggestion(capsys):
+    code = main(["config", "--set", "trian.lr=0.1"])
+    assert "unknown key 'trian' (did you mean 'train'?)" in one_line_error(capsys, code)
+    code = main(["config", "--set", "aggregation.fuse=medain"])
+    assert "(did you mean 'median'?)" in one_line_error(capsys, code)
+
+
+def test_config_takes_a_shipped_name_and_overrides_without_a_file(capsys):
+    assert main(["config", "quickstart", "--set", "seed=7"]) == 0
+    shown = capsys.readouterr().out
+    assert "name: quickstart" in shown and "seed: 7" in shown
+    assert main(["config", "--set", "seed=5"]) == 0
+    assert "\nseed: 5\n" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("fedalign ")

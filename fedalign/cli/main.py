@@ -8,6 +8,7 @@ The simulation modules (Flower, Ray) are imported only by the commands that simu
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedalign.config.bundled import resolve_config
-from fedalign.config.load import load_config, parse_override, to_yaml
+from fedalign.config.load import apply_overrides, from_dict, load_config, parse_override, to_yaml
 from fedalign.core.errors import ConfigError, RoundFailedError, RunFolderError, RunInterrupted
 from fedalign.core.plugins import load_plugin
 from fedalign.data import DataError, format_histogram
@@ -48,7 +49,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif not args.config:
         raise ConfigError("give a CONFIG file (or --resume RUN_DIR)")
     else:
-        cfg = load_config(resolve_config(args.config), args.set)
+        cfg = load_config(args.config, args.set)
     from fedalign.runs.runner import run
 
     outcome = run(
@@ -113,6 +114,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(json.dumps(json_schema(), indent=2))
     elif args.config:
         print(to_yaml(load_config(args.config, args.set)), end="")
+    elif args.set:  # the defaults with these overrides, resolved and validated
+        print(to_yaml(from_dict(apply_overrides({}, args.set))), end="")
     else:
         print(defaults_yaml(), end="")
     return 0
@@ -191,8 +194,17 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version (a source tree that is not installed says so)."""
+    try:
+        return importlib.metadata.version("fedalign")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedalign", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedalign {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated simulation from a YAML config")

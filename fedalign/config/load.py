@@ -25,6 +25,7 @@ from fedalign.algorithms.pipeline import PHASES
 from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS
 from fedalign.algorithms.stats import STATISTICS
 from fedalign.client.training import OBJECTIVES
+from fedalign.config.bundled import resolve_config
 from fedalign.config.components import strategy_context
 from fedalign.config.schema import (
     AggregationConfig,
@@ -36,11 +37,11 @@ from fedalign.config.schema import (
     clients_per_round,
     derive_seeds,
 )
-from fedalign.core.errors import ConfigError
+from fedalign.core.errors import ConfigError, did_you_mean
 from fedalign.core.options import Range, conform
-from fedalign.core.registry import STRATEGIES, Context, Entry, RegistryError
+from fedalign.core.registry import STRATEGIES, Context, Entry, RegistryError, option_types
 from fedalign.data import dataset_options
-from fedalign.models import build_model, model_options
+from fedalign.models import MODELS, build_model, model_options
 from fedalign.report.trackers import TRACKERS
 
 Need = Callable[[bool, str, str], None]
@@ -73,7 +74,8 @@ def _check_declared(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(
-            f"{key}: unknown {choices.kind} {value!r}; choose one of {', '.join(choices)}"
+            f"{key}: unknown {choices.kind} {value!r}{did_you_mean(value, choices)}; "
+            f"choose one of {', '.join(choices)}"
         )
     bounds = meta.get("bounds", {})
     low, high = _first(bounds, "ge", "gt"), _first(bounds, "le", "lt")
@@ -96,7 +98,8 @@ def _build(cls: type, values: Any, prefix: str = "") -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
+            f"unknown key '{where}{unknown[0]}'{did_you_mean(unknown[0], fields)}; "
+            f"valid keys here: {', '.join(sorted(fields))}"
         )
     missing = [n for n, f in fields.items() if _required(f) and n not in values]
     if missing:
@@ -158,7 +161,8 @@ def _typed_options(
     if unknown:
         keys = ", ".join(f.name for f in dataclasses.fields(section) if f.name != "options")
         raise ConfigError(
-            f"unknown key '{where}.{unknown[0]}': not an option of {owner} "
+            f"unknown key '{where}.{unknown[0]}': not an option of {owner}"
+            f"{did_you_mean(unknown[0], [*takes, *keys.split(', ')])} "
             f"(options: {', '.join(sorted(takes)) or 'none'}; keys of {where}: {keys})"
         )
     return {k: conform(f"{where}.{k}", v, takes[k].types.get(k, Any)) for k, v in given.items()}
@@ -271,6 +275,9 @@ def _validate(cfg: RunConfig) -> RunConfig:
         f"model {cfg.model.name!r} takes no option {unknown[0] if unknown else ''!r}; "
         f"it takes {', '.join(sorted(options))}",
     )
+    annotations = option_types(MODELS.get(cfg.model.name).obj, cfg.model.options)
+    for name, value in cfg.model.options.items():  # a shape error later would not say which
+        conform(f"model.{name}", value, annotations.get(name, Any))
     need(
         s.min_train_clients <= d.num_clients,
         "strategy.min_train_clients",
@@ -380,15 +387,38 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return result
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply ``key=value`` overrides and validate everything."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document in ``path`` (a config or a suite: ``what``), or ConfigError in one line
+    naming the file and the problem: missing, not UTF-8 text, not valid YAML (with the line),
+    or empty (an empty file would otherwise run every default without a word)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a {what} (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if values is None:
+        raise ConfigError(f"{path}: the {what} is empty")
+    return values
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (a path, or a shipped config's name: ``quickstart``), apply
+    ``key=value`` overrides and validate everything."""
+    path = resolve_config(path)
+    values = read_yaml(path, "config file")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections, got {type(values).__name__}")
     return from_dict(apply_overrides(values, overrides or []))
 
 

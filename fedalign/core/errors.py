@@ -4,6 +4,16 @@ layer can raise them). ``DataError`` lives with the data (``fedalign.data.errors
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'lr'?)`` when ``word`` is close to one of ``choices`` (a misspelled key
+    or name), else an empty string: appended to an error that names ``word``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type or has an impossible value."""

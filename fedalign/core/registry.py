@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from fedalign.core.errors import did_you_mean
 from fedalign.core.options import conform
 
 
@@ -167,7 +168,10 @@ class Registry:
     def get(self, name: str) -> Entry:
         self._load()
         if name not in self._entries:
-            raise RegistryError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self)}")
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}{did_you_mean(name, self)}; "
+                f"choose one of {', '.join(self)}"
+            )
         return self._entries[name]
 
     def names(self) -> tuple[str, ...]:

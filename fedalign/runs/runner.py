@@ -149,13 +149,38 @@ def check_resources(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
 
 
 def check_model(cfg: RunConfig, fed: Federation) -> None:
-    """The model builds for the data's shapes (on the meta device: no memory, no init cost);
-    options that only fail there (LeNet on 8x8 digits) are a config error, not a crash later."""
+    """The model builds for the data's shapes and takes one of its examples, giving a score for
+    every class (on the meta device: no memory, no init cost). Options that do not fit the data
+    (LeNet on 8x8 digits, ``in_features: 10`` on 64 pixels, ``num_classes: 3`` for 10 labels)
+    are then one config error before any folder or Ray exists, not a crash in round 1."""
+    example = torch.as_tensor(fed.test_arrays.X[:1])
     try:
         with torch.device("meta"):
-            run_model(cfg, fed)
+            model = run_model(cfg, fed)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"model: {exc}") from None
+        raise ConfigError(f"model: {_first_line(exc)}") from None
+    try:
+        try:
+            out = model(example.to("meta"))
+        except NotImplementedError:  # an op without a meta kernel: one real forward
+            out = run_model(cfg, fed)(example)
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ConfigError(
+            f"model: {cfg.model.name} does not take {cfg.data.dataset}'s examples "
+            f"(shape {tuple(example.shape[1:])}): {_first_line(exc)}"
+        ) from None
+    if out.dim() < 2 or out.shape[-1] < fed.num_classes:
+        raise ConfigError(
+            f"model: {cfg.model.name} gives {tuple(out.shape[1:])} outputs per example, but "
+            f"{cfg.data.dataset} has {fed.num_classes} classes (drop model.num_classes or set it "
+            f"to {fed.num_classes})"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line (PyTorch's shape errors span several)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_dashboard(cfg: RunConfig) -> None:
