@@ -26,8 +26,10 @@ def accumulate_drift(
     drift: StateDict | None, sent: StateDict, trained: StateDict
 ) -> OrderedDict[str, torch.Tensor]:
     """``D_k + (w_k - w_sent)`` over the floating-point entries of the model (``D_k`` absent: the
-    client's first update). The client and the server (which keeps a copy for checkpoints) call
-    this same function on the same tensors, so their copies agree bit for bit."""
+    client's first update). A state dict does not say which entries are parameters, so float
+    buffers (BatchNorm's statistics) are summed too and the objective reads the parameters' among
+    them. The client and the server (which keeps a copy for checkpoints) call this same function on
+    the same tensors, so their copies agree bit for bit."""
     return OrderedDict(
         (k, trained[k] - v if drift is None else drift[k] + (trained[k] - v))
         for k, v in sent.items()
