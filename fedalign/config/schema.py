@@ -92,6 +92,7 @@ def key(
 
 REQUIRED: Any = dataclasses.MISSING
 """The default of a key that must be given (in a list item such as a fault)."""
+SIMULATION_BACKENDS = ("ray", "inprocess")
 FAULT_KINDS = ("raise", "nan", "wrong-shape", "missing-key", "scale", "crash", "slow")
 
 
@@ -215,8 +216,13 @@ class ServerOptimizerConfig:
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Where the clients run: Flower's simulation engine on Ray."""
+    """Where the clients run: Flower's simulation engine on Ray, or this process."""
 
+    backend: str = key(
+        "ray",
+        "ray: Flower's simulation engine; inprocess: every client called in this process, no Ray",
+        choices=Choices("simulation backend", lambda: SIMULATION_BACKENDS),
+    )
     client_cpus: float = key(1.0, "Ray CPUs per client; 0.5 runs two clients per core", gt=0)
     client_gpus: float = key(0.0, "Ray GPUs per client; fractions share a GPU", ge=0)
     ray_address: str | None = key(None, "attach to an existing Ray cluster (or set RAY_ADDRESS)")
@@ -293,7 +299,7 @@ class RunConfig:
     server_optimizer: ServerOptimizerConfig = key(
         ServerOptimizerConfig, "the server's step towards the fused model (FedAvgM, FedAdam, ...)"
     )
-    simulation: SimulationConfig = key(SimulationConfig, "where clients run (Ray)")
+    simulation: SimulationConfig = key(SimulationConfig, "where clients run (Ray or in-process)")
     output: OutputConfig = key(OutputConfig, "what the run folder gets")
     faults: tuple[FaultConfig, ...] = key((), "injected client faults, to test robustness")
     seeds: Seeds | None = key(None, "pin derived seeds; the run folder's config records all four")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -104,8 +104,10 @@ def _log_device(device: str, gpu_wanted: bool) -> None:
 
 def ray_node_metric() -> dict[str, int]:
     """``{"ray-node": n}``: the Ray node this client runs on (its id's first 12 hex digits), so a
-    run on a cluster records where its clients trained; empty outside Ray."""
-    if not ray.is_initialized():
+    run on a cluster records where its clients trained; empty outside a Ray actor (the in-process
+    backend never imports Ray: a Ray worker has it imported already)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return {}
     return {"ray-node": int(ray.get_runtime_context().get_node_id()[:12], 16)}
 
@@ -150,13 +152,16 @@ def train_reply_metrics(stats: TrainStats, partition_id: int, counts: list[int])
 def train(msg: Message, context: Context) -> Message:
     cfg, config, partition_id, fed = _setup(msg, context)
     data = fed.client(partition_id)
+    hook = strategy_state(cfg, msg, context.state)
+    model = None
     if str(config.get("client-init", "global")) == "local":
         model = run_model(cfg, fed, init_seed=local_init_seed(cfg, partition_id))
-    else:
+    elif hook is not None:  # a base the client builds itself, with what it was sent (LoRA)
+        model = hook.model(lambda: run_model(cfg, fed, init_seed=cfg.resolved_seeds.init), cfg)
+    if model is None:
         model = _received_model(msg, cfg, fed)
     server_round = int(config.get("server-round", 0))
     frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
-    hook = strategy_state(cfg, msg, context.state)
     phase = phase_training(config)  # the server's overrides of train for this exchange
     stats = train_client(
         cfg,
@@ -183,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
     kinds = _kinds(config)
     if kinds:  # what the server's pipeline needs of the trained model (before a fault corrupts it)
         content["statistics"] = _statistics(cfg, kinds, model, data, partition_id)
-    state = model.state_dict()
+    state = model.state_dict() if hook is None else hook.reply(model)
     fault = fault_for(cfg, server_round, partition_id)
     if fault is not None:
         state = apply_fault(fault, state)

@@ -63,9 +63,10 @@ def kill_descendants() -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals(run_dir: Path, resumable: Callable) -> Iterator[StopRequest]:
+def stop_on_signals(run_dir: Path, resumable: Callable, ray: bool = True) -> Iterator[StopRequest]:
     """SIGINT/SIGTERM handlers for the duration of a run (main thread only; elsewhere the request
-    is never set). ``resumable()`` says whether a checkpoint exists when a second signal comes."""
+    is never set). ``resumable()`` says whether a checkpoint exists when a second signal comes;
+    ``ray``: whether the run starts Ray (an in-process run neither needs nor imports it)."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -89,16 +90,25 @@ def stop_on_signals(run_dir: Path, resumable: Callable) -> Iterator[StopRequest]
             flush=True,
         )
 
+    previous = {sig: signal.signal(sig, handle) for sig in EXIT_CODES}
+    with keep_sigterm_handler() if ray else contextlib.nullcontext():
+        try:
+            yield request
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if request():
+                request.reap()
+
+
+@contextlib.contextmanager
+def keep_sigterm_handler() -> Iterator[None]:
+    """Within the block, Ray's driver leaves the SIGTERM handler as it finds it."""
     import ray._private.utils as ray_utils  # here: the CLI's other commands never import Ray
 
-    previous = {sig: signal.signal(sig, handle) for sig in EXIT_CODES}
-    keep_sigterm = ray_utils.set_sigterm_handler
+    original = ray_utils.set_sigterm_handler
     ray_utils.set_sigterm_handler = lambda handler: None
     try:
-        yield request
+        yield
     finally:
-        ray_utils.set_sigterm_handler = keep_sigterm
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if request():
-            request.reap()
+        ray_utils.set_sigterm_handler = original

@@ -1,7 +1,9 @@
-"""Run a configured federation on Flower's simulation engine (Ray), into a run folder.
+"""Run a configured federation on Flower's simulation engine (Ray), or in this process
+(``simulation.backend: inprocess``, ``fedalign.runs.inprocess``), into a run folder.
 
 Flower's ``run_simulation`` is deprecated as a public entry point (``flwr run`` is the supported
-one), so it is wrapped here, behind one function: if Flower moves, only this module changes.
+one), so it is wrapped here, behind one function: if Flower moves, only this module changes. Ray is
+imported only by a run on the Ray backend: an in-process run works where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-import ray._private.services as ray_services
 import torch
-from flwr.simulation import run_simulation
+from flwr.serverapp import ServerApp
 
 from fedalign.config.components import run_federation, run_federation_key, run_model
 from fedalign.config.schema import RunConfig
@@ -44,6 +44,7 @@ from fedalign.runs.checkpoint import (
     load_latest,
 )
 from fedalign.runs.folder import new_run
+from fedalign.runs.inprocess import run_in_process
 from fedalign.runs.interrupts import stop_on_signals
 from fedalign.runs.progress import round_output
 from fedalign.runs.server_app import make_server_app
@@ -105,6 +106,8 @@ def loopback_ray(local: bool) -> Iterator[None]:
     if not local:
         yield
         return
+    import ray._private.services as ray_services
+
     original = ray_services.resolve_ip_for_localhost
     ray_services.resolve_ip_for_localhost = lambda host: host
     try:
@@ -118,6 +121,8 @@ def node_resources(address: str | None) -> list[dict[str, float]]:
     this machine, which Flower will start Ray on."""
     if not address:
         return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+    import ray
+
     if not ray.is_initialized():
         ray.init(
             address=address,
@@ -188,6 +193,8 @@ def check_dashboard(cfg: RunConfig) -> None:
     before Ray starts rather than let ``ray.init`` fail inside Flower."""
     if not cfg.simulation.ray_dashboard:
         return
+    import ray._private.utils
+
     missing = getattr(ray._private.utils, "get_dashboard_dependency_error", lambda: None)()
     if missing is not None:
         raise ConfigError(
@@ -234,13 +241,17 @@ def run(
     # or model option fails before any folder or Ray exists.
     fed = run_federation(cfg)
     check_model(cfg, fed)
-    address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")
-    if not address:  # an existing cluster has its own dashboard, or none
+    on_ray = cfg.simulation.backend == "ray"
+    address = (cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")) if on_ray else None
+    if not on_ray:
+        check_in_process(cfg)
+    elif not address:  # an existing cluster has its own dashboard, or none
         check_dashboard(cfg)
     for name in cfg.output.trackers:
         if (problem := missing_package(name)) is not None:
             raise ConfigError(f"output.trackers: {problem}")
-    check_resources(cfg, node_resources(address))
+    if on_ray:
+        check_resources(cfg, node_resources(address))
     if resume is not None:
         recorder = RunRecorder(resume_dir)
         recorder.truncate_after(resume.round)
@@ -250,7 +261,7 @@ def run(
         recorder = new_run(cfg, output_dir or cfg.output.dir)
     outcome: dict[str, Any] = {}
     t0 = time.perf_counter()
-    backend = backend_config(cfg, verbose)
+    backend = backend_config(cfg, verbose) if on_ray else None
 
     def has_checkpoint() -> bool:
         return bool(list_checkpoints(recorder.dir / "checkpoints"))
@@ -264,30 +275,31 @@ def run(
                 desc=f"{cfg.name} [{cfg.strategy.name}]",
                 done=0 if resume is None else resume.round,
             ) as printer,
-            loopback_ray("address" not in backend["init_args"]),
-            stop_on_signals(recorder.dir, has_checkpoint) as stop,
-            fast_dispatch(cfg.simulation.fast_dispatch),
-            data_copy(cfg, fed, recorder.dir) as copy,
+            loopback_ray(on_ray and address is None),
+            stop_on_signals(recorder.dir, has_checkpoint, ray=on_ray) as stop,
+            fast_dispatch(on_ray and cfg.simulation.fast_dispatch),
+            # in-process clients read this process's federation: no copy to map
+            data_copy(cfg, fed, recorder.dir, on_ray) as copy,
         ):
 
             def on_round(row: dict[str, Any]) -> None:
                 if row["round"] > 0 and "first_round_end_s" not in outcome:
                     # start-up as users feel it: Ray, the actors, discovery and the first round
                     outcome["first_round_end_s"] = round(time.perf_counter() - t0, 2)
-                if cfg.simulation.ray_dashboard and not printer.rows and ray.is_initialized():
-                    printer.write(f"Ray dashboard: http://{ray.get_dashboard_url()}")
+                if cfg.simulation.ray_dashboard and not printer.rows:
+                    import ray
+
+                    if ray.is_initialized():
+                        printer.write(f"Ray dashboard: http://{ray.get_dashboard_url()}")
                 printer(row)
 
             while True:
                 try:
-                    run_simulation(
-                        server_app=make_server_app(
-                            cfg, recorder, on_round, outcome, resume, stop, copy
-                        ),
-                        client_app=client_app,
-                        num_supernodes=cfg.data.num_clients,
-                        backend_config=backend,
-                        verbose_logging=verbose,
+                    simulate(
+                        cfg,
+                        make_server_app(cfg, recorder, on_round, outcome, resume, stop, copy),
+                        backend,
+                        verbose,
                     )
                     break
                 except ActorPoolBroken as exc:
@@ -307,12 +319,44 @@ def run(
     return RunOutcome(recorder.dir, outcome)
 
 
+def simulate(
+    cfg: RunConfig, server_app: ServerApp, backend: dict[str, Any] | None, verbose: bool
+) -> None:
+    """Run ``server_app`` against the run's clients: on Flower's simulation engine with Ray
+    ``backend`` settings (``backend_config``), or, with none, in this process."""
+    if backend is None:
+        run_in_process(server_app, client_app, cfg.data.num_clients)
+        return
+    from flwr.simulation import run_simulation
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.data.num_clients,
+        backend_config=backend,
+        verbose_logging=verbose,
+    )
+
+
+def check_in_process(cfg: RunConfig) -> None:
+    """The Ray-only keys a run on the in-process backend cannot honour, as one config error."""
+    sim = cfg.simulation
+    for name, value in (("ray_address", sim.ray_address), ("ray_dashboard", sim.ray_dashboard)):
+        if value:
+            raise ConfigError(
+                f"simulation.{name}={value}: needs simulation.backend: ray "
+                f"(simulation.backend: inprocess runs every client in this process)"
+            )
+
+
 @contextlib.contextmanager
-def data_copy(cfg: RunConfig, fed: Federation, run_dir: Path) -> Iterator[str | None]:
-    """With ``simulation.shared_data``, the run's data written once into ``run_dir/DATA_COPY``
-    for its clients to map (``fedalign.data.shared``), removed when the run ends; its folder, or
-    None."""
-    if not cfg.simulation.shared_data:
+def data_copy(
+    cfg: RunConfig, fed: Federation, run_dir: Path, wanted: bool = True
+) -> Iterator[str | None]:
+    """With ``simulation.shared_data`` (and ``wanted``: the clients run in other processes), the
+    run's data written once into ``run_dir/DATA_COPY`` for its clients to map
+    (``fedalign.data.shared``), removed when the run ends; its folder, or None."""
+    if not (cfg.simulation.shared_data and wanted):
         yield None
         return
     with shared_copy(fed, run_dir / DATA_COPY, run_federation_key(cfg)) as path:
