@@ -327,5 +327,6 @@ def aggregate_local(
         return [measure(kinds, fused, j, targets=targets) for j in range(len(states))]
 
     stats = [measure(plan.train_statistics(), s, j) for j, s in enumerate(states)]
-    spec = permutation_spec(loaded(states[0]))
+    # traced on the clients' own input (token ids, images: dtype and shape as they train on)
+    spec = permutation_spec(loaded(states[0]), samples[0][0][:2])
     return aggregate(plan, spec, states, weights, stats, ask_cross, ask_fused, seed=seed)

@@ -78,6 +78,7 @@ def sinkhorn_rebasin(
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    spec.require_free_groups("Sinkhorn re-basin")
     if loss == "midpoint" and (model is None or data is None):
         raise ValueError("loss='midpoint' needs the model (architecture) and data=(X, y)")
     generator = torch.Generator().manual_seed(seed)

@@ -63,6 +63,7 @@ def output_axis(model: nn.Module, key: str) -> int:
 
 def matched_layers(spec: PermutationSpec, model: nn.Module) -> list[MatchedLayer]:
     """The spec's groups in forward order, as layers FedMA can match one after another."""
+    spec.require_free_groups("FedMA's layer matching")
     layers = []
     for group, refs in spec.groups.items():
         if any(r.key in spec.buffers for r in refs):
