@@ -178,6 +178,9 @@ def test_bad_suites_name_the_problem(tmp_path, capsys):
     )
     with pytest.raises(ConfigError, match="unknown suite key 'seed'"):
         load_suite(bad)
+    bad.write_text("strategies: [fedavg\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML at line 2, column 1: .*"):
+        load_suite(bad)
     for seeds in ("[]", "-2", "[1, 1]", "[-1]", "[0.5]"):
         bad.write_text(
             f"base: {ROOT / 'configs/digits_mlp.yaml'}\nstrategies: [fedavg]\npartitions: [iid]\n"

@@ -48,9 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fedalign.config.load import load_config
+from fedalign.config.load import load_config, read_yaml
 from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 from fedalign.report.intervals import Interval, paired, t_interval
@@ -167,10 +165,7 @@ def load_suite(
     ``seeds`` (a count: seeds 0..seeds-1) and ``baseline`` (a strategy label) replace the
     suite's."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the suite: {exc}") from None
+    raw = read_yaml(path, "suite")  # missing, binary, bad YAML, empty: one line each
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a suite is a mapping with keys {', '.join(sorted(SUITE_KEYS))}")
     unknown = sorted(set(raw) - SUITE_KEYS)
