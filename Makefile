@@ -54,7 +54,7 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip uninstall --quiet --yes torch; fi
 	rm -f $(VENV)/.installed*
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX_$(TORCH))
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,hf]"
 	touch $@
 
 # Debian's packages for Fashion-MNIST and the fortunes corpus, when apt is usable and they are

@@ -45,7 +45,9 @@ from fedalign.core.tensors import normalised_weights
 LORA_RULES = Registry("lora rule")
 """LoRA rule name -> ``rule(clients: [Adapter], weights, **options) -> LayerUpdate``;
 ``meta["equal_ranks"]``: the rule averages A and B entrywise, so every client of a layer must
-have the same rank."""
+have the same rank; ``meta["frozen"]``: the factor (``"A"``) the clients never train, shared
+from one initialisation (it never travels); ``meta["local"]``: the factor (``"B"``) each client
+keeps for itself between rounds (the server is not sent it back)."""
 
 ClientAdapters = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 """One client's adapters: layer name -> ``(A, B)`` with ``A: r x in``, ``B: out x r``."""
@@ -155,7 +157,7 @@ def fedit(clients: Sequence[Adapter], weights: torch.Tensor) -> LayerUpdate:
     return LayerUpdate(adapter.product(), adapter=adapter)
 
 
-@LORA_RULES.register("ffa-lora", equal_ranks=True)
+@LORA_RULES.register("ffa-lora", equal_ranks=True, frozen="A")
 def ffa_lora(clients: Sequence[Adapter], weights: torch.Tensor) -> LayerUpdate:
     """FFA-LoRA (Sun et al., ICLR 2024): A stays frozen at one shared initialisation and only B
     trains and travels, so ``mean(B_i) A = mean(B_i A)``: exact. Clients whose A differ break
@@ -172,7 +174,7 @@ def ffa_lora(clients: Sequence[Adapter], weights: torch.Tensor) -> LayerUpdate:
     return LayerUpdate(adapter.product(), adapter=adapter)
 
 
-@LORA_RULES.register("fedsa-lora", equal_ranks=True)
+@LORA_RULES.register("fedsa-lora", equal_ranks=True, local="B")
 def fedsa_lora(clients: Sequence[Adapter], weights: torch.Tensor) -> LayerUpdate:
     """FedSA-LoRA (Guo et al., ICLR 2025): A (general knowledge) is averaged and shared, B
     (client-specific) stays on its client. Client ``i`` continues from ``(A_bar, B_i)``. The

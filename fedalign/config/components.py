@@ -7,17 +7,28 @@ run sees the same partition and the same architecture.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from fedalign.algorithms.pipeline import Plan
 from fedalign.client.training import OBJECTIVES, TrainStats, train_local
-from fedalign.config.schema import DataConfig, RunConfig, TrainConfig, clients_per_round
+from fedalign.config.schema import (
+    AdaptersConfig,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    clients_per_round,
+)
+from fedalign.core.errors import ConfigError
 from fedalign.data import Federation, federation, federation_key
 from fedalign.models import build_model, fit_to_state, model_options
 
@@ -91,7 +102,55 @@ def run_model(
     if init_seed is not None:
         torch.manual_seed(init_seed)
     model = build_model(cfg.model.name, **options)
+    if state is None and cfg.model.init is not None:
+        state = fitting_state(model, initial_state(cfg.model.init), f"model.init {cfg.model.init}")
     return model if state is None else fit_to_state(model, state)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_init(path: str, mtime: float) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"model.init: {path} is not a safetensors file ({exc})") from None
+
+
+def initial_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The pre-trained weights ``model.init`` names: a safetensors file, or a run folder's
+    final model (its ``model.safetensors``). Read once per process (every client message builds
+    its model from them); ConfigError in one line when there are none."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise ConfigError(
+                f"model.init: {path} has no model.safetensors (a finished run's final model)"
+            )
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"model.init: {path} does not exist")
+    return {k: v.clone() for k, v in _read_init(str(path), path.stat().st_mtime).items()}
+
+
+def fitting_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    """``state`` if it holds exactly ``model``'s tensors at their shapes (the model as the config
+    and the data size it); else ConfigError in one line naming the first misfit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or wrong:
+        why = (
+            f"lacks {missing[0]!r}"
+            if missing
+            else f"has {extra[0]!r}, which the model has not"
+            if extra
+            else f"{wrong[0]!r} is {tuple(state[wrong[0]].shape)}, the model's "
+            f"{tuple(own[wrong[0]].shape)}"
+        )
+        raise ConfigError(f"{what} does not fit the model {type(model).__name__}: {why}")
+    return dict(state)
 
 
 def server_device(cfg: RunConfig) -> torch.device:
@@ -183,7 +242,9 @@ class StrategyContext:
     and FedNova derive gradients from it, schedules scale it); ``device``: where the server
     aligns and matches; ``server_optimizer``: the step towards the fused model (name, options);
     ``plan``: the align -> fuse -> repair pipeline, for strategies that take it, and
-    ``own_init``: whether round 1 trains from the clients' own inits."""
+    ``own_init``: whether round 1 trains from the clients' own inits; ``adapters``: the LoRA
+    adapters the clients train (``kind: none``: the whole model); ``init_seed``: the run's init
+    seed, from which the clients draw what they initialise themselves (fresh adapters)."""
 
     model: nn.Module
     num_clients: int = 2
@@ -194,6 +255,8 @@ class StrategyContext:
     server_optimizer: tuple[str, Mapping[str, Any]] = ("sgd", {"lr": 1.0})
     plan: Plan = field(default_factory=Plan)
     own_init: bool = False
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    init_seed: int = 0
 
 
 def strategy_context(cfg: RunConfig, model: nn.Module) -> StrategyContext:
@@ -210,4 +273,6 @@ def strategy_context(cfg: RunConfig, model: nn.Module) -> StrategyContext:
         server_optimizer=(o.name, dict(o.options)),
         plan=cfg.to_plan(device=device),
         own_init=cfg.aggregation.own_init,
+        adapters=cfg.adapters,
+        init_seed=cfg.resolved_seeds.init,
     )

@@ -11,6 +11,7 @@ value they use, so a run folder says everything that ran.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import types
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from fedalign.algorithms.lora import LORA_RULES
 from fedalign.algorithms.pipeline import PHASES
 from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS
 from fedalign.algorithms.stats import STATISTICS
@@ -28,6 +30,7 @@ from fedalign.client.training import OBJECTIVES
 from fedalign.config.bundled import resolve_config
 from fedalign.config.components import strategy_context
 from fedalign.config.schema import (
+    AdaptersConfig,
     AggregationConfig,
     ModelConfig,
     RunConfig,
@@ -118,19 +121,20 @@ def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def _named_section(key: str, raw: Any, default: str) -> dict[str, Any]:
+def _named_section(key: str, raw: Any, section: type) -> dict[str, Any]:
     """Accept ``model: {name: mlp, hidden: [200]}`` (or ``server_optimizer: {name: adam, lr:
-    0.1}``, or the name alone): every key but ``name`` is an option of the named thing."""
+    0.1}``, or the name alone): every key but the section's own (``name``, ``model.init``) is an
+    option of the named thing."""
     if isinstance(raw, str):
         return {"name": raw, "options": {}}
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
     raw = dict(raw)
-    name = raw.pop("name", default)
-    options = raw.pop("options", {})
+    own = {f.name: raw.pop(f.name) for f in dataclasses.fields(section) if f.name in raw}
+    options = own.pop("options", {})
     if not isinstance(options, dict):
         raise ConfigError(f"{key}.options: expected a mapping, got {options!r}")
-    return {"name": name, "options": {**options, **raw}}
+    return {"name": section().name, **own, "options": {**options, **raw}}
 
 
 def _options_section(key: str, raw: Any, section: type) -> Any:
@@ -219,6 +223,35 @@ def _validate_strategy(cfg: RunConfig, model: Any, need: Need) -> RunConfig:
     return cfg
 
 
+def _validate_adapters(cfg: RunConfig, need: Need) -> RunConfig:
+    """The pre-trained weights exist; adapters run with the ``lora`` strategy (and it with
+    them), with the ``hf`` extra installed; the rule reads every option given. Returns ``cfg``
+    with the rule's options resolved."""
+    if cfg.model.init is not None:
+        need(
+            Path(cfg.model.init).expanduser().exists(),
+            "model.init",
+            f"{cfg.model.init!r} does not exist (a safetensors file or a run folder)",
+        )
+    a = cfg.adapters
+    if a.kind == "none":
+        need(not a.options, "adapters", "options given but adapters.kind is none")
+        return cfg
+    need(
+        cfg.strategy.name == "lora",
+        "strategy.name",
+        f"adapters.kind: {a.kind} runs with strategy lora, not {cfg.strategy.name!r}",
+    )
+    need(
+        importlib.util.find_spec("peft") is not None,
+        "adapters",
+        "LoRA needs peft: pip install 'fedalign[hf]'",
+    )
+    entry = LORA_RULES.get(a.rule)
+    given = _typed_options("adapters", a.options, [entry], f"lora rule {a.rule}", AdaptersConfig)
+    return dataclasses.replace(cfg, adapters=dataclasses.replace(a, options=entry.resolve(given)))
+
+
 def _validate_server_optimizer(cfg: RunConfig, need: Need) -> RunConfig:
     """The server optimizer takes the options given, with valid values; returns ``cfg`` with its
     options resolved (every option it takes, with the value it uses)."""
@@ -301,6 +334,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         f"strategy {s.name} trains with its own objective ({own}), not {cfg.objective!r}",
     )
     cfg = _validate_aggregation(cfg, context, need)
+    cfg = _validate_adapters(cfg, need)
     cfg = _validate_server_optimizer(cfg, need)
     cfg = _validate_strategy(cfg, model, need)
     if cfg.objective == "proximal":
@@ -332,12 +366,16 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"config: expected a mapping at the top level, got {values!r}")
     values = dict(values)
     if "model" in values:
-        values["model"] = _named_section("model", values["model"], ModelConfig().name)
+        values["model"] = _named_section("model", values["model"], ModelConfig)
     if "server_optimizer" in values:
         values["server_optimizer"] = _named_section(
-            "server_optimizer", values["server_optimizer"], ServerOptimizerConfig().name
+            "server_optimizer", values["server_optimizer"], ServerOptimizerConfig
         )
-    for key, section in (("strategy", StrategyConfig), ("aggregation", AggregationConfig)):
+    for key, section in (
+        ("strategy", StrategyConfig),
+        ("aggregation", AggregationConfig),
+        ("adapters", AdaptersConfig),
+    ):
         if key in values:
             values[key] = _options_section(key, values[key], section)
     seeds_given = values.pop("seeds", None) or {}
@@ -357,6 +395,9 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
             cfg.data, data_dir=str(Path(cfg.data.data_dir).expanduser().resolve())
         )
         cfg = dataclasses.replace(cfg, data=data)
+    if cfg.model.init is not None:  # as data_dir: every worker reads the same file
+        init = str(Path(cfg.model.init).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=init))
     return cfg
 
 

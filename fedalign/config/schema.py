@@ -33,6 +33,7 @@ import numpy as np
 
 from fedalign.algorithms.align import ALIGNERS, SOLVERS
 from fedalign.algorithms.fusion import FUSE_RULES
+from fedalign.algorithms.lora import LORA_RULES
 from fedalign.algorithms.pipeline import Plan
 from fedalign.algorithms.repair import REPAIR_RULES
 from fedalign.algorithms.server_opt import SERVER_OPTIMIZERS
@@ -93,6 +94,7 @@ def key(
 REQUIRED: Any = dataclasses.MISSING
 """The default of a key that must be given (in a list item such as a fault)."""
 SIMULATION_BACKENDS = ("ray", "inprocess")
+ADAPTER_KINDS = ("none", "lora")
 FAULT_KINDS = ("raise", "nan", "wrong-shape", "missing-key", "scale", "crash", "slow")
 
 
@@ -123,6 +125,29 @@ class ModelConfig:
     options: dict[str, Any] = key(
         {}, "its options (keyword arguments), also writable in the section"
     )
+    init: str | None = key(
+        None, "start from these weights: a safetensors file or a run folder (its final model)"
+    )
+
+
+@dataclass(frozen=True)
+class AdaptersConfig:
+    """Parameter-efficient fine-tuning: the model's weights stay frozen and the clients train
+    low-rank adapters (LoRA through ``peft``, the ``hf`` extra), which alone travel; ``rule``
+    names how the server combines them (``fedalign.algorithms.lora.LORA_RULES``) and the rule's
+    options may be written directly in the section. Runs with ``strategy: {name: lora}``."""
+
+    kind: str = key(
+        "none", "what the clients train", choices=Choices("adapter kind", lambda: ADAPTER_KINDS)
+    )
+    rank: int = key(8, "the adapters' rank r", ge=1)
+    alpha: float = key(16.0, "LoRA's alpha: the change is (alpha / r) B A", gt=0)
+    dropout: float = key(0.0, "dropout on the adapters' input", ge=0, lt=1)
+    targets: tuple[str, ...] = key(
+        ("all-linear",), "modules adapted (peft's target_modules; all-linear: every Linear)"
+    )
+    rule: str = key("fedit", "how the server combines the clients' adapters", choices=LORA_RULES)
+    options: dict[str, Any] = key({}, "the rule's options, also writable in the section")
 
 
 @dataclass(frozen=True)
@@ -167,6 +192,11 @@ class StrategyConfig:
     round_retries: int = key(1, "resamples of a round with too few valid replies", ge=0)
     max_update_norm: float | None = key(
         None, "reject updates whose norm exceeds this; null: no bound", gt=0
+    )
+    max_update_ratio: float | None = key(
+        100.0,
+        "drop an update whose norm exceeds this x the other clients' median; null: no check",
+        gt=1,
     )
     max_client_examples: int | None = key(
         None, "clip self-reported example counts to this; null: no bound", ge=1
@@ -291,6 +321,7 @@ class RunConfig:
     seed: int = key(0, "derives the partition, init, sampling and shuffling seeds", ge=0)
     data: DataConfig = key(DataConfig, "the dataset and its partition")
     model: ModelConfig = key(ModelConfig, "the model; other keys are its options")
+    adapters: AdaptersConfig = key(AdaptersConfig, "LoRA fine-tuning: only adapters train, travel")
     train: TrainConfig = key(TrainConfig, "the clients' local training")
     strategy: StrategyConfig = key(StrategyConfig, "the server's strategy")
     aggregation: AggregationConfig = key(

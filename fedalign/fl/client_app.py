@@ -152,13 +152,16 @@ def train_reply_metrics(stats: TrainStats, partition_id: int, counts: list[int])
 def train(msg: Message, context: Context) -> Message:
     cfg, config, partition_id, fed = _setup(msg, context)
     data = fed.client(partition_id)
+    hook = strategy_state(cfg, msg, context.state)
+    model = None
     if str(config.get("client-init", "global")) == "local":
         model = run_model(cfg, fed, init_seed=local_init_seed(cfg, partition_id))
-    else:
+    elif hook is not None:  # a base the client builds itself, with what it was sent (LoRA)
+        model = hook.model(lambda: run_model(cfg, fed, init_seed=cfg.resolved_seeds.init), cfg)
+    if model is None:
         model = _received_model(msg, cfg, fed)
     server_round = int(config.get("server-round", 0))
     frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
-    hook = strategy_state(cfg, msg, context.state)
     phase = phase_training(config)  # the server's overrides of train for this exchange
     stats = train_client(
         cfg,
@@ -185,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
     kinds = _kinds(config)
     if kinds:  # what the server's pipeline needs of the trained model (before a fault corrupts it)
         content["statistics"] = _statistics(cfg, kinds, model, data, partition_id)
-    state = model.state_dict()
+    state = model.state_dict() if hook is None else hook.reply(model)
     fault = fault_for(cfg, server_round, partition_id)
     if fault is not None:
         state = apply_fault(fault, state)

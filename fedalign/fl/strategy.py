@@ -83,6 +83,11 @@ class Strategy:
         checks, before the round counts its valid replies."""
         return None
 
+    def client_models(self, rnd: Round, partitions: list[int]) -> dict[int, StateDict]:
+        """What each sampled partition is sent to train from and replies in kind (each reply is
+        checked against it): the global model by default; the LoRA strategy sends adapters."""
+        return dict.fromkeys(partitions, rnd.reference)
+
     def extra_records(self, rnd: Round, partitions: list[int]) -> dict[int, dict[str, StateDict]]:
         """Array records sent with each partition's model beside it (SCAFFOLD's control
         variates); none by default."""
@@ -102,7 +107,7 @@ class Strategy:
             rnd.log.clients_sampled += len(partitions)
             updates = rnd.train(
                 "train",
-                dict.fromkeys(partitions, rnd.reference),
+                self.client_models(rnd, partitions),
                 self.train_config(rnd),
                 local_init=self.local_init(rnd, partitions),
                 check=lambda update: self.check(rnd, update),

@@ -16,6 +16,7 @@ from torch import nn
 from fedalign.core.registry import Registry
 
 from .cnn import VGG9, LeNet
+from .hf import hf_model
 from .lstm import CharLSTM
 from .mlp import MLP
 from .resize import fit_to_state
@@ -32,6 +33,7 @@ for _name, _builder in (
     ("char_lstm", CharLSTM),
     ("char_transformer", CharTransformer),
     ("vit", ViT),
+    ("hf", hf_model),  # a transformers model saved to disk (the hf extra; imported on build)
 ):
     MODELS.register(_name, _builder, options={})
 

@@ -272,13 +272,17 @@ class MockClient:
             raise RuntimeError(f"client {self.partition_id} failed on purpose")
         cfg, config = self._setup(msg)
         pid = self.partition_id
+        hook = strategy_state(cfg, msg, self.context_state)
+        model = None
         if str(config.get("client-init", "global")) == "local":
             model = run_model(cfg, self.shapes, init_seed=local_init_seed(cfg, pid))
-        else:
+        elif hook is not None:  # a base the client builds itself (LoRA)
+            init = cfg.resolved_seeds.init
+            model = hook.model(lambda: run_model(cfg, self.shapes, init_seed=init), cfg)
+        if model is None:
             model = self.model(cfg, to_state_dict(msg.content["arrays"]))
         server_round = int(config.get("server-round", 0))
         frozen = [k for k in str(config.get("frozen", "")).split(",") if k]
-        hook = strategy_state(cfg, msg, self.context_state)
         phase = phase_training(config)  # the server's overrides of train for this exchange
         stats = train_client(
             cfg,
@@ -320,7 +324,7 @@ class MockClient:
             if fault in POISONS:
                 poisoned = POISONS[fault](unflatten(to_state_dict(content["statistics"])))
                 content["statistics"] = to_arrays(flatten(poisoned))
-        state = OrderedDict(model.state_dict())
+        state = OrderedDict(model.state_dict() if hook is None else hook.reply(model))
         if fault in ("nan", "wrong-shape", "scale"):
             state = apply_fault(FaultConfig(round=server_round, client=pid, kind=fault), state)
         content["arrays"] = to_arrays(state)

@@ -3,7 +3,8 @@
 ``fedavg`` and ``fedprox`` are one server rule (the align -> fuse -> repair pipeline, a weighted
 mean by default) with two client objectives; ``scaffold`` and ``fednova`` add a correction of
 client drift to it, ``moon`` a model-contrastive client objective; ``feddyn`` is its paper's own
-rule with a dynamic regulariser on the clients; ``pfnm`` and ``fedma`` fuse by neuron matching.
+rule with a dynamic regulariser on the clients; ``pfnm`` and ``fedma`` fuse by neuron matching;
+``lora`` fine-tunes LoRA adapters on a frozen base (the ``adapters`` section).
 Every one of them ends with the config's server optimizer (FedAvgM, FedAdam, FedYogi, FedAdagrad
 are ``server_optimizer`` settings, not strategies). Each strategy's options are its constructor's
 keyword-only parameters (and those of the callables it lists in ``options_from``);
@@ -19,6 +20,7 @@ from .fedavg import FedAvg
 from .feddyn import FedDyn
 from .fedma import FedMA
 from .fednova import FedNova
+from .lora import LoraStrategy
 from .moon import Moon
 from .pfnm import PFNM
 from .scaffold import Scaffold
@@ -31,5 +33,6 @@ STRATEGIES.register("feddyn", FedDyn, objective="feddyn")
 STRATEGIES.register("moon", Moon, objective="moon", pipeline=True)
 STRATEGIES.register("pfnm", PFNM, objective="plain")
 STRATEGIES.register("fedma", FedMA, objective="plain")
+STRATEGIES.register("lora", LoraStrategy, objective="plain")
 
-__all__ = ["PFNM", "FedAvg", "FedDyn", "FedMA", "FedNova", "Moon", "Scaffold"]
+__all__ = ["PFNM", "FedAvg", "FedDyn", "FedMA", "FedNova", "LoraStrategy", "Moon", "Scaffold"]
