@@ -233,6 +233,9 @@ def run(
     # Ray workers inherit the environment: they import the modules that registered the user's
     # models, datasets and rules, so those exist on every client too.
     os.environ.update(plugin_environment())
+    on_ray = cfg.simulation.backend == "ray"
+    if not on_ray:
+        check_in_process(cfg)
 
     resume = None if resume_dir is None else resumable(cfg, resume_dir)
     if resume is not None and resume.round >= cfg.strategy.rounds:
@@ -241,11 +244,8 @@ def run(
     # or model option fails before any folder or Ray exists.
     fed = run_federation(cfg)
     check_model(cfg, fed)
-    on_ray = cfg.simulation.backend == "ray"
     address = (cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")) if on_ray else None
-    if not on_ray:
-        check_in_process(cfg)
-    elif not address:  # an existing cluster has its own dashboard, or none
+    if not address:  # an existing cluster has its own dashboard, or none
         check_dashboard(cfg)
     for name in cfg.output.trackers:
         if (problem := missing_package(name)) is not None:
