@@ -152,3 +152,62 @@ def test_one_client_far_above_the_others_median_is_an_outlier():
     assert reason.startswith("fisher/total: 2e+12 per row, more than max_stat_ratio=10000")
     assert scale_outliers(fishers[:2], 1e4) == {}  # honest clients differ by far less
     assert scale_outliers(fishers, None) == {}
+
+
+def _two_clients_with_grams():
+    """Two MLP clients and their received Grams, as ``fedalign.aggregate`` takes them."""
+    from fedalign.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=4, hidden=[5], num_classes=3)
+    X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    states = [OrderedDict((k, v + 0.01 * j) for k, v in model.state_dict().items()) for j in (0, 1)]
+    stats = []
+    for state in states:
+        model.load_state_dict(state)
+        sent = client_statistics(["grams"], model, X, y, options={"regmean_output": "regmean"})
+        stats.append(received_statistics(sent, state))
+    return model, states, stats
+
+
+@pytest.mark.parametrize(
+    ("poison", "message"),
+    [
+        (lambda G: -G, "client 1: grams: layers.0: not positive semi-definite"),
+        (lambda G: torch.full_like(G, float("nan")), "client 1: grams: layers.0: contains NaN"),
+    ],
+)
+def test_the_public_aggregate_validates_what_it_is_given(poison, message):
+    from fedalign import Plan, aggregate, permutation_spec
+
+    model, states, stats = _two_clients_with_grams()
+    stats[1]["grams"] = {k: poison(G) for k, G in stats[1]["grams"].items()}
+    plan = Plan(fuse="regmean", options={"regmean_output": "regmean"})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        aggregate(plan, permutation_spec(model), states, [1.0, 1.0], stats, None, None)
+    bad_state = OrderedDict(states[1], **{"layers.0.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"client 1: layers.0.weight: shape \(2, 2\)"):
+        aggregate(plan, permutation_spec(model), [states[0], bad_state], [1, 1], stats, None, None)
+    with pytest.raises(ValueError, match="client 0: weight must be a finite number > 0"):
+        aggregate(plan, permutation_spec(model), states, [-1.0, 1.0], stats, None, None)
+
+
+def test_a_count_scaled_gram_is_refused_by_its_rows_per_example():
+    """Scaling a Gram and its count by 1e12 keeps the per-row scale and a whole multiple of the
+    examples; against the rows the model gives per example (one, for an MLP) it is refused."""
+    from fedalign.algorithms.checks import rows_per_example
+
+    model, states, stats = _two_clients_with_grams()
+    rows = rows_per_example(
+        ["grams"],
+        model,
+        (torch.randn(1, 4), torch.zeros(1, dtype=torch.long)),
+        {"regmean_output": "regmean"},
+    )
+    assert rows == {"grams": {"layers.0": 1.0, "layers.1": 1.0}}
+    assert statistics_problem(stats[0], states[0], 12, rows) is None
+    scaled = {"grams": {k: G * 1e12 for k, G in stats[0]["grams"].items()}}
+    assert statistics_problem(scaled, states[0], 12) is None  # a whole multiple: passes alone
+    assert "1e+12 rows per example; the model gives 1" in statistics_problem(
+        scaled, states[0], 12, rows
+    )

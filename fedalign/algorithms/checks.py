@@ -11,7 +11,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedalign.algorithms.stats import STATISTICS, flatten, received_statistics
+from fedalign.algorithms.stats import (
+    STATISTICS,
+    client_statistics,
+    flatten,
+    received_statistics,
+)
 
 
 def update_problem(
@@ -47,21 +52,31 @@ def update_problems(
     for i in {i for i, n in zip(owners, _norms(tensors), strict=True) if not math.isfinite(n)}:
         problems[i] = _nonfinite_problem(updates[i])
     bounded = [i for i in sound if problems[i] is None and max_norms[i] is not None]
-    pairs = [(i, k) for i in bounded for k, r in references[i].items() if r.is_floating_point()]
+    norms = change_norms([references[i] for i in bounded], [updates[i] for i in bounded])
+    for i, norm in zip(bounded, norms, strict=True):
+        if norm > max_norms[i]:
+            problems[i] = f"update norm {norm:.4g} exceeds max_update_norm={max_norms[i]:g}"
+    return problems
+
+
+def change_norms(
+    references: Sequence[Mapping[str, torch.Tensor]],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+) -> list[float]:
+    """The L2 norm of each ``update - reference`` over the floating-point entries (structurally
+    sound updates), every tensor's difference and norm in one batched call."""
+    pairs = [
+        (i, k) for i, ref in enumerate(references) for k, r in ref.items() if r.is_floating_point()
+    ]
     changes = (
         torch._foreach_sub([updates[i][k] for i, k in pairs], [references[i][k] for i, k in pairs])
         if pairs
         else []
     )
-    squares = dict.fromkeys(bounded, 0.0)
+    squares = [0.0] * len(references)
     for (i, _), n in zip(pairs, _norms(changes), strict=True):
         squares[i] += n * n
-    for i in bounded:
-        if squares[i] ** 0.5 > max_norms[i]:
-            problems[i] = (
-                f"update norm {squares[i] ** 0.5:.4g} exceeds max_update_norm={max_norms[i]:g}"
-            )
-    return problems
+    return [v**0.5 for v in squares]
 
 
 def _structure_problem(
@@ -117,9 +132,10 @@ def fused_problem(
     max_ratio: float | None,
 ) -> str | None:
     """Why a fused model must not be broadcast: a non-finite entry, or (``max_ratio``) an L2
-    norm more than ``max_ratio`` times the largest of the ``inputs``' (the previous global model
-    and the validated updates; a mean of them is never larger than the largest). The norms of
-    all the inputs' tensors are computed in one call (``update_problems`` says why)."""
+    norm more than ``max_ratio`` times the median of the ``inputs``' (the previous global model
+    and the validated updates). The median, not the largest: a client's oversized update would
+    otherwise raise the bound it is checked against. The norms of all the inputs' tensors are
+    computed in one call (``update_problems`` says why)."""
     for key, value in fused.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"fused model: {key} contains NaN or Inf"
@@ -129,11 +145,12 @@ def fused_problem(
     squares = [0.0] * (len(inputs) + 1)
     for i, n in zip(owners, _norms(tensors), strict=True):
         squares[i] += n * n
-    norm, bound = squares[0] ** 0.5, max_ratio * max(s**0.5 for s in squares[1:])
+    norm = squares[0] ** 0.5
+    bound = max_ratio * float(torch.tensor(squares[1:], dtype=torch.float64).sqrt().median())
     if norm > bound:
         return (
             f"fused model norm {norm:.4g} exceeds max_fused_ratio={max_ratio:g} times the "
-            f"largest input norm"
+            f"median input norm"
         )
     return None
 
@@ -161,22 +178,27 @@ def finite_problem(name: str, value: object) -> str | None:
     return None
 
 
-def count_problem(name: str, count: object, examples: int) -> str | None:
+def count_problem(name: str, count: object, examples: int | None) -> str | None:
     """A statistic's row count must be a whole positive multiple of the examples it was computed
     on (one row per example, or per example and position: a conv's positions, a sequence's steps):
-    a count that is not says the sums were scaled or come from other data."""
+    a count that is not says the sums were scaled or come from other data. ``None`` examples
+    (unknown, offline): a finite count of at least one row."""
     if (problem := finite_problem(name, count)) is not None:
         return problem
     if count.numel() != 1:
         return f"{name}: a count must be one number, got shape {tuple(count.shape)}"
     value = float(count)
+    if examples is None:
+        return None if value >= 1 else f"{name}: count {value:g} is less than one row"
     rows_per_example = value / max(examples, 1)
     if value < 1 or abs(rows_per_example - round(rows_per_example)) > 1e-6 * rows_per_example:
         return f"{name}: count {value:g} is not a positive multiple of its {examples} examples"
     return None
 
 
-def gram_problem(name: str, gram: object, sizes: tuple[int, ...], examples: int) -> str | None:
+def gram_problem(
+    name: str, gram: object, sizes: tuple[int, ...], examples: int | None
+) -> str | None:
     """A Gram from ``stats.gram_matrices``: square of one of ``sizes``, finite, symmetric and
     positive semi-definite within tolerance, its constant column's diagonal entry a count
     consistent with ``examples``."""
@@ -205,7 +227,7 @@ def nonnegative_problem(name: str, value: object, shape: tuple[int, ...]) -> str
     return None
 
 
-def moments_problem(name: str, moments: object, channels: int, examples: int) -> str | None:
+def moments_problem(name: str, moments: object, channels: int, examples: int | None) -> str | None:
     """Count, sum and sum of squares of ``channels`` channels (``stats.activation_moments``):
     finite, the squares non-negative, a variance that is not negative, a consistent count."""
     if not isinstance(moments, Mapping) or set(moments) != {"count", "sum", "sumsq"}:
@@ -227,7 +249,7 @@ def moments_problem(name: str, moments: object, channels: int, examples: int) ->
 
 
 def cross_problem(
-    name: str, cross: object, sizes: tuple[int | None, int | None], examples: int
+    name: str, cross: object, sizes: tuple[int | None, int | None], examples: int | None
 ) -> str | None:
     """Sums relating two models' activations (``stats.cross_sums``): finite, consistent shapes
     (``sizes``: the reference's and the model's units where known), non-negative squares, the
@@ -254,15 +276,25 @@ def cross_problem(
 
 
 def statistics_problem(
-    stats: Mapping[str, object], state: Mapping[str, torch.Tensor], examples: int
+    stats: Mapping[str, object],
+    state: Mapping[str, torch.Tensor],
+    examples: int | None,
+    rows: Mapping[str, Mapping[str, float]] | None = None,
 ) -> str | None:
     """Why a client's statistics (kind -> values) are unusable with a model shaped like
     ``state``, computed on ``examples`` examples (None: they are usable), by each kind's
-    registered check; a kind registered without one must at least be finite tensors."""
+    registered check; a kind registered without one must at least be finite tensors. ``None``
+    examples (offline fusion, where weights need not be counts) skips the count checks.
+
+    ``rows`` (``rows_per_example``): per kind with a registered ``count``, the rows each part
+    holds per example for this model. A count must then be exactly ``rows * examples``: a
+    whole multiple is not enough, since a client that scales a Gram and its count by 1e12 keeps
+    both its per-row scale and the multiple, and would own RegMean's solve."""
     for kind, values in stats.items():
         if kind not in STATISTICS:
             return f"unknown statistic {kind!r}"
-        check = STATISTICS.get(kind).meta.get("check")
+        entry = STATISTICS.get(kind)
+        check = entry.meta.get("check")
         if check is None:
             problems = (
                 finite_problem(f"{kind}/{k}", v)
@@ -274,13 +306,55 @@ def statistics_problem(
                 problem = check(values, state, examples)
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
                 problem = f"malformed: {exc!r}"
+        if problem is None and examples is not None and rows and kind in rows:
+            problem = _rows_problem(entry.meta["count"](values), rows[kind], examples)
         if problem is not None:
             return f"{kind}: {problem}"
     return None
 
 
+def _rows_problem(
+    counts: Mapping[str, torch.Tensor], expected: Mapping[str, float], examples: int
+) -> str | None:
+    """A part whose count is not ``rows * examples`` for the rows the model gives per example."""
+    for part, count in counts.items():
+        if part not in expected:
+            continue
+        want = expected[part] * examples
+        if abs(float(count) - want) > 1e-6 * want:
+            return (
+                f"{part} count {float(count):.6g} is {float(count) / examples:.6g} rows per "
+                f"example; the model gives {expected[part]:g} (a count-scaled statistic)"
+            )
+    return None
+
+
+def rows_per_example(
+    kinds: Sequence[str],
+    model: torch.nn.Module,
+    example: tuple[torch.Tensor, torch.Tensor],
+    options: Mapping[str, object] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per statistic kind with a registered ``count``, the rows each part holds per example of
+    this model, measured by computing the statistic on one example (``example``: one input and
+    its label) the way a client does: what every honest client's counts are multiples of."""
+    counted = [k for k in kinds if STATISTICS.get(k).meta.get("count") is not None]
+    if not counted:
+        return {}
+    sent = client_statistics(counted, model, *example, options=options)
+    state = model.state_dict()
+    decoded = received_statistics(sent, state)
+    return {
+        k: {part: float(c) for part, c in STATISTICS.get(k).meta["count"](decoded[k]).items()}
+        for k in counted
+    }
+
+
 def received_problem(
-    stats: Mapping[str, object], state: Mapping[str, torch.Tensor], examples: int
+    stats: Mapping[str, object],
+    state: Mapping[str, torch.Tensor],
+    examples: int | None,
+    rows: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[dict[str, object], str | None]:
     """A client's statistics as sent, read the way the server uses them: decoded from their
     compact forms (``stats.received_statistics``) and checked (``statistics_problem``). Returns
@@ -289,15 +363,42 @@ def received_problem(
         decoded = received_statistics(stats, state)
     except ValueError as exc:
         return {}, str(exc)
-    problem = statistics_problem(decoded, state, examples)
+    problem = statistics_problem(decoded, state, examples, rows)
     return ({}, problem) if problem is not None else (decoded, None)
+
+
+def above_others(values: Sequence[float], max_ratio: float) -> list[tuple[int, float]]:
+    """``(index, median)`` of each value above ``max_ratio`` times the median of the *other*
+    values: one attacker among honest clients cannot move the median it is compared with."""
+    found = []
+    tensor = torch.tensor(values, dtype=torch.float64)
+    for j in range(len(values)):
+        median = float(torch.cat([tensor[:j], tensor[j + 1 :]]).median())
+        if median > 0 and values[j] > max_ratio * median:
+            found.append((j, median))
+    return found
+
+
+def update_outliers(norms: Sequence[float], max_ratio: float | None) -> dict[int, str]:
+    """Updates whose change from the model they were sent is far larger than the other clients'
+    (``strategy.max_update_ratio``): on by default, so that a client scaling its update by 1e6
+    is dropped and recorded whatever rule fuses, without an absolute bound to tune per model.
+    Index -> reason."""
+    if max_ratio is None or len(norms) < 2:
+        return {}
+    return {
+        j: (
+            f"update norm {norms[j]:.4g}, more than max_update_ratio={max_ratio:g} times the "
+            f"other clients' median {median:.4g}"
+        )
+        for j, median in above_others(norms, max_ratio)
+    }
 
 
 def scale_outliers(stats: list[Mapping[str, object]], max_ratio: float | None) -> dict[int, str]:
     """Clients whose statistics are far larger than the others': per kind with a registered
     ``scale`` (values -> {part: magnitude per row}), a client whose magnitude of a part exceeds
-    ``max_ratio`` times the median of the *other* clients' (so one attacker among honest clients
-    cannot move the median it is compared with). Index -> reason."""
+    ``max_ratio`` times the median of the *other* clients' (``above_others``). Index -> reason."""
     if max_ratio is None or len(stats) < 2:
         return {}
     found: dict[int, str] = {}
@@ -308,13 +409,11 @@ def scale_outliers(stats: list[Mapping[str, object]], max_ratio: float | None) -
             continue
         magnitudes = [scale(s[kind]) for s in stats]
         for part in sorted(set.intersection(*(set(m) for m in magnitudes))):
-            values = torch.tensor([float(m[part]) for m in magnitudes], dtype=torch.float64)
-            for j in range(len(values)):
-                others = torch.cat([values[:j], values[j + 1 :]])
-                median = float(others.median())
-                if j not in found and median > 0 and float(values[j]) > max_ratio * median:
-                    found[j] = (
-                        f"{kind}/{part}: {float(values[j]):.3g} per row, more than "
-                        f"max_stat_ratio={max_ratio:g} times the other clients' median {median:.3g}"
-                    )
+            values = [float(m[part]) for m in magnitudes]
+            for j, median in above_others(values, max_ratio):
+                found.setdefault(
+                    j,
+                    f"{kind}/{part}: {values[j]:.3g} per row, more than "
+                    f"max_stat_ratio={max_ratio:g} times the other clients' median {median:.3g}",
+                )
     return found

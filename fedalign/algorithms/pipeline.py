@@ -36,6 +36,7 @@ from fedalign.algorithms.align import (
     medoid,
     permutation_spec,
 )
+from fedalign.algorithms.checks import statistics_problem
 from fedalign.algorithms.fusion import FUSE_RULES
 from fedalign.algorithms.repair import REPAIR_RULES, FusedQuery, RepairInputs, Targets
 from fedalign.algorithms.stats import (
@@ -243,6 +244,46 @@ class Outcome:
     info: dict
 
 
+def check_inputs(
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    stats: Sequence[ClientStats],
+) -> None:
+    """What ``aggregate`` is given, checked as the round checks a client's reply (it is public:
+    a caller's states and statistics are untrusted too): one state, weight and statistics per
+    client; every state holds the model's entries at their shapes, finite; weights finite and
+    positive; statistics that pass their kind's check (a NaN or negative-definite Gram would
+    otherwise reach a solver). ValueError names the client and the problem."""
+    if not len(states) == len(weights) == len(stats) or not states:
+        raise ValueError(
+            f"aggregate needs one state, weight and statistics per client; got {len(states)} "
+            f"states, {len(weights)} weights, {len(stats)} statistics"
+        )
+    for j, (state, weight, stat) in enumerate(zip(states, weights, stats)):
+        if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight > 0):
+            raise ValueError(f"client {j}: weight must be a finite number > 0, got {weight!r}")
+        problem = _state_problem(spec, state) or statistics_problem(stat, state, None)
+        if problem is not None:
+            raise ValueError(f"client {j}: {problem}")
+
+
+def _state_problem(spec: PermutationSpec, state: StateDict) -> str | None:
+    """Missing, extra or misshapen entries against the model's spec, or a NaN or Inf."""
+    if set(state) != set(spec.shapes):
+        missing, extra = (
+            sorted(set(spec.shapes) - set(state)),
+            sorted(set(state) - set(spec.shapes)),
+        )
+        return f"missing entries {missing[:3]}" if missing else f"unexpected entries {extra[:3]}"
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(spec.shapes[key]):
+            return f"{key}: shape {tuple(value.shape)}, expected {tuple(spec.shapes[key])}"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{key}: contains NaN or Inf"
+    return None
+
+
 def aggregate(
     plan: Plan,
     spec: PermutationSpec,
@@ -258,6 +299,7 @@ def aggregate(
     fused candidate when needed). The reference is the client with the largest weight, or when
     the alignment is robust (``Plan.align_target``) the medoid under a permutation-invariant
     distance (``align.medoid``): an example count is the client's own claim."""
+    check_inputs(spec, states, weights, stats)
     kept = list(range(len(states)))
     target = plan.align_target()
     ref = medoid(spec, states) if target == "robust" else int(np.argmax(weights))

@@ -32,6 +32,8 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedalign.algorithms.checks import rows_per_example
+from fedalign.algorithms.pipeline import PHASES
 from fedalign.algorithms.stats import unflatten
 from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ActorPoolBroken, RoundFailedError, RunInterrupted
@@ -96,6 +98,7 @@ def engine_settings(cfg: RunConfig) -> EngineSettings:
         timeout=s.timeout,
         round_retries=s.round_retries,
         max_update_norm=s.max_update_norm,
+        max_update_ratio=s.max_update_ratio,
         max_client_examples=s.max_client_examples,
         max_stat_ratio=s.max_stat_ratio,
         max_fused_ratio=s.max_fused_ratio,
@@ -114,6 +117,7 @@ class RoundEngine:
         on_round: RoundCallback | None = None,
         on_round_end: RoundEndCallback | None = None,
         example_limits: Mapping[int, int] | None = None,
+        example: tuple[torch.Tensor, torch.Tensor] | None = None,
         should_stop: Callable[[], bool] | None = None,
         data_copy: str | None = None,
     ) -> None:
@@ -121,6 +125,19 @@ class RoundEngine:
         # every message names the run's shared data copy, so clients map it instead of loading
         self.message_config = {} if data_copy is None else {DATA_COPY_KEY: data_copy}
         self.example_limits = dict(example_limits or {})
+        # the rows per example of every counted statistic, from one example (the server's):
+        # a client's counts must be exactly these times its examples
+        plan = strategy.context.plan
+        self._statistic_rows = (
+            {}
+            if example is None
+            else rows_per_example(
+                [k for phase in PHASES for k in plan.statistics(phase)],
+                strategy.context.model,
+                example,
+                plan.resolved_options(),
+            )
+        )
         self.should_stop = should_stop
         self.strategy = strategy
         self.evaluate_fn = evaluate_fn
@@ -196,6 +213,12 @@ class RoundEngine:
         the server partitions the data) and ``strategy.max_client_examples`` (None: unbounded)."""
         bounds = [self.example_limits.get(partition), self.settings.max_client_examples]
         return min((b for b in bounds if b is not None), default=None)
+
+    def statistic_rows(self) -> Mapping[str, Mapping[str, float]]:
+        """Per statistic kind, the rows each part holds per example of the run's model
+        (``algorithms.checks.rows_per_example``; without an example: empty, and counts are
+        checked as whole multiples only)."""
+        return self._statistic_rows
 
     def statistics_examples(self, num_examples: int) -> int:
         """The examples a client computes its statistics on (``aggregation.stats_samples`` of

@@ -12,14 +12,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from fedalign.algorithms.checks import received_problem, scale_outliers, update_problems
+from fedalign.algorithms.checks import (
+    change_norms,
+    received_problem,
+    scale_outliers,
+    update_outliers,
+    update_problems,
+)
 from fedalign.core.types import ClientStats, StateDict
 from fedalign.fl.round_log import RoundLog
 
@@ -45,6 +51,7 @@ class EngineSettings:
     timeout: float = 3600.0
     round_retries: int = 1
     max_update_norm: float | None = None
+    max_update_ratio: float | None = 100.0
     max_client_examples: int | None = None
     max_stat_ratio: float | None = 1e4
     max_fused_ratio: float | None = 10.0
@@ -121,6 +128,8 @@ class Engine(Protocol):
     def statistics_examples(self, num_examples: int) -> int: ...
 
     def example_bound(self, partition: int) -> int | None: ...
+
+    def statistic_rows(self) -> Mapping[str, Mapping[str, float]]: ...
 
 
 class Round:
@@ -203,6 +212,7 @@ class Round:
                     update.statistics,
                     update.state_dict,
                     self._engine.statistics_examples(update.num_examples),
+                    self._engine.statistic_rows(),
                 )
             if problem is None and check is not None:
                 problem = check(update)
@@ -210,12 +220,34 @@ class Round:
                 self.log.fail(pid, update.node_id, problem, phase)
                 continue
             updates.append(update)
+        updates = self._drop_large_updates(phase, updates, sent, local)
         self.log.timed("validate", t0)
         updates = self._drop_outliers(
             phase, updates, [u.statistics or {} for u in updates], lambda u: u.partition_id
         )
         self.log.clients_ok += len(updates)
         return sorted(updates, key=lambda u: u.partition_id)
+
+    def _drop_large_updates(
+        self,
+        phase: str,
+        updates: list[ClientUpdate],
+        sent: Mapping[int, StateDict],
+        local: Collection[int],
+    ) -> list[ClientUpdate]:
+        """``updates`` without those whose change from what they were sent is far larger than the
+        other clients' (``algorithms.checks.update_outliers``), each dropped with its reason;
+        clients that trained from their own init (``local``) changed no sent model and pass."""
+        compared = [u for u in updates if u.partition_id not in local]
+        norms = change_norms(
+            [sent[u.partition_id] for u in compared], [u.state_dict for u in compared]
+        )
+        outliers = update_outliers(norms, self.settings.max_update_ratio)
+        dropped = {compared[j].partition_id for j in outliers}
+        for j, reason in outliers.items():
+            pid = compared[j].partition_id
+            self.log.fail(pid, compared[j].node_id, reason, phase)
+        return [u for u in updates if u.partition_id not in dropped]
 
     def _clip_examples(self, pid: int, reported: int) -> int:
         """A client's example count (its weight in every rule) bounded by what its partition
@@ -262,7 +294,9 @@ class Round:
                 self.log.fail(pid, self.node(pid), f"malformed statistics: {exc!r}", phase)
                 continue
             examples = self._engine.statistics_examples(self._clip_examples(pid, reported))
-            stats, problem = received_problem(stats, records[pid]["arrays"], examples)
+            stats, problem = received_problem(
+                stats, records[pid]["arrays"], examples, self._engine.statistic_rows()
+            )
             if problem is not None:
                 self.log.fail(pid, self.node(pid), problem, phase)
                 continue

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -98,6 +99,7 @@ def run_server(
         on_round=record,
         on_round_end=checkpoint,
         example_limits={i: fed.client(i).num_train for i in range(fed.num_clients)},
+        example=(torch.as_tensor(X_test[:1]), torch.as_tensor(y_test[:1])),
         should_stop=should_stop,
         data_copy=data_copy,
     )

@@ -68,6 +68,7 @@ MISBEHAVIOURS = (
     *("inflated-counts", "inflated-class-counts"),  # claims far more data than it holds
     *("negative-gram", "nan-gram", "wrong-shape-gram", "nan-fisher", "scaled-fisher"),
     *("odd-length-gram", "huge-factor-gram", "unpacked-gram"),
+    "count-scaled-gram",  # Gram and example count scaled alike: per-row scale and multiple kept
 )
 IN_FEATURES, NUM_CLASSES = 8, 3  # the synthetic data: what the tests' MLP takes and predicts
 
@@ -305,6 +306,8 @@ class MockClient:
         metrics = train_reply_metrics(stats, pid, counts)
         if fault == "inflated-counts":
             metrics["num-examples"] *= 1000
+        if fault == "count-scaled-gram":
+            metrics["num-examples"] *= 10**12
         if fault == "bad-steps":
             metrics["local-steps"] = 10**6
         content = RecordDict({"metrics": MetricRecord(metrics)})
@@ -400,6 +403,7 @@ POISONS: dict[str, Callable[[ClientStats], ClientStats]] = {
         s, "grams", lambda _: {"factor": torch.ones(10**6, 1), "diagonal": torch.ones(10**6)}
     ),
     "unpacked-gram": lambda s: _map(s, "grams", lambda _: {"full": torch.eye(9)}),
+    "count-scaled-gram": _map_grams(lambda G: G * 1e12),
     "nan-fisher": lambda s: _map(s, "fisher", lambda F: torch.full_like(F, float("nan"))),
     "scaled-fisher": lambda s: _map(s, "fisher", lambda F: F * 1e12),
 }

@@ -64,6 +64,7 @@ def largest_weight(state: StateDict) -> float:
         ("regmean", "odd-length-gram", "grams: layers.0: (7,) values are no square's upper"),
         ("regmean", "huge-factor-gram", "grams: layers.0: shape (1000000, 1000000), expected"),
         ("regmean", "unpacked-gram", "grams: layers.0: expected a triangle, or a factor"),
+        ("regmean", "count-scaled-gram", "grams: layers.0 count "),
         ("fisher", "nan-fisher", "fisher: layers.0.weight: contains NaN or Inf"),
         ("fisher", "scaled-fisher", "fisher/total: "),
     ],
@@ -81,6 +82,20 @@ def test_a_poisoned_statistic_drops_its_client_and_the_others_fuse_as_without_it
     assert_same_state(r.final, honest_fusion(r, honest))
     assert largest_weight(r.final) <= max(largest_weight(t.state) for t in honest)
     assert "fusion_fallback" not in r.row
+
+
+def test_a_scaled_update_is_dropped_and_recorded_under_the_default_settings() -> None:
+    """A client multiplying its update by 1e6 is refused by the default update-norm screen
+    (``strategy.max_update_ratio``) whatever rule fuses, and the round records why."""
+    for fuse in ("mean", "median"):
+        r = run(
+            make_config(4, aggregation={"fuse": fuse}),
+            mock_clients(SIZES, misbehave={POISONER: "scale"}),
+        )
+        (failure,) = r.row["failures"]
+        assert failure["partition"] == POISONER and "max_update_ratio=100" in failure["reason"]
+        honest = r.replies([p for p in range(4) if p != POISONER])
+        assert largest_weight(r.final) <= max(largest_weight(t.state) for t in honest)
 
 
 def test_an_inflated_example_count_is_clipped_to_what_the_partition_holds() -> None:
@@ -156,7 +171,9 @@ def test_a_robust_rules_fallback_is_not_steered_by_a_byzantine_client() -> None:
     is the attacker's."""
     FUSE_RULES.register("toy-broken", _failing, robust=True)
     try:
-        cfg = make_config(5, aggregation={"fuse": "toy-broken"})
+        cfg = make_config(  # the update-norm screen off, so the scaled update reaches the rule
+            5, aggregation={"fuse": "toy-broken"}, strategy={"max_update_ratio": None}
+        )
         r = run(cfg, mock_clients((*SIZES, 36), misbehave={POISONER: "scale"}))
     finally:
         FUSE_RULES.unregister("toy-broken")

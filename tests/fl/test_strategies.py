@@ -131,6 +131,7 @@ def run(
         after[number] = (OrderedDict(state), json.dumps(strategy.state))
 
     grid = mock_grid(clients)
+    example = clients[0].data
     engine = RoundEngine(
         cfg,
         strategy,
@@ -139,6 +140,7 @@ def run(
         on_round_end=snapshot,
         # what the server knows of each partition in a simulation (server_app passes the same)
         example_limits={c.partition_id: len(c.data.y_train) for c in clients},
+        example=(torch.as_tensor(example.X_train[:1]), torch.as_tensor(example.y_train[:1])),
     )
     final = engine.run(grid, OrderedDict(start), first_round=first_round)
     return Run(final, rows, strategy, grid, clients, model, start, after)

@@ -23,7 +23,13 @@ from torch import nn
 from fedalign.algorithms.align.spec import AxisRef, Perms, PermutationSpec, expand_index
 from fedalign.algorithms.align.trace import permutation_spec
 from fedalign.algorithms.checks import gram_problem
-from fedalign.algorithms.stats import STATISTICS, StatContext, gram_matrices, linear_layers
+from fedalign.algorithms.stats import (
+    STATISTICS,
+    StatContext,
+    gram_count,
+    gram_matrices,
+    linear_layers,
+)
 from fedalign.core.options import Range
 from fedalign.core.tensors import weighted_average
 from fedalign.core.types import ClientStats, StateDict
@@ -287,6 +293,12 @@ def gram_scale(grams: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {name: float(torch.diagonal(G).sum() / G[-1, -1]) for name, G in grams.items()}
 
 
+def gram_counts(grams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer, the rows the Gram sums (its constant column's diagonal entry): the server
+    checks it is exactly the rows the model gives per example times the client's examples."""
+    return {name: gram_count(G) for name, G in grams.items()}
+
+
 STATISTICS.register(
     "grams",
     _grams,
@@ -295,6 +307,7 @@ STATISTICS.register(
     permute=permute_grams,
     check=check_grams,
     scale=gram_scale,
+    count=gram_counts,
 )
 
 
