@@ -12,6 +12,7 @@ from .activation_matching import (
     permutations_from_statistics,
 )
 from .aligners import ALIGNERS
+from .robust import align_to_median, invariant_distances, medoid
 from .sinkhorn_rebasin import sinkhorn_rebasin
 from .solvers import SOLVERS, solve_assignment, solver_names
 from .spec import (
@@ -43,12 +44,15 @@ __all__ = [
     "UnsupportedModuleError",
     "activation_statistics",
     "add_statistics",
+    "align_to_median",
     "apply_permutation",
     "compose",
     "cross_moments",
     "identity_permutation",
+    "invariant_distances",
     "invert_permutation",
     "match_to_reference",
+    "medoid",
     "merge_many",
     "permutation_spec",
     "permutations_from_statistics",

@@ -5,19 +5,35 @@ workers) -> one Perms per state`` putting every client's units in one basis (the
 client's, or for weight matching the MergeMany consensus). ``cross`` holds, per client, the pooled
 cross-moments against the reference when the aligner declares ``needs={"align": ("cross",)}``.
 An aligner with ``meta["fuses"]`` (PFNM) aligns and fuses in one step and is not called here.
+
+``align_target`` (weight, sinkhorn-rebasin, activation) says what a client is aligned to:
+``weighted`` is each method's own target (MergeMany's example-weighted mean of the others; the
+client with the most examples), which a client with a large scale or a large claimed count
+steers; ``robust`` aligns to the medoid client under a permutation-invariant distance, then to the
+coordinate-wise median of the aligned clients (``robust.align_to_median``; activation matching,
+whose cross-moments are measured against one reference, stops at the medoid). ``auto``, the
+default, is resolved by the pipeline: ``robust`` when the fuse rule declares ``robust``, else
+``weighted`` (an aligner called directly with ``auto`` takes ``weighted``). The pipeline passes the
+medoid as ``reference`` when the target is robust.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
+from fedalign.core.options import Range
 from fedalign.core.registry import Registry
 from fedalign.core.types import StateDict, Stats
 
 from .activation_matching import permutations_from_statistics
 from .parallel import match_all
+from .robust import align_to_median
 from .spec import Perms, PermutationSpec, identity_permutation
-from .weight_matching import merge_many
+from .weight_matching import merge_many, weight_matching_result
+
+AlignTarget = Literal["auto", "weighted", "robust"]
+RobustRounds = Annotated[int, Range(low=0)]
 
 ALIGNERS = Registry("aligner")
 
@@ -49,9 +65,24 @@ def weight_alignment(
     solver: str,
     seed: int,
     workers: int,
+    align_target: AlignTarget = "auto",
+    robust_rounds: RobustRounds = 5,
 ) -> list[Perms]:
-    """MergeMany weight matching (Git Re-Basin) to the consensus of all clients."""
-    return merge_many(spec, states, weights, solver=solver, seed=seed)[1]
+    """MergeMany weight matching (Git Re-Basin) to the consensus of all clients; with
+    ``align_target: robust``, weight matching to the reference, then up to ``robust_rounds``
+    times to the coordinate-wise median of the aligned clients."""
+    if align_target != "robust":
+        return merge_many(spec, states, weights, solver=solver, seed=seed)[1]
+
+    def match(target: StateDict, previous: Sequence[Perms] | None) -> list[Perms]:
+        return [
+            weight_matching_result(
+                spec, target, sd, solver, seed=seed, init=previous[j] if previous else None
+            ).perms
+            for j, sd in enumerate(states)
+        ]
+
+    return align_to_median(spec, states, reference, match, robust_rounds)
 
 
 @ALIGNERS.register("sinkhorn-rebasin")
@@ -65,9 +96,22 @@ def sinkhorn_alignment(
     solver: str,
     seed: int,
     workers: int,
+    align_target: AlignTarget = "auto",
+    robust_rounds: RobustRounds = 5,
 ) -> list[Perms]:
     """Sinkhorn re-basin of every client to the reference (independent: a worker pool when
-    asked)."""
+    asked); with ``align_target: robust``, then up to ``robust_rounds`` times to the
+    coordinate-wise median of the aligned clients (each round one re-basin per client)."""
+    if align_target == "robust":
+        return align_to_median(
+            spec,
+            states,
+            reference,
+            lambda target, _: match_all(
+                spec, target, states, "sinkhorn-rebasin", workers=workers, seed=seed, solver=solver
+            ),
+            robust_rounds,
+        )
     others = [sd for j, sd in enumerate(states) if j != reference]
     perms = match_all(
         spec,
@@ -93,8 +137,10 @@ def activation_alignment(
     solver: str,
     seed: int,
     workers: int,
+    align_target: AlignTarget = "auto",
 ) -> list[Perms]:
-    """Activation matching of every client to the reference from its cross-moments."""
+    """Activation matching of every client to the reference from its cross-moments (the
+    pipeline reads ``align_target`` to choose that reference before it asks for them)."""
     return [
         identity_permutation(spec)
         if j == reference
