@@ -184,12 +184,12 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    from fedalign.data.hub import prepare
+    from fedalign.data import prepare
 
-    target = prepare(args.name, args.to)
+    data_dir = prepare(args.name, args.to)
     print(
-        f"{args.name}: stored in {target}; runs find it with data.data_dir={args.to} "
-        f"or FEDALIGN_DATA_DIR={args.to}"
+        f"{args.name}: stored under {args.to}; runs find it with data.data_dir={data_dir} "
+        f"or FEDALIGN_DATA_DIR={data_dir}"
     )
     return 0
 

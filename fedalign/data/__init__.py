@@ -35,6 +35,20 @@ from .partition import (
 )
 from .text import VOCAB_SIZE
 
+
+def prepare(name: str, to: str) -> str:
+    """Store dataset ``name`` under ``to`` for machines without a network (``fedalign data
+    prepare``); returns what a run's ``data.data_dir`` should name: Fashion-MNIST's four IDX
+    files (copied from a local copy or downloaded), or a hub dataset's ``save_to_disk`` folder."""
+    if name == "fashion-mnist":
+        from . import fashion_mnist
+
+        return str(fashion_mnist.prepare(to))
+    from .hub import prepare as prepare_hub
+
+    prepare_hub(name, to)
+    return str(to)
+
 __all__ = [
     "DATASETS",
     "SCHEMES",
@@ -55,5 +69,6 @@ __all__ = [
     "load_dataset",
     "partition",
     "partition_schemes",
+    "prepare",
     "split_train_val",
 ]

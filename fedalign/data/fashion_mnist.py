@@ -181,6 +181,37 @@ def download(target: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     return target
 
 
+def prepare(to: str | Path) -> Path:
+    """``fedalign data prepare fashion-mnist --to DIR``: the four files in ``DIR/fashion-mnist``,
+    copied from a genuine local copy (Debian's, ``$FEDALIGN_DATA_DIR``, the cache) or downloaded
+    and verified, for a machine without a network to be given as ``data.data_dir``."""
+    target = Path(to).expanduser() / "fashion-mnist"
+    found = next(
+        (d for d in search_dirs() if all(_file_in(d, n) is not None for n in FILES.values())),
+        None,
+    )
+    if found is None:
+        if not network_available():
+            raise DatasetNotFoundError(
+                "Fashion-MNIST: no local copy to prepare from and no network to download it; "
+                "install Debian's dataset-fashion-mnist or run this where "
+                f"{urlsplit(MIRRORS[0]).hostname} is reachable"
+            )
+        return download(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in FILES.values():
+        source = _file_in(found, name)
+        data = source.read_bytes()
+        if source.suffix != ".gz":  # store the published (gzipped) form
+            data = gzip.compress(data, mtime=0)
+        if not is_genuine(name, data):
+            raise DataError(f"Fashion-MNIST: {source} fails its checksum; not copied")
+        partial = target / (name + ".part")
+        partial.write_bytes(data)
+        partial.replace(target / name)
+    return target
+
+
 def locate(data_dir: str | Path | None = None) -> Path:
     """The first directory holding all four files; downloads into the cache if none does."""
     if data_dir is not None:  # chosen by the user: it holds the files, or it is an error

@@ -53,8 +53,6 @@ log = logging.getLogger("fedalign")
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
     "RAY_DISABLE_IMPORT_WARNING": "1",
