@@ -39,6 +39,7 @@ band.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -54,6 +55,7 @@ from fedalign.core.errors import ConfigError
 from fedalign.report.intervals import Interval, paired, t_interval
 from fedalign.report.plots import Curve, accuracy_plot
 from fedalign.report.results import cumulative_bytes, read_rows
+from fedalign.runs.shared_ray import one_ray
 
 SUITE_KEYS = {
     "name",
@@ -235,21 +237,28 @@ def resumable_run(folder: Path) -> Path | None:
 def run_suite(
     suite: Suite, verbose: bool = False, progress: bool = True
 ) -> list[tuple[BenchRun, str]]:
-    """Run every cell not finished yet; returns what happened to each (ran, resumed, skipped)."""
+    """Run every cell not finished yet; returns what happened to each (ran, resumed, skipped).
+    The suite's runs on Ray share one Ray and its actor pools (``fedalign.runs.shared_ray``):
+    Ray's start-up, about 20 s on a busy machine, is paid once, not once per run."""
     from fedalign.runs.runner import run
 
     done = []
-    for i, cell in enumerate(suite.runs, 1):
-        folder = suite.output / cell.folder
-        label = f"[{i}/{len(suite.runs)}] {'/'.join(cell.folder.parts[1:])}"
-        if finished_run(folder) is not None:
-            print(f"{label}: finished before, skipped", flush=True)
-            done.append((cell, "skipped"))
-            continue
-        resume = resumable_run(folder)
-        run(cell.cfg, output_dir=folder, verbose=verbose, progress=progress, resume_dir=resume)
-        done.append((cell, "resumed" if resume else "ran"))
-        print(f"{label}: {'resumed' if resume else 'done'}", flush=True)
+    sharing = False
+    with contextlib.ExitStack() as stack:
+        for i, cell in enumerate(suite.runs, 1):
+            folder = suite.output / cell.folder
+            label = f"[{i}/{len(suite.runs)}] {'/'.join(cell.folder.parts[1:])}"
+            if finished_run(folder) is not None:
+                print(f"{label}: finished before, skipped", flush=True)
+                done.append((cell, "skipped"))
+                continue
+            if cell.cfg.simulation.backend == "ray" and not sharing:
+                stack.enter_context(one_ray())  # from the first run that needs Ray on
+                sharing = True
+            resume = resumable_run(folder)
+            run(cell.cfg, output_dir=folder, verbose=verbose, progress=progress, resume_dir=resume)
+            done.append((cell, "resumed" if resume else "ran"))
+            print(f"{label}: {'resumed' if resume else 'done'}", flush=True)
     return done
 
 

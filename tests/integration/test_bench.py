@@ -60,3 +60,35 @@ def test_tiny_suite_runs_resumes_and_summarises(tmp_path, capsys):
     )
     assert capsys.readouterr().out.count("finished before, skipped") == 8
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl")}
+
+
+def test_a_suite_shares_one_ray_with_the_metrics_of_separate_starts(own_ray, tmp_path):
+    """The runs of a suite share one Ray and one actor pool, and each run's metrics are those of
+    the same config started on its own (Flower starting and stopping Ray: ``own_ray``). The
+    second run is the one that finds the first run's actors; SCAFFOLD keeps state on its clients
+    (``Context.state``), which must start empty in every run."""
+    import ray
+
+    from fedalign.runs.bench import run_suite
+    from fedalign.runs.runner import run
+    from fedalign.runs.shared_ray import one_ray
+
+    (tmp_path / "suite.yaml").write_text(
+        f"base: {ROOT / 'configs/digits_mlp.yaml'}\n"
+        "overrides: [strategy.rounds=2, train.local_epochs=1, strategy.fraction_train=0.5]\n"
+        "strategies: {fedavg: [], scaffold: [strategy.name=scaffold]}\n"
+        "partitions: {iid: []}\n"
+        "seeds: [1]\n"
+    )
+    suite = load_suite(tmp_path / "suite.yaml", tmp_path / "suite")
+    with one_ray() as session:
+        run_suite(suite, progress=False)
+    assert (session.built, session.reused) == (1, 1)  # one pool, found again by the second run
+    assert not ray.is_initialized()  # stopped with the suite
+    keys = ("test_accuracy", "test_loss", "train_loss", "clients_sampled", "bytes_down", "bytes_up")
+    second = suite.runs[1]
+    alone = run(second.cfg, output_dir=tmp_path / "alone", progress=False)
+    (in_suite,) = (tmp_path / "suite" / second.folder).glob("*/metrics.jsonl")
+    assert [{k: r[k] for k in keys} for r in read_rows(in_suite.parent)] == [
+        {k: r[k] for k in keys} for r in read_rows(alone.run_dir)
+    ]
