@@ -139,3 +139,21 @@ def test_bad_input_is_one_line_and_exit_2(checkpoints, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, (args, err)
         assert not out.exists()
     assert [p.read_bytes() for p in checkpoints] == before
+
+
+def test_merge_eval_scores_each_input_and_the_result(checkpoints, tmp_path, capsys):
+    """--eval prints the test accuracy of each checkpoint and of the merge, each the accuracy
+    ``evaluate`` gives that state on the test split."""
+    from fedalign.client.training import evaluate
+
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", *map(str, checkpoints), "--model", "mlp", "--data", "digits", "--eval"]
+    assert main([*args, "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    test = dataset_arrays("digits", "test", None)
+    for label, path in [*((str(p), p) for p in checkpoints), ("merged", out)]:
+        model = with_state(seeded_model("mlp", in_features=64, hidden=HIDDEN), load_file(path))
+        accuracy = evaluate(model, test.X, test.y)[1]
+        assert f"{accuracy:7.2%}  {label}" in shown
+    code = main(["merge", *map(str, checkpoints), "--model", "mlp", "--eval", "--out", str(out)])
+    assert code == 2 and "--eval needs --data" in capsys.readouterr().err

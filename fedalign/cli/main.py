@@ -1,4 +1,5 @@
-"""``fedalign run | bench | report | config | merge | partition | data prepare``: the command line.
+"""``fedalign run | bench | report | config | merge | pretrain | partition | data prepare``:
+the command line.
 
 ``--plugin FILE.py`` runs a Python file the user chose before the config is read, so the models,
 datasets and rules it registers can be named in the config (a config itself never names code).
@@ -122,7 +123,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from fedalign.runs.merge import MergeRequest, merge, write_state
+    from fedalign.runs.merge import MergeRequest, merge, held_out_accuracies, write_state
 
     _load_plugins(args)
     steps = {k: getattr(args, k) for k in ("align", "solver", "fuse", "repair")}
@@ -141,6 +142,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out,
     )
+    if args.eval and args.data is None:
+        raise ConfigError("--eval needs --data NAME: the dataset whose test split to score")
     state, outcome = merge(request)
     write_state(state, args.out)
     info = outcome.info
@@ -149,6 +152,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         f"{info['fuse']}, repair {info['repair']}, reference {args.checkpoints[info['reference']]})"
         f" -> {args.out}"
     )
+    if args.eval:
+        scores = held_out_accuracies(request, state)
+        print(f"test accuracy on {args.data}:")
+        for label, accuracy in scores.items():
+            print(f"  {accuracy:7.2%}  {label}")
     return 0
 
 
@@ -161,6 +169,32 @@ def _key_values(items: list[str], flag: str) -> dict[str, object]:
             raise ConfigError(f"{flag} {text!r}: expected NAME=VALUE")
         values[path[0]] = value
     return values
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedalign.runs.pretrain import pretrain, pretrain_config
+
+    _load_plugins(args)
+    cfg, init = pretrain_config(args.config, args.set)
+    out = args.out or init
+    if not out:
+        raise ConfigError("give --out FILE.safetensors (the config has no model.init to write)")
+    try:
+        result = pretrain(
+            cfg,
+            out,
+            fraction=args.fraction,
+            epochs=args.epochs,
+            outside_federation=args.outside_federation,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(
+        f"pre-trained {cfg.model.name} on {result.examples} examples of {cfg.data.dataset} for "
+        f"{args.epochs} epoch(s): train loss {result.train_loss:.4f}, test loss "
+        f"{result.test_loss:.4f}, test accuracy {100 * result.test_accuracy:.2f}% -> {out}"
+    )
+    return 0
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
@@ -324,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0, help="seeds alignment and sampling")
     merge.add_argument("--out", required=True, help="the merged .safetensors file")
     merge.add_argument(
+        "--eval",
+        action="store_true",
+        help="print the test accuracy of each input and of the result on --data",
+    )
+    merge.add_argument(
         "--plugin",
         action="append",
         default=[],
@@ -331,6 +370,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="run this Python file first (it may register models, datasets, rules)",
     )
     merge.set_defaults(func=_cmd_merge)
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="train a config's model centrally on part of its data: the base model.init names",
+    )
+    pre.add_argument("config", help="path of the YAML config, or a shipped one's name")
+    pre.add_argument(
+        "--out", help="the .safetensors file written (default: the config's model.init)"
+    )
+    pre.add_argument(
+        "--fraction", type=float, default=1.0, help="fraction of the training examples (seeded)"
+    )
+    pre.add_argument("--epochs", type=int, default=1, help="epochs over them")
+    pre.add_argument(
+        "--outside-federation",
+        action="store_true",
+        help="only examples no client of the federation holds (natural partition, other groups)",
+    )
+    pre.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config entry"
+    )
+    pre.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="run this Python file first (it may register models, datasets, rules)",
+    )
+    pre.set_defaults(func=_cmd_pretrain)
 
     part = sub.add_parser("partition", help="print a run's per-client label histogram")
     part.add_argument("run", help="run folder")

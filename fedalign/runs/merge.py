@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedalign.algorithms.pipeline import Outcome, aggregate_local
+from fedalign.client.training import evaluate
 from fedalign.config.components import shape_options
 from fedalign.config.load import from_dict
 from fedalign.config.schema import RunConfig
@@ -107,12 +108,12 @@ def merge(request: MergeRequest) -> tuple[StateDict, Outcome]:
     needs = [k for phase in ("train", "align", "repair") for k in plan.statistics(phase)]
     options: dict[str, Any] = {}
     sample: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0, dtype=torch.long))
-    if needs:
-        if request.data is None:
-            raise ConfigError(
-                f"the chosen steps need statistics ({', '.join(dict.fromkeys(needs))}) "
-                "of some data: give --data NAME (and --samples N)"
-            )
+    if needs and request.data is None:
+        raise ConfigError(
+            f"the chosen steps need statistics ({', '.join(dict.fromkeys(needs))}) "
+            "of some data: give --data NAME (and --samples N)"
+        )
+    if request.data is not None:  # the model is sized for the data, statistics or not
         arrays = dataset_arrays(request.data, "train", cfg.data.data_dir)
         X, y = arrays.X, arrays.y
         options = shape_options(request.model, X.shape[1:], arrays.num_classes)
@@ -127,6 +128,21 @@ def merge(request: MergeRequest) -> tuple[StateDict, Outcome]:
     weights = list(request.weights or [1.0] * len(states))
     outcome = aggregate_local(plan, model, states, weights, [sample] * len(states), request.seed)
     return outcome.state, outcome
+
+
+def held_out_accuracies(request: MergeRequest, merged: StateDict) -> dict[str, float]:
+    """Test accuracy of each input checkpoint and of ``merged`` on ``--data``'s test split
+    (``fedalign merge --eval``): whether the merge kept what its inputs knew."""
+    if request.data is None:
+        raise ConfigError("--eval needs --data NAME: the dataset whose test split to score")
+    arrays = dataset_arrays(request.data, "test", request.data_dir)
+    options = shape_options(request.model, arrays.X.shape[1:], arrays.num_classes)
+    model = build_model(request.model, **{**options, **request.model_options})
+    labelled = [*((str(p), read_state(p)) for p in request.paths), ("merged", merged)]
+    return {
+        label: evaluate(fit_to_state(copy.deepcopy(model), state), arrays.X, arrays.y)[1]
+        for label, state in labelled
+    }
 
 
 def _check_fit(
