@@ -123,7 +123,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from fedalign.runs.merge import MergeRequest, merge, held_out_accuracies, write_state
+    from fedalign.runs.merge import MergeRequest, held_out_accuracies, merge, write_state
 
     _load_plugins(args)
     steps = {k: getattr(args, k) for k in ("align", "solver", "fuse", "repair")}
