@@ -95,3 +95,20 @@ def test_a_band_needs_both_bounds_with_one_value_per_point(tmp_path, drawn):
         assert list(collection.get_facecolor()[0][:3]) == pytest.approx(
             list(matplotlib.colors.to_rgb(line.get_color()))
         )
+
+
+def test_run_plot_has_a_title_whole_round_ticks_and_a_loss_panel(tmp_path, drawn):
+    rows = [
+        {"round": r, "test_accuracy": 0.2 * r, "test_loss": 2.0 - 0.5 * r, "bytes_down": 10}
+        for r in range(3)
+    ]
+    plot_runs({"run": rows}, tmp_path / "accuracy.png", title="quickstart-20261206")
+    ((fig, _),) = drawn
+    by_round, _, by_loss = fig.axes
+    assert fig._suptitle.get_text() == "quickstart-20261206"
+    assert by_loss.get_ylabel() == "test loss"
+    assert list(by_loss.lines[0].get_ydata()) == [2.0, 1.5, 1.0]
+    fig.canvas.draw()
+    for ax in (by_round, by_loss):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)

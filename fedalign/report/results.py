@@ -141,7 +141,7 @@ class RunRecorder:
         summary["wall_seconds"] = round(wall_seconds, 2)
         self.write_json("summary.json", summary)
         if plot and self.rows:
-            plot_runs({self.dir.name: self.rows}, self.dir / "accuracy.png")
+            plot_runs({self.dir.name: self.rows}, self.dir / "accuracy.png", title=self.dir.name)
         return summary
 
 
@@ -242,16 +242,21 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> None:
-    """Test accuracy against rounds and against bytes communicated, one line per run."""
+def plot_runs(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str | None = None
+) -> None:
+    """Test accuracy against rounds and against bytes communicated, and the test loss against
+    rounds, one line per run."""
     curves = {}
     for label, rows in runs.items():
         mib = dict(zip((r["round"] for r in rows), (b / 2**20 for b in cumulative_bytes(rows))))
         points = _evaluated(rows)
         rounds = [r["round"] for r in points]
         accuracy = [100 * r["test_accuracy"] for r in points]
-        curves[label] = Curve(rounds, [mib[r] for r in rounds], accuracy)
-    accuracy_plot(curves, path, legend_fontsize=8)
+        losses = [r.get("test_loss") for r in points]
+        loss = None if any(v is None for v in losses) else [float(v) for v in losses]
+        curves[label] = Curve(rounds, [mib[r] for r in rounds], accuracy, loss=loss)
+    accuracy_plot(curves, path, title=title, legend_fontsize=8)
 
 
 def _fmt(value: Any, digits: int = 2, scale: float = 1.0) -> str:
