@@ -15,7 +15,15 @@ import pytest
 from fedalign.config.load import load_config
 from fedalign.core.errors import ConfigError
 from fedalign.report.results import RunRecorder
-from fedalign.report.trackers import TRACKERS, flat_config, missing_package, scalars
+from fedalign.report.trackers import (
+    TRACKERS,
+    default_tracking_uri,
+    flat_config,
+    missing_package,
+    quiet_mlflow,
+    scalars,
+    tracker_name,
+)
 from tests.helpers import DIGITS
 
 needs_tensorboard = pytest.mark.skipif(
@@ -134,12 +142,16 @@ def test_tensorboard_gets_every_curve_and_a_resume_replaces_the_redone_steps(tmp
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    accuracy = [(e.step, round(e.value, 6)) for e in events.Scalars("test_accuracy")]
+    accuracy = [(e.step, round(e.value, 6)) for e in events.Scalars("test/accuracy")]
     expected = [(r["round"], round(r["test_accuracy"], 6)) for r in rows(3)[:2] + redone]
     assert accuracy == expected
-    assert [e.step for e in events.Scalars("seconds_train")] == [1, 2, 3]
-    assert [e.value for e in events.Scalars("bytes_by_phase/train/down")] == [0, 100, 200, 300]
-    assert "val_accuracy" not in events.Tags()["scalars"]  # null: not a number
+    assert [e.step for e in events.Scalars("time/train")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("bytes/by_phase/train/down")] == [0, 100, 200, 300]
+    assert "val/accuracy" not in events.Tags()["scalars"]  # null: not a number
+    final = json.loads((tmp_path / "summary.json").read_text())["final_accuracy"]
+    assert [round(e.value, 6) for e in events.Scalars("summary/final_accuracy")] == [
+        round(final, 6)
+    ]
 
 
 @needs_tensorboard
@@ -161,7 +173,7 @@ def test_a_restart_in_the_same_run_replaces_the_redone_steps(tmp_path):
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    accuracy = [(e.step, round(e.value, 6)) for e in events.Scalars("test_accuracy")]
+    accuracy = [(e.step, round(e.value, 6)) for e in events.Scalars("test/accuracy")]
     assert accuracy == [(r["round"], round(r["test_accuracy"], 6)) for r in rows(3)[:2] + redone]
 
 
@@ -194,16 +206,46 @@ def test_mlflow_gets_every_curve_and_the_config_and_a_resume_continues_the_run(
     (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
     assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == run.info.run_id
-    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    history = client.get_metric_history(run.info.run_id, "test/accuracy")
     assert [(m.step, m.value) for m in history] == [
         (r["round"], r["test_accuracy"]) for r in rows(3)
     ]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds_train")] == [
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "time/train")] == [
         1,
         2,
         3,
     ]
+    final = json.loads((run_dir / "summary.json").read_text())["final_accuracy"]
+    assert run.data.metrics["summary/final_accuracy"] == final
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.json"]
     assert run.data.params["train.lr"] == str(config["train"]["lr"])
     assert run.data.params["model.options.hidden"] == json.dumps(
         config["model"]["options"]["hidden"]
     )
+
+
+def test_tracker_names_group_what_a_metric_measures():
+    names = ["test_accuracy", "train_loss", "seconds_train", "bytes_up", "clients_failed"]
+    assert [tracker_name(n) for n in names] == [
+        "test/accuracy",
+        "train/loss",
+        "time/train",
+        "bytes/up",
+        "clients/failed",
+    ]
+    assert tracker_name("bytes_by_phase/train/down") == "bytes/by_phase/train/down"
+    assert tracker_name("wall_seconds") == "wall_seconds"
+
+
+def test_mlflow_stores_beside_the_run_folders_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "out" / "demo-20261206-000000"
+    assert default_tracking_uri(run_dir) == f"sqlite:///{(tmp_path / 'out' / 'mlflow.db')}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(run_dir) == "http://127.0.0.1:5000"
+
+
+def test_mlflow_info_lines_stay_off_the_terminal():
+    quiet_mlflow()
+    for name in ("mlflow", "alembic"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO)

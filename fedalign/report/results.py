@@ -136,12 +136,17 @@ class RunRecorder:
         self.trackers.close(failed)
 
     def finish(self, wall_seconds: float, plot: bool = True) -> dict[str, Any]:
-        self.close()
+        """Write summary.json (and accuracy.png), hand both and the summary to the trackers,
+        and end their runs."""
         summary = summarise(self.rows)
         summary["wall_seconds"] = round(wall_seconds, 2)
         self.write_json("summary.json", summary)
+        files = [self.dir / "summary.json"]
         if plot and self.rows:
             plot_runs({self.dir.name: self.rows}, self.dir / "accuracy.png", title=self.dir.name)
+            files.append(self.dir / "accuracy.png")
+        self.trackers.summarise(summary, files)
+        self.close()
         return summary
 
 

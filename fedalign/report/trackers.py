@@ -5,17 +5,23 @@ is a copy of it for the tools people already follow their runs in. A config asks
 ``output.trackers: [tensorboard, mlflow]``; each is an optional extra (``pip install
 'fedalign[tensorboard]'``, ``'fedalign[mlflow]'``) and nothing is installed or written by default.
 
-Every number of a row is logged under its metrics.jsonl name at step = the round
-(``test_accuracy``, ``train_loss``, ``clients_failed``, ``bytes_up``, ``seconds_train``, ...);
-nested numbers are flattened with ``/`` (``bytes_by_phase/train/down``). Where they go:
+Every number of a row is logged at step = the round, under its metrics.jsonl name grouped by what
+it measures (``tracker_name``): ``test/accuracy``, ``train/loss``, ``time/train``, ``bytes/up``,
+``clients/failed``; nested numbers are flattened with ``/`` (``bytes/by_phase/train/down``). At
+the end, the run's summary (final and best accuracy, rounds, bytes, seconds) is logged as summary
+values, and ``summary.json`` and ``accuracy.png`` as artifacts. Where they go:
 
 - ``tensorboard``: event files in ``RUN_DIR/tensorboard/`` (``tensorboard --logdir runs``), the
-  resolved config as text; a resumed or restarted run drops the steps it redoes (``purge_step``).
+  resolved config as text and, at the end, as hyperparameters beside the summary (TensorBoard's
+  HPARAMS tab compares runs by them); a resumed or restarted run drops the steps it redoes
+  (``purge_step``).
 - ``mlflow``: a run named after the run folder, in the experiment named by the config (or
-  ``MLFLOW_EXPERIMENT_NAME``), in MLflow's tracking store (``MLFLOW_TRACKING_URI``, else MLflow's
-  default, ``./mlflow.db``); the config's keys as params. ``RUN_DIR/mlflow.json`` keeps the run's
-  id, so a resumed run continues the same MLflow run. MLflow cannot delete logged points: a
-  redone round's step holds both values in the metric's history, the redone one last.
+  ``MLFLOW_EXPERIMENT_NAME``), in MLflow's tracking store: ``MLFLOW_TRACKING_URI``, else
+  ``OUTPUT_DIR/mlflow.db`` beside the run folders (not the current directory); the config's keys
+  as params, the summary as ``summary/...`` metrics, the files as artifacts. ``RUN_DIR/mlflow.json``
+  keeps the run's id, so a resumed run continues the same MLflow run. MLflow cannot delete logged
+  points: a redone round's step holds both values in the metric's history, the redone one last.
+  MLflow's own INFO lines and deprecation warnings are kept out of the round lines.
 
 A tracker that fails (a tracking server gone) is dropped with one warning; the run goes on.
 """
@@ -28,7 +34,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +46,8 @@ log = logging.getLogger("fedalign")
 
 class Tracker(Protocol):
     def log(self, row: Mapping[str, Any]) -> None: ...
+
+    def summarise(self, summary: Mapping[str, Any], files: Sequence[Path]) -> None: ...
 
     def close(self, failed: bool = False) -> None: ...
 
@@ -64,6 +73,25 @@ def scalars(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
         ):
             out[name] = float(value)
     return out
+
+
+GROUPS = {
+    "test": "test",
+    "train": "train",
+    "val": "val",
+    "seconds": "time",
+    "bytes": "bytes",
+    "clients": "clients",
+}
+"""metrics.jsonl key prefix -> the group trackers show it under."""
+
+
+def tracker_name(key: str) -> str:
+    """A metrics.jsonl key as trackers show it, grouped by what it measures: ``test_accuracy`` ->
+    ``test/accuracy``, ``seconds_train`` -> ``time/train``, ``bytes_by_phase/train/down`` ->
+    ``bytes/by_phase/train/down``; a key of no group keeps its name."""
+    head, sep, rest = key.partition("_")
+    return f"{GROUPS[head]}/{rest}" if sep and head in GROUPS else key
 
 
 def flat_config(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -99,6 +127,7 @@ class TensorBoardTracker:
 
         purge = None if resume_after is None else resume_after + 1
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        self.config = config
         if resume_after is None:
             self.writer.add_text(
                 "config", "    " + json.dumps(config, indent=2).replace("\n", "\n    ")
@@ -106,7 +135,16 @@ class TensorBoardTracker:
 
     def log(self, row: Mapping[str, Any]) -> None:
         for name, value in scalars(row).items():
-            self.writer.add_scalar(name, value, global_step=row["round"])
+            self.writer.add_scalar(tracker_name(name), value, global_step=row["round"])
+        self.writer.flush()
+
+    def summarise(self, summary: Mapping[str, Any], files: Sequence[Path]) -> None:
+        self.writer.add_hparams(
+            flat_config(self.config),
+            {f"summary/{k}": v for k, v in scalars(summary).items()},
+            run_name=".",  # beside the curves, not in a sub-folder of its own
+        )
+        self.writer.add_text("summary", "    " + json.dumps(dict(summary), indent=2))
         self.writer.flush()
 
     def close(self, failed: bool = False) -> None:
@@ -119,9 +157,10 @@ class MlflowTracker:
     def __init__(
         self, run_dir: Path, config: Mapping[str, Any], *, resume_after: int | None = None
     ) -> None:
+        quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient()
+        self.client = MlflowClient(default_tracking_uri(run_dir))
         self.record = run_dir / "mlflow.json"
         known = json.loads(self.record.read_text()) if self.record.is_file() else {}
         if resume_after is not None and known.get("run_id"):
@@ -150,12 +189,39 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         step, now = int(row["round"]), int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in scalars(row).items()]
+        metrics = [Metric(tracker_name(k), v, now, step) for k, v in scalars(row).items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
+    def summarise(self, summary: Mapping[str, Any], files: Sequence[Path]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = [Metric(f"summary/{k}", v, now, 0) for k, v in scalars(summary).items()]
+        self.client.log_batch(self.run_id, metrics=values)
+        for path in files:
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+
     def close(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    """``MLFLOW_TRACKING_URI``, else an SQLite store beside the run folders
+    (``OUTPUT_DIR/mlflow.db``): MLflow's own default, ``./mlflow.db``, lands wherever the
+    command happened to be started."""
+    explicit = os.environ.get("MLFLOW_TRACKING_URI")
+    return explicit or f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (its store's migrations) and deprecation warnings off the terminal,
+    where the round lines are: they say nothing about the run."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow(\.|$)")
 
 
 TRACKERS.register(
@@ -209,6 +275,14 @@ class TrackerSet:
             except Exception as exc:  # noqa: BLE001
                 log.warning("tracker %s dropped: %s", name, _one_line(exc))
                 self.trackers.pop(name)
+
+    def summarise(self, summary: Mapping[str, Any], files: Sequence[Path]) -> None:
+        """Hand every tracker the run's summary and its files (a finished run's last step)."""
+        for name, tracker in list(self.trackers.items()):
+            try:
+                tracker.summarise(summary, files)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("tracker %s did not take the summary: %s", name, _one_line(exc))
 
     def close(self, failed: bool = False) -> None:
         for name, tracker in self.trackers.items():
