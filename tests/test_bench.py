@@ -67,7 +67,7 @@ def test_one_seed_has_no_interval_and_no_shared_seed_no_comparison():
 SUITE = """\
 name: synthetic
 base: {base}
-overrides: [strategy.rounds=3]
+overrides: [strategy.rounds=4]
 target_accuracy: 0.8
 strategies:
   fedavg: []
@@ -84,14 +84,15 @@ def _fake_run(folder, final: float, mib_per_round: float, seconds: float, wall: 
     """A finished run folder (metrics rows and summary) whose last round reaches ``final``."""
     run_dir = folder / "run-0"
     run_dir.mkdir(parents=True)
-    accuracies = [0.1, final - 0.2, final - 0.05, final]
+    accuracies = [0.1, final - 0.2, final - 0.05, final - 0.01, final]
     rows = [
         {
             "round": r,
             "test_accuracy": a,
             "bytes_down": 0 if r == 0 else int(mib_per_round * 2**20 / 2),
             "bytes_up": 0 if r == 0 else int(mib_per_round * 2**20 / 2),
-            "seconds_total": {0: 0.5, 1: 20 * seconds}.get(r, seconds),  # round 1 starts workers
+            # round 1 also starts the workers; rounds 2..4 have median ``seconds``
+            "seconds_total": {0: 0.5, 1: 20 * seconds, 2: 0.5 * seconds}.get(r, seconds),
         }
         for r, a in enumerate(accuracies)
     ]
@@ -140,8 +141,8 @@ def test_summary_reports_intervals_paired_differences_and_bands(tmp_path, monkey
     assert float(row["final_accuracy_diff_ci95_high"]) == pytest.approx(ci.high)
     assert float(row["final_accuracy_diff_p"]) == pytest.approx(reference.pvalue)
     assert row["paired_seeds"] == "3" and row["model"] == "mlp"
-    assert float(row["mib_total_mean"]) == pytest.approx(6.0)  # 3 rounds of 2 MiB
-    # each run's median round: 1.5, 2.5, 3.5 s for seeds 0, 1, 2
+    assert float(row["mib_total_mean"]) == pytest.approx(8.0)  # 4 rounds of 2 MiB
+    # each run's median of rounds 2..4: 1.5, 2.5, 3.5 s for seeds 0, 1, 2
     assert float(row["seconds_per_round_mean"]) == pytest.approx(2.5)
     assert float(row["seconds_per_round_ci95_high"]) == pytest.approx(
         2.5 + stats.t.ppf(0.975, 2) * 1 / math.sqrt(3)

@@ -30,8 +30,8 @@ a finished run is skipped, one with checkpoints but no summary is resumed, so an
 continues where it stopped. The summary (``summary.md``, ``summary.csv``,
 ``accuracy-<model>[-<variant>]-<partition>.png``) gives per (model, variant, partition, strategy)
 the mean and 95% t interval over seeds (``fedalign.report.intervals``) of final and best
-accuracy, rounds and MiB to reach the target, total MiB, the median seconds per round and wall
-time; with a
+accuracy, rounds and MiB to reach the target, total MiB, the median seconds per round (rounds
+2..R) and wall time; with a
 baseline, the per-seed difference of final and best accuracy to the baseline's run with the same
 seed, its paired-t interval and p-value. The plots draw the mean over seeds with the interval as a
 band.
@@ -290,9 +290,12 @@ def run_metrics(run_dir: Path, target: float | None) -> dict[str, Any]:
         "rounds_to_target": rounds,
         "mib_to_target": None if spent is None else spent / MIB,
         "mib_total": cumulative_bytes(rows)[-1] / MIB,
-        # the median round: round 1 also waits for the Ray workers to start (tens of seconds)
+        # the median of rounds 2..R: round 1 also waits for the Ray workers to start (tens of
+        # seconds at load); round 1 alone when it is the only one
         "seconds_per_round": (
-            statistics.median(r["seconds_total"] for r in trained) if trained else None
+            statistics.median(r["seconds_total"] for r in trained[1:] or trained)
+            if trained
+            else None
         ),
         "wall_seconds": summary.get("wall_seconds"),
         "rows": rows,
@@ -465,8 +468,8 @@ def summarise_suite(suite: Suite) -> list[dict[str, Any]]:
         "Each cell: mean ± half-width of the 95% confidence interval over the cell's seeds "
         "(Student t on the per-seed values, n - 1 degrees of freedom); one seed: its value, no "
         "interval. Rounds and MiB to the target: over the seeds that reached it. s/round: a run's "
-        "median round (metrics' seconds_total; round 1 also starts the workers), wall s: the "
-        "whole run, start-up included."
+        "median round from round 2 on (metrics' seconds_total; round 1 also starts the Ray "
+        "workers), wall s: the whole run, start-up included."
     )
     if baseline is not None:
         note += (
@@ -518,7 +521,6 @@ def _plot(suite: Suite, groups: dict[tuple[str, str | None, str, str], list[dict
         accuracy_plot(
             lines,
             suite.output / f"accuracy-{'-'.join(labels)}.png",
-            y_label="test accuracy (%): mean, band: 95% interval over seeds",
-            title=f"{suite.name}: {', '.join(labels)}",
+            title=f"{suite.name}: {', '.join(labels)} (mean over seeds, band: 95% t interval)",
             dpi=110,
         )
