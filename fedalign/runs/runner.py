@@ -67,8 +67,19 @@ class RunOutcome:
     already_finished: bool = False  # a --resume of a run with nothing left to simulate
 
 
+def cluster_address(cfg: RunConfig) -> str | None:
+    """The Ray cluster the run joins: ``simulation.ray_address``, else ``RAY_ADDRESS``; None for a
+    local run, which starts a Ray of its own."""
+    return cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
 def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
-    """Flower's Ray backend settings: client resources and how Ray starts or attaches."""
+    """Flower's Ray backend settings: client resources and how Ray starts or attaches.
+
+    A local run passes ``address="local"``: ``ray.init()`` without an address would join the last
+    cluster ``ray start`` left on the machine (its address file in Ray's temp folder), a user's
+    other work, instead of starting the run's own Ray.
+    """
     sim = cfg.simulation
     init_args: dict[str, Any] = {
         "include_dashboard": sim.ray_dashboard,
@@ -76,10 +87,11 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
         "log_to_driver": verbose,
         "logging_level": logging.INFO if verbose else logging.ERROR,
     }
-    address = sim.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     if address:
         init_args["address"] = address
-    else:  # the Ray this run starts listens on the loopback interface only (see loopback_ray)
+    else:  # a Ray of its own, listening on the loopback interface only (see loopback_ray)
+        init_args["address"] = "local"
         init_args["_node_ip_address"] = LOOPBACK
     return {
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
@@ -242,8 +254,11 @@ def run(
     # or model option fails before any folder or Ray exists.
     fed = run_federation(cfg)
     check_model(cfg, fed)
-    address = (cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")) if on_ray else None
-    if not address:  # an existing cluster has its own dashboard, or none
+    address = cluster_address(cfg) if on_ray else None
+    if address:  # said first: a RAY_ADDRESS left in the environment is easy to overlook
+        source = "simulation.ray_address" if cfg.simulation.ray_address else "RAY_ADDRESS"
+        log.warning("joining the Ray cluster at %s (%s)", address, source)
+    else:  # an existing cluster has its own dashboard, or none
         check_dashboard(cfg)
     for name in cfg.output.trackers:
         if (problem := missing_package(name)) is not None:

@@ -50,3 +50,15 @@ def test_the_ray_dashboard_is_off_unless_asked_for_and_needs_its_packages(monkey
     check_dashboard(load_config(CONFIG))  # off: nothing to check
     monkeypatch.setattr(ray._private.utils, "get_dashboard_dependency_error", lambda: None)
     check_dashboard(cfg)
+
+
+def test_a_local_run_starts_its_own_ray_and_joins_only_a_named_cluster(monkeypatch):
+    # ray.init() without an address joins the last cluster `ray start` left on the machine
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = backend_config(load_config(CONFIG))["init_args"]
+    assert (local["address"], local["_node_ip_address"]) == ("local", "127.0.0.1")
+    cfg = load_config(CONFIG, ["simulation.ray_address=10.0.0.5:6379"])
+    joined = backend_config(cfg)["init_args"]
+    assert joined["address"] == "10.0.0.5:6379" and "_node_ip_address" not in joined
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.6:6379")
+    assert backend_config(load_config(CONFIG))["init_args"]["address"] == "10.0.0.6:6379"
