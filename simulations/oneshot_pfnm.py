@@ -46,15 +46,18 @@ FINE_GAMMAS = (1.0, 5.0, 20.0, 50.0)  # the reference grid's gammas jump from 1 
 
 
 def local_models(args: argparse.Namespace, clients: list) -> tuple[list[MLP], float]:
-    """Each client's MLP trained from its own init; loaded from the cache when present."""
+    """Each client's MLP trained from its own init; loaded from the cache when present.
+    ``args.hidden``: one hidden width, or a list of them (the cache key joins them)."""
     t0 = time.perf_counter()
+    hidden = args.hidden if isinstance(args.hidden, list) else [args.hidden]
+    shape = "-".join(map(str, hidden))
     models = train_from_own_inits(
-        lambda: build_model("mlp", hidden=[args.hidden]),
+        lambda: build_model("mlp", hidden=hidden),
         [(c.X_train, c.y_train) for c in clients],
         [1000 + j for j in range(len(clients))],
         range(len(clients)),
         cache=args.cache,
-        key=f"fmnist-dirichlet-a{args.alpha}-J{args.clients}-h{args.hidden}-s{args.seed}",
+        key=f"fmnist-dirichlet-a{args.alpha}-J{args.clients}-h{shape}-s{args.seed}",
         epochs=args.epochs,
         batch_size=64,
         optimizer=args.optimizer,

@@ -29,10 +29,14 @@ import torch
 from oneshot_pfnm import local_models  # this folder is the script's: on sys.path
 
 from fedalign.algorithms.fusion import REFERENCE_GRID, pfnm
+from fedalign.algorithms.fusion.bbp_map import POPULARITY
 from fedalign.client.training import evaluate
+from fedalign.core.registry import keyword_defaults
 from fedalign.data import federation
 from fedalign.models import MLP
 from fedalign.runs.studies import write_json
+
+SIDES = ("reference", "fedalign", "fedalign uncapped")
 
 
 def reference_fuse(module, models: list[MLP], counts: np.ndarray, sigma, sigma0, gamma, seed):
@@ -62,19 +66,43 @@ def reference_fuse(module, models: list[MLP], counts: np.ndarray, sigma, sigma0,
     return fused
 
 
+def fuse(side: str, module, models: list[MLP], counts: np.ndarray, point, seed: int, args) -> MLP:
+    """One fusion by ``side`` at grid point ``point`` = (sigma, sigma0, gamma)."""
+    sigma, sigma0, gamma = point
+    if side == "reference":
+        return reference_fuse(module, models, counts, sigma, sigma0, gamma, seed)
+    cap = args.max_width if side == "fedalign" else None
+    options = {"max_width": cap, "popularity": args.popularity, "seed": seed}
+    return pfnm(models, counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)[0]
+
+
+def set_reference_cap(module, cap: int) -> None:
+    """The reference hard-codes its cap (``max(700 - L, 1)`` new neurons per match, in
+    ``compute_cost``); a smaller study scales it by swapping that constant in the imported
+    function's code object (its source is left as it is)."""
+    code = module.compute_cost.__code__
+    if 700 not in code.co_consts:
+        raise SystemExit("the reference's compute_cost has no 700 cap to change")
+    consts = tuple(cap if c == 700 else c for c in code.co_consts)
+    module.compute_cost.__code__ = code.replace(co_consts=consts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reference", type=Path, required=True)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, nargs="+", default=[16], help="one row per J")
     parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--hidden", type=int, default=200)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[200], help="hidden widths")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0], help="one row each")
     parser.add_argument(
-        "--max-width", type=int, default=700, help="fedalign's cap (the reference's: 700)"
+        "--max-width",
+        type=int,
+        default=700,
+        help="both sides' cap (the reference's is 700; another value is set in its code object)",
     )
     parser.add_argument(
         "--grid",
@@ -85,6 +113,15 @@ def main() -> None:
     parser.add_argument(
         "--gammas", type=float, nargs="*", help="only these gammas of the reference grid"
     )
+    parser.add_argument(
+        "--sides", nargs="+", choices=SIDES, default=list(SIDES), help="which fusions to run"
+    )
+    parser.add_argument(
+        "--popularity",
+        choices=POPULARITY,
+        default=keyword_defaults(pfnm)["popularity"],
+        help="fedalign's popularity term (the reference's is 'reference')",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fedalign-oneshot-cache"))
     parser.add_argument("--out", type=Path)
@@ -92,38 +129,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(args.reference))
     module = importlib.import_module("matching.pfnm")
+    if args.max_width != 700:
+        set_reference_cap(module, args.max_width)
 
-    fed = federation(
-        "fashion-mnist",
-        args.clients,
-        "dirichlet",
-        seed=args.seed,
-        val_fraction=0.0,
-        alpha=args.alpha,
-        min_partition_size=10,
-    )
-    clients = [fed.client(j) for j in range(args.clients)]
-    counts = np.array([np.bincount(c.y_train, minlength=10) for c in clients])
-    models, _ = local_models(args, clients)
-    X_train = np.concatenate([c.X_train for c in clients])
-    y_train = np.concatenate([c.y_train for c in clients])
-    X_test, y_test = fed.test
-
-    def scores(model: MLP) -> dict[str, float]:
-        return {
-            "train": evaluate(model, X_train, y_train)[1],
-            "test": evaluate(model, X_test, y_test)[1],
-        }
-
-    sides = {
-        "reference": lambda s, s0, g: reference_fuse(module, models, counts, s, s0, g, args.seed),
-        "fedalign": lambda s, s0, g: pfnm(
-            models, counts, sigma=s, sigma0=s0, gamma=g, max_width=args.max_width, seed=args.seed
-        )[0],
-        "fedalign uncapped": lambda s, s0, g: pfnm(
-            models, counts, sigma=s, sigma0=s0, gamma=g, seed=args.seed
-        )[0],
-    }
     grid = (
         list(product(REFERENCE_GRID["sigma"], REFERENCE_GRID["sigma0"], REFERENCE_GRID["gamma"]))
         if args.grid == "reference"
@@ -131,36 +139,67 @@ def main() -> None:
     )
     grid = [point for point in grid if not args.gammas or point[2] in args.gammas]
     repeats = 1 if args.grid == "reference" else 3
-    rows = []
-    for sigma, sigma0, gamma in grid:
-        for side, fuse in sides.items():
+    rows, picks, summary = [], [], []
+    for seed, J in product(args.seeds, args.clients):
+        fed = federation(
+            "fashion-mnist",
+            J,
+            "dirichlet",
+            seed=seed,
+            val_fraction=0.0,
+            alpha=args.alpha,
+            min_partition_size=10,
+        )
+        clients = [fed.client(j) for j in range(J)]
+        counts = np.array([np.bincount(c.y_train, minlength=10) for c in clients])
+        models, _ = local_models(
+            argparse.Namespace(**vars(args) | {"clients": J, "seed": seed}), clients
+        )
+        X_train = np.concatenate([c.X_train for c in clients])
+        y_train = np.concatenate([c.y_train for c in clients])
+        X_test, y_test = fed.test
+
+        mine = []
+        for (sigma, sigma0, gamma), side in product(grid, args.sides):
             seconds = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                fused = fuse(sigma, sigma0, gamma)
+                fused = fuse(side, module, models, counts, (sigma, sigma0, gamma), seed, args)
                 seconds.append(time.perf_counter() - t)
             row = {
+                "seed": seed,
+                "clients": J,
                 "side": side,
                 "sigma": sigma,
                 "sigma0": sigma0,
                 "gamma": gamma,
-                "width": fused.layers[0].out_features,
+                "widths": [layer.out_features for layer in fused.layers[:-1]],
                 "seconds": min(seconds),
-                **scores(fused),
+                "train": evaluate(fused, X_train, y_train)[1],
+                "test": evaluate(fused, X_test, y_test)[1],
             }
-            rows.append(row)
+            mine.append(row)
             print(
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True
             )
-    picks = {}
-    for side in sides:
-        mine = [r for r in rows if r["side"] == side]
-        picks[side] = max(mine, key=lambda r: r["train"])
-        print("pick", side, picks[side], flush=True)
+        local = [evaluate(m, X_test, y_test)[1] for m in models]
+        for side in args.sides:
+            candidates = [r for r in mine if r["side"] == side]
+            pick = max(candidates, key=lambda r: r["train"])  # the reference's rule
+            picks.append(pick)
+            print("pick", pick, flush=True)
+            summary.append(
+                f"| {seed} | {J} | {side} | {pick['test']:.4f} | "
+                f"{' / '.join(map(str, pick['widths']))} | "
+                f"{pick['sigma']:g}, {pick['sigma0']:g}, {pick['gamma']:g} | "
+                f"{sum(r['seconds'] for r in candidates):.1f} | {np.mean(local):.4f} |"
+            )
+        rows += mine
+    print("| seed | J | side | test accuracy | widths | sigma, sigma0, gamma | grid s | local |")
+    print("\n".join(summary))
     result = {
         "setting": vars(args)
         | {"reference": str(args.reference), "cache": str(args.cache), "out": str(args.out)},
-        "local_test_accuracy": [evaluate(m, X_test, y_test)[1] for m in models],
         "rows": rows,
         "picks": picks,
     }

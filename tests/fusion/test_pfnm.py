@@ -71,6 +71,28 @@ def test_unrelated_models_of_different_widths_grow_the_global_model():
     assert capped_assignment.widths[0] == 13 and max(_hidden_widths(capped)) <= 13
 
 
+def test_the_width_cap_binds_while_matching_in_every_layer():
+    """Unrelated clients (far apart compared with sigma): uncapped, each layer grows past the cap;
+    capped while matching, each layer fills to the cap and no further, every client's neurons on
+    distinct global ones. A cap the uncapped matching stays under changes nothing."""
+    models = []
+    for j, hidden in enumerate(([9, 7], [8, 7], [9, 6], [7, 5])):
+        models.append(seeded_model("mlp", 10 + j, in_features=20, hidden=hidden, num_classes=4))
+        with torch.no_grad():
+            for p in models[-1].parameters():
+                p.mul_(20)
+    options = {"sigma": 0.1, "gamma": 5.0, "iterations": 2}
+    _, free = pfnm(models, COUNTS, **options)
+    assert min(free.widths) > 11
+    capped, assignment = pfnm(models, COUNTS, max_width=11, **options)
+    assert assignment.widths == _hidden_widths(capped) == [11, 11]
+    for layer in assignment.layers:
+        assert all(a.max() < 11 and len(a.unique()) == len(a) for a in layer)
+    _, loose = pfnm(models, COUNTS, max_width=max(free.widths), **options)
+    for layer, free_layer in zip(loose.layers, free.layers):
+        assert [a.tolist() for a in layer] == [a.tolist() for a in free_layer]
+
+
 def test_a_client_that_never_saw_a_class_does_not_shape_its_classifier_row():
     """Class shares weight the outgoing rows: client 1 has no class-2 data, so its (garbage) class-2
     weights must not matter, and the fused class-2 logit is client 0's."""

@@ -240,9 +240,9 @@ def bbp_map(
     ``precisions[j]``: client j's noise precision 1/sigma, a scalar or per dimension (D,);
     ``prior_mean`` / ``prior_precision`` (1/sigma0): the prior of a global neuron; ``gamma``: the
     Beta-Bernoulli mass (larger opens more neurons); ``iterations``: sweeps re-matching every
-    client after the first pass; ``max_width``: at most this width: the uncapped MAP is found
-    first, its ``max_width`` most popular neurons kept and every client re-matched under the cap
-    (none by default: PFNM's reference silently caps at 700, while matching); ``popularity``:
+    client after the first pass; ``max_width``: at most this width, binding while matching as in
+    the reference code (which always caps at 700): a match opens at most ``max_width - width``
+    new neurons and at the cap only joins existing ones (none by default); ``popularity``:
     ``"consistent"`` (2 log) or ``"reference"`` (1 log, as the reference code); ``device``:
     where the cost matrices are built (default: the first client's; the server's GPU when it has
     one), the result comes back on the CPU.
@@ -277,11 +277,14 @@ def bbp_map(
     assignments: list[torch.Tensor | None] = [None] * J
     opened = [len(n) for n in neurons]  # new neurons each client opened in its last match
 
-    cap: int | None = None  # the width cap while matching: none until the uncapped MAP is found
+    # The cap binds while matching, as in the reference code: a client's match may open at most
+    # ``cap - width`` new neurons (its cost matrix has only that many new columns), and once the
+    # layer is at the cap its rows can only join existing neurons.
+    cap = max_width
 
     def match(j: int) -> None:
         L = len(scaled[j])
-        room = L if cap is None else max(0, min(L, cap - layer.width))
+        room = L if cap is None else min(L, cap - layer.width)
         cost = _block_cost(scaled[j], norms[j], blocks.client[j], layer, popularity_scores)
         columns = _solve(cost, new_scores[j][:, :room], opened[j], solver)
         # new-neuron columns are interchangeable: open them in order of first use (in NumPy:
@@ -291,16 +294,6 @@ def bbp_map(
         columns[is_new] = np.arange(layer.width, layer.width + opened[j])
         assignments[j] = torch.from_numpy(columns).to(device)
         layer.add(packed[j], assignments[j], layer.width + opened[j])
-
-    def rematch(j: int) -> None:
-        if cap is None:
-            remap = layer.remove(unpacked[j], assignments[j])
-        else:
-            held = assignments[j] >= 0  # rows whose neuron a cap dropped are held nowhere
-            remap = layer.remove(unpacked[j][held], assignments[j][held])
-        if remap is not None:
-            _renumber(assignments, remap, skip=j)
-        match(j)
 
     if max_width is not None and max(len(n) for n in neurons) > max_width:
         raise ValueError(
@@ -313,21 +306,10 @@ def bbp_map(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
         for j in torch.randperm(J, generator=generator).tolist():
-            rematch(j)
-    if max_width is not None and layer.width > max_width:
-        # Keep the max_width most popular neurons of the uncapped MAP and re-match every client
-        # under the cap. Capping while the first pass runs (the reference's way) fills the
-        # budget with the first clients' neurons and force-matches the later clients into them,
-        # which then look popular, and the sweeps shrink the layer far below the cap.
-        keep = torch.zeros(layer.width, dtype=torch.bool, device=device)
-        keep[torch.argsort(layer.popularity, descending=True, stable=True)[:max_width]] = True
-        _renumber(assignments, layer.keep(keep))
-        cap = max_width
-        for j in order:
-            rematch(j)
-        for _ in range(iterations):
-            for j in torch.randperm(J, generator=generator).tolist():
-                rematch(j)
+            remap = layer.remove(unpacked[j], assignments[j])
+            if remap is not None:
+                _renumber(assignments, remap, skip=j)
+            match(j)
     precision = layer.precisions[:, blocks.position_block]
     return BBPResult(
         mean=(layer.sums / precision).float().cpu(),
@@ -368,11 +350,12 @@ def _hungarian(scores: torch.Tensor) -> np.ndarray:
     return hungarian_columns(scores)
 
 
-def _renumber(assignments: list, remap: torch.Tensor, skip: int | None = None) -> None:
-    """Every client's (but ``skip``'s) assignment through ``remap``; -1 (held nowhere) stays."""
+def _renumber(assignments: list, remap: torch.Tensor, skip: int) -> None:
+    """Every client's but ``skip``'s assignment through ``remap`` (only ``skip``, just removed,
+    held the neurons it drops)."""
     for k, a in enumerate(assignments):
         if k != skip:
-            assignments[k] = torch.where(a >= 0, remap[a.clamp_min(0)], a)
+            assignments[k] = remap[a]
 
 
 def _open_cost(
