@@ -132,3 +132,28 @@ def test_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("fedalign ")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("x = 1\nraise RuntimeError('boom')\n", "plugin.py, line 2: RuntimeError: boom"),
+        (
+            "import fedalign\nfedalign.register_model('mlp', object)\n",
+            "line 2: RegistryError: model 'mlp' is already registered",
+        ),
+    ],
+)
+def test_a_plugin_that_fails_is_one_line(tmp_path, capsys, source, message):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(source)
+    assert message in one_line_error(capsys, main(["config", "--plugin", str(plugin)]))
+
+
+def test_report_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 0, "test_accuracy": 0.5}\n')
+    (tmp_path / "taken").write_text("")
+    err = one_line_error(capsys, main(["report", str(run), "--out", str(tmp_path / "taken")]))
+    assert "--out" in err and "is a file" in err

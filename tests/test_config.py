@@ -109,6 +109,7 @@ def test_resolved_config_round_trips_through_yaml():
             "aggregation.repair_every: must be >= 1",
         ),
         ({"seed": -1}, "seed"),
+        ({"aggregation": {"fuse": "multi-krum"}}, "the plain mean, no protection"),
     ],
 )
 def test_bad_values_name_the_key(values, message):

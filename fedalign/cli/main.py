@@ -87,7 +87,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(table, end="")
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: is a file; give a folder for report.md and the plot")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, a read-only or full disk
+            raise ConfigError(
+                f"--out {out}: cannot make the report folder ({exc.strerror})"
+            ) from None
         (out / "report.md").write_text(table)
         plot_runs(runs, out / "comparison.png")
         print(f"wrote {out / 'report.md'} and {out / 'comparison.png'}")

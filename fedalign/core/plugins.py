@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import sys
+import traceback
 import zlib
 from pathlib import Path
 from types import ModuleType
@@ -64,7 +65,18 @@ def load_plugin(path: str | Path) -> ModuleType:
     path = Path(path).expanduser().resolve()
     if not path.is_file() or path.suffix != ".py":
         raise ConfigError(f"--plugin {str(path)!r}: not a Python file")
-    return _exec_file(PLUGIN_PREFIX + path.stem, path)
+    name = PLUGIN_PREFIX + path.stem
+    try:
+        return _exec_file(name, path)
+    except Exception as exc:  # noqa: BLE001  the user's code: any error is one line naming it
+        sys.modules.pop(name, None)
+        frames = traceback.extract_tb(exc.__traceback__)
+        line = next((f.lineno for f in reversed(frames) if Path(f.filename) == path), None)
+        where = f"{path}" + (f", line {line}" if line is not None else "")
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"--plugin {where}: {type(exc).__name__}: {message}".rstrip(": ")
+        ) from None
 
 
 def main_file() -> str | None:

@@ -147,6 +147,14 @@ def _byzantine_check(
                 f"{rule} with num_byzantine={f} needs at least {need} clients a round, "
                 f"a round samples {context.clients_per_round}"
             )
+        if rule == "multi-krum" and (selected or context.clients_per_round - f) >= (
+            context.clients_per_round
+        ):
+            return (
+                f"multi-krum with num_byzantine={f} and num_selected={selected} keeps all "
+                f"{context.clients_per_round} clients a round: the plain mean, no protection; "
+                "set num_byzantine (the attackers to withstand) or a smaller num_selected"
+            )
         return None
 
     return check
