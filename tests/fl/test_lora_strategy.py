@@ -2,7 +2,7 @@
 model after a round is the base plus ``fedalign.lora_update`` of exactly the adapters the clients
 trained; only adapters travel (the bytes counted are theirs, a frozen or local factor never sent);
 FedEx-LoRA's and FLoRA's base changes reach the clients; a resumed run is bitwise the run without a
-stop; bad configs are one ConfigError line."""
+stop; bad configs are one ConfigError line; each round's row holds the rule's aggregation error."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from fedalign.algorithms.lora import lora_update
+from fedalign.algorithms.lora import lora_update, mean_products
 from fedalign.core.errors import ConfigError
 from fedalign.fl.records import content_bytes, to_arrays, to_state_dict
 from fedalign.fl.strategies.lora import BASE, LOCAL
@@ -80,6 +80,16 @@ def test_round_is_base_plus_the_rules_update_of_the_trained_adapters(rule: str) 
     for key, value in r.initial.items():  # the base's other tensors never move
         if key not in adapted:
             assert torch.equal(r.final[key], value)
+    # the round's row: the rule's aggregation error against the mean of the clients' products
+    exact = mean_products(adapters, weights, alpha=4.0)
+    gap = sum(float((exact[n] - expected[n]).square().sum()) for n in exact)
+    size = sum(float(exact[n].square().sum()) for n in exact)
+    error = r.rows[-1]["lora"]["aggregation_error"]
+    assert error == pytest.approx((gap / size) ** 0.5, rel=1e-6, abs=1e-9)
+    if rule in ("ffa-lora", "fedex-lora", "flora", "flexlora"):
+        assert error < 1e-6
+    if rule == "fedit":
+        assert error > 1e-3
 
 
 def test_ffa_lora_never_sends_a_and_fedsa_lora_keeps_b_on_the_clients() -> None:

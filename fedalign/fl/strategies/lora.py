@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from fedalign.algorithms.checks import fused_problem
-from fedalign.algorithms.lora import LORA_RULES, LayerUpdate, lora_aggregate
+from fedalign.algorithms.lora import LORA_RULES, LayerUpdate, lora_aggregate, mean_products
 from fedalign.algorithms.server_opt import is_identity
 from fedalign.client.state import ClientState
 from fedalign.client.training import TrainStats
@@ -66,6 +67,19 @@ BASE, LOCAL = "lora-base", "lora-local"
 def _part_keys(keys: list[str], factor: str | None) -> list[str]:
     """The adapter keys of ``factor`` (``"A"``/``"B"``; None: none)."""
     return [] if factor is None else [k for k in keys if f".lora_{factor}." in k]
+
+
+def aggregation_error(
+    exact: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]
+) -> float:
+    """``||exact - update|| / ||exact||`` over all adapted layers together (Frobenius): how far
+    the rule's weight change is from the weighted mean of the clients' ``(alpha / r) B_i A_i``
+    (0: exact; NaN when the clients changed nothing but the rule did)."""
+    gap = sum(float((exact[k].double() - update[k].double()).square().sum()) for k in exact)
+    size = sum(float(exact[k].double().square().sum()) for k in exact)
+    if size == 0:
+        return 0.0 if gap == 0 else math.nan
+    return (gap / size) ** 0.5
 
 
 class LoraClient(ClientState):
@@ -225,13 +239,8 @@ class LoraStrategy(Strategy):
             full.update(u.records.get(LOCAL, {}))
             full.update(u.state_dict)
             adapters.append(layer_pairs(full))
-        result = lora_aggregate(
-            self.rule,
-            adapters,
-            [float(u.num_examples) for u in updates],
-            alpha=a.alpha,
-            **a.options,
-        )
+        weights = [float(u.num_examples) for u in updates]
+        result = lora_aggregate(self.rule, adapters, weights, alpha=a.alpha, **a.options)
         base = self.base or {n: rnd.reference[layer.weight] for n, layer in self.layers.items()}
         fused = OrderedDict(rnd.reference)
         new_base = dict(base)
@@ -260,6 +269,10 @@ class LoraStrategy(Strategy):
             "rule": self.rule,
             "adapter_rank": max((r for r in ranks if r is not None), default=0),
             "folded": fold,
+            "aggregation_error": aggregation_error(
+                mean_products(adapters, weights, alpha=a.alpha),
+                {name: u.delta for name, u in result.items()},
+            ),
         }
         return fused
 
