@@ -245,7 +245,7 @@ def test_fednova_normalises_unequal_step_counts() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"strategy": {"name": "scaffold"}, "train": {"momentum": 0.9}}, "without momentum"),
+        ({"strategy": {"name": "scaffold"}, "train": {"optimizer": "adam"}}, "assumes local SGD"),
         ({"strategy": {"name": "fednova"}, "train": {"optimizer": "adam"}}, "assumes local SGD"),
         (
             {"strategy": {"name": "scaffold"}, "aggregation": {"align": "weight"}},
@@ -261,3 +261,9 @@ def test_fednova_normalises_unequal_step_counts() -> None:
 def test_drift_strategies_reject_what_they_cannot_run(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         from_dict(values)
+
+
+def test_scaffold_runs_with_local_momentum_as_niid_bench_does() -> None:
+    """NIID-Bench trains SCAFFOLD's clients with SGD momentum 0.9; the momentum study needs it."""
+    cfg = make_config(4, strategy={"name": "scaffold"}, train={"momentum": 0.9})
+    assert cfg.strategy.name == "scaffold" and cfg.train.momentum == 0.9

@@ -96,7 +96,12 @@ class Scaffold(FedAvg):
 
     @classmethod
     def problem(cls, context: StrategyContext) -> str | None:
-        return plain_sgd_problem(context, "scaffold", momentum=False)
+        """Local SGD, with or without momentum. With heavy-ball momentum rho, option II's
+        ``(x - y_i) / (K lr)`` reads the K steps' displacement as K plain steps, up to
+        ``1 / (1 - rho)`` times larger: the control variates overestimate the gradients by up to
+        that factor. NIID-Bench ran SCAFFOLD so (SGD momentum 0.9); fedalign allows it to
+        reproduce that setting (docs/aggregation.md, docs/benchmarks.md's momentum study)."""
+        return plain_sgd_problem(context, "scaffold", momentum=True)
 
     def __init__(
         self, context: StrategyContext, *, weighting: Literal["uniform", "examples"] = "examples"
