@@ -628,8 +628,12 @@ class _Walker:
         units = self.sizes[self.uf.find(x.group)]
         if x.block == 1 and k + 1 < rank and out * shape_out[k + 1] == size:
             return _Heads(x.group, out, k - rank, k + 1 - rank)
-        if x.block > 1 and out == units and math.prod(shape_out[k + 1 :]) % x.block == 0:
-            return _Label(x.group, 1, k - rank)  # unflatten (N, C*H*W) -> (N, C, H, W)
+        if x.block > 1 and out == units:  # unflatten (N, C*H*W) -> (N, C, H, W)
+            spread, t = 1, k + 1
+            while spread < x.block and t < rank:
+                spread *= shape_out[t]
+                t += 1
+            return _Label(x.group, 1, k - rank) if spread == x.block else None
         return None
 
     def transpose(self, node: fx.Node):
@@ -669,6 +673,8 @@ class _Walker:
         shape = _shape(src)
         idx = index if isinstance(index, tuple) else (index,)
         where: dict[int, int] = {}
+        if label is None:  # indexed by a tensor a group acts on
+            shape = None
         if shape is not None and Ellipsis not in idx:
             rank, out_rank, dim, kept = len(shape), len(_shape(node)), 0, 0
             for entry in idx:
@@ -685,7 +691,7 @@ class _Walker:
                 dim += 1
             else:
                 where.update({d - rank: kept + d - dim - out_rank for d in range(dim, rank)})
-        if all(a in where for a in _axes(label)):
+        if shape is not None and all(a in where for a in _axes(label)):
             return _moved(label, where)
         raise UnsupportedModuleError(
             f"indexing {node.name}: only indexing that keeps the units' axis whole (integers and "
@@ -729,6 +735,11 @@ class _Walker:
         operands = list(node.args[:2]) if operands is None else operands
         labels = [self.label_of(a) for a in operands]
         present = [label for label in labels if label is not None]
+        if not present:
+            raise UnsupportedModuleError(
+                f"{node.name}: {getattr(node.target, '__name__', node.target)} with a permuted "
+                "tensor as a keyword argument"
+            )
         if any(isinstance(label, _Tuple) for label in present):
             raise UnsupportedModuleError(f"{node.name}: arithmetic on a module's output tuple")
         first = present[0]
