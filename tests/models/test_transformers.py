@@ -1,6 +1,6 @@
 """The zoo's transformers: shapes, causal masking, a few training steps, float64, what the data
-implies, the client statistics they need (Grams of every linear map, Fisher), and the config
-reference listing them."""
+implies, the client statistics they need (Grams of every linear map, Fisher), MOON's
+representation, and the config reference listing them."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from fedalign.cli import main
 from fedalign.client.training import evaluate, train_local
 from fedalign.config.components import shape_options
 from fedalign.models import build_model
+from fedalign.models.features import forward_with_representation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,6 +111,19 @@ def test_grams_cover_every_linear_map_and_fisher_every_parameter():
         assert set(fisher) == {k for k, _ in model.named_parameters()}
         assert fisher["position"].sum() > 0
         assert all(torch.isfinite(f).all() for f in fisher.values())
+
+
+def test_moons_representation_is_what_the_head_reads():
+    """MOON contrasts the input of the last Linear: the last position's stream for the character
+    model, the pooled token for the ViT (both pooling options)."""
+    for model, x in (
+        (char_model(), torch.randint(0, 11, (3, 12))),
+        (vit_model(), torch.rand(3, 1, 8, 8)),
+        (vit_model(pooling="mean"), torch.rand(3, 1, 8, 8)),
+    ):
+        logits, z = forward_with_representation(model.eval(), x)
+        torch.testing.assert_close(logits, model(x))
+        torch.testing.assert_close(z, model.features(x))
 
 
 def test_the_data_implies_vocabulary_context_and_image_size():
