@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 from itertools import product
@@ -87,11 +88,54 @@ def set_reference_cap(module, cap: int) -> None:
     module.compute_cost.__code__ = code.replace(co_consts=consts)
 
 
+def table(paths: list[Path]) -> str:
+    """A markdown table of the picks in ``--out`` files (any mix of sides): one row per hidden
+    widths, seed and J; per side (fedalign's with its popularity term) the pick's test accuracy,
+    widths and grid point, and the seconds of all its fusions of the grid."""
+    columns: dict[str, None] = {}
+    cells: dict[tuple, dict[str, str]] = {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        setting = result["setting"]
+        for pick in result["picks"]:
+            side = pick["side"]
+            if side != "reference":
+                side += f" ({setting.get('popularity', 'consistent')})"
+            columns[side] = None
+            key = (tuple(setting["hidden"]), pick["seed"], pick["clients"])
+            seconds = sum(
+                r["seconds"]
+                for r in result["rows"]
+                if (r["side"], r["seed"], r["clients"]) == (pick["side"], key[1], key[2])
+            )
+            point = f"{pick['sigma']:g}, {pick['sigma0']:g}, {pick['gamma']:g}"
+            cells.setdefault(key, {})[side] = (
+                f"{pick['test']:.4f} ({' / '.join(map(str, pick['widths']))}; {point}; "
+                f"{seconds:.1f} s)"
+            )
+    lines = [
+        "| hidden | seed | J | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for (hidden, seed, J), row in sorted(cells.items()):
+        shape = "-".join(map(str, hidden))
+        lines.append(
+            f"| {shape} | {seed} | {J} | " + " | ".join(row.get(c, "") for c in columns) + " |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--reference", type=Path, required=True)
+    parser.add_argument("--reference", type=Path, help="the reference checkout (see above)")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        help="print the picks of these --out files side by side per setting, and run nothing",
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[16], help="one row per J")
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--hidden", type=int, nargs="+", default=[200], help="hidden widths")
@@ -126,6 +170,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fedalign-oneshot-cache"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if args.reference is None:
+        parser.error("--reference is required (unless --table)")
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(args.reference))
     module = importlib.import_module("matching.pfnm")
@@ -139,7 +188,7 @@ def main() -> None:
     )
     grid = [point for point in grid if not args.gammas or point[2] in args.gammas]
     repeats = 1 if args.grid == "reference" else 3
-    rows, picks, summary = [], [], []
+    rows, picks = [], []
     for seed, J in product(args.seeds, args.clients):
         fed = federation(
             "fashion-mnist",
@@ -182,29 +231,16 @@ def main() -> None:
             print(
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True
             )
-        local = [evaluate(m, X_test, y_test)[1] for m in models]
         for side in args.sides:
-            candidates = [r for r in mine if r["side"] == side]
-            pick = max(candidates, key=lambda r: r["train"])  # the reference's rule
-            picks.append(pick)
+            pick = max((r for r in mine if r["side"] == side), key=lambda r: r["train"])
+            picks.append(pick)  # the reference's rule: the best clients' training accuracy
             print("pick", pick, flush=True)
-            summary.append(
-                f"| {seed} | {J} | {side} | {pick['test']:.4f} | "
-                f"{' / '.join(map(str, pick['widths']))} | "
-                f"{pick['sigma']:g}, {pick['sigma0']:g}, {pick['gamma']:g} | "
-                f"{sum(r['seconds'] for r in candidates):.1f} | {np.mean(local):.4f} |"
-            )
         rows += mine
-    print("| seed | J | side | test accuracy | widths | sigma, sigma0, gamma | grid s | local |")
-    print("\n".join(summary))
-    result = {
-        "setting": vars(args)
-        | {"reference": str(args.reference), "cache": str(args.cache), "out": str(args.out)},
-        "rows": rows,
-        "picks": picks,
-    }
+        if args.out:  # after every setting: a stopped study keeps what it finished
+            setting = vars(args) | {k: str(getattr(args, k)) for k in ("reference", "cache", "out")}
+            write_json(args.out, {"setting": setting, "rows": rows, "picks": picks})
     if args.out:
-        write_json(args.out, result)
+        print(table([args.out]))
 
 
 if __name__ == "__main__":
