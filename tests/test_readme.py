@@ -3,6 +3,7 @@ user who copies them gets what the README says, not a NameError."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -41,3 +42,20 @@ def test_the_readmes_python_blocks_run_as_written(tmp_path, monkeypatch, capsys)
 @pytest.mark.parametrize("block", python_blocks())
 def test_every_block_is_valid_python(block):
     compile(block, str(README), "exec")
+
+
+QUICKSTART = README.parent / "docs" / "results" / "quickstart"
+
+
+def test_the_readmes_demo_numbers_are_the_recorded_runs():
+    """The round line and the final line the README shows are what the quickstart's recorded run
+    (docs/results/quickstart) prints: regenerate both when the quickstart changes."""
+    from fedalign.runs.progress import round_line
+
+    text = README.read_text()
+    rows = [json.loads(line) for line in (QUICKSTART / "metrics.jsonl").read_text().splitlines()]
+    assert round_line(rows[3], len(rows) - 1) in text
+    summary = json.loads((QUICKSTART / "summary.json").read_text())
+    final = f"final test accuracy: {summary['final_accuracy']:.2%} (best "
+    assert final in text
+    assert f"{summary['wall_seconds']} s" in text
