@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedalign.algorithms.align import (
+    aligners,
     apply_permutation,
     invariant_distances,
     medoid,
@@ -17,7 +18,6 @@ from fedalign.algorithms.align import (
     random_permutation,
     weight_matching,
 )
-from fedalign.algorithms.align import parallel as parallel_matching
 from fedalign.algorithms.align.sinkhorn_rebasin import sinkhorn_rebasin
 from fedalign.algorithms.pipeline import Plan, aggregate, align, fuse
 from fedalign.models import build_model
@@ -141,14 +141,12 @@ def test_auto_target_follows_the_fuse_rule():
 
 def test_sinkhorn_rebasin_aligns_to_the_medoid_not_the_heaviest_claim(monkeypatch):
     """Sinkhorn re-basin used to align to the client claiming the most examples. Fewer gradient
-    steps and no median rounds keep the test fast (enough to recover the planted permutations)."""
-    monkeypatch.setattr(
-        parallel_matching, "sinkhorn_rebasin", functools.partial(sinkhorn_rebasin, steps=20)
-    )
+    steps and no sweep keep the test fast (enough to recover the planted permutations)."""
+    monkeypatch.setattr(aligners, "sinkhorn_rebasin", functools.partial(sinkhorn_rebasin, steps=20))
     honest = _honest(4, seed=5)
     states = honest + _attackers("random x20", 1, honest)
     weights = [1.0, 1.0, 1.0, 1.0, 100.0]
-    options = {"align": "sinkhorn-rebasin", "robust_rounds": 0}
+    options = {"align": "sinkhorn-rebasin", "robust_sweeps": 0}
     baseline, _ = _fuse(honest, weights[:4], "median", **options)
     attacked, info = _fuse(states, weights, "median", **options)
     assert info["reference"] < 4

@@ -9,12 +9,13 @@ An aligner with ``meta["fuses"]`` (PFNM) aligns and fuses in one step and is not
 ``align_target`` (weight, sinkhorn-rebasin, activation) says what a client is aligned to:
 ``weighted`` is each method's own target (MergeMany's example-weighted mean of the others; the
 client with the most examples), which a client with a large scale or a large claimed count
-steers; ``robust`` aligns to the medoid client under a permutation-invariant distance, then to the
-coordinate-wise median of the aligned clients (``robust.align_to_median``; activation matching,
-whose cross-moments are measured against one reference, stops at the medoid). ``auto``, the
-default, is resolved by the pipeline: ``robust`` when the fuse rule declares ``robust``, else
-``weighted`` (an aligner called directly with ``auto`` takes ``weighted``). The pipeline passes the
-medoid as ``reference`` when the target is robust.
+steers; ``robust`` aligns to the medoid client under a permutation-invariant distance, then runs
+MergeMany's sweeps with the coordinate-wise median of the other clients as each one's target
+(``robust.align_to_median``; activation matching, whose cross-moments are measured against one
+reference, stops at the medoid). ``auto``, the default, is resolved by the pipeline: ``robust``
+when the fuse rule declares ``robust``, else ``weighted`` (an aligner called directly with
+``auto`` takes ``weighted``). The pipeline passes the medoid as ``reference`` when the target is
+robust.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from fedalign.core.types import StateDict, Stats
 from .activation_matching import permutations_from_statistics
 from .parallel import match_all
 from .robust import align_to_median
+from .sinkhorn_rebasin import sinkhorn_rebasin
 from .spec import Perms, PermutationSpec, identity_permutation
 from .weight_matching import merge_many, weight_matching_result
 
 AlignTarget = Literal["auto", "weighted", "robust"]
-RobustRounds = Annotated[int, Range(low=0)]
+RobustSweeps = Annotated[int, Range(low=0)]
 
 ALIGNERS = Registry("aligner")
 
@@ -66,23 +68,20 @@ def weight_alignment(
     seed: int,
     workers: int,
     align_target: AlignTarget = "auto",
-    robust_rounds: RobustRounds = 5,
+    robust_sweeps: RobustSweeps = 20,
 ) -> list[Perms]:
     """MergeMany weight matching (Git Re-Basin) to the consensus of all clients; with
-    ``align_target: robust``, weight matching to the reference, then up to ``robust_rounds``
-    times to the coordinate-wise median of the aligned clients."""
+    ``align_target: robust``, weight matching to the reference, then up to ``robust_sweeps``
+    MergeMany sweeps matching each client to the coordinate-wise median of the others."""
     if align_target != "robust":
         return merge_many(spec, states, weights, solver=solver, seed=seed)[1]
 
-    def match(target: StateDict, previous: Sequence[Perms] | None) -> list[Perms]:
-        return [
-            weight_matching_result(
-                spec, target, sd, solver, seed=seed, init=previous[j] if previous else None
-            ).perms
-            for j, sd in enumerate(states)
-        ]
+    def match(target: StateDict, j: int, current: Perms | None) -> Perms:
+        return weight_matching_result(
+            spec, target, states[j], solver, seed=seed, init=current
+        ).perms
 
-    return align_to_median(spec, states, reference, match, robust_rounds)
+    return align_to_median(spec, states, reference, match, robust_sweeps, seed)
 
 
 @ALIGNERS.register("sinkhorn-rebasin")
@@ -97,20 +96,22 @@ def sinkhorn_alignment(
     seed: int,
     workers: int,
     align_target: AlignTarget = "auto",
-    robust_rounds: RobustRounds = 5,
+    robust_sweeps: RobustSweeps = 3,
 ) -> list[Perms]:
     """Sinkhorn re-basin of every client to the reference (independent: a worker pool when
-    asked); with ``align_target: robust``, then up to ``robust_rounds`` times to the
-    coordinate-wise median of the aligned clients (each round one re-basin per client)."""
+    asked); with ``align_target: robust``, then up to ``robust_sweeps`` sweeps re-basing each
+    client on the coordinate-wise median of the others (one after the other: each target holds
+    the others' latest alignment)."""
     if align_target == "robust":
         return align_to_median(
             spec,
             states,
             reference,
-            lambda target, _: match_all(
-                spec, target, states, "sinkhorn-rebasin", workers=workers, seed=seed, solver=solver
+            lambda target, j, _: sinkhorn_rebasin(
+                spec, target, states[j], seed=seed, solver=solver
             ),
-            robust_rounds,
+            robust_sweeps,
+            seed,
         )
     others = [sd for j, sd in enumerate(states) if j != reference]
     perms = match_all(
