@@ -2,11 +2,14 @@
 
 One-shot fusion of J MLPs trained from their own initialisations on digits (Dirichlet(alpha)
 partitions): each robust fuse rule (median, trimmed mean, Multi-Krum, Bulyan) and the mean, without
-alignment and after weight matching, with all clients honest and with one Byzantine client (a
-sign-flipping attacker: its weights times -10; a positive scale alone would leave a ReLU network's
-predictions as they are). The rules run through ``fedalign.algorithms.pipeline.aggregate``, the
-function the strategies call. Without alignment, a coordinate-wise median of permuted networks mixes
-unrelated neurons; aligned first, it compares like with like.
+alignment and after weight matching to the weighted target (MergeMany's mean of the others) or to
+the robust one (the medoid client, then the coordinate-wise median: the default behind a robust
+rule, issue 23), with all clients honest and with one Byzantine client in place of the last: a
+sign-flipping attacker (its weights times -10; a positive scale alone would leave a ReLU network's
+predictions as they are) or a random model at 20x scale. The rules run through
+``fedalign.algorithms.pipeline.aggregate``, the function the strategies call. Without alignment, a
+coordinate-wise median of permuted networks mixes unrelated neurons; aligned first, it compares like
+with like, provided the attacker does not choose the alignment.
 
     .venv/bin/python simulations/robust_alignment.py --out docs/results/robust_alignment.json
 """
@@ -32,6 +35,11 @@ RULES = [
     ("trimmed-mean", {"beta": 0.2}),
     ("multi-krum", {"num_byzantine": 1}),
     ("bulyan", {"num_byzantine": 1}),
+]
+ALIGNMENTS = [
+    ("none", {}),
+    ("weight", {"align_target": "weighted"}),
+    ("weight", {"align_target": "robust"}),
 ]
 
 
@@ -67,12 +75,19 @@ def main() -> None:
     spec = permutation_spec(models[0])
     weights = [float(len(c.y_train)) for c in clients]
     honest = [m.state_dict() for m in models]
-    byzantine = [*honest[:-1], {k: -10 * v for k, v in honest[-1].items()}]
+    torch.manual_seed(args.seed + 10_000)
+    random_model = build().state_dict()
+    attacks = {
+        "honest": honest,
+        "sign-flip x10": [*honest[:-1], {k: -10 * v for k, v in honest[-1].items()}],
+        "random x20": [*honest[:-1], {k: 20 * v for k, v in random_model.items()}],
+    }
     table: dict[str, dict[str, float]] = {}
     for rule, options in RULES:
-        for align in ("none", "weight"):
-            plan = Plan(align=align, fuse=rule, options=options)
-            for label, states in (("honest", honest), ("1 byzantine", byzantine)):
+        for align, target in ALIGNMENTS:
+            plan = Plan(align=align, fuse=rule, options={**options, **target})
+            align_label = f"{align}, {target['align_target']} target" if target else align
+            for label, states in attacks.items():
                 outcome = aggregate(
                     plan,
                     spec,
@@ -85,8 +100,8 @@ def main() -> None:
                 )
                 fused = fit_to_state(build(), outcome.state)
                 accuracy = evaluate(fused, X_test, y_test)[1]
-                table.setdefault(f"{rule} ({align})", {})[label] = accuracy
-                print(f"{rule:13s} align={align:6s} {label:12s} test accuracy {accuracy:.4f}")
+                table.setdefault(f"{rule} ({align_label})", {})[label] = accuracy
+                print(f"{rule:13s} {align_label:24s} {label:14s} test accuracy {accuracy:.4f}")
     write_json(
         args.out,
         {
