@@ -19,7 +19,7 @@ from fedalign.algorithms.align import (
     weight_matching,
 )
 from fedalign.algorithms.align.sinkhorn_rebasin import sinkhorn_rebasin
-from fedalign.algorithms.pipeline import Plan, aggregate, align, fuse
+from fedalign.algorithms.pipeline import Plan, aggregate, aggregate_local, align, fuse
 from fedalign.models import build_model
 
 NOISE = 0.01
@@ -163,3 +163,17 @@ def test_invariant_distance_ignores_permutations_and_bounds_the_aligned_distance
     exact = sum(float((aligned[k].double() - v.double()).square().sum()) for k, v in a.items())
     assert 0 < distances[0, 2] <= exact**0.5
     assert medoid(SPEC, [a, moved, {k: 20 * v for k, v in b.items()}]) in (0, 1)
+
+
+def test_activation_matching_measures_against_the_medoid():
+    """Activation matching's reference is the client its cross-moments are measured against: the
+    medoid behind a robust rule, not the client claiming the most examples."""
+    honest = _honest(4, seed=6)
+    states = honest + _attackers("random x20", 1, honest)
+    X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    samples = [(X, torch.zeros(64, dtype=torch.long))] * 5
+    plan = Plan(align="activation", fuse="median")
+    baseline = aggregate_local(plan, _model(0), honest, [1.0] * 4, samples[:4])
+    attacked = aggregate_local(plan, _model(0), states, [1.0] * 4 + [100.0], samples)
+    assert attacked.info["align_target"] == "robust" and attacked.info["reference"] < 4
+    assert _distance(attacked.state) <= 4 * _distance(baseline.state)  # squared: 2x the distance
