@@ -10,6 +10,7 @@ import copy
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from fedalign.algorithms.align import apply_permutation, random_permutation
@@ -18,6 +19,14 @@ from fedalign.models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DIGITS = CONFIGS / "digits_mlp.yaml"
+
+
+def shipped_overrides(path: Path) -> list[str]:
+    """What loading shipped config ``path`` needs: nothing, except for a config whose
+    ``model.init`` names the base ``fedalign pretrain`` writes on the user's machine (it is not
+    shipped: configs/fortunes_lora.yaml), loaded without it."""
+    model = yaml.safe_load(path.read_text()).get("model") or {}
+    return ["model.init=null"] if model.get("init") else []
 
 
 def seeded_model(name: str = "mlp", seed: int = 0, **kwargs) -> nn.Module:

@@ -9,7 +9,7 @@ import yaml
 from fedalign.config.load import from_dict, load_config, to_yaml
 from fedalign.config.schema import derive_seeds
 from fedalign.core.errors import ConfigError
-from tests.helpers import ROOT
+from tests.helpers import ROOT, shipped_overrides
 
 
 def test_every_shipped_config_and_suite_loads():
@@ -22,7 +22,7 @@ def test_every_shipped_config_and_suite_loads():
         if path in suites:
             assert load_suite(path).runs  # every expanded run config is validated
         else:
-            cfg = load_config(path)
+            cfg = load_config(path, shipped_overrides(path))
             assert cfg.seeds is not None and cfg.name
 
 

@@ -12,7 +12,7 @@ from fedalign.config.load import load_config
 from fedalign.core.errors import ConfigError
 from fedalign.runs.inprocess import run_in_process
 from fedalign.runs.runner import check_in_process, run
-from tests.helpers import DIGITS, ROOT
+from tests.helpers import DIGITS, ROOT, shipped_overrides
 
 
 def counting_client() -> ClientApp:
@@ -83,7 +83,7 @@ def test_every_shipped_config_loads_for_the_in_process_backend():
     ]
     assert len(configs) >= 10
     for path in configs:
-        cfg = load_config(path, ["simulation.backend=inprocess"])
+        cfg = load_config(path, ["simulation.backend=inprocess", *shipped_overrides(path)])
         assert cfg.simulation.backend == "inprocess", path
         check_in_process(cfg)  # no Ray-only key it cannot honour
 

@@ -1,4 +1,4 @@
-"""The ``fedalign`` command: run, resume, bench, merge, config, data, report."""
+"""The ``fedalign`` command: run, resume, bench, merge, pretrain, config, data, report."""
 
 from fedalign.cli.main import main
 

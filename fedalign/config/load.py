@@ -231,7 +231,8 @@ def _validate_adapters(cfg: RunConfig, need: Need) -> RunConfig:
         need(
             Path(cfg.model.init).expanduser().exists(),
             "model.init",
-            f"{cfg.model.init!r} does not exist (a safetensors file or a run folder)",
+            f"{cfg.model.init!r} does not exist (a safetensors file or a run folder; "
+            "`fedalign pretrain CONFIG` writes the one a config names)",
         )
     a = cfg.adapters
     if a.kind == "none":

@@ -73,7 +73,9 @@ def hf_model(*, path: str, num_classes: int | None = None, context: int | None =
         if causal
         else (transformers.AutoModelForSequenceClassification)
     )
-    with _offline():
+    # On the CPU even inside a meta-device context (the runner's shape check builds models on
+    # the meta device): from_pretrained refuses one, and the weights are read from disk anyway.
+    with _offline(), torch.device("cpu"):
         try:
             model = auto.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as exc:
