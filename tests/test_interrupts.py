@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import threading
+import time
 
+import psutil
 import pytest
 
 from fedalign.cli import main
 from fedalign.core.errors import RunInterrupted
 from fedalign.runs import runner
 from fedalign.runs.interrupts import stop_on_signals
+from fedalign.runs.reaper import watch
 from tests.helpers import DIGITS
 
 
@@ -42,3 +47,32 @@ def test_an_interrupted_run_is_one_line_and_its_signal_exit_code(
     assert err == [
         f"fedalign: stopped on request in round 3; continue with `fedalign run --resume {tmp_path}`"
     ]
+
+
+def test_the_watchdog_kills_what_a_killed_run_left_and_nothing_when_stood_down():
+    """``fedalign.runs.reaper.watch`` on a shell (the run) and its ``sleep`` (Ray's processes):
+    the shell's SIGKILL orphans the sleep, which the watchdog kills; stood down, it kills
+    nothing."""
+    for stand_down in (b"\n", b""):
+        run = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
+        read, write = os.pipe()
+        watchdog = threading.Thread(target=watch, args=(run.pid, read, 0.05))
+        watchdog.start()
+        deadline = time.monotonic() + 10
+        while not (children := psutil.Process(run.pid).children()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        (sleep,) = children
+        time.sleep(0.2)  # a few looks
+        run.kill()
+        time.sleep(0.2)  # more, while the shell is a zombie and the sleep no longer its child
+        os.write(write, stand_down)
+        os.close(write)
+        watchdog.join(timeout=10)
+        os.close(read)
+        run.wait()
+        assert not watchdog.is_alive()
+        ended = not sleep.is_running() or sleep.status() == psutil.STATUS_ZOMBIE
+        assert ended == (stand_down == b"")
+        if not ended:
+            sleep.kill()

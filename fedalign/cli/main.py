@@ -23,7 +23,7 @@ from fedalign.core.plugins import load_plugin
 from fedalign.data import DataError, format_histogram
 from fedalign.report.results import markdown_table, plot_runs, read_json, read_rows
 from fedalign.runs.checkpoint import CheckpointError
-from fedalign.runs.interrupts import EXIT_CODES, resume_advice
+from fedalign.runs.interrupts import EXIT_CODES, exit_now, resume_advice
 
 EXIT_USAGE = 2
 
@@ -441,4 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as exc:
         advice = resume_advice(exc.run_dir or Path("RUN_DIR"), exc.resumable)
         print(f"fedalign: {exc}; {advice}", file=sys.stderr)
-        return EXIT_CODES.get(exc.signal, 130)
+        code = EXIT_CODES.get(exc.signal, 130)
+        if argv is None:  # the command itself (not a caller in Python): end the process now
+            exit_now(code)
+        return code

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -43,4 +44,10 @@ class RunInterrupted(Exception):
 
 class ActorPoolBroken(RuntimeError):
     """A client's Ray worker process died (a crash, an OOM kill): Flower keeps routing messages to
-    the dead actor, so the simulation is restarted from the last checkpoint on a fresh pool."""
+    the dead actor, so the simulation is restarted from the last checkpoint on a fresh pool.
+    ``lost``: the record (``fedalign.fl.round_log.RoundLog``) of the round it died in, whose
+    failures name the dead worker."""
+
+    def __init__(self, message: str, lost: Any = None) -> None:
+        super().__init__(message)
+        self.lost = lost

@@ -120,8 +120,12 @@ class RoundEngine:
         example: tuple[torch.Tensor, torch.Tensor] | None = None,
         should_stop: Callable[[], bool] | None = None,
         data_copy: str | None = None,
+        carried: dict[int, RoundLog] | None = None,
     ) -> None:
         self.settings = engine_settings(cfg)
+        # rounds whose record starts from what an earlier simulation of this run left, taken out
+        # as they start: a restart, and the attempt lost with a dead worker (carry_restart)
+        self.carried = {} if carried is None else carried
         # every message names the run's shared data copy, so clients map it instead of loading
         self.message_config = {} if data_copy is None else {DATA_COPY_KEY: data_copy}
         self.example_limits = dict(example_limits or {})
@@ -421,13 +425,14 @@ class RoundEngine:
             try:
                 for number in range(first_round, self.settings.rounds + 1):
                     self.check_stop(number)
-                    rnd = Round(self, number, state, RoundLog(number))
+                    rnd = Round(self, number, state, self.carried.pop(number, RoundLog(number)))
+                    earlier = len(rnd.log.failures)  # carried: not this simulation's workers
                     t_round = time.perf_counter()
                     try:
                         state = self.strategy.server_update(rnd, self.strategy.run_round(rnd))
                     except RoundFailedError as exc:
-                        if lost_actor(rnd.log):
-                            raise ActorPoolBroken(f"round {number}: {exc}") from exc
+                        if lost_actor(rnd.log, earlier):
+                            raise ActorPoolBroken(f"round {number}: {exc}", rnd.log) from exc
                         raise
                     rnd.log.seconds["total"] = time.perf_counter() - t_round
                     if pending is not None:
@@ -440,11 +445,13 @@ class RoundEngine:
                         frozen = OrderedDict((k, v.detach().clone()) for k, v in state.items())
                         server = pool.submit(self.evaluate_fn, number, frozen)
                     pending = (rnd, state, self._snapshot(copy=overlap), server)
-                    if not overlap or lost_actor(rnd.log):
+                    if not overlap or lost_actor(rnd.log, earlier):
                         finished, pending = pending, None
                         self._finish(*finished)
-                    if lost_actor(rnd.log) and number < self.settings.rounds:
-                        raise ActorPoolBroken(f"a client's Ray worker died in round {number}")
+                    if lost_actor(rnd.log, earlier) and number < self.settings.rounds:
+                        raise ActorPoolBroken(
+                            f"a client's Ray worker died in round {number}", rnd.log
+                        )
                 if pending is not None:
                     finished, pending = pending, None
                     self._finish(*finished)
@@ -487,10 +494,11 @@ class RoundEngine:
             self.on_round(rlog.row(metrics))
 
 
-def lost_actor(rlog: RoundLog) -> bool:
-    """Whether a client's Ray worker died in this round: the round completes with the others, but
-    the actor pool keeps the dead actor, so the next round needs a fresh pool."""
-    return any(DEAD_ACTOR in f["reason"] for f in rlog.failures)
+def lost_actor(rlog: RoundLog, since: int = 0) -> bool:
+    """Whether a client's Ray worker died in this round (in its failures from ``since`` on): the
+    round completes with the others, but the actor pool keeps the dead actor, so the next round
+    needs a fresh pool."""
+    return any(DEAD_ACTOR in f["reason"] for f in rlog.failures[since:])
 
 
 def federated_metrics(replies: Iterable[Message]) -> dict[str, float]:

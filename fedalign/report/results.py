@@ -236,6 +236,9 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "bytes_total": total_bytes,
         "clients_failed": sum(int(r.get("clients_failed", 0)) for r in trained),
     }
+    restarts = sum(int(r.get("restarts", 0)) for r in trained)
+    if restarts:  # simulations restarted on a fresh actor pool after a worker died
+        summary["restarts"] = restarts
     if evaluated:
         best = max(evaluated, key=lambda r: r["test_accuracy"])
         summary.update(

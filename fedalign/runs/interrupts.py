@@ -5,18 +5,21 @@ clients: the run stops there (``RunInterrupted``), Flower shuts its actors and R
 finished checkpoint stays, and the CLI prints how to resume and exits 130 (SIGINT) or 143
 (SIGTERM). A second signal stops at once: the processes this run started (Ray's) are killed and
 the process exits with the same code. Ray's driver would otherwise replace the SIGTERM handler with
-its own ``sys.exit``; that replacement is switched off for the run.
+its own ``sys.exit``, and its core worker would answer SIGTERM with a stack dump and abort the
+process 3 s later (exit 134); both are switched off for the run (``keep_sigterm_handler``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import psutil
 
@@ -39,9 +42,10 @@ class StopRequest:
         self.started = psutil.Process().children(recursive=True)
         self._event.set()
 
-    def reap(self, grace: float = 5.0) -> None:
+    def reap(self, grace: float = 1.0) -> None:
         """Kill what is left of the processes running when the signal came: Ray's workers outlive
-        its shutdown by seconds, orphaned (no longer this process's descendants)."""
+        its shutdown by seconds and its dashboard and runtime-env agents by a minute (they report
+        the raylet's end to the stopped GCS), orphaned (no longer this process's descendants)."""
         _, alive = psutil.wait_procs(self.started, timeout=grace)
         for process in alive:
             with contextlib.suppress(psutil.Error):
@@ -103,12 +107,32 @@ def stop_on_signals(run_dir: Path, resumable: Callable, ray: bool = True) -> Ite
 
 @contextlib.contextmanager
 def keep_sigterm_handler() -> Iterator[None]:
-    """Within the block, Ray's driver leaves the SIGTERM handler as it finds it."""
-    import ray._private.utils as ray_utils  # here: the CLI's other commands never import Ray
+    """Within the block, Ray's driver leaves SIGTERM to the handler it finds.
 
-    original = ray_utils.set_sigterm_handler
+    Two parts of ``ray.init`` take it: ``set_sigterm_handler`` (a ``sys.exit``), and the core
+    worker's C++ failure signal handler (absl's), which on SIGTERM prints a stack dump, passes the
+    signal on to Python's handler and arms a 3-second alarm that aborts the process if it is still
+    alive then, as it is while the run stops cleanly: exit 134 and no resume advice. The driver
+    starts without it (``RAY_DISABLE_FAILURE_SIGNAL_HANDLER``, read when its core worker starts);
+    Ray's other processes keep theirs.
+    """
+    import ray._private.utils as ray_utils  # here: the CLI's other commands never import Ray
+    from ray._private import ray_constants
+
+    originals = ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
     ray_utils.set_sigterm_handler = lambda handler: None
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     try:
         yield
     finally:
-        ray_utils.set_sigterm_handler = original
+        ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = originals
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once its output is flushed, without the interpreter's
+    teardown: after a stopped run, collecting torch's, Ray's and Flower's modules takes seconds
+    (8 s on a loaded machine), which a SIGTERM's sender (Slurm, Docker, systemd) may not wait."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

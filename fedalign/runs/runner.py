@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.serverapp import ServerApp
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 
 from fedalign.config.components import run_federation, run_federation_key, run_model
 from fedalign.config.schema import RunConfig
@@ -34,6 +35,7 @@ from fedalign.data.federation import Federation
 from fedalign.data.shared import shared_copy
 from fedalign.fl.client_app import app as client_app
 from fedalign.fl.dispatch import fast_dispatch
+from fedalign.fl.round_log import RoundLog
 from fedalign.report.results import RunRecorder, read_json
 from fedalign.report.trackers import missing_package
 from fedalign.runs.checkpoint import (
@@ -47,6 +49,7 @@ from fedalign.runs.folder import new_run
 from fedalign.runs.inprocess import run_in_process
 from fedalign.runs.interrupts import stop_on_signals
 from fedalign.runs.progress import round_output
+from fedalign.runs.reaper import fate_sharing
 from fedalign.runs.server_app import make_server_app
 
 log = logging.getLogger("fedalign")
@@ -69,8 +72,10 @@ class RunOutcome:
 
 def cluster_address(cfg: RunConfig) -> str | None:
     """The Ray cluster the run joins: ``simulation.ray_address``, else ``RAY_ADDRESS``; None for a
-    local run, which starts a Ray of its own."""
-    return cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS") or None
+    local run, which starts a Ray of its own (also ``RAY_ADDRESS=local``, Ray's word for that, as
+    the README's ``flwr run`` recipe sets it)."""
+    address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")
+    return None if address in (None, "", "local") else address
 
 
 def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
@@ -124,6 +129,26 @@ def loopback_ray(local: bool) -> Iterator[None]:
         yield
     finally:
         ray_services.resolve_ip_for_localhost = original
+
+
+@contextlib.contextmanager
+def quiet_ray_errors(quiet: bool) -> Iterator[None]:
+    """While ``quiet``, the Ray driver started in the block does not print the errors its raylets
+    publish. Its thread for them writes to the terminal whatever the log settings (after a client
+    crash: "(raylet) A worker died or was killed while executing a task ... Lease ID ... Worker
+    exit detail ..."), and fedalign reports each failed client in a line and a row of its own;
+    ``-v`` shows them."""
+    if not quiet:
+        yield
+        return
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.listen_error_messages
+    ray_worker.listen_error_messages = lambda worker, threads_stopped: None
+    try:
+        yield
+    finally:
+        ray_worker.listen_error_messages = original
 
 
 def node_resources(address: str | None) -> list[dict[str, float]]:
@@ -264,7 +289,8 @@ def run(
         if (problem := missing_package(name)) is not None:
             raise ConfigError(f"output.trackers: {problem}")
     if on_ray:
-        check_resources(cfg, node_resources(address))
+        with quiet_ray_errors(not verbose):  # joining a cluster starts the driver here
+            check_resources(cfg, node_resources(address))
     if resume is not None:
         recorder = RunRecorder(resume_dir)
         recorder.truncate_after(resume.round)
@@ -280,6 +306,7 @@ def run(
         return bool(list_checkpoints(recorder.dir / "checkpoints"))
 
     restarts = 0
+    carried: dict[int, RoundLog] = {}  # rows a restarted simulation starts from (restart_point)
     try:
         with (
             round_output(
@@ -289,7 +316,9 @@ def run(
                 done=0 if resume is None else resume.round,
             ) as printer,
             loopback_ray(on_ray and address is None),
+            quiet_ray_errors(on_ray and not verbose),
             stop_on_signals(recorder.dir, has_checkpoint, ray=on_ray) as stop,
+            fate_sharing(on_ray and address is None),  # Ray's processes die with this one
             fast_dispatch(on_ray and cfg.simulation.fast_dispatch),
             # in-process clients read this process's federation: no copy to map
             data_copy(cfg, fed, recorder.dir, on_ray) as copy,
@@ -310,13 +339,15 @@ def run(
                 try:
                     simulate(
                         cfg,
-                        make_server_app(cfg, recorder, on_round, outcome, resume, stop, copy),
+                        make_server_app(
+                            cfg, recorder, on_round, outcome, resume, stop, copy, carried
+                        ),
                         backend,
                         verbose,
                     )
                     break
                 except ActorPoolBroken as exc:
-                    resume = restart_point(cfg, recorder, exc, restarts)
+                    resume = restart_point(cfg, recorder, exc, restarts, carried)
                     restarts += 1
                     if printer.bar is not None:
                         printer.bar.n = resume.round
@@ -327,8 +358,6 @@ def run(
             exc.signal = stop.signal
         raise
     outcome.setdefault("wall_seconds", round(time.perf_counter() - t0, 2))
-    if restarts:
-        outcome["restarts"] = restarts
     return RunOutcome(recorder.dir, outcome)
 
 
@@ -342,13 +371,27 @@ def simulate(
         return
     from flwr.simulation import run_simulation
 
+    # Flower waits 3 s for the context of a ServerApp that raised (it never comes): the app
+    # returns, and its exception (a stop request, a failed round, a dead worker) is raised here.
+    raised: list[BaseException] = []
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            server_app(grid=grid, context=context)
+        except BaseException as exc:  # noqa: BLE001 (re-raised below, in this thread)
+            raised.append(exc)
+
     run_simulation(
-        server_app=server_app,
+        server_app=app,
         client_app=client_app,
         num_supernodes=cfg.data.num_clients,
         backend_config=backend,
         verbose_logging=verbose,
     )
+    if raised:
+        raise raised[0]
 
 
 def check_in_process(cfg: RunConfig) -> None:
@@ -377,11 +420,16 @@ def data_copy(
 
 
 def restart_point(
-    cfg: RunConfig, recorder: RunRecorder, broken: ActorPoolBroken, restarts: int
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    broken: ActorPoolBroken,
+    restarts: int,
+    carried: dict[int, RoundLog],
 ) -> Checkpoint:
     """Where a simulation whose actor pool lost a worker starts again, in this process and on a
     fresh pool: its last checkpoint, its rows cut back to it (``simulation.max_restarts`` times at
-    most; then, or without a checkpoint, the run stops as a failed round does)."""
+    most; then, or without a checkpoint, the run stops as a failed round does). The restart is
+    put into ``carried`` for the rows (``carry_restart``)."""
     checkpoint = load_latest(recorder.dir / "checkpoints")
     if checkpoint is None or restarts >= cfg.simulation.max_restarts:
         raise RoundFailedError(
@@ -397,7 +445,27 @@ def restart_point(
         cfg.simulation.max_restarts,
     )
     recorder.truncate_after(checkpoint.round)
+    carry_restart(carried, broken.lost, checkpoint.round)
     return checkpoint
+
+
+def carry_restart(
+    carried: dict[int, RoundLog], lost: RoundLog | None, checkpoint_round: int
+) -> None:
+    """Put a restart into the record of the round it belongs to (``restarts`` in its row, summed
+    in summary.json). When the round the worker died in is cut back (it failed, or its checkpoint
+    had not come), its rerun starts from the lost attempt's failures, which name the dead worker;
+    when it finished and was checkpointed (its row names the failure), the restart is counted on
+    the round the new simulation starts with."""
+    if lost is not None and lost.round > checkpoint_round:
+        record = RoundLog(
+            lost.round, clients_failed=lost.clients_failed, failures=list(lost.failures)
+        )
+        record.extra["restarts"] = lost.extra.get("restarts", 0)
+    else:
+        record = carried.setdefault(checkpoint_round + 1, RoundLog(checkpoint_round + 1))
+    record.extra["restarts"] = record.extra.get("restarts", 0) + 1
+    carried[record.round] = record
 
 
 def resumable(cfg: RunConfig, run_dir: str | Path) -> Checkpoint:

@@ -26,6 +26,7 @@ from fedalign.core.errors import ConfigError
 from fedalign.core.types import StateDict
 from fedalign.data import DataError
 from fedalign.fl.engine import RoundCallback, RoundEngine, StrategySnapshot
+from fedalign.fl.round_log import RoundLog
 from fedalign.fl.strategy import build_strategy
 from fedalign.report.results import RunRecorder
 from fedalign.runs.app_config import load_app_config, resolve
@@ -44,11 +45,13 @@ def run_server(
     resume: Checkpoint | None = None,
     should_stop: Callable[[], bool] | None = None,
     data_copy: str | None = None,
+    carried: dict[int, RoundLog] | None = None,
 ) -> dict[str, Any]:
     """Run the configured strategy to the end; write metrics, checkpoints, the final model and
     the summary. With ``resume``, continue after that checkpoint's round (the wall time counts
     the earlier segments too). ``data_copy``: the folder of the run's shared data copy, which
-    every message names (``fedalign.data.shared``)."""
+    every message names (``fedalign.data.shared``); ``carried``: records of rounds to start from
+    (a restart's, ``RoundEngine``)."""
     t0 = time.perf_counter()
     earlier = 0.0 if resume is None else resume.wall_seconds
     config = json.loads(cfg.to_json())
@@ -102,6 +105,7 @@ def run_server(
         example=(torch.as_tensor(X_test[:1]), torch.as_tensor(y_test[:1])),
         should_stop=should_stop,
         data_copy=data_copy,
+        carried=carried,
     )
     try:
         final = engine.run(
@@ -125,15 +129,16 @@ def make_server_app(
     resume: Checkpoint | None = None,
     should_stop: Callable[[], bool] | None = None,
     data_copy: str | None = None,
+    carried: dict[int, RoundLog] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to one run; its summary is put into ``outcome`` when given;
-    ``should_stop`` is read after every exchange (a Ctrl-C); ``data_copy`` as in
+    ``should_stop`` is read after every exchange (a Ctrl-C); ``data_copy`` and ``carried`` as in
     ``run_server``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_server(grid, cfg, recorder, on_round, resume, should_stop, data_copy)
+        summary = run_server(grid, cfg, recorder, on_round, resume, should_stop, data_copy, carried)
         if outcome is not None:
             outcome.update(summary)
 

@@ -62,3 +62,5 @@ def test_a_local_run_starts_its_own_ray_and_joins_only_a_named_cluster(monkeypat
     assert joined["address"] == "10.0.0.5:6379" and "_node_ip_address" not in joined
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.6:6379")
     assert backend_config(load_config(CONFIG))["init_args"]["address"] == "10.0.0.6:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's word for a Ray of one's own
+    assert backend_config(load_config(CONFIG))["init_args"]["_node_ip_address"] == "127.0.0.1"

@@ -5,7 +5,6 @@ and leaves no process behind (one Ray start for both checks)."""
 from __future__ import annotations
 
 import glob
-import ipaddress
 import os
 import signal
 import subprocess
@@ -16,28 +15,9 @@ import psutil
 import pytest
 
 from tests.helpers import DIGITS
+from tests.integration.processes import alive, is_loopback, listening
 
 pytestmark = pytest.mark.integration
-
-
-def listening(processes: list[psutil.Process]) -> set[tuple[str, str]]:
-    """(process name, address) of every listening TCP socket of ``processes``."""
-    found = set()
-    for p in processes:
-        try:
-            for c in p.net_connections(kind="inet"):
-                if c.status == psutil.CONN_LISTEN:
-                    found.add((p.name(), c.laddr.ip))
-        except psutil.Error:
-            continue
-    return found
-
-
-def is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    return ip.is_loopback or (
-        ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback
-    )
 
 
 def test_sigint_stops_a_loopback_only_run_cleanly_keeping_its_checkpoints(tmp_path):
@@ -70,5 +50,5 @@ def test_sigint_stops_a_loopback_only_run_cleanly_keeping_its_checkpoints(tmp_pa
     assert glob.glob(f"{run_dir}/checkpoints/round-*.json")
     assert not (run_dir / "summary.json").exists()
     time.sleep(2)
-    left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    left = alive(started)
     assert left == [], [p.name() for p in left]

@@ -1,6 +1,8 @@
-"""Attaching a simulation to an existing Ray cluster: two nodes on 127.0.0.1, started and
-stopped by this test (by process group, never `ray stop`, which would stop other users' Ray)."""
+"""A Ray cluster on the machine: two nodes on 127.0.0.1, started and stopped by this module (by
+process group, never `ray stop`, which would stop other users' Ray). A run attaches to it when told
+to; a local run beside it starts a Ray of its own, and stops at one SIGTERM."""
 
+import glob
 import os
 import shutil
 import signal
@@ -9,15 +11,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedalign.cli import main
 from fedalign.config.load import load_config
 from fedalign.report.results import read_rows
 from fedalign.runs.runner import run
-from tests.helpers import ROOT
+from tests.helpers import DIGITS, ROOT
+from tests.integration.processes import is_loopback, left_after, listening
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -30,9 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    ray_tmpdir: str  # its nodes' RAY_TMPDIR, where RAY_TMPDIR/ray/ray_current_cluster names it
+
+
+def _start(args: list[str], log: Path, ray_tmpdir: str) -> subprocess.Popen:
     """``ray start ... --block`` in its own process group, so the test can stop exactly it."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmpdir}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
         [
@@ -83,19 +94,21 @@ def two_node_cluster(own_ray, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cluster")
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's
+    # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's. As RAY_TMPDIR
+    # rather than --temp-dir: the head writes its address where `ray.init()` looks for a cluster
+    # to join, as a `ray start` on a user's machine does in /tmp/ray (for the processes given the
+    # same RAY_TMPDIR only: other users' runs never see it).
     temp = tempfile.mkdtemp(prefix="fa-ray-", dir="/tmp")
     head = _start(
-        ["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"],
-        tmp_path / "head.log",
+        ["--head", f"--port={port}", "--include-dashboard=false"], tmp_path / "head.log", temp
     )
     nodes = [head]
     try:
         time.sleep(3)
         assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
-        nodes.append(_start([f"--address={address}"], tmp_path / "worker.log"))
+        nodes.append(_start([f"--address={address}"], tmp_path / "worker.log", temp))
         _wait_for_nodes(address, 2)
-        yield address
+        yield Cluster(address, temp)
     finally:
         for proc in reversed(nodes):
             _stop(proc)
@@ -110,7 +123,7 @@ def test_simulation_attached_to_a_two_node_cluster_runs_clients_on_both(two_node
             "strategy.rounds=2",
             "data.num_clients=4",
             "train.local_epochs=1",
-            f"simulation.ray_address={two_node_cluster}",
+            f"simulation.ray_address={two_node_cluster.address}",
             "simulation.client_cpus=1",
         ],
     )
@@ -132,7 +145,7 @@ def test_clients_that_fit_no_node_are_a_config_error(two_node_cluster, tmp_path,
             "run",
             str(ROOT / "configs/digits_mlp.yaml"),
             "--set",
-            f"simulation.ray_address={two_node_cluster}",
+            f"simulation.ray_address={two_node_cluster.address}",
             "--set",
             "simulation.client_cpus=2",
             "--output",
@@ -145,3 +158,46 @@ def test_clients_that_fit_no_node_are_a_config_error(two_node_cluster, tmp_path,
     ray.shutdown()
     assert code == 2
     assert "client_cpus=2" in capsys.readouterr().err
+
+
+def test_a_local_run_beside_a_cluster_runs_on_its_own_loopback_ray_and_stops_at_sigterm(
+    two_node_cluster, tmp_path
+):
+    # ray.init() without an address would join the cluster (it finds the address file), fail
+    # after 60 s to find a node at 127.0.0.1 on it and hang; a local run starts its own Ray
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_TMPDIR": two_node_cluster.ray_tmpdir}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "fedalign.cli", "run", str(DIGITS), "--output", str(out)]
+    cmd += ["--no-progress", "--set", "strategy.rounds=200", "--set", "name=local"]
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    run = psutil.Process(proc.pid)
+    try:
+        deadline = time.time() + 300
+        while not glob.glob(f"{out}/*/checkpoints/round-000002.json"):
+            assert time.time() < deadline and proc.poll() is None, "no second checkpoint"
+            time.sleep(0.05)
+        started = run.children(recursive=True)
+        assert {"gcs_server", "raylet"} <= {p.name() for p in started}  # a Ray of its own
+        sockets = listening([run, *started])
+        assert sockets and {s for s in sockets if not is_loopback(s[1])} == set()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # as Slurm, Docker and systemd stop a job
+        code = proc.wait(timeout=120)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = (tmp_path / "run.log").read_text()
+    assert code == 143, text
+    assert seconds < 10, f"{seconds:.1f} s from SIGTERM to exit"
+    assert "Traceback" not in text and "SIGTERM received" not in text  # Ray's stack dump
+    assert "joining the Ray cluster" not in text
+    (run_dir,) = out.iterdir()
+    assert f"continue with `fedalign run --resume {run_dir}`" in text.splitlines()[-1]
+    left = left_after(started, 5)  # Ray's dashboard and runtime-env agents included
+    assert left == [], [p.name() for p in left]
