@@ -9,6 +9,7 @@ import torch
 from fedalign.runs.checkpoint import (
     Checkpoint,
     CheckpointError,
+    config_mismatch,
     list_checkpoints,
     load_latest,
     read_checkpoint,
@@ -81,3 +82,24 @@ def test_unknown_format_is_refused(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="unknown checkpoint format 99"):
         read_checkpoint(path)
+
+
+def test_a_resumed_run_may_change_its_rounds_and_backend_and_nothing_else():
+    then = {"seed": 0, "strategy": {"rounds": 3}, "simulation": {"backend": "ray", "cpus": 1}}
+    written = Checkpoint(2, OrderedDict(w=torch.zeros(1)), config=then)
+
+    def now(**changes):
+        config = json.loads(json.dumps(then))
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            config[section][key] = value
+        return config
+
+    assert (
+        config_mismatch(written, now(strategy__rounds=10, simulation__backend="inprocess")) is None
+    )
+    old = Checkpoint(2, written.model, config={**then, "simulation": {"cpus": 1}})  # before the key
+    assert config_mismatch(old, now()) is None
+    assert config_mismatch(written, now(simulation__cpus=2)) == (
+        "simulation.cpus was 1 when round 2 was checkpointed, is now 2"
+    )

@@ -61,20 +61,24 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] |
     return None if a == b else (prefix.rstrip("."), a, b)
 
 
-EXTENDABLE = ("strategy", "rounds")
-"""The one key a resumed run may change: the number of rounds. No round's seeds, sampling or
-updates depend on it, so a run stopped at round r and resumed with more rounds is the run that
-had them from the start (tests/integration/test_strategy_catalogue.py checks it bitwise)."""
+EXTENDABLE = (("strategy", "rounds"), ("simulation", "backend"))
+"""The keys a resumed run may change. The number of rounds: no round's seeds, sampling or updates
+depend on it, so a run stopped at round r and resumed with more rounds is the run that had them
+from the start (tests/integration/test_strategy_catalogue.py checks it bitwise). The backend: a
+run gives the same rounds on Ray and in-process (tests/integration/test_inprocess.py), so a run
+started on Ray may continue where Ray is not installed, and a checkpoint written before the key
+existed still resumes."""
 
 
 def config_mismatch(checkpoint: Checkpoint, config: dict[str, Any]) -> str | None:
     """Why ``config`` (a resolved config as JSON) is not the one ``checkpoint`` was written with
-    (None: it is, or the checkpoint predates recording it); ``strategy.rounds`` may differ."""
+    (None: it is, or the checkpoint predates recording it); ``EXTENDABLE``'s keys may differ."""
     if checkpoint.config is None:
         return None
-    section, key = EXTENDABLE
-    then = {**checkpoint.config, section: {**checkpoint.config.get(section, {}), key: None}}
-    now = {**config, section: {**config.get(section, {}), key: None}}
+    then, now = dict(checkpoint.config), dict(config)
+    for section, key in EXTENDABLE:
+        then[section] = {**then.get(section, {}), key: None}
+        now[section] = {**now.get(section, {}), key: None}
     found = first_difference(then, now)
     if found is None:
         return None
