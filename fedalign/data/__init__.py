@@ -49,6 +49,7 @@ def prepare(name: str, to: str) -> str:
     prepare_hub(name, to)
     return str(to)
 
+
 __all__ = [
     "DATASETS",
     "SCHEMES",
