@@ -30,7 +30,7 @@ from fedalign.config.schema import (
 )
 from fedalign.core.errors import ConfigError
 from fedalign.data import Federation, federation, federation_key
-from fedalign.models import build_model, fit_to_state, model_options
+from fedalign.models import build_for_state, build_model, fit_to_state, model_options
 
 
 def partition_options(data: DataConfig) -> dict[str, object]:
@@ -93,12 +93,15 @@ def run_model(
 
     Options written in the config win over those implied by the data; with ``state``, layers whose
     widths matching changed are resized to it (``fedalign.models.fit_to_state``) and the weights
-    are loaded.
+    are loaded; without ``init_seed`` too, nothing is initialised or drawn from torch's global RNG
+    (``fedalign.models.build_for_state``: the server evaluates this way beside the next round).
     """
     options = {
         **shape_options(cfg.model.name, fed.input_shape, fed.num_classes),
         **cfg.model.options,
     }
+    if state is not None and init_seed is None:
+        return build_for_state(lambda: build_model(cfg.model.name, **options), state)
     if init_seed is not None:
         torch.manual_seed(init_seed)
     model = build_model(cfg.model.name, **options)

@@ -19,7 +19,7 @@ from .cnn import VGG9, LeNet
 from .hf import hf_model
 from .lstm import CharLSTM
 from .mlp import MLP
-from .resize import fit_to_state
+from .resize import build_for_state, fit_to_state
 from .resnet import ResNet20
 from .transformer import CharTransformer, ViT
 
@@ -62,6 +62,7 @@ __all__ = [
     "LeNet",
     "ResNet20",
     "ViT",
+    "build_for_state",
     "build_model",
     "fit_to_state",
     "model_options",

@@ -69,9 +69,9 @@ REBUILD: dict[type, Callable[..., nn.Module]] = {
 }
 
 
-def fit_to_state(model: nn.Module, state: StateDict) -> nn.Module:
+def resize_to_state(model: nn.Module, state: StateDict) -> nn.Module:
     """``model`` with every layer whose entries in ``state`` have other shapes rebuilt to those
-    shapes, then ``state`` loaded. A layer of a type not in ``REBUILD`` that needs resizing is an
+    shapes (weights not loaded). A layer of a type not in ``REBUILD`` that needs resizing is an
     error naming it."""
     current = model.state_dict()
     for name, module in list(model.named_modules()):
@@ -88,5 +88,32 @@ def fit_to_state(model: nn.Module, state: StateDict) -> nn.Module:
             )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, rebuild(module, shapes))
+    return model
+
+
+def fit_to_state(model: nn.Module, state: StateDict) -> nn.Module:
+    """``model`` resized to ``state``'s widths (``resize_to_state``), then ``state`` loaded."""
+    model = resize_to_state(model, state)
+    model.load_state_dict(state)
+    return model
+
+
+def build_for_state(build: Callable[[], nn.Module], state: StateDict) -> nn.Module:
+    """The model ``build`` makes, fitted to ``state`` and holding its values, built on the meta
+    device so that no weight is initialised: nothing is drawn from torch's global RNG, and no time
+    goes into values ``state`` overwrites. The server's test-set pass builds its model so on a
+    thread while the next round trains (``strategy.overlap_evaluation``), where a client answered
+    in this process may be seeding that RNG to draw its own init (FedMA's late joiners, LoRA's
+    adapters): a draw between its seed and its init would change the run. A model with a tensor
+    ``state`` cannot hold (a non-persistent buffer, or one ``build`` placed on a real device
+    itself) is built and initialised as usual."""
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        model = resize_to_state(build(), state)
+    held = model.state_dict().keys()
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    if not all(t.is_meta for _, t in tensors) or any(n not in held for n, _ in tensors):
+        return fit_to_state(build(), state)
+    model = model.to_empty(device=device)
     model.load_state_dict(state)
     return model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedalign.models import MODELS, build_model
+from fedalign.models import MODELS, build_for_state, build_model, fit_to_state
 
 
 @pytest.mark.parametrize(
@@ -69,3 +69,48 @@ def test_unknown_model_and_option_are_named():
         "char_transformer",
         "vit",
     }
+
+
+class _WithMask(torch.nn.Module):
+    """A layer and a non-persistent buffer: what a state dict cannot restore."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.register_buffer("mask", torch.ones(3), persistent=False)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, widen, batch",
+    [
+        ("mlp", {"in_features": 8, "hidden": [6, 5], "num_classes": 3}, "layers.0", (2, 8)),
+        ("resnet20", {"width": 1}, None, (2, 1, 28, 28)),  # batch norm's buffers: in its state
+        ("char_lstm", {"vocab_size": 20, "hidden": 8}, None, None),
+    ],
+)
+def test_a_model_built_for_a_state_holds_it_and_draws_nothing(name, kwargs, widen, batch):
+    """``build_for_state`` (how the server's evaluation builds the model it tests, on a thread
+    beside in-process clients seeding torch's RNG) leaves that RNG where it was, and gives the
+    model ``fit_to_state`` gives: the same layers at the state's widths, the same values."""
+    state = {k: torch.rand(v.shape) for k, v in build_model(name, **kwargs).state_dict().items()}
+    if widen is not None:  # matching grew a layer: its rows and the next layer's columns
+        state[f"{widen}.weight"] = torch.randn(9, state[f"{widen}.weight"].shape[1])
+        state[f"{widen}.bias"] = torch.randn(9)
+        state["layers.1.weight"] = torch.randn(state["layers.1.weight"].shape[0], 9)
+    before = torch.get_rng_state()
+    model = build_for_state(lambda: build_model(name, **kwargs), state)
+    assert torch.equal(torch.get_rng_state(), before)
+    expected = fit_to_state(build_model(name, **kwargs), state)
+    assert str(model) == str(expected)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(not t.is_meta for t in [*model.parameters(), *model.buffers()])
+    x = torch.randint(0, 20, (2, 5)) if batch is None else torch.rand(batch)
+    assert torch.equal(model.eval()(x), expected.eval()(x))
+
+
+def test_a_model_with_a_buffer_its_state_lacks_is_built_as_usual():
+    state = {k: torch.randn(v.shape) for k, v in _WithMask().state_dict().items()}
+    model = build_for_state(_WithMask, state)
+    assert torch.equal(model.mask, torch.ones(3))
+    assert torch.equal(model.linear.weight, state["linear.weight"])
