@@ -55,7 +55,9 @@ PHASES = ("train", "align", "repair")
 @dataclass(frozen=True)
 class Plan:
     """The steps of one pipeline by registered name, with the options given for them (each step
-    takes its own from ``options`` and defaults the rest, see ``Plan.options_of``)."""
+    takes its own from ``options`` and defaults the rest, see ``Plan.options_of``). ``heads``:
+    how the spec expresses attention heads (``permutation_spec``'s ``heads``; None: as the
+    aligner takes them, see ``Plan.attention_heads``)."""
 
     align: str = "none"
     solver: str = "hungarian"
@@ -64,6 +66,7 @@ class Plan:
     options: Mapping[str, Any] = field(default_factory=dict)
     workers: int = 1
     device: str = "cpu"
+    heads: str | None = None
 
     def steps(self) -> tuple[Entry, Entry, Entry]:
         """The aligner, fuse rule and repair rule (an unknown name raises ``RegistryError``)."""
@@ -111,6 +114,18 @@ class Plan:
         if (number - 1) % every:
             plan = replace(plan, repair="none")
         return plan
+
+    def attention_heads(self) -> str:
+        """How the spec expresses attention heads (``permutation_spec``'s ``heads``): the plan's
+        ``heads`` when given, else the aligner's ``meta["heads"]``, else ``both`` (heads move
+        whole and their dimensions inside them)."""
+        return self.heads or ALIGNERS.get(self.align).meta.get("heads", "both")
+
+    def spec(self, model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
+        """The permutation spec this plan aligns ``model`` in, traced on ``example_input`` (a
+        batch of the clients' own input: token ids for a language model; default: guessed from
+        the first layer), with attention heads as the aligner takes them."""
+        return permutation_spec(model, example_input, heads=self.attention_heads())
 
     def align_target(self) -> str | None:
         """What the aligner aligns the clients to (its ``align_target`` option; None for an
@@ -370,5 +385,6 @@ def aggregate_local(
 
     stats = [measure(plan.train_statistics(), s, j) for j, s in enumerate(states)]
     # traced on the clients' own input (token ids, images: dtype and shape as they train on)
-    spec = permutation_spec(loaded(states[0]), samples[0][0][:2])
+    X = samples[0][0]
+    spec = plan.spec(loaded(states[0]), X[:2] if len(X) else None)
     return aggregate(plan, spec, states, weights, stats, ask_cross, ask_fused, seed=seed)

@@ -247,7 +247,10 @@ class StrategyContext:
     ``plan``: the align -> fuse -> repair pipeline, for strategies that take it, and
     ``own_init``: whether round 1 trains from the clients' own inits; ``adapters``: the LoRA
     adapters the clients train (``kind: none``: the whole model); ``init_seed``: the run's init
-    seed, from which the clients draw what they initialise themselves (fresh adapters)."""
+    seed, from which the clients draw what they initialise themselves (fresh adapters);
+    ``example_input``: two rows of the clients' training input (token ids for a language model),
+    which permutation specs are traced on (None: guessed from the model's first layer, as when a
+    config is checked without its data)."""
 
     model: nn.Module
     num_clients: int = 2
@@ -260,10 +263,14 @@ class StrategyContext:
     own_init: bool = False
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     init_seed: int = 0
+    example_input: torch.Tensor | None = None
 
 
-def strategy_context(cfg: RunConfig, model: nn.Module) -> StrategyContext:
-    """What the run ``cfg`` gives a strategy besides its options."""
+def strategy_context(
+    cfg: RunConfig, model: nn.Module, example_input: torch.Tensor | None = None
+) -> StrategyContext:
+    """What the run ``cfg`` gives a strategy besides its options (``example_input``: a batch
+    of the run's training input, see ``StrategyContext``)."""
     device = str(server_device(cfg))
     o = cfg.server_optimizer
     return StrategyContext(
@@ -278,4 +285,5 @@ def strategy_context(cfg: RunConfig, model: nn.Module) -> StrategyContext:
         own_init=cfg.aggregation.own_init,
         adapters=cfg.adapters,
         init_seed=cfg.resolved_seeds.init,
+        example_input=example_input,
     )

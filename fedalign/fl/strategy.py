@@ -204,12 +204,15 @@ class Strategy:
         }
 
 
-def build_strategy(cfg: RunConfig, model: nn.Module) -> Strategy:
+def build_strategy(
+    cfg: RunConfig, model: nn.Module, example_input: torch.Tensor | None = None
+) -> Strategy:
     """The registered strategy ``cfg`` names, for ``model`` (the run's architecture at its
-    initial widths), with the options the config gives it."""
+    initial widths), with the options the config gives it; ``example_input``: a batch of the
+    run's training input, which permutation specs are traced on."""
     entry = STRATEGIES.get(cfg.strategy.name)
     options = {  # the resolved config holds lists where an option takes a tuple
         k: conform(f"strategy.{k}", v, entry.types.get(k, Any))
         for k, v in cfg.strategy.options.items()
     }
-    return entry.obj(strategy_context(cfg, model), **options)
+    return entry.obj(strategy_context(cfg, model, example_input), **options)

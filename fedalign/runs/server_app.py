@@ -91,7 +91,8 @@ def run_server(
                 keep=cfg.output.keep_checkpoints,
             )
 
-    strategy = build_strategy(cfg, run_model(cfg, fed))
+    # specs are traced on the clients' own input (token ids for text, images at their size)
+    strategy = build_strategy(cfg, run_model(cfg, fed), torch.as_tensor(fed.train.X[:2]))
     if resume is not None:
         strategy.load_state(resume.state)
         strategy.load_tensors(resume.tensors)

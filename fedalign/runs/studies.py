@@ -190,14 +190,13 @@ def pipeline_rounds(
     values each round's clients sent up in the train phase (weights plus statistics as sent), so
     stability and bytes are read off one run.
     """
-    from fedalign.algorithms.align import permutation_spec
     from fedalign.algorithms.pipeline import aggregate
     from fedalign.algorithms.stats import StatContext, client_statistics, received_statistics
     from fedalign.models import fit_to_state
 
     torch.manual_seed(seed)
     global_model = build()
-    spec = permutation_spec(global_model)
+    spec = plan.spec(global_model, datasets[0][0][:2])  # the clients' own input, heads per aligner
     weights = [float(len(y)) for _, y in datasets]
     history = []
     for rnd in range(1, rounds + 1):

@@ -32,7 +32,7 @@ from fedalign.algorithms.stats import (
 )
 from fedalign.core.types import StateDict, Stats
 
-from .solvers import solve_assignment
+from .solvers import solve_assignment, solve_heads
 from .spec import Perms, PermutationSpec
 from .trace import permutation_spec
 
@@ -58,10 +58,15 @@ class _Capture(fx.Interpreter):
         return self.captured
 
 
-def unit_samples(activation: torch.Tensor, units: int) -> torch.Tensor:
+def unit_samples(
+    activation: torch.Tensor, units: int, heads: tuple[int, int] | None = None
+) -> torch.Tensor:
     """(samples, units): NCHW -> every position a sample; (N, C*H*W) -> likewise; (N, T, H) ->
-    every time step a sample."""
+    every time step a sample; split into heads (``heads``: the head and dimension axes, as a
+    ``Site`` says) -> every other position a sample, the units head by head."""
     a = activation.detach().double()
+    if heads is not None:
+        return a.movedim(heads, (-2, -1)).reshape(-1, units)
     if a.dim() == 4:
         return a.permute(0, 2, 3, 1).reshape(-1, units)
     if a.dim() == 2 and a.shape[1] != units:
@@ -85,30 +90,43 @@ def cross_moments(
     - ``cross`` (d, d): ``sum a_ref a_model^T``,
 
     which add up over clients; ``align.activation_matching.correlation`` turns pooled sums into the
-    cross-correlation the assignment is solved on. The activation of a group is the input of its
-    first consumer as traced (``spec.activations``): post-ReLU (and post-pooling) outputs of hidden
-    layers, the stem's post-ReLU output for a residual stream, the embedding output, the LSTM's
-    last hidden state.
+    cross-correlation the assignment is solved on. The activation of a group is read where
+    ``spec.activations`` says: the input of its first consumer as traced (post-ReLU and
+    post-pooling outputs of hidden layers, the stem's post-ReLU output for a residual stream, the
+    embedding output, the LSTM's last hidden state, the heads' concatenated outputs before an
+    attention's output projection) and, for an attention's query/key group, its queries and its
+    keys: a dimension moves in both, so the samples of both count (pooled in one set of sums).
     """
     if spec is None:
-        spec = permutation_spec(reference)
-    missing = [g for g in spec.sizes if g not in spec.activations]
+        spec = permutation_spec(reference, _example(X))
+    missing = [g for g in spec.sizes if not spec.activations.get(g)]
     if missing:
-        raise ValueError(f"the spec has no activation site for groups {missing}")
-    nodes = {spec.activations[g] for g in spec.sizes}
+        raise ValueError(
+            f"the spec has no activation site for groups {missing}: activation matching reads "
+            "each group's units in a traced node's output, which neither the queries and keys "
+            "inside nn.MultiheadAttention nor heads matched as blocks only (heads='blocks') "
+            "have; align them by weight matching, or derive the spec with heads='both'"
+        )
+    nodes = {site.node for g in spec.sizes for site in spec.activations[g]}
     capture_ref, capture = _Capture(reference, nodes), _Capture(model, nodes)
     stats: dict[str, CrossMoments] = {}
     with evaluation(reference), evaluation(model):
         for xb in batches(X, batch_size):
             acts_ref, acts = capture_ref(xb), capture(xb)
             for g, n in spec.sizes.items():
-                site = spec.activations[g]
-                add_sums(
-                    stats,
-                    g,
-                    cross_sums(unit_samples(acts_ref[site], n), unit_samples(acts[site], n)),
-                )
+                for site in spec.activations[g]:
+                    a_ref = unit_samples(acts_ref[site.node], n, site.heads)
+                    a = unit_samples(acts[site.node], n, site.heads)
+                    add_sums(stats, g, cross_sums(a_ref, a))
     return stats
+
+
+def _example(X: Data) -> torch.Tensor | None:
+    """Two rows of the data ``X`` (a tensor, or the first tensor or ``(X, y)`` pair of an
+    iterable): the input a spec is traced on (token ids, images: as the clients train on them)."""
+    if isinstance(X, torch.Tensor):
+        return X[:2]
+    return None
 
 
 def activation_statistics(
@@ -147,22 +165,36 @@ def permutations_from_statistics(
     criterion: str = "correlation",
     solver: str = "hungarian",
     solver_options: Mapping | None = None,
+    spec: PermutationSpec | None = None,
 ) -> Perms:
     """One assignment per group from pooled statistics, aligning ``model``'s units to the
     reference's (apply with ``apply_permutation`` to the model): ``criterion`` is
-    ``"correlation"`` (Pearson) or ``"cross_moment"`` (E[a b^T])."""
+    ``"correlation"`` (Pearson) or ``"cross_moment"`` (E[a b^T]). The groups of ``spec``'s head
+    sets (attention) are solved together, heads kept whole (``solvers.solve_heads``: a head's
+    score against another is the best within-head match of its query/key and value
+    dimensions); without ``spec`` every group is solved on its own."""
     if criterion not in ("correlation", "cross_moment"):
         raise ValueError(f"criterion must be 'correlation' or 'cross_moment', got {criterion!r}")
-    perms = {}
-    for g, s in stats.items():
-        scores = correlation(s) if criterion == "correlation" else s["cross"] / s["count"]
-        perms[g] = solve_assignment(scores, solver, **(solver_options or {}))
+    options = dict(solver_options or {})
+    scores = {
+        g: correlation(s) if criterion == "correlation" else s["cross"] / s["count"]
+        for g, s in stats.items()
+    }
+    perms: Perms = {}
+    for head_set in spec.heads if spec is not None else ():
+        together = {g: scores[g] for g in head_set.groups}
+        perms.update(solve_heads(together, head_set.count, head_set.move, solver, **options))
+    for g, s in scores.items():
+        if g not in perms:
+            perms[g] = solve_assignment(s, solver, **options)
     return perms
 
 
 def _cross_statistic(
     model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext
 ) -> Stats:
+    """Cross-moments per group of the reference's spec, traced on the client's own input (the
+    server's spec for activation matching has the same groups: ``heads='both'``)."""
     return cross_moments(context.reference_model(), model, X)
 
 

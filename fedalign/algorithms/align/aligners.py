@@ -5,6 +5,9 @@ workers) -> one Perms per state`` putting every client's units in one basis (the
 client's, or for weight matching the MergeMany consensus). ``cross`` holds, per client, the pooled
 cross-moments against the reference when the aligner declares ``needs={"align": ("cross",)}``.
 An aligner with ``meta["fuses"]`` (PFNM) aligns and fuses in one step and is not called here.
+``meta["heads"]`` says how the spec it gets expresses attention (``permutation_spec``'s
+``heads``; default ``both``): Sinkhorn re-basin permutes every unit of a group freely, so it gets
+heads as blocks (whole heads move, the dimensions inside them stay).
 
 ``align_target`` (weight, sinkhorn-rebasin, activation) says what a client is aligned to:
 ``weighted`` is each method's own target (MergeMany's example-weighted mean of the others; the
@@ -84,7 +87,7 @@ def weight_alignment(
     return align_to_median(spec, states, reference, match, robust_sweeps, seed)
 
 
-@ALIGNERS.register("sinkhorn-rebasin")
+@ALIGNERS.register("sinkhorn-rebasin", heads="blocks")
 def sinkhorn_alignment(
     spec: PermutationSpec,
     states: Sequence[StateDict],
@@ -99,9 +102,9 @@ def sinkhorn_alignment(
     robust_sweeps: RobustSweeps = 3,
 ) -> list[Perms]:
     """Sinkhorn re-basin of every client to the reference (independent: a worker pool when
-    asked); with ``align_target: robust``, then up to ``robust_sweeps`` sweeps re-basing each
-    client on the coordinate-wise median of the others (one after the other: each target holds
-    the others' latest alignment)."""
+    asked; attention heads matched as blocks); with ``align_target: robust``, then up to
+    ``robust_sweeps`` sweeps re-basing each client on the coordinate-wise median of the others
+    (one after the other: each target holds the others' latest alignment)."""
     if align_target == "robust":
         return align_to_median(
             spec,
@@ -141,10 +144,20 @@ def activation_alignment(
     align_target: AlignTarget = "auto",
 ) -> list[Perms]:
     """Activation matching of every client to the reference from its cross-moments (the
-    pipeline reads ``align_target`` to choose that reference before it asks for them)."""
+    pipeline reads ``align_target`` to choose that reference before it asks for them); an
+    attention's heads are matched whole with the dimensions inside them (the spec's head sets).
+    The clients measure the groups of the spec traced with heads as ``both``: a spec with other
+    groups (heads as blocks) is refused in one line."""
+    for j, c in enumerate(cross):
+        if j != reference and set(c["cross"]) != set(spec.sizes):
+            raise ValueError(
+                f"activation matching: client {j}'s cross-moments cover groups "
+                f"{sorted(set(c['cross']) ^ set(spec.sizes))[:3]} the spec does not (or the "
+                "other way round); the clients measure the spec with heads='both'"
+            )
     return [
         identity_permutation(spec)
         if j == reference
-        else permutations_from_statistics(cross[j]["cross"], solver=solver)
+        else permutations_from_statistics(cross[j]["cross"], solver=solver, spec=spec)
         for j in range(len(states))
     ]

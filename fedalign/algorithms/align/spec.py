@@ -63,6 +63,17 @@ class AxisRef:
 
 
 @dataclass(frozen=True)
+class Site:
+    """Where activation matching reads a group's units: the output of the traced node ``node``.
+    ``heads`` is ``(head axis, dimension axis)`` (from the end) when that output is split into
+    attention heads (a query or key of ``scaled_dot_product_attention``, ``(n, heads, T, d_head)``):
+    its units are then the heads' dimensions in order, head by head."""
+
+    node: str
+    heads: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class HeadSet:
     """Groups of attention dimensions that come in ``count`` runs (heads) of consecutive units:
     their permutations keep each run together; with ``move`` the runs may move, alike in every
@@ -87,8 +98,9 @@ class PermutationSpec:
     - ``shapes``: every state-dict entry of the model -> its shape (checked against the groups).
     - ``buffers``: entries that are permuted but kept out of matching objectives (BN running
       statistics).
-    - ``activations``: group name -> the traced node whose output carries the group's units
-      (the input of the group's first consumer), where activation statistics are taken.
+    - ``activations``: group name -> the traced nodes (``Site``) whose outputs carry the group's
+      units, where activation statistics are taken: the input of the group's first consumer; for
+      an attention's query/key group, its queries and its keys (both sites' samples count).
     - ``heads``: the groups whose permutations must keep attention heads together.
 
     Construction checks that the refs on every permuted axis tile it (each covers
@@ -100,7 +112,7 @@ class PermutationSpec:
     sizes: Mapping[str, int]
     shapes: Mapping[str, tuple[int, ...]]
     buffers: frozenset[str] = frozenset()
-    activations: Mapping[str, str] = field(default_factory=dict)
+    activations: Mapping[str, tuple[Site, ...]] = field(default_factory=dict)
     heads: tuple[HeadSet, ...] = ()
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .spec import AxisRef, HeadSet, PermutationSpec
+from .spec import AxisRef, HeadSet, PermutationSpec, Site
 
 HEADS = ("both", "inner", "blocks")
 """How ``permutation_spec`` expresses an attention's symmetry (see the module docstring)."""
@@ -267,6 +267,7 @@ class _Walker:
         self.consumed_at: dict[int, str] = {}
         self.fixed: set[int] = set()
         self.attentions: list[tuple[int, int, int]] = []  # (query/key group, value group, heads)
+        self.attention_sites: list[tuple[int, Site]] = []  # a query's or key's group and node
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -571,6 +572,8 @@ class _Walker:
             )
         qk = self.uf.union(q.group, k.group)
         self.attentions.append((qk, v.group, q.heads))
+        for x, arg in ((q, _arg(node, 0, "query")), (k, _arg(node, 1, "key"))):
+            self.attention_sites.append((x.group, Site(arg.name, (x.head_axis, x.dim_axis))))
         return v
 
     # ---- shape operations -----------------------------------------------------------------
@@ -882,8 +885,7 @@ class _Walker:
         for root, refs in merged.items():
             if root in fixed or root in in_set:
                 continue
-            sites = [node for g, node in self.consumed_at.items() if find(g) == root]
-            entries.append((root, self.names[root], refs, self.sizes[root], sites[:1]))
+            entries.append((root, self.names[root], refs, self.sizes[root], self.sites(root)))
         head_sets = []
         for roots, count in sets:
             names = tuple(self.names[r] for r in roots)
@@ -894,15 +896,17 @@ class _Walker:
                     for r in merged[root]
                 ]
                 name = _common_prefix(names) + "heads"
-                entries.append((roots[0], name, _joined(refs, count), count, []))
+                entries.append((roots[0], name, _joined(refs, count), count, ()))
             else:
-                entries.extend((r, self.names[r], merged[r], self.sizes[r], []) for r in roots)
+                entries.extend(
+                    (r, self.names[r], merged[r], self.sizes[r], self.sites(r)) for r in roots
+                )
                 head_sets.append(HeadSet(names, count, move=self.heads == "both"))
         groups, sizes, activations = {}, {}, {}
         for _, name, refs, size, sites in sorted(entries, key=lambda e: e[0]):
             groups[name], sizes[name] = tuple(dict.fromkeys(refs)), size
             if sites:
-                activations[name] = sites[0]
+                activations[name] = sites
         keys = {ref.key for refs in groups.values() for ref in refs}
         return PermutationSpec(
             groups,
@@ -912,6 +916,15 @@ class _Walker:
             activations,
             tuple(head_sets),
         )
+
+    def sites(self, root: int) -> tuple[Site, ...]:
+        """Where the group ``root`` is read for activation matching: the input of its first
+        consumer, and for an attention's query/key group its queries and keys (split into heads,
+        as ``scaled_dot_product_attention`` gets them). Heads matched as blocks only have none:
+        a head is not one activation."""
+        find = self.uf.find
+        first = [Site(n) for g, n in self.consumed_at.items() if find(g) == root][:1]
+        return (*first, *(site for g, site in self.attention_sites if find(g) == root))
 
     def head_sets(self, fixed: set[int]) -> list[tuple[tuple[int, ...], int]]:
         """Each attention's query/key and value groups, linked when their heads must move

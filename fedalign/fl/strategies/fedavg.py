@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fedalign.algorithms.align import ALIGNERS, permutation_spec
+from fedalign.algorithms.align import ALIGNERS
 from fedalign.algorithms.pipeline import aggregate
 from fedalign.algorithms.stats import flatten
 from fedalign.core.tensors import weighted_average
@@ -46,7 +46,8 @@ class FedAvg(Strategy):
         self.schedule = reference_schedule(context.train, **schedule)
         self.plan = context.plan
         permutes = self.plan.active and not self.plan.fuses_in_alignment
-        self.spec = permutation_spec(context.model) if permutes else None
+        # traced on the clients' own input, heads as the aligner takes them
+        self.spec = self.plan.spec(context.model, context.example_input) if permutes else None
 
     def train_config(self, rnd: Round) -> dict[str, Any]:
         """The pipeline's statistics and, under ``protocol: reference``, the round's epochs and

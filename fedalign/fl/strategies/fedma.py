@@ -72,7 +72,7 @@ class FedMA(Strategy):
             raise ValueError(problem)
         self.round_gamma = round_gamma
         self.assignments: dict[int, dict[str, torch.Tensor]] = {}
-        self.spec = permutation_spec(context.model)
+        self.spec = permutation_spec(context.model, context.example_input)
         self.layers = matched_layers(self.spec, context.model)
 
     @classmethod
@@ -81,7 +81,7 @@ class FedMA(Strategy):
         if any(isinstance(m, NORMS) for m in context.model.modules()):
             return "fedma covers networks without normalisation layers, as the reference does"
         try:
-            matched_layers(permutation_spec(context.model), context.model)
+            matched_layers(permutation_spec(context.model, context.example_input), context.model)
         except Exception as exc:  # noqa: BLE001 - any tracing or matching limit is the reason
             return f"fedma cannot match this model's layers: {exc}"
         return None
