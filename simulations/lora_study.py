@@ -73,13 +73,19 @@ def cell(values: list[float], digits: int = 3, percent: bool = False) -> str:
     return f"{i.mean:.{digits}f}{half}"
 
 
+def train_bytes(row: dict[str, Any], way: str) -> int:
+    """A round's bytes of the training exchange (``up`` or ``down``): what the rule costs; the
+    federated evaluation sends every client the whole model whatever the rule."""
+    return row["bytes_by_phase"]["train"][way]
+
+
 def summarise(results: dict[tuple[str, int, int], dict]) -> str:
     """The study's table: per rule and rank, over seeds."""
     lines = [
         (
             "| rule | rank | test acc. r1 (%) | test acc. final (%) | client val. acc. final (%) "
-            "| aggregation error r1 | aggregation error final | KB up / client / round "
-            "| KB down / client / round |"
+            "| aggregation error r1 | aggregation error final | train KB up / client / round "
+            "| train KB down / client / round |"
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -89,8 +95,10 @@ def summarise(results: dict[tuple[str, int, int], dict]) -> str:
         rows = [r["rows"] for r in runs]
         first, last = [rs[0] for rs in rows], [rs[-1] for rs in rows]
         clients = [sum(x["clients_ok"] for x in rs) for rs in rows]
-        up = [sum(x["bytes_up"] for x in rs) / c / 1000 for rs, c in zip(rows, clients)]
-        down = [sum(x["bytes_down"] for x in rs) / c / 1000 for rs, c in zip(rows, clients)]
+        up, down = (
+            [sum(train_bytes(x, way) for x in rs) / c / 1000 for rs, c in zip(rows, clients)]
+            for way in ("up", "down")
+        )
         errors = (
             [
                 cell([x["lora"]["aggregation_error"] for x in first]),
