@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,25 +86,32 @@ def shape_options(
     return {k: v for k, v in implied.items() if k in accepted}
 
 
-def run_model(
-    cfg: RunConfig, fed: Federation, init_seed: int | None = None, state: dict | None = None
-) -> nn.Module:
-    """The run's architecture sized for its data, with weights drawn from ``init_seed``.
-
-    Options written in the config win over those implied by the data; with ``state``, layers whose
-    widths matching changed are resized to it (``fedalign.models.fit_to_state``) and the weights
-    are loaded; without ``init_seed`` too, nothing is initialised or drawn from torch's global RNG
-    (``fedalign.models.build_for_state``: the server evaluates this way beside the next round).
-    """
+def model_builder(cfg: RunConfig, fed: Federation) -> Callable[[], nn.Module]:
+    """What builds the run's architecture sized for its data (weights as its constructor draws
+    them). Options written in the config win over those implied by the data."""
     options = {
         **shape_options(cfg.model.name, fed.input_shape, fed.num_classes),
         **cfg.model.options,
     }
+    return functools.partial(build_model, cfg.model.name, **options)
+
+
+def run_model(
+    cfg: RunConfig, fed: Federation, init_seed: int | None = None, state: dict | None = None
+) -> nn.Module:
+    """The run's architecture sized for its data (``model_builder``), with weights drawn from
+    ``init_seed``.
+
+    With ``state``, layers whose widths matching changed are resized to it
+    (``fedalign.models.fit_to_state``) and the weights are loaded; without ``init_seed`` too,
+    nothing is initialised or drawn from torch's global RNG (``fedalign.models.build_for_state``).
+    """
+    build = model_builder(cfg, fed)
     if state is not None and init_seed is None:
-        return build_for_state(lambda: build_model(cfg.model.name, **options), state)
+        return build_for_state(build, state)
     if init_seed is not None:
         torch.manual_seed(init_seed)
-    model = build_model(cfg.model.name, **options)
+    model = build()
     if state is None and cfg.model.init is not None:
         state = fitting_state(model, initial_state(cfg.model.init), f"model.init {cfg.model.init}")
     return model if state is None else fit_to_state(model, state)

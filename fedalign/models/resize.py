@@ -104,14 +104,18 @@ def build_for_state(build: Callable[[], nn.Module], state: StateDict) -> nn.Modu
     goes into values ``state`` overwrites. The server's test-set pass builds its model so on a
     thread while the next round trains (``strategy.overlap_evaluation``), where a client answered
     in this process may be seeding that RNG to draw its own init (FedMA's late joiners, LoRA's
-    adapters): a draw between its seed and its init would change the run. A model with a tensor
-    ``state`` cannot hold (a non-persistent buffer, or one ``build`` placed on a real device
-    itself) is built and initialised as usual."""
+    adapters): a draw between its seed and its init would change the run. A model ``build``
+    places on a real device itself (a transformers model, loaded from disk) gets ``state`` loaded
+    as it is; one with a tensor ``state`` cannot hold (a non-persistent buffer) is built and
+    initialised as usual."""
     device = torch.get_default_device()
     with torch.device("meta"):
         model = resize_to_state(build(), state)
     held = model.state_dict().keys()
     tensors = [*model.named_parameters(), *model.named_buffers()]
+    if all(not t.is_meta for _, t in tensors):
+        model.load_state_dict(state)
+        return model
     if not all(t.is_meta for _, t in tensors) or any(n not in held for n, _ in tensors):
         return fit_to_state(build(), state)
     model = model.to_empty(device=device)

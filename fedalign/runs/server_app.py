@@ -7,6 +7,7 @@ since ``run_simulation`` leaves ``context.run_config`` empty). The module-level 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -15,19 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedalign.client.training import evaluate
-from fedalign.config.components import run_federation, run_model, server_device
+from fedalign.config.components import model_builder, run_federation, run_model, server_device
 from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 from fedalign.core.types import StateDict
-from fedalign.data import DataError
-from fedalign.fl.engine import RoundCallback, RoundEngine, StrategySnapshot
+from fedalign.data import DataError, Federation
+from fedalign.fl.engine import EvaluateFn, RoundCallback, RoundEngine, StrategySnapshot
 from fedalign.fl.round_log import RoundLog
 from fedalign.fl.strategy import build_strategy
+from fedalign.models import build_for_state
 from fedalign.report.results import RunRecorder
 from fedalign.runs.app_config import load_app_config, resolve
 from fedalign.runs.checkpoint import Checkpoint, save_checkpoint
@@ -64,11 +67,6 @@ def run_server(
     device = server_device(cfg)
     log.info("server device: %s", device)
 
-    def evaluate_fn(server_round: int, state: StateDict) -> dict[str, float]:
-        global_model = run_model(cfg, fed, state=state)  # widths may have grown
-        loss, accuracy = evaluate(global_model, X_test, y_test, device=device)
-        return {"test-loss": loss, "test-accuracy": accuracy}
-
     def record(row: dict[str, Any]) -> None:
         recorder.record(row)
         if on_round is not None:
@@ -99,7 +97,7 @@ def run_server(
     engine = RoundEngine(
         cfg,
         strategy,
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=server_evaluation(cfg, fed, X_test, y_test, device),
         on_round=record,
         on_round_end=checkpoint,
         example_limits={i: fed.client(i).num_train for i in range(fed.num_clients)},
@@ -120,6 +118,27 @@ def run_server(
     if cfg.output.save_model:
         recorder.save_model(final)
     return recorder.finish(earlier + time.perf_counter() - t0, plot=cfg.output.plot)
+
+
+def server_evaluation(
+    cfg: RunConfig, fed: Federation, X: np.ndarray, y: np.ndarray, device: torch.device
+) -> EvaluateFn:
+    """The server's test-set pass of a round's global model (on ``X``, ``y``). Its model is built
+    from one made here, on the caller's thread: the pass may run on another thread beside the next
+    round (``strategy.overlap_evaluation``), where it must touch nothing process-wide that a client
+    answered in this process uses: torch's global RNG (``models.build_for_state`` draws nothing),
+    nor the torch init functions and default dtype that transformers' ``from_pretrained`` patches
+    while it loads (the model is copied, not loaded again)."""
+    with torch.device("meta"):  # no weights: each pass loads the round's
+        template = model_builder(cfg, fed)()
+
+    def evaluate_fn(server_round: int, state: StateDict) -> dict[str, float]:
+        # widths may have grown (PFNM, FedMA)
+        global_model = build_for_state(lambda: copy.deepcopy(template), state)
+        loss, accuracy = evaluate(global_model, X, y, device=device)
+        return {"test-loss": loss, "test-accuracy": accuracy}
+
+    return evaluate_fn
 
 
 def make_server_app(
