@@ -186,7 +186,7 @@ class StrategyConfig:
     )
     eval_every: int = key(1, "test-set evaluation every k rounds (and the last)", ge=1)
     overlap_evaluation: bool = key(
-        False, "true: round r's test-set pass runs while round r+1 trains (same rows)"
+        True, "round r's test-set pass runs while round r+1 trains (same rows); false: after it"
     )
     timeout: float = key(3600.0, "seconds a round waits for its clients", gt=0)
     round_retries: int = key(1, "resamples of a round with too few valid replies", ge=0)

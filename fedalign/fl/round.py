@@ -47,7 +47,7 @@ class EngineSettings:
     min_train_clients: int = 2
     fraction_evaluate: float = 0.0
     eval_every: int = 1
-    overlap_evaluation: bool = False
+    overlap_evaluation: bool = True
     timeout: float = 3600.0
     round_retries: int = 1
     max_update_norm: float | None = None
