@@ -20,6 +20,8 @@ from fedalign.core.errors import ConfigError
 from fedalign.runs.pretrain import pretrain_rows
 from tests.helpers import CONFIGS, DIGITS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def digits_config(tmp_path: Path, **model) -> Path:
     """configs/digits_mlp.yaml with ``model`` keys added, written to ``tmp_path``."""
@@ -35,10 +37,10 @@ def test_pretrain_writes_the_base_the_config_names(tmp_path: Path, capsys) -> No
     path = digits_config(tmp_path, init=str(base))
     with pytest.raises(ConfigError, match="does not exist"):  # no base yet: the run refuses
         load_config(path)
-    assert main(["pretrain", str(path), "--fraction", "0.5", "--epochs", "3"]) == 0
+    assert main(["pretrain", str(path), "--fraction", "0.8", "--epochs", "3"]) == 0
     cfg = load_config(path)  # the base exists now
     fed = run_federation(cfg)
-    examples = round(0.5 * len(fed.train.y))
+    examples = round(0.8 * len(fed.train.y))
     assert f"on {examples} examples of digits" in capsys.readouterr().out
     state = load_file(base)
     seeded = load_config(path, ["model.init=null"])  # the model pre-training started from

@@ -24,7 +24,6 @@ from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 from fedalign.data import Federation
 from fedalign.runs.merge import write_state
-from fedalign.runs.runner import check_model
 
 
 @dataclass(frozen=True)
@@ -86,10 +85,12 @@ def pretrain(
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
     fed = run_federation(cfg)
-    check_model(cfg, fed)
     rows = pretrain_rows(fed, fraction, cfg.resolved_seeds.partition, outside_federation)
     device = server_device(cfg)
-    model = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init)
+    try:  # options that do not fit the data: one line (without the runner's Flower imports)
+        model = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model: {str(exc).strip().splitlines()[0]}") from None
     t = cfg.train
     stats = train_local(
         model,
