@@ -60,6 +60,10 @@ def test_bad_pretrain_input_is_one_line(tmp_path: Path, capsys) -> None:
         ([str(no_init)], "give --out"),
         ([str(no_init), "--out", str(tmp_path / "b.st"), "--fraction", "0"], "--fraction"),
         ([str(no_init), "--out", str(tmp_path / "b.st"), "--epochs", "0"], "--epochs"),
+        (  # 10 inputs for digits' 64 pixels
+            [str(no_init), "--out", str(tmp_path / "b.st"), "--set", "model.in_features=10"],
+            "model: ",
+        ),
         (  # an iid federation holds every example: nothing outside it
             [str(no_init), "--out", str(tmp_path / "b.st"), "--outside-federation"],
             "hold every training example",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedalign.client.training import evaluate, train_local
 from fedalign.config.bundled import resolve_config
@@ -89,6 +90,8 @@ def pretrain(
     device = server_device(cfg)
     try:  # options that do not fit the data: one line (without the runner's Flower imports)
         model = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init)
+        with torch.no_grad():
+            model(torch.as_tensor(fed.train.X[rows[:1]]))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"model: {str(exc).strip().splitlines()[0]}") from None
     t = cfg.train
