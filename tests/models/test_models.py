@@ -68,6 +68,7 @@ def test_unknown_model_and_option_are_named():
         "char_lstm",
         "char_transformer",
         "vit",
+        "hf",  # a transformers model saved with save_pretrained (the hf extra)
     }
 
 
