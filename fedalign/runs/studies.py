@@ -225,7 +225,10 @@ def pipeline_rounds(
             kinds = step.align_statistics()
             return {
                 j: received_statistics(
-                    client_statistics(kinds, models[j], *datasets[j], context), states[j]
+                    client_statistics(
+                        kinds, models[j], *datasets[j], context, options=step.options
+                    ),
+                    states[j],
                 )
                 for j in others
             }
@@ -234,7 +237,9 @@ def pipeline_rounds(
             fused, context = fit_to_state(build(), state), StatContext(targets=targets)
             kinds = step.repair_statistics()
             return [
-                received_statistics(client_statistics(kinds, fused, X, y, context), state)
+                received_statistics(
+                    client_statistics(kinds, fused, X, y, context, options=step.options), state
+                )
                 for X, y in datasets
             ]
 

@@ -78,13 +78,13 @@ def test_random_permutation_keeps_the_function(name, heads):
     torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)
 
 
-def back_to_the_model(name: str, align: str, heads: str = "both") -> None:
+def back_to_the_model(name: str, align: str, heads: str = "both", **options) -> None:
     """aggregate_local(align, mean) of a model and its permuted copy is the model (in the basis
     of either) and computes what it did."""
     model, x = built(name)
     _, state, permuted = permuted_copy(model, x, heads)
     samples = [(x, torch.zeros(len(x), dtype=torch.long))] * 2
-    plan = fedalign.Plan(align=align, fuse="mean")
+    plan = fedalign.Plan(align=align, fuse="mean", options=options)
     fused = fedalign.aggregate_local(plan, model, [state, permuted], [1, 1], samples).state
     assert any(
         all(torch.allclose(fused[k], basis[k], atol=1e-9, rtol=0) for k in state)
@@ -103,8 +103,10 @@ def test_weight_alignment_returns_the_model(name):
 @pytest.mark.parametrize("name", list(ZOO))
 def test_activation_alignment_returns_the_model(name):
     """Activation matching reads the queries and keys per head (split as the attention gets
-    them) and the heads' outputs before the output projection, and keeps heads whole."""
+    them) and the heads' outputs before the output projection, and keeps heads whole; with
+    ``activation_sites: all`` the residual stream at every block's input."""
     back_to_the_model(name, "activation")
+    back_to_the_model(name, "activation", activation_sites="all")
 
 
 def test_sinkhorn_rebasin_takes_heads_as_blocks():
@@ -126,10 +128,17 @@ def test_activation_sites_of_attention_and_their_statistics():
     qk, vo = spec.activations["blocks.0.attn.query"], spec.activations["blocks.0.attn.value"]
     assert len(qk) == 2 and all(site.heads == (-3, -1) for site in qk)  # queries and keys
     assert len(vo) == 1 and vo[0].heads is None  # the output projection's input
+    stream = spec.activations["embedding"]  # read by both blocks' maps and the head
+    assert not stream[0].later and len(stream) == 5 and all(s.later for s in stream[1:])
     stats = activation_statistics(spec, model, model, x)
     rows = len(x) * x.shape[1]
     assert float(stats["blocks.0.attn.query"]["count"]) == 2 * rows
     assert float(stats["blocks.0.attn.value"]["count"]) == rows
+    assert float(stats["embedding"]["count"]) == rows
+    pooled = activation_statistics(spec, model, model, x, sites="all")
+    # four blocks' maps read every position, the head the last one
+    assert float(pooled["embedding"]["count"]) == 4 * rows + len(x)
+    assert float(pooled["blocks.0.fc1"]["count"]) == rows
     # a model against itself: every group comes out the identity, heads included
     perms = permutations_from_statistics(stats, spec=spec)
     assert all(torch.equal(p, torch.arange(len(p))) for p in perms.values())

@@ -14,7 +14,7 @@ reaches functional activations such as ``torch.relu``) and is registered as the 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -80,6 +80,7 @@ def cross_moments(
     X: Data,
     spec: PermutationSpec | None = None,
     batch_size: int = 500,
+    sites: str = "first",
 ) -> dict[str, CrossMoments]:
     """Per permutation group of ``spec`` (default: ``permutation_spec(reference)``), float64 sums
     over ``X`` (a tensor, or an iterable of tensors or ``(X, y)`` pairs) of
@@ -96,7 +97,11 @@ def cross_moments(
     embedding output, the LSTM's last hidden state, the heads' concatenated outputs before an
     attention's output projection) and, for an attention's query/key group, its queries and its
     keys: a dimension moves in both, so the samples of both count (pooled in one set of sums).
+    ``sites="all"`` pools a group's later readings too (``Site.later``): a residual stream at the
+    input of every block and of the head, not only where it is first read.
     """
+    if sites not in SITES:
+        raise ValueError(f"activation_sites must be one of {', '.join(SITES)}, got {sites!r}")
     if spec is None:
         spec = permutation_spec(reference, _example(X))
     missing = [g for g in spec.sizes if not spec.activations.get(g)]
@@ -107,18 +112,25 @@ def cross_moments(
             "inside nn.MultiheadAttention nor heads matched as blocks only (heads='blocks') "
             "have; align them by weight matching, or derive the spec with heads='both'"
         )
-    nodes = {site.node for g in spec.sizes for site in spec.activations[g]}
+    read = {
+        g: [s for s in spec.activations[g] if sites == "all" or not s.later] for g in spec.sizes
+    }
+    nodes = {site.node for g in spec.sizes for site in read[g]}
     capture_ref, capture = _Capture(reference, nodes), _Capture(model, nodes)
     stats: dict[str, CrossMoments] = {}
     with evaluation(reference), evaluation(model):
         for xb in batches(X, batch_size):
             acts_ref, acts = capture_ref(xb), capture(xb)
             for g, n in spec.sizes.items():
-                for site in spec.activations[g]:
+                for site in read[g]:
                     a_ref = unit_samples(acts_ref[site.node], n, site.heads)
                     a = unit_samples(acts[site.node], n, site.heads)
                     add_sums(stats, g, cross_sums(a_ref, a))
     return stats
+
+
+SITES = ("first", "all")
+"""Which readings of a group activation matching pools (``cross_moments``' ``sites``)."""
 
 
 def _example(X: Data) -> torch.Tensor | None:
@@ -130,14 +142,18 @@ def _example(X: Data) -> torch.Tensor | None:
 
 
 def activation_statistics(
-    spec: PermutationSpec, reference: nn.Module, model: nn.Module, data: torch.Tensor | Iterable
+    spec: PermutationSpec,
+    reference: nn.Module,
+    model: nn.Module,
+    data: torch.Tensor | Iterable,
+    sites: str = "first",
 ) -> Stats:
     """What a client sends for activation matching: ``fedalign.algorithms.stats.cross_moments`` of
     ``reference`` and ``model`` on ``data`` per group of ``spec`` (float64 ``count``, ``sum_ref``,
     ``sum``, ``sq_ref``, ``sq``, ``cross``). Both models run in eval mode (BatchNorm on its running
     statistics; a train-mode pass would update them) and are left in the mode they were in. Sums
-    add up over clients."""
-    return cross_moments(reference, model, data, spec)
+    add up over clients; ``sites`` as in ``cross_moments``."""
+    return cross_moments(reference, model, data, spec, sites=sites)
 
 
 def add_statistics(*parts: Mapping[str, Mapping[str, torch.Tensor]]) -> Stats:
@@ -191,11 +207,18 @@ def permutations_from_statistics(
 
 
 def _cross_statistic(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, context: StatContext
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    context: StatContext,
+    *,
+    activation_sites: Literal["first", "all"] = "first",
 ) -> Stats:
     """Cross-moments per group of the reference's spec, traced on the client's own input (the
-    server's spec for activation matching has the same groups: ``heads='both'``)."""
-    return cross_moments(context.reference_model(), model, X)
+    server's spec for activation matching has the same groups: ``heads='both'``).
+    ``activation_sites: all`` reads a residual stream at every block's input, not only at the
+    first (what pays for transformers: docs/transformers.md)."""
+    return cross_moments(context.reference_model(), model, X, sites=activation_sites)
 
 
 def check_cross(cross: Stats, state: StateDict, examples: int) -> str | None:

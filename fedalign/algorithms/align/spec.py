@@ -67,10 +67,13 @@ class Site:
     """Where activation matching reads a group's units: the output of the traced node ``node``.
     ``heads`` is ``(head axis, dimension axis)`` (from the end) when that output is split into
     attention heads (a query or key of ``scaled_dot_product_attention``, ``(n, heads, T, d_head)``):
-    its units are then the heads' dimensions in order, head by head."""
+    its units are then the heads' dimensions in order, head by head. ``later``: not the input of
+    the group's first consumer but of a later one (a residual stream is read by every block:
+    activation matching pools these only with ``activation_sites='all'``)."""
 
     node: str
     heads: tuple[int, int] | None = None
+    later: bool = False
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,7 @@ class _Walker:
         self.sizes: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.buffers: set[str] = set()
-        self.consumed_at: dict[int, str] = {}
+        self.consumed_at: dict[str, int] = {}  # a consumer's input node -> its group, in order
         self.fixed: set[int] = set()
         self.attentions: list[tuple[int, int, int]] = []  # (query/key group, value group, heads)
         self.attention_sites: list[tuple[int, Site]] = []  # a query's or key's group and node
@@ -294,7 +294,7 @@ class _Walker:
     def consume(self, node: fx.Node, label: _Label | None) -> None:
         """Remember which node's output is the group's activation (the first consumer's input)."""
         if label is not None:
-            self.consumed_at.setdefault(label.group, node.args[0].name)
+            self.consumed_at.setdefault(node.args[0].name, label.group)
 
     def label_of(self, arg) -> object:
         return self.labels.get(arg) if isinstance(arg, fx.Node) else None
@@ -919,12 +919,16 @@ class _Walker:
 
     def sites(self, root: int) -> tuple[Site, ...]:
         """Where the group ``root`` is read for activation matching: the input of its first
-        consumer, and for an attention's query/key group its queries and keys (split into heads,
-        as ``scaled_dot_product_attention`` gets them). Heads matched as blocks only have none:
-        a head is not one activation."""
+        consumer, then the inputs of its other consumers (``Site.later``: a residual stream read
+        by every block), and for an attention's query/key group its queries and keys (split into
+        heads, as ``scaled_dot_product_attention`` gets them). Heads matched as blocks only have
+        none: a head is not one activation."""
         find = self.uf.find
-        first = [Site(n) for g, n in self.consumed_at.items() if find(g) == root][:1]
-        return (*first, *(site for g, site in self.attention_sites if find(g) == root))
+        read = [n for n, g in self.consumed_at.items() if find(g) == root]
+        return (
+            *(Site(n, later=i > 0) for i, n in enumerate(read)),
+            *(site for g, site in self.attention_sites if find(g) == root),
+        )
 
     def head_sets(self, fixed: set[int]) -> list[tuple[tuple[int, ...], int]]:
         """Each attention's query/key and value groups, linked when their heads must move
