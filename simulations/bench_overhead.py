@@ -1,5 +1,7 @@
 """Benchmarks B1 and B2 (benchmarks.md): fedalign's FedAvg through the Flower simulation on Ray
-against a plain sequential PyTorch loop doing identical training, measured in the same run.
+against a plain sequential PyTorch loop doing identical training, and against the peer to beat,
+Flower's own FedAvg (``flwr.serverapp.strategy.FedAvg``) with a minimal ClientApp, measured in
+the same run.
 
 The plain loop reproduces the run exactly: the same partition (``run_federation``), the same
 initial model (the run's init seed), the same clients per round (``sample_partitions``), the
@@ -13,11 +15,23 @@ check that the work is the same.
 - B2 (throughput): 1000 IID users x 60 images, cohort 50, 1 local epoch, batch 10, a LeNet widened
   to about 1.2M parameters.
 
-Reported: Ray start-up plus node discovery (the run's wall time minus its rounds), steady-state
-seconds per round (median over rounds 2..R), the ratio to the plain loop, client updates per
-second, and peak memory of the process tree (driver, Ray's daemons and workers) as proportional set
-size, which counts a page shared between processes once (``PeakMemory``; the summed resident sets
-this benchmark reported before count it once per process, and are printed beside it).
+The Flower peer (``flower_fedavg``) is a ServerApp running Flower's FedAvg and a ClientApp that
+trains with the same function as the other two sides, through Flower's ``run_simulation`` with
+fedalign's Ray settings (one CPU per client): the same model and initial weights, the same
+clients' data, the same cohort size, the same local training (``components.train_client``, its
+shuffling seeded by round and partition) and the same test-set pass after every round. Flower
+samples its cohort itself (``random.sample`` of node ids), so its clients, and with them its final
+accuracy, differ from the other two sides'; with IID clients of equal size, not the work a round.
+
+Reported: start-up (the run's wall time less rounds 1..R: Ray, node discovery, the round-0
+evaluation), steady-state seconds per round, its ratios to the plain loop and to Flower's FedAvg,
+client updates per second, and peak memory of the process tree (driver, Ray's daemons and workers)
+as proportional set size, which counts a page shared between processes once (``PeakMemory``; the
+summed resident sets this benchmark reported before count it once per process, and are printed
+beside it). Every side's round is timed the same way: the seconds between the ends of two
+consecutive test-set passes (``RoundClock``), median over rounds 2..R. fedalign's own
+``seconds_total`` would not do: with ``strategy.overlap_evaluation`` (the default) it leaves out
+the evaluation that runs beside the next round, including any part of it the round then waits for.
 
     .venv/bin/python simulations/bench_overhead.py --out docs/results/bench_overhead.md
 """
@@ -25,24 +39,33 @@ this benchmark reported before count it once per process, and are printed beside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
 import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
 
+import fedalign.runs.server_app
 from fedalign.client.training import evaluate
 from fedalign.config.components import run_federation, run_model, train_client
 from fedalign.config.load import load_config
 from fedalign.config.schema import RunConfig
 from fedalign.core.tensors import weighted_average
+from fedalign.fl.engine import EvaluateFn
 from fedalign.fl.round import sample_partitions
 from fedalign.report.results import read_rows
-from fedalign.runs.runner import run
+from fedalign.runs.runner import backend_config, run
 from fedalign.runs.studies import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +167,41 @@ class PeakMemory:
         self._thread.join()
 
 
+class RoundClock:
+    """When each test-set pass of a run ended (``perf_counter``): the one timing every side of the
+    benchmark shares. A round's seconds are those between the end of the previous round's pass
+    and the end of its own, whether the pass ran after the round (the plain loop, Flower) or
+    beside the next one (fedalign's overlap)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def timed(self, evaluate_fn: EvaluateFn) -> EvaluateFn:
+        """``evaluate_fn``, noting when each call returns."""
+
+        def timed(server_round: int, state: dict) -> dict[str, float]:
+            metrics = evaluate_fn(server_round, state)
+            self.ends.append(time.perf_counter())
+            return metrics
+
+        return timed
+
+    @contextlib.contextmanager
+    def fedalign_server(self) -> Iterator[None]:
+        """The server's test-set pass of fedalign runs started meanwhile, timed: it runs in this
+        process (the ServerApp's thread), with Ray or without."""
+        original = fedalign.runs.server_app.server_evaluation
+        fedalign.runs.server_app.server_evaluation = lambda *a, **k: self.timed(original(*a, **k))
+        try:
+            yield
+        finally:
+            fedalign.runs.server_app.server_evaluation = original
+
+    def rounds(self) -> list[float]:
+        """Seconds of rounds 1..R (the first pass is round 0's)."""
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
 def plain_loop(cfg: RunConfig) -> dict:
     """FedAvg as a sequential loop over the same clients, seeds and training."""
     torch.set_num_threads(max(1, int(cfg.simulation.client_cpus)))
@@ -152,9 +210,15 @@ def plain_loop(cfg: RunConfig) -> dict:
     state = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init).state_dict()
     partitions = list(range(cfg.data.num_clients))
     s = cfg.strategy
-    seconds, accuracy = [], None
+    clock = RoundClock()
+
+    @clock.timed
+    def test_pass(server_round: int, state: dict) -> dict[str, float]:
+        return {"test-accuracy": evaluate(run_model(cfg, fed, state=state), X_test, y_test)[1]}
+
+    clock.ends.append(time.perf_counter())  # no round-0 pass: round 1 starts here
+    accuracy = None
     for server_round in range(1, s.rounds + 1):
-        t0 = time.perf_counter()
         states, sizes = [], []
         for pid in sample_partitions(
             cfg.resolved_seeds.sampling,
@@ -169,17 +233,18 @@ def plain_loop(cfg: RunConfig) -> dict:
             states.append(model.state_dict())
             sizes.append(stats.num_examples)
         state = weighted_average(states, sizes)
-        accuracy = evaluate(run_model(cfg, fed, state=state), X_test, y_test)[1]
-        seconds.append(time.perf_counter() - t0)
-    return {"seconds_per_round": seconds, "final_accuracy": accuracy}
+        accuracy = test_pass(server_round, state)["test-accuracy"]
+    return {"seconds_per_round": clock.rounds(), "final_accuracy": accuracy}
 
 
 def fedalign_run(cfg: RunConfig, out: Path) -> dict:
+    clock = RoundClock()
     t0 = time.perf_counter()
-    outcome = run(cfg, output_dir=out, progress=False)
+    with clock.fedalign_server():
+        outcome = run(cfg, output_dir=out, progress=False)
     wall = time.perf_counter() - t0
     rows = [r for r in read_rows(outcome.run_dir) if r["round"] > 0]
-    per_round = [r["seconds_total"] for r in rows]
+    per_round = clock.rounds()
     return {
         "seconds_per_round": per_round,
         "final_accuracy": rows[-1]["test_accuracy"],
@@ -195,6 +260,78 @@ def fedalign_run(cfg: RunConfig, out: Path) -> dict:
     }
 
 
+def flower_fedavg(cfg: RunConfig) -> dict:
+    """Flower's own FedAvg and a minimal ClientApp doing the run's training, through Flower's
+    ``run_simulation`` on Ray (module docstring): the peer fedalign's B2 must not be slower than.
+    Each client loads the run's federation once per worker process (``run_federation`` caches
+    it), as a Flower user's ClientApp loads its partition; fedalign's clients map a shared copy."""
+    fed = run_federation(cfg)
+    X_test, y_test = fed.test
+    initial = run_model(cfg, fed, init_seed=cfg.resolved_seeds.init).state_dict()
+    s, n = cfg.strategy, cfg.data.num_clients
+    cohort = max(round(s.fraction_train * n), s.min_train_clients)
+    clock = RoundClock()
+    accuracy: list[float] = []
+
+    @clock.timed
+    def test_pass(server_round: int, state: dict) -> dict[str, float]:
+        loss, acc = evaluate(run_model(cfg, fed, state=state), X_test, y_test)
+        accuracy.append(acc)
+        return {"test-loss": loss, "test-accuracy": acc}
+
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(max(1, int(cfg.simulation.client_cpus)))
+        pid = int(context.node_config["partition-id"])
+        local = run_federation(cfg)  # this worker's copy (the driver's is not sent along)
+        data = local.client(pid)
+        model = run_model(cfg, local, state=msg.content["arrays"].to_torch_state_dict())
+        server_round = int(msg.content["config"]["server-round"])
+        stats = train_client(cfg, model, data.X_train, data.y_train, server_round, pid)
+        reply = RecordDict(
+            {
+                "arrays": ArrayRecord(model.state_dict()),
+                "metrics": MetricRecord({"num-examples": stats.num_examples}),
+            }
+        )
+        return Message(reply, reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(
+            fraction_train=cohort / n,
+            min_train_nodes=cohort,
+            min_available_nodes=n,
+            fraction_evaluate=0.0,
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=s.rounds,
+            evaluate_fn=lambda r, arrays: MetricRecord(test_pass(r, arrays.to_torch_state_dict())),
+        )
+
+    t0 = time.perf_counter()
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=n,
+        backend_config=backend_config(cfg),
+    )
+    wall = time.perf_counter() - t0
+    per_round = clock.rounds()
+    return {
+        "seconds_per_round": per_round,
+        "final_accuracy": accuracy[-1],
+        "wall": wall,
+        "startup": wall - sum(per_round),
+    }
+
+
 def measure(
     label: str,
     base: str,
@@ -204,9 +341,11 @@ def measure(
     out: Path,
     extra: list[str] = (),
     variants: list[str] = (),
+    flower: bool = True,
 ) -> list[dict]:
-    """The plain loop, then fedalign's run, then one fedalign run per override in ``variants``
-    (each against the same plain loop): one row each. ``extra``: overrides for both sides."""
+    """The plain loop, then fedalign's run, then one fedalign run per override in ``variants``,
+    then (with ``flower``) Flower's FedAvg: one row per fedalign run, each against the same plain
+    loop and Flower run. ``extra``: overrides for every side."""
     common = [
         *overrides,
         *extra,
@@ -230,31 +369,80 @@ def measure(
         with PeakMemory() as mem_fed:
             fed = fedalign_run(run_cfg, out)
         steady_fed = statistics.median(fed["seconds_per_round"][1:])
-        row = {
-            "benchmark": label if variant is None else f"{label} + {variant}",
-            "client_cpus": cpus,
-            "rounds": rounds,
-            "cohort": cohort,
-            "startup_s": fed["startup"],
-            "fedalign_round_s": steady_fed,
-            "plain_round_s": steady_plain,
-            "ratio": steady_fed / steady_plain,
-            "fedalign_updates_per_s": cohort / steady_fed,
-            "plain_updates_per_s": cohort / steady_plain,
-            "fedalign_peak_mib": mem_fed.peak / 2**20,
-            "plain_peak_mib": mem_plain.peak / 2**20,
-            "fedalign_peak_rss_sum_mib": mem_fed.peak_rss / 2**20,
-            "plain_peak_rss_sum_mib": mem_plain.peak_rss / 2**20,
-            "fedalign_accuracy": fed["final_accuracy"],
-            "plain_accuracy": plain["final_accuracy"],
-            "fedalign_wall_s": fed["wall"],
-            "mib_per_round": fed["bytes_per_round"] / 2**20,
-            "fedalign_phases_s": fed["phases"],
-            "overrides": [*extra, *more],
-        }
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(
+            {
+                "benchmark": label if variant is None else f"{label} + {variant}",
+                "client_cpus": cpus,
+                "rounds": rounds,
+                "cohort": cohort,
+                "startup_s": fed["startup"],
+                "fedalign_round_s": steady_fed,
+                "plain_round_s": steady_plain,
+                "ratio": steady_fed / steady_plain,
+                "fedalign_updates_per_s": cohort / steady_fed,
+                "plain_updates_per_s": cohort / steady_plain,
+                "fedalign_peak_mib": mem_fed.peak / 2**20,
+                "plain_peak_mib": mem_plain.peak / 2**20,
+                "fedalign_peak_rss_sum_mib": mem_fed.peak_rss / 2**20,
+                "plain_peak_rss_sum_mib": mem_plain.peak_rss / 2**20,
+                "fedalign_accuracy": fed["final_accuracy"],
+                "plain_accuracy": plain["final_accuracy"],
+                "fedalign_wall_s": fed["wall"],
+                "mib_per_round": fed["bytes_per_round"] / 2**20,
+                "fedalign_phases_s": fed["phases"],
+                "fedalign_rounds_s": fed["seconds_per_round"],
+                "plain_rounds_s": plain["seconds_per_round"],
+                "overrides": [*extra, *more],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    if flower:
+        with PeakMemory() as mem_flower:
+            peer = flower_fedavg(cfg)
+        steady_flower = statistics.median(peer["seconds_per_round"][1:])
+        for row in rows:
+            row.update(
+                flower_round_s=steady_flower,
+                ratio_flower=row["fedalign_round_s"] / steady_flower,
+                flower_startup_s=peer["startup"],
+                flower_peak_mib=mem_flower.peak / 2**20,
+                flower_accuracy=peer["final_accuracy"],
+                flower_rounds_s=peer["seconds_per_round"],
+            )
+        print(json.dumps({k: v for k, v in rows[0].items() if k.startswith("flower")}), flush=True)
     return rows
+
+
+def report(rows: list[dict]) -> str:
+    """The rows as a Markdown table; the Flower peer's columns are "-" in a run without it."""
+
+    def flower(r: dict, key: str, spec: str, suffix: str = "") -> str:
+        return f"{r[key]:{spec}}{suffix}" if key in r else "-"
+
+    header = (
+        "| benchmark | client_cpus | rounds | cohort | start-up fedalign / Flower (s) "
+        "| fedalign s/round | plain loop s/round | Flower FedAvg s/round "
+        "| fedalign / plain | fedalign / Flower | updates/s fedalign | updates/s plain "
+        "| peak MiB fedalign | peak MiB plain | peak MiB Flower "
+        "| peak MiB, RSS summed: fedalign / plain | final acc fedalign / plain / Flower (%) |"
+    )
+    lines = [header, "|" + "---|" * 17]
+    for r in rows:
+        flower_acc = f"{100 * r['flower_accuracy']:.2f}" if "flower_accuracy" in r else "-"
+        lines.append(
+            f"| {r['benchmark']} | {r['client_cpus']:g} | {r['rounds']} | {r['cohort']} | "
+            f"{r['startup_s']:.1f} / {flower(r, 'flower_startup_s', '.1f')} | "
+            f"{r['fedalign_round_s']:.3f} | {r['plain_round_s']:.3f} | "
+            f"{flower(r, 'flower_round_s', '.3f')} | "
+            f"{r['ratio']:.2f}x | {flower(r, 'ratio_flower', '.2f', 'x')} | "
+            f"{r['fedalign_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | "
+            f"{r['fedalign_peak_mib']:.0f} | {r['plain_peak_mib']:.0f} | "
+            f"{flower(r, 'flower_peak_mib', '.0f')} | "
+            f"{r['fedalign_peak_rss_sum_mib']:.0f} / {r['plain_peak_rss_sum_mib']:.0f} | "
+            f"{100 * r['fedalign_accuracy']:.2f} / {100 * r['plain_accuracy']:.2f} / "
+            f"{flower_acc} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -274,7 +462,13 @@ def main() -> None:
         action="append",
         default=[],
         help="an override for one more fedalign run against the same plain loop "
-        "(e.g. strategy.overlap_evaluation=true)",
+        "(e.g. strategy.overlap_evaluation=false)",
+    )
+    parser.add_argument(
+        "--no-flower",
+        dest="flower",
+        action="store_false",
+        help="leave out the Flower FedAvg peer",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -286,25 +480,10 @@ def main() -> None:
         if args.only and label != args.only:
             continue
         for cpus in args.cpus:
-            rows += measure(label, base, overrides, rounds, cpus, args.runs, args.set, args.compare)
-    header = (
-        "| benchmark | client_cpus | rounds | cohort | Ray start-up + discovery (s) "
-        "| fedalign s/round | plain loop s/round | ratio | updates/s fedalign | updates/s plain "
-        "| peak MiB fedalign | peak MiB plain | peak MiB, RSS summed: fedalign / plain "
-        "| final acc fedalign / plain (%) |"
-    )
-    lines = [header, "|" + "---|" * 14]
-    for r in rows:
-        lines.append(
-            f"| {r['benchmark']} | {r['client_cpus']:g} | {r['rounds']} | {r['cohort']} | "
-            f"{r['startup_s']:.1f} | "
-            f"{r['fedalign_round_s']:.3f} | {r['plain_round_s']:.3f} | {r['ratio']:.2f}x | "
-            f"{r['fedalign_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | "
-            f"{r['fedalign_peak_mib']:.0f} | {r['plain_peak_mib']:.0f} | "
-            f"{r['fedalign_peak_rss_sum_mib']:.0f} / {r['plain_peak_rss_sum_mib']:.0f} | "
-            f"{100 * r['fedalign_accuracy']:.2f} / {100 * r['plain_accuracy']:.2f} |"
-        )
-    table = "\n".join(lines) + "\n"
+            rows += measure(
+                label, base, overrides, rounds, cpus, args.runs, args.set, args.compare, args.flower
+            )
+    table = report(rows)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
