@@ -326,6 +326,14 @@ def _published(adapter: Adapter, alpha: float | None, like: torch.Tensor) -> Ada
     return Adapter(adapter.A.to(like.dtype), b.to(like.dtype), scale)
 
 
+def best_adapter(change: torch.Tensor, rank: int, *, alpha: float | None = None) -> Adapter:
+    """The best rank-``rank`` adapter of a dense ``out x in`` weight change (FlexLoRA's
+    truncation, from the matrix itself): what a client of a rank no sampled client had continues
+    from. Scale ``alpha / rank`` as :func:`lora_aggregate` publishes adapters."""
+    u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
+    return _published(_truncated((u, s, vh), rank), alpha, change)
+
+
 def lora_aggregate(
     rule: str,
     adapters: Sequence[ClientAdapters],

@@ -237,6 +237,7 @@ def _validate_adapters(cfg: RunConfig, need: Need) -> RunConfig:
     a = cfg.adapters
     if a.kind == "none":
         need(not a.options, "adapters", "options given but adapters.kind is none")
+        need(not a.client_ranks, "adapters", "client_ranks given but adapters.kind is none")
         return cfg
     need(
         cfg.strategy.name == "lora",
@@ -249,6 +250,19 @@ def _validate_adapters(cfg: RunConfig, need: Need) -> RunConfig:
         "LoRA needs peft: pip install 'fedalign[hf]'",
     )
     entry = LORA_RULES.get(a.rule)
+    if a.client_ranks:
+        need(
+            all(r >= 1 for r in a.client_ranks),
+            "adapters.client_ranks",
+            f"ranks must be at least 1, got {list(a.client_ranks)}",
+        )
+        mixed = [n for n in LORA_RULES if not LORA_RULES.get(n).meta.get("equal_ranks")]
+        need(
+            not entry.meta.get("equal_ranks"),
+            "adapters.client_ranks",
+            f"rule {a.rule} averages A and B entrywise and needs equal ranks; "
+            f"heterogeneous ranks take {', '.join(mixed)}",
+        )
     given = _typed_options("adapters", a.options, [entry], f"lora rule {a.rule}", AdaptersConfig)
     return dataclasses.replace(cfg, adapters=dataclasses.replace(a, options=entry.resolve(given)))
 

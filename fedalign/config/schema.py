@@ -141,6 +141,9 @@ class AdaptersConfig:
         "none", "what the clients train", choices=Choices("adapter kind", lambda: ADAPTER_KINDS)
     )
     rank: int = key(8, "the adapters' rank r", ge=1)
+    client_ranks: tuple[int, ...] = key(
+        (), "heterogeneous ranks: client i trains rank client_ranks[i % len] (flora, flexlora)"
+    )
     alpha: float = key(16.0, "LoRA's alpha: the change is (alpha / r) B A", gt=0)
     dropout: float = key(0.0, "dropout on the adapters' input", ge=0, lt=1)
     targets: tuple[str, ...] = key(

@@ -139,7 +139,54 @@ def test_resume_is_bitwise(rule: str, tmp_path: Path) -> None:
     resumes_bitwise(lora_config(rule, rounds=3), SIZES, tmp_path)
 
 
+@pytest.mark.parametrize("rule", ["flora", "flexlora"])
+def test_heterogeneous_client_ranks(rule: str) -> None:
+    """``client_ranks: [2, 4]``: client i trains rank 2 or 4; the global model is the base plus
+    the rule's update of the mixed-rank adapters; round 2 starts each client at its own rank
+    (FLoRA: fresh after folding; FlexLoRA: the best approximation of the update at that rank);
+    the bytes are each client's own adapters."""
+    ranks = [2, 4, 2]  # partition i: client_ranks[i % 2]
+    r = run(lora_config(rule, rounds=2, client_ranks=[2, 4]), mock_clients(SIZES))
+    strategy = r.strategy
+    adapters, weights = [], []
+    for c, rank in zip(r.clients, ranks):
+        reply = c.trained[0]
+        pairs = layer_pairs(reply.state)
+        assert {a.shape[0] for a, _ in pairs.values()} == {rank}
+        adapters.append(pairs)
+        weights.append(reply.num_examples)
+    expected = lora_update(rule, adapters, weights, alpha=4.0)
+    round_one = r.after_round[1][0]
+    for name, layer in strategy.layers.items():
+        torch.testing.assert_close(
+            round_one[layer.weight], r.initial[layer.weight] + expected[name], rtol=0, atol=1e-6
+        )
+    assert r.rows[1]["lora"]["aggregation_error"] < 1e-6
+    sent = {
+        m.metadata.dst_node_id: to_state_dict(m.content["arrays"]) for m in train_messages(r, 2)
+    }
+    assert len(sent) == len(SIZES)
+    for c, rank in zip(r.clients, ranks):
+        arrays = sent[c.node_id]
+        for name, (a, b) in layer_pairs(arrays).items():
+            assert a.shape[0] == b.shape[1] == rank
+            if rule == "flora":  # folded into the base: fresh adapters at the client's rank
+                assert torch.equal(a, strategy.fresh(rank)[f"{name}.lora_A.weight"])
+            else:  # FlexLoRA: the best rank-r approximation of the round's update
+                u, sv, vh = torch.linalg.svd(expected[name].double(), full_matrices=False)
+                best = (u[:, :rank] * sv[:rank]) @ vh[:rank]  # all of it where rank > min(out, in)
+                got = (4.0 / rank) * b.double() @ a.double()
+                torch.testing.assert_close(got, best, rtol=0, atol=1e-6)
+        assert {a.shape[0] for a, _ in layer_pairs(c.trained[1].state).values()} == {rank}
+    own = sum(
+        content_bytes(RecordDict({"arrays": to_arrays(strategy.fresh(rank))})) for rank in ranks
+    )
+    assert r.rows[1]["bytes_up"] == r.rows[1]["bytes_down"] == own
+
+
 def test_bad_adapter_configs_are_one_line() -> None:
+    with pytest.raises(ConfigError, match="client_ranks: rule fedit .* needs equal ranks"):
+        lora_config("fedit", client_ranks=[2, 4])
     with pytest.raises(ConfigError, match="runs with strategy lora"):
         make_config(3, model=MLP, adapters={"kind": "lora"})
     with pytest.raises(ConfigError, match="needs adapters"):

@@ -39,7 +39,14 @@ import torch
 from torch import nn
 
 from fedalign.algorithms.checks import fused_problem
-from fedalign.algorithms.lora import LORA_RULES, LayerUpdate, lora_aggregate, mean_products
+from fedalign.algorithms.lora import (
+    LORA_RULES,
+    Adapter,
+    LayerUpdate,
+    best_adapter,
+    lora_aggregate,
+    mean_products,
+)
 from fedalign.algorithms.server_opt import is_identity
 from fedalign.client.state import ClientState
 from fedalign.client.training import TrainStats
@@ -84,8 +91,9 @@ def aggregation_error(
 
 class LoraClient(ClientState):
     """A LoRA client: the run's own initial model with the base weights it was sent, adapters
-    injected (drawn from the run's init seed, so a frozen factor is the server's), the adapters
-    it was sent loaded over them and its own local factor over those."""
+    injected (drawn from the run's init seed, so a frozen factor is the server's) at the rank of
+    the adapters it was sent (``adapters.client_ranks``: the server sends each client its own
+    rank's), the adapters it was sent loaded over them and its own local factor over those."""
 
     @classmethod
     def applies(cls, received: Mapping[str, StateDict]) -> bool:
@@ -96,9 +104,10 @@ class LoraClient(ClientState):
         model = base()
         if BASE in self.received:
             model.load_state_dict(self.received[BASE], strict=False)
+        rank = next((t.shape[0] for k, t in self.sent.items() if ".lora_A." in k), a.rank)
         inject_lora(
             model,
-            rank=a.rank,
+            rank=rank,
             alpha=a.alpha,
             dropout=a.dropout,
             targets=a.targets,
@@ -155,12 +164,13 @@ class LoraStrategy(Strategy):
         return None if layers else "adapters.targets adapts no layer of the model"
 
     @staticmethod
-    def injected(context: StrategyContext) -> nn.Module:
-        """A copy of the model with the run's fresh adapters."""
+    def injected(context: StrategyContext, rank: int | None = None) -> nn.Module:
+        """A copy of the model with the run's fresh adapters (of rank ``rank``; None:
+        ``adapters.rank``)."""
         a = context.adapters
         return inject_lora(
             copy.deepcopy(context.model),
-            rank=a.rank,
+            rank=a.rank if rank is None else rank,
             alpha=a.alpha,
             dropout=a.dropout,
             targets=a.targets,
@@ -173,11 +183,15 @@ class LoraStrategy(Strategy):
         self.rule = a.rule
         meta = LORA_RULES.get(a.rule).meta
         self.frozen, self.local = meta.get("frozen"), meta.get("local")
+        self.rank = a.rank
+        self.ranks = tuple(a.client_ranks) or (a.rank,)  # client i trains ranks[i % len]
         self._layers: dict[str, AdaptedLayer] | None = None
-        self._fresh: OrderedDict[str, torch.Tensor] | None = None
+        self._fresh: OrderedDict[str, torch.Tensor] | None = None  # fresh adapters at self.rank
+        self._fresh_at: dict[int, OrderedDict[str, torch.Tensor]] = {}
         self.base: dict[str, torch.Tensor] = {}  # adapted layer -> base weight (after round 1)
         self.base_changed = False  # whether a rule changed the base: then it is sent
-        self.adapter: OrderedDict[str, torch.Tensor] | None = None  # None: fresh adapters
+        # rank -> the adapters its clients continue from (empty: fresh adapters at every rank)
+        self.adapters: dict[int, OrderedDict[str, torch.Tensor]] = {}
         self.copies = ClientCopies("lora/local")  # the clients' local factors (FedSA-LoRA's B)
         self._pending: dict[str, Any] | None = None
 
@@ -187,7 +201,7 @@ class LoraStrategy(Strategy):
         if self._layers is None:
             model = self.injected(self.context)
             self._layers = adapted_layers(model)
-            self._fresh = adapter_state(model)
+            self._fresh = self._fresh_at[self.rank] = adapter_state(model)
 
     @property
     def layers(self) -> dict[str, AdaptedLayer]:
@@ -195,11 +209,24 @@ class LoraStrategy(Strategy):
         assert self._layers is not None
         return self._layers
 
-    def start(self) -> OrderedDict[str, torch.Tensor]:
-        """The adapters the clients start from this round: the global ones, else fresh ones."""
+    def client_rank(self, partition: int) -> int:
+        """The rank of partition ``partition``'s adapters: ``client_ranks[i % len]``, else
+        ``adapters.rank``."""
+        return self.ranks[partition % len(self.ranks)]
+
+    def fresh(self, rank: int) -> OrderedDict[str, torch.Tensor]:
+        """Fresh adapters of rank ``rank`` (peft's initialisation from the init seed, as the
+        clients draw them)."""
         self._setup()
-        assert self._fresh is not None
-        return self.adapter if self.adapter is not None else self._fresh
+        if rank not in self._fresh_at:
+            self._fresh_at[rank] = adapter_state(self.injected(self.context, rank))
+        return self._fresh_at[rank]
+
+    def start(self, rank: int | None = None) -> OrderedDict[str, torch.Tensor]:
+        """The adapters the clients of rank ``rank`` (None: ``adapters.rank``) start from this
+        round: the global ones, else fresh ones."""
+        rank = self.rank if rank is None else rank
+        return self.adapters.get(rank) or self.fresh(rank)
 
     def sent_keys(self) -> list[str]:
         """The adapter tensors that travel as ``arrays``: all but the frozen and local factor."""
@@ -208,9 +235,13 @@ class LoraStrategy(Strategy):
         return [k for k in keys if k not in kept]
 
     def client_models(self, rnd: Round, partitions: list[int]) -> dict[int, StateDict]:
-        start = self.start()
-        shared = OrderedDict((k, start[k]) for k in self.sent_keys())
-        return dict.fromkeys(partitions, shared)
+        """Each client its own rank's adapters (one shared dict per rank)."""
+        keys = self.sent_keys()
+        by_rank = {
+            r: OrderedDict((k, self.start(r)[k]) for k in keys)
+            for r in {self.client_rank(p) for p in partitions}
+        }
+        return {p: by_rank[self.client_rank(p)] for p in partitions}
 
     def extra_records(self, rnd: Round, partitions: list[int]) -> dict[int, dict[str, StateDict]]:
         base = (
@@ -232,10 +263,9 @@ class LoraStrategy(Strategy):
         model is each adapted weight at ``base + delta``. The new base, adapter and local copies
         wait in ``_pending`` until ``checked_aggregate`` accepts the model."""
         a = self.context.adapters
-        start = self.start()
         adapters = []
         for u in updates:
-            full = OrderedDict(start)
+            full = OrderedDict(self.start(self.client_rank(u.partition_id)))
             full.update(u.records.get(LOCAL, {}))
             full.update(u.state_dict)
             adapters.append(layer_pairs(full))
@@ -244,17 +274,20 @@ class LoraStrategy(Strategy):
         base = self.base or {n: rnd.reference[layer.weight] for n, layer in self.layers.items()}
         fused = OrderedDict(rnd.reference)
         new_base = dict(base)
-        pairs, ranks = {}, set()
+        pairs: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        ranks: set[int | None] = set()
         for name, update in result.items():
             key = self.layers[name].weight
             fused[key] = base[name] + self._weight_change(name, update.delta).to(base[name])
             if update.base is not None:
                 new_base[name] = base[name] + self._weight_change(name, update.base).to(base[name])
-            adapter = self._continued(update)
-            ranks.add(None if adapter is None else adapter.rank)
-            if adapter is not None:
-                pairs[name] = (adapter.A, adapter.B)
-        fold = ranks != {a.rank}  # FLoRA's stacked adapter: folded into the base, fresh adapters
+            continued = self._continued(update)
+            ranks.update(continued or [None])
+            for rank, adapter in (continued or {}).items():
+                pairs.setdefault(rank, {})[name] = (adapter.A, adapter.B)
+        # FLoRA's stacked adapter (of no client's rank), or one global adapter for clients of
+        # different ranks: folded into the base, fresh adapters at every rank
+        fold = None in ranks or not set(self.ranks) <= ranks
         if fold:
             new_base = {name: fused[self.layers[name].weight] for name in self.layers}
         self._pending = {
@@ -262,7 +295,7 @@ class LoraStrategy(Strategy):
             "base_changed": self.base_changed
             or fold
             or any(u.base is not None for u in result.values()),
-            "adapter": None if fold else wire_state(pairs),
+            "adapters": {} if fold else {r: wire_state(pairs[r]) for r in set(self.ranks)},
             "local": {u.partition_id: u.records.get(LOCAL, {}) for u in updates},
         }
         rnd.log.extra["lora"] = {
@@ -276,13 +309,20 @@ class LoraStrategy(Strategy):
         }
         return fused
 
-    @staticmethod
-    def _continued(update: LayerUpdate):
-        """The adapter the clients continue from: the global one, or FlexLoRA's per-client
-        truncations (equal ranks in one federation: the same for every client)."""
+    def _continued(self, update: LayerUpdate) -> dict[int, Adapter] | None:
+        """Rank -> the adapter clients of that rank continue from: the global one (its rank
+        alone), or FlexLoRA's per-client truncations (clients of one rank get the same one; a
+        client rank no sampled client had gets its truncation of the update too). None: fresh
+        adapters."""
         if update.adapter is not None:
-            return update.adapter
-        return update.personal[0] if update.personal else None
+            return {update.adapter.rank: update.adapter}
+        if not update.personal:
+            return None
+        by_rank = {p.rank: p for p in update.personal}
+        alpha = self.context.adapters.alpha
+        for rank in set(self.ranks) - by_rank.keys():
+            by_rank[rank] = best_adapter(update.delta, rank, alpha=alpha)
+        return by_rank
 
     def checked_aggregate(
         self, rnd: Round, updates: list[ClientUpdate]
@@ -299,7 +339,7 @@ class LoraStrategy(Strategy):
         if problem is None and self._pending is not None:
             pending = self._pending
             self.base, self.base_changed = pending["base"], pending["base_changed"]
-            self.adapter = pending["adapter"]
+            self.adapters = pending["adapters"]
             if self.local:
                 self.copies.accept(pending["local"])
             return fused
@@ -313,7 +353,11 @@ class LoraStrategy(Strategy):
         return {
             **super().tensors(),
             **{f"lora/base/{n}": w for n, w in self.base.items()},
-            **{f"lora/adapter/{k}": v for k, v in (self.adapter or {}).items()},
+            **{
+                f"{self._adapter_head(r)}{k}": v
+                for r, adapter in self.adapters.items()
+                for k, v in adapter.items()
+            },
             **self.copies.tensors(),
         }
 
@@ -325,10 +369,18 @@ class LoraStrategy(Strategy):
         self._setup()
         assert self._fresh is not None
         order = list(self._fresh)
-        head = "lora/adapter/"
-        adapter = OrderedDict((k, tensors[head + k]) for k in order if head + k in tensors)
-        self.adapter = adapter or None
+        self.adapters = {}
+        for rank in set(self.ranks):
+            head = self._adapter_head(rank)
+            adapter = OrderedDict((k, tensors[head + k]) for k in order if head + k in tensors)
+            if adapter:
+                self.adapters[rank] = adapter
         self.copies.load(tensors, _part_keys(order, self.local))
+
+    def _adapter_head(self, rank: int) -> str:
+        """The checkpoint prefix of rank ``rank``'s adapters (``adapters.rank``'s: the plain
+        ``lora/adapter/``)."""
+        return "lora/adapter/" if rank == self.rank else f"lora/adapter@{rank}/"
 
     def state(self) -> dict[str, Any]:
         return {"lora_base_changed": self.base_changed, "lora_restore": sorted(self.copies.restore)}
