@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedalign.algorithms.lora import LORA_RULES, lora_aggregate, lora_update
+from fedalign.algorithms.lora import LORA_RULES, best_adapter, lora_aggregate, lora_update
 
 ALPHA = 16.0
 WEIGHTS = [3.0, 1.0, 2.0]
@@ -170,6 +170,10 @@ def test_heterogeneous_ranks_flora_stacks_and_truncates_flexlora_redistributes()
     for a, r in zip(flex.personal, ranks):
         assert a.scale == ALPHA / r
         assert relative_error(a.product(), want["q"]) == pytest.approx(singular_tail(want["q"], r))
+        # a client rank no sampled client had: the same truncation, from the dense update
+        dense = best_adapter(flex.delta, r, alpha=ALPHA)
+        assert dense.rank == r and dense.scale == ALPHA / r
+        torch.testing.assert_close(dense.product(), a.product(), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize(
