@@ -203,12 +203,15 @@ def test_tensorboard_and_mlflow_receive_the_curves_of_a_run(tmp_path, monkeypatc
 
     events = EventAccumulator(str(outcome.run_dir / "tensorboard"))
     events.Reload()
-    board = [(e.step, e.value) for e in events.Scalars("test_accuracy")]
+    board = [(e.step, e.value) for e in events.Scalars("test/accuracy")]
     assert board == [(step, pytest.approx(value)) for step, value in accuracy]  # float32
 
     client = MlflowClient()
     (tracked,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
     assert tracked.info.run_name == outcome.run_dir.name
     assert tracked.info.status == "FINISHED"
-    history = client.get_metric_history(tracked.info.run_id, "test_accuracy")
+    history = client.get_metric_history(tracked.info.run_id, "test/accuracy")
     assert [(m.step, m.value) for m in history] == accuracy
+    artifacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert artifacts == {"summary.json", "accuracy.png"}
+    assert tracked.data.metrics["summary/final_accuracy"] == accuracy[-1][1]
