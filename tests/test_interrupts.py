@@ -49,6 +49,10 @@ def test_an_interrupted_run_is_one_line_and_its_signal_exit_code(
     ]
 
 
+def _ended(process: psutil.Process) -> bool:
+    return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
 def test_the_watchdog_kills_what_a_killed_run_left_and_nothing_when_stood_down():
     """``fedalign.runs.reaper.watch`` on a shell (the run) and its ``sleep`` (Ray's processes):
     the shell's SIGKILL orphans the sleep, which the watchdog kills; stood down, it kills
@@ -63,7 +67,7 @@ def test_the_watchdog_kills_what_a_killed_run_left_and_nothing_when_stood_down()
             assert time.monotonic() < deadline
             time.sleep(0.01)
         (sleep,) = children
-        time.sleep(0.2)  # a few looks
+        time.sleep(0.5)  # a few looks (0.05 s apart; more on a loaded machine)
         run.kill()
         time.sleep(0.2)  # more, while the shell is a zombie and the sleep no longer its child
         os.write(write, stand_down)
@@ -72,7 +76,10 @@ def test_the_watchdog_kills_what_a_killed_run_left_and_nothing_when_stood_down()
         os.close(read)
         run.wait()
         assert not watchdog.is_alive()
-        ended = not sleep.is_running() or sleep.status() == psutil.STATUS_ZOMBIE
+        deadline = time.monotonic() + 5  # a SIGKILL lands asynchronously
+        while stand_down == b"" and not _ended(sleep) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ended = _ended(sleep)
         assert ended == (stand_down == b"")
         if not ended:
             sleep.kill()
