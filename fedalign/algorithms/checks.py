@@ -370,13 +370,14 @@ def received_problem(
 def above_others(values: Sequence[float], max_ratio: float) -> list[tuple[int, float]]:
     """``(index, median)`` of each value above ``max_ratio`` times the median of the *other*
     values: one attacker among honest clients cannot move the median it is compared with."""
-    found = []
+    n = len(values)
+    if n < 2:
+        return []
     tensor = torch.tensor(values, dtype=torch.float64)
-    for j in range(len(values)):
-        median = float(torch.cat([tensor[:j], tensor[j + 1 :]]).median())
-        if median > 0 and values[j] > max_ratio * median:
-            found.append((j, median))
-    return found
+    others = tensor.expand(n, n)[~torch.eye(n, dtype=torch.bool)].view(n, n - 1)
+    medians = others.median(dim=1).values  # row j: the median of every value but the j-th
+    above = (medians > 0) & (tensor > max_ratio * medians)
+    return [(j, float(medians[j])) for j in above.nonzero().flatten().tolist()]
 
 
 def update_outliers(norms: Sequence[float], max_ratio: float | None) -> dict[int, str]:

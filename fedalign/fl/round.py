@@ -239,6 +239,8 @@ class Round:
         other clients' (``algorithms.checks.update_outliers``), each dropped with its reason;
         clients that trained from their own init (``local``) changed no sent model and pass."""
         compared = [u for u in updates if u.partition_id not in local]
+        if self.settings.max_update_ratio is None or len(compared) < 2:
+            return updates  # nothing to compare: no norms computed
         norms = change_norms(
             [sent[u.partition_id] for u in compared], [u.state_dict for u in compared]
         )

@@ -147,17 +147,28 @@ def _byzantine_check(
                 f"{rule} with num_byzantine={f} needs at least {need} clients a round, "
                 f"a round samples {context.clients_per_round}"
             )
-        if rule == "multi-krum" and (selected or context.clients_per_round - f) >= (
-            context.clients_per_round
-        ):
-            return (
-                f"multi-krum with num_byzantine={f} and num_selected={selected} keeps all "
-                f"{context.clients_per_round} clients a round: the plain mean, no protection; "
-                "set num_byzantine (the attackers to withstand) or a smaller num_selected"
-            )
         return None
 
     return check
+
+
+def _multi_krum_check(options: Mapping[str, Any], context: Context) -> str | None:
+    """Krum's conditions, and a selection that leaves someone out: keeping every client is the
+    plain mean under a robust rule's name."""
+    if (problem := _byzantine_check(krum_minimum, "multi-krum")(options, context)) is not None:
+        return problem
+    f, selected, n = (
+        options["num_byzantine"],
+        options.get("num_selected", 0),
+        context.clients_per_round,
+    )
+    if (selected or n - f) >= n:
+        return (
+            f"multi-krum with num_byzantine={f} and num_selected={selected} keeps all {n} clients "
+            "a round: the plain mean, no protection; set num_byzantine (the attackers to "
+            "withstand) or a smaller num_selected"
+        )
+    return None
 
 
 def krum_minimum(f: int) -> int:
@@ -180,7 +191,7 @@ def krum_rule(
     return OrderedDict((k, v.clone()) for k, v in states[best].items())
 
 
-@FUSE_RULES.register("multi-krum", check=_byzantine_check(krum_minimum, "multi-krum"), robust=True)
+@FUSE_RULES.register("multi-krum", check=_multi_krum_check, robust=True)
 def multi_krum_rule(
     states: Sequence[StateDict],
     weights: Sequence[float],
