@@ -114,6 +114,7 @@ class PeakMemory:
     def __init__(self) -> None:
         self.peak = 0
         self.peak_rss = 0
+        self.parts: dict[str, float] = {}  # MiB of PSS per kind of process at the PSS peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -145,17 +146,40 @@ class PeakMemory:
             return 0, 0
         return found.get("Pss", 0), found.get("Rss", 0)
 
-    def _measure(self) -> tuple[int, int]:
+    @staticmethod
+    def _kind(pid: int) -> str:
+        """What a process is, for the peak's parts: the driver, a Ray worker or actor (its
+        process title), or the script or binary a daemon runs."""
+        if pid == os.getpid():
+            return "driver"
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            return "gone"
+        if not args:
+            return "gone"
+        if args[0].startswith("ray::"):
+            return "ray worker"
+        script = next((a for a in args[1:] if a.endswith(".py")), args[0])
+        return Path(script).name
+
+    def _measure(self) -> tuple[int, int, dict[str, float]]:
         pss = rss = 0
+        parts: dict[str, float] = {}
         for p in self._tree(os.getpid()):
             a, b = self._pss_and_rss(p)
             pss, rss = pss + a, rss + b
-        return pss, rss
+            kind = self._kind(p)
+            parts[kind] = parts.get(kind, 0.0) + a / 2**20
+        return pss, rss, parts
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            pss, rss = self._measure()
-            self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
+            pss, rss, parts = self._measure()
+            if pss > self.peak:
+                self.peak, self.parts = pss, {k: round(v) for k, v in parts.items() if v >= 1}
+            self.peak_rss = max(self.peak_rss, rss)
             time.sleep(0.2)
 
     def __enter__(self) -> Self:
@@ -385,6 +409,8 @@ def measure(
                 "plain_peak_mib": mem_plain.peak / 2**20,
                 "fedalign_peak_rss_sum_mib": mem_fed.peak_rss / 2**20,
                 "plain_peak_rss_sum_mib": mem_plain.peak_rss / 2**20,
+                "fedalign_peak_parts_mib": mem_fed.parts,
+                "plain_peak_parts_mib": mem_plain.parts,
                 "fedalign_accuracy": fed["final_accuracy"],
                 "plain_accuracy": plain["final_accuracy"],
                 "fedalign_wall_s": fed["wall"],
@@ -406,6 +432,7 @@ def measure(
                 ratio_flower=row["fedalign_round_s"] / steady_flower,
                 flower_startup_s=peer["startup"],
                 flower_peak_mib=mem_flower.peak / 2**20,
+                flower_peak_parts_mib=mem_flower.parts,
                 flower_accuracy=peer["final_accuracy"],
                 flower_rounds_s=peer["seconds_per_round"],
             )

@@ -30,6 +30,7 @@ from fedalign.core.errors import (
     RoundFailedError,
     RunInterrupted,
 )
+from fedalign.core.memory import return_large_blocks
 from fedalign.core.plugins import plugin_environment
 from fedalign.data.federation import Federation
 from fedalign.data.shared import shared_copy
@@ -129,6 +130,40 @@ def loopback_ray(local: bool) -> Iterator[None]:
         yield
     finally:
         ray_services.resolve_ip_for_localhost = original
+
+
+@contextlib.contextmanager
+def lean_ray(local: bool, verbose: bool) -> Iterator[None]:
+    """While a local run starts Ray, leave out the daemons it would not use: the autoscaler's
+    monitor (a Ray of one machine's fixed size has nothing to scale), the dashboard's head
+    process (``simulation.ray_dashboard: false``, the default, still starts it for Ray's state
+    and job APIs, which fedalign does not call) and, unless ``verbose`` sends the workers' output
+    to the terminal, the log monitor that forwards it. ``ray.init`` has no options for the first
+    and last (``ray start`` has), so its node's parameters are set while it starts. About 160 MiB
+    of the run's memory (benchmarks.md). Runs attaching to a cluster are left as they are."""
+    if not local:
+        yield
+        return
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    original_params, original_api = RayParams.__init__, Node.start_api_server
+
+    def params(self: RayParams, *args: Any, **kwargs: Any) -> None:
+        original_params(self, *args, **kwargs)
+        self.no_monitor = True
+        if not verbose:
+            self.include_log_monitor = False
+
+    def api_server(self: Node, *, include_dashboard: bool | None, **kwargs: Any) -> None:
+        if include_dashboard:
+            original_api(self, include_dashboard=include_dashboard, **kwargs)
+
+    RayParams.__init__, Node.start_api_server = params, api_server
+    try:
+        yield
+    finally:
+        RayParams.__init__, Node.start_api_server = original_params, original_api
 
 
 @contextlib.contextmanager
@@ -265,6 +300,7 @@ def run(
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     configure_logging(verbose)
+    return_large_blocks()  # the server's memory then follows the round it is in (core.memory)
     # Ray workers inherit the environment: they import the modules that registered the user's
     # models, datasets and rules, so those exist on every client too.
     os.environ.update(plugin_environment())
@@ -316,6 +352,7 @@ def run(
                 done=0 if resume is None else resume.round,
             ) as printer,
             loopback_ray(on_ray and address is None),
+            lean_ray(on_ray and address is None, verbose),
             quiet_ray_errors(on_ray and not verbose),
             stop_on_signals(recorder.dir, has_checkpoint, ray=on_ray) as stop,
             fate_sharing(on_ray and address is None),  # Ray's processes die with this one
