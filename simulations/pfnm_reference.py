@@ -73,7 +73,12 @@ def fuse(side: str, module, models: list[MLP], counts: np.ndarray, point, seed: 
     if side == "reference":
         return reference_fuse(module, models, counts, sigma, sigma0, gamma, seed)
     cap = args.max_width if side == "fedalign" else None
-    options = {"max_width": cap, "popularity": args.popularity, "seed": seed}
+    options = {
+        "max_width": cap,
+        "popularity": args.popularity,
+        "popularity_cap": args.popularity_cap,
+        "seed": seed,
+    }
     return pfnm(models, counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)[0]
 
 
@@ -100,7 +105,10 @@ def table(paths: list[Path]) -> str:
         for pick in result["picks"]:
             side = pick["side"]
             if side != "reference":
-                side += f" ({setting.get('popularity', 'consistent')})"
+                term = setting.get("popularity", "consistent")
+                if setting.get("popularity_cap") is not None:
+                    term += f", count <= {setting['popularity_cap']}"
+                side += f" ({term})"
             columns[side] = None
             key = (tuple(setting["hidden"]), pick["seed"], pick["clients"])
             seconds = sum(
@@ -165,6 +173,13 @@ def main() -> None:
         choices=POPULARITY,
         default=keyword_defaults(pfnm)["popularity"],
         help="fedalign's popularity term (the reference's is 'reference')",
+    )
+    parser.add_argument(
+        "--popularity-cap",
+        type=lambda v: None if v == "none" else int(v),
+        default=keyword_defaults(pfnm)["popularity_cap"],
+        help="fedalign counts at most this many clients in the popularity term, 'none': all "
+        "(the reference counts at most 10)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fedalign-oneshot-cache"))

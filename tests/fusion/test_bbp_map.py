@@ -157,9 +157,33 @@ def test_popularity_term_weight_decides_a_borderline_match():
     reference = bbp_map(clients, [1.0] * 4, gamma=2.0, popularity="reference")
     assert len(consistent.mean) == 4 and len(reference.mean) == 3
     assert reference.assignments[0].item() == reference.assignments[1].item()
+    # auto: the reference's term under a width cap (4 does not bind here), consistent without
+    capped = bbp_map(clients, [1.0] * 4, gamma=2.0, popularity="auto", max_width=4)
+    assert len(bbp_map(clients, [1.0] * 4, gamma=2.0, popularity="auto").mean) == 4
+    assert [a.tolist() for a in capped.assignments] == [a.tolist() for a in reference.assignments]
+
+
+@pytest.mark.parametrize("popularity", ["consistent", "reference"])
+def test_capping_the_popularity_count_frees_an_outlier_from_a_crowded_neuron(popularity):
+    """J=20, s = s0 = 1, gamma = 1: 19 clients hold a neuron at 0, the last one at x. Joining the
+    crowd (m = 19) scores x^2/21 + c log(19/1), opening x^2/2 + 2 log(1/20); counted up to 10
+    (as the reference codes do) the term is c log(10/10) = 0. At x = 4 the full count pulls the
+    outlier in and the capped count lets it open its own neuron; at x = 3 it joins either way."""
+    J = 20
+    for x, joins_capped in ((3.0, True), (4.0, False)):
+        clients = [torch.zeros(1, 1)] * (J - 1) + [torch.full((1, 1), x)]
+        full = bbp_map(clients, [1.0] * J, popularity=popularity)
+        capped = bbp_map(clients, [1.0] * J, popularity=popularity, popularity_cap=10)
+        assert len(full.mean) == 1 and full.popularity.tolist() == [J]
+        assert len(capped.mean) == (1 if joins_capped else 2)
+    # at x = 4, a cap at or above every count the matching sees (J - 1 others) changes nothing
+    loose = bbp_map(clients, [1.0] * J, popularity=popularity, popularity_cap=J - 1)
+    assert [a.tolist() for a in loose.assignments] == [a.tolist() for a in full.assignments]
 
 
 def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="popularity_cap must be >= 1"):
+        bbp_map([torch.zeros(2, 3)], [1.0], popularity_cap=0)
     with pytest.raises(ValueError, match="popularity"):
         bbp_map([torch.zeros(2, 3)], [1.0], popularity="both")
     with pytest.raises(ValueError, match=r"\(L_j, 3\)"):

@@ -176,6 +176,8 @@ def test_bad_inputs_are_named():
         pfnm(_copies([8], J=2)[1], [[1, 2, 3, 4]])
     with pytest.raises(TypeError, match="fedalign MLPs"):
         pfnm([build_model("lenet")], [[1] * 10])
+    with pytest.raises(ValueError, match="popularity_cap must be >= 1"):  # reaches BBP-MAP
+        pfnm(_copies([8], J=2)[1], [[1, 2, 3, 4]] * 2, popularity_cap=0)
 
 
 def test_models_rebuild_from_state_at_their_widths():

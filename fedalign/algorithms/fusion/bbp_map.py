@@ -192,7 +192,21 @@ class _GlobalLayer:
         return self.keep(self.popularity > 0.5)
 
 
-POPULARITY = ("consistent", "reference")
+POPULARITY = ("consistent", "reference", "auto")
+"""The popularity term ``c log(m / (J - m))``: consistent with the derivation (c = 2), the
+reference code's (c = 1), or ``auto``: the reference's when ``max_width`` is set, consistent
+otherwise. Under a width cap the later clients' rows are forced into existing neurons, which
+inflates their counts and, with c = 2, turns the most popular ones into traps the sweeps pour
+every client into; the reference runs its always-on cap with c = 1 and the count capped at 10
+(``popularity_cap``), and capped fedalign is closer to it with both (docs/fidelity.md, issue
+27)."""
+
+
+def popularity_weight(popularity: str, max_width: int | None) -> float:
+    """c of the popularity term ``c log(m / (J - m))`` (see ``POPULARITY``)."""
+    if popularity == "auto":
+        popularity = "consistent" if max_width is None else "reference"
+    return 2.0 if popularity == "consistent" else 1.0
 
 
 def matching_problem(
@@ -203,6 +217,7 @@ def matching_problem(
     iterations: int,
     max_width: int | None,
     popularity: str,
+    popularity_cap: int | None = None,
     solver: str = "hungarian",
 ) -> str | None:
     """Why BBP-MAP's options are invalid (None: they are valid): PFNM and FedMA check theirs
@@ -216,6 +231,8 @@ def matching_problem(
         return f"max_width must be >= 1, got {max_width}"
     if popularity not in POPULARITY:
         return f"popularity must be one of {', '.join(POPULARITY)}, got {popularity!r}"
+    if popularity_cap is not None and popularity_cap < 1:
+        return f"popularity_cap must be >= 1 (or None), got {popularity_cap}"
     if solver not in SOLVERS:
         return f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}"
     return None
@@ -232,7 +249,7 @@ def bbp_map(
     solver: str = "hungarian",
     max_width: int | None = None,
     popularity: str = "consistent",
-    popularity_cap: float | None = None,
+    popularity_cap: int | None = None,
     device: str | torch.device | None = None,
 ) -> BBPResult:
     """Match J clients' neurons (``neurons[j]``: (L_j, D) rows) into one global layer.
@@ -243,12 +260,17 @@ def bbp_map(
     client after the first pass; ``max_width``: at most this width, binding while matching as in
     the reference code (which always caps at 700): a match opens at most ``max_width - width``
     new neurons and at the cap only joins existing ones (none by default); ``popularity``:
-    ``"consistent"`` (2 log) or ``"reference"`` (1 log, as the reference code); ``device``:
+    ``"consistent"`` (2 log), ``"reference"`` (1 log, as the reference code) or ``"auto"`` (the
+    reference's with ``max_width``, else consistent; see ``POPULARITY``);
+    ``popularity_cap``: count at most this many clients in the popularity term (the reference
+    codes of PFNM and FedMA count at most 10: ``log(min(m, 10) / (J - min(m, 10)))``); ``device``:
     where the cost matrices are built (default: the first client's; the server's GPU when it has
     one), the result comes back on the CPU.
     """
     if popularity not in POPULARITY:
-        raise ValueError(f"popularity must be 'consistent' or 'reference', got {popularity!r}")
+        raise ValueError(f"popularity must be one of {', '.join(POPULARITY)}, got {popularity!r}")
+    if popularity_cap is not None and popularity_cap < 1:
+        raise ValueError(f"popularity_cap must be >= 1 (or None), got {popularity_cap}")
     J = len(neurons)
     if J == 0:
         raise ValueError("bbp_map needs at least one client")
@@ -271,7 +293,7 @@ def bbp_map(
         for w, n, c in zip(scaled, norms, blocks.client)
     ]
     popularity_scores = _popularity_scores(
-        J, 2.0 if popularity == "consistent" else 1.0, popularity_cap, device
+        J, popularity_weight(popularity, max_width), popularity_cap, device
     )
     unpacked = [-p for p in packed]  # what removing a client adds (a + (-b) is a - b exactly)
     assignments: list[torch.Tensor | None] = [None] * J

@@ -109,10 +109,12 @@ def match_layer(
     solver: str = "hungarian",
     max_width: int | None = None,
     popularity: str = "consistent",
+    popularity_cap: int | None = None,
 ) -> BBPResult:
     """BBP-MAP over the clients' units of ``layer``, its cost matrices on ``device``. The
     keyword-only parameters are BBP-MAP's options with FedMA's defaults (sigma = sigma0 = 1,
-    gamma 7), the one place they live: the ``fedma`` strategy reads them from here."""
+    gamma 7), the one place they live: the ``fedma`` strategy reads them from here. IBM/FedMA's
+    own term is ``popularity="reference"`` with ``popularity_cap=10``."""
     rows = [neuron_rows(sd, layer).double() for sd in states]
     return bbp_map(
         rows,
@@ -125,6 +127,7 @@ def match_layer(
         solver,
         max_width,
         popularity,
+        popularity_cap,
         device=device,
     )
 

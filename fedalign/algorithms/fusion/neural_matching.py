@@ -69,14 +69,19 @@ def pfnm(
     iterations: int = 5,
     solver: str = "hungarian",
     max_width: int | None = None,
-    popularity: str = "consistent",
+    popularity: str = "auto",
+    popularity_cap: int | None = 10,
 ) -> tuple[MLP, PFNMAssignments]:
     """Fuse ``models`` (same input and output sizes, any hidden widths) into one MLP.
 
     ``class_counts[j][k]``: client j's number of training examples of class k; ``device``: where
     BBP-MAP builds its cost matrices (the server's GPU when it has one). The keyword-only
     parameters are BBP-MAP's options (``bbp_map``), the one place their PFNM defaults live: the
-    ``pfnm`` aligner and the ``pfnm`` strategy read them from here.
+    ``pfnm`` aligner and the ``pfnm`` strategy read them from here. The popularity term defaults
+    to the reference code's when ``max_width`` caps the layers (``auto``) and counts at most 10
+    clients, as the reference does (a no-op up to J = 11, where no count exceeds 10): capped,
+    both bring it to the reference's accuracy where the consistent term fell short
+    (docs/fidelity.md, issue 27).
     """
     J = len(models)
     layers = [
@@ -132,6 +137,7 @@ def pfnm(
             solver,
             max_width,
             popularity,
+            popularity_cap,
             device=device,
         )
         mean = result.mean.double()
