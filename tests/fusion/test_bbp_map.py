@@ -133,6 +133,22 @@ def test_width_cap_force_matches():
         bbp_map(rows, [1.0] * 4, max_width=4)
 
 
+def test_sweeps_may_pass_the_cap_and_the_last_sweep_brings_the_layer_back():
+    """Unrelated clients, cap 10: in the sweeps a client may open one neuron past the cap (as
+    the reference does; here the layer reaches 13 before the last sweep), then the least popular
+    neurons beyond the cap are barred and every client re-matches without them: the layer ends
+    at the cap, no neuron empty, each client's rows on distinct neurons."""
+    g = torch.Generator().manual_seed(0)
+    clients = [20 * torch.randn(4, 5, generator=g) for _ in range(6)]
+    result = bbp_map(clients, [1.0] * 6, gamma=5.0, iterations=3, max_width=10)
+    assert len(result.mean) == 10 and result.popularity.min() >= 1
+    assert int(result.popularity.sum()) == 24
+    for a in result.assignments:
+        assert a.max() < 10 and len(a.unique()) == 4
+    counts = torch.bincount(torch.cat(result.assignments), minlength=10)
+    assert counts.tolist() == result.popularity.tolist()
+
+
 def test_sinkhorn_solver_finds_the_same_matching():
     _, clients, _ = _clustered_clients(J=4, subset=6, seed=2)
     exact = bbp_map(clients, [100.0] * 4, iterations=1)

@@ -259,7 +259,9 @@ def bbp_map(
     Beta-Bernoulli mass (larger opens more neurons); ``iterations``: sweeps re-matching every
     client after the first pass; ``max_width``: at most this width, binding while matching as in
     the reference code (which always caps at 700): a match opens at most ``max_width - width``
-    new neurons and at the cap only joins existing ones (none by default); ``popularity``:
+    new neurons, in the sweeps at least one as the reference does, and a last sweep re-matches
+    every client without the least popular neurons beyond the cap, so the layer ends within it
+    (none by default); ``popularity``:
     ``"consistent"`` (2 log), ``"reference"`` (1 log, as the reference code) or ``"auto"`` (the
     reference's with ``max_width``, else consistent; see ``POPULARITY``);
     ``popularity_cap``: count at most this many clients in the popularity term (the reference
@@ -300,22 +302,44 @@ def bbp_map(
     opened = [len(n) for n in neurons]  # new neurons each client opened in its last match
 
     # The cap binds while matching, as in the reference code: a client's match may open at most
-    # ``cap - width`` new neurons (its cost matrix has only that many new columns), and once the
-    # layer is at the cap its rows can only join existing neurons.
+    # ``cap - width`` new neurons (its cost matrix has only that many new columns). In the sweeps
+    # it may open one past the cap, as the reference does (``max(700 - L, 1)``): with none, a
+    # full layer's later rows are forced into the neurons the first clients opened and stay
+    # there (docs/fidelity.md, issue 27). A last sweep then brings the layer back to the cap:
+    # its least popular neurons beyond the cap are barred, so every client re-matches without
+    # them and they empty.
     cap = max_width
+    barred: np.ndarray | None = None  # (width,) neurons no row may join (the last sweep)
 
-    def match(j: int) -> None:
+    def match(j: int, slack: int = 0) -> None:
         L = len(scaled[j])
-        room = L if cap is None else min(L, cap - layer.width)
         cost = _block_cost(scaled[j], norms[j], blocks.client[j], layer, popularity_scores)
+        kept = None if barred is None else np.flatnonzero(~barred)
+        if kept is not None:
+            cost = cost[:, torch.from_numpy(kept).to(cost.device)]
+        room = L if cap is None else min(L, max(cap - cost.shape[1], slack))
         columns = _solve(cost, new_scores[j][:, :room], opened[j], solver)
         # new-neuron columns are interchangeable: open them in order of first use (in NumPy:
         # a handful of integers, where each torch op cost more than the work)
-        is_new = columns >= layer.width
+        is_new = columns >= cost.shape[1]
         opened[j] = int(is_new.sum())
+        if kept is not None:
+            columns[~is_new] = kept[columns[~is_new]]
         columns[is_new] = np.arange(layer.width, layer.width + opened[j])
         assignments[j] = torch.from_numpy(columns).to(device)
         layer.add(packed[j], assignments[j], layer.width + opened[j])
+
+    def sweep(generator: torch.Generator, slack: int) -> None:
+        nonlocal barred
+        for j in torch.randperm(J, generator=generator).tolist():
+            remap = layer.remove(unpacked[j], assignments[j])
+            if remap is not None:
+                _renumber(assignments, remap, skip=j)
+                if barred is not None:
+                    barred = barred[remap.cpu().numpy() >= 0]
+            match(j, slack)
+            if barred is not None:
+                barred = np.concatenate([barred, np.zeros(layer.width - len(barred), bool)])
 
     if max_width is not None and max(len(n) for n in neurons) > max_width:
         raise ValueError(
@@ -327,11 +351,13 @@ def bbp_map(
         match(j)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
-        for j in torch.randperm(J, generator=generator).tolist():
-            remap = layer.remove(unpacked[j], assignments[j])
-            if remap is not None:
-                _renumber(assignments, remap, skip=j)
-            match(j)
+        sweep(generator, slack=0 if cap is None else 1)
+    if cap is not None and layer.width > cap:
+        # the most popular neurons stay (ties: the older), the rest are barred
+        rank = np.argsort(-layer.popularity.cpu().numpy(), kind="stable")
+        barred = np.zeros(layer.width, bool)
+        barred[rank[cap:]] = True
+        sweep(generator, slack=0)
     precision = layer.precisions[:, blocks.position_block]
     return BBPResult(
         mean=(layer.sums / precision).float().cpu(),
