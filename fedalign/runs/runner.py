@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import os
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from fedalign.core.plugins import plugin_environment
 from fedalign.data.federation import Federation
 from fedalign.data.shared import shared_copy
 from fedalign.fl.client_app import app as client_app
+from fedalign.fl.client_app import warm_up
 from fedalign.fl.dispatch import fast_dispatch
 from fedalign.fl.round_log import RoundLog
 from fedalign.report.results import RunRecorder, read_json
@@ -48,10 +51,11 @@ from fedalign.runs.checkpoint import (
 )
 from fedalign.runs.folder import new_run
 from fedalign.runs.inprocess import run_in_process
-from fedalign.runs.interrupts import stop_on_signals
+from fedalign.runs.interrupts import keep_sigterm_handler, stop_on_signals
 from fedalign.runs.progress import round_output
 from fedalign.runs.reaper import fate_sharing
 from fedalign.runs.server_app import make_server_app
+from fedalign.runs.shared_ray import shared_ray_active
 
 log = logging.getLogger("fedalign")
 
@@ -186,6 +190,87 @@ def quiet_ray_errors(quiet: bool) -> Iterator[None]:
         ray_worker.listen_error_messages = original
 
 
+@contextlib.contextmanager
+def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[Callable[[], None]]:
+    """When ``enabled`` (a run on a Ray of its own), Ray and the run's actor pool start on a
+    thread at once, while this one writes the run folder and the data copy and starts Flower's
+    simulation, and each actor imports what its first message would need
+    (``client_app.warm_up``, about 3 s of CPU) before that message comes: round 1 starts on
+    warm actors. Flower's backend finds Ray started and takes that pool (``build_once``).
+
+    Yields ``ready``, which waits for the start and raises what it raised. Ray starts with the
+    settings Flower would give it (``backend_config``; the driver's ``sys.path`` in
+    ``PYTHONPATH``, which Ray's processes inherit: Flower's ``RayBackend.init_ray`` also passes
+    it as a runtime environment, which starts every worker through Ray's ``setup_worker.py``,
+    about 0.4 s of CPU more each) and under the same guards as a run's own start (loopback
+    only, no idle daemons, SIGTERM left to fedalign, its processes dying with this one); it
+    stops when the block ends, however the run ended. ``run`` starts it once the data and the
+    model passed their checks: a config error still comes before any folder or Ray exists."""
+    if not enabled:
+        yield lambda: None
+        return
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
+    backend = backend_config(cfg, verbose)
+    paths = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = paths
+    failed: list[BaseException] = []
+    pools: list[BasicActorPool] = []  # the actors started with Ray, for the first simulation
+    started, run_over = threading.Event(), threading.Event()
+
+    def start() -> None:
+        try:
+            ray.init(**backend["init_args"])
+            pool = BasicActorPool(
+                ClientAppActor, backend["client_resources"], {"on_actor_init_fn": warm_up}
+            )
+            pool.add_actors_to_pool(pool.actors_capacity)
+            pools.append(pool)
+        except BaseException as exc:  # noqa: BLE001 (raised by ready, in the run's thread)
+            failed.append(exc)
+        started.set()
+        # Ray's processes die when the thread that started them ends (their parent-death
+        # signal, PR_SET_PDEATHSIG, follows the thread): this one lives as long as the run.
+        run_over.wait()
+
+    def ready() -> None:
+        started.wait()
+        if failed:
+            raise failed[0]
+
+    build = RayBackend.build
+
+    def build_once(ray_backend: RayBackend, app_fn: Callable) -> None:
+        """Flower's backend takes the pool started with Ray (a restart builds its own)."""
+        if pools:
+            ray_backend.pool, ray_backend.app_fn = pools.pop(), app_fn
+        else:
+            build(ray_backend, app_fn)
+
+    with (
+        contextlib.ExitStack() as restore,
+        loopback_ray(True),
+        lean_ray(True, verbose),
+        quiet_ray_errors(not verbose),
+        keep_sigterm_handler(),
+        fate_sharing(True),
+    ):
+        RayBackend.build = build_once
+        restore.callback(setattr, RayBackend, "build", build)
+        thread = threading.Thread(target=start, name="fedalign-ray-start", daemon=True)
+        thread.start()
+        try:
+            yield ready
+        finally:
+            started.wait()
+            if ray.is_initialized():
+                ray.shutdown()
+            run_over.set()
+            thread.join()
+
+
 def node_resources(address: str | None) -> list[dict[str, float]]:
     """CPUs and GPUs of every alive node: of the cluster at ``address`` (attaching to it), or of
     this machine, which Flower will start Ray on."""
@@ -297,6 +382,7 @@ def run(
     With ``resume_dir`` (a run folder), continue that run after its last intact checkpoint,
     in the same folder.
     """
+    t0 = time.perf_counter()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     configure_logging(verbose)
@@ -307,24 +393,47 @@ def run(
     on_ray = cfg.simulation.backend == "ray"
     if not on_ray:
         check_in_process(cfg)
-
     resume = None if resume_dir is None else resumable(cfg, resume_dir)
     if resume is not None and resume.round >= cfg.strategy.rounds:
         return finished(cfg, Path(resume_dir), resume)
+    for name in cfg.output.trackers:
+        if (problem := missing_package(name)) is not None:
+            raise ConfigError(f"output.trackers: {problem}")
+    local = on_ray and cluster_address(cfg) is None
+    if local:  # an existing cluster has its own dashboard, or none, and its own nodes
+        check_dashboard(cfg)
+        check_resources(cfg, node_resources(None))
     # Partition (and load) once here, and size the model for the data: a bad dataset, partition
     # or model option fails before any folder or Ray exists.
     fed = run_federation(cfg)
     check_model(cfg, fed)
+    own_ray = local and not shared_ray_active()
+    with ray_started_early(own_ray, cfg, verbose) as ray_ready:
+        return _run(
+            cfg, fed, t0, output_dir, verbose, progress, resume_dir, resume, own_ray, ray_ready
+        )
+
+
+def _run(
+    cfg: RunConfig,
+    fed: Federation,
+    t0: float,
+    output_dir: str | Path | None,
+    verbose: bool,
+    progress: bool,
+    resume_dir: str | Path | None,
+    resume: Checkpoint | None,
+    ray_started: bool,
+    ray_ready: Callable[[], None],
+) -> RunOutcome:
+    """``run``'s work from the run folder on, while Ray starts (``ray_started``: ``run`` started
+    it; ``ray_ready`` waits for it). ``t0``: when ``run`` was called."""
+    on_ray = cfg.simulation.backend == "ray"
     address = cluster_address(cfg) if on_ray else None
     if address:  # said first: a RAY_ADDRESS left in the environment is easy to overlook
         source = "simulation.ray_address" if cfg.simulation.ray_address else "RAY_ADDRESS"
         log.warning("joining the Ray cluster at %s (%s)", address, source)
-    else:  # an existing cluster has its own dashboard, or none
-        check_dashboard(cfg)
-    for name in cfg.output.trackers:
-        if (problem := missing_package(name)) is not None:
-            raise ConfigError(f"output.trackers: {problem}")
-    if on_ray:
+    if address:
         with quiet_ray_errors(not verbose):  # joining a cluster starts the driver here
             check_resources(cfg, node_resources(address))
     if resume is not None:
@@ -335,7 +444,6 @@ def run(
     else:
         recorder = new_run(cfg, output_dir or cfg.output.dir)
     outcome: dict[str, Any] = {}
-    t0 = time.perf_counter()
     backend = backend_config(cfg, verbose) if on_ray else None
 
     def has_checkpoint() -> bool:
@@ -355,7 +463,8 @@ def run(
             lean_ray(on_ray and address is None, verbose),
             quiet_ray_errors(on_ray and not verbose),
             stop_on_signals(recorder.dir, has_checkpoint, ray=on_ray) as stop,
-            fate_sharing(on_ray and address is None),  # Ray's processes die with this one
+            # Ray's processes die with this one (ray_started_early has its own watchdog)
+            fate_sharing(on_ray and address is None and not ray_started),
             fast_dispatch(on_ray and cfg.simulation.fast_dispatch),
             # in-process clients read this process's federation: no copy to map
             data_copy(cfg, fed, recorder.dir, on_ray) as copy,
@@ -363,7 +472,7 @@ def run(
 
             def on_round(row: dict[str, Any]) -> None:
                 if row["round"] > 0 and "first_round_end_s" not in outcome:
-                    # start-up as users feel it: Ray, the actors, discovery and the first round
+                    # start-up as users feel it: the data, Ray, the actors and the first round
                     outcome["first_round_end_s"] = round(time.perf_counter() - t0, 2)
                 if cfg.simulation.ray_dashboard and not printer.rows:
                     import ray
@@ -372,6 +481,7 @@ def run(
                         printer.write(f"Ray dashboard: http://{ray.get_dashboard_url()}")
                 printer(row)
 
+            ray_ready()
             while True:
                 try:
                     simulate(

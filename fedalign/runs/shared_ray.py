@@ -133,6 +133,12 @@ class SharedRay:
         return True
 
 
+def shared_ray_active() -> bool:
+    """Whether this process's simulations run on one shared Ray (``one_ray``), which starts and
+    restarts it itself."""
+    return _active is not None
+
+
 def fedalign_environment() -> dict[str, str]:
     """The ``FEDALIGN_*`` environment variables (what fedalign's workers read at start-up)."""
     return {k: v for k, v in os.environ.items() if k.startswith("FEDALIGN_")}
