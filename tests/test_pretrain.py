@@ -20,8 +20,6 @@ from fedalign.core.errors import ConfigError
 from fedalign.runs.pretrain import pretrain_rows
 from tests.helpers import CONFIGS, DIGITS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def digits_config(tmp_path: Path, **model) -> Path:
     """configs/digits_mlp.yaml with ``model`` keys added, written to ``tmp_path``."""

@@ -96,7 +96,7 @@ def _conv_bn_net(seed: int) -> torch.nn.Module:
     )
 
 
-def test_honest_statistics_of_every_kind_pass_their_checks(one_thread):
+def test_honest_statistics_of_every_kind_pass_their_checks():
     model, reference = _conv_bn_net(0), _conv_bn_net(1)
     model.train()(torch.randn(16, 1, 28, 28))  # BatchNorm running statistics, not the init's
     X, y = torch.randn(12, 1, 28, 28), torch.randint(0, 3, (12,))

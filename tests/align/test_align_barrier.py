@@ -11,7 +11,7 @@ from tests.helpers import seeded_model
 
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Fashion-MNIST is not installed (make data)")
-def test_weight_matching_removes_most_of_the_barrier_on_fashion_mnist(one_thread):
+def test_weight_matching_removes_most_of_the_barrier_on_fashion_mnist():
     X, y = load_dataset("fashion-mnist", "train")
     X_test, y_test = load_dataset("fashion-mnist", "test")
     X, y, X_test, y_test = X[:20000], y[:20000], X_test[:2000], y_test[:2000]

@@ -23,7 +23,6 @@ from fedalign.algorithms.pipeline import Plan, aggregate, aggregate_local, align
 from fedalign.models import build_model
 
 NOISE = 0.01
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int) -> torch.nn.Module:

@@ -38,8 +38,6 @@ from tests.fl.mock_grid import (
 )
 from tests.fl.test_strategies import SIZES, assert_same_state, make_config, mean_of, nbytes, run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(autouse=True)
 def _flower_identity() -> Iterator[None]:

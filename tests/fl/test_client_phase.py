@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
@@ -17,8 +16,6 @@ from fedalign.fl.client_app import app
 from fedalign.fl.records import config_record, to_arrays, to_state_dict
 from tests.fl.mock_grid import task_identity
 from tests.helpers import DIGITS
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(entries: dict) -> tuple[StateDict, StateDict, dict]:

@@ -32,8 +32,6 @@ from tests.fl.mock_grid import IN_FEATURES, NUM_CLASSES, MockClient, mock_client
 from tests.fl.test_catalogue import resumes_bitwise
 from tests.fl.test_strategies import SIZES, assert_same_state, make_config, run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 LINEAR = {"name": "mlp", "in_features": IN_FEATURES, "hidden": [], "num_classes": NUM_CLASSES}
 FULL_BATCH = {"local_epochs": 3, "batch_size": 64, "lr": 0.3}  # every step deterministic GD
 

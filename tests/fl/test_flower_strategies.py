@@ -38,8 +38,6 @@ from fedalign.fl.records import config_record, to_arrays, to_state_dict
 from tests.fl.mock_grid import mock_clients, mock_grid, task_identity
 from tests.fl.test_strategies import make_config, mean_of, run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SIZES = (24, 32, 40, 48, 28, 36, 44)  # seven clients: Bulyan with f = 1 needs 4f + 3
 BYZANTINE = {6: "scale"}
 ROUNDS = 3

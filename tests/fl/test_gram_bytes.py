@@ -10,8 +10,6 @@ from fedalign.algorithms.fusion.regmean import GRAM_BUDGET
 from tests.fl.mock_grid import IN_FEATURES, mock_clients, task_identity
 from tests.fl.test_strategies import MLP, SIZES, make_config, run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 NPY_HEADER = 128  # what Flower's serialisation adds to each array (numpy's .npy header)
 
 

@@ -25,8 +25,6 @@ from fedalign.runs.pretrain import pretrain
 from fedalign.runs.runner import run
 
 pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 DATA = {
     "dataset": "fortunes",
     "options": {"seq_len": 16, "stride": 4096},

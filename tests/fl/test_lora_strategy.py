@@ -24,8 +24,6 @@ from tests.fl.test_catalogue import resumes_bitwise
 from tests.fl.test_strategies import make_config, run
 
 pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 MLP = {"name": "mlp", "in_features": IN_FEATURES, "hidden": [16], "num_classes": NUM_CLASSES}
 SIZES = (20, 30, 40)
 RULES = ("fedit", "ffa-lora", "fedsa-lora", "fedex-lora", "flora", "aligned-lora", "flexlora")

@@ -25,8 +25,6 @@ from fedalign.core.types import StateDict
 from tests.fl.mock_grid import NUM_CLASSES, TrainReply, mock_clients, task_identity
 from tests.fl.test_strategies import SIZES, Run, assert_same_state, make_config, mean_of, run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 POISONER = 1
 
 

@@ -31,8 +31,6 @@ from fedalign.fl.strategies import FedAvg, Scaffold
 from fedalign.fl.strategy import Strategy, build_strategy
 from tests.fl.test_strategies import make_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SIZES = (10, 20, 40, 80, 160)
 FEATURES = 4
 STEPS = 5  # full-batch local steps a round

@@ -58,8 +58,6 @@ from tests.fl.mock_grid import (
     task_identity,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 MLP = {"name": "mlp", "in_features": IN_FEATURES, "hidden": [6], "num_classes": NUM_CLASSES}
 TWO_HIDDEN = {**MLP, "hidden": [6, 5]}  # REPAIR's targets reach a layer; FedMA matches two
 SIZES = (24, 32, 40, 48)  # training examples per client: unequal, so the weights matter
@@ -185,7 +183,7 @@ def _flower_identity() -> Iterator[None]:
 
 
 @pytest.fixture
-def fedavg(one_thread: None, _flower_identity: None) -> Run:
+def fedavg(_flower_identity: None) -> Run:
     """FedAvg over two honest clients and three broken ones, with federated evaluation."""
     cfg = make_config(5, strategy={"fraction_evaluate": 1.0})
     return run(cfg, mock_clients((*SIZES, 30), misbehave={2: "nan", 3: "wrong-shape", 4: "raise"}))
@@ -468,7 +466,7 @@ def fedma_config() -> RunConfig:
 
 
 @pytest.fixture
-def fedma(one_thread: None, _flower_identity: None) -> Run:
+def fedma(_flower_identity: None) -> Run:
     """Two FedMA rounds on an MLP with two hidden layers."""
     return run(fedma_config(), mock_clients(SIZES[:3]))
 

@@ -12,8 +12,6 @@ from fedalign.config.components import shape_options
 from fedalign.models import build_model
 from fedalign.models.features import forward_with_representation
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SMALL = {"d_model": 16, "heads": 2, "layers": 2, "ff": 32}
 
 
