@@ -32,7 +32,7 @@ from fedalign.core.errors import (
     RoundFailedError,
     RunInterrupted,
 )
-from fedalign.core.memory import return_large_blocks
+from fedalign.core.memory import one_arena
 from fedalign.core.plugins import plugin_environment
 from fedalign.data.federation import Federation
 from fedalign.data.shared import shared_copy
@@ -386,7 +386,7 @@ def run(
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     configure_logging(verbose)
-    return_large_blocks()  # the server's memory then follows the round it is in (core.memory)
+    one_arena()  # for the threads still to come (the fedalign command sets it at its start)
     # Ray workers inherit the environment: they import the modules that registered the user's
     # models, datasets and rules, so those exist on every client too.
     os.environ.update(plugin_environment())
