@@ -184,6 +184,18 @@ def _federation(
     return Federation(dataset, train, test, parts, val_fraction, seed, scheme, opts)
 
 
+def forget_loaded() -> None:
+    """Drop this process's cached federations and the built-in datasets' cached arrays, so that
+    memory they alone hold is freed: a driver that wrote the run's shared copy reads its data
+    from the copy from then on (``runs.runner``). A dataset registered by a plugin keeps its own
+    cache, if it has one."""
+    from . import digits, fashion_mnist, hub, text
+
+    _federation.cache_clear()
+    for cached in (fashion_mnist._read_split, digits._splits, hub.load, text.load):
+        cached.cache_clear()
+
+
 def federation_key(
     dataset: str,
     num_clients: int,

@@ -167,8 +167,10 @@ def _refuse(directory: str, why: str) -> None:
 
 @contextlib.contextmanager
 def shared_copy(fed: Federation, directory: str | Path, key: tuple) -> Iterator[Path]:
-    """``fed`` written to ``directory`` for the duration of the block, then removed."""
+    """``fed`` written to ``directory`` for the duration of the block, then removed (the block
+    holds no reference to ``fed``: the caller may let it go once the copy is written)."""
     path = write_copy(fed, directory, key)
+    del fed
     try:
         yield path
     finally:

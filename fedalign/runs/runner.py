@@ -34,7 +34,7 @@ from fedalign.core.errors import (
 )
 from fedalign.core.memory import one_arena
 from fedalign.core.plugins import plugin_environment
-from fedalign.data.federation import Federation
+from fedalign.data.federation import Federation, forget_loaded
 from fedalign.data.shared import shared_copy
 from fedalign.fl.client_app import app as client_app
 from fedalign.fl.client_app import warm_up
@@ -405,18 +405,14 @@ def run(
         check_resources(cfg, node_resources(None))
     # Partition (and load) once here, and size the model for the data: a bad dataset, partition
     # or model option fails before any folder or Ray exists.
-    fed = run_federation(cfg)
-    check_model(cfg, fed)
+    check_model(cfg, run_federation(cfg))
     own_ray = local and not shared_ray_active()
     with ray_started_early(own_ray, cfg, verbose) as ray_ready:
-        return _run(
-            cfg, fed, t0, output_dir, verbose, progress, resume_dir, resume, own_ray, ray_ready
-        )
+        return _run(cfg, t0, output_dir, verbose, progress, resume_dir, resume, own_ray, ray_ready)
 
 
 def _run(
     cfg: RunConfig,
-    fed: Federation,
     t0: float,
     output_dir: str | Path | None,
     verbose: bool,
@@ -429,6 +425,7 @@ def _run(
     """``run``'s work from the run folder on, while Ray starts (``ray_started``: ``run`` started
     it; ``ray_ready`` waits for it). ``t0``: when ``run`` was called."""
     on_ray = cfg.simulation.backend == "ray"
+    fed = run_federation(cfg)  # the one run() checked (cached)
     address = cluster_address(cfg) if on_ray else None
     if address:  # said first: a RAY_ADDRESS left in the environment is easy to overlook
         source = "simulation.ray_address" if cfg.simulation.ray_address else "RAY_ADDRESS"
@@ -469,6 +466,11 @@ def _run(
             # in-process clients read this process's federation: no copy to map
             data_copy(cfg, fed, recorder.dir, on_ray) as copy,
         ):
+            if copy is not None:
+                # The server reads the data from the copy too (run_server): the process's
+                # private arrays (Fashion-MNIST's: 219 MB) go (benchmarks.md, issue 27).
+                del fed
+                forget_loaded()
 
             def on_round(row: dict[str, Any]) -> None:
                 if row["round"] > 0 and "first_round_end_s" not in outcome:
@@ -562,7 +564,9 @@ def data_copy(
     if not (cfg.simulation.shared_data and wanted):
         yield None
         return
-    with shared_copy(fed, run_dir / DATA_COPY, run_federation_key(cfg)) as path:
+    copy = shared_copy(fed, run_dir / DATA_COPY, run_federation_key(cfg))
+    del fed  # the block holds no reference to the private arrays (see _run)
+    with copy as path:
         yield str(path.resolve())
 
 

@@ -1,9 +1,17 @@
 """The shared data copy: what a worker maps is the federation the driver wrote, row for row."""
 
+import gc
+import weakref
+
 import numpy as np
 
+from fedalign.config.components import run_federation, run_federation_key
+from fedalign.config.load import load_config
 from fedalign.data import federation, federation_key
+from fedalign.data.federation import forget_loaded
 from fedalign.data.shared import open_copy, shared_copy, write_copy
+from fedalign.runs.server_app import server_federation
+from tests.helpers import DIGITS
 
 
 def _same_federation(a, b) -> None:
@@ -41,3 +49,21 @@ def test_a_rewritten_copy_replaces_the_folder(tmp_path):
     rewritten = write_copy(fed, tmp_path / "copy", key)  # replaces the folder in place
     assert rewritten == path and not list(tmp_path.glob("*.partial-*"))
     _same_federation(fed, open_copy(path, key))
+
+
+def test_a_driver_that_wrote_the_copy_can_let_its_own_arrays_go(tmp_path):
+    """``shared_copy`` keeps no reference to the federation it wrote, ``forget_loaded`` drops
+    the process's cached ones: what the driver then reads is the mapped copy
+    (``server_app.server_federation``), the same federation row for row."""
+    cfg = load_config(DIGITS, [])
+    fed = run_federation(cfg)
+    private = weakref.ref(fed.train.X)
+    with shared_copy(fed, tmp_path / "copy", run_federation_key(cfg)) as path:
+        _same_federation(fed, server_federation(cfg, str(path)))
+        del fed
+        forget_loaded()
+        gc.collect()
+        assert private() is None  # nothing held the driver's own arrays
+        served = server_federation(cfg, str(path))
+        assert isinstance(served.train.X, np.memmap)
+        assert server_federation(cfg, None) is not served  # no copy: loaded here
