@@ -9,10 +9,11 @@ run in this process share one Ray and one pool of actors per client-resource set
 (``shared_ray``: ``fedalign.runs.shared_ray``, which ``fedalign bench`` uses for a suite; a suite
 run in a test uses the session's). Everything else is Flower's and fedalign's own code: the actors
 only ever run the ``ClientApp`` that each message names, and fedalign's per-process caches are
-keyed by the run's config. Runs in subprocesses (the CLI tests, kill and resume) still start their
-own Ray, and ``test_same_config_and_seed_repeat_the_metrics`` checks that a run on the shared
-actors repeats a CLI run's metrics exactly. Tests that must see Ray start or attach on their own
-(the two-node cluster) use the ``own_ray`` fixture.
+keyed by the run's config. Runs in subprocesses (Ctrl-C, SIGTERM, SIGKILL, a dead worker, a script
+read from stdin) still start their own Ray, and two tests check that runs on the shared actors give
+the metrics of runs on a Ray of their own: test_reliability.py's kill and resume, test_bench.py's
+suite. Tests that must see Ray start or attach on their own (the two-node cluster) use the
+``own_ray`` fixture.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "/integration/" in item.nodeid:
             item.add_marker(pytest.mark.integration)
-    # Tests that stop the shared Ray (``own_ray``) run last, so that it starts only once.
-    items.sort(key=lambda item: "own_ray" in getattr(item, "fixturenames", ()))
+    # Ray starts once: the tests that stop the shared Ray (``own_ray``) run last, and those that
+    # change what its workers start with (``toy_plugin``: the module they import, named in
+    # FEDALIGN_PLUGINS, which stays set for the session) first, so that it does not restart.
+    items.sort(
+        key=lambda item: (
+            "own_ray" in getattr(item, "fixturenames", ()),
+            "toy_plugin" not in getattr(item, "fixturenames", ()),
+        )
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -62,33 +62,47 @@ def test_tiny_suite_runs_resumes_and_summarises(tmp_path, capsys):
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl")}
 
 
-def test_a_suite_shares_one_ray_with_the_metrics_of_separate_starts(own_ray, tmp_path):
-    """The runs of a suite share one Ray and one actor pool, and each run's metrics are those of
-    the same config started on its own (Flower starting and stopping Ray: ``own_ray``). The
-    second run is the one that finds the first run's actors; SCAFFOLD keeps state on its clients
-    (``Context.state``), which must start empty in every run."""
-    import ray
-
+@pytest.fixture(scope="module")
+def suite_on_the_session_ray(shared_ray, tmp_path_factory):
+    """A suite of two runs on the session's Ray (``fedalign bench`` in a process where a block of
+    ``one_ray`` is open), before ``own_ray`` stops it; with the pools it built and reused."""
     from fedalign.runs.bench import run_suite
-    from fedalign.runs.runner import run
     from fedalign.runs.shared_ray import one_ray
 
-    (tmp_path / "suite.yaml").write_text(
+    folder = tmp_path_factory.mktemp("suite")
+    (folder / "suite.yaml").write_text(
         f"base: {ROOT / 'configs/digits_mlp.yaml'}\n"
         "overrides: [strategy.rounds=2, train.local_epochs=1, strategy.fraction_train=0.5]\n"
         "strategies: {fedavg: [], scaffold: [strategy.name=scaffold]}\n"
         "partitions: {iid: []}\n"
         "seeds: [1]\n"
     )
-    suite = load_suite(tmp_path / "suite.yaml", tmp_path / "suite")
+    suite = load_suite(folder / "suite.yaml", folder / "suite")
+    before = (shared_ray.built, shared_ray.reused)
     with one_ray() as session:
+        assert session is shared_ray  # the open block's Ray, left running
         run_suite(suite, progress=False)
-    assert (session.built, session.reused) == (1, 1)  # one pool, found again by the second run
-    assert not ray.is_initialized()  # stopped with the suite
+    return suite, (shared_ray.built - before[0], shared_ray.reused - before[1])
+
+
+def test_a_suite_shares_one_ray_with_the_metrics_of_separate_starts(
+    suite_on_the_session_ray, own_ray, tmp_path
+):
+    """The runs of a suite share one Ray and one actor pool, and each run's metrics are those of
+    the same config started on its own (Flower starting and stopping Ray: ``own_ray``). The
+    second run finds the actors the first (and the session's runs before) used; SCAFFOLD keeps
+    state on its clients (``Context.state``), which must start empty in every run."""
+    import ray
+
+    from fedalign.runs.runner import run
+
+    suite, (built, reused) = suite_on_the_session_ray
+    assert built <= 1 and built + reused == 2  # one pool at most, found again by the second run
+    assert not ray.is_initialized()  # own_ray stopped it, as a suite's ``one_ray`` does at its end
     keys = ("test_accuracy", "test_loss", "train_loss", "clients_sampled", "bytes_down", "bytes_up")
     second = suite.runs[1]
     alone = run(second.cfg, output_dir=tmp_path / "alone", progress=False)
-    (in_suite,) = (tmp_path / "suite" / second.folder).glob("*/metrics.jsonl")
+    (in_suite,) = (suite.output / second.folder).glob("*/metrics.jsonl")
     assert [{k: r[k] for k in keys} for r in read_rows(in_suite.parent)] == [
         {k: r[k] for k in keys} for r in read_rows(alone.run_dir)
     ]

@@ -56,13 +56,13 @@ def test_a_client_slower_than_the_timeout_is_dropped_and_the_round_finishes(tmp_
         DIGITS,
         [
             "strategy.rounds=2",
-            "strategy.timeout=8",
-            "faults=[{round: 2, client: 0, kind: slow, seconds: 10}]",
+            "strategy.timeout=5",  # a digits client answers in well under a second
+            "faults=[{round: 2, client: 0, kind: slow, seconds: 6}]",
         ],
     )
     rows = read_rows(run(cfg, output_dir=tmp_path, progress=False).run_dir)
     assert [(r["clients_ok"], r["clients_failed"]) for r in rows[1:]] == [(4, 0), (3, 1)]
-    assert rows[2]["failures"][0]["reason"] == "no reply within strategy.timeout=8 s"
+    assert rows[2]["failures"][0]["reason"] == "no reply within strategy.timeout=5 s"
     assert rows[2]["failures"][0]["partition"] == 0
 
 

@@ -1,11 +1,12 @@
 """Integration: real Flower simulations on Ray (digits, a few rounds), through the CLI and
 runner."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import re
-import subprocess
-import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -22,34 +23,34 @@ from tests.helpers import DIGITS
 pytestmark = pytest.mark.integration
 
 
+@dataclass(frozen=True)
+class Printed:
+    """What ``fedalign run`` wrote to its standard output and error."""
+
+    stdout: str
+    stderr: str
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
+    """``fedalign run`` in this process, on the session's Ray (``main`` returns the exit status;
+    the ``python -m fedalign.cli`` entry point starts the runs of test_interrupt.py and
+    test_reliability.py). Its output is what the command writes to ``sys.stdout`` and
+    ``sys.stderr``, neither a terminal."""
     out = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedalign.cli",
-            "run",
-            str(DIGITS),
-            "--output",
-            str(out),
-            "--no-progress",
-            "--set",
-            "strategy.rounds=3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(
+            ["run", str(DIGITS), "--output", str(out), "--no-progress"]
+            + ["--set", "strategy.rounds=3"]
+        )
+    assert code == 0, stderr.getvalue()[-3000:]
     (run_dir,) = list(out.iterdir())
-    return proc, run_dir
+    return Printed(stdout.getvalue(), stderr.getvalue()), run_dir
 
 
 def test_cli_writes_a_complete_run_folder(cli_run):
-    proc, run_dir = cli_run
+    printed, run_dir = cli_run
     for name in (
         "config.yaml",
         "partition.json",
@@ -60,16 +61,16 @@ def test_cli_writes_a_complete_run_folder(cli_run):
         "accuracy.png",
     ):
         assert (run_dir / name).is_file(), name
-    assert "final test accuracy" in proc.stdout
+    assert "final test accuracy" in printed.stdout
     # one log line per round on stderr, though the bar is off (--no-progress, and no terminal)
-    lines = [line for line in proc.stderr.splitlines() if re.match(r"round \d+/3", line)]
+    lines = [line for line in printed.stderr.splitlines() if re.match(r"round \d+/3", line)]
     assert [line.split(":")[0] for line in lines] == [
         "round 0/3 (initial model)",
         "round 1/3",
         "round 2/3",
         "round 3/3",
     ]
-    assert "\r" not in proc.stderr
+    assert "\r" not in printed.stderr
     rows = read_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
@@ -157,7 +158,6 @@ def test_fedprox_with_client_sampling(tmp_path):
             "strategy.fraction_train=0.5",
             "strategy.rounds=2",
             "strategy.fraction_evaluate=1.0",
-            "simulation.client_cpus=0.5",
         ],
     )
     outcome = run(cfg, output_dir=tmp_path, progress=False)
@@ -168,8 +168,7 @@ def test_fedprox_with_client_sampling(tmp_path):
 
 
 def test_report_and_partition_commands(cli_run, tmp_path, capsys):
-    # ``fedalign report`` and ``partition`` in this process (``main`` returns the exit status);
-    # the ``python -m fedalign.cli.main`` entry point is the ``cli_run`` fixture's
+    # ``fedalign report`` and ``partition`` in this process (``main`` returns the exit status)
     _, run_dir = cli_run
     capsys.readouterr()
     assert main(["report", str(run_dir), str(run_dir), "--out", str(tmp_path)]) == 0
