@@ -27,11 +27,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "/integration/" in item.nodeid:
             item.add_marker(pytest.mark.integration)
-    # Ray starts once: the tests that stop the shared Ray (``own_ray``) run last, and those that
-    # change what its workers start with (``toy_plugin``: the module they import, named in
+    # The integration tests run after the others, so that the shared Ray lives only while they
+    # run (tests/test_interrupts.py reaps the test process's children, as a stopped run does its
+    # Ray's). Ray starts once: the tests that stop the shared Ray (``own_ray``) run last, and those
+    # that change what its workers start with (``toy_plugin``: the module they import, named in
     # FEDALIGN_PLUGINS, which stays set for the session) first, so that it does not restart.
     items.sort(
         key=lambda item: (
+            "/integration/" in item.nodeid,
             "own_ray" in getattr(item, "fixturenames", ()),
             "toy_plugin" not in getattr(item, "fixturenames", ()),
         )
