@@ -30,6 +30,7 @@ from fedalign.config.schema import (
 )
 from fedalign.core.errors import ConfigError
 from fedalign.data import Federation, federation, federation_key
+from fedalign.data.shared import open_copy
 from fedalign.models import build_for_state, build_model, fit_to_state, model_options
 
 
@@ -53,8 +54,15 @@ def _federation_settings(cfg: RunConfig) -> tuple[tuple, dict[str, Any]]:
     }
 
 
-def run_federation(cfg: RunConfig) -> Federation:
-    """The run's federated dataset (cached per process by ``fedalign.data.federation``)."""
+def run_federation(cfg: RunConfig, data_copy: object | None = None) -> Federation:
+    """The run's federated dataset: mapped from the run's shared copy in the folder
+    ``data_copy`` when one is named and was written for these settings (one copy of the data
+    for the driver and every worker, ``fedalign.data.shared``), else loaded and partitioned in
+    this process (cached per process by ``fedalign.data.federation``)."""
+    if data_copy is not None:
+        mapped = open_copy(str(data_copy), run_federation_key(cfg))
+        if mapped is not None:
+            return mapped
     args, kwargs = _federation_settings(cfg)
     return federation(*args, **kwargs)
 

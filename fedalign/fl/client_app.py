@@ -27,7 +27,6 @@ from fedalign.config.components import (
     local_init_seed,
     phase_training,
     run_federation,
-    run_federation_key,
     run_model,
     shuffle_seed,
     train_client,
@@ -36,8 +35,6 @@ from fedalign.config.load import from_dict
 from fedalign.config.schema import RunConfig
 from fedalign.core.plugins import load_from_environment
 from fedalign.core.registry import STRATEGIES
-from fedalign.data import Federation
-from fedalign.data.shared import open_copy
 from fedalign.fl.faults import apply_fault, fault_for
 from fedalign.fl.records import (
     DATA_COPY_KEY,
@@ -72,21 +69,11 @@ def _setup(msg: Message, context: Context):
     config: ConfigRecord = msg.content["config"]
     cfg = _run_config(str(config[RUN_CONFIG_KEY]))
     partition_id = int(context.node_config["partition-id"])
-    fed = client_federation(cfg, config.get(DATA_COPY_KEY))
+    fed = run_federation(cfg, config.get(DATA_COPY_KEY))
     threads = max(1, int(cfg.simulation.client_cpus))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return cfg, config, partition_id, fed
-
-
-def client_federation(cfg: RunConfig, data_copy: object | None) -> Federation:
-    """The run's federation: mapped from the shared copy the message names (one copy of the data
-    for every worker, ``fedalign.data.shared``), else loaded and partitioned in this process."""
-    if data_copy is not None:
-        fed = open_copy(str(data_copy), run_federation_key(cfg))
-        if fed is not None:
-            return fed
-    return run_federation(cfg)
 
 
 def _received_model(msg: Message, cfg: RunConfig, fed) -> torch.nn.Module:

@@ -25,7 +25,6 @@ from fedalign.client.training import evaluate
 from fedalign.config.components import (
     model_builder,
     run_federation,
-    run_federation_key,
     run_model,
     server_device,
 )
@@ -33,7 +32,6 @@ from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 from fedalign.core.types import StateDict
 from fedalign.data import DataError, Federation
-from fedalign.data.shared import open_copy
 from fedalign.fl.engine import EvaluateFn, RoundCallback, RoundEngine, StrategySnapshot
 from fedalign.fl.round_log import RoundLog
 from fedalign.fl.strategy import build_strategy
@@ -45,15 +43,6 @@ from fedalign.runs.folder import new_run
 from fedalign.runs.progress import RoundPrinter, stderr_writer
 
 log = logging.getLogger("fedalign")
-
-
-def server_federation(cfg: RunConfig, data_copy: str | None) -> Federation:
-    """The run's federation as the server reads it: mapped from the run's shared copy when there
-    is one (as its clients read it: the page cache holds the data once for every process), else
-    loaded in this process."""
-    if data_copy is not None and (mapped := open_copy(data_copy, run_federation_key(cfg))):
-        return mapped
-    return run_federation(cfg)
 
 
 def run_server(
@@ -74,7 +63,7 @@ def run_server(
     t0 = time.perf_counter()
     earlier = 0.0 if resume is None else resume.wall_seconds
     config = json.loads(cfg.to_json())
-    fed = server_federation(cfg, data_copy)
+    fed = run_federation(cfg, data_copy)  # the shared copy when there is one, as the clients
     recorder.write_json("partition.json", fed.summary())
     model = run_model(
         cfg, fed, init_seed=cfg.resolved_seeds.init, state=None if resume is None else resume.model

@@ -10,7 +10,6 @@ from fedalign.config.load import load_config
 from fedalign.data import federation, federation_key
 from fedalign.data.federation import forget_loaded
 from fedalign.data.shared import open_copy, shared_copy, write_copy
-from fedalign.runs.server_app import server_federation
 from tests.helpers import DIGITS
 
 
@@ -53,17 +52,17 @@ def test_a_rewritten_copy_replaces_the_folder(tmp_path):
 
 def test_a_driver_that_wrote_the_copy_can_let_its_own_arrays_go(tmp_path):
     """``shared_copy`` keeps no reference to the federation it wrote, ``forget_loaded`` drops
-    the process's cached ones: what the driver then reads is the mapped copy
-    (``server_app.server_federation``), the same federation row for row."""
+    the process's cached ones: what the driver then reads is the mapped copy (``run_federation``
+    given the copy, as the ServerApp reads it), the same federation row for row."""
     cfg = load_config(DIGITS, [])
     fed = run_federation(cfg)
     private = weakref.ref(fed.train.X)
     with shared_copy(fed, tmp_path / "copy", run_federation_key(cfg)) as path:
-        _same_federation(fed, server_federation(cfg, str(path)))
+        _same_federation(fed, run_federation(cfg, str(path)))
         del fed
         forget_loaded()
         gc.collect()
         assert private() is None  # nothing held the driver's own arrays
-        served = server_federation(cfg, str(path))
+        served = run_federation(cfg, str(path))
         assert isinstance(served.train.X, np.memmap)
-        assert server_federation(cfg, None) is not served  # no copy: loaded here
+        assert run_federation(cfg, None) is not served  # no copy: loaded here

@@ -1,11 +1,48 @@
-"""What a run in a subprocess leaves on the machine: its listening sockets and its processes."""
+"""A ``fedalign run`` in a subprocess, and what it leaves on the machine: its listening sockets
+and its processes."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import ipaddress
+import os
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
+
+from tests.helpers import DIGITS
+
+
+@contextlib.contextmanager
+def run_until_checkpoint(
+    out: Path, settings: list[str], checkpoint: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
+    """``fedalign run`` of the digits config with ``settings`` into ``out``, in a session of its
+    own (a signal sent to it reaches the run only), its output in ``log``; yielded once its
+    checkpoint of round ``checkpoint`` is written (within 300 s), killed with its process group
+    if the block leaves it running."""
+    cmd = [sys.executable, "-m", "fedalign.cli", "run", str(DIGITS), "--output", str(out)]
+    cmd += ["--no-progress", *(arg for setting in settings for arg in ("--set", setting))]
+    with open(log, "w") as output:
+        proc = subprocess.Popen(
+            cmd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    try:
+        deadline = time.time() + 300
+        while not glob.glob(f"{out}/*/checkpoints/round-{checkpoint:06d}.json"):
+            assert time.time() < deadline and proc.poll() is None, f"no checkpoint {checkpoint}"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def listening(processes: list[psutil.Process]) -> set[tuple[str, str]]:

@@ -2,7 +2,6 @@
 process group, never `ray stop`, which would stop other users' Ray). A run attaches to it when told
 to; a local run beside it starts a Ray of its own, and stops at one SIGTERM."""
 
-import glob
 import os
 import shutil
 import signal
@@ -21,8 +20,8 @@ from fedalign.cli import main
 from fedalign.config.load import load_config
 from fedalign.report.results import read_rows
 from fedalign.runs.runner import run
-from tests.helpers import DIGITS, ROOT
-from tests.integration.processes import is_loopback, left_after, listening
+from tests.helpers import ROOT
+from tests.integration.processes import is_loopback, left_after, listening, run_until_checkpoint
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -168,18 +167,9 @@ def test_a_local_run_beside_a_cluster_runs_on_its_own_loopback_ray_and_stops_at_
     out = tmp_path / "out"
     env = {**os.environ, "RAY_TMPDIR": two_node_cluster.ray_tmpdir}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "fedalign.cli", "run", str(DIGITS), "--output", str(out)]
-    cmd += ["--no-progress", "--set", "strategy.rounds=200", "--set", "name=local"]
-    with open(tmp_path / "run.log", "w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-    run = psutil.Process(proc.pid)
-    try:
-        deadline = time.time() + 300
-        while not glob.glob(f"{out}/*/checkpoints/round-000002.json"):
-            assert time.time() < deadline and proc.poll() is None, "no second checkpoint"
-            time.sleep(0.05)
+    settings = ["strategy.rounds=200", "name=local"]
+    with run_until_checkpoint(out, settings, 2, tmp_path / "run.log", env) as proc:
+        run = psutil.Process(proc.pid)
         started = run.children(recursive=True)
         assert {"gcs_server", "raylet"} <= {p.name() for p in started}  # a Ray of its own
         sockets = listening([run, *started])
@@ -188,10 +178,6 @@ def test_a_local_run_beside_a_cluster_runs_on_its_own_loopback_ray_and_stops_at_
         proc.send_signal(signal.SIGTERM)  # as Slurm, Docker and systemd stop a job
         code = proc.wait(timeout=120)
         seconds = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     text = (tmp_path / "run.log").read_text()
     assert code == 143, text
     assert seconds < 10, f"{seconds:.1f} s from SIGTERM to exit"

@@ -1,13 +1,11 @@
 """Fault injection and kill/resume through real Flower simulations on Ray (digits)."""
 
 import contextlib
-import glob
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -18,7 +16,7 @@ from fedalign.report.results import read_rows
 from fedalign.runs.checkpoint import read_checkpoint
 from fedalign.runs.runner import run
 from tests.helpers import DIGITS
-from tests.integration.processes import left_after
+from tests.integration.processes import left_after, run_until_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -95,30 +93,10 @@ def test_too_few_valid_replies_retries_then_stops_keeping_finished_rounds(tmp_pa
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, caplog):
-    args = ["--set", "strategy.rounds=6", "--set", "name=kill"]
     killed_out = tmp_path / "killed"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedalign.cli",
-                "run",
-                str(DIGITS),
-                "--output",
-                str(killed_out),
-                "--no-progress",
-                *args,
-            ],
-            start_new_session=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    settings = ["strategy.rounds=6", "name=kill"]
+    with run_until_checkpoint(killed_out, settings, 3, tmp_path / "killed.log") as proc:
         try:
-            deadline = time.time() + 300
-            while not glob.glob(f"{killed_out}/*/checkpoints/round-000003.json"):
-                assert time.time() < deadline and proc.poll() is None, "run did not reach round 3"
-                time.sleep(0.05)
             started = psutil.Process(proc.pid).children(recursive=True)
             os.kill(proc.pid, signal.SIGKILL)  # the run only, as the OOM killer does
             proc.wait()
@@ -127,7 +105,6 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, caplog):
         finally:
             with contextlib.suppress(ProcessLookupError):  # what is left of the run and its Ray
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     (run_dir,) = killed_out.iterdir()
     assert not (run_dir / "summary.json").exists()  # it really died mid-run
     # a quick round may checkpoint between the poll and the kill: resume after the last one
