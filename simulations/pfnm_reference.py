@@ -77,6 +77,7 @@ def fuse(side: str, module, models: list[MLP], counts: np.ndarray, point, seed: 
         "max_width": cap,
         "popularity": args.popularity,
         "popularity_cap": args.popularity_cap,
+        "restarts": args.restarts,
         "seed": seed,
     }
     return pfnm(models, counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options)[0]
@@ -108,6 +109,8 @@ def table(paths: list[Path]) -> str:
                 term = setting.get("popularity", "consistent")
                 if setting.get("popularity_cap") is not None:
                     term += f", count <= {setting['popularity_cap']}"
+                if setting.get("restarts", 1) != 1:
+                    term += f", {setting['restarts']} restarts"
                 side += f" ({term})"
             columns[side] = None
             key = (tuple(setting["hidden"]), pick["seed"], pick["clients"])
@@ -180,6 +183,12 @@ def main() -> None:
         default=keyword_defaults(pfnm)["popularity_cap"],
         help="fedalign counts at most this many clients in the popularity term, 'none': all "
         "(the reference counts at most 10)",
+    )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=keyword_defaults(pfnm)["restarts"],
+        help="fedalign's sweep orders per layer, the best log posterior kept",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fedalign-oneshot-cache"))

@@ -29,6 +29,7 @@ class BBPResult:
     precision: torch.Tensor  # (W, D) its posterior precision
     assignments: list[torch.Tensor]  # per client: (L_j,) global index of each of its neurons
     popularity: torch.Tensor  # (W,) number of clients using each global neuron
+    objective: float  # the log posterior of the assignment (see ``log_posterior``)
 
 
 def _vector(value: float | torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
@@ -181,6 +182,13 @@ class _GlobalLayer:
         self.width = kept
         return remap
 
+    def state(self) -> tuple[torch.Tensor, int]:
+        """A copy of the layer, for :meth:`restore` (the restarts start from one first pass)."""
+        return self._data[: self.width].clone(), self.width
+
+    def restore(self, state: tuple[torch.Tensor, int]) -> None:
+        self._data, self.width = state[0].clone(), state[1]
+
     def remove(self, negated: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Take rows out, given packed and negated (once per client: a negation per removal cost
         as much as the update); drop neurons nobody uses any more. Returns old index -> new
@@ -219,6 +227,7 @@ def matching_problem(
     popularity: str,
     popularity_cap: int | None = None,
     solver: str = "hungarian",
+    restarts: int = 1,
 ) -> str | None:
     """Why BBP-MAP's options are invalid (None: they are valid): PFNM and FedMA check theirs
     with this when a config is loaded, before any client trains."""
@@ -235,6 +244,8 @@ def matching_problem(
         return f"popularity_cap must be >= 1 (or None), got {popularity_cap}"
     if solver not in SOLVERS:
         return f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}"
+    if restarts < 1:
+        return f"restarts must be >= 1, got {restarts}"
     return None
 
 
@@ -251,6 +262,7 @@ def bbp_map(
     popularity: str = "consistent",
     popularity_cap: int | None = None,
     device: str | torch.device | None = None,
+    restarts: int = 1,
 ) -> BBPResult:
     """Match J clients' neurons (``neurons[j]``: (L_j, D) rows) into one global layer.
 
@@ -267,12 +279,19 @@ def bbp_map(
     ``popularity_cap``: count at most this many clients in the popularity term (the reference
     codes of PFNM and FedMA count at most 10: ``log(min(m, 10) / (J - min(m, 10)))``); ``device``:
     where the cost matrices are built (default: the first client's; the server's GPU when it has
-    one), the result comes back on the CPU.
+    one), the result comes back on the CPU; ``restarts``: sweep the clients in this many random
+    orders (drawn one after another from ``seed``; the first is the one ``restarts=1`` uses),
+    each from the same first pass, and keep the assignment of the highest log posterior
+    (``log_posterior``). The sweeps are coordinate ascent from a random client order, and under
+    a width cap where they end depends on it by several points of accuracy (docs/fidelity.md,
+    issue 27): restarts are the textbook remedy, each one a full set of sweeps.
     """
     if popularity not in POPULARITY:
         raise ValueError(f"popularity must be one of {', '.join(POPULARITY)}, got {popularity!r}")
     if popularity_cap is not None and popularity_cap < 1:
         raise ValueError(f"popularity_cap must be >= 1 (or None), got {popularity_cap}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
     J = len(neurons)
     if J == 0:
         raise ValueError("bbp_map needs at least one client")
@@ -297,6 +316,7 @@ def bbp_map(
     popularity_scores = _popularity_scores(
         J, popularity_weight(popularity, max_width), popularity_cap, device
     )
+    prior_scores = _prior_scores(popularity_scores, gamma, J)
     unpacked = [-p for p in packed]  # what removing a client adds (a + (-b) is a - b exactly)
     assignments: list[torch.Tensor | None] = [None] * J
     opened = [len(n) for n in neurons]  # new neurons each client opened in its last match
@@ -350,21 +370,63 @@ def bbp_map(
     for j in order:
         match(j)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(iterations):
-        sweep(generator, slack=0 if cap is None else 1)
-    if cap is not None and layer.width > cap:
-        # the most popular neurons stay (ties: the older), the rest are barred
-        rank = np.argsort(-layer.popularity.cpu().numpy(), kind="stable")
-        barred = np.zeros(layer.width, bool)
-        barred[rank[cap:]] = True
-        sweep(generator, slack=0)
+    first_pass = (layer.state(), list(assignments), list(opened)) if restarts > 1 else None
+    best: tuple[float, tuple, list, list] | None = None
+    for restart in range(restarts):
+        if restart:
+            layer.restore(first_pass[0])
+            assignments[:], opened[:] = first_pass[1], first_pass[2]
+        barred = None
+        for _ in range(iterations):
+            sweep(generator, slack=0 if cap is None else 1)
+        if cap is not None and layer.width > cap:
+            # the most popular neurons stay (ties: the older), the rest are barred
+            rank = np.argsort(-layer.popularity.cpu().numpy(), kind="stable")
+            barred = np.zeros(layer.width, bool)
+            barred[rank[cap:]] = True
+            sweep(generator, slack=0)
+        objective = log_posterior(layer, assignments, prior_scores)
+        if best is None or objective > best[0]:
+            kept = layer.state() if restart + 1 < restarts else None
+            best = (objective, kept, list(assignments), list(opened))
+    objective, kept, assignments, _ = best
+    if kept is not None:
+        layer.restore(kept)
     precision = layer.precisions[:, blocks.position_block]
     return BBPResult(
         mean=(layer.sums / precision).float().cpu(),
         precision=precision.float().cpu(),
         assignments=[a.cpu() for a in assignments],
         popularity=layer.popularity.round().long().cpu(),
+        objective=objective,
     )
+
+
+def log_posterior(
+    layer: _GlobalLayer, assignments: Sequence[torch.Tensor], prior_scores: torch.Tensor
+) -> float:
+    """The log posterior (up to a constant) of an assignment, the objective whose conditional
+    for one client, the others fixed, is the cost matrix each match maximises (``bbp_map``'s
+    sweeps are coordinate ascent on it): the data term, per global neuron ``sum_d G_d^2 / S_d -
+    p_d^2 / s0_d`` (``G``, ``S``: its precision-weighted sum and precision, the prior's
+    included; an empty neuron scores 0), plus the Beta-Bernoulli process prior, per neuron the
+    running sum of the popularity term up to its count (``prior_scores``) and
+    ``-2 log K_h!`` for the ``K_h`` neurons of each set of clients ``h`` (the ``-2 log t`` of the
+    t-th new neuron a client opens). With ``c = 2`` and no count cap the prior is twice the
+    Indian-buffet log probability, as the matching's new-neuron term is; with the reference's
+    ``c = 1`` or a count cap, the prior those costs are the conditionals of."""
+    blocks, width = layer.blocks, layer.width
+    prior = blocks.norms(layer.prior_sum[None, :])[0] / blocks.prior
+    data = (blocks.norms(layer.sums) / layer.precisions).sum() - width * prior.sum()
+    popularity = prior_scores[layer.popularity.round().long()].sum()
+    # each neuron's set of clients as a packed bit row; in NumPy: torch's unique over rows cost
+    # four times as much, more than the rest of this function
+    members = np.zeros((width, len(assignments)), bool)
+    for j, a in enumerate(assignments):
+        members[a.cpu().numpy(), j] = True
+    _, counts = np.unique(np.packbits(members, axis=1), axis=0, return_counts=True)
+    repeats = sum(math.lgamma(k + 1) for k in counts.tolist())
+    return float(data + popularity) - 2 * repeats
 
 
 def _solve(existing: torch.Tensor, new: torch.Tensor, opened: int, solver: str) -> np.ndarray:
@@ -451,6 +513,15 @@ def _popularity_scores(
     if cap is not None:
         m = m.clamp(max=cap)
     return weight * torch.log(m / (num_clients - m).clamp_min(1e-12))
+
+
+def _prior_scores(popularity_scores: torch.Tensor, gamma: float, num_clients: int) -> torch.Tensor:
+    """(J + 1,): a neuron's part of the log prior at each count m >= 1, ``2 log(gamma / J)`` (the
+    score of opening it) plus the popularity terms of the 1, ..., m - 1 clients that joined it
+    after (``popularity_scores``); so one client joining a neuron of m others changes it by that
+    client's popularity term, as in the cost."""
+    joined = torch.cumsum(popularity_scores[1:num_clients], 0)
+    return 2 * math.log(gamma / num_clients) + torch.cat([joined.new_zeros(2), joined])
 
 
 def _new_columns(open_base: torch.Tensor, gamma: float, num_clients: int) -> torch.Tensor:

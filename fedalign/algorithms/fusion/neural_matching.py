@@ -71,6 +71,7 @@ def pfnm(
     max_width: int | None = None,
     popularity: str = "auto",
     popularity_cap: int | None = 10,
+    restarts: int = 1,
 ) -> tuple[MLP, PFNMAssignments]:
     """Fuse ``models`` (same input and output sizes, any hidden widths) into one MLP.
 
@@ -139,6 +140,7 @@ def pfnm(
             popularity,
             popularity_cap,
             device=device,
+            restarts=restarts,
         )
         mean = result.mean.double()
         if c == 0:
