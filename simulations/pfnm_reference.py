@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from oneshot_pfnm import local_models  # this folder is the script's: on sys.path
 
-from fedalign.algorithms.fusion import REFERENCE_GRID, pfnm
+from fedalign.algorithms.fusion import REFERENCE_GRID, pfnm, pfnm_grid_search
 from fedalign.algorithms.fusion.bbp_map import POPULARITY
 from fedalign.client.training import evaluate
 from fedalign.core.registry import keyword_defaults
@@ -109,6 +109,8 @@ def table(paths: list[Path]) -> str:
                 term = setting.get("popularity", "consistent")
                 if setting.get("popularity_cap") is not None:
                     term += f", count <= {setting['popularity_cap']}"
+                if setting.get("sweep_orders", 1) != 1:
+                    term += f", {setting['sweep_orders']} sweep orders"
                 if setting.get("restarts", 1) != 1:
                     term += f", {setting['restarts']} restarts"
                 side += f" ({term})"
@@ -190,6 +192,12 @@ def main() -> None:
         default=keyword_defaults(pfnm)["restarts"],
         help="fedalign's sweep orders per layer, the best log posterior kept",
     )
+    parser.add_argument(
+        "--sweep-orders",
+        type=int,
+        default=keyword_defaults(pfnm_grid_search)["sweep_orders"],
+        help="fedalign fuses each grid point with this many sweep seeds, all picked among alike",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fedalign-oneshot-cache"))
     parser.add_argument("--out", type=Path)
@@ -234,27 +242,32 @@ def main() -> None:
 
         mine = []
         for (sigma, sigma0, gamma), side in product(grid, args.sides):
-            seconds = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fused = fuse(side, module, models, counts, (sigma, sigma0, gamma), seed, args)
-                seconds.append(time.perf_counter() - t)
-            row = {
-                "seed": seed,
-                "clients": J,
-                "side": side,
-                "sigma": sigma,
-                "sigma0": sigma0,
-                "gamma": gamma,
-                "widths": [layer.out_features for layer in fused.layers[:-1]],
-                "seconds": min(seconds),
-                "train": evaluate(fused, X_train, y_train)[1],
-                "test": evaluate(fused, X_test, y_test)[1],
-            }
-            mine.append(row)
-            print(
-                {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True
-            )
+            # fedalign's side fuses each point with --sweep-orders sweep seeds (seed, seed + 1, ...)
+            for order in range(1 if side == "reference" else args.sweep_orders):
+                seconds = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    point = (sigma, sigma0, gamma)
+                    fused = fuse(side, module, models, counts, point, seed + order, args)
+                    seconds.append(time.perf_counter() - t)
+                row = {
+                    "seed": seed,
+                    "clients": J,
+                    "side": side,
+                    "sweep_seed": seed + order,
+                    "sigma": sigma,
+                    "sigma0": sigma0,
+                    "gamma": gamma,
+                    "widths": [layer.out_features for layer in fused.layers[:-1]],
+                    "seconds": min(seconds),
+                    "train": evaluate(fused, X_train, y_train)[1],
+                    "test": evaluate(fused, X_test, y_test)[1],
+                }
+                mine.append(row)
+                print(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+                    flush=True,
+                )
         for side in args.sides:
             pick = max((r for r in mine if r["side"] == side), key=lambda r: r["train"])
             picks.append(pick)  # the reference's rule: the best clients' training accuracy

@@ -171,6 +171,28 @@ def test_grid_search_sees_only_models_and_scores():
     )
 
 
+def test_grid_search_picks_among_sweep_orders_by_the_same_score():
+    """``sweep_orders``: every grid point is fused with seeds seed, seed + 1, ... (the sweeps'
+    client orders), each fusion is the plain ``pfnm`` at that seed and is scored, and the pick
+    is the best of all of them. Under a width cap the orders here end in different models."""
+    models = [seeded_model("mlp", j, in_features=20, hidden=[10], num_classes=4) for j in range(4)]
+    point = {"sigma": 1.0, "sigma0": 1.0, "gamma": 1.0, "max_width": 14}
+
+    def score(model) -> float:
+        return float(model.layers[0].weight.detach().abs().sum())
+
+    grid = {"sigmas": (1.0,), "sigma0s": (1.0,), "gammas": (1.0,), "max_width": 14}
+    fused, _, chosen = pfnm_grid_search(models, COUNTS, score, sweep_orders=4, seed=5, **grid)
+    candidates = chosen["candidates"]
+    assert [c["seed"] for c in candidates] == [5, 6, 7, 8]
+    for c in candidates:
+        assert score(pfnm(models, COUNTS, seed=c["seed"], **point)[0]) == c["score"]
+    assert len({c["score"] for c in candidates}) > 1
+    assert score(fused) == chosen["score"] == max(c["score"] for c in candidates)
+    with pytest.raises(ValueError, match="sweep_orders must be >= 1"):
+        pfnm_grid_search(models, COUNTS, score, sweep_orders=0)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="class_counts must be 2 x 4"):
         pfnm(_copies([8], J=2)[1], [[1, 2, 3, 4]])

@@ -192,35 +192,52 @@ def pfnm_grid_search(
     sigma0s: Sequence[float] = REFERENCE_GRID["sigma0"],
     gammas: Sequence[float] = REFERENCE_GRID["gamma"],
     tolerance: float = 0.0,
+    sweep_orders: int = 1,
     **options: Any,
 ) -> tuple[MLP, PFNMAssignments, dict[str, Any]]:
     """PFNM with (sigma, sigma0, gamma) chosen from a grid by ``score`` (higher is better).
 
     ``score`` is where the data lives: in a federation it asks the clients for the fused model's
     accuracy on their own training data and pools it, so the server never sees data. The choice
-    follows :func:`select_candidate` (``tolerance=0``: the reference's best score). Returns the
-    chosen model, its assignments and a JSON-ready record of the choice, with every candidate's
-    score, hidden widths and fusion seconds under ``"candidates"``.
+    follows :func:`select_candidate` (``tolerance=0``: the reference's best score).
+    ``sweep_orders``: fuse each grid point with this many sweep seeds (``seed``, ``seed + 1``,
+    ...), each a random client order of BBP-MAP's sweeps, and score every fusion alike: the
+    sweeps are coordinate ascent, and under a width cap where they end moves the clients' and
+    the test accuracy by several points (docs/fidelity.md, issue 27), so the grid picks among
+    orders by the same rule as among its points. Returns the chosen model, its assignments and a
+    JSON-ready record of the choice, with every candidate's score, hidden widths, sweep seed and
+    fusion seconds under ``"candidates"``.
     """
+    if sweep_orders < 1:
+        raise ValueError(f"sweep_orders must be >= 1, got {sweep_orders}")
+    seed = options.pop("seed", 0)
     fused_models: list[tuple[MLP, PFNMAssignments]] = []
     candidates: list[dict[str, Any]] = []
     for sigma, sigma0, gamma in product(sigmas, sigma0s, gammas):
-        start = time.perf_counter()
-        fused, assignment = pfnm(
-            models, class_counts, sigma=sigma, sigma0=sigma0, gamma=gamma, **options
-        )
-        seconds = time.perf_counter() - start
-        fused_models.append((fused, assignment))
-        candidates.append(
-            {
-                "sigma": sigma,
-                "sigma0": sigma0,
-                "gamma": gamma,
-                "score": float(score(fused)),
-                "widths": assignment.widths,
-                "seconds": seconds,
-            }
-        )
+        for order in range(sweep_orders):
+            start = time.perf_counter()
+            fused, assignment = pfnm(
+                models,
+                class_counts,
+                seed=seed + order,
+                sigma=sigma,
+                sigma0=sigma0,
+                gamma=gamma,
+                **options,
+            )
+            seconds = time.perf_counter() - start
+            fused_models.append((fused, assignment))
+            candidates.append(
+                {
+                    "sigma": sigma,
+                    "sigma0": sigma0,
+                    "gamma": gamma,
+                    "seed": seed + order,
+                    "score": float(score(fused)),
+                    "widths": assignment.widths,
+                    "seconds": seconds,
+                }
+            )
     best = select_candidate(
         [c["score"] for c in candidates], [sum(c["widths"]) for c in candidates], tolerance
     )

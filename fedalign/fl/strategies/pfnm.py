@@ -7,8 +7,9 @@ Its options are BBP-MAP's, read from ``pfnm``'s signature (their one home), and 
 with ``grid``, every candidate of the reference's (sigma, sigma0, gamma) grid is sent back to the
 clients, which score it on their own training data (a ``score`` phase); the server keeps the
 smallest model whose pooled score is within ``grid_tolerance`` of the best (0: the best, the
-reference's rule). Later rounds, if any, fine-tune the fused model with FedAvg (clients build the
-grown architecture from the weights they receive).
+reference's rule); ``grid_sweep_orders`` fuses each point with that many sweep seeds, every one
+scored alike (``pfnm_grid_search``'s ``sweep_orders``). Later rounds, if any, fine-tune the
+fused model with FedAvg (clients build the grown architecture from the weights they receive).
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ class PFNM(Strategy):
         *,
         grid: bool = False,
         grid_tolerance: float = 0.0,
+        grid_sweep_orders: int = 1,
         **matching: Any,
     ) -> None:
         super().__init__(context)
         if not 0 <= grid_tolerance <= 1:
             raise ValueError(f"grid_tolerance must be in [0, 1], got {grid_tolerance}")
+        if grid_sweep_orders < 1:
+            raise ValueError(f"grid_sweep_orders must be >= 1, got {grid_sweep_orders}")
         self.grid, self.grid_tolerance = grid, grid_tolerance
+        self.grid_sweep_orders = grid_sweep_orders
         self.matching = {**keyword_defaults(pfnm), **matching}
         problem = matching_problem(**self.matching)
         if problem is not None:
@@ -83,6 +88,7 @@ class PFNM(Strategy):
             class_counts(updates),
             lambda model: rnd.score("score", model.state_dict(), partitions),
             tolerance=self.grid_tolerance,
+            sweep_orders=self.grid_sweep_orders,
             **where,
             **{k: v for k, v in self.matching.items() if k not in RECORDED},
         )
