@@ -17,7 +17,7 @@ from fedalign.cli import main
 from fedalign.core.errors import RunInterrupted
 from fedalign.runs import runner
 from fedalign.runs.interrupts import stop_on_signals
-from fedalign.runs.reaper import watch
+from fedalign.runs.reaper import descendants, end_started_since, watch
 from tests.helpers import DIGITS
 
 
@@ -83,3 +83,25 @@ def test_the_watchdog_kills_what_a_killed_run_left_and_nothing_when_stood_down()
         assert ended == (stand_down == b"")
         if not ended:
             sleep.kill()
+
+
+def test_a_run_that_started_ray_returns_with_what_it_started_ended():
+    """``reaper.end_started_since``: the processes started since the snapshot (Ray's, after
+    ``ray.shutdown()``) are waited for, then killed; one that existed before (the watchdog, or
+    the caller's own) is left alone."""
+    older = subprocess.Popen(["sleep", "60"])
+    try:
+        before = descendants()
+        newer = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
+        deadline = time.monotonic() + 10
+        while not psutil.Process(newer.pid).children():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        (grandchild,) = psutil.Process(newer.pid).children()
+        end_started_since(before, timeout=0.2)
+        newer.wait(timeout=5)  # killed, or ended once its sleep was
+        assert _ended(grandchild)
+        assert older.poll() is None
+    finally:
+        older.kill()
+        older.wait()

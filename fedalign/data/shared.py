@@ -4,7 +4,8 @@ Without it every Ray worker that serves clients loads the dataset and partitions
 private copy of the training split per worker process (Fashion-MNIST's is 188 MB as float32) and
 the load and partition in every worker's start. ``write_copy`` saves a federation's arrays and
 its per-client row indices as ``.npy`` files in one folder (the driver does it once per run, in
-the run folder: ``shared_copy``); ``open_copy`` maps them read-only (``np.load(mmap_mode="r")``),
+the run folder: ``shared_copy``); ``open_copy`` maps them copy-on-write (``np.load(mmap_mode="c")``:
+writable, as torch expects of the arrays it wraps, and a write stays in the process that made it),
 so every worker reads the same page-cache pages and indexes only its clients' rows out of them
 (indexing copies just those rows, as it did from a private copy), and the indices are the
 writer's, so no worker partitions again.
@@ -71,7 +72,7 @@ def _load_arrays(directory: Path, prefix: str, meta: dict[str, Any]) -> Arrays:
 
 
 def _load(path: Path) -> np.ndarray:
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.load(path, mmap_mode="c", allow_pickle=False)
 
 
 def _save_ragged(directory: Path, name: str, rows: list[np.ndarray]) -> None:

@@ -51,6 +51,24 @@ def fate_sharing(enabled: bool = True) -> Iterator[None]:
             watchdog.kill()
 
 
+def descendants() -> set[psutil.Process]:
+    """This process's descendants now (a ``Process`` is its pid and start time)."""
+    return set(psutil.Process().children(recursive=True))
+
+
+def end_started_since(before: set[psutil.Process], timeout: float = 5.0) -> None:
+    """Wait up to ``timeout`` seconds for the descendants started since ``before`` (a
+    ``descendants()``) to exit, then kill those left. After ``ray.shutdown()`` a Ray's client
+    workers exit by themselves once they see their raylet gone, which takes seconds on a loaded
+    machine, a worker still importing torch longer: a run returns with none of them left."""
+    started = descendants() - before
+    _, alive = psutil.wait_procs(started, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):  # ended since; psutil checks pid reuse
+            process.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
 def watch(parent_pid: int, pipe: int, interval: float = INTERVAL) -> None:
     """Note ``parent_pid``'s descendants every ``interval`` seconds until the file descriptor
     ``pipe`` says how the parent ended: a byte (it stands us down) or end of file (it died: kill

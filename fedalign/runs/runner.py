@@ -53,7 +53,7 @@ from fedalign.runs.folder import new_run
 from fedalign.runs.inprocess import run_in_process
 from fedalign.runs.interrupts import keep_sigterm_handler, stop_on_signals
 from fedalign.runs.progress import round_output
-from fedalign.runs.reaper import fate_sharing
+from fedalign.runs.reaper import descendants, end_started_since, fate_sharing
 from fedalign.runs.server_app import make_server_app
 from fedalign.runs.shared_ray import shared_ray_active
 
@@ -83,12 +83,26 @@ def cluster_address(cfg: RunConfig) -> str | None:
     return None if address in (None, "", "local") else address
 
 
+#: What a run's Ray workers import as Ray starts them, before any actor exists: Flower's actor
+#: module (it imports Flower's simulation package), the client app (torch, Flower, fedalign's
+#: registries and the user's plugins), and ``torch._dynamo``, which ``torch.optim`` imports on a
+#: process's first optimizer (about 1.2 s).
+WORKER_MODULES = (
+    "flwr.simulation.ray_transport.ray_actor",
+    "fedalign.fl.client_app",
+    "torch._dynamo",
+)
+
+
 def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     """Flower's Ray backend settings: client resources and how Ray starts or attaches.
 
     A local run passes ``address="local"``: ``ray.init()`` without an address would join the last
     cluster ``ray start`` left on the machine (its address file in Ray's temp folder), a user's
-    other work, instead of starting the run's own Ray.
+    other work, instead of starting the run's own Ray. Its Ray also starts its workers on
+    ``WORKER_MODULES`` (imported as Ray starts them, before any client is asked for) and, without
+    the dashboard, collects no metrics: its raylet then does not wait for the metrics agent,
+    about 1 s of every start (benchmarks.md, issue 27).
     """
     sim = cfg.simulation
     init_args: dict[str, Any] = {
@@ -103,6 +117,10 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     else:  # a Ray of its own, listening on the loopback interface only (see loopback_ray)
         init_args["address"] = "local"
         init_args["_node_ip_address"] = LOOPBACK
+        init_args["_system_config"] = {
+            "preload_python_modules": list(WORKER_MODULES),
+            "enable_metrics_collection": sim.ray_dashboard,
+        }
     return {
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
         "init_args": init_args,
@@ -193,10 +211,11 @@ def quiet_ray_errors(quiet: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[Callable[[], None]]:
     """When ``enabled`` (a run on a Ray of its own), Ray and the run's actor pool start on a
-    thread at once, while this one writes the run folder and the data copy and starts Flower's
-    simulation, and each actor imports what its first message would need
-    (``client_app.warm_up``, about 3 s of CPU) before that message comes: round 1 starts on
-    warm actors. Flower's backend finds Ray started and takes that pool (``build_once``).
+    thread at once, while this one loads and checks the data and the model, writes the run folder
+    and the data copy and starts Flower's simulation. Ray's workers import ``WORKER_MODULES`` as
+    Ray starts them (``backend_config``), during Ray's own start, and the actors then run
+    ``client_app.warm_up``: round 1 starts on warm actors. Flower's backend finds Ray
+    started and takes that pool (``build_once``).
 
     Yields ``ready``, which waits for the start and raises what it raised. Ray starts with the
     settings Flower would give it (``backend_config``; the driver's ``sys.path`` in
@@ -204,8 +223,8 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
     it as a runtime environment, which starts every worker through Ray's ``setup_worker.py``,
     about 0.4 s of CPU more each) and under the same guards as a run's own start (loopback
     only, no idle daemons, SIGTERM left to fedalign, its processes dying with this one); it
-    stops when the block ends, however the run ended. ``run`` starts it once the data and the
-    model passed their checks: a config error still comes before any folder or Ray exists."""
+    stops when the block ends, however the run ended: a data or model error found inside the
+    block waits for Ray's start (about 2 s) and stops it, before any folder exists."""
     if not enabled:
         yield lambda: None
         return
@@ -259,6 +278,7 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
     ):
         RayBackend.build = build_once
         restore.callback(setattr, RayBackend, "build", build)
+        before = descendants()  # the watchdog, and whatever the caller runs beside the run
         thread = threading.Thread(target=start, name="fedalign-ray-start", daemon=True)
         thread.start()
         try:
@@ -269,6 +289,7 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
                 ray.shutdown()
             run_over.set()
             thread.join()
+            end_started_since(before)
 
 
 def node_resources(address: str | None) -> list[dict[str, float]]:
@@ -308,22 +329,39 @@ def check_resources(cfg: RunConfig, nodes: list[dict[str, float]]) -> None:
         )
 
 
+#: Models up to this many parameters are checked with a real forward (``check_model``).
+REAL_CHECK_PARAMETERS = 20_000_000
+
+
 def check_model(cfg: RunConfig, fed: Federation) -> None:
     """The model builds for the data's shapes and takes one of its examples, giving a score for
-    every class (on the meta device: no memory, no init cost). Options that do not fit the data
-    (LeNet on 8x8 digits, ``in_features: 10`` on 64 pixels, ``num_classes: 3`` for 10 labels)
-    are then one config error before any folder or Ray exists, not a crash in round 1."""
-    example = torch.as_tensor(fed.test_arrays.X[:1])
+    every class. Options that do not fit the data (LeNet on 8x8 digits, ``in_features: 10`` on 64
+    pixels, ``num_classes: 3`` for 10 labels) are then one config error before any folder exists,
+    not a crash in round 1.
+
+    The model is first built on the meta device (no memory, no init). One of up to
+    ``REAL_CHECK_PARAMETERS`` parameters is then built and run for real, with torch's global
+    random state left as it was: a forward on the meta device goes through PyTorch's Python
+    decompositions and imports ``torch._dynamo`` and SymPy, 1.5-2.6 s of every run's start-up
+    (benchmarks.md, issue 27) where a small model's real forward takes milliseconds. A larger
+    model takes the meta forward, whose cost is then small beside its real build."""
+    example = torch.tensor(fed.test_arrays.X[:1])
     try:
         with torch.device("meta"):
             model = run_model(cfg, fed)
+        if sum(p.numel() for p in model.parameters()) <= REAL_CHECK_PARAMETERS:
+            with torch.random.fork_rng(devices=[]):
+                model = run_model(cfg, fed)
+        else:
+            example = example.to("meta")
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"model: {_first_line(exc)}") from None
     try:
-        try:
-            out = model(example.to("meta"))
-        except NotImplementedError:  # an op without a meta kernel: one real forward
-            out = run_model(cfg, fed)(example)
+        with torch.no_grad():
+            try:
+                out = model.eval()(example)
+            except NotImplementedError:  # an op without a meta kernel: one real forward
+                out = run_model(cfg, fed)(example.to("cpu"))
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise ConfigError(
             f"model: {cfg.model.name} does not take {cfg.data.dataset}'s examples "
@@ -403,11 +441,11 @@ def run(
     if local:  # an existing cluster has its own dashboard, or none, and its own nodes
         check_dashboard(cfg)
         check_resources(cfg, node_resources(None))
-    # Partition (and load) once here, and size the model for the data: a bad dataset, partition
-    # or model option fails before any folder or Ray exists.
-    check_model(cfg, run_federation(cfg))
     own_ray = local and not shared_ray_active()
     with ray_started_early(own_ray, cfg, verbose) as ray_ready:
+        # Partition (and load) once here, while Ray starts, and size the model for the data: a
+        # bad dataset, partition or model option fails before any folder exists (and stops Ray).
+        check_model(cfg, run_federation(cfg))
         return _run(cfg, t0, output_dir, verbose, progress, resume_dir, resume, own_ray, ray_ready)
 
 

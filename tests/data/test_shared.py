@@ -66,3 +66,18 @@ def test_a_driver_that_wrote_the_copy_can_let_its_own_arrays_go(tmp_path):
         served = run_federation(cfg, str(path))
         assert isinstance(served.train.X, np.memmap)
         assert run_federation(cfg, None) is not served  # no copy: loaded here
+
+
+def test_mapped_arrays_are_writable_and_a_write_stays_in_its_process(tmp_path):
+    """torch wraps the mapped arrays without a warning (it warns on read-only ones), and a write
+    through them (copy-on-write) does not reach the file other processes map."""
+    fed = federation("digits", 3, "iid", seed=0, val_fraction=0.0)
+    key = federation_key("digits", 3, "iid", seed=0, val_fraction=0.0)
+    path = write_copy(fed, tmp_path / "copy", key)
+    X = open_copy(path, key).train.X
+    assert isinstance(X, np.memmap) and X.flags.writeable
+    original = np.array(X[0])
+    X[0] = original + 1.0
+    X.flush()
+    on_disk = [np.load(f) for f in sorted(path.glob("*.npy"))]
+    assert any(a.shape == X.shape and np.array_equal(a[0], original) for a in on_disk)

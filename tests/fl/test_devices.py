@@ -1,5 +1,6 @@
 """Device selection: GPUs only when the run asks for them and one is visible; resources that fit no
-node are a config error before Ray starts."""
+node are a config error before Ray starts; the model check's device (real or meta) by size; what a
+local Ray's workers import as they start."""
 
 import logging
 
@@ -7,9 +8,11 @@ import pytest
 import ray
 import torch
 
+from fedalign.config.components import run_federation
 from fedalign.config.load import load_config
 from fedalign.core.errors import ConfigError
 from fedalign.fl.client_app import _log_device, client_device
+from fedalign.runs import runner
 from fedalign.runs.runner import backend_config, check_dashboard, check_resources
 from tests.helpers import DIGITS
 
@@ -57,10 +60,48 @@ def test_a_local_run_starts_its_own_ray_and_joins_only_a_named_cluster(monkeypat
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     local = backend_config(load_config(CONFIG))["init_args"]
     assert (local["address"], local["_node_ip_address"]) == ("local", "127.0.0.1")
+    # its workers import the client app as Ray starts them; metrics only feed the dashboard
+    system = local["_system_config"]
+    assert "fedalign.fl.client_app" in system["preload_python_modules"]
+    assert system["enable_metrics_collection"] is False
+    dashboard = load_config(CONFIG, ["simulation.ray_dashboard=true"])
+    assert backend_config(dashboard)["init_args"]["_system_config"]["enable_metrics_collection"]
     cfg = load_config(CONFIG, ["simulation.ray_address=10.0.0.5:6379"])
     joined = backend_config(cfg)["init_args"]
     assert joined["address"] == "10.0.0.5:6379" and "_node_ip_address" not in joined
+    assert "_system_config" not in joined  # a cluster's settings are its own
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.6:6379")
     assert backend_config(load_config(CONFIG))["init_args"]["address"] == "10.0.0.6:6379"
     monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's word for a Ray of one's own
     assert backend_config(load_config(CONFIG))["init_args"]["_node_ip_address"] == "127.0.0.1"
+
+
+def test_a_small_model_is_checked_for_real_leaving_the_random_state_and_a_large_on_meta(
+    monkeypatch,
+):
+    """``check_model`` runs a small model on a real example (a forward on the meta device costs
+    1.5-2.6 s of start-up) without drawing from torch's global generator, and a model over
+    ``REAL_CHECK_PARAMETERS`` on the meta device; both still refuse a model that does not fit."""
+    cfg = load_config(DIGITS)
+    fed = run_federation(cfg)
+    built: list[str] = []
+    real_run_model = runner.run_model
+
+    def noting(*args, **kwargs):
+        model = real_run_model(*args, **kwargs)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(runner, "run_model", noting)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    runner.check_model(cfg, fed)
+    assert built == ["meta", "cpu"] and torch.equal(torch.get_rng_state(), state)
+    built.clear()
+    monkeypatch.setattr(runner, "REAL_CHECK_PARAMETERS", 10)
+    runner.check_model(cfg, fed)
+    assert built == ["meta"]
+    for limit in (10, 10**9):
+        monkeypatch.setattr(runner, "REAL_CHECK_PARAMETERS", limit)
+        with pytest.raises(ConfigError, match="digits has 10 classes"):
+            runner.check_model(load_config(DIGITS, ["model.num_classes=3"]), fed)

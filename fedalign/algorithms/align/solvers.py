@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from fedalign.core.registry import Registry
 
@@ -27,6 +26,10 @@ def hungarian_columns(scores: np.ndarray) -> np.ndarray:
     """:func:`hungarian` on a float64 array (finite, n <= m), returning each row's column as an
     int64 array: for callers that solve many small problems and use the answer in NumPy (PFNM
     solves ~60 per fusion, where every torch op and conversion around a solve counted)."""
+    # imported here: importing scipy.optimize costs every process that imports the registries
+    # (each Ray worker included) about 0.5 s of start-up, and only a server that matches solves
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(scores, maximize=True)
     out = np.empty(scores.shape[0], dtype=np.int64)
     out[rows] = cols
