@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from oneshot_pfnm import local_models  # this folder is the script's: on sys.path
 
-from fedalign.algorithms.fusion import REFERENCE_GRID, pfnm, pfnm_grid_search
+from fedalign.algorithms.fusion import REFERENCE_GRID, pfnm
 from fedalign.algorithms.fusion.bbp_map import POPULARITY
+from fedalign.algorithms.fusion.neural_matching import grid_sweep_orders
 from fedalign.client.training import evaluate
 from fedalign.core.registry import keyword_defaults
 from fedalign.data import federation
@@ -105,22 +106,24 @@ def table(paths: list[Path]) -> str:
         setting = result["setting"]
         for pick in result["picks"]:
             side = pick["side"]
+            key = (tuple(setting["hidden"]), pick["seed"], pick["clients"])
+            mine = [
+                r
+                for r in result["rows"]
+                if (r["side"], r["seed"], r["clients"]) == (side, key[1], key[2])
+            ]
+            seconds = sum(r["seconds"] for r in mine)
             if side != "reference":
                 term = setting.get("popularity", "consistent")
                 if setting.get("popularity_cap") is not None:
                     term += f", count <= {setting['popularity_cap']}"
-                if setting.get("sweep_orders", 1) != 1:
-                    term += f", {setting['sweep_orders']} sweep orders"
                 if setting.get("restarts", 1) != 1:
                     term += f", {setting['restarts']} restarts"
+                orders = len({r.get("sweep_seed") for r in mine})
+                if orders > 1:
+                    term += f", {orders} sweep orders"
                 side += f" ({term})"
             columns[side] = None
-            key = (tuple(setting["hidden"]), pick["seed"], pick["clients"])
-            seconds = sum(
-                r["seconds"]
-                for r in result["rows"]
-                if (r["side"], r["seed"], r["clients"]) == (pick["side"], key[1], key[2])
-            )
             point = f"{pick['sigma']:g}, {pick['sigma0']:g}, {pick['gamma']:g}"
             cells.setdefault(key, {})[side] = (
                 f"{pick['test']:.4f} ({' / '.join(map(str, pick['widths']))}; {point}; "
@@ -195,8 +198,8 @@ def main() -> None:
     parser.add_argument(
         "--sweep-orders",
         type=int,
-        default=keyword_defaults(pfnm_grid_search)["sweep_orders"],
-        help="fedalign fuses each grid point with this many sweep seeds, all picked among alike",
+        help="fedalign fuses each grid point with this many sweep seeds, all picked among alike "
+        "(default: pfnm_grid_search's, 4 under the cap, 1 uncapped)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fedalign-oneshot-cache"))
@@ -243,7 +246,13 @@ def main() -> None:
         mine = []
         for (sigma, sigma0, gamma), side in product(grid, args.sides):
             # fedalign's side fuses each point with --sweep-orders sweep seeds (seed, seed + 1, ...)
-            for order in range(1 if side == "reference" else args.sweep_orders):
+            cap = None if side == "fedalign uncapped" else args.max_width
+            orders = (
+                1  # the timing grid times one fusion
+                if side == "reference" or args.grid == "timing"
+                else grid_sweep_orders(args.sweep_orders, cap)
+            )
+            for order in range(orders):
                 seconds = []
                 for _ in range(repeats):
                     t = time.perf_counter()

@@ -173,8 +173,9 @@ def test_grid_search_sees_only_models_and_scores():
 
 def test_grid_search_picks_among_sweep_orders_by_the_same_score():
     """``sweep_orders``: every grid point is fused with seeds seed, seed + 1, ... (the sweeps'
-    client orders), each fusion is the plain ``pfnm`` at that seed and is scored, and the pick
-    is the best of all of them. Under a width cap the orders here end in different models."""
+    client orders; by default 4 under a width cap, 1 without, as in the test above), each fusion
+    is the plain ``pfnm`` at that seed and is scored, and the pick is the best of all of them.
+    Under the cap the orders here end in different models."""
     models = [seeded_model("mlp", j, in_features=20, hidden=[10], num_classes=4) for j in range(4)]
     point = {"sigma": 1.0, "sigma0": 1.0, "gamma": 1.0, "max_width": 14}
 
@@ -182,7 +183,7 @@ def test_grid_search_picks_among_sweep_orders_by_the_same_score():
         return float(model.layers[0].weight.detach().abs().sum())
 
     grid = {"sigmas": (1.0,), "sigma0s": (1.0,), "gammas": (1.0,), "max_width": 14}
-    fused, _, chosen = pfnm_grid_search(models, COUNTS, score, sweep_orders=4, seed=5, **grid)
+    fused, _, chosen = pfnm_grid_search(models, COUNTS, score, seed=5, **grid)
     candidates = chosen["candidates"]
     assert [c["seed"] for c in candidates] == [5, 6, 7, 8]
     for c in candidates:

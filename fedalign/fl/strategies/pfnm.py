@@ -8,8 +8,9 @@ with ``grid``, every candidate of the reference's (sigma, sigma0, gamma) grid is
 clients, which score it on their own training data (a ``score`` phase); the server keeps the
 smallest model whose pooled score is within ``grid_tolerance`` of the best (0: the best, the
 reference's rule); ``grid_sweep_orders`` fuses each point with that many sweep seeds, every one
-scored alike (``pfnm_grid_search``'s ``sweep_orders``). Later rounds, if any, fine-tune the
-fused model with FedAvg (clients build the grown architecture from the weights they receive).
+scored alike (``pfnm_grid_search``'s ``sweep_orders``: by default 4 under ``max_width``, else 1).
+Later rounds, if any, fine-tune the fused model with FedAvg (clients build the grown architecture
+from the weights they receive).
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ class PFNM(Strategy):
         *,
         grid: bool = False,
         grid_tolerance: float = 0.0,
-        grid_sweep_orders: int = 1,
+        grid_sweep_orders: int | None = None,
         **matching: Any,
     ) -> None:
         super().__init__(context)
         if not 0 <= grid_tolerance <= 1:
             raise ValueError(f"grid_tolerance must be in [0, 1], got {grid_tolerance}")
-        if grid_sweep_orders < 1:
+        if grid_sweep_orders is not None and grid_sweep_orders < 1:
             raise ValueError(f"grid_sweep_orders must be >= 1, got {grid_sweep_orders}")
         self.grid, self.grid_tolerance = grid, grid_tolerance
         self.grid_sweep_orders = grid_sweep_orders
