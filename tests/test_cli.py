@@ -26,7 +26,9 @@ def run_digits(tmp_path, *settings: str) -> int:
 
 def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    code = main(["run", str(DIGITS), "--output", str(tmp_path / "file"), "--no-progress"])
+    # in this process: on Ray the run would start Ray (7 s) before it finds the output a file
+    sets = ["--set", "simulation.backend=inprocess"]
+    code = main(["run", str(DIGITS), "--output", str(tmp_path / "file"), "--no-progress", *sets])
     assert "cannot create a run folder in it" in one_line_error(capsys, code)
 
 
