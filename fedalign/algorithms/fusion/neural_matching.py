@@ -172,8 +172,8 @@ CAPPED_SWEEP_ORDERS = 4
 test accuracy moves by 2-6 points between sweep seeds on two hidden layers, and the clients'
 training accuracy follows it, so picking among more orders by it raises the pick's accuracy
 (docs/fidelity.md, issue 27: with 4, capped PFNM reaches the reference code's accuracy at no
-more width in each of six rows). It costs 4x the grid's fusions and client scores; the grid
-stays several times faster than the reference's."""
+more width in each of six rows). It costs 4x the grid's fusions and client scores: at hidden
+50, J = 10, fedalign's 72 fusions took 5.4 s where the reference's 18 took 12.2 s."""
 
 
 def grid_sweep_orders(sweep_orders: int | None, max_width: int | None) -> int:
