@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import glob
 import signal
-import time
 
 import psutil
 import pytest
 
-from tests.integration.processes import alive, is_loopback, listening, run_until_checkpoint
+from tests.integration.processes import is_loopback, left_after, listening, run_until_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +33,5 @@ def test_sigint_stops_a_loopback_only_run_cleanly_keeping_its_checkpoints(tmp_pa
     assert f"continue with `fedalign run --resume {run_dir}`" in text.splitlines()[-1]
     assert glob.glob(f"{run_dir}/checkpoints/round-*.json")
     assert not (run_dir / "summary.json").exists()
-    time.sleep(2)
-    left = alive(started)
+    left = left_after(started, 2)  # ended within 2 s
     assert left == [], [p.name() for p in left]

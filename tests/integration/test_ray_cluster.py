@@ -34,6 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @dataclass(frozen=True)
 class Cluster:
     address: str
@@ -103,8 +108,11 @@ def two_node_cluster(own_ray, tmp_path_factory):
     )
     nodes = [head]
     try:
-        time.sleep(3)
-        assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+        deadline = time.monotonic() + 60
+        while not _accepts(port):  # the head's GCS is up: a node can join it
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the head's GCS did not start in 60 s"
+            time.sleep(0.1)
         nodes.append(_start([f"--address={address}"], tmp_path / "worker.log", temp))
         _wait_for_nodes(address, 2)
         yield Cluster(address, temp)
