@@ -2,6 +2,7 @@
 process group, never `ray stop`, which would stop other users' Ray). A run attaches to it when told
 to; a local run beside it starts a Ray of its own, and stops at one SIGTERM."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -66,17 +67,18 @@ def _start(args: list[str], log: Path, ray_tmpdir: str) -> subprocess.Popen:
     )
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every node's process group at once (each ``ray start --block`` stops its own
+    processes, a second or two each), then SIGKILL to those still running after 15 s."""
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
 
 
 def _wait_for_nodes(address: str, count: int, timeout: float = 90.0) -> None:
@@ -117,8 +119,7 @@ def two_node_cluster(own_ray, tmp_path_factory):
         _wait_for_nodes(address, 2)
         yield Cluster(address, temp)
     finally:
-        for proc in reversed(nodes):
-            _stop(proc)
+        _stop(nodes)
         shutil.rmtree(temp, ignore_errors=True)
 
 
