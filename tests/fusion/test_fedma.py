@@ -149,6 +149,7 @@ def test_recurrent_weights_are_averaged_over_the_clients_holding_both_units():
         precision=torch.ones_like(mean),
         assignments=[torch.tensor([0, 1]), torch.tensor([1, 2])],
         popularity=torch.tensor([1, 2, 1]),
+        objective=0.0,  # global_layer reads the assignment only
     )
     hh = global_layer(states, lstm, matched).entries["lstm.weight_hh_l0"].reshape(4, 3, 3)
     expected = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.5, 2.0], [0.0, 2.0, 2.0]])
