@@ -17,7 +17,7 @@ from fedalign.cli import main
 from fedalign.core.errors import RunInterrupted
 from fedalign.runs import runner
 from fedalign.runs.interrupts import stop_on_signals
-from fedalign.runs.reaper import descendants, end_started_since, watch
+from fedalign.runs.reaper import descendants, wait_or_kill, watch
 from tests.helpers import DIGITS
 
 
@@ -86,9 +86,10 @@ def test_the_watchdog_kills_what_a_killed_run_left_and_nothing_when_stood_down()
 
 
 def test_a_run_that_started_ray_returns_with_what_it_started_ended():
-    """``reaper.end_started_since``: the processes started since the snapshot (Ray's, after
-    ``ray.shutdown()``) are waited for, then killed; one that existed before (the watchdog, or
-    the caller's own) is left alone."""
+    """``reaper.wait_or_kill`` on what started since a snapshot (``descendants()``, taken as
+    ``ray_started_early`` takes Ray's processes before stopping Ray): a shell and its ``sleep``
+    are ended, the sleep also once the shell is gone and it is an orphan; a process that
+    existed before the snapshot (the watchdog, or the caller's own) is left alone."""
     older = subprocess.Popen(["sleep", "60"])
     try:
         before = descendants()
@@ -97,9 +98,13 @@ def test_a_run_that_started_ray_returns_with_what_it_started_ended():
         while not psutil.Process(newer.pid).children():
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        started = descendants() - before
         (grandchild,) = psutil.Process(newer.pid).children()
-        end_started_since(before, timeout=0.2)
-        newer.wait(timeout=5)  # killed, or ended once its sleep was
+        assert started == {psutil.Process(newer.pid), grandchild}
+        newer.kill()  # as Ray's shutdown kills the raylet: the sleep is an orphan now
+        newer.wait()
+        assert grandchild not in descendants()
+        wait_or_kill(started, timeout=0.2)
         assert _ended(grandchild)
         assert older.poll() is None
     finally:

@@ -56,13 +56,13 @@ def descendants() -> set[psutil.Process]:
     return set(psutil.Process().children(recursive=True))
 
 
-def end_started_since(before: set[psutil.Process], timeout: float = 5.0) -> None:
-    """Wait up to ``timeout`` seconds for the descendants started since ``before`` (a
-    ``descendants()``) to exit, then kill those left. After ``ray.shutdown()`` a Ray's client
-    workers exit by themselves once they see their raylet gone, which takes seconds on a loaded
-    machine, a worker still importing torch longer: a run returns with none of them left."""
-    started = descendants() - before
-    _, alive = psutil.wait_procs(started, timeout=timeout)
+def wait_or_kill(processes: set[psutil.Process], timeout: float = 5.0) -> None:
+    """Wait up to ``timeout`` seconds for ``processes`` to exit, then kill those left. After
+    ``ray.shutdown()`` a Ray's client workers exit by themselves once they see their raylet
+    gone, which takes seconds on a loaded machine, a worker still importing torch longer; they
+    are orphans by then (no longer this process's descendants), so take them from
+    ``descendants()`` before the shutdown."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
     for process in alive:
         with contextlib.suppress(psutil.Error):  # ended since; psutil checks pid reuse
             process.kill()

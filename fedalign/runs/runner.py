@@ -53,7 +53,7 @@ from fedalign.runs.folder import new_run
 from fedalign.runs.inprocess import run_in_process
 from fedalign.runs.interrupts import keep_sigterm_handler, stop_on_signals
 from fedalign.runs.progress import round_output
-from fedalign.runs.reaper import descendants, end_started_since, fate_sharing
+from fedalign.runs.reaper import descendants, fate_sharing, wait_or_kill
 from fedalign.runs.server_app import make_server_app
 from fedalign.runs.shared_ray import shared_ray_active
 
@@ -285,11 +285,12 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
             yield ready
         finally:
             started.wait()
+            ray_processes = descendants() - before  # orphans once Ray is down: taken now
             if ray.is_initialized():
                 ray.shutdown()
             run_over.set()
             thread.join()
-            end_started_since(before)
+            wait_or_kill(ray_processes)  # the run returns with none of them left
 
 
 def node_resources(address: str | None) -> list[dict[str, float]]:
