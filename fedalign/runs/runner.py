@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -259,7 +260,9 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
         if failed:
             raise failed[0]
 
-    build = RayBackend.build
+    build, terminate = RayBackend.build, RayBackend.terminate
+    before: set[psutil.Process] = set()  # the watchdog, and whatever the caller runs beside
+    ray_processes: set[psutil.Process] = set()  # Ray's, noted while they are descendants
 
     def build_once(ray_backend: RayBackend, app_fn: Callable) -> None:
         """Flower's backend takes the pool started with Ray (a restart builds its own)."""
@@ -267,6 +270,12 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
             ray_backend.pool, ray_backend.app_fn = pools.pop(), app_fn
         else:
             build(ray_backend, app_fn)
+
+    def terminate_noting(ray_backend: RayBackend) -> None:
+        """Flower stops Ray at the end of each simulation: Ray's processes are noted first,
+        since its workers are orphans (no longer descendants) once their raylet is gone."""
+        ray_processes.update(descendants() - before)
+        terminate(ray_backend)
 
     with (
         contextlib.ExitStack() as restore,
@@ -276,16 +285,17 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
         keep_sigterm_handler(),
         fate_sharing(True),
     ):
-        RayBackend.build = build_once
+        RayBackend.build, RayBackend.terminate = build_once, terminate_noting
         restore.callback(setattr, RayBackend, "build", build)
-        before = descendants()  # the watchdog, and whatever the caller runs beside the run
+        restore.callback(setattr, RayBackend, "terminate", terminate)
+        before.update(descendants())
         thread = threading.Thread(target=start, name="fedalign-ray-start", daemon=True)
         thread.start()
         try:
             yield ready
         finally:
             started.wait()
-            ray_processes = descendants() - before  # orphans once Ray is down: taken now
+            ray_processes.update(descendants() - before)  # Ray still up: the run failed early
             if ray.is_initialized():
                 ray.shutdown()
             run_over.set()
