@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -57,16 +58,33 @@ def descendants() -> set[psutil.Process]:
 
 
 def wait_or_kill(processes: set[psutil.Process], timeout: float = 5.0) -> None:
-    """Wait up to ``timeout`` seconds for ``processes`` to exit, then kill those left. After
-    ``ray.shutdown()`` a Ray's client workers exit by themselves once they see their raylet
-    gone, which takes seconds on a loaded machine, a worker still importing torch longer; they
-    are orphans by then (no longer this process's descendants), so take them from
-    ``descendants()`` before the shutdown."""
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    """Wait up to ``timeout`` seconds for ``processes`` to end, then kill those left and wait as
+    long again. After ``ray.shutdown()`` a Ray's client workers exit by themselves once they see
+    their raylet gone, which takes seconds on a loaded machine; they are orphans by then (no
+    longer this process's descendants), so take them from ``descendants()`` before the shutdown.
+    A zombie has ended (its new parent reaps it when it gets to it)."""
+    alive = _until_ended(processes, timeout)
     for process in alive:
         with contextlib.suppress(psutil.Error):  # ended since; psutil checks pid reuse
             process.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+    _until_ended(alive, timeout)
+
+
+def _until_ended(processes: set[psutil.Process], timeout: float) -> set[psutil.Process]:
+    """Those of ``processes`` still running after at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {p for p in processes if not _ended(p)}
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def _ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone (or its pid reused: psutil checks the start time)
+        return True
 
 
 def watch(parent_pid: int, pipe: int, interval: float = INTERVAL) -> None:

@@ -300,7 +300,8 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
                 ray.shutdown()
             run_over.set()
             thread.join()
-            wait_or_kill(ray_processes)  # the run returns with none of them left
+            # the run returns with none left; Ray is down, so they have nothing left to do
+            wait_or_kill(ray_processes, timeout=1.0)
 
 
 def node_resources(address: str | None) -> list[dict[str, float]]:
