@@ -84,15 +84,10 @@ def cluster_address(cfg: RunConfig) -> str | None:
     return None if address in (None, "", "local") else address
 
 
-#: What a run's Ray workers import as Ray starts them, before any actor exists: Flower's actor
-#: module (it imports Flower's simulation package), the client app (torch, Flower, fedalign's
-#: registries and the user's plugins), and ``torch._dynamo``, which ``torch.optim`` imports on a
-#: process's first optimizer (about 1.2 s).
-WORKER_MODULES = (
-    "flwr.simulation.ray_transport.ray_actor",
-    "fedalign.fl.client_app",
-    "torch._dynamo",
-)
+#: What a run's Ray workers import as Ray starts them, before any actor exists: the actor's
+#: module, the client app (torch, Flower, fedalign's registries and the user's plugins), and
+#: ``torch._dynamo``, which ``torch.optim`` imports on a process's first optimizer (about 1.2 s).
+WORKER_MODULES = ("fedalign.runs.ray_actor", "fedalign.fl.client_app", "torch._dynamo")
 
 
 def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
@@ -231,7 +226,9 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
         return
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    from fedalign.runs.ray_actor import ClientActor
 
     backend = backend_config(cfg, verbose)
     paths = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -244,7 +241,7 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
         try:
             ray.init(**backend["init_args"])
             pool = BasicActorPool(
-                ClientAppActor, backend["client_resources"], {"on_actor_init_fn": warm_up}
+                ClientActor, backend["client_resources"], {"on_actor_init_fn": warm_up}
             )
             pool.add_actors_to_pool(pool.actors_capacity)
             pools.append(pool)
