@@ -209,9 +209,10 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
     """When ``enabled`` (a run on a Ray of its own), Ray and the run's actor pool start on a
     thread at once, while this one loads and checks the data and the model, writes the run folder
     and the data copy and starts Flower's simulation. Ray's workers import ``WORKER_MODULES`` as
-    Ray starts them (``backend_config``), during Ray's own start, and the actors then run
-    ``client_app.warm_up``: round 1 starts on warm actors. Flower's backend finds Ray
-    started and takes that pool (``build_once``).
+    Ray starts them (``backend_config``), during Ray's own start, and the actors
+    (``ray_actor.ClientActor``, which spares each worker Flower's simulation package) then run
+    ``client_app.warm_up``: round 1 starts on warm actors. Flower's backend finds Ray started
+    and takes that pool (``build_once``; a restarted simulation builds Flower's own).
 
     Yields ``ready``, which waits for the start and raises what it raised. Ray starts with the
     settings Flower would give it (``backend_config``; the driver's ``sys.path`` in
@@ -219,8 +220,9 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
     it as a runtime environment, which starts every worker through Ray's ``setup_worker.py``,
     about 0.4 s of CPU more each) and under the same guards as a run's own start (loopback
     only, no idle daemons, SIGTERM left to fedalign, its processes dying with this one); it
-    stops when the block ends, however the run ended: a data or model error found inside the
-    block waits for Ray's start (about 2 s) and stops it, before any folder exists."""
+    stops when the block ends, however the run ended, and its processes are ended before the
+    block is left (``terminate_noting``). A data or model error found inside the block waits
+    for Ray's start (about 2 s) and stops it, before any folder exists."""
     if not enabled:
         yield lambda: None
         return
