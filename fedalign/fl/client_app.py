@@ -51,15 +51,6 @@ log = logging.getLogger("fedalign")
 load_from_environment()
 
 
-def warm_up() -> None:
-    """Run by each Ray actor of a run's pool as it starts (``runner.ray_started_early``): Ray
-    unpickles this function by importing its module (torch, Flower, fedalign's registries:
-    about 2 s on the 2-core machine), and torch.optim imports ``torch._dynamo`` (about 1.2 s)
-    on a process's first optimizer. Both would otherwise fall on each worker's first message;
-    started with Ray, they overlap the driver's data loading instead."""
-    import torch._dynamo  # noqa: F401
-
-
 @functools.lru_cache(maxsize=4)
 def _run_config(text: str) -> RunConfig:
     return from_dict(json.loads(text))

@@ -38,7 +38,6 @@ from fedalign.core.plugins import plugin_environment
 from fedalign.data.federation import Federation, forget_loaded
 from fedalign.data.shared import shared_copy
 from fedalign.fl.client_app import app as client_app
-from fedalign.fl.client_app import warm_up
 from fedalign.fl.dispatch import fast_dispatch
 from fedalign.fl.round_log import RoundLog
 from fedalign.report.results import RunRecorder, read_json
@@ -209,10 +208,10 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
     """When ``enabled`` (a run on a Ray of its own), Ray and the run's actor pool start on a
     thread at once, while this one loads and checks the data and the model, writes the run folder
     and the data copy and starts Flower's simulation. Ray's workers import ``WORKER_MODULES`` as
-    Ray starts them (``backend_config``), during Ray's own start, and the actors
-    (``ray_actor.ClientActor``, which spares each worker Flower's simulation package) then run
-    ``client_app.warm_up``: round 1 starts on warm actors. Flower's backend finds Ray started
-    and takes that pool (``build_once``; a restarted simulation builds Flower's own).
+    Ray starts them (``backend_config``), during Ray's own start, so the actors
+    (``ray_actor.ClientActor``, which spares each worker Flower's simulation package) are warm
+    when round 1 starts. Flower's backend finds Ray started and takes that pool (``build_once``;
+    a restarted simulation builds Flower's own).
 
     Yields ``ready``, which waits for the start and raises what it raised. Ray starts with the
     settings Flower would give it (``backend_config``; the driver's ``sys.path`` in
@@ -242,9 +241,7 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
     def start() -> None:
         try:
             ray.init(**backend["init_args"])
-            pool = BasicActorPool(
-                ClientActor, backend["client_resources"], {"on_actor_init_fn": warm_up}
-            )
+            pool = BasicActorPool(ClientActor, backend["client_resources"], {})
             pool.add_actors_to_pool(pool.actors_capacity)
             pools.append(pool)
         except BaseException as exc:  # noqa: BLE001 (raised by ready, in the run's thread)

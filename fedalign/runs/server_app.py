@@ -22,12 +22,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedalign.client.training import evaluate
-from fedalign.config.components import (
-    model_builder,
-    run_federation,
-    run_model,
-    server_device,
-)
+from fedalign.config.components import model_builder, run_federation, run_model, server_device
 from fedalign.config.schema import RunConfig
 from fedalign.core.errors import ConfigError
 from fedalign.core.types import StateDict

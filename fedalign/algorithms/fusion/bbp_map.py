@@ -371,7 +371,7 @@ def bbp_map(
         match(j)
     generator = torch.Generator().manual_seed(seed)
     first_pass = (layer.state(), list(assignments), list(opened)) if restarts > 1 else None
-    best: tuple[float, tuple, list, list] | None = None
+    best: tuple[float, tuple | None, list] | None = None
     for restart in range(restarts):
         if restart:
             layer.restore(first_pass[0])
@@ -388,8 +388,8 @@ def bbp_map(
         objective = log_posterior(layer, assignments, prior_scores)
         if best is None or objective > best[0]:
             kept = layer.state() if restart + 1 < restarts else None
-            best = (objective, kept, list(assignments), list(opened))
-    objective, kept, assignments, _ = best
+            best = (objective, kept, list(assignments))
+    objective, kept, assignments = best
     if kept is not None:
         layer.restore(kept)
     precision = layer.precisions[:, blocks.position_block]
