@@ -420,7 +420,13 @@ class RoundEngine:
             rnd = Round(self, 0, state, RoundLog(0))
             self._emit(rnd.log, self.evaluate(rnd, state))
         overlap = self.settings.overlap_evaluation and self.evaluate_fn is not None
+        # Without the clients' evaluation a round's whole report (the server's test-set pass,
+        # its row, its checkpoint) runs on the pool beside the next round's training, and its row
+        # appears as soon as the pass ends. The clients' evaluation needs the grid, which only
+        # this thread uses: such a round's report waits for the next round's training.
+        on_pool = overlap and self.settings.fraction_evaluate == 0
         pending: tuple[Round, OrderedDict, StrategySnapshot, Future | None] | None = None
+        reporting: Future | None = None  # the report of the round before, on the pool
         with ThreadPoolExecutor(1, thread_name_prefix="fedalign-evaluate") as pool:
             try:
                 for number in range(first_round, self.settings.rounds + 1):
@@ -435,28 +441,39 @@ class RoundEngine:
                             raise ActorPoolBroken(f"round {number}: {exc}", rnd.log) from exc
                         raise
                     rnd.log.seconds["total"] = time.perf_counter() - t_round
+                    if reporting is not None:  # rows and checkpoints stay in round order
+                        reporting, done = None, reporting
+                        done.result()  # raises what the report raised
                     if pending is not None:
                         finished, pending = pending, None
                         self._finish(*finished)
-                    server = None
-                    if overlap and self.should_evaluate(number):
-                        # the server's test-set pass of this round runs while the next one
-                        # trains, on a copy (a strategy may update its global state in place)
+                    lost = lost_actor(rnd.log, earlier)
+                    if not overlap or lost:
+                        self._finish(rnd, state, self._snapshot(copy=False), None)
+                    else:
+                        # on copies: a strategy may update its global state in place
                         frozen = OrderedDict((k, v.detach().clone()) for k, v in state.items())
-                        server = pool.submit(self.evaluate_fn, number, frozen)
-                    pending = (rnd, state, self._snapshot(copy=overlap), server)
-                    if not overlap or lost_actor(rnd.log, earlier):
-                        finished, pending = pending, None
-                        self._finish(*finished)
-                    if lost_actor(rnd.log, earlier) and number < self.settings.rounds:
+                        snapshot = self._snapshot(copy=True)
+                        if on_pool:
+                            reporting = pool.submit(self._finish, rnd, frozen, snapshot, None, True)
+                        else:
+                            server = None
+                            if self.should_evaluate(number):
+                                server = pool.submit(self.evaluate_fn, number, frozen)
+                            pending = (rnd, frozen, snapshot, server)
+                    if lost and number < self.settings.rounds:
                         raise ActorPoolBroken(
                             f"a client's Ray worker died in round {number}", rnd.log
                         )
+                if reporting is not None:
+                    reporting.result()
                 if pending is not None:
                     finished, pending = pending, None
                     self._finish(*finished)
             except BaseException:
-                if pending is not None:  # a finished round keeps its row and its checkpoint
+                # a finished round keeps its row and its checkpoint: one on the pool ends before
+                # the pool is left
+                if pending is not None:
                     self._finish(*pending)
                 raise
         return state
@@ -475,15 +492,17 @@ class RoundEngine:
         state: OrderedDict,
         strategy_state: StrategySnapshot,
         server: Future | None,
+        beside: bool = False,
     ) -> None:
         """Evaluate round ``rnd`` (or collect its overlapped evaluation), then report it and call
         ``on_round_end`` with the strategy's state as the round left it: a checkpoint is never
-        ahead of its metrics row. With overlap, the round's ``seconds_total`` is its training and
-        aggregation; ``seconds_evaluate`` what evaluation added after the next round's
-        training."""
+        ahead of its metrics row. ``beside``: this runs on the evaluation pool while the next
+        round trains. With overlap, the round's ``seconds_total`` is its training and
+        aggregation; ``seconds_evaluate`` its evaluation's (beside the next round) or, with the
+        clients' evaluation, what evaluation added after the next round's training."""
         t0 = time.perf_counter()
         metrics = self.evaluate(rnd, state, server) if self.should_evaluate(rnd.number) else {}
-        if server is None:
+        if server is None and not beside:
             rnd.log.seconds["total"] += time.perf_counter() - t0
         self._emit(rnd.log, metrics)
         if self.on_round_end is not None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message, RecordDict
 from torch import nn
 
 from fedalign.algorithms.align import permutation_spec
@@ -118,9 +120,11 @@ def run(
     initial: StateDict | None = None,
     first_round: int = 1,
     evaluate_fn: EvaluateFn | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> Run:
     """The real engine and the registered strategy (built as ``fl.strategy.build_strategy`` does)
-    on the mock clients, with the server's test-set evaluation ``evaluate_fn`` when given."""
+    on the mock clients, with the server's test-set evaluation ``evaluate_fn`` when given;
+    ``on_round`` is called on each row too."""
     model = run_model(cfg, clients[0].shapes, init_seed=cfg.resolved_seeds.init)
     strategy = strategy or build_strategy(cfg, copy.deepcopy(model))
     start = OrderedDict((k, v.clone()) for k, v in (initial or model.state_dict()).items())
@@ -139,7 +143,7 @@ def run(
         cfg,
         strategy,
         evaluate_fn=evaluate_fn,
-        on_round=rows.append,
+        on_round=rows.append if on_round is None else lambda row: (rows.append(row), on_round(row)),
         on_round_end=snapshot,
         # what the server knows of each partition in a simulation (server_app passes the same)
         example_limits={c.partition_id: len(c.data.y_train) for c in clients},
@@ -626,18 +630,24 @@ OVERLAPPED = {
     "trimmed-mean": {"aggregation": {"fuse": "trimmed-mean"}},
 }
 """Every registered strategy, the align -> fuse pipeline and a robust fuse rule, each as a config's
-sections (over three rounds, server and federated evaluation after every one)."""
+sections (over three rounds, the server's evaluation after every one)."""
 
 
-@pytest.mark.parametrize("case", list(OVERLAPPED))
-def test_overlapped_evaluation_gives_the_sequential_rows_and_checkpoints(case: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "clients_evaluate"),
+    [(case, False) for case in OVERLAPPED] + [("fedavg", True), ("pfnm", True)],
+)
+def test_overlapped_evaluation_gives_the_sequential_rows_and_checkpoints(
+    case: str, clients_evaluate: bool
+) -> None:
     """strategy.overlap_evaluation (the default) runs the server's test-set pass of round r while
-    round r+1 trains: the metrics rows (all but the seconds) and what each round end hands the
-    checkpoint (model, strategy state and tensors, bit for bit) are those of the sequential run,
-    in the same order. The test-set pass is the server's, and the mock clients answer in this
-    process, as ``simulation.backend: inprocess`` does: the pass drawing from torch's global RNG
-    while a client seeds it for its own init (LoRA's adapters every round) failed the lora case
-    in 2 of 8 runs."""
+    round r+1 trains (with it, round r's row and checkpoint; with the clients' evaluation too,
+    those wait for round r+1's training): the metrics rows (all but the seconds) and what each
+    round end hands the checkpoint (model, strategy state and tensors, bit for bit) are those of
+    the sequential run, in the same order. The test-set pass is the server's, and the mock
+    clients answer in this process, as ``simulation.backend: inprocess`` does: the pass drawing
+    from torch's global RNG while a client seeds it for its own init (LoRA's adapters every
+    round) failed the lora case in 2 of 8 runs."""
     if case == "lora":
         pytest.importorskip("peft")
     test = synthetic_data(99, 200)
@@ -645,7 +655,7 @@ def test_overlapped_evaluation_gives_the_sequential_rows_and_checkpoints(case: s
     model = sections.get("model", MLP)
     runs = {}
     for overlap in (False, True):
-        base = {"rounds": 3, "eval_every": 1, "fraction_evaluate": 0.5}
+        base = {"rounds": 3, "eval_every": 1, "fraction_evaluate": 0.5 if clients_evaluate else 0.0}
         cfg = make_config(
             4,
             model=model,
@@ -664,9 +674,42 @@ def test_overlapped_evaluation_gives_the_sequential_rows_and_checkpoints(case: s
     }
     assert rows[True] == rows[False]
     assert all(row["test_accuracy"] is not None for row in rows[True])
-    assert [row["val_accuracy"] is not None for row in rows[True]] == [False, True, True, True]
+    evaluated = [row["val_accuracy"] is not None for row in rows[True]]
+    assert evaluated == [False, *[clients_evaluate] * 3]
     assert runs[True].after_round.keys() == runs[False].after_round.keys() == {1, 2, 3}
     for number, (state, strategy_state) in runs[False].after_round.items():
         assert_same_state(runs[True].after_round[number][0], state)
         assert runs[True].after_round[number][1] == strategy_state
         assert_same_state(runs[True].strategy_tensors[number], runs[False].strategy_tensors[number])
+
+
+def test_an_overlapped_round_is_reported_while_the_next_one_trains(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the clients' evaluation, round r's row is reported once its test-set pass ends,
+    while round r+1 trains: round 2's clients here wait for round 1's row, which a row held back
+    until round 2 ends would never let them see (they give up after 20 s)."""
+    test = synthetic_data(99, 200)
+    cfg = make_config(4, model=MLP, strategy={"rounds": 2, "eval_every": 1})
+    assert cfg.strategy.overlap_evaluation and cfg.strategy.fraction_evaluate == 0
+    clients = mock_clients(SIZES)
+    reported, saw_row = threading.Event(), []
+    train = MockClient.train
+
+    def waiting_train(self: MockClient, msg: Message) -> RecordDict | None:
+        if int(msg.content["config"]["server-round"]) == 2:
+            saw_row.append(reported.wait(timeout=20))
+        return train(self, msg)
+
+    monkeypatch.setattr(MockClient, "train", waiting_train)
+    evaluate_fn = server_evaluation(
+        cfg, clients[0].shapes, test.X_train, test.y_train, torch.device("cpu")
+    )
+
+    def on_round(row: dict[str, Any]) -> None:
+        if row["round"] == 1:
+            reported.set()
+
+    result = run(cfg, clients, evaluate_fn=evaluate_fn, on_round=on_round)
+    assert saw_row == [True] * len(clients)
+    assert [row["round"] for row in result.rows] == [0, 1, 2]
