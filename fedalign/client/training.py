@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedalign.client.optim import SGD, Adam, LocalOptimizer
 from fedalign.core.options import Range
 from fedalign.core.registry import Registry
 from fedalign.core.types import StateDict
@@ -50,26 +51,25 @@ def batches(
 
 
 OPTIMIZERS = Registry("optimizer")
-"""Name -> ``make(params, lr, momentum, weight_decay) -> torch.optim.Optimizer``."""
+"""Name -> ``make(params, lr, momentum, weight_decay)``: an optimizer with ``zero_grad`` and
+``step`` (``optim.LocalOptimizer``; any ``torch.optim.Optimizer`` is one)."""
 OPTIMIZERS.register(
     "sgd",
-    lambda params, lr, momentum, weight_decay: torch.optim.SGD(
+    lambda params, lr, momentum, weight_decay: SGD(
         params, lr=lr, momentum=momentum, weight_decay=weight_decay
     ),
     options={},
 )
 OPTIMIZERS.register(
     "adam",
-    lambda params, lr, momentum, weight_decay: torch.optim.Adam(
-        params, lr=lr, weight_decay=weight_decay
-    ),
+    lambda params, lr, momentum, weight_decay: Adam(params, lr=lr, weight_decay=weight_decay),
     options={},
 )
 
 
 def make_optimizer(
     params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
+) -> LocalOptimizer:
     return OPTIMIZERS.get(name).obj(list(params), lr, momentum, weight_decay)
 
 

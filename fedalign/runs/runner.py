@@ -84,9 +84,9 @@ def cluster_address(cfg: RunConfig) -> str | None:
 
 
 #: What a run's Ray workers import as Ray starts them, before any actor exists: the actor's
-#: module, the client app (torch, Flower, fedalign's registries and the user's plugins), and
-#: ``torch._dynamo``, which ``torch.optim`` imports on a process's first optimizer (about 1.2 s).
-WORKER_MODULES = ("fedalign.runs.ray_actor", "fedalign.fl.client_app", "torch._dynamo")
+#: module and the client app (torch, Flower, fedalign's registries and the user's plugins). Not
+#: ``torch._dynamo``: the registered local optimizers leave it unimported (``client.optim``).
+WORKER_MODULES = ("fedalign.runs.ray_actor", "fedalign.fl.client_app")
 
 
 def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
