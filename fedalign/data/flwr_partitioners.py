@@ -1,20 +1,63 @@
 """The flwr-datasets partitioners behind ``fedalign.data.partition``: built from a scheme and its
 options, run over a table of labels and row indices.
 
-Kept apart because importing flwr-datasets imports Hugging Face ``datasets``, pyarrow, pandas and
-matplotlib (about 2 s and 150 MB per process): ``partition`` imports this module only when it
-partitions, so a process that reads a partition made elsewhere never pays for it.
+Kept apart because importing flwr-datasets imports Hugging Face ``datasets``, pyarrow and pandas
+(about 0.7 s and 100 MB per process): ``partition`` imports this module only when it partitions,
+so a process that reads a partition made elsewhere never pays for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
+import importlib.util
 import io
+import sys
+import types
 import warnings
 from typing import Any
 
 import numpy as np
+
+
+class _LoadedOnFirstUse(types.ModuleType):
+    """A module whose code runs when an attribute it lacks is first read (then it is the module
+    itself, and nothing else changes: the same object, its own namespace)."""
+
+    def __getattr__(self, attr: str) -> Any:
+        self.__class__ = types.ModuleType
+        self.__spec__.loader.exec_module(self)
+        return getattr(self, attr)
+
+
+def defer_flwr_datasets_plots() -> None:
+    """Make ``flwr_datasets.visualization`` load on its first use instead of with its package.
+
+    ``flwr_datasets/__init__`` imports its plotting helpers, and with them seaborn, SciPy's
+    statistics and matplotlib's pyplot: 1.1 s of CPU of the 1.1 s its partitioners cost to import,
+    in the driver of every run, while Ray's workers start on the same cores (benchmarks.md, issue
+    27). Registered first as a module that loads on first use, the package is there as before and
+    loads when one of its names is first read; fedalign reads none. (The standard library's
+    ``LazyLoader`` loads on any attribute read, and the import system reads ``__spec__`` on every
+    ``from flwr_datasets import visualization``.)
+    """
+    name = "flwr_datasets.visualization"
+    if "flwr_datasets" in sys.modules:  # imported already, with its plots
+        return
+    package = importlib.util.find_spec("flwr_datasets")  # a top-level spec runs no code
+    if package is None or package.submodule_search_locations is None:
+        return
+    spec = importlib.machinery.PathFinder.find_spec(name, package.submodule_search_locations)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    module.__class__ = _LoadedOnFirstUse
+    sys.modules[name] = module
+
+
+defer_flwr_datasets_plots()
+
 from datasets import Dataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
