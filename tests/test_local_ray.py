@@ -34,3 +34,16 @@ def test_a_cluster_run_and_ray_after_the_run_are_left_as_they_are():
     assert RayParams().include_log_monitor is None
     with pytest.raises(AttributeError):
         Node.start_api_server(object(), include_dashboard=False, raise_on_failure=False)
+
+
+def test_without_the_dashboard_the_node_agent_runs_minimal_without_rays_import_check():
+    import ray._private.utils as ray_utils
+
+    original = ray_utils.get_dashboard_dependency_error
+    with lean_ray(True, verbose=False):
+        assert isinstance(ray_utils.get_dashboard_dependency_error(), ImportError)
+    with lean_ray(True, verbose=False, dashboard=True):
+        assert ray_utils.get_dashboard_dependency_error is original
+    with lean_ray(False, verbose=False):
+        assert ray_utils.get_dashboard_dependency_error is original
+    assert ray_utils.get_dashboard_dependency_error is original

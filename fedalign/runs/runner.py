@@ -150,21 +150,26 @@ def loopback_ray(local: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def lean_ray(local: bool, verbose: bool) -> Iterator[None]:
+def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[None]:
     """While a local run starts Ray, leave out the daemons it would not use: the autoscaler's
     monitor (a Ray of one machine's fixed size has nothing to scale), the dashboard's head
     process (``simulation.ray_dashboard: false``, the default, still starts it for Ray's state
     and job APIs, which fedalign does not call) and, unless ``verbose`` sends the workers' output
     to the terminal, the log monitor that forwards it. ``ray.init`` has no options for the first
     and last (``ray start`` has), so its node's parameters are set while it starts. About 160 MiB
-    of the run's memory (benchmarks.md). Runs attaching to a cluster are left as they are."""
+    of the run's memory (benchmarks.md). Without the ``dashboard``, Ray's node agent also runs
+    its minimal modules, as on a Ray installed without the dashboard's packages: Ray decides that
+    by importing them (aiohttp, OpenTelemetry), in the raylet's start, on the way to the first
+    worker (0.2-0.4 s). Runs attaching to a cluster are left as they are."""
     if not local:
         yield
         return
+    import ray._private.utils as ray_utils
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
     original_params, original_api = RayParams.__init__, Node.start_api_server
+    original_check = ray_utils.get_dashboard_dependency_error
 
     def params(self: RayParams, *args: Any, **kwargs: Any) -> None:
         original_params(self, *args, **kwargs)
@@ -176,11 +181,17 @@ def lean_ray(local: bool, verbose: bool) -> Iterator[None]:
         if include_dashboard:
             original_api(self, include_dashboard=include_dashboard, **kwargs)
 
+    def minimal_agent() -> ImportError:
+        return ImportError("simulation.ray_dashboard is off: the node agent runs minimal")
+
     RayParams.__init__, Node.start_api_server = params, api_server
+    if not dashboard:
+        ray_utils.get_dashboard_dependency_error = minimal_agent
     try:
         yield
     finally:
         RayParams.__init__, Node.start_api_server = original_params, original_api
+        ray_utils.get_dashboard_dependency_error = original_check
 
 
 @contextlib.contextmanager
@@ -276,7 +287,7 @@ def ray_started_early(enabled: bool, cfg: RunConfig, verbose: bool) -> Iterator[
     with (
         contextlib.ExitStack() as restore,
         loopback_ray(True),
-        lean_ray(True, verbose),
+        lean_ray(True, verbose, cfg.simulation.ray_dashboard),
         quiet_ray_errors(not verbose),
         keep_sigterm_handler(),
         fate_sharing(True),
@@ -503,7 +514,7 @@ def _run(
                 done=0 if resume is None else resume.round,
             ) as printer,
             loopback_ray(on_ray and address is None),
-            lean_ray(on_ray and address is None, verbose),
+            lean_ray(on_ray and address is None, verbose, cfg.simulation.ray_dashboard),
             quiet_ray_errors(on_ray and not verbose),
             stop_on_signals(recorder.dir, has_checkpoint, ray=on_ray) as stop,
             # Ray's processes die with this one (ray_started_early has its own watchdog)
