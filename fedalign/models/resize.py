@@ -107,17 +107,25 @@ def build_for_state(build: Callable[[], nn.Module], state: StateDict) -> nn.Modu
     adapters): a draw between its seed and its init would change the run. A model ``build``
     places on a real device itself (a transformers model, loaded from disk) gets ``state`` loaded
     as it is; one with a tensor ``state`` cannot hold (a non-persistent buffer) is built and
-    initialised as usual."""
+    initialised as usual.
+
+    The meta tensors are replaced by copies of ``state``'s (at their dtypes, on the default
+    device) rather than by ``Module.to_empty``: torch's ``empty_like`` of a meta tensor runs its
+    Python reference, which imports SymPy, 0.35-0.6 s of CPU on a process's first model (every
+    Ray worker's first client, the server's first test-set pass; benchmarks.md, issue 27)."""
     device = torch.get_default_device()
     with torch.device("meta"):
         model = resize_to_state(build(), state)
-    held = model.state_dict().keys()
+    held = model.state_dict()
     tensors = [*model.named_parameters(), *model.named_buffers()]
     if all(not t.is_meta for _, t in tensors):
         model.load_state_dict(state)
         return model
     if not all(t.is_meta for _, t in tensors) or any(n not in held for n, _ in tensors):
         return fit_to_state(build(), state)
-    model = model.to_empty(device=device)
-    model.load_state_dict(state)
+    copies = {
+        k: v.to(device=device, dtype=held[k].dtype if k in held else v.dtype, copy=True)
+        for k, v in state.items()
+    }
+    model.load_state_dict(copies, assign=True)
     return model

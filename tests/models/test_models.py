@@ -1,5 +1,8 @@
 """Every zoo model builds by name and runs a forward pass of the right shape."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -108,6 +111,26 @@ def test_a_model_built_for_a_state_holds_it_and_draws_nothing(name, kwargs, wide
     assert all(not t.is_meta for t in [*model.parameters(), *model.buffers()])
     x = torch.randint(0, 20, (2, 5)) if batch is None else torch.rand(batch)
     assert torch.equal(model.eval()(x), expected.eval()(x))
+
+
+def test_a_model_built_for_a_state_owns_its_tensors_at_its_dtypes_without_sympy():
+    """The state's values are copied in at the model's dtypes (a float64 state into a float32
+    model), trainable, and ``torch.empty_like`` of meta tensors (which imports SymPy, 0.35-0.6 s
+    on a process's first model) is not called."""
+    code = (
+        "import sys, torch\n"
+        "from fedalign.models import build_for_state, build_model\n"
+        "state = {k: v.double() if v.is_floating_point() else v\n"
+        "         for k, v in build_model('resnet20').state_dict().items()}\n"
+        "model = build_for_state(lambda: build_model('resnet20'), state)\n"
+        "own = {**dict(model.named_parameters()), **dict(model.named_buffers())}\n"
+        "print(all(t.data_ptr() != state[k].data_ptr() and torch.equal(t.double(), state[k])"
+        " and t.dtype == (torch.float32 if state[k].is_floating_point() else state[k].dtype)"
+        " for k, t in own.items()),"
+        " all(p.requires_grad for p in model.parameters()), 'sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True True False"
 
 
 def test_a_model_with_a_buffer_its_state_lacks_is_built_as_usual():
