@@ -201,6 +201,13 @@ def main() -> None:
         help="fedalign fuses each grid point with this many sweep seeds, all picked among alike "
         "(default: pfnm_grid_search's, 4 under the cap, 1 uncapped)",
     )
+    parser.add_argument(
+        "--sweep-offset",
+        type=int,
+        default=0,
+        help="sweep seeds start at the client set's seed plus this (a repeat of a setting with "
+        "other sweep orders on the same clients)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fedalign-oneshot-cache"))
     parser.add_argument("--out", type=Path)
@@ -257,13 +264,14 @@ def main() -> None:
                 for _ in range(repeats):
                     t = time.perf_counter()
                     point = (sigma, sigma0, gamma)
-                    fused = fuse(side, module, models, counts, point, seed + order, args)
+                    sweep = seed + args.sweep_offset + order
+                    fused = fuse(side, module, models, counts, point, sweep, args)
                     seconds.append(time.perf_counter() - t)
                 row = {
                     "seed": seed,
                     "clients": J,
                     "side": side,
-                    "sweep_seed": seed + order,
+                    "sweep_seed": sweep,
                     "sigma": sigma,
                     "sigma0": sigma0,
                     "gamma": gamma,
