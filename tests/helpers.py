@@ -7,6 +7,8 @@ module cannot import a conftest by name reliably.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +21,13 @@ from fedalign.models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DIGITS = CONFIGS / "digits_mlp.yaml"
+
+
+def fresh_python(code: str) -> str:
+    """What ``code`` prints, stripped, run in a fresh interpreter: how a test sees what a
+    process imports (a Ray worker's, a run driver's) with nothing imported before it."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
 
 
 def shipped_overrides(path: Path) -> list[str]:

@@ -3,8 +3,6 @@ bit for bit, and a client's training leaves ``torch._dynamo`` unimported (why th
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +11,7 @@ from torch import nn
 
 from fedalign.client.optim import SGD, Adam
 from fedalign.client.training import make_optimizer
+from tests.helpers import fresh_python
 
 Make = Callable[[list[torch.Tensor]], object]
 
@@ -77,5 +76,4 @@ def test_a_clients_training_leaves_torch_dynamo_unimported() -> None:
         " momentum=0.9)\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert fresh_python(code) == "False"

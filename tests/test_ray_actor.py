@@ -1,9 +1,6 @@
 """The run's own Ray actor (``fedalign.runs.ray_actor``) runs a client as Flower's
 ``ClientAppActor`` does, without importing Flower's simulation package on the worker."""
 
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("ray")
@@ -11,6 +8,7 @@ pytest.importorskip("ray")
 from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 
 from fedalign.runs.ray_actor import ClientRunner
+from tests.helpers import fresh_python
 
 
 def test_a_client_reply_its_error_and_a_load_error_are_flowers():
@@ -45,5 +43,4 @@ def test_the_actor_module_leaves_flowers_simulation_package_unimported():
         "import sys, fedalign.runs.ray_actor, fedalign.fl.client_app; "
         "print(sorted(m for m in ('flwr.simulation', 'sqlalchemy', 'fastapi') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert fresh_python(code) == "[]"

@@ -3,15 +3,9 @@ SciPy's statistics: 1.1 s of every run's start), and those still work when first
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from tests.helpers import fresh_python
 
 PLOTTING = ("seaborn", "matplotlib.pyplot", "scipy.stats")
-
-
-def run(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
 
 
 def test_partitioning_leaves_the_plotting_helpers_unimported() -> None:
@@ -23,7 +17,7 @@ def test_partitioning_leaves_the_plotting_helpers_unimported() -> None:
         " min_partition_size=0)\n"
         f"print(sum(map(len, parts)), [m for m in {PLOTTING!r} if m in sys.modules])\n"
     )
-    assert run(code) == "100 []"
+    assert fresh_python(code) == "100 []"
 
 
 def test_flwr_datasets_plots_load_on_first_use() -> None:
@@ -34,4 +28,4 @@ def test_flwr_datasets_plots_load_on_first_use() -> None:
         "print(callable(plot_label_distributions), 'seaborn' in sys.modules,"
         " flwr_datasets.visualization is module, type(module).__name__)\n"
     )
-    assert run(code) == "True True True module"
+    assert fresh_python(code) == "True True True module"

@@ -1,12 +1,10 @@
 """Every zoo model builds by name and runs a forward pass of the right shape."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from fedalign.models import MODELS, build_for_state, build_model, fit_to_state
+from tests.helpers import fresh_python
 
 
 @pytest.mark.parametrize(
@@ -129,8 +127,7 @@ def test_a_model_built_for_a_state_owns_its_tensors_at_its_dtypes_without_sympy(
         " for k, t in own.items()),"
         " all(p.requires_grad for p in model.parameters()), 'sympy' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True True False"
+    assert fresh_python(code) == "True True False"
 
 
 def test_a_model_with_a_buffer_its_state_lacks_is_built_as_usual():
