@@ -2,7 +2,7 @@
 options, run over a table of labels and row indices.
 
 Kept apart because importing flwr-datasets imports Hugging Face ``datasets``, pyarrow and pandas
-(about 0.7 s and 100 MB per process): ``partition`` imports this module only when it partitions,
+(about 0.6 s and 80 MiB per process): ``partition`` imports this module only when it partitions,
 so a process that reads a partition made elsewhere never pays for it.
 """
 
@@ -35,12 +35,12 @@ def defer_flwr_datasets_plots() -> None:
     """Make ``flwr_datasets.visualization`` load on its first use instead of with its package.
 
     ``flwr_datasets/__init__`` imports its plotting helpers, and with them seaborn, SciPy's
-    statistics and matplotlib's pyplot: 1.1 s of CPU of the 1.1 s its partitioners cost to import,
-    in the driver of every run, while Ray's workers start on the same cores (benchmarks.md, issue
-    27). Registered first as a module that loads on first use, the package is there as before and
-    loads when one of its names is first read; fedalign reads none. (The standard library's
-    ``LazyLoader`` loads on any attribute read, and the import system reads ``__spec__`` on every
-    ``from flwr_datasets import visualization``.)
+    statistics and matplotlib's pyplot: 1.07 s of the 1.08 s flwr-datasets itself costs to import
+    (Hugging Face ``datasets`` aside) and 84 MiB, in the driver of every run, while Ray's workers
+    start on the same cores (benchmarks.md, issue 27). Registered first as a module that loads on
+    first use, the package is there as before and loads when one of its names is first read;
+    fedalign reads none. (The standard library's ``LazyLoader`` loads on any attribute read, and
+    the import system reads ``__spec__`` on every ``from flwr_datasets import visualization``.)
     """
     name = "flwr_datasets.visualization"
     if "flwr_datasets" in sys.modules:  # imported already, with its plots
