@@ -109,10 +109,11 @@ def build_for_state(build: Callable[[], nn.Module], state: StateDict) -> nn.Modu
     as it is; one with a tensor ``state`` cannot hold (a non-persistent buffer) is built and
     initialised as usual.
 
-    The meta tensors are replaced by copies of ``state``'s (at their dtypes, on the default
-    device) rather than by ``Module.to_empty``: torch's ``empty_like`` of a meta tensor runs its
-    Python reference, which imports SymPy, 0.35-0.6 s of CPU on a process's first model (every
-    Ray worker's first client, the server's first test-set pass; benchmarks.md, issue 27)."""
+    The meta tensors are replaced by copies of ``state``'s tensors (at the model's dtypes, on the
+    default device) rather than by ``Module.to_empty``: torch's ``empty_like`` of a meta tensor
+    runs its Python reference, which imports SymPy, 0.35-0.6 s of CPU on a process's first model
+    (every Ray worker's first client, the server's first test-set pass; benchmarks.md, issue
+    27)."""
     device = torch.get_default_device()
     with torch.device("meta"):
         model = resize_to_state(build(), state)
