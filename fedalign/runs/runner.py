@@ -88,6 +88,15 @@ def cluster_address(cfg: RunConfig) -> str | None:
 #: ``torch._dynamo``: the registered local optimizers leave it unimported (``client.optim``).
 WORKER_MODULES = ("fedalign.runs.ray_actor", "fedalign.fl.client_app")
 
+#: How a run's own Ray retries a local socket not there yet: Ray's default is 10 tries 1 s apart,
+#: and its raylet's first connection to its own object store, made while the store's thread is
+#: still starting, missed it in about one start in four on two busy cores: a second of every such
+#: start spent asleep (benchmarks.md, issue 27). The same 10 s, in steps of 0.1 s.
+SOCKET_RETRIES = {
+    "raylet_client_connect_timeout_milliseconds": 100,
+    "raylet_client_num_connect_attempts": 100,
+}
+
 
 def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     """Flower's Ray backend settings: client resources and how Ray starts or attaches.
@@ -95,9 +104,10 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     A local run passes ``address="local"``: ``ray.init()`` without an address would join the last
     cluster ``ray start`` left on the machine (its address file in Ray's temp folder), a user's
     other work, instead of starting the run's own Ray. Its Ray also starts its workers on
-    ``WORKER_MODULES`` (imported as Ray starts them, before any client is asked for) and, without
-    the dashboard, collects no metrics: its raylet then does not wait for the metrics agent,
-    about 1 s of every start (benchmarks.md, issue 27).
+    ``WORKER_MODULES`` (imported as Ray starts them, before any client is asked for), retries its
+    local sockets every 0.1 s (``SOCKET_RETRIES``) and, without the dashboard, collects no
+    metrics: its raylet then does not wait for the metrics agent, about 1 s of every start
+    (benchmarks.md, issue 27).
     """
     sim = cfg.simulation
     init_args: dict[str, Any] = {
@@ -115,6 +125,7 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
         init_args["_system_config"] = {
             "preload_python_modules": list(WORKER_MODULES),
             "enable_metrics_collection": sim.ray_dashboard,
+            **SOCKET_RETRIES,
         }
     return {
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},

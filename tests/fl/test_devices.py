@@ -64,6 +64,15 @@ def test_a_local_run_starts_its_own_ray_and_joins_only_a_named_cluster(monkeypat
     system = local["_system_config"]
     assert "fedalign.fl.client_app" in system["preload_python_modules"]
     assert system["enable_metrics_collection"] is False
+    # a socket not there yet is retried every 0.1 s, within the time Ray's defaults allow
+    ray_default = ray._raylet.Config
+    assert system["raylet_client_connect_timeout_milliseconds"] == 100
+    assert (
+        system["raylet_client_connect_timeout_milliseconds"]
+        * system["raylet_client_num_connect_attempts"]
+        == ray_default.raylet_client_connect_timeout_milliseconds()
+        * ray_default.raylet_client_num_connect_attempts()
+    )
     dashboard = load_config(CONFIG, ["simulation.ray_dashboard=true"])
     assert backend_config(dashboard)["init_args"]["_system_config"]["enable_metrics_collection"]
     cfg = load_config(CONFIG, ["simulation.ray_address=10.0.0.5:6379"])
