@@ -8,11 +8,13 @@ import torch
 
 import fedalign.algorithms.pipeline  # noqa: F401 - registers every built-in statistic
 from fedalign.algorithms.checks import (
+    change_norms,
     cross_problem,
     gram_problem,
     moments_problem,
     scale_outliers,
     statistics_problem,
+    update_checks,
     update_problem,
     update_problems,
 )
@@ -78,6 +80,28 @@ def test_a_batch_of_updates_gets_each_its_own_answer():
     assert problems[2] == "w: shape (2, 3), expected (3, 2)"
     assert problems[3] == "update norm 4.899 exceeds max_update_norm=4"
     assert update_problems([], [], []) == []
+
+
+def test_the_checks_measure_the_change_norms_asked_for_once():
+    """``update_checks`` returns the change norms of the bounded and the measured updates (what
+    the round's outlier comparison reads), equal to ``change_norms``', and none for the others:
+    an unsound or non-finite update, or one neither bounded nor measured."""
+    nan = torch.zeros(3)
+    nan[0] = float("nan")
+    updates = [
+        _update(w=torch.full((3, 2), 2.0)),
+        _update(w=torch.full((3, 2), 3.0)),
+        _update(b=nan),
+        _update(w=torch.zeros(2, 3)),
+        _update(w=torch.full((3, 2), 5.0)),
+    ]
+    problems, norms = update_checks(
+        [REF] * 5, updates, [None, 100.0, None, None, None], [True, False, True, True, False]
+    )
+    assert problems[:2] == [None, None] and problems[4] is None
+    assert norms[2:] == [None, None, None]
+    assert norms[:2] == pytest.approx(change_norms([REF, REF], updates[:2]))
+    assert update_checks([REF], updates[:1], [None])[1] == [None]
 
 
 # ---- client statistics ---------------------------------------------------------------------------

@@ -37,9 +37,23 @@ def update_problems(
     updates: Sequence[Mapping[str, torch.Tensor]],
     max_norms: Sequence[float | None],
 ) -> list[str | None]:
+    """``update_problem`` of each ``(reference, update, max_norm)`` (``update_checks``)."""
+    return update_checks(references, updates, max_norms)[0]
+
+
+def update_checks(
+    references: Sequence[Mapping[str, torch.Tensor]],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    max_norms: Sequence[float | None],
+    measured: Sequence[bool] | None = None,
+) -> tuple[list[str | None], list[float | None]]:
     """``update_problem`` of each ``(reference, update, max_norm)``, with the tensor checks of all
     updates batched: one ``torch._foreach_norm`` call gives every floating-point tensor's norm (a
-    NaN or Inf makes it non-finite) and one the norms of the bounded updates' changes.
+    NaN or Inf makes it non-finite) and one the norms of the changes ``update - reference``.
+
+    Also returns those change norms: of every structurally sound, finite update that has a
+    ``max_norm`` or is ``measured`` (None for the others), so that a later comparison of the
+    clients' norms (``update_outliers``) does not compute them a second time.
 
     Checking tensor by tensor costs a few torch calls per tensor, and each call releases the GIL
     and waits to take it back from the simulation's polling threads in the driver: 100 updates of
@@ -51,12 +65,21 @@ def update_problems(
     owners, tensors = _floats({i: updates[i] for i in sound})
     for i in {i for i, n in zip(owners, _norms(tensors), strict=True) if not math.isfinite(n)}:
         problems[i] = _nonfinite_problem(updates[i])
-    bounded = [i for i in sound if problems[i] is None and max_norms[i] is not None]
-    norms = change_norms([references[i] for i in bounded], [updates[i] for i in bounded])
-    for i, norm in zip(bounded, norms, strict=True):
-        if norm > max_norms[i]:
+    wanted = [
+        i
+        for i in sound
+        if problems[i] is None and (max_norms[i] is not None or (measured and measured[i]))
+    ]
+    norms: list[float | None] = [None] * len(updates)
+    for i, norm in zip(
+        wanted,
+        change_norms([references[i] for i in wanted], [updates[i] for i in wanted]),
+        strict=True,
+    ):
+        norms[i] = norm
+        if max_norms[i] is not None and norm > max_norms[i]:
             problems[i] = f"update norm {norm:.4g} exceeds max_update_norm={max_norms[i]:g}"
-    return problems
+    return problems, norms
 
 
 def change_norms(

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from fedalign.algorithms.checks import (
-    change_norms,
     received_problem,
     scale_outliers,
+    update_checks,
     update_outliers,
-    update_problems,
 )
 from fedalign.core.types import ClientStats, StateDict
 from fedalign.fl.round_log import RoundLog
@@ -195,11 +194,18 @@ class Round:
         self.log.timed("parse", t0)
         t0 = time.perf_counter()
         bound = self.settings.max_update_norm
-        problems = update_problems(  # every reply's tensors checked in one batch
+        # the norms _drop_large_updates compares, measured with the checks (two or more to compare)
+        compare = (
+            self.settings.max_update_ratio is not None
+            and sum(u.partition_id not in local for u in parsed) >= 2
+        )
+        problems, norms = update_checks(  # every reply's tensors checked in one batch
             [sent[u.partition_id] for u in parsed],
             [u.state_dict for u in parsed],
             [None if u.partition_id in local else bound for u in parsed],
+            [compare and u.partition_id not in local for u in parsed],
         )
+        change_norm = {u.partition_id: n for u, n in zip(parsed, norms, strict=True)}
         updates = []
         for update, problem in zip(parsed, problems, strict=True):
             pid = update.partition_id
@@ -220,7 +226,7 @@ class Round:
                 self.log.fail(pid, update.node_id, problem, phase)
                 continue
             updates.append(update)
-        updates = self._drop_large_updates(phase, updates, sent, local)
+        updates = self._drop_large_updates(phase, updates, change_norm, local)
         self.log.timed("validate", t0)
         updates = self._drop_outliers(
             phase, updates, [u.statistics or {} for u in updates], lambda u: u.partition_id
@@ -232,18 +238,17 @@ class Round:
         self,
         phase: str,
         updates: list[ClientUpdate],
-        sent: Mapping[int, StateDict],
+        change_norm: Mapping[int, float | None],
         local: Collection[int],
     ) -> list[ClientUpdate]:
-        """``updates`` without those whose change from what they were sent is far larger than the
-        other clients' (``algorithms.checks.update_outliers``), each dropped with its reason;
-        clients that trained from their own init (``local``) changed no sent model and pass."""
+        """``updates`` without those whose change from what they were sent (``change_norm``, by
+        partition, measured with the checks) is far larger than the other clients'
+        (``algorithms.checks.update_outliers``), each dropped with its reason; clients that
+        trained from their own init (``local``) changed no sent model and pass."""
         compared = [u for u in updates if u.partition_id not in local]
         if self.settings.max_update_ratio is None or len(compared) < 2:
-            return updates  # nothing to compare: no norms computed
-        norms = change_norms(
-            [sent[u.partition_id] for u in compared], [u.state_dict for u in compared]
-        )
+            return updates
+        norms = [change_norm[u.partition_id] for u in compared]
         outliers = update_outliers(norms, self.settings.max_update_ratio)
         dropped = {compared[j].partition_id for j in outliers}
         for j, reason in outliers.items():
