@@ -1,5 +1,6 @@
 """fedalign's local optimizers (``fedalign.client.optim``) step as ``torch.optim``'s classes do,
-bit for bit, and a client's training leaves ``torch._dynamo`` unimported (why they exist)."""
+bit for bit (that they leave ``torch._dynamo`` unimported, why they exist, is
+``tests/test_worker_imports.py``'s)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from torch import nn
 
 from fedalign.client.optim import SGD, Adam
 from fedalign.client.training import make_optimizer
-from tests.helpers import fresh_python
 
 Make = Callable[[list[torch.Tensor]], object]
 
@@ -62,18 +62,3 @@ def test_zero_grad_clears_or_zeroes_the_gradients() -> None:
     assert w.grad is None
     with pytest.raises(ValueError, match="empty parameter list"):
         SGD([], lr=0.1)
-
-
-def test_a_clients_training_leaves_torch_dynamo_unimported() -> None:
-    """Building a ``torch.optim`` optimizer imports ``torch._dynamo`` (1.1 s of CPU in every Ray
-    worker); the registered ``sgd`` and ``adam`` do not."""
-    code = (
-        "import sys, torch\n"
-        "from fedalign.client.training import train_local\n"
-        "for name in ('sgd', 'adam'):\n"
-        "    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))\n"
-        "    train_local(net, torch.randn(40, 4), torch.randint(0, 3, (40,)), optimizer=name,"
-        " momentum=0.9)\n"
-        "print('torch._dynamo' in sys.modules)\n"
-    )
-    assert fresh_python(code) == "False"

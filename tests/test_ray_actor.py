@@ -1,5 +1,6 @@
 """The run's own Ray actor (``fedalign.runs.ray_actor``) runs a client as Flower's
-``ClientAppActor`` does, without importing Flower's simulation package on the worker."""
+``ClientAppActor`` does (that a worker imports none of Flower's simulation package is
+``tests/test_worker_imports.py``'s)."""
 
 import pytest
 
@@ -8,7 +9,6 @@ pytest.importorskip("ray")
 from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 
 from fedalign.runs.ray_actor import ClientRunner
-from tests.helpers import fresh_python
 
 
 def test_a_client_reply_its_error_and_a_load_error_are_flowers():
@@ -36,11 +36,3 @@ def test_a_client_reply_its_error_and_a_load_error_are_flowers():
     inits = []
     ClientRunner(on_actor_init_fn=lambda: inits.append(1))
     assert inits == [1]
-
-
-def test_the_actor_module_leaves_flowers_simulation_package_unimported():
-    code = (
-        "import sys, fedalign.runs.ray_actor, fedalign.fl.client_app; "
-        "print(sorted(m for m in ('flwr.simulation', 'sqlalchemy', 'fastapi') if m in sys.modules))"
-    )
-    assert fresh_python(code) == "[]"

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from fedalign.models import MODELS, build_for_state, build_model, fit_to_state
-from tests.helpers import fresh_python
 
 
 @pytest.mark.parametrize(
@@ -111,23 +110,23 @@ def test_a_model_built_for_a_state_holds_it_and_draws_nothing(name, kwargs, wide
     assert torch.equal(model.eval()(x), expected.eval()(x))
 
 
-def test_a_model_built_for_a_state_owns_its_tensors_at_its_dtypes_without_sympy():
+def test_a_model_built_for_a_state_owns_its_tensors_at_its_dtypes():
     """The state's values are copied in at the model's dtypes (a float64 state into a float32
-    model), trainable, and ``torch.empty_like`` of meta tensors (which imports SymPy, 0.35-0.6 s
-    on a process's first model) is not called."""
-    code = (
-        "import sys, torch\n"
-        "from fedalign.models import build_for_state, build_model\n"
-        "state = {k: v.double() if v.is_floating_point() else v\n"
-        "         for k, v in build_model('resnet20').state_dict().items()}\n"
-        "model = build_for_state(lambda: build_model('resnet20'), state)\n"
-        "own = {**dict(model.named_parameters()), **dict(model.named_buffers())}\n"
-        "print(all(t.data_ptr() != state[k].data_ptr() and torch.equal(t.double(), state[k])"
-        " and t.dtype == (torch.float32 if state[k].is_floating_point() else state[k].dtype)"
-        " for k, t in own.items()),"
-        " all(p.requires_grad for p in model.parameters()), 'sympy' in sys.modules)\n"
-    )
-    assert fresh_python(code) == "True True False"
+    model) and trainable; that SymPy stays unimported (``Module.to_empty`` imported it) is
+    ``tests/test_worker_imports.py``'s."""
+    state = {
+        k: v.double() if v.is_floating_point() else v
+        for k, v in build_model("resnet20").state_dict().items()
+    }
+    model = build_for_state(lambda: build_model("resnet20"), state)
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert own.keys() == state.keys()
+    for key, tensor in own.items():
+        assert tensor.data_ptr() != state[key].data_ptr(), key
+        assert torch.equal(tensor.double(), state[key].double()), key
+        expected = torch.float32 if state[key].is_floating_point() else state[key].dtype
+        assert tensor.dtype == expected, key
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_a_model_with_a_buffer_its_state_lacks_is_built_as_usual():
