@@ -171,7 +171,7 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
     of the run's memory (benchmarks.md). Without the ``dashboard``, Ray's node agent also runs
     its minimal modules, as on a Ray installed without the dashboard's packages: Ray decides that
     by importing them (aiohttp, OpenTelemetry), in the raylet's start, on the way to the first
-    worker (0.2-0.4 s). Runs attaching to a cluster are left as they are."""
+    worker (0.15-0.4 s of the driver's CPU). Runs attaching to a cluster are left as they are."""
     if not local:
         yield
         return
