@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .cache import cache_root
 from .errors import DataError, DatasetNotFoundError
 from .idx import read_idx
 
@@ -92,8 +93,7 @@ DOWNLOAD_TIMEOUT_S = 60.0
 
 def cache_dir() -> Path:
     """Where downloads go: ``$XDG_CACHE_HOME/fedalign/fashion-mnist`` (``~/.cache`` by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "fedalign" / "fashion-mnist"
+    return cache_root() / "fashion-mnist"
 
 
 def search_dirs(data_dir: str | Path | None = None) -> list[Path]:

@@ -2,7 +2,8 @@
 
 ``federation(...)`` is cached per process and keyed by everything that determines the split, so a
 Ray worker that serves many clients loads and partitions the dataset once, not once per message,
-and the ServerApp and every ClientApp derive the same partition from the same settings.
+and the ServerApp and every ClientApp derive the same partition from the same settings. The
+partition itself is also kept on disk across runs (``partition_cache``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 
 from .datasets import Arrays, dataset_arrays
 from .errors import DataError
-from .partition import label_histogram, partition, split_train_val
+from .partition import label_histogram, split_train_val
+from .partition_cache import cached_partition
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,9 @@ def _federation(
                 "has none (fortunes: one per category, femnist: per writer, shakespeare: per "
                 "speaking role)"
             )
-        parts = partition(train.y, num_clients, scheme, seed, groups=train.groups, **opts)
+        parts = cached_partition(train.y, num_clients, scheme, seed, groups=train.groups, **opts)
     else:
-        parts = partition(train.y, num_clients, scheme, seed, **opts)
+        parts = cached_partition(train.y, num_clients, scheme, seed, **opts)
     return Federation(dataset, train, test, parts, val_fraction, seed, scheme, opts)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .cache import cache_root
 from .errors import DataError, DatasetNotFoundError
 
 ENV_DATA_DIR = "FEDALIGN_DATA_DIR"
@@ -39,12 +40,6 @@ HUB_HOST = ("huggingface.co", 443)
 CONNECT_TIMEOUT_S = 2.0
 DATA_SUFFIXES = (".parquet", ".csv")
 MAX_DEPTH = 3
-
-
-def cache_dir() -> Path:
-    """fedalign's own cache root: ``$XDG_CACHE_HOME/fedalign`` (``~/.cache/fedalign``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "fedalign"
 
 
 def hub_cache() -> Path:
@@ -116,7 +111,7 @@ def candidates(folder: str, repo: str, data_dir: str | Path | None) -> list[Path
         places += [Path(data_dir).expanduser() / folder, Path(data_dir).expanduser()]
     if os.environ.get(ENV_DATA_DIR):
         places.append(Path(os.environ[ENV_DATA_DIR]).expanduser() / folder)
-    places.append(cache_dir() / folder)
+    places.append(cache_root() / folder)
     snapshot = hub_snapshot(repo)
     if snapshot is not None:
         places.append(snapshot)
@@ -149,7 +144,7 @@ def locate(name: str, folder: str, repo: str, data_dir: str | Path | None) -> Pa
         return found
     if no_network_reason() is not None:
         raise DatasetNotFoundError(missing_message(name, folder, repo, data_dir))
-    return prepare(name, folder, repo, cache_dir())
+    return prepare(name, folder, repo, cache_root())
 
 
 def prepare(name: str, folder: str, repo: str, to: str | Path) -> Path:
