@@ -36,6 +36,26 @@ def test_round_trip_is_exact(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_state_that_shares_the_models_memory_is_saved_and_read_back(tmp_path):
+    """A strategy's state may hold the model's own tensors (FLoRA's folded base is the global
+    weight) or slices of one buffer; safetensors refuses shared memory, so each is written on
+    its own and reads back with its value."""
+    saved = _checkpoint(1)
+    packed = torch.arange(6.0)
+    saved.tensors.update(
+        base=saved.model["w"], first=packed[:3], second=packed[3:], empty=packed[:0]
+    )
+    save_checkpoint(tmp_path, saved)
+    loaded = load_latest(tmp_path)
+    assert torch.equal(loaded.tensors["base"], saved.model["w"])
+    assert torch.equal(loaded.model["w"], saved.model["w"])
+    assert [loaded.tensors[k].tolist() for k in ("first", "second", "empty")] == [
+        [0.0, 1.0, 2.0],
+        [3.0, 4.0, 5.0],
+        [],
+    ]
+
+
 def test_keeps_only_the_newest(tmp_path):
     for r in range(1, 6):
         save_checkpoint(tmp_path, _checkpoint(r), keep=2)

@@ -108,15 +108,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU, contiguous, none sharing memory with another: safetensors refuses
+    to write tensors that share memory, and a strategy's state may hold the global model's own
+    tensors (FLoRA's folded base is the new global weight), which would stop the run at its
+    checkpoint. A tensor whose memory an earlier one uses is copied."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        pointer = value.untyped_storage().data_ptr()
+        if pointer in seen:
+            value = value.clone()
+        elif pointer:  # (empty tensors have none)
+            seen.add(pointer)
+        out[key] = value
+    return out
+
+
 def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
     """Write ``checkpoint`` atomically; keep the newest ``keep`` checkpoints."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"round-{checkpoint.round:06d}"
     tensor_path = directory / f"{stem}.safetensors"
-    payload = {f"model/{k}": v.detach().cpu().contiguous() for k, v in checkpoint.model.items()}
-    payload.update(
-        {f"state/{k}": v.detach().cpu().contiguous() for k, v in checkpoint.tensors.items()}
+    payload = _unshared(
+        {
+            **{f"model/{k}": v for k, v in checkpoint.model.items()},
+            **{f"state/{k}": v for k, v in checkpoint.tensors.items()},
+        }
     )
     tmp = tensor_path.with_name(tensor_path.name + ".tmp")
     save_file(payload, str(tmp))
