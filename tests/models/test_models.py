@@ -1,5 +1,7 @@
 """Every zoo model builds by name and runs a forward pass of the right shape."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -134,3 +136,21 @@ def test_a_model_with_a_buffer_its_state_lacks_is_built_as_usual():
     model = build_for_state(_WithMask, state)
     assert torch.equal(model.mask, torch.ones(3))
     assert torch.equal(model.linear.weight, state["linear.weight"])
+
+
+def test_a_state_fitted_to_a_meta_model_is_checked_without_a_warning_per_tensor() -> None:
+    """``check_model`` first builds on the meta device, with ``model.init``'s state: torch warns
+    that each copy into a meta tensor is a no-op (one line per tensor on every run); the keys and
+    shapes are still checked."""
+    state = build_model("mlp", in_features=8, hidden=[4], num_classes=3).state_dict()
+    with torch.device("meta"):
+        model = build_model("mlp", in_features=8, hidden=[4], num_classes=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = fit_to_state(model, state)
+    assert [str(w.message) for w in caught] == []
+    assert all(p.is_meta for p in fitted.parameters())
+    with torch.device("meta"):
+        model = build_model("mlp", in_features=8, hidden=[4], num_classes=3)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fit_to_state(model, {**state, "extra": torch.zeros(1)})
