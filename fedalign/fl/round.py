@@ -194,11 +194,8 @@ class Round:
         self.log.timed("parse", t0)
         t0 = time.perf_counter()
         bound = self.settings.max_update_norm
-        # the norms _drop_large_updates compares, measured with the checks (two or more to compare)
-        compare = (
-            self.settings.max_update_ratio is not None
-            and sum(u.partition_id not in local for u in parsed) >= 2
-        )
+        # the norms _drop_large_updates compares, measured with the checks
+        compare = self.settings.max_update_ratio is not None
         problems, norms = update_checks(  # every reply's tensors checked in one batch
             [sent[u.partition_id] for u in parsed],
             [u.state_dict for u in parsed],

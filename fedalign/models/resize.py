@@ -100,9 +100,8 @@ def fit_to_state(model: nn.Module, state: StateDict) -> nn.Module:
     (38 lines for the fortunes transformer's ``model.init``, on every run); that warning is not
     shown."""
     model = resize_to_state(model, state)
-    with warnings.catch_warnings():
-        if any(t.is_meta for t in model.state_dict().values()):
-            warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter")
+    with warnings.catch_warnings():  # (torch gives it only for a meta tensor)
+        warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter")
         model.load_state_dict(state)
     return model
 
