@@ -47,3 +47,45 @@ def test_without_the_dashboard_the_node_agent_runs_minimal_without_rays_import_c
     with lean_ray(False, verbose=False):
         assert ray_utils.get_dashboard_dependency_error is original
     assert ray_utils.get_dashboard_dependency_error is original
+
+
+def test_the_raylet_finds_its_agents_ports_written_before_the_agents_start(tmp_path):
+    """Without the dashboard the raylet reads its agents' port files as soon as it starts: the
+    minimal node agent's -1s and the runtime environment agent's port, fixed in advance."""
+    import ray
+    from ray._raylet import (
+        DASHBOARD_AGENT_LISTEN_PORT_NAME,
+        METRICS_AGENT_PORT_NAME,
+        METRICS_EXPORT_PORT_NAME,
+        RUNTIME_ENV_AGENT_PORT_NAME,
+        wait_for_persisted_port,
+    )
+
+    node_id = ray.NodeID.from_random().hex()
+
+    class Unstarted:  # a Node without the rest of its attributes: the original start fails on it
+        _session_dir, _node_id = str(tmp_path), node_id
+
+    with lean_ray(True, verbose=False):
+        Unstarted._ray_params = RayParams()
+        with pytest.raises(AttributeError):
+            Node.start_raylet(Unstarted(), "/dev/shm", str(tmp_path), 10**8)
+    port = Unstarted._ray_params.runtime_env_agent_port
+    assert 0 < port < 65536
+
+    def written(name: str) -> int:
+        return wait_for_persisted_port(str(tmp_path), node_id, name, timeout_ms=0)
+
+    assert written(RUNTIME_ENV_AGENT_PORT_NAME) == port
+    unused = (METRICS_AGENT_PORT_NAME, METRICS_EXPORT_PORT_NAME, DASHBOARD_AGENT_LISTEN_PORT_NAME)
+    assert [written(name) for name in unused] == [-1, -1, -1]
+
+
+def test_with_the_dashboard_its_agent_writes_its_own_ports():
+    original = Node.start_raylet
+    with lean_ray(True, verbose=False, dashboard=True):
+        assert not RayParams().runtime_env_agent_port  # Ray's: the agent picks and writes it
+        assert Node.start_raylet is original
+    with lean_ray(False, verbose=False):
+        assert Node.start_raylet is original
+    assert Node.start_raylet is original

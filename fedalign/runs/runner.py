@@ -171,7 +171,8 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
     of the run's memory (benchmarks.md). Without the ``dashboard``, Ray's node agent also runs
     its minimal modules, as on a Ray installed without the dashboard's packages: Ray decides that
     by importing them (aiohttp, OpenTelemetry), in the raylet's start, on the way to the first
-    worker (0.15-0.4 s of the driver's CPU). Runs attaching to a cluster are left as they are."""
+    worker (0.15-0.4 s of the driver's CPU), and the raylet finds its agents' ports already
+    written (``agent_ports_written``). Runs attaching to a cluster are left as they are."""
     if not local:
         yield
         return
@@ -180,6 +181,7 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
     from ray._private.parameter import RayParams
 
     original_params, original_api = RayParams.__init__, Node.start_api_server
+    original_raylet = Node.start_raylet
     original_check = ray_utils.get_dashboard_dependency_error
 
     def params(self: RayParams, *args: Any, **kwargs: Any) -> None:
@@ -187,6 +189,13 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
         self.no_monitor = True
         if not verbose:
             self.include_log_monitor = False
+        if not dashboard and not self.runtime_env_agent_port:
+            self.runtime_env_agent_port = free_loopback_port()
+
+    def raylet(self: Node, *args: Any, **kwargs: Any) -> Any:
+        ports = self._ray_params
+        agent_ports_written(self._session_dir, self._node_id, ports.runtime_env_agent_port)
+        return original_raylet(self, *args, **kwargs)
 
     def api_server(self: Node, *, include_dashboard: bool | None, **kwargs: Any) -> None:
         if include_dashboard:
@@ -198,11 +207,43 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
     RayParams.__init__, Node.start_api_server = params, api_server
     if not dashboard:
         ray_utils.get_dashboard_dependency_error = minimal_agent
+        Node.start_raylet = raylet
     try:
         yield
     finally:
         RayParams.__init__, Node.start_api_server = original_params, original_api
+        Node.start_raylet = original_raylet
         ray_utils.get_dashboard_dependency_error = original_check
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on the loopback interface now (the OS's choice)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+def agent_ports_written(session_dir: str, node_id: str, runtime_env_agent_port: int) -> None:
+    """Write the port files a raylet waits for before it registers and starts any worker, with
+    the values its agents will write: the minimal node agent's -1s (metrics, metrics export,
+    its HTTP server: none runs) and the runtime environment agent's fixed port. The raylet reads
+    them as soon as it starts instead of waiting for both agents to import Ray and aiohttp:
+    0.7-1.1 s of every start on two cores, before the first worker (benchmarks.md, issue 27).
+    """
+    from ray._raylet import (
+        DASHBOARD_AGENT_LISTEN_PORT_NAME,
+        METRICS_AGENT_PORT_NAME,
+        METRICS_EXPORT_PORT_NAME,
+        RUNTIME_ENV_AGENT_PORT_NAME,
+        persist_port,
+    )
+
+    unused = (METRICS_AGENT_PORT_NAME, METRICS_EXPORT_PORT_NAME, DASHBOARD_AGENT_LISTEN_PORT_NAME)
+    for name in unused:
+        persist_port(session_dir, node_id, name, -1)
+    persist_port(session_dir, node_id, RUNTIME_ENV_AGENT_PORT_NAME, runtime_env_agent_port)
 
 
 @contextlib.contextmanager
