@@ -14,6 +14,7 @@ from fedalign.algorithms.align import (
     random_permutation,
     sinkhorn_rebasin,
 )
+from fedalign.algorithms.align.sinkhorn_rebasin import log_sinkhorn
 from fedalign.algorithms.analysis import interpolate
 from fedalign.models import build_model
 from tests.helpers import seeded_model
@@ -85,6 +86,16 @@ def test_sinkhorn_rebasin_recovers_a_planted_permutation_without_data(loss):
     perms = sinkhorn_rebasin(spec, a.state_dict(), b.state_dict(), loss=loss)
     back = apply_permutation(spec, perms, b.state_dict())
     assert all(torch.equal(back[k], a.state_dict()[k]) for k in back)
+
+
+def test_log_sinkhorn_normalises_a_batch_of_plans_each_as_on_its_own():
+    """Sinkhorn re-basin normalises the groups of one size as one batch."""
+    logits = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    batch = log_sinkhorn(logits, tau=0.5, n_iter=30)
+    for plan, single in zip(batch, logits):
+        torch.testing.assert_close(plan, log_sinkhorn(single, tau=0.5, n_iter=30))
+    torch.testing.assert_close(batch.sum(-2), torch.ones(3, 6))  # columns exact
+    torch.testing.assert_close(batch.sum(-1), torch.ones(3, 6), atol=1e-3, rtol=0)
 
 
 def test_sinkhorn_rebasin_midpoint_loss_lowers_the_midpoint_loss():
