@@ -87,7 +87,8 @@ def sinkhorn_rebasin(
     ``data = (X, y)``, evaluated with ``model``'s architecture through ``functional_call``).
     Each group's ``n x n`` logits start at ``I + 0.1 * randn`` and are trained by Adam (``steps``,
     ``lr``); the soft permutation is ``log_sinkhorn(logits, tau, n_iter)``, the groups of one size
-    normalised as one batch (``_plans``). At the end every plan is hardened by ``solver``. Apply the result with ``apply_permutation(spec, perms, other)``.
+    normalised as one batch (``_plans``). At the end every plan is hardened by ``solver``.
+    Apply the result with ``apply_permutation(spec, perms, other)``.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
