@@ -7,6 +7,7 @@ pytest.importorskip("ray")
 from ray._private.node import Node
 from ray._private.parameter import RayParams
 
+from fedalign.runs import agent_ports
 from fedalign.runs.runner import lean_ray
 
 
@@ -71,7 +72,7 @@ def test_the_raylet_finds_its_agents_ports_written_before_the_agents_start(tmp_p
         with pytest.raises(AttributeError):
             Node.start_raylet(Unstarted(), "/dev/shm", str(tmp_path), 10**8)
     port = Unstarted._ray_params.runtime_env_agent_port
-    assert 0 < port < 65536
+    assert agent_ports.LOWEST_PORT <= port < agent_ports._ephemeral_floor()
 
     def written(name: str) -> int:
         return wait_for_persisted_port(str(tmp_path), node_id, name, timeout_ms=0)
@@ -89,3 +90,23 @@ def test_with_the_dashboard_its_agent_writes_its_own_ports():
     with lean_ray(False, verbose=False):
         assert Node.start_raylet is original
     assert Node.start_raylet is original
+
+
+def test_the_agents_port_is_free_and_outside_the_ports_the_kernel_hands_out(monkeypatch):
+    """The kernel gives ports of its ephemeral range to connections Ray's processes open while
+    it starts: one of them could take the agent's port before the agent binds it."""
+    import socket
+
+    floor = agent_ports._ephemeral_floor()
+    assert floor > agent_ports.LOWEST_PORT  # Linux's default range starts at 32768
+    chosen = {agent_ports.runtime_env_agent_port() for _ in range(20)}
+    assert all(agent_ports.LOWEST_PORT <= port < floor for port in chosen) and len(chosen) > 1
+    free = agent_ports._bindable
+    low = next(p for p in range(floor - 2, agent_ports.LOWEST_PORT, -1) if free(p) and free(p + 1))
+    with socket.socket() as taken:
+        taken.bind((agent_ports.LOOPBACK, low))
+        monkeypatch.setattr(agent_ports, "LOWEST_PORT", low)  # two candidates, one in use
+        monkeypatch.setattr(agent_ports, "_ephemeral_floor", lambda: low + 2)
+        assert {agent_ports.runtime_env_agent_port() for _ in range(10)} == {low + 1}
+        monkeypatch.setattr(agent_ports, "_ephemeral_floor", lambda: low)  # none left
+        assert agent_ports.runtime_env_agent_port() != low  # the kernel's choice

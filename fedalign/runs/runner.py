@@ -42,6 +42,7 @@ from fedalign.fl.dispatch import fast_dispatch
 from fedalign.fl.round_log import RoundLog
 from fedalign.report.results import RunRecorder, read_json
 from fedalign.report.trackers import missing_package
+from fedalign.runs.agent_ports import LOOPBACK, runtime_env_agent_port, write_agent_ports
 from fedalign.runs.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -133,7 +134,6 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     }
 
 
-LOOPBACK = "127.0.0.1"
 DATA_COPY = ".shared-data"
 
 
@@ -172,7 +172,7 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
     its minimal modules, as on a Ray installed without the dashboard's packages: Ray decides that
     by importing them (aiohttp, OpenTelemetry), in the raylet's start, on the way to the first
     worker (0.15-0.4 s of the driver's CPU), and the raylet finds its agents' ports already
-    written (``agent_ports_written``). Runs attaching to a cluster are left as they are."""
+    written (``agent_ports``). Runs attaching to a cluster are left as they are."""
     if not local:
         yield
         return
@@ -190,11 +190,11 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
         if not verbose:
             self.include_log_monitor = False
         if not dashboard and not self.runtime_env_agent_port:
-            self.runtime_env_agent_port = free_loopback_port()
+            self.runtime_env_agent_port = runtime_env_agent_port()
 
     def raylet(self: Node, *args: Any, **kwargs: Any) -> Any:
         ports = self._ray_params
-        agent_ports_written(self._session_dir, self._node_id, ports.runtime_env_agent_port)
+        write_agent_ports(self._session_dir, self._node_id, ports.runtime_env_agent_port)
         return original_raylet(self, *args, **kwargs)
 
     def api_server(self: Node, *, include_dashboard: bool | None, **kwargs: Any) -> None:
@@ -214,36 +214,6 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
         RayParams.__init__, Node.start_api_server = original_params, original_api
         Node.start_raylet = original_raylet
         ray_utils.get_dashboard_dependency_error = original_check
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on the loopback interface now (the OS's choice)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
-
-
-def agent_ports_written(session_dir: str, node_id: str, runtime_env_agent_port: int) -> None:
-    """Write the port files a raylet waits for before it registers and starts any worker, with
-    the values its agents will write: the minimal node agent's -1s (metrics, metrics export,
-    its HTTP server: none runs) and the runtime environment agent's fixed port. The raylet reads
-    them as soon as it starts instead of waiting for both agents to import Ray and aiohttp:
-    0.7-1.1 s of every start on two cores, before the first worker (benchmarks.md, issue 27).
-    """
-    from ray._raylet import (
-        DASHBOARD_AGENT_LISTEN_PORT_NAME,
-        METRICS_AGENT_PORT_NAME,
-        METRICS_EXPORT_PORT_NAME,
-        RUNTIME_ENV_AGENT_PORT_NAME,
-        persist_port,
-    )
-
-    unused = (METRICS_AGENT_PORT_NAME, METRICS_EXPORT_PORT_NAME, DASHBOARD_AGENT_LISTEN_PORT_NAME)
-    for name in unused:
-        persist_port(session_dir, node_id, name, -1)
-    persist_port(session_dir, node_id, RUNTIME_ENV_AGENT_PORT_NAME, runtime_env_agent_port)
 
 
 @contextlib.contextmanager
