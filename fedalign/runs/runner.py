@@ -107,8 +107,8 @@ def backend_config(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     other work, instead of starting the run's own Ray. Its Ray also starts its workers on
     ``WORKER_MODULES`` (imported as Ray starts them, before any client is asked for), retries its
     local sockets every 0.1 s (``SOCKET_RETRIES``) and, without the dashboard, collects no
-    metrics: its raylet then does not wait for the metrics agent, about 1 s of every start
-    (benchmarks.md, issue 27).
+    metrics (its minimal node agent runs no metrics server; ``lean_ray`` writes the agents' ports
+    before the raylet waits for them, about 1 s of every start: benchmarks.md, issue 27).
     """
     sim = cfg.simulation
     init_args: dict[str, Any] = {
