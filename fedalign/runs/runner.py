@@ -193,8 +193,8 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
             self.runtime_env_agent_port = runtime_env_agent_port()
 
     def raylet(self: Node, *args: Any, **kwargs: Any) -> Any:
-        ports = self._ray_params
-        write_agent_ports(self._session_dir, self._node_id, ports.runtime_env_agent_port)
+        port = self._ray_params.runtime_env_agent_port
+        write_agent_ports(self._session_dir, self._node_id, port)
         return original_raylet(self, *args, **kwargs)
 
     def api_server(self: Node, *, include_dashboard: bool | None, **kwargs: Any) -> None:

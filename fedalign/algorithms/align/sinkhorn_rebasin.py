@@ -40,7 +40,7 @@ def _plans(
     """Each group's soft permutation, normalised with the other groups of its size as one batch:
     a transformer's groups come in a few sizes (the residual stream, every block's feed-forward
     units, every block's heads), so a step runs ``2 * n_iter`` normalisations per size instead
-    of per group, forward and backward (the steps' cost was these small operations')."""
+    of per group, forward and backward."""
     plans = {}
     for n, stacked in logits.items():
         plans.update(zip(groups[n], log_sinkhorn(stacked, tau, n_iter).unbind(0)))
