@@ -21,8 +21,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import cache_root
+from .cache import cache_root, written_atomically
 from .partition import partition
 
 log = logging.getLogger(__name__)
@@ -111,19 +109,13 @@ def _read(path: Path, num_samples: int, num_clients: int) -> tuple[list[np.ndarr
 
 def _write(path: Path, parts: list[np.ndarray], notes: list[str]) -> None:
     """Store atomically (a partly written file is never seen under its name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-        try:
-            np.savez(
-                f,
-                indices=np.concatenate(parts).astype(np.int64, copy=False),
-                sizes=np.array([len(p) for p in parts], dtype=np.int64),
-                warnings=np.array(notes, dtype=str),
-            )
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+    with written_atomically(path) as f:
+        np.savez(
+            f,
+            indices=np.concatenate(parts).astype(np.int64, copy=False),
+            sizes=np.array([len(p) for p in parts], dtype=np.int64),
+            warnings=np.array(notes, dtype=str),
+        )
 
 
 def cached_partition(

@@ -205,6 +205,70 @@ def no_default_dirs(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _load_fresh(directory: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """A split as a new process would load it (the per-process cache emptied)."""
+    fashion_mnist._read_split.cache_clear()
+    return fashion_mnist.load(split, data_dir=directory)
+
+
+def _refuse_to_decode(*args):
+    raise AssertionError("decoded the split again instead of mapping the stored one")
+
+
+def test_a_split_is_decoded_once_then_mapped_copy_on_write(no_default_dirs, monkeypatch):
+    _fake_fmnist(no_default_dirs / "given")
+    X, y = _load_fresh(no_default_dirs / "given")
+    stored = sorted(p.name.split("-")[0] for p in fashion_mnist.decoded_dir().iterdir())
+    assert stored == ["train", "train"]  # images and labels
+    monkeypatch.setattr(fashion_mnist, "_decode", _refuse_to_decode)
+    X2, y2 = _load_fresh(no_default_dirs / "given")
+    assert isinstance(X2, np.memmap) and X2.dtype == np.float32
+    assert X2.tobytes() == X.tobytes() and y2.tolist() == y.tolist()
+    X2[0] = 7.0  # a write stays in this process: the stored split is unchanged
+    assert _load_fresh(no_default_dirs / "given")[0].tobytes() == X.tobytes()
+
+
+def test_changed_files_or_a_bad_stored_split_are_decoded_again(no_default_dirs, monkeypatch):
+    given = no_default_dirs / "given"
+    _fake_fmnist(given)
+    _load_fresh(given)
+    _fake_fmnist(given, n_train=5)  # the files changed: their split is decoded again
+    assert len(_load_fresh(given)[0]) == 5
+    decoded, decode = [], fashion_mnist._decode
+    monkeypatch.setattr(
+        fashion_mnist, "_decode", lambda *paths: decoded.append(1) or decode(*paths)
+    )
+    stem = fashion_mnist._decoded_stem(
+        "train", *(given / fashion_mnist.FILES[("train", kind)] for kind in ("images", "labels"))
+    )
+    images, labels = Path(f"{stem}-X.npy"), Path(f"{stem}-y.npy")
+    bad = {
+        "truncated": lambda: images.write_bytes(images.read_bytes()[:200]),
+        "wrong dtype": lambda: np.save(images, np.zeros((5, 1, 28, 28), np.float64)),
+        "wrong shape": lambda: np.save(images, np.zeros((5, 28, 28), np.float32)),
+        "labels too few": lambda: np.save(labels, np.zeros(4, np.int64)),
+        "a label out of range": lambda: np.save(labels, np.full(5, 10, np.int64)),
+        "pickled labels": lambda: np.save(labels, np.array([0, 1, 2, 3, None]), allow_pickle=True),
+    }
+    for count, (name, spoil) in enumerate(bad.items(), 1):
+        spoil()
+        X5, y5 = _load_fresh(given)
+        assert len(decoded) == count, name
+        assert X5.shape == (5, 1, 28, 28) and y5.tolist() == list(range(5)), name
+    assert _load_fresh(given)[1].tolist() == list(range(5)) and len(decoded) == len(
+        bad
+    )  # rewritten
+
+
+def test_an_unwritable_cache_leaves_the_load_as_it_was(no_default_dirs, monkeypatch):
+    _fake_fmnist(no_default_dirs / "given")
+    blocker = no_default_dirs / "blocker"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    X, _ = _load_fresh(no_default_dirs / "given")
+    assert X.shape == (6, 1, 28, 28) and not isinstance(X, np.memmap)
+
+
 def test_data_dir_and_env_are_looked_up_first(no_default_dirs, monkeypatch):
     _fake_fmnist(no_default_dirs / "given")
     X, y = load_dataset("fashion-mnist", "train", data_dir=no_default_dirs / "given")
