@@ -50,7 +50,7 @@ def test_without_the_dashboard_the_node_agent_runs_minimal_without_rays_import_c
     assert ray_utils.get_dashboard_dependency_error is original
 
 
-def test_the_raylet_finds_its_agents_ports_written_before_the_agents_start(tmp_path):
+def test_the_raylet_finds_its_agents_ports_written_before_the_agents_start(tmp_path, monkeypatch):
     """Without the dashboard the raylet reads its agents' port files as soon as it starts: the
     minimal node agent's -1s and the runtime environment agent's port, fixed in advance."""
     import ray
@@ -63,6 +63,7 @@ def test_the_raylet_finds_its_agents_ports_written_before_the_agents_start(tmp_p
     )
 
     node_id = ray.NodeID.from_random().hex()
+    monkeypatch.setattr(agent_ports, "_ephemeral_range", lambda: (40000, 60999))  # any host
 
     class Unstarted:  # a Node without the rest of its attributes: the original start fails on it
         _session_dir, _node_id = str(tmp_path), node_id
@@ -72,7 +73,7 @@ def test_the_raylet_finds_its_agents_ports_written_before_the_agents_start(tmp_p
         with pytest.raises(AttributeError):
             Node.start_raylet(Unstarted(), "/dev/shm", str(tmp_path), 10**8)
     port = Unstarted._ray_params.runtime_env_agent_port
-    assert agent_ports.LOWEST_PORT <= port < agent_ports._ephemeral_floor()
+    assert agent_ports.LOWEST_PORT <= port < 40000 or port > 60999
 
     def written(name: str) -> int:
         return wait_for_persisted_port(str(tmp_path), node_id, name, timeout_ms=0)
@@ -97,16 +98,26 @@ def test_the_agents_port_is_free_and_outside_the_ports_the_kernel_hands_out(monk
     it starts: one of them could take the agent's port before the agent binds it."""
     import socket
 
-    floor = agent_ports._ephemeral_floor()
-    assert floor > agent_ports.LOWEST_PORT  # Linux's default range starts at 32768
+    monkeypatch.setattr(agent_ports, "_ephemeral_range", lambda: (30000, 60999))
     chosen = {agent_ports.runtime_env_agent_port() for _ in range(20)}
-    assert all(agent_ports.LOWEST_PORT <= port < floor for port in chosen) and len(chosen) > 1
+    assert all(20000 <= p < 30000 or p > 60999 for p in chosen) and len(chosen) > 1
     free = agent_ports._bindable
-    low = next(p for p in range(floor - 2, agent_ports.LOWEST_PORT, -1) if free(p) and free(p + 1))
+    low = next(p for p in range(29998, 20000, -1) if free(p) and free(p + 1))
     with socket.socket() as taken:
         taken.bind((agent_ports.LOOPBACK, low))
         monkeypatch.setattr(agent_ports, "LOWEST_PORT", low)  # two candidates, one in use
-        monkeypatch.setattr(agent_ports, "_ephemeral_floor", lambda: low + 2)
+        monkeypatch.setattr(agent_ports, "_ephemeral_range", lambda: (low + 2, 65535))
         assert {agent_ports.runtime_env_agent_port() for _ in range(10)} == {low + 1}
-        monkeypatch.setattr(agent_ports, "_ephemeral_floor", lambda: low)  # none left
-        assert agent_ports.runtime_env_agent_port() != low  # the kernel's choice
+        monkeypatch.setattr(agent_ports, "_ephemeral_range", lambda: (low, 65535))  # none left
+        assert agent_ports.runtime_env_agent_port() is None  # the agent picks its own
+
+
+def test_without_a_port_chosen_the_runtime_environment_agent_writes_its_own(tmp_path):
+    import ray
+    from ray._raylet import RUNTIME_ENV_AGENT_PORT_NAME, wait_for_persisted_port
+
+    node_id = ray.NodeID.from_random().hex()
+    agent_ports.write_agent_ports(str(tmp_path), node_id, None)
+    assert len(list(tmp_path.iterdir())) == 3  # the node agent's -1s only
+    with pytest.raises(Exception, match="(?i)time"):
+        wait_for_persisted_port(str(tmp_path), node_id, RUNTIME_ENV_AGENT_PORT_NAME, timeout_ms=0)

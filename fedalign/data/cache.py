@@ -23,13 +23,17 @@ def cache_root() -> Path:
 @contextlib.contextmanager
 def written_atomically(path: Path) -> Iterator[IO[bytes]]:
     """A file to write ``path``'s content into, renamed to ``path`` once the block ends without an
-    error (and deleted if it raises): a partly written file is never seen under its name, also by
-    a run reading it at the same time."""
+    error and the content is on disk (deleted if anything fails): a partly written file is never
+    seen under its name, by a run reading it at the same time or after a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-        try:
+    fd, name = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
             yield f
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise

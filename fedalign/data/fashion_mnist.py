@@ -249,14 +249,32 @@ def decoded_dir() -> Path:
 
 
 def _decoded_stem(split: str, image_path: Path, label_path: Path) -> Path:
-    """Where one split of these files is stored decoded: under a digest of the format and of each
-    file's resolved path, size and modification time (a changed or another copy is decoded
-    again)."""
-    files = [
-        [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in (image_path, label_path)
-    ]
-    digest = hashlib.sha256(json.dumps([DECODED_FORMAT, files]).encode()).hexdigest()
-    return decoded_dir() / f"{split}-{digest}"
+    """Where one split of these files is stored decoded: ``SPLIT-WHERE-WHAT``, WHERE a digest of
+    the files' resolved paths and WHAT one of the format and of each file's inode, size,
+    modification and change times. A copy that keeps the modification time (``cp -p``,
+    ``tar x``) still has a new inode or change time, which no user can set, so another or a
+    changed copy is decoded again; the split stored for the same paths before is then removed
+    (``_store``)."""
+    paths = [str(path.resolve()) for path in (image_path, label_path)]
+    times = []
+    for path in (image_path, label_path):
+        st = path.stat()
+        times.append([st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    where = hashlib.sha256(json.dumps(paths).encode()).hexdigest()[:16]
+    what = hashlib.sha256(json.dumps([DECODED_FORMAT, times]).encode()).hexdigest()
+    return decoded_dir() / f"{split}-{where}-{what}"
+
+
+def _store(stem: Path, X: np.ndarray, y: np.ndarray) -> None:
+    """Store a decoded split under ``stem``, then remove what was stored for the same files
+    before they changed (or under an older format)."""
+    for name, array in (("X", X), ("y", y)):
+        with written_atomically(Path(f"{stem}-{name}.npy")) as f:
+            np.save(f, array)
+    split_where = stem.name.rsplit("-", 1)[0]
+    for old in stem.parent.glob(f"{split_where}-*.npy"):
+        if not old.name.startswith(f"{stem.name}-"):
+            old.unlink(missing_ok=True)
 
 
 def _read_decoded(stem: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -269,8 +287,8 @@ def _read_decoded(stem: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"images {X.dtype} {X.shape}")
     if y.dtype != np.int64 or y.shape != (len(X),):
         raise ValueError(f"labels {y.dtype} {y.shape} for {len(X)} images")
-    if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
-        raise ValueError("a label out of range")
+    if not y.size or y.min() < 0 or y.max() >= NUM_CLASSES:
+        raise ValueError("no labels, or a label out of range")
     return X, y
 
 
@@ -291,13 +309,11 @@ def _read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         return _read_decoded(stem)
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, EOFError) as exc:
-        log.debug("decoded %s split %s not used (%s); decoding it again", split, stem, exc)
+    except Exception as exc:  # noqa: BLE001 (whatever a bad file raises: it is decoded again)
+        log.debug("decoded %s split %s not used (%r); decoding it again", split, stem, exc)
     X, y = _decode(image_path, label_path)
     try:
-        for name, array in (("X", X), ("y", y)):
-            with written_atomically(Path(f"{stem}-{name}.npy")) as f:
-                np.save(f, array)
+        _store(stem, X, y)
     except OSError as exc:
         log.debug("decoded %s split not stored in %s (%s)", split, stem.parent, exc)
     return X, y

@@ -15,18 +15,19 @@ import socket
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"  # a local run's Ray listens here only (runner.loopback_ray)
-#: Above Ray's worker ports (10002-19999 by default), below the kernel's ephemeral range.
+#: Above the worker ports ``ray start`` uses by default (10002-19999).
 LOWEST_PORT = 20000
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 TRIES = 32
 
 
-def _ephemeral_floor() -> int:
-    """The lowest port the kernel hands out by itself (``connect``, ``bind`` to port 0)."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out by itself (``connect``, ``bind`` to port 0)."""
     try:
-        return int(EPHEMERAL_RANGE.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default range starts there
+        low, high = (int(v) for v in EPHEMERAL_RANGE.read_text().split()[:2])
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default range
+    return low, high
 
 
 def _bindable(port: int) -> bool:
@@ -38,24 +39,25 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def runtime_env_agent_port() -> int:
-    """A loopback port free now that nothing should take before the agent binds it.
+def runtime_env_agent_port() -> int | None:
+    """A loopback port free now that nothing should take before the agent binds it, or None.
 
-    Chosen at random below the kernel's ephemeral range: a port the kernel picked (``bind`` to
-    port 0) goes back into that range when the probe closes, and while Ray starts its own
-    processes open connections that draw from it; taken there, the agent would fail to bind and
-    take the raylet down with it. Where no such range is left, the kernel's choice."""
-    candidates = range(LOWEST_PORT, _ephemeral_floor())
+    Chosen at random outside the kernel's ephemeral range (below it, else above it): while Ray
+    starts, its own processes open connections whose ports the kernel draws from that range,
+    and a port taken before the agent binds it makes the agent fail and take the raylet down
+    with it. None where no port outside the range is free: the agent then picks its own and
+    the raylet waits for it, as without ``lean_ray``."""
+    low, high = _ephemeral_range()
+    candidates = [*range(LOWEST_PORT, low), *range(max(high + 1, LOWEST_PORT), 65536)]
     for port in random.sample(candidates, min(TRIES, len(candidates))):
         if _bindable(port):
             return port
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
+    return None
 
 
-def write_agent_ports(session_dir: str, node_id: str, runtime_env_port: int) -> None:
-    """Write the four port files with the values the agents will write themselves."""
+def write_agent_ports(session_dir: str, node_id: str, runtime_env_port: int | None) -> None:
+    """Write the port files with the values the agents will write themselves: the node agent's
+    three -1s, and the runtime environment agent's port when it was chosen in advance."""
     from ray._raylet import (
         DASHBOARD_AGENT_LISTEN_PORT_NAME,
         METRICS_AGENT_PORT_NAME,
@@ -67,4 +69,5 @@ def write_agent_ports(session_dir: str, node_id: str, runtime_env_port: int) -> 
     unused = (METRICS_AGENT_PORT_NAME, METRICS_EXPORT_PORT_NAME, DASHBOARD_AGENT_LISTEN_PORT_NAME)
     for name in unused:
         persist_port(session_dir, node_id, name, -1)
-    persist_port(session_dir, node_id, RUNTIME_ENV_AGENT_PORT_NAME, runtime_env_port)
+    if runtime_env_port:
+        persist_port(session_dir, node_id, RUNTIME_ENV_AGENT_PORT_NAME, runtime_env_port)

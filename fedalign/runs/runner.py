@@ -190,7 +190,7 @@ def lean_ray(local: bool, verbose: bool, dashboard: bool = False) -> Iterator[No
         if not verbose:
             self.include_log_monitor = False
         if not dashboard and not self.runtime_env_agent_port:
-            self.runtime_env_agent_port = runtime_env_agent_port()
+            self.runtime_env_agent_port = runtime_env_agent_port()  # None: the agent's choice
 
     def raylet(self: Node, *args: Any, **kwargs: Any) -> Any:
         port = self._ray_params.runtime_env_agent_port

@@ -2,7 +2,9 @@
 
 import gzip
 import hashlib
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +213,13 @@ def _load_fresh(directory: Path, split: str = "train") -> tuple[np.ndarray, np.n
     return fashion_mnist.load(split, data_dir=directory)
 
 
+def _npy(array: np.ndarray, archive: bool = False) -> bytes:
+    """The bytes of ``array`` saved as ``.npy`` (or, with ``archive``, in an ``.npz``)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, X=array) if archive else np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def _refuse_to_decode(*args):
     raise AssertionError("decoded the split again instead of mapping the stored one")
 
@@ -234,6 +243,8 @@ def test_changed_files_or_a_bad_stored_split_are_decoded_again(no_default_dirs, 
     _load_fresh(given)
     _fake_fmnist(given, n_train=5)  # the files changed: their split is decoded again
     assert len(_load_fresh(given)[0]) == 5
+    stored = sorted(p.name for p in fashion_mnist.decoded_dir().glob("train-*"))
+    assert len(stored) == 2 and stored[0][:-6] == stored[1][:-6]  # the old split was removed
     decoded, decode = [], fashion_mnist._decode
     monkeypatch.setattr(
         fashion_mnist, "_decode", lambda *paths: decoded.append(1) or decode(*paths)
@@ -249,6 +260,14 @@ def test_changed_files_or_a_bad_stored_split_are_decoded_again(no_default_dirs, 
         "labels too few": lambda: np.save(labels, np.zeros(4, np.int64)),
         "a label out of range": lambda: np.save(labels, np.full(5, 10, np.int64)),
         "pickled labels": lambda: np.save(labels, np.array([0, 1, 2, 3, None]), allow_pickle=True),
+        "a zip archive": lambda: images.write_bytes(_npy(np.zeros(5), archive=True)),
+        "a negative shape": lambda: images.write_bytes(
+            _npy(np.zeros((5, 1, 28, 28), np.float32)).replace(b"(5, 1", b"(-5,1", 1)
+        ),
+        "no images": lambda: (
+            np.save(images, np.zeros((0, 1, 28, 28), np.float32)),
+            np.save(labels, np.zeros(0, np.int64)),
+        ),
     }
     for count, (name, spoil) in enumerate(bad.items(), 1):
         spoil()
@@ -258,6 +277,21 @@ def test_changed_files_or_a_bad_stored_split_are_decoded_again(no_default_dirs, 
     assert _load_fresh(given)[1].tolist() == list(range(5)) and len(decoded) == len(
         bad
     )  # rewritten
+
+
+def test_files_rewritten_with_their_size_and_modification_time_are_decoded_again(
+    no_default_dirs,
+):
+    given = no_default_dirs / "given"
+    _fake_fmnist(given)
+    X, _ = _load_fresh(given)
+    images = given / fashion_mnist.FILES[("train", "images")]
+    before = images.stat()
+    array = np.full((6, 28, 28), 255, np.uint8)
+    images.write_bytes(gzip.compress(_idx_bytes(array), mtime=0).ljust(before.st_size, b"\0"))
+    os.utime(images, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert images.stat().st_size == before.st_size
+    assert _load_fresh(given)[0].min() == 1.0 != X.min()
 
 
 def test_an_unwritable_cache_leaves_the_load_as_it_was(no_default_dirs, monkeypatch):

@@ -17,7 +17,8 @@ from fedalign.runs.runner import QUIET_ENV
     ),
     reason="needs a local Fashion-MNIST copy (Debian's dataset-fashion-mnist)",
 )
-def test_prepare_fashion_mnist_copies_the_verified_files(tmp_path, capsys):
+def test_prepare_fashion_mnist_copies_the_verified_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # its decoded copy stays here
     assert main(["data", "prepare", "fashion-mnist", "--to", str(tmp_path)]) == 0
     target = tmp_path / "fashion-mnist"
     assert f"data.data_dir={target}" in capsys.readouterr().out
