@@ -255,11 +255,11 @@ def _decoded_stem(split: str, image_path: Path, label_path: Path) -> Path:
     ``tar x``) still has a new inode or change time, which no user can set, so another or a
     changed copy is decoded again; the split stored for the same paths before is then removed
     (``_store``)."""
-    paths = [str(path.resolve()) for path in (image_path, label_path)]
-    times = []
-    for path in (image_path, label_path):
-        st = path.stat()
-        times.append([st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    files = (image_path, label_path)
+    paths = [str(path.resolve()) for path in files]
+    times = [
+        [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns] for st in map(Path.stat, files)
+    ]
     where = hashlib.sha256(json.dumps(paths).encode()).hexdigest()[:16]
     what = hashlib.sha256(json.dumps([DECODED_FORMAT, times]).encode()).hexdigest()
     return decoded_dir() / f"{split}-{where}-{what}"
