@@ -208,8 +208,10 @@ def test_bad_inputs_are_named():
         bbp_map([], [])
 
 
-def test_block_cost_equals_the_per_dimension_cost():
-    """bbp_map's cost groups dimensions of equal precision; it must equal ``assignment_cost``."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_cost_equals_the_per_dimension_cost(dtype):
+    """bbp_map's cost groups dimensions of equal precision; it must equal ``assignment_cost``,
+    also with its products in float32 (as bbp_map runs them), to float32's precision."""
     from fedalign.algorithms.fusion.bbp_map import (
         _block_cost,
         _Blocks,
@@ -234,7 +236,11 @@ def test_block_cost_equals_the_per_dimension_cost():
     w = rows[2]
     base = _open_cost(w, blocks.norms(w), blocks.client[2], blocks, layer.prior_sum)
     existing = _block_cost(
-        w, blocks.norms(w), blocks.client[2], layer, _popularity_scores(J, 2.0, None, w.device)
+        w.to(dtype),
+        blocks.norms(w),
+        blocks.client[2],
+        layer,
+        _popularity_scores(J, 2.0, None, w.device),
     )
     fast = torch.cat([existing, _new_columns(base, 2.0, J)[:, :3]], 1)
     direct = assignment_cost(
@@ -249,7 +255,22 @@ def test_block_cost_equals_the_per_dimension_cost():
         J,
         3,
     )
-    torch.testing.assert_close(fast, direct)
+    tolerance = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(fast, direct, **tolerance)
+
+
+def test_block_norms_sum_each_blocks_dimensions():
+    """Blocks of consecutive dimensions (a range), scattered ones (an index) and one-dimension
+    blocks (one gather) each give the squared norm of their part of a row."""
+    from fedalign.algorithms.fusion.bbp_map import _Blocks
+
+    # dimensions 0-3 consecutive, 4 and 7 scattered, 5, 6 and 8 alone
+    values = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 2.0, 5.0], dtype=torch.float64)
+    blocks = _Blocks.of([values, values * 2], torch.ones(9, dtype=torch.float64))
+    rows = torch.randn(4, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    one_hot = torch.nn.functional.one_hot(blocks.position_block).to(rows.dtype)
+    assert one_hot.shape[1] == 5
+    torch.testing.assert_close(blocks.norms(rows), (rows**2) @ one_hot)
 
 
 def test_solving_over_the_first_new_columns_finds_the_full_optimum():
