@@ -149,6 +149,93 @@ def test_sweeps_may_pass_the_cap_and_the_last_sweep_brings_the_layer_back():
     assert counts.tolist() == result.popularity.tolist()
 
 
+def _reference_rules(rows, gamma: float, iterations: int, seed: int, cap: int):
+    """The reference code's capped BBP-MAP (IBM's PFNM ``match_layer``), written out loop by
+    loop as its code does, at precision 1 and a zero prior: the 1-log popularity term counted up
+    to 10 clients, at most ``max(cap - width, 1)`` new neurons a match, neurons kept as lists;
+    sweeps in ``torch.randperm`` orders (where the reference draws NumPy's). Returns the global
+    means and each client's assignment."""
+    from scipy.optimize import linear_sum_assignment
+
+    J, D = len(rows), rows[0].shape[1]
+    one, zero = torch.ones(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+    rows = [r.double() for r in rows]
+    sums, precisions, popularity, assignment = [], [], [], [None] * J
+
+    def match(j: int) -> None:
+        width, room = len(sums), min(len(rows[j]), max(cap - len(sums), 1))
+        stacked = [torch.stack(x) if x else torch.zeros(0, D).double() for x in (sums, precisions)]
+        cost = assignment_cost(
+            rows[j],
+            one,
+            *stacked,
+            torch.tensor(popularity, dtype=torch.float64),
+            zero,
+            one,
+            gamma,
+            J,
+            room,
+            popularity_weight=1.0,
+            popularity_cap=10,
+        )
+        assignment[j] = []
+        for l, i in zip(*linear_sum_assignment(cost.numpy(), maximize=True)):
+            if i < width:
+                sums[i], precisions[i] = sums[i] + rows[j][l], precisions[i] + one
+                popularity[i] += 1
+            else:
+                sums.append(rows[j][l].clone()), precisions.append(2 * one), popularity.append(1)
+            assignment[j].append(int(i) if i < width else len(sums) - 1)
+
+    def remove(j: int) -> None:
+        for l, i in sorted(enumerate(assignment[j]), key=lambda pair: -pair[1]):
+            popularity[i] -= 1
+            if popularity[i]:
+                sums[i], precisions[i] = sums[i] - rows[j][l], precisions[i] - one
+                continue
+            del sums[i], precisions[i], popularity[i]
+            for k in range(J):
+                assignment[k] = [a - (a > i and k != j) for a in assignment[k]]
+
+    for j in sorted(range(J), key=lambda j: -len(rows[j])):
+        match(j)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(iterations):
+        for j in torch.randperm(J, generator=generator).tolist():
+            remove(j)
+            match(j)
+    return torch.stack(sums) / torch.stack(precisions), assignment
+
+
+@pytest.mark.parametrize("seed", [9, 103])
+def test_under_a_cap_the_matching_follows_the_reference_codes_rules(seed):
+    """On the same client orders, capped BBP-MAP with the reference's popularity term ends with
+    the layer and assignments of the reference code's rules (a case that ends within the cap,
+    where fedalign's last sweep has nothing to do): 10 clients of 8 rows from 12 noisy
+    neurons, cap 12, so the first pass meets the cap and, as in the reference, still opens one
+    neuron a match (with none there, both seeds ended elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(12, 5, generator=g)
+    clients = [
+        centres[torch.randperm(12, generator=g)[:8]] + torch.randn(8, 5, generator=g)
+        for _ in range(10)
+    ]
+    mean, assignment = _reference_rules(clients, 5.0, 3, seed, cap=12)
+    assert len(mean) <= 12
+    result = bbp_map(
+        clients,
+        [1.0] * 10,
+        gamma=5.0,
+        iterations=3,
+        seed=seed,
+        max_width=12,
+        popularity="reference",
+        popularity_cap=10,
+    )
+    assert [a.tolist() for a in result.assignments] == assignment
+    torch.testing.assert_close(result.mean, mean.float())
+
+
 def test_sinkhorn_solver_finds_the_same_matching():
     _, clients, _ = _clustered_clients(J=4, subset=6, seed=2)
     exact = bbp_map(clients, [100.0] * 4, iterations=1)
@@ -271,6 +358,20 @@ def test_block_norms_sum_each_blocks_dimensions():
     one_hot = torch.nn.functional.one_hot(blocks.position_block).to(rows.dtype)
     assert one_hot.shape[1] == 5
     torch.testing.assert_close(blocks.norms(rows), (rows**2) @ one_hot)
+
+
+def test_unique_columns_is_torchs_unique_over_columns():
+    """The blocks' grouping of dimensions: the same distinct columns, order and inverse as
+    ``torch.unique(dim=1)``, on columns that tie in their first rows and repeat out of order."""
+    from fedalign.algorithms.fusion.bbp_map import _unique_columns
+
+    g = torch.Generator().manual_seed(1)
+    distinct = torch.tensor([[1.0, 1.0, 2.0, 0.5], [3.0, 2.0, 1.0, 4.0], [0.1, 0.2, 0.3, 0.4]])
+    picks = torch.randint(0, 4, (40,), generator=g)
+    matrix = distinct[:, picks].double()
+    keys, inverse = _unique_columns(matrix)
+    expected_keys, expected_inverse = torch.unique(matrix, dim=1, return_inverse=True)
+    assert torch.equal(keys, expected_keys) and torch.equal(inverse, expected_inverse)
 
 
 def test_solving_over_the_first_new_columns_finds_the_full_optimum():
