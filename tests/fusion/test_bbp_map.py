@@ -153,8 +153,9 @@ def _reference_rules(rows, gamma: float, iterations: int, seed: int, cap: int):
     """The reference code's capped BBP-MAP (IBM's PFNM ``match_layer``), written out loop by
     loop as its code does, at precision 1 and a zero prior: the 1-log popularity term counted up
     to 10 clients, at most ``max(cap - width, 1)`` new neurons a match, neurons kept as lists;
-    sweeps in ``torch.randperm`` orders (where the reference draws NumPy's). Returns the global
-    means and each client's assignment."""
+    sweeps in ``torch.randperm`` orders (where the reference draws NumPy's). Its scores come from
+    ``assignment_cost`` (checked against a direct computation above), so it checks the matching
+    and its cap, not the cost. Returns the global means and each client's assignment."""
     from scipy.optimize import linear_sum_assignment
 
     J, D = len(rows), rows[0].shape[1]
@@ -184,7 +185,9 @@ def _reference_rules(rows, gamma: float, iterations: int, seed: int, cap: int):
                 sums[i], precisions[i] = sums[i] + rows[j][l], precisions[i] + one
                 popularity[i] += 1
             else:
-                sums.append(rows[j][l].clone()), precisions.append(2 * one), popularity.append(1)
+                sums.append(rows[j][l].clone())
+                precisions.append(2 * one)
+                popularity.append(1)
             assignment[j].append(int(i) if i < width else len(sums) - 1)
 
     def remove(j: int) -> None:
@@ -195,7 +198,8 @@ def _reference_rules(rows, gamma: float, iterations: int, seed: int, cap: int):
                 continue
             del sums[i], precisions[i], popularity[i]
             for k in range(J):
-                assignment[k] = [a - (a > i and k != j) for a in assignment[k]]
+                if k != j:
+                    assignment[k] = [a - 1 if a > i else a for a in assignment[k]]
 
     for j in sorted(range(J), key=lambda j: -len(rows[j])):
         match(j)
@@ -357,6 +361,8 @@ def test_block_norms_sum_each_blocks_dimensions():
     rows = torch.randn(4, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     one_hot = torch.nn.functional.one_hot(blocks.position_block).to(rows.dtype)
     assert one_hot.shape[1] == 5
+    assert [type(dims) for _, dims in blocks.wide] == [slice, torch.Tensor]
+    assert blocks.single_dims.tolist() == [5, 6, 8]
     torch.testing.assert_close(blocks.norms(rows), (rows**2) @ one_hot)
 
 

@@ -8,12 +8,13 @@ client's assignment and each global neuron's popularity. The global layer may gr
 
 Everything is kept precision-weighted: a global neuron stores ``sum_j s_j * w_j + s0 * mu0`` and
 ``sum_j s_j + s0`` (per dimension), so adding or removing a client is one addition. The cost
-matrix is built with matrix products (the reference code loops over rows in Python). Its two
-(W, D)-sized products, the cross term and the global neurons' norms, run in float32: half the
-time of float64 at hidden 100, and their rounding (~1e-7 relative) sits far below the score gaps
-an assignment turns on (the fused layers of the reference's grid came out bit for bit those of
-float64, docs/fidelity.md); the running sums and precisions stay float64, so adding and removing
-a client is exact.
+matrix is built with matrix products (the reference code loops over rows in Python). Each
+match's (W, D)-sized work, the cross-term product and the global neurons' squared norms, runs in
+float32: half the time of float64 at hidden 100. Its rounding (around 1e-6 relative over D ~ 800
+terms) can only flip near-ties between scores: PFNM's fused layers over the reference's grid came
+out bit for bit those of float64 (72 fusions, docs/fidelity.md); FedMA's matching takes the same
+path. The running sums and precisions stay float64, and on CUDA the product is float32 only while
+TF32 matrix products stay off (torch's default).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class _Blocks:
     prior: torch.Tensor  # (B,) the prior's precision per block
     spread: torch.Tensor  # (B, D) 1 where a dimension is in a block
     spread32: torch.Tensor  # the same in float32
-    wide: tuple[tuple[int, slice | torch.Tensor], ...]  # blocks of several dimensions: which
+    wide: tuple[tuple[int, slice | torch.Tensor], ...]  # each block of several dims: its dims
     single_blocks: torch.Tensor  # blocks of one dimension
     single_dims: torch.Tensor  # ... and that dimension
 
@@ -152,10 +153,11 @@ class _Blocks:
 def _unique_columns(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.unique(matrix, dim=1, return_inverse=True)``: the distinct columns in ascending
     lexicographic order and each column's index among them. Each column is compared as one
-    string of bytes in NumPy (exact for the positive precisions it is given), then the few
-    distinct ones are put in torch's order: torch's unique over columns loops over them, 1.6 ms
-    against 0.16 ms for PFNM's (11, 795) at J=10, once per layer."""
-    values = np.ascontiguousarray(matrix.cpu().numpy().T)
+    string of bytes in NumPy (equal bytes, equal values: ``+ 0.0`` makes -0.0 the bytes of 0.0;
+    the callers' precisions are never NaN), then the few distinct ones are put in torch's order:
+    torch's unique over columns loops over them, 1.6 ms against 0.16 ms for PFNM's (11, 795) at
+    J=10, once per layer."""
+    values = np.ascontiguousarray(matrix.cpu().numpy().T) + 0.0
     as_bytes = values.view(np.dtype((np.void, values.shape[1] * values.itemsize))).ravel()
     _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
     keys = values[first]
@@ -329,9 +331,9 @@ def bbp_map(
     Beta-Bernoulli mass (larger opens more neurons); ``iterations``: sweeps re-matching every
     client after the first pass; ``max_width``: at most this width, binding while matching as in
     the reference code (which always caps at 700): a match opens at most ``max_width - width``
-    new neurons and at least one, as the reference does, and a last sweep re-matches
-    every client without the least popular neurons beyond the cap, so the layer ends within it
-    (none by default); ``popularity``:
+    new neurons and at least one, as the reference does, and a last sweep (which opens none past
+    the cap) re-matches every client without the least popular neurons beyond the cap, so the
+    layer ends within it (none by default); ``popularity``:
     ``"consistent"`` (2 log), ``"reference"`` (1 log, as the reference code) or ``"auto"`` (the
     reference's with ``max_width``, else consistent; see ``POPULARITY``);
     ``popularity_cap``: count at most this many clients in the popularity term (the reference
@@ -382,24 +384,22 @@ def bbp_map(
 
     # The cap binds while matching, as in the reference code: a client's match may open at most
     # ``cap - width`` new neurons (its cost matrix has only that many new columns), and at least
-    # one, in the first pass as in the sweeps, as the reference does (``max(700 - L, 1)``): with
+    # one, in the first pass and the sweeps, as the reference does (``max(700 - L, 1)``): with
     # none, a full layer's later rows are forced into the neurons the first clients opened and
-    # stay there (docs/fidelity.md, issue 27); with none in the first pass only, the matching
-    # left the reference's path at the first client that met the cap (on the reference's sweep
-    # orders it now ends with the reference's layer, docs/fidelity.md). A last sweep then brings
-    # the layer back to the cap: its least popular neurons beyond the cap are barred, so every
-    # client re-matches without them and they empty.
+    # stay there, and the matching leaves the reference's (docs/fidelity.md, issue 27). A last
+    # sweep, opening none past the cap, then brings the layer back within it: its least popular
+    # neurons beyond the cap are barred, so every client re-matches without them and they empty.
     cap = max_width
-    slack = 0 if cap is None else 1
+    slack = 0 if cap is None else 1  # new neurons a match may open past the cap
     barred: np.ndarray | None = None  # (width,) neurons no row may join (the last sweep)
 
-    def match(j: int, slack: int = 0) -> None:
+    def match(j: int, past_cap: int) -> None:
         L = len(scaled[j])
         cost = _block_cost(scaled[j], norms[j], blocks.client[j], layer, popularity_scores)
         kept = None if barred is None else np.flatnonzero(~barred)
         if kept is not None:
             cost = cost[:, torch.from_numpy(kept).to(cost.device)]
-        room = L if cap is None else min(L, max(cap - cost.shape[1], slack))
+        room = L if cap is None else min(L, max(cap - cost.shape[1], past_cap))
         columns = _solve(cost, new_scores[j][:, :room], opened[j], solver)
         # new-neuron columns are interchangeable: open them in order of first use (in NumPy:
         # a handful of integers, where each torch op cost more than the work)
@@ -411,7 +411,7 @@ def bbp_map(
         assignments[j] = torch.from_numpy(columns).to(device)
         layer.add(packed[j], assignments[j], layer.width + opened[j])
 
-    def sweep(generator: torch.Generator, slack: int) -> None:
+    def sweep(generator: torch.Generator, past_cap: int) -> None:
         nonlocal barred
         for j in torch.randperm(J, generator=generator).tolist():
             remap = layer.remove(unpacked[j], assignments[j])
@@ -419,7 +419,7 @@ def bbp_map(
                 _renumber(assignments, remap, skip=j)
                 if barred is not None:
                     barred = barred[remap.cpu().numpy() >= 0]
-            match(j, slack)
+            match(j, past_cap)
             if barred is not None:
                 barred = np.concatenate([barred, np.zeros(layer.width - len(barred), bool)])
 
@@ -446,7 +446,7 @@ def bbp_map(
             rank = np.argsort(-layer.popularity.cpu().numpy(), kind="stable")
             barred = np.zeros(layer.width, bool)
             barred[rank[cap:]] = True
-            sweep(generator, slack=0)
+            sweep(generator, past_cap=0)
         objective = log_posterior(layer, assignments, prior_scores)
         if best is None or objective > best[0]:
             kept = layer.state() if restart + 1 < restarts else None
