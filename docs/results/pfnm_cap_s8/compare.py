@@ -25,12 +25,15 @@ def pick(path: Path, side: str, sweep_seeds: set[int] | None = None) -> dict:
     return max(rows, key=lambda r: r["train"])
 
 
+def fmt(p: dict) -> str:
+    return f"{p['test']:.4f} ({' / '.join(map(str, p['widths']))})"
+
+
 def cell(p: dict, reference: dict) -> str:
-    widths = " / ".join(map(str, p["widths"]))
     meets = p["test"] >= reference["test"] and all(
         a <= b for a, b in zip(p["widths"], reference["widths"])
     )
-    return f"{p['test']:.4f} ({widths}){' **yes**' if meets else ''}"
+    return fmt(p) + (" **yes**" if meets else "")
 
 
 def main() -> None:
@@ -49,7 +52,7 @@ def main() -> None:
             after = pick(HERE / f"{stem}-orders4.json", "fedalign")
             cells = [cell(p, reference) for p in (before, after)]
             gap = 100 * (after["test"] - reference["test"])
-            row = [hidden[1:], str(seed), str(J), cell(reference, reference).split(" **")[0]]
+            row = [hidden[1:], str(seed), str(J), fmt(reference)]
             print("| " + " | ".join(row + cells + [f"{gap:+.2f}"]) + " |")
 
 
